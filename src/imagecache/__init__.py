@@ -1,0 +1,51 @@
+"""imagecache: a standalone, Glance-compatible disk cache and edge proxy for VM images."""
+
+from imagecache.cache import FillWriter, ImageCache
+from imagecache.drivers import Driver, create_driver
+from imagecache.errors import (
+    BadDriverConfiguration,
+    CacheStoreError,
+    ConfigurationError,
+    ImageBeingCached,
+    ImageCacheError,
+    ImageNotCached,
+    InvalidImageId,
+    NotInClusterMode,
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotActive,
+    UpstreamNotFound,
+    VerificationError,
+)
+from imagecache.records import CachedImage, CleanResult, ImageInfo, PruneResult, QueueResult
+from imagecache.settings import Settings, load_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadDriverConfiguration",
+    "CacheStoreError",
+    "CachedImage",
+    "CleanResult",
+    "ConfigurationError",
+    "Driver",
+    "FillWriter",
+    "ImageBeingCached",
+    "ImageCache",
+    "ImageCacheError",
+    "ImageInfo",
+    "ImageNotCached",
+    "InvalidImageId",
+    "NotInClusterMode",
+    "PruneResult",
+    "QueueResult",
+    "Settings",
+    "UpstreamError",
+    "UpstreamForbidden",
+    "UpstreamNotActive",
+    "UpstreamNotFound",
+    "VerificationError",
+    "__version__",
+    "create_driver",
+    "load_settings",
+]

@@ -1,0 +1,370 @@
+"""``ImageCache``: the facade every front end (service, CLI, prefetcher) talks to.
+
+It adds to a driver what no driver should know: teeing a stream into the cache
+while it is consumed, verifying the bytes before they are committed, pruning
+and cleaning under cross-process locks, and the queue.
+
+Failure rules (Glance's, sharpened):
+
+- A mismatch of size or hash is the consumer's problem: the stream raises
+  ``VerificationError`` and the file goes to ``invalid/``. The last chunk is
+  held back until verification passes, so a consumer never receives a complete
+  but wrong body.
+- A failure of the cache's own disk or metadata is not the consumer's problem:
+  it is logged, the cache copy is dropped, and the stream goes on.
+- An upstream failure mid-stream propagates to the consumer; nothing is cached.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import IO, BinaryIO, Protocol
+
+from imagecache.drivers import create_driver
+from imagecache.drivers.base import Driver, WriteTarget
+from imagecache.errors import ImageBeingCached, ImageCacheError, VerificationError
+from imagecache.records import (
+    HASH_ALGORITHMS,
+    CachedImage,
+    CleanResult,
+    ImageInfo,
+    PruneResult,
+    QueueResult,
+)
+from imagecache.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+# Below this, handing a chunk to another thread costs more than hashing it here.
+_PARALLEL_HASH_MIN = 256 * 1024
+
+
+class _Hash(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def choose_digest(info: ImageInfo | None) -> tuple[str, str | None]:
+    """The algorithm to compute for a fill and the value expected, strongest first.
+
+    Only the strongest hash the origin gives is checked: it alone decides
+    whether the bytes are right, and hashing twice would halve fill speed.
+    With no hash from the origin we still compute sha256 (the fastest strong
+    hash here), so every entry has a recorded hash for scrubbing.
+    """
+    if info is not None:
+        algo = (info.hash_algo or "").lower()
+        if info.hash_value and algo in HASH_ALGORITHMS:
+            return algo, info.hash_value.lower()
+        if info.checksum:
+            return "md5", info.checksum.lower()
+    return "sha256", None
+
+
+class FillWriter:
+    """One image's bytes on their way into the cache: hash, write, verify, commit.
+
+    Used from synchronous code (``get_caching_iter``) and from the service,
+    which calls ``write``/``finish`` in a worker thread. If no cache copy can
+    be written (another writer holds the fill, the disk fails) the writer keeps
+    verifying, so the consumer is still protected.
+    """
+
+    def __init__(self, cache: ImageCache, image_id: str, info: ImageInfo | None) -> None:
+        self.cache = cache
+        self.image_id = image_id
+        self.info = info
+        algo, self.expected_hash = choose_digest(info)
+        self.digest: _Hash = hashlib.new(algo, usedforsecurity=False)
+        self.expected_size = info.size if info is not None else None
+        self.received = 0
+        self._stack = contextlib.ExitStack()
+        self._target: WriteTarget | None = None
+        self.committed = False
+
+    @property
+    def caching(self) -> bool:
+        """Whether a cache copy is still being written."""
+        return self._target is not None
+
+    def open(self) -> bool:
+        """Start writing the cache copy; False if this fill only verifies."""
+        try:
+            self._target = self._stack.enter_context(
+                self.cache.driver.open_for_write(self.image_id)
+            )
+        except ImageBeingCached:
+            log.info("image %s is being cached by another writer; streaming only", self.image_id)
+        except (OSError, ImageCacheError) as exc:
+            log.error("cannot start caching image %s: %s; streaming only", self.image_id, exc)
+        return self.caching
+
+    def write(self, chunk: bytes) -> None:
+        """Account, hash and (if caching) store one chunk."""
+        self.received += len(chunk)
+        if self.expected_size is not None and self.received > self.expected_size:
+            raise VerificationError(self.image_id, "size", self.expected_size, self.received)
+        hashing = None
+        if self._target is not None and len(chunk) >= _PARALLEL_HASH_MIN:
+            hashing = self.cache.hash_pool.submit(self.digest.update, chunk)
+        else:
+            self.digest.update(chunk)
+        if self._target is not None:
+            try:
+                self._target.write(chunk)
+            except Exception as exc:
+                self._drop(exc)
+        if hashing is not None:
+            hashing.result()
+
+    def finish(self) -> None:
+        """Verify everything received; commit the cache copy if there is one."""
+        if self.expected_size is not None and self.received != self.expected_size:
+            raise VerificationError(self.image_id, "size", self.expected_size, self.received)
+        actual = self.digest.hexdigest()
+        if self.expected_hash is not None and actual != self.expected_hash:
+            raise VerificationError(self.image_id, self.digest.name, self.expected_hash, actual)
+        if self._target is None:
+            return
+        target, self._target = self._target, None
+        if self.digest.name == "md5":
+            target.checksum = actual
+        else:
+            target.checksum = self.info.checksum if self.info is not None else None
+            target.hash_algo, target.hash_value = self.digest.name, actual
+        try:
+            self._stack.close()  # commits
+            self.committed = True
+        except Exception as exc:
+            log.error(
+                "caching image %s failed at commit: %s; the stream was unaffected",
+                self.image_id,
+                exc,
+            )
+
+    def abort(self, exc: BaseException) -> None:
+        """Roll back the cache copy (to ``invalid/``), if there is one."""
+        if self._target is None:
+            return
+        self._target = None
+        try:
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException as raised:
+            if raised is not exc:
+                log.error("rolling back the fill of %s failed: %s", self.image_id, raised)
+
+    def _drop(self, exc: Exception) -> None:
+        log.error(
+            "writing the cache copy of %s failed: %s; dropping it, streaming on", self.image_id, exc
+        )
+        self.abort(exc)
+
+
+class ImageCache:
+    """The image cache of one directory, over the driver the settings name."""
+
+    def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
+        self.settings = settings
+        self.driver = driver if driver is not None else create_driver(settings)
+        self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def hash_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._hash_pool is None:
+            self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="imagecache-hash"
+            )
+        return self._hash_pool
+
+    def close(self) -> None:
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
+            self._hash_pool = None
+        self.driver.close()
+
+    def __enter__(self) -> ImageCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- state and listings (the driver's answers) ----------------------------------------------
+
+    def is_cached(self, image_id: str) -> bool:
+        return self.driver.is_cached(image_id)
+
+    def is_being_cached(self, image_id: str) -> bool:
+        return self.driver.is_being_cached(image_id)
+
+    def is_cacheable(self, image_id: str) -> bool:
+        return self.driver.is_cacheable(image_id)
+
+    def is_queued(self, image_id: str) -> bool:
+        return self.driver.is_queued(image_id)
+
+    def get_cache_size(self) -> int:
+        return self.driver.get_cache_size()
+
+    def get_hit_count(self, image_id: str) -> int:
+        return self.driver.get_hit_count(image_id)
+
+    def get_cached_images(self) -> list[CachedImage]:
+        return self.driver.get_cached_images()
+
+    def get_cached_image(self, image_id: str) -> CachedImage | None:
+        return self.driver.get_cached_image(image_id)
+
+    def get_queued_images(self) -> list[str]:
+        return self.driver.get_queued_images()
+
+    def get_cached_nodes(self, image_id: str) -> list[str]:
+        return self.driver.get_cached_nodes(image_id)
+
+    def get_image_size(self, image_id: str) -> int:
+        return self.driver.get_image_size(image_id)
+
+    def open_for_read(self, image_id: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        return self.driver.open_for_read(image_id)
+
+    # --- changes ------------------------------------------------------------------------------
+
+    def queue_image(self, image_id: str) -> QueueResult:
+        return self.driver.queue_image(image_id)
+
+    def delete_cached_image(self, image_id: str) -> bool:
+        return self.driver.delete_cached_image(image_id)
+
+    def delete_all_cached_images(self) -> int:
+        return self.driver.delete_all_cached_images()
+
+    def delete_queued_image(self, image_id: str) -> bool:
+        return self.driver.delete_queued_image(image_id)
+
+    def delete_all_queued_images(self) -> int:
+        return self.driver.delete_all_queued_images()
+
+    def pin(self, image_id: str) -> bool:
+        return self.driver.set_pinned(image_id, True)
+
+    def unpin(self, image_id: str) -> bool:
+        return self.driver.set_pinned(image_id, False)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Hold a cache-wide lock (across threads and processes) for ``name``."""
+        path = self.driver.layout.lock_path(name)
+        with open(path, "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield
+
+    def prune(self, max_size: int | None = None) -> PruneResult:
+        """Evict least recently accessed, unpinned images until size <= max.
+
+        Bounded: it walks one snapshot of the LRU order once, so it ends even if
+        the metadata and the disk disagree (Glance's central driver could spin
+        forever there).
+        """
+        limit = self.settings.image_cache_max_size if max_size is None else max_size
+        with self.exclusive("prune"):
+            current = self.driver.get_cache_size()
+            files = freed = 0
+            if current <= limit:
+                return PruneResult(0, 0)
+            for image_id, size in self.driver.iter_lru():
+                if current <= limit:
+                    break
+                if self.driver.delete_cached_image(image_id):
+                    files += 1
+                    freed += size
+                current -= size
+            log.info("pruned %d images, %d bytes (limit %d)", files, freed, limit)
+            return PruneResult(files, freed)
+
+    def clean(self, stall_time: int | None = None) -> CleanResult:
+        with self.exclusive("clean"):
+            return self.driver.clean(stall_time)
+
+    # --- filling --------------------------------------------------------------------------------
+
+    def writer(self, image_id: str, info: ImageInfo | None = None) -> FillWriter:
+        """A ``FillWriter`` for ``image_id`` (not yet opened)."""
+        return FillWriter(self, self.driver.layout.validate(image_id), info)
+
+    def should_cache(self, image_id: str, info: ImageInfo | None) -> bool:
+        """Whether a fill of this image should write a cache copy at all."""
+        if not self.driver.is_cacheable(image_id):
+            return False
+        size = info.size if info is not None else None
+        if size is not None and size > self.settings.largest_cacheable_image:
+            log.info(
+                "image %s (%d bytes) is above the largest cacheable size (%d); streaming only",
+                image_id,
+                size,
+                self.settings.largest_cacheable_image,
+            )
+            return False
+        return True
+
+    def get_caching_iter(
+        self, image_id: str, chunks: Iterable[bytes], info: ImageInfo | None = None
+    ) -> Iterator[bytes]:
+        """Yield ``chunks`` while teeing them into the cache; verify before the last one."""
+        writer = self.writer(image_id, info)
+        if self.should_cache(image_id, info):
+            writer.open()
+        return self._tee(writer, chunks)
+
+    @staticmethod
+    def _tee(writer: FillWriter, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        held: bytes | None = None
+        try:
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                writer.write(chunk)
+                if held is not None:
+                    yield held
+                held = chunk
+            writer.finish()
+        except BaseException as exc:
+            writer.abort(exc)
+            raise
+        if held is not None:
+            yield held
+
+    def cache_image_iter(
+        self, image_id: str, chunks: Iterable[bytes], info: ImageInfo | None = None
+    ) -> bool:
+        """Drain ``chunks`` into the cache; False if the image was not cacheable."""
+        if not self.should_cache(image_id, info):
+            return False
+        writer = self.writer(image_id, info)
+        if not writer.open():
+            return False
+        for _ in self._tee(writer, chunks):
+            pass
+        return writer.committed
+
+    def cache_image_file(
+        self, image_id: str, source: IO[bytes], info: ImageInfo | None = None
+    ) -> bool:
+        """Cache the contents of a readable binary file."""
+        return self.cache_image_iter(image_id, iter(lambda: source.read(CHUNK_SIZE), b""), info)
+
+
+def file_chunks(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """Read a file in chunks (a convenience for sources on local disk)."""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            yield chunk

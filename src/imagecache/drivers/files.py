@@ -1,0 +1,282 @@
+"""The part of every driver that lives in the filesystem: fills, queue markers, clean.
+
+Drivers differ only in where metadata lives (a sqlite table, extended
+attributes, a central database). Everything the layout decides — what "cached",
+"being cached" and "queued" mean, how a fill is committed or rolled back — is
+here once, so the three drivers cannot drift apart.
+
+One writer per image: a fill creates ``incomplete/<id>`` with ``O_EXCL`` and
+holds ``flock(LOCK_EX)`` on it until it has committed or rolled back. The kernel
+drops the lock when a writer dies, so a lock that can be taken on an existing
+incomplete file means its writer is gone and the file may be taken over.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from imagecache.drivers.base import Driver
+from imagecache.errors import CacheStoreError, ImageBeingCached, ImageNotCached
+from imagecache.layout import fsync_dir, rename_if_exists, unlink_if_exists
+from imagecache.records import CleanResult, QueueResult
+
+log = logging.getLogger(__name__)
+
+# Cache files are not for everyone on the host (Glance's LP #1031796).
+FILE_MODE = 0o640
+
+
+class Fill:
+    """An open ``incomplete/<id>`` held under an exclusive lock: one writer of one image."""
+
+    def __init__(self, image_id: str, path: Path, fd: int) -> None:
+        self.image_id = image_id
+        self.path = path
+        self.fd = fd
+        self.inode = os.fstat(fd).st_ino
+        self.bytes_written = 0
+        # Set by the caller before commit; recorded with the entry.
+        self.checksum: str | None = None
+        self.hash_algo: str | None = None
+        self.hash_value: str | None = None
+
+    def write(self, data: bytes, /) -> int:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        self.bytes_written += len(data)
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def still_ours(self) -> bool:
+        """The incomplete path still names the inode this fill is writing."""
+        try:
+            return os.stat(self.path).st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+
+def writer_alive(path: Path) -> bool:
+    """Whether a live process holds the fill lock on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we may have taken
+    return False
+
+
+class FileBackedDriver(Driver):
+    """Filesystem semantics shared by every driver; metadata is left to subclasses."""
+
+    # --- metadata hooks ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _meta_commit(self, fill: Fill, size: int, now: float) -> None:
+        """Record a newly committed image (``last_accessed = now``)."""
+
+    @abc.abstractmethod
+    def _meta_forget(self, image_ids: Iterable[str]) -> None:
+        """Drop the metadata of these images (files are removed afterwards)."""
+
+    def _meta_rollback(self, fill: Fill, reason: str) -> None:
+        """Note why a fill failed, before its file moves to ``invalid/``."""
+
+    # --- state ---------------------------------------------------------------------------
+
+    def is_cached(self, image_id: str) -> bool:
+        return self.layout.active_path(image_id).is_file()
+
+    def is_being_cached(self, image_id: str) -> bool:
+        return self.layout.incomplete_path(image_id).exists()
+
+    def is_cacheable(self, image_id: str) -> bool:
+        return not (self.is_cached(image_id) or self.is_being_cached(image_id))
+
+    def is_queued(self, image_id: str) -> bool:
+        return self.layout.queue_path(image_id).exists()
+
+    # --- queue --------------------------------------------------------------------------------
+
+    def queue_image(self, image_id: str) -> QueueResult:
+        if self.is_cached(image_id):
+            return QueueResult.ALREADY_CACHED
+        if self.is_being_cached(image_id):
+            return QueueResult.BEING_CACHED
+        path = self.layout.queue_path(image_id)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        except FileExistsError:
+            return QueueResult.ALREADY_QUEUED
+        os.close(fd)
+        # The filesystem's own timestamps are coarse (ext4 ticks in milliseconds),
+        # so markers made in one burst could tie; stamp a fine one explicitly.
+        now = time.time_ns()
+        os.utime(path, ns=(now, now))
+        return QueueResult.QUEUED
+
+    def get_queued_images(self) -> list[str]:
+        found: list[tuple[int, str]] = []
+        for entry in self.layout.iter_images(self.layout.queue_dir):
+            try:
+                found.append((entry.stat().st_mtime_ns, entry.name))
+            except FileNotFoundError:  # a prefetcher removed it while we looked
+                continue
+        return [name for _, name in sorted(found)]
+
+    def delete_queued_image(self, image_id: str) -> bool:
+        return unlink_if_exists(self.layout.queue_path(image_id))
+
+    def delete_all_queued_images(self) -> int:
+        return sum(
+            unlink_if_exists(Path(entry.path))
+            for entry in list(self.layout.iter_images(self.layout.queue_dir))
+        )
+
+    # --- deletion -------------------------------------------------------------------------------
+
+    def delete_cached_image(self, image_id: str) -> bool:
+        path = self.layout.active_path(image_id)
+        # Metadata first: a crash in between leaves a file without a row, which
+        # reconciliation adopts or removes, never a row pointing at nothing.
+        self._meta_forget([image_id])
+        return unlink_if_exists(path)
+
+    def delete_all_cached_images(self) -> int:
+        entries = list(self.layout.iter_images())
+        self._meta_forget(entry.name for entry in entries)
+        return sum(unlink_if_exists(Path(entry.path)) for entry in entries)
+
+    def clean(self, stall_time: int | None = None) -> CleanResult:
+        """Delete ``invalid/`` and stalled fills.
+
+        ``stall_time`` defaults to ``image_cache_stall_time``; 0 means every
+        incomplete file. Unlike Glance, a fill whose writer is still alive (it
+        holds the lock) is never deleted, whatever its age: it is not stalled.
+        """
+        if stall_time is None:
+            stall_time = self.settings.image_cache_stall_time
+        invalid = sum(
+            unlink_if_exists(Path(entry.path))
+            for entry in list(self.layout.iter_images(self.layout.invalid_dir))
+        )
+        older_than = time.time() - stall_time
+        stalled = 0
+        for entry in list(self.layout.iter_images(self.layout.incomplete_dir)):
+            path = Path(entry.path)
+            try:
+                if stall_time and entry.stat().st_mtime >= older_than:
+                    continue
+                if writer_alive(path):
+                    continue
+                stalled += unlink_if_exists(path)
+            except OSError as exc:
+                log.warning("could not remove stalled fill %s: %s", path, exc)
+        return CleanResult(invalid=invalid, stalled=stalled)
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def _begin_fill(self, image_id: str) -> Fill:
+        path = self.layout.incomplete_path(image_id)
+        for _ in range(8):  # a few rounds of losing races, then give up loudly
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            except FileExistsError:
+                existing = _open_existing(path)
+                if existing is None:
+                    continue  # vanished between our two opens: try to create again
+                fd, took_over = existing, True
+            else:
+                took_over = False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ImageBeingCached(image_id) from None
+            fill = Fill(image_id, path, fd)
+            if not fill.still_ours():  # committed, rolled back or cleaned meanwhile
+                os.close(fd)
+                continue
+            if took_over:
+                log.warning("taking over the stalled fill of %s (its writer is gone)", image_id)
+                os.ftruncate(fd, 0)
+            return fill
+        raise ImageBeingCached(image_id)
+
+    def _commit(self, fill: Fill) -> None:
+        os.fsync(fill.fd)
+        size = os.fstat(fill.fd).st_size
+        active = self.layout.active_path(fill.image_id)
+        if not fill.still_ours():
+            raise CacheStoreError(f"fill of {fill.image_id!r} was removed while being written")
+        os.rename(fill.path, active)
+        fsync_dir(self.layout.base)
+        try:
+            self._meta_commit(fill, size, time.time())
+        except BaseException:
+            unlink_if_exists(active)  # never a file the metadata does not know
+            raise
+        unlink_if_exists(self.layout.queue_path(fill.image_id))
+
+    def _rollback(self, fill: Fill, reason: str) -> None:
+        log.warning("fill of %s rolled back to invalid/: %s", fill.image_id, reason)
+        if not fill.still_ours():
+            return
+        try:
+            self._meta_rollback(fill, reason)
+        except Exception:
+            log.exception("could not record why the fill of %s failed", fill.image_id)
+        rename_if_exists(fill.path, self.layout.invalid_path(fill.image_id))
+
+    @contextlib.contextmanager
+    def open_for_write(self, image_id: str) -> Iterator[Fill]:
+        fill = self._begin_fill(image_id)
+        try:
+            try:
+                yield fill
+            except BaseException as exc:
+                # Includes GeneratorExit: a consumer that stopped early.
+                self._rollback(fill, repr(exc) or type(exc).__name__)
+                raise
+            try:
+                self._commit(fill)
+            except BaseException as exc:
+                self._rollback(fill, f"commit failed: {exc!r}")
+                raise
+        finally:
+            os.close(fill.fd)  # releases the lock, only now that the outcome is on disk
+
+    # --- reading ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def open_for_read(self, image_id: str) -> Iterator[BinaryIO]:
+        try:
+            handle = open(self.layout.active_path(image_id), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            raise ImageNotCached(image_id) from None
+        with handle:
+            yield handle
+        self.record_hit(image_id)
+
+
+def _open_existing(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None

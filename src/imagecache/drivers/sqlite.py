@@ -1,0 +1,237 @@
+"""The embedded default driver: metadata in ``<dir>/cache.db`` with stdlib sqlite3.
+
+Glance's sqlite driver opens a connection per operation in rollback-journal
+mode, retries "database is locked" by hand and swallows database errors; here it
+manages ~300 recorded hits per second. This driver keeps one connection per
+thread in WAL mode, lets sqlite's busy handler wait for writers, and lets every
+error surface as ``CacheStoreError``: tens of thousands of hits per second (see
+docs/benchmarks.md).
+
+The table is Glance's ``cached_images`` with columns added, so a Glance
+``cache.db`` is upgraded in place on first open; ``PRAGMA user_version`` holds
+our schema version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from imagecache.drivers.files import FileBackedDriver, Fill
+from imagecache.errors import BadDriverConfiguration, CacheStoreError
+from imagecache.records import CachedImage
+
+SCHEMA_VERSION = 2
+
+# Version 1 is Glance's table exactly (user_version 0 in a Glance cache.db).
+_GLANCE_TABLE = """
+CREATE TABLE IF NOT EXISTS cached_images (
+    image_id TEXT PRIMARY KEY,
+    last_accessed REAL DEFAULT 0.0,
+    last_modified REAL DEFAULT 0.0,
+    size INTEGER DEFAULT 0,
+    hits INTEGER DEFAULT 0,
+    checksum TEXT
+)
+"""
+# Version 2 adds what Glance does not keep.
+_COLUMNS_OF_2 = {
+    "hash_algo": "TEXT",
+    "hash_value": "TEXT",
+    "pinned": "INTEGER NOT NULL DEFAULT 0",
+}
+_LRU_INDEX = (
+    "CREATE INDEX IF NOT EXISTS ix_cached_images_lru ON cached_images (pinned, last_accessed)"
+)
+_COLUMNS = (
+    "image_id, size, hits, last_accessed, last_modified, checksum, hash_algo, hash_value, pinned"
+)
+
+
+def _row_to_image(row: tuple[Any, ...]) -> CachedImage:
+    image_id, size, hits, accessed, modified, checksum, algo, value, pinned = row
+    return CachedImage(
+        image_id=image_id,
+        size=int(size or 0),
+        hits=int(hits or 0),
+        last_accessed=float(accessed or 0.0),
+        last_modified=float(modified or 0.0),
+        checksum=checksum,
+        hash_algo=algo,
+        hash_value=value,
+        pinned=bool(pinned),
+    )
+
+
+class SqliteDriver(FileBackedDriver):
+    """Committed-image metadata in a local sqlite database."""
+
+    name = "sqlite"
+
+    def configure(self) -> None:
+        super().configure()
+        self.db_path = self.layout.base / self.settings.image_cache_sqlite_db
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        try:
+            self._migrate()
+        except (sqlite3.DatabaseError, CacheStoreError) as exc:
+            raise BadDriverConfiguration(
+                self.name, f"cannot open or upgrade {self.db_path}: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in list(self._connections):
+                conn.close()
+            self._connections = weakref.WeakSet()
+        self._local = threading.local()
+
+    # --- connections -----------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        holder: _Connection | None = getattr(self._local, "conn", None)
+        if holder is None:
+            holder = _Connection(self.db_path)
+            self._local.conn = holder
+            with self._lock:
+                self._connections.add(holder)
+        return holder.conn
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; errors become CacheStoreError."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise CacheStoreError(f"sqlite metadata at {self.db_path}: {exc}") from exc
+
+    def _query(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn().execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            raise CacheStoreError(f"sqlite metadata at {self.db_path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        with self._tx() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise CacheStoreError(
+                    f"schema version {version} is newer than this imagecache ({SCHEMA_VERSION})"
+                )
+            conn.execute(_GLANCE_TABLE)
+            if version < 2:
+                present = {row[1] for row in conn.execute("PRAGMA table_info(cached_images)")}
+                for column, declaration in _COLUMNS_OF_2.items():
+                    if column not in present:
+                        conn.execute(f"ALTER TABLE cached_images ADD COLUMN {column} {declaration}")
+                conn.execute(_LRU_INDEX)
+                # Glance's rows may carry last_accessed = 0 for never-read images.
+                conn.execute(
+                    "UPDATE cached_images SET last_accessed = last_modified WHERE last_accessed = 0"
+                )
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # --- metadata hooks --------------------------------------------------------------------
+
+    def _meta_commit(self, fill: Fill, size: int, now: float) -> None:
+        with self._tx() as conn:
+            # A re-fill of an image keeps its hit count and pin.
+            conn.execute(
+                "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits,"
+                " checksum, hash_algo, hash_value, pinned) VALUES (?, ?, ?, ?, 0, ?, ?, ?, 0)"
+                " ON CONFLICT (image_id) DO UPDATE SET last_accessed = excluded.last_accessed,"
+                " last_modified = excluded.last_modified, size = excluded.size,"
+                " checksum = excluded.checksum, hash_algo = excluded.hash_algo,"
+                " hash_value = excluded.hash_value",
+                (fill.image_id, now, now, size, fill.checksum, fill.hash_algo, fill.hash_value),
+            )
+
+    def _meta_forget(self, image_ids: Iterable[str]) -> None:
+        with self._tx() as conn:
+            conn.executemany(
+                "DELETE FROM cached_images WHERE image_id = ?", ((i,) for i in image_ids)
+            )
+
+    def record_hit(self, image_id: str) -> None:
+        try:
+            self._conn().execute(
+                "UPDATE cached_images SET hits = hits + 1, last_accessed = ? WHERE image_id = ?",
+                (time.time(), image_id),
+            )
+        except sqlite3.Error as exc:
+            raise CacheStoreError(f"sqlite metadata at {self.db_path}: {exc}") from exc
+
+    def set_pinned(self, image_id: str, pinned: bool) -> bool:
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "UPDATE cached_images SET pinned = ? WHERE image_id = ?", (int(pinned), image_id)
+            )
+            return cursor.rowcount > 0
+
+    # --- listings ----------------------------------------------------------------------------
+
+    def get_cache_size(self) -> int:
+        rows = self._query("SELECT COALESCE(SUM(size), 0) FROM cached_images")
+        return int(rows[0][0])
+
+    def get_cached_images(self) -> list[CachedImage]:
+        rows = self._query(f"SELECT {_COLUMNS} FROM cached_images ORDER BY image_id")  # noqa: S608
+        return [_row_to_image(row) for row in rows]
+
+    def get_cached_image(self, image_id: str) -> CachedImage | None:
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM cached_images WHERE image_id = ?",  # noqa: S608
+            (image_id,),
+        )
+        return _row_to_image(rows[0]) if rows else None
+
+    def get_hit_count(self, image_id: str) -> int:
+        rows = self._query("SELECT hits FROM cached_images WHERE image_id = ?", (image_id,))
+        return int(rows[0][0]) if rows else 0
+
+    def get_least_recently_accessed(self) -> tuple[str, int] | None:
+        return next(self.iter_lru(), None)
+
+    def iter_lru(self) -> Iterator[tuple[str, int]]:
+        rows = self._query(
+            "SELECT image_id, size FROM cached_images WHERE pinned = 0 "
+            "ORDER BY last_accessed, image_id"
+        )
+        for image_id, size in rows:
+            yield image_id, int(size or 0)
+
+
+class _Connection:
+    """A thread's connection; closed when the thread's local storage goes away."""
+
+    def __init__(self, path: object) -> None:
+        # isolation_level=None: we issue BEGIN ourselves, so single statements
+        # (hit counts) commit at once without a Python-side transaction.
+        self.conn = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode is durable across process crashes; a power cut may
+        # lose the last hits, never corrupt the database.
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()

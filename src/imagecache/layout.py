@@ -1,0 +1,178 @@
+"""Where every file of the cache lives, and the one place image ids are checked.
+
+The layout is Glance's, so an existing Glance cache directory can be adopted:
+
+    <dir>/<image_id>             committed, verified image
+    <dir>/incomplete/<image_id>  fill in progress (exactly one writer, flock'd)
+    <dir>/invalid/<image_id>     failed or abandoned fill, kept until clean
+    <dir>/queue/<image_id>       empty marker; queue order is the marker's mtime
+    <dir>/cache.db               sqlite driver metadata (never counted as an image)
+    <dir>/.locks/                our lock files; hidden names are never image ids
+
+Glance keeps its lock files in the cache directory when ``lock_path`` is unset,
+and then counts them as cached images; ours live under a dot-directory, and no
+valid image id starts with a dot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagecache.errors import InvalidImageId
+
+MAX_ID_BYTES = 255  # NAME_MAX on every Linux filesystem we care about
+SUBDIRS = ("incomplete", "invalid", "queue")
+LOCK_DIR = ".locks"
+
+# A safe, shell- and URL-friendly alphabet. Glance ids are UUIDs; directory and
+# S3 upstreams use file names such as "cirros-0.6.2.img", so dots are allowed
+# inside a name but not at its start (hidden files, "." and "..").
+_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._~-]*")
+
+
+def sqlite_side_files(db_name: str) -> frozenset[str]:
+    """The database file and the companions sqlite creates beside it."""
+    return frozenset({db_name, f"{db_name}-wal", f"{db_name}-shm", f"{db_name}-journal"})
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Paths of one cache directory; every path method validates the id first."""
+
+    base: Path
+    reserved: frozenset[str] = field(default_factory=lambda: sqlite_side_files("cache.db"))
+
+    @property
+    def incomplete_dir(self) -> Path:
+        return self.base / "incomplete"
+
+    @property
+    def invalid_dir(self) -> Path:
+        return self.base / "invalid"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.base / "queue"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.base / LOCK_DIR
+
+    def ensure_dirs(self) -> None:
+        for sub in (*SUBDIRS, LOCK_DIR):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+
+    def validate(self, image_id: object) -> str:
+        """Return ``image_id`` if it is safe as a file name here, else raise InvalidImageId."""
+        if not isinstance(image_id, str):
+            raise InvalidImageId(image_id, "must be a string")
+        if not image_id:
+            raise InvalidImageId(image_id, "must not be empty")
+        if len(image_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+            raise InvalidImageId(image_id, f"longer than {MAX_ID_BYTES} bytes")
+        if _ID_RE.fullmatch(image_id) is None:
+            raise InvalidImageId(
+                image_id,
+                "use letters, digits and . _ ~ - only, not starting with . ~ or -",
+            )
+        if image_id in SUBDIRS or image_id in self.reserved:
+            raise InvalidImageId(image_id, "is a name the cache uses for itself")
+        return image_id
+
+    def is_valid(self, image_id: str) -> bool:
+        try:
+            self.validate(image_id)
+        except InvalidImageId:
+            return False
+        return True
+
+    def active_path(self, image_id: str) -> Path:
+        return self.base / self.validate(image_id)
+
+    def incomplete_path(self, image_id: str) -> Path:
+        return self.incomplete_dir / self.validate(image_id)
+
+    def invalid_path(self, image_id: str) -> Path:
+        return self.invalid_dir / self.validate(image_id)
+
+    def queue_path(self, image_id: str) -> Path:
+        return self.queue_dir / self.validate(image_id)
+
+    def lock_path(self, name: str) -> Path:
+        """A lock file for a named cache-wide operation (prune, clean, ...)."""
+        return self.lock_dir / name
+
+    def iter_images(self, directory: Path | None = None) -> Iterator[os.DirEntry[str]]:
+        """Regular files in ``directory`` (default: committed images) that are image ids.
+
+        Anything else found there (the database, hidden files, stray names) is
+        not an image and is never listed, counted or deleted as one.
+        """
+        target = self.base if directory is None else directory
+        try:
+            entries = os.scandir(target)
+        except FileNotFoundError:
+            return
+        with entries:
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                except OSError:
+                    continue
+                if self.is_valid(entry.name):
+                    yield entry
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_if_exists(path: Path) -> bool:
+    """Remove ``path``; a file that vanished meanwhile is not an error. True if removed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def rename_if_exists(src: Path, dst: Path) -> bool:
+    """Rename ``src`` over ``dst``; False if ``src`` was already gone."""
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def file_size(path: Path) -> int | None:
+    """Size of ``path`` in bytes, or None if it does not exist."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def open_dir_fd(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

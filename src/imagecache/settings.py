@@ -1,0 +1,173 @@
+"""Typed settings, built once from a TOML file and the environment, then passed down.
+
+Option names follow Glance where Glance has the option (``image_cache_dir``,
+``image_cache_driver``, ...), so an operator's existing values carry over.
+Precedence, highest first: explicit overrides (the CLI's flags), environment
+variables prefixed ``IMAGECACHE_`` (``IMAGECACHE_IMAGE_CACHE_DIR``), the TOML
+file, the defaults below. Unknown keys in the file are errors, so a typo never
+silently leaves a default in place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from imagecache.errors import ConfigurationError
+
+GiB = 1024**3
+MiB = 1024**2
+
+DriverName = Literal["sqlite", "xattr", "central"]
+AbandonPolicy = Literal["finish", "abort"]
+
+
+class Settings(BaseSettings):
+    """Every knob of imagecache; one immutable value per process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGECACHE_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # --- Glance's own option names -------------------------------------------------
+    image_cache_dir: Path | None = None
+    image_cache_driver: DriverName = "sqlite"
+    image_cache_max_size: int = Field(default=10 * GiB, ge=0)
+    image_cache_stall_time: int = Field(default=86400, ge=0)
+    image_cache_sqlite_db: str = "cache.db"
+    worker_self_reference_url: str | None = None
+
+    # --- the service ----------------------------------------------------------------
+    # Loopback by default: exposing a cache is an explicit decision.
+    bind_host: str = "127.0.0.1"
+    bind_port: int = Field(default=9393, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    # "KIND:TARGET", e.g. "directory:/srv/images" or "glance:http://127.0.0.1:9292".
+    upstream: str | None = None
+    upstream_timeout: float = Field(default=30.0, gt=0)
+    admin_token: SecretStr | None = None
+    # Only behind a proxy that authenticates callers and sets X-Roles itself.
+    trust_identity_headers: bool = False
+    # How long the origin's "this caller may download this image" is remembered.
+    auth_cache_ttl: float = Field(default=30.0, ge=0)
+    # What a fill does when the client that started it disconnects.
+    abandoned_fill: AbandonPolicy = "finish"
+
+    # --- capacity ---------------------------------------------------------------------
+    free_space_watermark: int = Field(default=1 * GiB, ge=0)
+    # An image larger than this fraction of image_cache_max_size is streamed, not cached.
+    max_image_fraction: float = Field(default=0.5, gt=0, le=1)
+    # Unread for this long (seconds) and not pinned: evicted. 0 = never.
+    idle_ttl: int = Field(default=0, ge=0)
+
+    # --- maintenance, all inside the service; 0 disables a job --------------------------
+    prune_interval: float = Field(default=300.0, ge=0)
+    clean_interval: float = Field(default=3600.0, ge=0)
+    queue_interval: float = Field(default=60.0, ge=0)
+    scrub_interval: float = Field(default=86400.0, ge=0)
+    scrub_bytes_per_second: int = Field(default=50 * MiB, ge=0)
+    prefetch_concurrency: int = Field(default=2, ge=1, le=64)
+    prefetch_retries: int = Field(default=3, ge=0, le=20)
+
+    # --- cluster ------------------------------------------------------------------------
+    database_url: str | None = None
+    node_heartbeat_interval: float = Field(default=5.0, gt=0)
+    node_dead_after: float = Field(default=20.0, gt=0)
+    cluster_token: SecretStr | None = None
+
+    @field_validator("image_cache_sqlite_db")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        if not value or "/" in value or value in {".", ".."}:
+            raise ValueError("must be a plain file name inside image_cache_dir")
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _kind_and_target(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        kind, sep, target = value.partition(":")
+        if not sep or not target:
+            raise ValueError("must look like KIND:TARGET, e.g. directory:/srv/images")
+        if kind not in {"directory", "http", "glance", "s3"}:
+            raise ValueError(f"unknown upstream kind {kind!r}; use directory, http, glance or s3")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def largest_cacheable_image(self) -> int:
+        """Images above this many bytes are streamed through, never cached."""
+        return int(self.image_cache_max_size * self.max_image_fraction)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some values changed, validated like the original."""
+        return load_settings(None, **{**self._explicit_values(), **changes})
+
+    def _explicit_values(self) -> dict[str, Any]:
+        values = self.model_dump()
+        for key in ("admin_token", "cluster_token"):
+            secret = getattr(self, key)
+            values[key] = secret.get_secret_value() if secret is not None else None
+        return values
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings from a TOML file, the environment and overrides.
+
+    Overrides whose value is ``None`` are ignored, so a CLI can pass every flag.
+    Any invalid value raises ``ConfigurationError`` naming the key.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigurationError(f"config file {os.fspath(path)!r} does not exist")
+
+        class _FromFile(Settings):
+            model_config = SettingsConfigDict(toml_file=path)
+
+        cls = _FromFile
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from exc
+    except ValueError as exc:  # a TOML syntax error surfaces as ValueError
+        raise ConfigurationError(f"config file {config_file}: {exc}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        # Never echo a secret back into a log or terminal.
+        shown = "<hidden>" if "token" in key else repr(error.get("input"))
+        problems.append(f"{key}: {error['msg']} (got {shown})")
+    return "invalid settings: " + "; ".join(problems)

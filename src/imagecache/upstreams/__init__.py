@@ -1,0 +1,1 @@
+"""Image origins. ``create_upstream("KIND:TARGET", settings)`` builds one."""

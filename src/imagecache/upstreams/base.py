@@ -1,0 +1,84 @@
+"""The upstream protocol: where images come from on a miss.
+
+An upstream answers two questions about an image: what it promises about the
+bytes (``info``) and the bytes themselves (``stream``), optionally a range.
+Kinds: ``directory`` (local files), ``http`` (a URL template), ``s3`` (a bucket)
+and ``glance`` (a Glance v2 API, with the caller's identity passed through).
+
+Errors are translated here, at the boundary: an upstream raises only
+``UpstreamNotFound``, ``UpstreamForbidden``, ``UpstreamNotActive`` or another
+``UpstreamError``, never the client library's own exceptions.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from imagecache.records import ImageInfo
+
+# Headers that identify a caller to a Glance origin; passed through verbatim and
+# never logged.
+IDENTITY_HEADERS = (
+    "X-Auth-Token",
+    "X-Identity-Status",
+    "X-Roles",
+    "X-User-Id",
+    "X-Project-Id",
+    "X-Tenant-Id",
+    "X-Domain-Id",
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: the identity headers to present to the origin (may be empty)."""
+
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.headers
+
+    def cache_key(self) -> str:
+        """A stable key for remembering this caller's access decisions."""
+        return "\n".join(f"{k.lower()}={v}" for k, v in sorted(self.headers.items()))
+
+
+ANONYMOUS = Caller()
+
+
+class Upstream(abc.ABC):
+    """One image origin."""
+
+    kind: str = "base"
+
+    @abc.abstractmethod
+    async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
+        """What the origin promises about the image; raises UpstreamNotFound etc."""
+
+    @abc.abstractmethod
+    def stream(
+        self,
+        image_id: str,
+        caller: Caller = ANONYMOUS,
+        start: int = 0,
+        end: int | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The image's bytes ``[start, end)`` (``end=None``: to the end), as they arrive.
+
+        An async generator: the caller closes it (``aclose``) when done, which
+        releases the connection. A failure mid-stream raises ``UpstreamError``.
+        """
+
+    async def check_access(self, image_id: str, caller: Caller) -> None:
+        """Raise UpstreamForbidden/UpstreamNotFound unless ``caller`` may download the image.
+
+        Origins without callers (directory, http, s3) allow everyone the
+        service lets in; the glance upstream asks Glance.
+        """
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions and pools."""

@@ -1,0 +1,35 @@
+"""Fixtures shared by the whole suite.
+
+Fixtures for real peers live in their own modules (registered below), each
+skipping loudly when its peer cannot run here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagecache.settings import Settings, load_settings
+
+pytest_plugins: list[str] = []
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "cache"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_settings(cache_dir: Path) -> Callable[..., Settings]:
+    """Settings for a test: a private cache directory plus any overrides."""
+
+    def make(**overrides: Any) -> Settings:
+        overrides.setdefault("image_cache_dir", cache_dir)
+        return load_settings(None, **overrides)
+
+    return make
