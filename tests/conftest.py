@@ -14,7 +14,8 @@ import pytest
 
 from imagecache.settings import Settings, load_settings
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["driver_kinds"]
+pytest_plugins += ["peers.origin"]  # real upstream peers, see tests/peers/
 
 
 @pytest.fixture

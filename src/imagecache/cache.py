@@ -23,7 +23,7 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import IO, BinaryIO, Protocol
 
 from imagecache.drivers import create_driver
@@ -302,8 +302,13 @@ class ImageCache:
         return FillWriter(self, self.driver.layout.validate(image_id), info)
 
     def should_cache(self, image_id: str, info: ImageInfo | None) -> bool:
-        """Whether a fill of this image should write a cache copy at all."""
-        if not self.driver.is_cacheable(image_id):
+        """Whether a fill of this image should write a cache copy at all.
+
+        An incomplete file does not answer "no": its writer may be dead, and
+        only ``open_for_write`` can tell (it takes a stale fill over and raises
+        ``ImageBeingCached`` for a live one, which the caller streams through).
+        """
+        if self.driver.is_cached(image_id):
             return False
         size = info.size if info is not None else None
         if size is not None and size > self.settings.largest_cacheable_image:
@@ -318,7 +323,7 @@ class ImageCache:
 
     def get_caching_iter(
         self, image_id: str, chunks: Iterable[bytes], info: ImageInfo | None = None
-    ) -> Iterator[bytes]:
+    ) -> Generator[bytes, None, None]:
         """Yield ``chunks`` while teeing them into the cache; verify before the last one."""
         writer = self.writer(image_id, info)
         if self.should_cache(image_id, info):
@@ -326,7 +331,7 @@ class ImageCache:
         return self._tee(writer, chunks)
 
     @staticmethod
-    def _tee(writer: FillWriter, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    def _tee(writer: FillWriter, chunks: Iterable[bytes]) -> Generator[bytes, None, None]:
         held: bytes | None = None
         try:
             for chunk in chunks:
