@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     auth_cache_ttl: float = Field(default=30.0, ge=0)
     # What a fill does when the client that started it disconnects.
     abandoned_fill: AbandonPolicy = "finish"
+    # http upstream: also fetch <url>.sha512 / .sha256 / .md5 files for checksums.
+    http_checksum_sidecar: bool = False
+    # s3 upstream: endpoint (None = AWS itself) and region; credentials come from
+    # the standard AWS chain (env, ~/.aws, instance role), never from here.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
 
     # --- capacity ---------------------------------------------------------------------
     free_space_watermark: int = Field(default=1 * GiB, ge=0)

@@ -1,1 +1,41 @@
-"""Image origins. ``create_upstream("KIND:TARGET", settings)`` builds one."""
+"""Image origins. ``create_upstream("KIND:TARGET", settings)`` builds one.
+
+Each kind lives in its own module and is imported only when asked for, so the
+optional extras (boto3 for ``s3``) are needed only by operators who use them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imagecache.errors import ConfigurationError
+from imagecache.settings import Settings
+from imagecache.upstreams.base import ANONYMOUS, IDENTITY_HEADERS, Caller, Upstream
+
+__all__ = ["ANONYMOUS", "IDENTITY_HEADERS", "Caller", "Upstream", "create_upstream"]
+
+KINDS = ("directory", "glance", "http", "s3")
+
+
+def create_upstream(spec: str, settings: Settings) -> Upstream:
+    """Build the upstream named by ``KIND:TARGET``.
+
+    ``directory:/srv/images``, ``http:https://origin/images/{image_id}``,
+    ``glance:http://127.0.0.1:9292``, ``s3:bucket/prefix``.
+    """
+    kind, sep, target = spec.partition(":")
+    if not sep or not target:
+        raise ConfigurationError(
+            f"upstream {spec!r} must look like KIND:TARGET, e.g. directory:/srv/images"
+        )
+    if kind == "directory":
+        from imagecache.upstreams.directory import DirectoryUpstream
+
+        return DirectoryUpstream(Path(target))
+    if kind == "http":
+        from imagecache.upstreams.http import HttpUpstream
+
+        return HttpUpstream(target, settings)
+    raise ConfigurationError(
+        f"unknown upstream kind {kind!r} in {spec!r}; use one of {', '.join(KINDS)}"
+    )

@@ -1,0 +1,309 @@
+"""The ``http`` upstream: images behind a URL template, plus the HTTP plumbing shared with glance.
+
+``http:https://origin.example/images/{image_id}`` fetches
+``https://origin.example/images/<id>``. What the origin promises about the
+bytes comes from a HEAD (a GET of the first byte when HEAD is refused):
+
+- size: ``Content-Length`` (or the total of a ``Content-Range``);
+- md5: ``Content-MD5`` (hex, as Glance sends it, or RFC 1864 base64) or
+  ``x-image-meta-checksum``;
+- sha256/sha512: ``Repr-Digest`` / ``Digest`` (RFC 9530 / RFC 3230), and, when
+  ``http_checksum_sidecar`` is set, sidecar files ``<url>.sha512``,
+  ``<url>.sha256``, ``<url>.md5`` (``sha256sum`` output format).
+
+``ETag`` is deliberately *not* read as an md5 even when it looks like one: a
+32-hex ETag that is something else (a content hash of another kind, a
+version id) would fail verification on every fill, aborting every download
+of that image. Origins that want md5 verification send ``Content-MD5``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator, Mapping
+from urllib.parse import quote
+
+import aiohttp
+
+from imagecache.errors import (
+    ConfigurationError,
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotFound,
+)
+from imagecache.records import ImageInfo
+from imagecache.settings import Settings
+from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+
+# Hex digest length per algorithm, to reject garbage before it becomes a promise.
+_HEX_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
+# Sidecars are tried strongest first; the strongest one found is the multihash.
+_SIDECARS = ("sha512", "sha256", "md5")
+# RFC 9530 algorithm tokens we understand, mapped to Glance's os_hash_algo names.
+_DIGEST_ALGOS = {"sha-512": "sha512", "sha-256": "sha256", "sha512": "sha512", "sha256": "sha256"}
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_CONTENT_RANGE_TOTAL = re.compile(r"^bytes\s+(?:\d+-\d+|\*)/(\d+)$")
+
+
+class HttpClient:
+    """One aiohttp session per upstream, created in the running loop on first use.
+
+    The session is made lazily because an upstream is often built before the
+    event loop runs (by the CLI), and an aiohttp session belongs to one loop.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._timeout = settings.upstream_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # No total timeout: a multi-GB body may take minutes. Connecting and
+            # each read are bounded instead, so a stalled origin still fails.
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self._timeout, sock_read=self._timeout
+            )
+            # auto_decompress off: we cache the origin's bytes exactly, and a
+            # Content-Length only describes them if nothing re-encodes them.
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, auto_decompress=False, raise_for_status=False
+            )
+        return self._session
+
+    @property
+    def short_timeout(self) -> aiohttp.ClientTimeout:
+        """For metadata calls, whose whole exchange must fit the upstream timeout."""
+        return aiohttp.ClientTimeout(total=self._timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def raise_for_status(response: aiohttp.ClientResponse, image_id: str, what: str) -> None:
+    """Translate an origin's error status into our exception tree."""
+    status = response.status
+    if status < 400:
+        return
+    if status == 404:
+        raise UpstreamNotFound(image_id)
+    if status in (401, 403):
+        raise UpstreamForbidden(image_id, status)
+    raise UpstreamError(f"{what} for image {image_id!r} failed upstream: HTTP {status}")
+
+
+def range_header(start: int, end: int | None) -> dict[str, str]:
+    """The ``Range`` header for ``[start, end)``; empty for the whole body."""
+    if start == 0 and end is None:
+        return {}
+    last = "" if end is None else str(end - 1)
+    return {"Range": f"bytes={start}-{last}"}
+
+
+async def read_body(
+    response: aiohttp.ClientResponse,
+    image_id: str,
+    start: int,
+    end: int | None,
+    ranged: bool,
+) -> AsyncIterator[bytes]:
+    """Yield the body of ``response`` as bytes ``[start, end)`` of the image.
+
+    ``ranged`` says a Range was asked for. An origin may ignore it and answer
+    200 with the whole image; then the unwanted bytes are skipped here, which
+    is slower but correct. A body shorter than its Content-Length, a reset or
+    a read timeout raises ``UpstreamError``: a quiet short stream would be
+    cached as a truncated image.
+    """
+    whole = response.status == 200
+    skip = start if ranged and whole else 0
+    limit = None if end is None else end - start
+    expected = response.content_length
+    received = 0
+    sent = 0
+    try:
+        async for chunk in response.content.iter_any():
+            received += len(chunk)
+            if skip:
+                if len(chunk) <= skip:
+                    skip -= len(chunk)
+                    continue
+                chunk = chunk[skip:]
+                skip = 0
+            if limit is not None and sent + len(chunk) >= limit:
+                chunk = chunk[: limit - sent]
+                sent += len(chunk)
+                if chunk:
+                    yield chunk
+                return
+            sent += len(chunk)
+            yield chunk
+    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+        raise UpstreamError(
+            f"image {image_id!r}: upstream body failed after {received} bytes: {exc!r}"
+        ) from exc
+    if expected is not None and received != expected:
+        raise UpstreamError(
+            f"image {image_id!r}: upstream body ended after {received} of {expected} bytes"
+        )
+
+
+class HttpUpstream(Upstream):
+    """Images fetched from a URL template containing ``{image_id}``."""
+
+    kind = "http"
+
+    def __init__(self, url_template: str, settings: Settings) -> None:
+        if "{image_id}" not in url_template:
+            raise ConfigurationError(
+                f"http upstream URL {url_template!r} must contain '{{image_id}}', "
+                "e.g. http:https://origin.example/images/{image_id}"
+            )
+        if not url_template.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"http upstream URL {url_template!r} must start with http:// or https://"
+            )
+        self.url_template = url_template
+        self._sidecars = settings.http_checksum_sidecar
+        self._client = HttpClient(settings)
+
+    def url(self, image_id: str) -> str:
+        # Ids are validated at the edge; quoting anyway keeps a URL a URL.
+        return self.url_template.replace("{image_id}", quote(image_id, safe=""))
+
+    async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
+        url = self.url(image_id)
+        headers = await self._head(image_id, url)
+        size = _size_from(headers)
+        checksum = _md5_from(headers)
+        algo, value = _digest_from(headers)
+        if self._sidecars:
+            found = await self._read_sidecars(url)
+            checksum = checksum or found.get("md5")
+            for name in _SIDECARS:
+                if name != "md5" and name in found and algo is None:
+                    algo, value = name, found[name]
+        return ImageInfo(
+            image_id=image_id, size=size, checksum=checksum, hash_algo=algo, hash_value=value
+        )
+
+    async def stream(
+        self,
+        image_id: str,
+        caller: Caller = ANONYMOUS,
+        start: int = 0,
+        end: int | None = None,
+    ) -> AsyncIterator[bytes]:
+        if end is not None and end <= start:
+            return
+        headers = {"Accept-Encoding": "identity", **range_header(start, end)}
+        try:
+            response = await self._client.session().get(self.url(image_id), headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(f"image {image_id!r}: upstream GET failed: {exc!r}") from exc
+        async with response:
+            raise_for_status(response, image_id, "GET")
+            async for chunk in read_body(response, image_id, start, end, bool(headers)):
+                yield chunk
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _head(self, image_id: str, url: str) -> Mapping[str, str]:
+        session = self._client.session()
+        timeout = self._client.short_timeout
+        plain = {"Accept-Encoding": "identity"}
+        try:
+            async with session.head(url, headers=plain, timeout=timeout) as response:
+                if response.status not in (405, 501):
+                    raise_for_status(response, image_id, "HEAD")
+                    return response.headers
+            # Some origins (Glance's file route among them) refuse HEAD; the
+            # first byte's headers carry the same promises.
+            ranged = {**plain, "Range": "bytes=0-0"}
+            async with session.get(url, headers=ranged, timeout=timeout) as response:
+                raise_for_status(response, image_id, "GET")
+                return response.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(f"image {image_id!r}: upstream HEAD failed: {exc!r}") from exc
+
+    async def _read_sidecars(self, url: str) -> dict[str, str]:
+        names = await asyncio.gather(*(self._sidecar(url, name) for name in _SIDECARS))
+        return {name: value for name, value in zip(_SIDECARS, names, strict=True) if value}
+
+    async def _sidecar(self, url: str, algo: str) -> str | None:
+        """The digest in ``<url>.<algo>``, or None if there is no usable one."""
+        try:
+            async with self._client.session().get(
+                f"{url}.{algo}", timeout=self._client.short_timeout
+            ) as response:
+                if response.status != 200:
+                    return None
+                text = (await response.content.read(4096)).decode("ascii", "replace")
+        except (aiohttp.ClientError, TimeoutError):
+            # A sidecar is an optional extra promise; without it we verify less.
+            return None
+        words = text.split()
+        return _hex_digest(algo, words[0]) if words else None
+
+
+def _size_from(headers: Mapping[str, str]) -> int | None:
+    content_range = headers.get("Content-Range")
+    if content_range:
+        match = _CONTENT_RANGE_TOTAL.match(content_range.strip())
+        return int(match.group(1)) if match else None
+    if headers.get("Content-Encoding", "identity") != "identity":
+        return None
+    length = headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _hex_digest(algo: str, text: str) -> str | None:
+    text = text.strip().lower()
+    if len(text) == _HEX_LENGTHS[algo] and _HEX.match(text):
+        return text
+    return None
+
+
+def _md5_from(headers: Mapping[str, str]) -> str | None:
+    legacy = headers.get("x-image-meta-checksum")
+    if legacy and (digest := _hex_digest("md5", legacy)):
+        return digest
+    value = headers.get("Content-MD5")
+    if not value:
+        return None
+    # Glance sends hex; RFC 1864 says base64 of the 16 raw bytes. Accept both.
+    if digest := _hex_digest("md5", value):
+        return digest
+    return _base64_digest(value, 16)
+
+
+def _base64_digest(value: str, length: int) -> str | None:
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == length else None
+
+
+def _digest_from(headers: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The strongest sha digest in ``Repr-Digest`` (RFC 9530) or ``Digest`` (RFC 3230)."""
+    found: dict[str, str] = {}
+    for header in ("Repr-Digest", "Digest"):
+        for item in headers.get(header, "").split(","):
+            token, sep, value = item.strip().partition("=")
+            algo = _DIGEST_ALGOS.get(token.strip().lower())
+            if not sep or algo is None:
+                continue
+            # RFC 9530 wraps the base64 value in colons (a structured byte sequence).
+            digest = _base64_digest(value.strip().strip(":"), _HEX_LENGTHS[algo] // 2)
+            if digest:
+                found.setdefault(algo, digest)
+    for algo in ("sha512", "sha256"):
+        if algo in found:
+            return algo, found[algo]
+    return None, None

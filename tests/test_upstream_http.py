@@ -1,0 +1,155 @@
+"""The http upstream against a real origin on loopback: what only http does.
+
+The behaviour every upstream shares is in ``test_upstream_contract.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from imagecache.errors import ConfigurationError, UpstreamError, UpstreamNotFound
+from imagecache.settings import Settings
+from imagecache.upstreams import create_upstream
+from imagecache.upstreams.http import HttpUpstream, _digest_from, _md5_from
+from peers.origin import Fault, Origin
+
+DATA = bytes(range(256)) * 1000  # 256000 bytes, several origin chunks
+
+
+async def collect(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+@pytest.fixture
+async def upstream(
+    http_origin: Origin, make_settings: Callable[..., Settings]
+) -> AsyncIterator[HttpUpstream]:
+    built = create_upstream("http:" + http_origin.template, make_settings())
+    assert isinstance(built, HttpUpstream)
+    yield built
+    await built.close()
+
+
+def test_factory_rejects_unknown_kind(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ConfigurationError, match="'ftp'"):
+        create_upstream("ftp:host/x", make_settings())
+
+
+def test_factory_rejects_missing_target(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ConfigurationError, match="KIND:TARGET"):
+        create_upstream("http:", make_settings())
+
+
+def test_template_must_name_the_image(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ConfigurationError, match=r"\{image_id\}"):
+        create_upstream("http:http://origin/images/", make_settings())
+
+
+async def test_short_body_is_an_error(http_origin: Origin, upstream: HttpUpstream) -> None:
+    http_origin.add("img", DATA)
+    http_origin.fail("img", Fault.SHORT, after=70_000)
+    got = bytearray()
+
+    async def drain() -> None:
+        async for chunk in upstream.stream("img"):
+            got.extend(chunk)
+
+    with pytest.raises(UpstreamError, match=r"70000 of 256000|payload"):
+        await drain()
+    assert len(got) <= 70_000
+    assert DATA.startswith(bytes(got))
+
+
+async def test_head_refused_falls_back_to_first_byte(
+    http_origin: Origin, upstream: HttpUpstream
+) -> None:
+    http_origin.add("img", DATA)
+    http_origin.allow_head = False
+    info = await upstream.info("img")
+    assert info.size == len(DATA)
+    assert info.checksum == hashlib.md5(DATA).hexdigest()
+    methods = [(method, headers.get("Range")) for method, _, headers in http_origin.requests]
+    assert methods == [("HEAD", None), ("GET", "bytes=0-0")]
+
+
+async def test_origin_ignoring_range_still_yields_the_range(
+    http_origin: Origin, upstream: HttpUpstream
+) -> None:
+    http_origin.add("img", DATA, honour_range=False)
+    assert (
+        await collect(upstream.stream("img", start=100_000, end=100_010)) == DATA[100_000:100_010]
+    )
+    assert await collect(upstream.stream("img", start=200_000)) == DATA[200_000:]
+
+
+async def test_empty_range_makes_no_request(http_origin: Origin, upstream: HttpUpstream) -> None:
+    http_origin.add("img", DATA)
+    assert await collect(upstream.stream("img", start=5, end=5)) == b""
+    assert http_origin.requests == []
+
+
+async def test_sidecars_give_the_multihash(
+    http_origin: Origin, make_settings: Callable[..., Settings]
+) -> None:
+    http_origin.add("img", DATA, sidecars=("sha256", "md5"), content_md5=False)
+    upstream = create_upstream(
+        "http:" + http_origin.template, make_settings(http_checksum_sidecar=True)
+    )
+    try:
+        info = await upstream.info("img")
+    finally:
+        await upstream.close()
+    assert info.hash_algo == "sha256"
+    assert info.hash_value == hashlib.sha256(DATA).hexdigest()
+    assert info.checksum == hashlib.md5(DATA).hexdigest()
+
+
+async def test_sidecars_off_by_default(http_origin: Origin, upstream: HttpUpstream) -> None:
+    http_origin.add("img", DATA, sidecars=("sha512",))
+    info = await upstream.info("img")
+    assert info.hash_algo is None
+    assert all(not path.endswith(".sha512") for _, path, _ in http_origin.requests)
+
+
+async def test_unreachable_origin_is_an_upstream_error(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # A port that was just free: connecting is refused at once.
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    upstream = create_upstream(f"http:http://127.0.0.1:{port}/{{image_id}}", make_settings())
+    try:
+        with pytest.raises(UpstreamError) as info_error:
+            await upstream.info("img")
+        assert not isinstance(info_error.value, UpstreamNotFound)
+        with pytest.raises(UpstreamError):
+            await collect(upstream.stream("img"))
+    finally:
+        await upstream.close()
+
+
+def test_content_md5_hex_and_base64() -> None:
+    digest = hashlib.md5(b"x").digest()
+    assert _md5_from({"Content-MD5": digest.hex().upper()}) == digest.hex()
+    assert _md5_from({"Content-MD5": base64.b64encode(digest).decode()}) == digest.hex()
+    assert _md5_from({"Content-MD5": "not-a-digest"}) is None
+    assert _md5_from({"x-image-meta-checksum": digest.hex()}) == digest.hex()
+
+
+def test_repr_digest_prefers_sha512() -> None:
+    sha256 = base64.b64encode(hashlib.sha256(b"x").digest()).decode()
+    sha512 = base64.b64encode(hashlib.sha512(b"x").digest()).decode()
+    header = {"Repr-Digest": f"sha-256=:{sha256}:, sha-512=:{sha512}:"}
+    assert _digest_from(header) == ("sha512", hashlib.sha512(b"x").hexdigest())
+    assert _digest_from({"Digest": f"SHA-256={sha256}"}) == (
+        "sha256",
+        hashlib.sha256(b"x").hexdigest(),
+    )
+    assert _digest_from({"Repr-Digest": "sha-256=:bm90:"}) == (None, None)
