@@ -1,0 +1,598 @@
+"""The cluster driver: metadata of many nodes in one SQL database, files local to each.
+
+Every node keeps its images in its own cache directory, exactly as the other
+drivers do (``FileBackedDriver``); only the metadata is central, in rows keyed
+by ``(image_id, node_id)``, so one query answers "which nodes hold image X".
+SQLAlchemy Core over PostgreSQL (psycopg 3) in production, SQLite for a
+single-machine trial and the tests.
+
+Node identity. A node is its self URL (``worker_self_reference_url``), the
+address siblings use to fetch images from it. Two live nodes must never share
+a URL, yet the worker processes of one node, and that node restarted a second
+after it stopped, must be let in. What tells them apart is the cache
+directory: each directory gets a random id once (``<dir>/.node-id``; hidden
+names are never image ids), stored with the node's row. The same URL with the
+same directory id is the same node; with another id it is refused while the
+holder's heartbeat is younger than ``node_dead_after``, and taken over (its
+rows dropped, they describe files elsewhere) once it is older.
+
+Times are ``DateTime(timezone=True)`` columns written as aware UTC values and
+read back as epoch seconds, whatever the host's or the session's time zone
+(Glance's central driver stores naive values and reads them as local time).
+SQLite keeps no zone, so a naive value read back is UTC by construction.
+Liveness compares heartbeats written with each node's clock: nodes must keep
+their clocks in sync (NTP) to well under ``node_dead_after``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+
+from imagecache import migrations
+from imagecache.drivers.files import FileBackedDriver, Fill
+from imagecache.errors import BadDriverConfiguration, CacheStoreError
+from imagecache.records import CachedImage
+
+log = logging.getLogger(__name__)
+
+NODE_ID_FILE = ".node-id"
+
+# The schema at head, for queries; the migrations in imagecache/migrations
+# create it and must stay in step with these definitions.
+metadata = MetaData()
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("url", String(2048), nullable=False, unique=True),
+    Column("instance_id", String(64), nullable=False),
+    Column("heartbeat", DateTime(timezone=True), nullable=False),
+    Column("started", DateTime(timezone=True), nullable=False),
+)
+
+cached_images = Table(
+    "cached_images",
+    metadata,
+    Column("image_id", String(255), primary_key=True),
+    Column("node_id", Integer, ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("hits", BigInteger, nullable=False),
+    Column("last_accessed", DateTime(timezone=True), nullable=False),
+    Column("last_modified", DateTime(timezone=True), nullable=False),
+    Column("checksum", String(32)),
+    Column("hash_algo", String(16)),
+    Column("hash_value", String(128)),
+    Column("pinned", Boolean, nullable=False),
+)
+
+deleted_images = Table(
+    "deleted_images",
+    metadata,
+    Column("image_id", String(255), primary_key=True),
+    Column("deleted_at", DateTime(timezone=True), nullable=False),
+)
+
+_IMAGE_COLUMNS = (
+    cached_images.c.image_id,
+    cached_images.c.size,
+    cached_images.c.hits,
+    cached_images.c.last_accessed,
+    cached_images.c.last_modified,
+    cached_images.c.checksum,
+    cached_images.c.hash_algo,
+    cached_images.c.hash_value,
+    cached_images.c.pinned,
+)
+
+
+def to_datetime(epoch: float) -> datetime:
+    """Epoch seconds as an aware UTC datetime, for a timestamptz column."""
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def to_epoch(value: datetime) -> float:
+    """A stored timestamp as epoch seconds; naive values (SQLite) are UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def _row_to_image(row: Sequence[Any]) -> CachedImage:
+    image_id, size, hits, accessed, modified, checksum, algo, value, pinned = row
+    return CachedImage(
+        image_id=image_id,
+        size=int(size),
+        hits=int(hits),
+        last_accessed=to_epoch(accessed),
+        last_modified=to_epoch(modified),
+        checksum=checksum,
+        hash_algo=algo,
+        hash_value=value,
+        pinned=bool(pinned),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One registered node, as ``list_nodes`` shows it."""
+
+    url: str
+    heartbeat: float
+    started: float
+    alive: bool
+
+
+def make_engine(database_url: str) -> Engine:
+    """An engine for ``database_url``; BadDriverConfiguration if it cannot be one."""
+    try:
+        url = make_url(database_url)
+        if url.get_backend_name() == "postgresql":
+            if url.drivername == "postgresql":
+                # Plain "postgresql://" would pick psycopg2, which we do not ship.
+                url = url.set(drivername="postgresql+psycopg")
+            engine = create_engine(
+                url, pool_size=4, max_overflow=8, pool_pre_ping=True, pool_recycle=1800
+            )
+        elif url.get_backend_name() == "sqlite":
+            if not url.database or url.database == ":memory:":
+                raise BadDriverConfiguration(
+                    "central", "database_url must name a SQLite file every node process can open"
+                )
+            engine = create_engine(url, connect_args={"timeout": 30.0})
+            _tune_sqlite(engine)
+        else:
+            raise BadDriverConfiguration(
+                "central",
+                f"database_url uses {url.get_backend_name()!r}; use postgresql+psycopg:// or "
+                "sqlite:///",
+            )
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise BadDriverConfiguration("central", f"database_url is not usable: {exc}") from exc
+    return engine
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    """WAL, a busy timeout, and writes that take the write lock up front.
+
+    pysqlite's own transaction handling begins lazily and upgrades a read
+    lock to a write lock mid-transaction, which SQLite answers with an
+    immediate "database is locked" when another process writes. Write
+    transactions here say ``BEGIN IMMEDIATE`` instead (see ``_write``).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        dbapi_connection.execute("PRAGMA journal_mode = WAL")
+        dbapi_connection.execute("PRAGMA synchronous = NORMAL")
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get("imagecache_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def node_instance_id(base: Path) -> str:
+    """The random id of this cache directory, created on first use."""
+    path = base / NODE_ID_FILE
+    for _ in range(3):
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        else:
+            if value:
+                return value
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        except FileExistsError:
+            continue  # another worker made it; read theirs
+        try:
+            os.write(fd, uuid.uuid4().hex.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    value = path.read_text().strip()
+    if not value:
+        raise BadDriverConfiguration("central", f"{path} is empty; remove it and restart")
+    return value
+
+
+def normalise_self_url(value: str) -> str:
+    """The node URL as stored: no trailing slash; only http(s) URLs with a host."""
+    url = value.strip().rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest:
+        raise BadDriverConfiguration(
+            "central",
+            f"worker_self_reference_url must be an http(s) URL siblings can reach, got {value!r}",
+        )
+    return url
+
+
+class CentralDriver(FileBackedDriver):
+    """Files in the local cache directory, metadata in a database shared by the cluster."""
+
+    name = "central"
+
+    node_id: int
+    self_url: str
+    instance_id: str
+    engine: Engine
+
+    def configure(self) -> None:
+        super().configure()
+        if not self.settings.database_url:
+            raise BadDriverConfiguration(
+                self.name,
+                "database_url is not set; give it the cluster database, e.g. "
+                "postgresql+psycopg://user@host/imagecache",
+            )
+        if not self.settings.worker_self_reference_url:
+            raise BadDriverConfiguration(
+                self.name,
+                "worker_self_reference_url is not set; it is this node's identity and the URL "
+                "its siblings fetch images from, e.g. http://10.0.0.5:9393",
+            )
+        self.self_url = normalise_self_url(self.settings.worker_self_reference_url)
+        self.instance_id = node_instance_id(self.layout.base)
+        self.engine = make_engine(self.settings.database_url)
+        try:
+            with self._write() as conn:
+                migrations.upgrade(conn)
+            self.node_id = self._register()
+        except (SQLAlchemyError, CacheStoreError) as exc:
+            self.engine.dispose()
+            raise BadDriverConfiguration(
+                self.name, f"cannot use the database at database_url: {_brief(exc)}"
+            ) from exc
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    def close(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+    # --- database access ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction; database errors become CacheStoreError."""
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(imagecache_write=True)
+                with conn.begin():
+                    yield conn
+        except SQLAlchemyError as exc:
+            raise CacheStoreError(f"central metadata: {_brief(exc)}") from exc
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise CacheStoreError(f"central metadata: {_brief(exc)}") from exc
+
+    def _upsert_image(self, conn: Connection, values: dict[str, Any], keep: Iterable[str]) -> None:
+        """Insert a row of ``cached_images``; on conflict overwrite all but ``keep``."""
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(cached_images).values(**values)
+        kept = set(keep) | {"image_id", "node_id"}
+        statement = statement.on_conflict_do_update(
+            index_elements=[cached_images.c.image_id, cached_images.c.node_id],
+            set_={k: statement.excluded[k] for k in values if k not in kept},
+        )
+        conn.execute(statement)
+
+    # --- nodes ---------------------------------------------------------------------------
+
+    def _register(self) -> int:
+        """Claim this node's URL; refuse it while another live node holds it."""
+        for _ in range(3):
+            now = datetime.now(UTC)
+            try:
+                with self._write() as conn:
+                    row = conn.execute(
+                        select(nodes.c.id, nodes.c.instance_id, nodes.c.heartbeat)
+                        .where(nodes.c.url == self.self_url)
+                        .with_for_update()
+                    ).first()
+                    if row is None:
+                        return int(
+                            conn.execute(
+                                insert(nodes)
+                                .values(
+                                    url=self.self_url,
+                                    instance_id=self.instance_id,
+                                    heartbeat=now,
+                                    started=now,
+                                )
+                                .returning(nodes.c.id)
+                            ).scalar_one()
+                        )
+                    node_id, instance_id, heartbeat = row
+                    if instance_id != self.instance_id:
+                        age = now.timestamp() - to_epoch(heartbeat)
+                        if age < self.settings.node_dead_after:
+                            raise BadDriverConfiguration(
+                                self.name,
+                                f"worker_self_reference_url {self.self_url} is already used by "
+                                f"another live node (its cache directory differs; last heartbeat "
+                                f"{age:.1f}s ago). Give each node its own URL, or wait "
+                                f"node_dead_after={self.settings.node_dead_after:g}s after "
+                                "stopping the other one",
+                            )
+                        log.warning(
+                            "taking over node URL %s from a dead node (heartbeat %.0fs ago); "
+                            "dropping its rows, they describe another cache directory",
+                            self.self_url,
+                            age,
+                        )
+                        conn.execute(
+                            delete(cached_images).where(cached_images.c.node_id == node_id)
+                        )
+                    conn.execute(
+                        update(nodes)
+                        .where(nodes.c.id == node_id)
+                        .values(instance_id=self.instance_id, heartbeat=now, started=now)
+                    )
+                    return int(node_id)
+            except CacheStoreError as exc:
+                # Two first starts of one URL raced on the unique constraint: look again.
+                if not isinstance(exc.__cause__, IntegrityError):
+                    raise
+        raise CacheStoreError(f"could not register node {self.self_url}: lost every race")
+
+    def heartbeat(self) -> bool:
+        """Tell the cluster this node is alive; False if another node took its URL."""
+        with self._write() as conn:
+            result = conn.execute(
+                update(nodes)
+                .where(nodes.c.id == self.node_id, nodes.c.instance_id == self.instance_id)
+                .values(heartbeat=datetime.now(UTC))
+            )
+        if result.rowcount == 0:
+            log.error(
+                "node URL %s now belongs to another cache directory; this node is not "
+                "announced to the cluster any more (restart it with its own URL)",
+                self.self_url,
+            )
+            return False
+        return True
+
+    def _alive_cutoff(self) -> datetime:
+        return to_datetime(time.time() - self.settings.node_dead_after)
+
+    def list_nodes(self) -> list[NodeInfo]:
+        """Every registered node, dead or alive, by URL."""
+        cutoff = self._alive_cutoff()
+        with self._read() as conn:
+            rows = conn.execute(
+                select(nodes.c.url, nodes.c.heartbeat, nodes.c.started).order_by(nodes.c.url)
+            ).all()
+        return [
+            NodeInfo(
+                url=url,
+                heartbeat=to_epoch(beat),
+                started=to_epoch(started),
+                alive=to_epoch(beat) > cutoff.timestamp(),
+            )
+            for url, beat, started in rows
+        ]
+
+    def get_cached_nodes(self, image_id: str) -> list[str]:
+        """URLs of the live nodes holding a copy not marked deleted since it was made."""
+        self.layout.validate(image_id)
+        query = (
+            select(nodes.c.url)
+            .select_from(cached_images.join(nodes, nodes.c.id == cached_images.c.node_id))
+            .where(
+                cached_images.c.image_id == image_id,
+                nodes.c.heartbeat > self._alive_cutoff(),
+                ~_deleted_since_made(),
+            )
+            .order_by(nodes.c.url)
+        )
+        with self._read() as conn:
+            return [url for (url,) in conn.execute(query)]
+
+    # --- cluster-wide deletion -------------------------------------------------------------------
+
+    def delete_everywhere(self, image_id: str) -> bool:
+        """Mark the image deleted for every node and drop this node's copy now.
+
+        Other nodes drop theirs at their next ``apply_deletions`` (the service
+        runs it with every heartbeat). A copy filled after the mark is kept:
+        the mark only condemns copies made before it.
+        """
+        self.layout.validate(image_id)
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(deleted_images).values(
+            image_id=image_id, deleted_at=datetime.now(UTC)
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[deleted_images.c.image_id],
+            set_={"deleted_at": statement.excluded.deleted_at},
+        )
+        with self._write() as conn:
+            conn.execute(statement)
+        return self.delete_cached_image(image_id)
+
+    def apply_deletions(self) -> list[str]:
+        """Drop this node's copies of images marked deleted after they were made."""
+        query = select(cached_images.c.image_id).where(
+            cached_images.c.node_id == self.node_id, _deleted_since_made()
+        )
+        with self._read() as conn:
+            doomed = [image_id for (image_id,) in conn.execute(query)]
+        for image_id in doomed:
+            log.info("dropping %s: it was deleted through another node", image_id)
+            self.delete_cached_image(image_id)
+        return doomed
+
+    # --- metadata hooks --------------------------------------------------------------------
+
+    def _meta_commit(self, fill: Fill, size: int, now: float) -> None:
+        stamp = to_datetime(now)
+        with self._write() as conn:
+            # A re-fill of an image keeps its hit count and pin.
+            self._upsert_image(
+                conn,
+                {
+                    "image_id": fill.image_id,
+                    "node_id": self.node_id,
+                    "size": size,
+                    "hits": 0,
+                    "last_accessed": stamp,
+                    "last_modified": stamp,
+                    "checksum": fill.checksum,
+                    "hash_algo": fill.hash_algo,
+                    "hash_value": fill.hash_value,
+                    "pinned": False,
+                },
+                keep=("hits", "pinned"),
+            )
+
+    def _meta_forget(self, image_ids: Iterable[str]) -> None:
+        params = [{"doomed": image_id} for image_id in image_ids]
+        if not params:
+            return
+        statement = delete(cached_images).where(
+            cached_images.c.node_id == self.node_id,
+            cached_images.c.image_id == bindparam("doomed"),
+        )
+        with self._write() as conn:
+            conn.execute(statement, params)
+
+    def record_hit(self, image_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(cached_images)
+                .where(self._mine(image_id))
+                .values(hits=cached_images.c.hits + 1, last_accessed=datetime.now(UTC))
+            )
+
+    def set_pinned(self, image_id: str, pinned: bool) -> bool:
+        with self._write() as conn:
+            result = conn.execute(
+                update(cached_images).where(self._mine(image_id)).values(pinned=pinned)
+            )
+        return result.rowcount > 0
+
+    def _mine(self, image_id: str) -> Any:
+        return and_(cached_images.c.node_id == self.node_id, cached_images.c.image_id == image_id)
+
+    # --- listings ----------------------------------------------------------------------------
+
+    def get_cache_size(self) -> int:
+        query = select(func.coalesce(func.sum(cached_images.c.size), 0)).where(
+            cached_images.c.node_id == self.node_id
+        )
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def get_cached_images(self) -> list[CachedImage]:
+        query = (
+            select(*_IMAGE_COLUMNS)
+            .where(cached_images.c.node_id == self.node_id)
+            .order_by(cached_images.c.image_id)
+        )
+        with self._read() as conn:
+            return [_row_to_image(row) for row in conn.execute(query)]
+
+    def get_cached_image(self, image_id: str) -> CachedImage | None:
+        with self._read() as conn:
+            row = conn.execute(select(*_IMAGE_COLUMNS).where(self._mine(image_id))).first()
+        return _row_to_image(row) if row is not None else None
+
+    def get_hit_count(self, image_id: str) -> int:
+        with self._read() as conn:
+            hits = conn.execute(
+                select(cached_images.c.hits).where(self._mine(image_id))
+            ).scalar_one_or_none()
+        return int(hits) if hits is not None else 0
+
+    def get_least_recently_accessed(self) -> tuple[str, int] | None:
+        return next(self.iter_lru(), None)
+
+    def iter_lru(self) -> Iterator[tuple[str, int]]:
+        query = (
+            select(cached_images.c.image_id, cached_images.c.size)
+            .where(cached_images.c.node_id == self.node_id, cached_images.c.pinned.is_(False))
+            .order_by(cached_images.c.last_accessed, cached_images.c.image_id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        for image_id, size in rows:
+            yield image_id, int(size)
+
+
+def _deleted_since_made() -> Any:
+    """The row's image was marked deleted at or after its copy was made."""
+    return exists().where(
+        deleted_images.c.image_id == cached_images.c.image_id,
+        deleted_images.c.deleted_at >= cached_images.c.last_modified,
+    )
+
+
+def _brief(exc: BaseException) -> str:
+    """A one-line description of a database error, without SQL or parameters."""
+    cause = exc.__cause__ if isinstance(exc, CacheStoreError) and exc.__cause__ else exc
+    orig = getattr(cause, "orig", None)
+    text = str(orig if orig is not None else cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
+
+
+__all__ = [
+    "CentralDriver",
+    "NodeInfo",
+    "cached_images",
+    "deleted_images",
+    "make_engine",
+    "metadata",
+    "nodes",
+    "to_datetime",
+    "to_epoch",
+]
