@@ -169,11 +169,19 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         raise ConfigurationError(f"config file {config_file}: {exc}") from exc
 
 
+_SECRET_WORDS = ("token", "secret", "password")
+
+
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "settings"
-        # Never echo a secret back into a log or terminal.
-        shown = "<hidden>" if "token" in key else repr(error.get("input"))
+        # Never echo a secret back into a log or terminal. An unknown key may be a
+        # misspelt secret ("admin_tokn"), so its value is never shown either.
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown setting")
+            continue
+        secret = any(word in key for word in _SECRET_WORDS)
+        shown = "<hidden>" if secret else repr(error.get("input"))
         problems.append(f"{key}: {error['msg']} (got {shown})")
     return "invalid settings: " + "; ".join(problems)

@@ -167,6 +167,7 @@ class SqliteDriver(FileBackedDriver):
             )
 
     def record_hit(self, image_id: str) -> None:
+        self.layout.validate(image_id)
         try:
             self._conn().execute(
                 "UPDATE cached_images SET hits = hits + 1, last_accessed = ? WHERE image_id = ?",
@@ -176,9 +177,29 @@ class SqliteDriver(FileBackedDriver):
             raise CacheStoreError(f"sqlite metadata at {self.db_path}: {exc}") from exc
 
     def set_pinned(self, image_id: str, pinned: bool) -> bool:
+        self.layout.validate(image_id)
         with self._tx() as conn:
             cursor = conn.execute(
                 "UPDATE cached_images SET pinned = ? WHERE image_id = ?", (int(pinned), image_id)
+            )
+            return cursor.rowcount > 0
+
+    def record_image(self, image: CachedImage, *, replace: bool = False) -> bool:
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        with self._tx() as conn:
+            cursor = conn.execute(
+                f"{verb} INTO cached_images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    image.image_id,
+                    image.size,
+                    image.hits,
+                    image.last_accessed,
+                    image.last_modified,
+                    image.checksum,
+                    image.hash_algo,
+                    image.hash_value,
+                    int(image.pinned),
+                ),
             )
             return cursor.rowcount > 0
 
@@ -193,6 +214,7 @@ class SqliteDriver(FileBackedDriver):
         return [_row_to_image(row) for row in rows]
 
     def get_cached_image(self, image_id: str) -> CachedImage | None:
+        self.layout.validate(image_id)
         rows = self._query(
             f"SELECT {_COLUMNS} FROM cached_images WHERE image_id = ?",  # noqa: S608
             (image_id,),
@@ -200,6 +222,7 @@ class SqliteDriver(FileBackedDriver):
         return _row_to_image(rows[0]) if rows else None
 
     def get_hit_count(self, image_id: str) -> int:
+        self.layout.validate(image_id)
         rows = self._query("SELECT hits FROM cached_images WHERE image_id = ?", (image_id,))
         return int(rows[0][0]) if rows else 0
 
