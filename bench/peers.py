@@ -1,0 +1,476 @@
+"""The processes a benchmark run compares: nginx, the Glance peer and imagecache itself.
+
+Each peer is a context manager that starts a real server on a free loopback port,
+in its own directory under the run's work dir, and stops exactly the process it
+started (never by name: other engineers run servers on this machine too).
+
+Standalone check (no imagecache needed)::
+
+    .venv/bin/python bench/peers.py --size-mib 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GLANCE_PEER = REPO.parent / "shared" / "peers" / "glance-peer.sh"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+CHUNK = 8 << 20
+
+
+class PeerError(RuntimeError):
+    """A peer could not be started or did not answer as expected."""
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (there is a tiny race; the servers bind at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``check`` until it is true; a server that never answers is a PeerError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise PeerError(f"{what}: not ready after {timeout:.0f}s")
+
+
+def http_status(url: str, method: str = "GET", timeout: float = 5.0) -> int:
+    """The status of one request (0 when nothing answers)."""
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def http_json(url: str, method: str = "GET", body: object = None, timeout: float = 30.0) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def write_random_file(path: Path, size: int) -> None:
+    """``size`` random bytes (incompressible, so no layer can cheat)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    with open(tmp, "wb") as out:
+        left = size
+        while left:
+            n = min(left, CHUNK)
+            out.write(os.urandom(n))
+            left -= n
+    tmp.replace(path)
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(md5, sha512) hex digests of a file."""
+    md5, sha512 = hashlib.md5(), hashlib.sha512()
+    with open(path, "rb") as src:
+        while block := src.read(CHUNK):
+            md5.update(block)
+            sha512.update(block)
+    return md5.hexdigest(), sha512.hexdigest()
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Stop the process we started (and its group, if it leads one) and reap it."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (read from /proc; workers of a pre-fork server)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the parent pid; the command name (field 2) may hold spaces.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A ``VmRSS``/``VmHWM``-style value from /proc/<pid>/status, in KiB (0 if gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------- nginx ---
+
+
+@dataclass
+class Nginx:
+    """nginx in the foreground with its own prefix, pid, logs and temp dirs.
+
+    ``root`` serves files from a directory with sendfile; ``proxy_to`` makes it a
+    plain pass-through (no buffering, no caching) to another server.
+    """
+
+    workdir: Path
+    root: Path | None = None
+    proxy_to: str | None = None
+    workers: int = 2
+    access_log: bool = False
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.workdir / "access.log"
+
+    def config(self) -> str:
+        if self.root is not None:
+            location = f"root {self.root};"
+        elif self.proxy_to is not None:
+            # Stream straight through, as a pass-through should: no temp files.
+            location = (
+                f"proxy_pass {self.proxy_to}; proxy_http_version 1.1; "
+                "proxy_buffering off; proxy_request_buffering off; "
+                'proxy_set_header Connection "";'
+            )
+        else:
+            raise PeerError("nginx needs a root or a proxy_to")
+        d = self.workdir
+        log = f"access_log {d}/access.log;" if self.access_log else "access_log off;"
+        # As root, nginx workers would drop to "nobody" and could not read the
+        # private temp dirs the images live in; keep them as the invoking user.
+        user = "user root;" if os.geteuid() == 0 else ""
+        return f"""
+daemon off;
+{user}
+master_process on;
+worker_processes {self.workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    {log}
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 65;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{self.port} reuseport;
+        location / {{ {location} }}
+    }}
+}}
+"""
+
+    def __enter__(self) -> Nginx:
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(self.config())
+        # The child keeps its own copy of the log descriptor; ours closes at once.
+        cmd = [NGINX, "-p", str(self.workdir), "-c", str(conf)]
+        cmd += ["-e", str(self.workdir / "error.log")]
+        with open(self.workdir / "stderr.log", "wb") as errors:
+            self.proc = subprocess.Popen(cmd, stdout=errors, stderr=errors, start_new_session=True)
+        try:
+            wait_until("nginx", lambda: self._answers(), timeout=15)
+        except PeerError:
+            self.__exit__(None, None, None)
+            log = (self.workdir / "error.log").read_text()
+            raise PeerError(f"nginx did not start: {log}") from None
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise PeerError(f"nginx exited: {(self.workdir / 'error.log').read_text()}")
+        return http_status(self.url + "/", method="HEAD") != 0
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGQUIT)  # graceful: finish open responses
+            self.proc = None
+
+    def requests_for(self, path: str) -> int:
+        """How many GETs of ``path`` the access log shows (the origin's body reads)."""
+        if not self.access_log_path.exists():
+            return 0
+        needle = f'"GET {path} '
+        return sum(needle in line for line in self.access_log_path.open())
+
+
+# -------------------------------------------------------- Glance peer ---
+
+
+@dataclass
+class GlancePeer:
+    """One real Glance API (the shared peer script) with its own data dir and port.
+
+    ``cache=True`` turns on Glance's image cache (the performance peer);
+    ``cache=False`` is a plain origin for imagecache's glance upstream.
+    """
+
+    datadir: Path
+    cache: bool = True
+    workers: int = 1
+    port: int = field(default_factory=free_port)
+    started: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @staticmethod
+    def available() -> bool:
+        return GLANCE_PEER.exists() and Path("/opt/peers/glance-venv/bin/gunicorn").exists()
+
+    def _script(self, *args: str) -> str:
+        env = dict(
+            os.environ,
+            GLANCE_PEER_DATA=str(self.datadir),
+            GLANCE_PEER_PORT=str(self.port),
+            GLANCE_PEER_CACHE="1" if self.cache else "0",
+            GLANCE_PEER_WORKERS=str(self.workers),
+        )
+        done = subprocess.run(
+            ["bash", str(GLANCE_PEER), *args], env=env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise PeerError(f"glance-peer.sh {' '.join(args)} failed: {done.stderr[-2000:]}")
+        return done.stdout
+
+    def __enter__(self) -> GlancePeer:
+        if not self.available():
+            raise PeerError(f"Glance peer not installed: run bench/setup.sh ({GLANCE_PEER})")
+        self._script("start")
+        self.started = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self._script("stop")
+            self.started = False
+
+    def upload(self, path: Path, name: str) -> str:
+        """Create an image from ``path`` through the REST API; return its id."""
+        image = http_json(
+            self.url + "/v2/images",
+            "POST",
+            {"name": name, "disk_format": "raw", "container_format": "bare"},
+        )
+        assert isinstance(image, dict)
+        image_id = str(image["id"])
+        # curl streams the file; urllib would read 1 GiB into memory first.
+        cmd = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"]
+        cmd += ["-T", str(path), "-H", "Content-Type: application/octet-stream"]
+        cmd += [f"{self.url}/v2/images/{image_id}/file"]
+        code = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+        if code != "204":
+            raise PeerError(f"upload of {path} to Glance failed: HTTP {code}")
+        return image_id
+
+    def image(self, image_id: str) -> dict[str, object]:
+        info = http_json(f"{self.url}/v2/images/{image_id}")
+        assert isinstance(info, dict)
+        return info
+
+    def file_url(self, image_id: str) -> str:
+        return f"{self.url}/v2/images/{image_id}/file"
+
+    def cached_ids(self) -> list[str]:
+        listing = http_json(self.url + "/v2/cache")
+        assert isinstance(listing, dict)
+        return [str(item["image_id"]) for item in listing.get("cached_images", [])]
+
+    def fill_cache(self, image_id: str) -> None:
+        """One full GET tees the image into Glance's cache; wait until it is listed."""
+        subprocess.run(["curl", "-sS", "-o", "/dev/null", self.file_url(image_id)], check=True)
+        wait_until("glance cache fill", lambda: image_id in self.cached_ids(), timeout=60)
+
+    def evict(self, image_id: str) -> None:
+        status = http_status(f"{self.url}/v2/cache/{image_id}", method="DELETE")
+        if status not in (204, 404):
+            raise PeerError(f"DELETE /v2/cache/{image_id} on Glance: HTTP {status}")
+
+    def body_reads(self, image_id: str) -> int:
+        """How many GETs of the image's data the access log shows."""
+        log = self.datadir / "log" / "access.log"
+        if not log.exists():
+            return 0
+        needle = f"GET /v2/images/{image_id}/file"
+        return sum(needle in line for line in log.open())
+
+
+# ------------------------------------------------------------ imagecache ---
+
+
+@dataclass
+class Imagecache:
+    """``imagecache serve`` as its users run it, on a free port with its own cache dir."""
+
+    cache_dir: Path
+    upstream: str
+    workers: int = 2
+    extra_args: Sequence[str] = ()
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def file_url(self, image_id: str) -> str:
+        return f"{self.url}/v2/images/{image_id}/file"
+
+    def __enter__(self) -> Imagecache:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.cache_dir.parent / f"imagecache-{self.port}.log"
+        exe = REPO / ".venv" / "bin" / "imagecache"
+        cmd = [str(exe) if exe.exists() else "imagecache", "serve"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--cache-dir", str(self.cache_dir), "--upstream", self.upstream]
+        cmd += ["--workers", str(self.workers), *self.extra_args]
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+
+        def healthy() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                tail = self.log_path.read_text()[-2000:] if self.log_path else ""
+                raise PeerError(f"imagecache exited ({self.proc.returncode}): {tail}")
+            return http_status(self.url + "/healthcheck") == 200
+
+        try:
+            wait_until("imagecache", healthy, timeout=60)
+        except PeerError:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc is not None else []
+
+    def rss_kib(self) -> int:
+        return sum(proc_status_kib(pid, "VmRSS") for pid in self.pids())
+
+    def hwm_kib(self) -> int:
+        return sum(proc_status_kib(pid, "VmHWM") for pid in self.pids())
+
+    def fds(self) -> int:
+        return sum(open_fds(pid) for pid in self.pids())
+
+    def evict(self, image_id: str) -> None:
+        status = http_status(f"{self.url}/v2/cache/{image_id}", method="DELETE")
+        if status not in (204, 404):
+            raise PeerError(f"DELETE /v2/cache/{image_id} on imagecache: HTTP {status}")
+
+
+# ------------------------------------------------------------ self-check ---
+
+
+def _self_check(size_mib: int) -> None:
+    """Start nginx (static and proxy) and the Glance peer, move one image through each."""
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        work = Path(tmp)
+        image = work / "images" / "img"
+        write_random_file(image, size_mib << 20)
+        md5, _ = file_digests(image)
+        with Nginx(work / "nginx", root=image.parent, access_log=True) as web:
+            got = subprocess.run(
+                ["curl", "-sS", f"{web.url}/img"], capture_output=True, check=True
+            ).stdout
+            assert hashlib.md5(got).hexdigest() == md5, "nginx static: wrong bytes"
+            with Nginx(work / "proxy", proxy_to=web.url) as proxy:
+                got = subprocess.run(
+                    ["curl", "-sS", f"{proxy.url}/img"], capture_output=True, check=True
+                ).stdout
+                assert hashlib.md5(got).hexdigest() == md5, "nginx proxy: wrong bytes"
+            assert web.requests_for("/img") == 2, web.requests_for("/img")
+            print(f"nginx static + proxy OK on ports {web.port}/{proxy.port}")
+        if not GlancePeer.available():
+            print("Glance peer not installed: skipped (run bench/setup.sh)")
+            return
+        with GlancePeer(work / "glance", cache=True) as glance:
+            image_id = glance.upload(image, "bench-self-check")
+            assert glance.image(image_id)["checksum"] == md5, "glance: checksum differs"
+            glance.fill_cache(image_id)
+            reads = glance.body_reads(image_id)
+            glance.evict(image_id)
+            assert image_id not in glance.cached_ids()
+            print(f"glance OK on port {glance.port}: image {image_id}, {reads} body read(s)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=64)
+    _self_check(parser.parse_args().size_mib)
+    sys.exit(0)
