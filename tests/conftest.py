@@ -16,6 +16,7 @@ from imagecache.settings import Settings, load_settings
 
 pytest_plugins: list[str] = ["driver_kinds"]
 pytest_plugins += ["peers.origin"]  # real upstream peers, see tests/peers/
+pytest_plugins += ["central_db"]  # fresh PostgreSQL/SQLite databases for the central driver
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 
 from imagecache.settings import Settings, load_settings
 
-DRIVER_KINDS = ["sqlite", "xattr"]
+DRIVER_KINDS = ["sqlite", "xattr", "central-sqlite", "central-postgres"]
 
 
 def _require_user_xattrs(directory: Path) -> None:
@@ -47,6 +47,22 @@ def settings_for(kind: str, cache_dir: Path, tmp_path: Path) -> Settings:
     if kind == "xattr":
         _require_user_xattrs(cache_dir)
         return load_settings(None, image_cache_dir=cache_dir, image_cache_driver="xattr")
+    if kind in ("central-sqlite", "central-postgres"):
+        # Imported here: only the central kinds need a database.
+        from central_db import session_postgres_url, unique_node_url
+
+        database_url = (
+            f"sqlite:///{tmp_path / 'central.db'}"
+            if kind == "central-sqlite"
+            else session_postgres_url()  # skips loudly when PostgreSQL is down
+        )
+        return load_settings(
+            None,
+            image_cache_dir=cache_dir,
+            image_cache_driver="central",
+            database_url=database_url,
+            worker_self_reference_url=unique_node_url(),
+        )
     raise ValueError(f"unknown driver kind {kind!r}; add it to tests/driver_kinds.py")
 
 

@@ -1,0 +1,115 @@
+"""Fresh databases for the central driver's tests: PostgreSQL at 127.0.0.1:5432, or SQLite.
+
+Every PostgreSQL database made here is uniquely named (``imagecache_test_<hex>``)
+and dropped afterwards, so runs on the same server (other engineers, CI) never
+see each other's rows. When no PostgreSQL answers, the tests that need it skip
+with a loud reason; DESIGN §11 says how to start it.
+
+Registered as a pytest plugin in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+PG_HOST = os.environ.get("IMAGECACHE_TEST_PGHOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("IMAGECACHE_TEST_PGPORT", "5432"))
+PG_ADMIN_DB = os.environ.get("IMAGECACHE_TEST_PGDATABASE", "test")
+
+_unreachable: str | None = None
+_session_database: str | None = None
+
+
+def _admin() -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(
+        host=PG_HOST, port=PG_PORT, dbname=PG_ADMIN_DB, autocommit=True, connect_timeout=3
+    )
+
+
+def require_postgres() -> None:
+    """Skip the calling test, loudly, when the PostgreSQL server cannot be reached."""
+    global _unreachable
+    if _unreachable is None:
+        try:
+            with _admin() as conn:
+                conn.execute("SELECT 1")
+            _unreachable = ""
+        except psycopg.Error as exc:
+            _unreachable = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    if _unreachable:
+        pytest.skip(
+            f"SKIPPED: no PostgreSQL at {PG_HOST}:{PG_PORT} ({_unreachable}); start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+        )
+
+
+def create_database() -> str:
+    """Create an empty, uniquely named database; returns its name."""
+    require_postgres()
+    name = f"imagecache_test_{uuid.uuid4().hex[:12]}"
+    with _admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_database(name: str) -> None:
+    with _admin() as conn:
+        # FORCE: a driver a failed test never closed must not keep the database alive.
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def postgres_url(name: str) -> str:
+    return f"postgresql+psycopg://{PG_HOST}:{PG_PORT}/{name}"
+
+
+def session_postgres_url() -> str:
+    """One database for the whole run (the contract suite); dropped at the end of it.
+
+    Tests sharing it stay apart because every test registers its own node URL
+    and rows are keyed by node.
+    """
+    global _session_database
+    if _session_database is None:
+        _session_database = create_database()
+    return postgres_url(_session_database)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _session_database
+    if _session_database is not None:
+        drop_database(_session_database)
+        _session_database = None
+
+
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """A database of its own for one test."""
+    name = create_database()
+    try:
+        yield postgres_url(name)
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def central_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh central database of each backend, for one test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'central.db'}"
+        return
+    name = create_database()
+    try:
+        yield postgres_url(name)
+    finally:
+        drop_database(name)
+
+
+def unique_node_url() -> str:
+    """A node URL no other test uses (nothing listens there: no sibling fills in drivers)."""
+    return f"http://127.0.0.1:9/node-{uuid.uuid4().hex[:12]}"
