@@ -15,7 +15,7 @@ import pytest
 from imagecache.settings import Settings, load_settings
 
 pytest_plugins: list[str] = ["driver_kinds"]
-pytest_plugins += ["peers.origin"]  # real upstream peers, see tests/peers/
+pytest_plugins += ["peers.cutter", "peers.glance", "peers.moto", "peers.origin"]  # see tests/peers/
 pytest_plugins += ["central_db"]  # fresh PostgreSQL/SQLite databases for the central driver
 
 

@@ -36,6 +36,14 @@ def create_upstream(spec: str, settings: Settings) -> Upstream:
         from imagecache.upstreams.http import HttpUpstream
 
         return HttpUpstream(target, settings)
+    if kind == "glance":
+        from imagecache.upstreams.glance import GlanceUpstream
+
+        return GlanceUpstream(target, settings)
+    if kind == "s3":
+        from imagecache.upstreams.s3 import S3Upstream
+
+        return S3Upstream(target, settings)
     raise ConfigurationError(
         f"unknown upstream kind {kind!r} in {spec!r}; use one of {', '.join(KINDS)}"
     )

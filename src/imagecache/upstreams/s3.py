@@ -1,0 +1,189 @@
+"""The ``s3`` upstream: images are objects ``<prefix>/<image_id>`` in a bucket.
+
+``s3:bucket/prefix`` (the prefix is optional). The endpoint and region come
+from ``s3_endpoint_url`` / ``s3_region`` (for MinIO, Ceph RGW, moto);
+credentials come from boto3's own chain (environment, ``~/.aws``, instance
+role) and never pass through imagecache's settings or logs.
+
+boto3 is blocking, so every call runs in a worker thread; the body is read in
+chunks, one thread hop per chunk. boto3 is an optional extra
+(``pip install 'imagecache[s3]'``), imported only when an s3 upstream is built.
+
+Checksums: the object's ``ETag`` is its md5 only for a single-part upload
+without SSE-KMS or SSE-C encryption, so it is used only then. User metadata
+``x-amz-meta-sha512`` / ``-sha256`` (hex) give the multihash, and
+``x-amz-meta-checksum`` / ``-md5`` an md5, for whoever uploads images with
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from imagecache.errors import (
+    ConfigurationError,
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotFound,
+)
+from imagecache.records import ImageInfo
+from imagecache.settings import Settings
+from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+
+CHUNK_SIZE = 1024 * 1024
+_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+_HEX_LENGTHS = {"sha512": 128, "sha256": 64}
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_FORBIDDEN = {"401", "403", "AccessDenied", "Forbidden", "InvalidAccessKeyId"}
+
+
+class S3Upstream(Upstream):
+    """Images from an S3 bucket (or anything speaking the S3 API)."""
+
+    kind = "s3"
+
+    def __init__(self, target: str, settings: Settings) -> None:
+        bucket, _, prefix = target.partition("/")
+        if not bucket:
+            raise ConfigurationError(f"s3 upstream {target!r} must look like bucket[/prefix]")
+        try:
+            import boto3
+            import botocore.config
+            import botocore.exceptions
+        except ImportError as exc:
+            raise ConfigurationError(
+                "the s3 upstream needs boto3: pip install 'imagecache[s3]'"
+            ) from exc
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._boto3 = boto3
+        # Transport-level failures (connection, timeouts, short bodies) and
+        # urllib3's own errors, which escape from a streaming body's read().
+        self._failures: tuple[type[BaseException], ...] = (
+            botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError,
+            OSError,
+        )
+        self._client_error = botocore.exceptions.ClientError
+        self._config = botocore.config.Config(
+            connect_timeout=settings.upstream_timeout,
+            read_timeout=settings.upstream_timeout,
+            retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=32,
+        )
+        self._endpoint_url = settings.s3_endpoint_url
+        self._region = settings.s3_region
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+
+    def key(self, image_id: str) -> str:
+        return f"{self.prefix}/{image_id}" if self.prefix else image_id
+
+    async def _s3(self) -> Any:
+        # Building a client loads service models from disk (tens of ms): once,
+        # in a thread. Clients are thread-safe; sessions are not, so each
+        # upstream has its own session.
+        async with self._client_lock:
+            if self._client is None:
+                self._client = await asyncio.to_thread(self._make_client)
+        return self._client
+
+    def _make_client(self) -> Any:
+        session = self._boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=self._endpoint_url,
+            region_name=self._region,
+            config=self._config,
+        )
+
+    async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
+        client = await self._s3()
+        try:
+            head = await asyncio.to_thread(
+                client.head_object, Bucket=self.bucket, Key=self.key(image_id)
+            )
+        except self._failures as exc:
+            raise self._translate(image_id, exc) from exc
+        metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+        algo, value = None, None
+        for name in ("sha512", "sha256"):
+            digest = str(metadata.get(name, "")).lower()
+            if len(digest) == _HEX_LENGTHS[name] and re.fullmatch("[0-9a-f]+", digest):
+                algo, value = name, digest
+                break
+        return ImageInfo(
+            image_id=image_id,
+            size=head.get("ContentLength"),
+            checksum=_md5_of(head, metadata),
+            hash_algo=algo,
+            hash_value=value,
+        )
+
+    async def stream(
+        self,
+        image_id: str,
+        caller: Caller = ANONYMOUS,
+        start: int = 0,
+        end: int | None = None,
+    ) -> AsyncIterator[bytes]:
+        if end is not None and end <= start:
+            return
+        client = await self._s3()
+        request = {"Bucket": self.bucket, "Key": self.key(image_id)}
+        if start or end is not None:
+            request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            answer = await asyncio.to_thread(lambda: client.get_object(**request))
+        except self._failures as exc:
+            raise self._translate(image_id, exc) from exc
+        body = answer["Body"]
+        received = 0
+        try:
+            while True:
+                try:
+                    # StreamingBody.read checks Content-Length at the end and
+                    # raises IncompleteReadError on a short body.
+                    chunk = await asyncio.to_thread(body.read, CHUNK_SIZE)
+                except self._failures as exc:
+                    raise UpstreamError(
+                        f"image {image_id!r}: S3 body failed after {received} bytes: {exc!r}"
+                    ) from exc
+                if not chunk:
+                    return
+                received += len(chunk)
+                yield chunk
+        finally:
+            body.close()
+
+    def _translate(self, image_id: str, exc: BaseException) -> UpstreamError:
+        if isinstance(exc, self._client_error):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _NOT_FOUND:
+                return UpstreamNotFound(image_id)
+            if code in _FORBIDDEN:
+                return UpstreamForbidden(image_id, 403 if not code.isdigit() else int(code))
+        return UpstreamError(f"image {image_id!r}: S3 request failed: {exc!r}")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+            self._client = None
+
+
+def _md5_of(head: dict[str, Any], metadata: dict[str, str]) -> str | None:
+    for name in ("checksum", "md5"):
+        given = str(metadata.get(name, "")).lower()
+        if _MD5_HEX.match(given):
+            return given
+    etag = str(head.get("ETag", "")).strip('"').lower()
+    encrypted = str(head.get("ServerSideEncryption", "")).startswith("aws:kms") or head.get(
+        "SSECustomerAlgorithm"
+    )
+    # A multipart ETag has a "-N" suffix and fails the pattern on its own.
+    if _MD5_HEX.match(etag) and not encrypted:
+        return etag
+    return None
