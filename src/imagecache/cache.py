@@ -199,66 +199,71 @@ class ImageCache:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _id(self, image_id: object) -> str:
+        # Every id that enters through the facade is checked here, once, before
+        # any driver sees it; drivers check again, but no driver can forget.
+        return self.driver.layout.validate(image_id)
+
     # --- state and listings (the driver's answers) ----------------------------------------------
 
     def is_cached(self, image_id: str) -> bool:
-        return self.driver.is_cached(image_id)
+        return self.driver.is_cached(self._id(image_id))
 
     def is_being_cached(self, image_id: str) -> bool:
-        return self.driver.is_being_cached(image_id)
+        return self.driver.is_being_cached(self._id(image_id))
 
     def is_cacheable(self, image_id: str) -> bool:
-        return self.driver.is_cacheable(image_id)
+        return self.driver.is_cacheable(self._id(image_id))
 
     def is_queued(self, image_id: str) -> bool:
-        return self.driver.is_queued(image_id)
+        return self.driver.is_queued(self._id(image_id))
 
     def get_cache_size(self) -> int:
         return self.driver.get_cache_size()
 
     def get_hit_count(self, image_id: str) -> int:
-        return self.driver.get_hit_count(image_id)
+        return self.driver.get_hit_count(self._id(image_id))
 
     def get_cached_images(self) -> list[CachedImage]:
         return self.driver.get_cached_images()
 
     def get_cached_image(self, image_id: str) -> CachedImage | None:
-        return self.driver.get_cached_image(image_id)
+        return self.driver.get_cached_image(self._id(image_id))
 
     def get_queued_images(self) -> list[str]:
         return self.driver.get_queued_images()
 
     def get_cached_nodes(self, image_id: str) -> list[str]:
-        return self.driver.get_cached_nodes(image_id)
+        return self.driver.get_cached_nodes(self._id(image_id))
 
     def get_image_size(self, image_id: str) -> int:
-        return self.driver.get_image_size(image_id)
+        return self.driver.get_image_size(self._id(image_id))
 
     def open_for_read(self, image_id: str) -> contextlib.AbstractContextManager[BinaryIO]:
-        return self.driver.open_for_read(image_id)
+        return self.driver.open_for_read(self._id(image_id))
 
     # --- changes ------------------------------------------------------------------------------
 
     def queue_image(self, image_id: str) -> QueueResult:
-        return self.driver.queue_image(image_id)
+        return self.driver.queue_image(self._id(image_id))
 
     def delete_cached_image(self, image_id: str) -> bool:
-        return self.driver.delete_cached_image(image_id)
+        return self.driver.delete_cached_image(self._id(image_id))
 
     def delete_all_cached_images(self) -> int:
         return self.driver.delete_all_cached_images()
 
     def delete_queued_image(self, image_id: str) -> bool:
-        return self.driver.delete_queued_image(image_id)
+        return self.driver.delete_queued_image(self._id(image_id))
 
     def delete_all_queued_images(self) -> int:
         return self.driver.delete_all_queued_images()
 
     def pin(self, image_id: str) -> bool:
-        return self.driver.set_pinned(image_id, True)
+        return self.driver.set_pinned(self._id(image_id), True)
 
     def unpin(self, image_id: str) -> bool:
-        return self.driver.set_pinned(image_id, False)
+        return self.driver.set_pinned(self._id(image_id), False)
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
@@ -308,7 +313,7 @@ class ImageCache:
         only ``open_for_write`` can tell (it takes a stale fill over and raises
         ``ImageBeingCached`` for a live one, which the caller streams through).
         """
-        if self.driver.is_cached(image_id):
+        if self.driver.is_cached(self._id(image_id)):
             return False
         size = info.size if info is not None else None
         if size is not None and size > self.settings.largest_cacheable_image:

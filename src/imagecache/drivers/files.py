@@ -9,6 +9,26 @@ One writer per image: a fill creates ``incomplete/<id>`` with ``O_EXCL`` and
 holds ``flock(LOCK_EX)`` on it until it has committed or rolled back. The kernel
 drops the lock when a writer dies, so a lock that can be taken on an existing
 incomplete file means its writer is gone and the file may be taken over.
+
+Crash states. A commit is: fsync the file, rename ``incomplete/<id>`` to
+``<id>``, fsync the directory, record metadata, remove the queue marker. A
+process killed at any point leaves one of these, and none of them ever shows a
+half-written file at ``<dir>/<id>`` (tests/test_crash.py kills real writers):
+
+1. Killed while writing, before the rename: ``incomplete/<id>`` with no lock
+   holder. ``is_being_cached`` is True until ``clean`` removes it (it is
+   stalled once older than the stall time; ``clean(0)`` takes it at once) or
+   the next ``open_for_write`` takes it over and truncates it.
+2. Killed after the rename, before the metadata: ``<id>`` is complete and
+   verified but has no record. The xattr driver lists it anyway (its
+   attributes fall back to the file's times, zero hits); the sqlite driver
+   adopts it when it is next configured (``SqliteDriver.reconcile``), so after
+   a restart ``is_cached`` and ``get_cached_images`` agree.
+3. Killed after the metadata, before the queue marker goes: the image is
+   cached and still queued; the prefetcher finds it cached and drops the marker.
+
+Deletion removes metadata first and the file after, so a crash in between
+leaves state 2 again, which the same reconciliation adopts.
 """
 
 from __future__ import annotations
