@@ -1,11 +1,441 @@
-"""The ``imagecache`` command: a thin click shell over the library and the REST API."""
+"""The ``imagecache`` command: a thin click shell over the library and the REST API.
+
+Each verb parses its arguments, calls one method of a ``CacheManager`` (local:
+``manage.LocalManager``; remote: ``client.RemoteManager``) and renders the
+answer as a table for people or JSON for scripts. Errors are one line on
+stderr (``Error: ...``) with exit code 1; ``--debug`` shows the traceback;
+usage errors exit 2 (click's own).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import click
+from click._termui_impl import ProgressBar
+
+from imagecache.errors import ImageCacheError
+from imagecache.manage import CacheManager, Progress
+
+_ENV_URL = "IMAGECACHE_URL"
+_ENV_TOKEN = "IMAGECACHE_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 
 
-@click.group()
+@dataclass
+class _Options:
+    """The group's options, handed to every verb."""
+
+    config: Path | None
+    cache_dir: Path | None
+    upstream: str | None
+    url: str | None
+    token: str | None
+    as_json: bool
+    debug: bool
+
+    def manager(self) -> CacheManager:
+        if self.url:
+            from imagecache.client import RemoteManager
+
+            return RemoteManager(self.url, self.token)
+        from imagecache.cache import ImageCache
+        from imagecache.manage import LocalManager
+        from imagecache.settings import load_settings
+
+        settings = load_settings(
+            self.config, image_cache_dir=self.cache_dir, upstream=self.upstream
+        )
+        if settings.image_cache_dir is None:
+            raise click.UsageError(
+                "say which cache: --cache-dir DIR, --config FILE (image_cache_dir), "
+                f"or --url URL for a running service (or set {_ENV_URL})"
+            )
+        return LocalManager(ImageCache(settings))
+
+
+class _Group(click.Group):
+    """Turns our errors into one clear line and exit code 1 (a traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ImageCacheError, OSError) as exc:
+            if _debug_requested(ctx):
+                raise
+            message = str(exc) or type(exc).__name__
+            click.echo(f"Error: {message}", err=True)
+            ctx.exit(1)
+
+
+def _debug_requested(ctx: click.Context) -> bool:
+    options = ctx.obj
+    return bool(isinstance(options, _Options) and options.debug)
+
+
+@click.group(cls=_Group)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML settings file (image_cache_dir, upstream, ...).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Work on this cache directory directly.",
+)
+@click.option("--upstream", help="Origin for prefetch in local mode, KIND:TARGET.")
+@click.option("--url", envvar=_ENV_URL, help=f"A running service instead (env {_ENV_URL}).")
+@click.option("--token", envvar=_ENV_TOKEN, help=f"Its admin token (env {_ENV_TOKEN}).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 @click.version_option(package_name="imagecache")
-def main() -> None:
+@click.pass_context
+def main(
+    ctx: click.Context,
+    config: Path | None,
+    cache_dir: Path | None,
+    upstream: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+    debug: bool,
+) -> None:
     """A Glance-compatible image cache and edge caching proxy."""
+    if url and (config or cache_dir):
+        raise click.UsageError("use either --url (a service) or --config/--cache-dir (local)")
+    ctx.obj = _Options(config, cache_dir, upstream, url, token, as_json, debug)
+
+
+@contextlib.contextmanager
+def _manager(ctx: click.Context) -> Iterator[CacheManager]:
+    manager = _options(ctx).manager()
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+def _options(ctx: click.Context) -> _Options:
+    options = ctx.find_object(_Options)
+    assert options is not None, "main() sets the options"
+    return options
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def iec(size: int | None) -> str:
+    """Bytes in IEC units: 512 B, 1.5 KiB, 10.0 GiB."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def utc(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [headers, ["-" * w for w in widths], *rows]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _emit(ctx: click.Context, data: Any, human: Callable[[], str]) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if _options(ctx).as_json else human())
+
+
+@contextlib.contextmanager
+def _progress(ctx: click.Context, label: str) -> Iterator[Callable[[int], Progress]]:
+    """A ``start(total)`` that opens a progress bar on stderr (none with --json)."""
+    with contextlib.ExitStack() as stack:
+
+        def start(total: int) -> Progress:
+            if _options(ctx).as_json:
+                return lambda _item, _n: None
+            bar: ProgressBar[str] = stack.enter_context(
+                click.progressbar(
+                    length=total,
+                    label=label,
+                    file=sys.stderr,
+                    show_pos=True,
+                    item_show_func=_show_item,
+                )
+            )
+
+            def advance(item: str, n: int) -> None:
+                bar.update(n, item)
+
+            return advance
+
+        yield start
+
+
+def _show_item(item: str | None) -> str | None:
+    return item
+
+
+def _confirm(force: bool, question: str) -> None:
+    if not force:
+        click.confirm(question, abort=True)
+
+
+_force = click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+
+
+# --- the verbs ----------------------------------------------------------------------------
+
+
+@main.command("list-cached")
+@click.pass_context
+def list_cached(ctx: click.Context) -> None:
+    """List cached images."""
+    with _manager(ctx) as manager:
+        images = manager.list_cached()
+    rows = [
+        [
+            image.image_id,
+            iec(image.size),
+            str(image.hits),
+            utc(image.last_accessed) if image.hits else "never",
+            utc(image.last_modified),
+            "yes" if image.pinned else "",
+        ]
+        for image in images
+    ]
+    headers = ["ID", "Size", "Hits", "Last accessed (UTC)", "Last modified (UTC)", "Pinned"]
+    _emit(
+        ctx,
+        [image.as_dict() for image in images],
+        lambda: _table(headers, rows) if rows else "No cached images.",
+    )
+
+
+@main.command("list-queued")
+@click.pass_context
+def list_queued(ctx: click.Context) -> None:
+    """List queued images, with the last prefetch error of each."""
+    with _manager(ctx) as manager:
+        queued = manager.list_queued()
+    rows = [[q.image_id, utc(q.queued_at), str(q.attempts), q.error or ""] for q in queued]
+    _emit(
+        ctx,
+        [q.as_dict() for q in queued],
+        lambda: (
+            _table(["ID", "Queued (UTC)", "Tries", "Last error"], rows)
+            if rows
+            else "No queued images."
+        ),
+    )
+
+
+@main.command("queue-image")
+@click.argument("image_id")
+@click.pass_context
+def queue_image(ctx: click.Context, image_id: str) -> None:
+    """Queue an image for prefetching."""
+    with _manager(ctx) as manager:
+        result = manager.queue_image(image_id)
+    messages = {
+        "queued": f"Queued image {image_id}.",
+        "already_cached": f"Image {image_id} is already cached.",
+        "being_cached": f"Image {image_id} is being cached now.",
+        "already_queued": f"Image {image_id} is already queued.",
+    }
+    _emit(ctx, {"image_id": image_id, "result": result.value}, lambda: messages[result.value])
+
+
+@main.command("delete-cached-image")
+@click.argument("image_id")
+@_force
+@click.pass_context
+def delete_cached_image(ctx: click.Context, image_id: str, force: bool) -> None:
+    """Delete one cached image (and its queue entry)."""
+    _confirm(force, f"Delete cached image {image_id}?")
+    with _manager(ctx) as manager:
+        manager.delete_cached_image(image_id)
+    _emit(ctx, {"deleted": image_id}, lambda: f"Deleted cached image {image_id}.")
+
+
+@main.command("delete-all-cached-images")
+@_force
+@click.pass_context
+def delete_all_cached_images(ctx: click.Context, force: bool) -> None:
+    """Delete every cached image."""
+    _confirm(force, "Delete ALL cached images?")
+    with _manager(ctx) as manager:
+        count = manager.delete_all_cached_images()
+    _emit(ctx, {"num_deleted": count}, lambda: f"Deleted {count} cached images.")
+
+
+@main.command("delete-queued-image")
+@click.argument("image_id")
+@_force
+@click.pass_context
+def delete_queued_image(ctx: click.Context, image_id: str, force: bool) -> None:
+    """Remove one image from the queue."""
+    _confirm(force, f"Delete queued image {image_id}?")
+    with _manager(ctx) as manager:
+        manager.delete_queued_image(image_id)
+    _emit(ctx, {"deleted": image_id}, lambda: f"Deleted queued image {image_id}.")
+
+
+@main.command("delete-all-queued-images")
+@_force
+@click.pass_context
+def delete_all_queued_images(ctx: click.Context, force: bool) -> None:
+    """Empty the queue."""
+    _confirm(force, "Delete ALL queued images?")
+    with _manager(ctx) as manager:
+        count = manager.delete_all_queued_images()
+    _emit(ctx, {"num_deleted": count}, lambda: f"Deleted {count} queued images.")
+
+
+@main.command()
+@click.pass_context
+def prune(ctx: click.Context) -> None:
+    """Evict least recently used images until the cache is under its size limit."""
+    with _manager(ctx) as manager:
+        result = manager.prune()
+    _emit(
+        ctx,
+        {"total_files_pruned": result.files, "total_bytes_pruned": result.bytes},
+        lambda: f"Pruned {result.files} images, {iec(result.bytes)}.",
+    )
+
+
+@main.command()
+@click.pass_context
+def clean(ctx: click.Context) -> None:
+    """Delete invalid files and stalled fills."""
+    with _manager(ctx) as manager:
+        result = manager.clean()
+    if result is None:
+        _emit(ctx, {"cleaned": True}, lambda: "Cleaned.")
+        return
+    _emit(
+        ctx,
+        {"invalid": result.invalid, "stalled": result.stalled},
+        lambda: f"Removed {result.invalid} invalid files and {result.stalled} stalled fills.",
+    )
+
+
+@main.command()
+@click.pass_context
+def prefetch(ctx: click.Context) -> None:
+    """Fetch every queued image into the cache now."""
+    with _manager(ctx) as manager, _progress(ctx, "Prefetching") as start:
+        report = manager.prefetch(start)
+
+    def human() -> str:
+        if not report.outcomes:
+            return "Nothing queued."
+        lines = [f"{i}: {o.value}" for i, o in report.outcomes.items()]
+        lines += [f"{i}: error: {e}" for i, e in report.errors.items()]
+        return "\n".join(lines)
+
+    _emit(ctx, report.as_dict(), human)
+    if not report.ok:
+        ctx.exit(1)
+
+
+@main.command()
+@click.argument("image_id", required=False)
+@click.pass_context
+def verify(ctx: click.Context, image_id: str | None) -> None:
+    """Re-hash cached files (one, or all); quarantine those that do not match."""
+    with _manager(ctx) as manager, _progress(ctx, "Verifying") as start:
+        report = manager.verify(image_id, start)
+
+    def human() -> str:
+        counts: dict[str, int] = {}
+        for outcome in report.outcomes.values():
+            counts[outcome.value] = counts.get(outcome.value, 0) + 1
+        summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing"
+        lines = [f"Verified {len(report.outcomes)} images ({iec(report.bytes_read)}): {summary}."]
+        lines += [f"{i}: corrupt, moved to invalid/" for i in report.corrupt]
+        return "\n".join(lines)
+
+    _emit(ctx, report.as_dict(), human)
+    if not report.ok:
+        ctx.exit(1)
+
+
+@main.command()
+@click.pass_context
+def stats(ctx: click.Context) -> None:
+    """Show counts, sizes and limits."""
+    with _manager(ctx) as manager:
+        values = manager.stats()
+
+    def human() -> str:
+        shown = {
+            key: iec(value) if key.endswith(("bytes", "size", "watermark")) else str(value)
+            for key, value in values.items()
+        }
+        width = max(len(key) for key in shown)
+        return "\n".join(f"{key.replace('_', ' ').ljust(width)}  {v}" for key, v in shown.items())
+
+    _emit(ctx, values, human)
+
+
+@main.command()
+@click.argument("image_id")
+@click.pass_context
+def pin(ctx: click.Context, image_id: str) -> None:
+    """Exempt a cached image from eviction."""
+    with _manager(ctx) as manager:
+        manager.set_pinned(image_id, True)
+    _emit(ctx, {"image_id": image_id, "pinned": True}, lambda: f"Pinned image {image_id}.")
+
+
+@main.command()
+@click.argument("image_id")
+@click.pass_context
+def unpin(ctx: click.Context, image_id: str) -> None:
+    """Make a pinned image evictable again."""
+    with _manager(ctx) as manager:
+        manager.set_pinned(image_id, False)
+    _emit(ctx, {"image_id": image_id, "pinned": False}, lambda: f"Unpinned image {image_id}.")
+
+
+@main.command("import-glance-cache")
+@click.argument("source", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--copy", is_flag=True, help="Copy the files, leaving the Glance cache intact.")
+@click.pass_context
+def import_glance_cache(ctx: click.Context, source: Path, copy: bool) -> None:
+    """Adopt an existing Glance image_cache_dir (files, cache.db or xattrs, queue)."""
+    with _manager(ctx) as manager:
+        report = manager.import_glance_cache(source, keep_source=copy)
+    adopted = sum(1 for o in report.outcomes.values() if o.value == "adopted")
+    skipped = [i for i, o in report.outcomes.items() if o.value == "skipped"]
+
+    def human() -> str:
+        line = (
+            f"Adopted {adopted} images ({iec(report.bytes)}) from {os.fspath(source)} "
+            f"using {report.metadata_source}; queued {report.queued}."
+        )
+        return line + (f"\nSkipped: {', '.join(skipped)}" if skipped else "")
+
+    _emit(ctx, report.as_dict(), human)

@@ -195,6 +195,15 @@ class Driver(abc.ABC):
         """Exempt a cached image from eviction (or not); False if it is not cached."""
         raise NotImplementedError
 
+    def record_image(self, image: CachedImage, *, replace: bool = False) -> bool:
+        """Write the metadata of a committed file that has none; with ``replace``, overwrite it.
+
+        For start-up reconciliation and adopting a Glance cache (``reconcile.py``,
+        ``adopt.py``). True if a record was written, False if one existed and was
+        kept (or the file is gone).
+        """
+        raise NotImplementedError(f"the {self.name} driver cannot record adopted files")
+
     # --- data -----------------------------------------------------------------------------
 
     @abc.abstractmethod

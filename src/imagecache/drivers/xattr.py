@@ -137,6 +137,25 @@ class XattrDriver(FileBackedDriver):
             return False
         return True
 
+    def record_image(self, image: CachedImage, *, replace: bool = False) -> bool:
+        path = self._path(image.image_id)
+        try:
+            if not replace and _get(path, "modified") is not None:
+                return False
+            _set(path, "hits", str(image.hits))
+            _set(path, "modified", repr(image.last_modified))
+            _set(path, "accessed", repr(image.last_accessed))
+            _set(path, "pinned", "1" if image.pinned else "0")
+            for key in ("checksum", "hash_algo", "hash_value"):
+                value = getattr(image, key)
+                if value:
+                    _set(path, key, value)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise CacheStoreError(f"cannot set attributes on {image.image_id!r}: {exc}") from exc
+        return True
+
     # --- listings ---------------------------------------------------------------------------
 
     def _scan(self) -> Iterator[CachedImage]:

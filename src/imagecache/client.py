@@ -1,0 +1,296 @@
+"""A small synchronous client of the service's management API, for the CLI's remote mode.
+
+It speaks Glance's ``/v2/cache`` routes (so it also works against a Glance API
+with its cache on, for the verbs Glance has) plus our additions
+(``/v2/cache/stats``, ``/v2/cache/verify``, ``/v2/cache/{id}/pin``), and the
+legacy ``/v2/queued_images/{id}`` for removing one queue entry. ``urllib`` is
+enough for a handful of admin calls and costs no event loop.
+
+HTTP failures become one ``ServiceError`` with a message an operator can act
+on; the token is sent as ``X-Auth-Token`` and never appears in a message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imagecache.adopt import AdoptReport
+from imagecache.errors import ConfigurationError, ImageCacheError, ImageNotCached
+from imagecache.manage import ImageNotQueued, Progress
+from imagecache.prefetch import PrefetchOutcome, PrefetchReport, QueuedImage
+from imagecache.records import CachedImage, CleanResult, PruneResult, QueueResult
+from imagecache.scrub import ScrubOutcome, ScrubReport
+
+
+class ServiceError(ImageCacheError):
+    """The service could not be reached, refused us, or answered an error."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RemoteManager:
+    """The management verbs against a running service (see ``manage.CacheManager``)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        prefetch_timeout: float = 3600.0,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigurationError(f"--url must be an http(s) URL, got {url!r}")
+        self.base = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.prefetch_timeout = prefetch_timeout
+
+    def close(self) -> None:
+        """Nothing held between calls."""
+
+    # --- transport ------------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        not_found: Callable[[], ImageCacheError] | None = None,
+    ) -> Any:
+        request = urllib.request.Request(self.base + path, method=method)  # noqa: S310
+        request.add_header("Accept", "application/json")
+        if self.token:
+            request.add_header("X-Auth-Token", self.token)
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, data=data, timeout=self.timeout) as response:  # noqa: S310
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc, method, path, not_found) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServiceError(
+                f"cannot reach the imagecache service at {self.base}: {reason}"
+            ) from exc
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ServiceError(f"{method} {path}: the service answered something not JSON") from exc
+
+    def _http_error(
+        self,
+        exc: urllib.error.HTTPError,
+        method: str,
+        path: str,
+        not_found: Callable[[], ImageCacheError] | None,
+    ) -> ImageCacheError:
+        status = exc.code
+        if status in (401, 403):
+            hint = "check --token / IMAGECACHE_TOKEN" if self.token else "pass --token"
+            return ServiceError(
+                f"the service refused the request (HTTP {status}): not authorized; {hint}", status
+            )
+        if status == 404 and not_found is not None:
+            return not_found()
+        detail = _error_detail(exc)
+        return ServiceError(f"{method} {path} failed (HTTP {status}): {detail}", status)
+
+    def _state(self) -> dict[str, Any]:
+        state = self._call("GET", "/v2/cache")
+        if not isinstance(state, dict):
+            raise ServiceError("GET /v2/cache answered no cache state")
+        return state
+
+    @staticmethod
+    def _quote(image_id: str) -> str:
+        return urllib.parse.quote(image_id, safe="")
+
+    # --- verbs ----------------------------------------------------------------------------
+
+    def list_cached(self) -> list[CachedImage]:
+        return [_cached(entry) for entry in self._state().get("cached_images", [])]
+
+    def list_queued(self) -> list[QueuedImage]:
+        return _queued(self._state())
+
+    def queue_image(self, image_id: str) -> QueueResult:
+        state = self._state()
+        if image_id in {entry["image_id"] for entry in state.get("cached_images", [])}:
+            return QueueResult.ALREADY_CACHED
+        if image_id in state.get("queued_images", []):
+            return QueueResult.ALREADY_QUEUED
+        self._call(
+            "PUT",
+            f"/v2/cache/{self._quote(image_id)}",
+            not_found=lambda: ServiceError(f"image {image_id!r} not found upstream", 404),
+        )
+        return QueueResult.QUEUED
+
+    def delete_cached_image(self, image_id: str) -> None:
+        self._call(
+            "DELETE",
+            f"/v2/cache/{self._quote(image_id)}",
+            not_found=lambda: ImageNotCached(image_id),
+        )
+
+    def delete_all_cached_images(self) -> int:
+        count = len(self._state().get("cached_images", []))
+        self._call("DELETE", "/v2/cache", headers={"x-image-cache-clear-target": "cache"})
+        return count
+
+    def delete_queued_image(self, image_id: str) -> None:
+        if image_id not in self._state().get("queued_images", []):
+            raise ImageNotQueued(image_id)
+        self._call(
+            "DELETE",
+            f"/v2/queued_images/{self._quote(image_id)}",
+            not_found=lambda: ImageNotQueued(image_id),
+        )
+
+    def delete_all_queued_images(self) -> int:
+        count = len(self._state().get("queued_images", []))
+        self._call("DELETE", "/v2/cache", headers={"x-image-cache-clear-target": "queue"})
+        return count
+
+    def prune(self) -> PruneResult:
+        answer = self._call("POST", "/v2/cache/prune") or {}
+        return PruneResult(
+            int(answer.get("total_files_pruned", 0)), int(answer.get("total_bytes_pruned", 0))
+        )
+
+    def clean(self) -> CleanResult | None:
+        answer = self._call("POST", "/v2/cache/clean")
+        if isinstance(answer, dict) and "invalid" in answer:
+            return CleanResult(int(answer["invalid"]), int(answer.get("stalled", 0)))
+        return None  # Glance answers 200 with an empty body
+
+    def prefetch(self, start: Callable[[int], Progress]) -> PrefetchReport:
+        """Re-submit every queued image (``PUT /v2/cache/{id}``) and wait for the queue to drain."""
+        began = time.time()
+        queued = list(self._state().get("queued_images", []))
+        advance = start(len(queued))
+        for image_id in queued:
+            self._call("PUT", f"/v2/cache/{self._quote(image_id)}")
+        report = PrefetchReport()
+        deadline = time.monotonic() + self.prefetch_timeout
+        pending = set(queued)
+        while pending:
+            state = self._state()
+            cached = {entry["image_id"] for entry in state.get("cached_images", [])}
+            details = {q.image_id: q for q in _queued(state)}
+            for image_id in sorted(pending):
+                detail = details.get(image_id)
+                if image_id in cached and detail is None:
+                    report.outcomes[image_id] = PrefetchOutcome.CACHED
+                elif detail is None:
+                    report.outcomes[image_id] = PrefetchOutcome.FAILED
+                    report.errors[image_id] = "removed from the queue without being cached"
+                elif detail.error and (detail.failed_at or 0) >= began:
+                    report.outcomes[image_id] = PrefetchOutcome.FAILED
+                    report.errors[image_id] = detail.error
+                else:
+                    continue
+                pending.discard(image_id)
+                advance(image_id, 1)
+            if pending:
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"prefetch still running after {self.prefetch_timeout:.0f}s")
+                time.sleep(0.5)  # polling a remote service; nothing to wait on locally
+        return report
+
+    def verify(self, image_id: str | None, start: Callable[[int], Progress]) -> ScrubReport:
+        advance = start(1)
+        answer = self._call(
+            "POST",
+            "/v2/cache/verify",
+            body={"image_id": image_id} if image_id else {},
+            not_found=lambda: ImageNotCached(image_id or "?"),
+        )
+        advance(image_id or "all", 1)
+        report = ScrubReport(bytes_read=int(answer.get("bytes_read", 0)))
+        for key, value in answer.get("images", {}).items():
+            report.outcomes[key] = ScrubOutcome(value)
+        return report
+
+    def stats(self) -> dict[str, Any]:
+        answer = self._call("GET", "/v2/cache/stats")
+        return dict(answer) if isinstance(answer, dict) else {}
+
+    def set_pinned(self, image_id: str, pinned: bool) -> None:
+        self._call(
+            "PUT" if pinned else "DELETE",
+            f"/v2/cache/{self._quote(image_id)}/pin",
+            not_found=lambda: ImageNotCached(image_id),
+        )
+
+    def import_glance_cache(self, source: Path, keep_source: bool) -> AdoptReport:
+        raise ConfigurationError(
+            "import-glance-cache adopts files on this host's disk: run it with --cache-dir "
+            "on the cache node (with the service stopped), not with --url"
+        )
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> str:
+    try:
+        raw = exc.read().decode("utf-8", "replace").strip()
+    except OSError:
+        raw = ""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return raw.splitlines()[0][:200] if raw else exc.reason or "error"
+    if isinstance(parsed, dict):
+        for key in ("message", "error", "detail"):
+            if isinstance(parsed.get(key), str):
+                return str(parsed[key])
+    return raw[:200]
+
+
+def _cached(entry: dict[str, Any]) -> CachedImage:
+    return CachedImage(
+        image_id=str(entry["image_id"]),
+        size=int(entry.get("size") or 0),
+        hits=int(entry.get("hits") or 0),
+        last_accessed=float(entry.get("last_accessed") or 0.0),
+        last_modified=float(entry.get("last_modified") or 0.0),
+        checksum=entry.get("checksum"),
+        hash_algo=entry.get("os_hash_algo"),
+        hash_value=entry.get("os_hash_value"),
+        pinned=bool(entry.get("pinned", False)),
+    )
+
+
+def _queued(state: dict[str, Any]) -> list[QueuedImage]:
+    details = state.get("queued_details")
+    if isinstance(details, list):
+        return [
+            QueuedImage(
+                image_id=str(d["image_id"]),
+                queued_at=float(d.get("queued_at") or 0.0),
+                error=d.get("error"),
+                attempts=int(d.get("attempts") or 0),
+                failed_at=d.get("failed_at"),
+            )
+            for d in details
+        ]
+    # A plain Glance answer: ids only.
+    return [QueuedImage(str(image_id), 0.0) for image_id in state.get("queued_images", [])]

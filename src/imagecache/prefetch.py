@@ -1,0 +1,323 @@
+"""The prefetcher: drains the queue into the cache from the upstream.
+
+Unlike Glance's prefetcher it never re-downloads an image that is already
+cached, runs a bounded number of fills at once (``prefetch_concurrency``),
+retries transient upstream failures with exponential backoff
+(``prefetch_retries``), and survives any single failure: the image keeps its
+queue marker and its last error is recorded beside it, in a hidden sidecar
+``queue/.<id>.error`` (JSON). Hidden names are never image ids, so the driver's
+queue listing never sees the sidecars; ``queued_details`` joins the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagecache.cache import ImageCache
+from imagecache.capacity import Admission, Capacity
+from imagecache.errors import (
+    CacheStoreError,
+    ImageCacheError,
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotActive,
+    UpstreamNotFound,
+)
+from imagecache.layout import CacheLayout, unlink_if_exists
+from imagecache.records import ImageInfo
+from imagecache.upstreams.base import Upstream
+
+log = logging.getLogger(__name__)
+
+# Refusals that another try will not change.
+_PERMANENT = (UpstreamNotFound, UpstreamForbidden, UpstreamNotActive)
+
+
+class PrefetchOutcome(enum.Enum):
+    """What one queued image's prefetch came to."""
+
+    CACHED = "cached"
+    ALREADY_CACHED = "already_cached"
+    BEING_CACHED = "being_cached"
+    NOT_CACHEABLE = "not_cacheable"
+    FAILED = "failed"
+
+    @property
+    def ok(self) -> bool:
+        return self is not PrefetchOutcome.FAILED and self is not PrefetchOutcome.NOT_CACHEABLE
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedImage:
+    """A queue entry as the listings show it: Glance's id plus when and why it last failed."""
+
+    image_id: str
+    queued_at: float
+    error: str | None = None
+    attempts: int = 0
+    failed_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "image_id": self.image_id,
+            "queued_at": self.queued_at,
+            "error": self.error,
+            "attempts": self.attempts,
+            "failed_at": self.failed_at,
+        }
+
+
+@dataclass
+class PrefetchReport:
+    """Outcome per image of one prefetch run."""
+
+    outcomes: dict[str, PrefetchOutcome] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(outcome.ok for outcome in self.outcomes.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "images": {
+                image_id: {"outcome": outcome.value, "error": self.errors.get(image_id)}
+                for image_id, outcome in self.outcomes.items()
+            },
+        }
+
+
+# --- the error sidecars -------------------------------------------------------------------
+
+
+def _error_path(layout: CacheLayout, image_id: str) -> Path:
+    return layout.queue_dir / f".{layout.validate(image_id)}.error"
+
+
+def record_error(layout: CacheLayout, image_id: str, error: str, attempts: int) -> None:
+    """Remember why the last prefetch of ``image_id`` failed (atomically replaced)."""
+    path = _error_path(layout, image_id)
+    tmp = path.with_name(path.name + ".tmp")
+    body = {"error": error[:2000], "attempts": attempts, "failed_at": time.time()}
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, path)
+
+
+def clear_error(layout: CacheLayout, image_id: str) -> None:
+    unlink_if_exists(_error_path(layout, image_id))
+
+
+def read_error(layout: CacheLayout, image_id: str) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(_error_path(layout, image_id).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def queued_details(cache: ImageCache) -> list[QueuedImage]:
+    """The queue in order, each entry with its last prefetch error (if any)."""
+    layout = cache.driver.layout
+    found = []
+    for image_id in cache.get_queued_images():
+        try:
+            queued_at = os.stat(layout.queue_path(image_id)).st_mtime
+        except FileNotFoundError:
+            continue  # prefetched while we looked
+        error = read_error(layout, image_id) or {}
+        found.append(
+            QueuedImage(
+                image_id=image_id,
+                queued_at=queued_at,
+                error=error.get("error"),
+                attempts=int(error.get("attempts", 0)),
+                failed_at=error.get("failed_at"),
+            )
+        )
+    return found
+
+
+def forget_stale_errors(cache: ImageCache) -> int:
+    """Remove sidecars whose marker is gone (the queue entry was deleted or cached)."""
+    layout = cache.driver.layout
+    removed = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(layout.queue_dir) as entries:
+        for entry in list(entries):
+            name = entry.name
+            if not (name.startswith(".") and name.endswith(".error")):
+                continue
+            image_id = name[1 : -len(".error")]
+            if not layout.is_valid(image_id) or not cache.is_queued(image_id):
+                removed += unlink_if_exists(Path(entry.path))
+    return removed
+
+
+# --- the prefetcher -------------------------------------------------------------------------
+
+
+class Prefetcher:
+    """Fills queued images from ``upstream`` with bounded concurrency and retries."""
+
+    def __init__(
+        self,
+        cache: ImageCache,
+        upstream: Upstream,
+        capacity: Capacity | None = None,
+        *,
+        backoff: float = 0.5,
+    ) -> None:
+        self.cache = cache
+        self.upstream = upstream
+        self.capacity = capacity
+        self.backoff = backoff
+        self._slots = asyncio.Semaphore(cache.settings.prefetch_concurrency)
+        self._in_flight: set[str] = set()
+
+    @property
+    def in_flight(self) -> frozenset[str]:
+        return frozenset(self._in_flight)
+
+    async def run(
+        self,
+        image_ids: Iterable[str] | None = None,
+        progress: Callable[[str, PrefetchOutcome], None] | None = None,
+    ) -> PrefetchReport:
+        """Prefetch ``image_ids`` (default: the whole queue); never raises for one image."""
+        ids = list(image_ids) if image_ids is not None else self.cache.get_queued_images()
+        report = PrefetchReport()
+
+        async def one(image_id: str) -> None:
+            outcome, error = await self.fetch(image_id)
+            report.outcomes[image_id] = outcome
+            if error is not None:
+                report.errors[image_id] = error
+            if progress is not None:
+                progress(image_id, outcome)
+
+        await asyncio.gather(*(one(image_id) for image_id in ids))
+        return report
+
+    async def fetch(self, image_id: str) -> tuple[PrefetchOutcome, str | None]:
+        """Prefetch one image; the outcome and, for a failure, the error recorded."""
+        if image_id in self._in_flight:
+            return PrefetchOutcome.BEING_CACHED, None
+        self._in_flight.add(image_id)
+        try:
+            async with self._slots:
+                return await self._fetch_with_retries(image_id)
+        finally:
+            self._in_flight.discard(image_id)
+
+    async def _fetch_with_retries(self, image_id: str) -> tuple[PrefetchOutcome, str | None]:
+        retries = self.cache.settings.prefetch_retries
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                outcome = await self._fill(image_id)
+            except asyncio.CancelledError:
+                raise
+            except (UpstreamError, ImageCacheError, OSError) as exc:
+                transient = isinstance(exc, UpstreamError) and not isinstance(exc, _PERMANENT)
+                if transient and attempt <= retries:
+                    delay = self.backoff * 2 ** (attempt - 1)
+                    log.info(
+                        "prefetch of %s failed (%s); try %d of %d in %.1fs",
+                        image_id,
+                        exc,
+                        attempt + 1,
+                        retries + 1,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                message = str(exc) or type(exc).__name__
+                log.warning("prefetch of %s failed after %d tries: %s", image_id, attempt, message)
+                await asyncio.to_thread(self._note_failure, image_id, message, attempt)
+                return PrefetchOutcome.FAILED, message
+            if outcome is PrefetchOutcome.NOT_CACHEABLE:
+                message = "not cacheable: larger than the largest cacheable image, or no space"
+                await asyncio.to_thread(self._note_failure, image_id, message, attempt)
+                return outcome, message
+            if outcome is not PrefetchOutcome.BEING_CACHED:
+                await asyncio.to_thread(self._done, image_id)
+            return outcome, None
+
+    def _note_failure(self, image_id: str, message: str, attempts: int) -> None:
+        if self.cache.is_queued(image_id):
+            record_error(self.cache.driver.layout, image_id, message, attempts)
+
+    def _done(self, image_id: str) -> None:
+        # The commit removes the marker of a fill we made; an image found
+        # already cached still has its marker, which is now pointless.
+        self.cache.delete_queued_image(image_id)
+        clear_error(self.cache.driver.layout, image_id)
+
+    async def _fill(self, image_id: str) -> PrefetchOutcome:
+        if await asyncio.to_thread(self.cache.is_cached, image_id):
+            return PrefetchOutcome.ALREADY_CACHED
+        info = await self.upstream.info(image_id)
+        if info.status != "active":
+            raise UpstreamNotActive(image_id, info.status)
+        if not await asyncio.to_thread(self.cache.should_cache, image_id, info):
+            if await asyncio.to_thread(self.cache.is_cached, image_id):
+                return PrefetchOutcome.ALREADY_CACHED
+            return PrefetchOutcome.NOT_CACHEABLE
+        if self.capacity is None:
+            return await self._write(image_id, info)
+        reservation = await asyncio.to_thread(self.capacity.reserve, image_id, info.size)
+        try:
+            if reservation.admission is not Admission.ADMITTED:
+                return PrefetchOutcome.NOT_CACHEABLE
+            return await self._write(image_id, info)
+        finally:
+            self.capacity.release(reservation)
+
+    async def _write(self, image_id: str, info: ImageInfo) -> PrefetchOutcome:
+        writer = self.cache.writer(image_id, info)
+        if not await asyncio.to_thread(writer.open):
+            if await asyncio.to_thread(self.cache.is_cached, image_id):
+                return PrefetchOutcome.ALREADY_CACHED
+            return PrefetchOutcome.BEING_CACHED
+        try:
+            stream = self.upstream.stream(image_id)
+            try:
+                async for chunk in stream:
+                    if chunk:
+                        await asyncio.to_thread(writer.write, chunk)
+            finally:
+                # Releases the upstream connection even when we stop early.
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            await asyncio.to_thread(writer.finish)
+        except BaseException as exc:
+            await asyncio.to_thread(writer.abort, exc)
+            raise
+        if not writer.committed:
+            raise CacheStoreError(f"the cache copy of {image_id!r} could not be committed")
+        return PrefetchOutcome.CACHED
+
+
+__all__ = [
+    "PrefetchOutcome",
+    "PrefetchReport",
+    "Prefetcher",
+    "QueuedImage",
+    "clear_error",
+    "forget_stale_errors",
+    "queued_details",
+    "read_error",
+    "record_error",
+]
