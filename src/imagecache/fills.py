@@ -1,0 +1,399 @@
+"""Single-flight fills: one upstream read per image, any number of readers of the growing file.
+
+Every download of an uncached image goes through a ``Flight``, one per image
+per process, kept in ``FillCoordinator``. The first request creates it; every
+request (the first one included) then reads the bytes from ``incomplete/<id>``
+as they land, so a client that disconnects never takes the fill down with it.
+
+A flight is one of two kinds:
+
+- ``LOCAL``: this process won the ``O_EXCL`` + ``flock`` race and runs the fill
+  in a background task (upstream → ``FillWriter`` → file). Readers wake on an
+  event the task sets after every write.
+- ``REMOTE``: another process holds the fill lock. One task per process polls
+  the file's size and the lock (the kernel drops it if the writer dies); when
+  the lock is free the fill is over, and it succeeded exactly when
+  ``<dir>/<id>`` is now the inode we have been reading.
+
+Readers never send the bytes that complete a body before the fill is known to
+be verified: with a known size the last byte is held back, with an unknown
+size the response is chunked and the terminating chunk is held back. So a
+fill that fails verification (or whose writer dies) leaves every reader with
+a body its client sees as broken, never a complete wrong one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import enum
+import fcntl
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from imagecache.cache import FillWriter, ImageCache
+from imagecache.errors import CacheStoreError, ImageCacheError, VerificationError
+from imagecache.records import ImageInfo
+from imagecache.server.metrics import Metrics
+from imagecache.settings import Settings
+from imagecache.upstreams.base import Caller, Upstream
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024 * 1024
+# How often a reader in another process looks at a fill it does not own.
+REMOTE_POLL_INTERVAL = 0.02
+
+T = TypeVar("T")
+
+
+class FlightKind(enum.Enum):
+    PENDING = "pending"  # deciding who writes
+    LOCAL = "local"  # this process writes the file
+    REMOTE = "remote"  # another process writes the file; we watch it
+    NONE = "none"  # no file to follow: cached meanwhile, or not cacheable
+
+
+class FlightState(enum.Enum):
+    RUNNING = "running"
+    COMPLETE = "complete"  # every byte is in the file and verified
+    FAILED = "failed"
+
+
+class WriterGone(CacheStoreError):
+    """The fill this reader followed ended without a committed file (retry from scratch)."""
+
+
+class Flight:
+    """One image's fill as seen by the readers of this process."""
+
+    def __init__(self, image_id: str, info: ImageInfo | None) -> None:
+        self.image_id = image_id
+        self.info = info
+        self.kind = FlightKind.PENDING
+        # Why there is nothing to follow (kind NONE): "cached", "too_large", ...
+        self.reason = ""
+        self.state = FlightState.RUNNING
+        self.error: BaseException | None = None
+        self.available = 0
+        self.readers = 0
+        self.had_reader = False
+        self.started = time.monotonic()
+        self.decided = asyncio.Event()
+        self._changed = asyncio.Event()
+        self.fd: int | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def settle(self, kind: FlightKind, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
+
+    @property
+    def size(self) -> int | None:
+        return self.info.size if self.info is not None else None
+
+    @property
+    def done(self) -> bool:
+        return self.state is not FlightState.RUNNING
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def advance(self, available: int) -> None:
+        if available != self.available:
+            self.available = available
+            self._notify()
+
+    def finish(self, available: int) -> None:
+        self.available = available
+        self.state = FlightState.COMPLETE
+        self._notify()
+        self._maybe_close()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.state = FlightState.FAILED
+        self._notify()
+        self._maybe_close()
+
+    def _sendable(self) -> int:
+        """Bytes a reader may send while the outcome is unknown."""
+        size = self.size
+        if size is not None:
+            return min(self.available, size - 1)  # hold back the byte that completes the body
+        return self.available  # chunked: the terminating chunk is what is held back
+
+    def _maybe_close(self) -> None:
+        if self.done and self.readers == 0 and self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """Count a reader while in the block: keeps the file open, tells the writer who listens."""
+        self.readers += 1
+        self.had_reader = True
+        try:
+            yield
+        finally:
+            self.readers -= 1
+            self._maybe_close()
+
+    async def chunks(
+        self, run: Callable[..., asyncio.Future[bytes]], start: int = 0
+    ) -> AsyncIterator[bytes]:
+        """The image's bytes from ``start``, as they land; raises the fill's error if it fails.
+
+        Use inside ``reading()``. ``run(func, *args)`` runs a blocking call off the loop.
+        """
+        offset = start
+        while True:
+            state = self.state
+            limit = self.available if state is FlightState.COMPLETE else self._sendable()
+            if offset < limit:
+                fd = self.fd
+                assert fd is not None, "a decided flight with readers keeps its file open"
+                data = await run(os.pread, fd, min(READ_CHUNK, limit - offset), offset)
+                if not data:
+                    raise CacheStoreError(f"the cache file of {self.image_id!r} shrank")
+                offset += len(data)
+                yield data
+                continue
+            if state is FlightState.COMPLETE:
+                return
+            if state is FlightState.FAILED:
+                assert self.error is not None
+                raise self.error
+            await self._changed.wait()
+
+
+class FillCoordinator:
+    """The flights of one process: at most one per image, shared by every request."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cache: ImageCache,
+        upstream: Upstream,
+        metrics: Metrics,
+        executor: concurrent.futures.ThreadPoolExecutor,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.upstream = upstream
+        self.metrics = metrics
+        self.executor = executor
+        self._flights: dict[str, Flight] = {}
+        self._closing = False
+
+    def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """Run a blocking call in the disk executor."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+    def current(self, image_id: str) -> Flight | None:
+        return self._flights.get(image_id)
+
+    async def join(
+        self, image_id: str, info: ImageInfo | None, caller: Caller, *, detached: bool = False
+    ) -> Flight:
+        """The flight of ``image_id``, started now if there is none; waits until it is decided.
+
+        A flight whose ``kind`` is ``NONE`` has nothing to follow: the image was
+        committed meanwhile (look again) or cannot be cached (stream it through).
+        ``detached`` fills (prefetch) never count as abandoned.
+        """
+        flight = self._flights.get(image_id)
+        if flight is None:
+            if self._closing:
+                raise CacheStoreError("the service is shutting down; no new fills")
+            flight = Flight(image_id, info)
+            # Registered before the first await: every later request of this
+            # process finds it, which is the in-process half of single-flight.
+            self._flights[image_id] = flight
+            flight.task = asyncio.create_task(
+                self._drive(flight, caller, detached), name=f"fill {image_id}"
+            )
+        await flight.decided.wait()
+        return flight
+
+    async def _drive(self, flight: Flight, caller: Caller, detached: bool) -> None:
+        try:
+            writer = await self.run(self._decide, flight)
+            flight.decided.set()
+            if flight.kind is FlightKind.LOCAL:
+                assert writer is not None
+                await self._fill(flight, writer, caller, detached)
+            elif flight.kind is FlightKind.REMOTE:
+                await self._watch(flight)
+        except BaseException as exc:
+            if not flight.done:
+                flight.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("fill of %s failed unexpectedly", flight.image_id)
+        finally:
+            flight.decided.set()
+            if self._flights.get(flight.image_id) is flight:
+                del self._flights[flight.image_id]
+
+    def _decide(self, flight: Flight) -> FillWriter | None:
+        """In a thread: take the fill (LOCAL), follow another process's (REMOTE), or neither."""
+        image_id = flight.image_id
+        if self.cache.is_cached(image_id):
+            flight.settle(FlightKind.NONE, "cached")
+            return None
+        if self._follow_remote(flight):
+            return None
+        size = flight.size
+        if size is not None and size > self.settings.largest_cacheable_image:
+            flight.settle(FlightKind.NONE, "too_large")
+            return None
+        writer = self.cache.writer(image_id, flight.info)
+        # open() takes over an incomplete file whose writer died (its lock is free).
+        if writer.open():
+            path = self.cache.driver.layout.incomplete_path(image_id)
+            try:
+                flight.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                writer.abort(exc)
+                flight.settle(FlightKind.NONE, "cache_unavailable")
+                return None
+            flight.settle(FlightKind.LOCAL, "")
+            return writer
+        if self.cache.is_cached(image_id):
+            flight.settle(FlightKind.NONE, "cached")
+            return None
+        if self._follow_remote(flight):
+            return None
+        flight.settle(FlightKind.NONE, "cache_unavailable")
+        return None
+
+    def _follow_remote(self, flight: Flight) -> bool:
+        path = self.cache.driver.layout.incomplete_path(flight.image_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        if not _locked_by_writer(fd):
+            os.close(fd)
+            return False
+        flight.fd = fd
+        flight.settle(FlightKind.REMOTE, "")
+        return True
+
+    async def _fill(
+        self, flight: Flight, writer: FillWriter, caller: Caller, detached: bool
+    ) -> None:
+        self.metrics.fills_in_flight.inc()
+        outcome = "failed"
+        try:
+            stream = self.upstream.stream(flight.image_id, caller)
+            try:
+                async for chunk in stream:
+                    if not chunk:
+                        continue
+                    if self._abandoned(flight, detached):
+                        raise CacheStoreError(
+                            f"fill of {flight.image_id!r} abandoned: its clients left"
+                            " and abandoned_fill is 'abort'"
+                        )
+                    await self.run(writer.write, chunk)
+                    self.metrics.bytes_from_upstream.inc(len(chunk))
+                    if not writer.caching:
+                        # The cache's disk failed; readers of this file cannot get the rest.
+                        raise CacheStoreError(f"the cache copy of {flight.image_id!r} was dropped")
+                    flight.advance(writer.received)
+            finally:
+                await aclose(stream)
+            await self.run(writer.finish)
+            outcome = "committed" if writer.committed else "verified"
+            flight.finish(writer.received)
+        except BaseException as exc:
+            if isinstance(exc, VerificationError):
+                self.metrics.verification_failures.inc()
+            await asyncio.shield(self.run(writer.abort, exc))
+            flight.fail(exc)
+            if not isinstance(exc, ImageCacheError | OSError):
+                raise
+            log.warning("fill of %s failed: %s", flight.image_id, exc)
+        finally:
+            self.metrics.fills_in_flight.dec()
+            self.metrics.fill_seconds.labels(outcome).observe(time.monotonic() - flight.started)
+
+    def _abandoned(self, flight: Flight, detached: bool) -> bool:
+        return (
+            self.settings.abandoned_fill == "abort"
+            and not detached
+            and flight.had_reader
+            and flight.readers == 0
+        )
+
+    async def _watch(self, flight: Flight) -> None:
+        """Follow another process's fill by polling its size and its lock."""
+        fd = flight.fd
+        assert fd is not None
+        active = self.cache.driver.layout.active_path(flight.image_id)
+        inode = os.fstat(fd).st_ino
+        # A fill that makes no progress for this long is given up on (readers retry).
+        stall_limit = max(60.0, 2 * self.settings.upstream_timeout)
+        last_progress = time.monotonic()
+        while True:
+            # fstat and a non-blocking flock on an open fd never wait on the disk.
+            size = os.fstat(fd).st_size
+            if size > flight.available:
+                flight.advance(size)
+                last_progress = time.monotonic()
+            if not _locked_by_writer(fd):
+                flight.advance(os.fstat(fd).st_size)
+                if _inode_of(active) == inode:
+                    flight.finish(flight.available)
+                else:
+                    flight.fail(WriterGone(f"the fill of {flight.image_id!r} was not committed"))
+                return
+            if time.monotonic() - last_progress > stall_limit:
+                flight.fail(WriterGone(f"the fill of {flight.image_id!r} stalled"))
+                return
+            await asyncio.sleep(REMOTE_POLL_INTERVAL)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop starting fills; let running ones finish for ``grace`` s, then roll them back."""
+        self._closing = True
+        tasks = [f.task for f in self._flights.values() if f.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+async def aclose(stream: AsyncIterator[bytes]) -> None:
+    """Close an upstream's async generator now (releasing its connection), not at GC."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
+
+
+def _locked_by_writer(fd: int) -> bool:
+    """Whether a writer holds the exclusive fill lock on the file open as ``fd``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    # We got a shared lock: nobody writes. Drop it at once, or a takeover
+    # writer's LOCK_EX would fail because of us.
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+def _inode_of(path: os.PathLike[str]) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,1 @@
+"""The edge caching proxy: an aiohttp service over ``ImageCache`` and an upstream."""

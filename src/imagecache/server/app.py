@@ -1,0 +1,162 @@
+"""The aiohttp application of one service process: routes, middlewares, start and stop."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from imagecache.cache import ImageCache
+from imagecache.errors import (
+    ConfigurationError,
+    ImageCacheError,
+    InvalidImageId,
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotActive,
+    UpstreamNotFound,
+    VerificationError,
+)
+from imagecache.fills import FillCoordinator
+from imagecache.server import cache_api, images, proxy
+from imagecache.server.auth import AccessCache
+from imagecache.server.metrics import Metrics
+from imagecache.server.queue_worker import QueueWorker
+from imagecache.server.state import STATE, ServiceState
+from imagecache.settings import Settings
+from imagecache.upstreams import create_upstream
+from imagecache.upstreams.base import Upstream
+
+access_log = logging.getLogger("imagecache.access")
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# How long a stopping process lets running fills finish before rolling them back.
+SHUTDOWN_GRACE = 30.0
+
+
+def error_status(exc: ImageCacheError) -> int:
+    """The HTTP status of an error the library raised on purpose."""
+    if isinstance(exc, InvalidImageId):
+        return 400
+    if isinstance(exc, UpstreamNotFound):
+        return 404
+    if isinstance(exc, UpstreamForbidden):
+        return exc.status if exc.status in (401, 403) else 403
+    if isinstance(exc, UpstreamNotActive):
+        return 400
+    if isinstance(exc, UpstreamError | VerificationError):
+        return 502
+    return 500
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate library errors to statuses, in this one place."""
+    try:
+        return await handler(request)
+    except ImageCacheError as exc:
+        status = error_status(exc)
+        if status >= 500:
+            log.error("%s %s failed: %s", request.method, request.path, exc)
+        return web.Response(status=status, text=str(exc))
+
+
+@web.middleware
+async def _access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request. Headers are never logged: they carry tokens."""
+    started = time.monotonic()
+    status: int | str = "error"
+    sent = 0
+    try:
+        response = await handler(request)
+        status, sent = response.status, response.body_length
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        access_log.info(
+            "method=%s path=%s status=%s bytes=%d duration=%.4f remote=%s",
+            request.method,
+            request.path,
+            status,
+            sent,
+            time.monotonic() - started,
+            request.remote,
+        )
+
+
+async def healthcheck(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="OK")
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    return web.Response(
+        body=state.metrics.render(), headers={"Content-Type": state.metrics.content_type}
+    )
+
+
+def create_app(
+    settings: Settings, *, upstream: Upstream | None = None, cache: ImageCache | None = None
+) -> web.Application:
+    """The service over ``settings``; ``upstream``/``cache`` default to what the settings name."""
+    if upstream is None:
+        if settings.upstream is None:
+            raise ConfigurationError("upstream: the service needs one, e.g. directory:/srv/images")
+        upstream = create_upstream(settings.upstream, settings)
+    if cache is None:
+        cache = ImageCache(settings)
+    app = web.Application(middlewares=[_access_log, _errors], client_max_size=1024**2)
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=16, thread_name_prefix="imagecache-disk"
+    )
+    metrics_ = Metrics()
+    fills = FillCoordinator(settings, cache, upstream, metrics_, executor)
+    app[STATE] = ServiceState(
+        settings=settings,
+        cache=cache,
+        upstream=upstream,
+        metrics=metrics_,
+        fills=fills,
+        access=AccessCache(upstream, settings.auth_cache_ttl),
+        executor=executor,
+    )
+    app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency)
+
+    app.router.add_get("/healthcheck", healthcheck)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("GET", "/v2/images/{image_id}/file", images.image_file)
+    app.router.add_route("HEAD", "/v2/images/{image_id}/file", images.image_file)
+    cache_api.add_routes(app)
+    app.router.add_get("/", proxy.versions)
+    app.router.add_get("/versions", proxy.versions)
+    app.router.add_route("*", "/v2/images/{image_id}", proxy.relay)
+    app.router.add_route("*", "/v2/{tail:.*}", proxy.relay)
+
+    app.on_startup.append(_start)
+    app.on_shutdown.append(_stop_fills)
+    app.on_cleanup.append(_close)
+    return app
+
+
+async def _start(app: web.Application) -> None:
+    app[cache_api.WORKER].start()
+
+
+async def _stop_fills(app: web.Application) -> None:
+    # Runs when the server stops accepting: fills get a grace period, then roll back.
+    await app[cache_api.WORKER].stop()
+    await app[STATE].fills.shutdown(SHUTDOWN_GRACE)
+
+
+async def _close(app: web.Application) -> None:
+    state = app[STATE]
+    await state.fills.shutdown(0)
+    await state.upstream.close()
+    state.executor.shutdown(wait=True)
+    state.cache.close()

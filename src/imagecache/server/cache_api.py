@@ -1,0 +1,186 @@
+"""Glance's cache management API, ``/v2/cache``, and the legacy ``cachemanage`` routes.
+
+Status codes and bodies are Glance's (see ``reference/glance-cache.md`` §6).
+As in Glance the policy is checked before anything else, so a caller who is
+not admin gets 403 whatever the method or the image; then the method (405
+with ``Allow``), then the image id (400) and the image itself (404/400).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import hdrs, web
+
+from imagecache.errors import NotInClusterMode, UpstreamNotActive, UpstreamNotFound
+from imagecache.server.auth import caller_from, decide_admin
+from imagecache.server.queue_worker import QueueWorker
+from imagecache.server.state import STATE, ServiceState
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request, ServiceState], Awaitable[web.StreamResponse]]
+WORKER = web.AppKey("queue_worker", QueueWorker)
+CLEAR_TARGET = "x-image-cache-clear-target"
+
+
+def _admin_only(
+    methods: Mapping[str, Handler],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """One route's handler: the admin check first, then the method dispatch."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        decision = decide_admin(state.settings, request.headers, request.remote)
+        if not decision.allowed:
+            log.info(
+                "management call %s %s refused: %s", request.method, request.path, decision.value
+            )
+            raise web.HTTPForbidden(text="the cache API needs an admin caller")
+        method = methods.get(request.method)
+        if method is None:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+        return await method(request, state)
+
+    return handler
+
+
+# --- /v2/cache --------------------------------------------------------------------------------
+
+
+async def get_cache(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    cached, queued = await state.fills.run(_listing, state)
+    return web.json_response({"cached_images": cached, "queued_images": queued})
+
+
+def _listing(state: ServiceState) -> tuple[list[dict[str, object]], list[str]]:
+    cached = [image.as_dict() for image in state.cache.get_cached_images()]
+    return cached, state.cache.get_queued_images()
+
+
+async def clear_cache(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    target = request.headers.get(CLEAR_TARGET, "").strip().lower()
+    if target not in ("", "cache", "queue"):
+        raise web.HTTPBadRequest(
+            text=f"{CLEAR_TARGET} must be 'cache', 'queue' or empty, not {target!r}"
+        )
+    if target in ("", "cache"):
+        await state.fills.run(state.cache.delete_all_cached_images)
+    if target in ("", "queue"):
+        await state.fills.run(state.cache.delete_all_queued_images)
+    return web.Response(status=204)
+
+
+async def queue_image(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    image_id = state.image_id(request)
+    caller = caller_from(request.headers)
+    try:
+        await state.upstream.info(image_id, caller)
+    except UpstreamNotFound as exc:
+        raise web.HTTPNotFound(text=str(exc)) from exc
+    except UpstreamNotActive as exc:
+        raise web.HTTPBadRequest(
+            text=f"only active images can be queued; {image_id} is {exc.status}"
+        ) from exc
+    await state.fills.run(state.cache.queue_image, image_id)
+    request.app[WORKER].submit(image_id, caller)
+    return web.Response(status=202)
+
+
+async def delete_entry(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    image_id = state.image_id(request)
+    known = await state.fills.run(_forget, state, image_id)
+    if not known:
+        # Glance answers 404 only for an image that neither exists nor is cached or queued.
+        try:
+            await state.upstream.info(image_id, caller_from(request.headers))
+        except UpstreamNotFound as exc:
+            raise web.HTTPNotFound(text=f"image {image_id} is not cached, queued or known") from exc
+        except UpstreamNotActive:
+            pass  # it exists; there was simply nothing here to delete
+    return web.Response(status=204)
+
+
+def _forget(state: ServiceState, image_id: str) -> bool:
+    cached = state.cache.delete_cached_image(image_id)
+    queued = state.cache.delete_queued_image(image_id)
+    return cached or queued
+
+
+async def cached_nodes(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    image_id = state.image_id(request)
+    try:
+        nodes = await state.fills.run(state.cache.get_cached_nodes, image_id)
+    except NotInClusterMode as exc:
+        raise web.HTTPConflict(text=f"centralized caching is not enabled: {exc}") from exc
+    return web.json_response(nodes)
+
+
+async def clean(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    await state.fills.run(state.cache.clean)
+    return web.Response(status=200)
+
+
+async def prune(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    result = await state.fills.run(state.cache.prune)
+    return web.json_response(
+        {"total_files_pruned": result.files, "total_bytes_pruned": result.bytes}
+    )
+
+
+# --- legacy cachemanage routes (glance-cache-manage) ------------------------------------------
+
+
+async def legacy_cached(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    cached, _ = await state.fills.run(_listing, state)
+    return web.json_response({"cached_images": cached})
+
+
+async def legacy_queued(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    return web.json_response(
+        {"queued_images": await state.fills.run(state.cache.get_queued_images)}
+    )
+
+
+async def legacy_delete_all_cached(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    count = await state.fills.run(state.cache.delete_all_cached_images)
+    return web.json_response({"num_deleted": count})
+
+
+async def legacy_delete_all_queued(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    count = await state.fills.run(state.cache.delete_all_queued_images)
+    return web.json_response({"num_deleted": count})
+
+
+async def legacy_delete_cached(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    await state.fills.run(state.cache.delete_cached_image, state.image_id(request))
+    return web.json_response(None)
+
+
+async def legacy_queue(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    # Glance's legacy route only writes the marker; a prefetch run fetches it later.
+    await state.fills.run(state.cache.queue_image, state.image_id(request))
+    return web.json_response(None)
+
+
+async def legacy_delete_queued(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    await state.fills.run(state.cache.delete_queued_image, state.image_id(request))
+    return web.json_response(None)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the management routes; static paths before ``{image_id}`` ones."""
+    table: list[tuple[str, dict[str, Handler]]] = [
+        ("/v2/cache", {"GET": get_cache, "DELETE": clear_cache}),
+        ("/v2/cache/clean", {"POST": clean}),
+        ("/v2/cache/prune", {"POST": prune}),
+        ("/v2/cache/nodes/{image_id}", {"GET": cached_nodes}),
+        ("/v2/cache/{image_id}", {"PUT": queue_image, "DELETE": delete_entry}),
+        ("/v2/cached_images", {"GET": legacy_cached, "DELETE": legacy_delete_all_cached}),
+        ("/v2/cached_images/{image_id}", {"DELETE": legacy_delete_cached}),
+        ("/v2/queued_images", {"GET": legacy_queued, "DELETE": legacy_delete_all_queued}),
+        ("/v2/queued_images/{image_id}", {"PUT": legacy_queue, "DELETE": legacy_delete_queued}),
+    ]
+    for path, methods in table:
+        app.router.add_route(hdrs.METH_ANY, path, _admin_only(methods))

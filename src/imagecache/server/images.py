@@ -1,0 +1,320 @@
+"""``GET``/``HEAD /v2/images/{id}/file``: hits from disk with sendfile, misses through a fill.
+
+Headers follow Glance, which image clients check: ``Content-MD5`` carries the
+image's hex md5 ``checksum`` (not the base64 of RFC 1864), on full and ranged
+responses alike. Beyond Glance: a strong ``ETag`` made from the image's
+recorded hash, so a hit and a miss of one image carry the same tag,
+``If-None-Match`` (304), ``If-Range``, single-range requests served from the
+cache (see ``ranges`` for the decisions) and ``HEAD``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from aiohttp import hdrs, web
+
+from imagecache.errors import ImageCacheError, UpstreamNotActive
+from imagecache.fills import Flight, FlightKind, WriterGone, aclose
+from imagecache.records import CachedImage, ImageInfo
+from imagecache.server.auth import caller_from
+from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
+from imagecache.server.state import STATE, ServiceState
+from imagecache.upstreams.base import Caller
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024 * 1024
+# A request whose fill ended uncommitted before it sent a byte starts over this many times.
+ATTEMPTS = 3
+
+
+class Served(enum.Enum):
+    """What a fill-backed response turned out to be."""
+
+    RETRY = "retry"  # the fill ended without a file before any byte was sent
+
+
+@dataclass(frozen=True)
+class _Hit:
+    handle: BinaryIO
+    size: int
+    record: CachedImage | None
+
+
+def etag_for(checksum: str | None, hash_algo: str | None, hash_value: str | None) -> str | None:
+    """A strong entity tag from the image's hash (the same for a hit and a miss)."""
+    if hash_algo and hash_value:
+        return f'"{hash_algo.lower()}-{hash_value.lower()}"'
+    if checksum:
+        return f'"md5-{checksum.lower()}"'
+    return None
+
+
+def _none_match(request: web.Request, etag: str | None) -> bool:
+    """RFC 9110 §13.1.2: If-None-Match uses the weak comparison; ``*`` matches any."""
+    header = request.headers.get(hdrs.IF_NONE_MATCH)
+    if header is None or etag is None:
+        return False
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def _wanted_range(request: web.Request, size: int | None, etag: str | None) -> ByteRange | None:
+    """The single range to serve, or None for the whole image (raises the HTTP error)."""
+    header = request.headers.get(hdrs.RANGE)
+    if header is None or request.method not in ("GET", "HEAD"):
+        return None
+    if_range = request.headers.get(hdrs.IF_RANGE)
+    # §13.1.5: a range is honoured only if If-Range names the current entity
+    # (strong comparison); we never compare dates, so a date means "send all".
+    if if_range is not None and (etag is None or if_range.strip() != etag):
+        return None
+    if size is None:
+        return None  # §14.2: a server MAY ignore Range; without a size we cannot check it
+    try:
+        return parse_range(header, size)
+    except MalformedRange as exc:
+        raise web.HTTPBadRequest(text=f"bad Range header: {exc}") from exc
+    except RangeNotSatisfiable as exc:
+        raise web.HTTPRequestRangeNotSatisfiable(
+            headers={hdrs.CONTENT_RANGE: f"bytes */{exc.size}"},
+            text=f"range not satisfiable: the image has {exc.size} bytes",
+        ) from exc
+
+
+def _headers(checksum: str | None, etag: str | None) -> dict[str, str]:
+    headers: dict[str, str] = {
+        hdrs.CONTENT_TYPE: "application/octet-stream",
+        hdrs.ACCEPT_RANGES: "bytes",
+    }
+    if checksum:
+        headers["Content-MD5"] = checksum
+    if etag:
+        headers[hdrs.ETAG] = etag
+    return headers
+
+
+async def image_file(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    image_id = state.image_id(request)
+    caller = caller_from(request.headers)
+    # The origin decides who may read, hit or miss (a no-op for origins without callers).
+    await state.access.check(image_id, caller)
+    for _ in range(ATTEMPTS):
+        hit = await state.fills.run(_open_hit, state, image_id)
+        if hit is not None:
+            return await _serve_hit(request, state, image_id, hit)
+        try:
+            info = await state.upstream.info(image_id, caller)
+        except UpstreamNotActive:
+            return web.Response(status=204)  # Glance: an image without data answers 204
+        response = await _serve_miss(request, state, image_id, info, caller)
+        if isinstance(response, web.StreamResponse):
+            return response
+    # Fills kept ending uncommitted under us: give this client the upstream's bytes.
+    info = await state.upstream.info(image_id, caller)
+    return await _stream_through(request, state, info, caller, None, "fill_retries")
+
+
+def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
+    """In a thread: open the committed file and read its record (None on a miss)."""
+    try:
+        handle = open(state.cache.driver.layout.active_path(image_id), "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(handle.fileno()).st_size
+        record = state.cache.get_cached_image(image_id)
+    except BaseException:
+        handle.close()
+        raise
+    return _Hit(handle, size, record)
+
+
+async def _serve_hit(
+    request: web.Request, state: ServiceState, image_id: str, hit: _Hit
+) -> web.StreamResponse:
+    try:
+        record = hit.record
+        checksum = record.checksum if record else None
+        etag = etag_for(
+            checksum, *(record.hash_algo, record.hash_value) if record else (None, None)
+        )
+        headers = _headers(checksum, etag)
+        if _none_match(request, etag):
+            return web.Response(status=304, headers={hdrs.ETAG: etag} if etag else None)
+        wanted = _wanted_range(request, hit.size, etag)
+        offset, count = (wanted.start, wanted.length) if wanted else (0, hit.size)
+        response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
+        if wanted:
+            response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
+        response.content_length = count
+        await response.prepare(request)
+        if request.method == "HEAD" or count == 0:
+            await response.write_eof()
+        else:
+            await _sendfile(request, response, state, hit.handle, offset, count)
+        state.metrics.bytes_from_cache.inc(0 if request.method == "HEAD" else count)
+        if request.method == "GET" and wanted is None:
+            state.metrics.hits.inc()
+            await state.fills.run(state.cache.driver.record_hit, image_id)
+        return response
+    finally:
+        await state.fills.run(hit.handle.close)
+
+
+async def _sendfile(
+    request: web.Request,
+    response: web.StreamResponse,
+    state: ServiceState,
+    handle: BinaryIO,
+    offset: int,
+    count: int,
+) -> None:
+    """Zero-copy from the file to the socket, with a read/write fallback."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    try:
+        await asyncio.get_running_loop().sendfile(transport, handle, offset, count)
+    except NotImplementedError:  # e.g. a TLS transport
+        while count > 0:
+            chunk = await state.fills.run(os.pread, handle.fileno(), min(READ_CHUNK, count), offset)
+            if not chunk:
+                raise ImageCacheError("cached file shrank while being sent") from None
+            await response.write(chunk)
+            offset += len(chunk)
+            count -= len(chunk)
+    await response.write_eof()
+
+
+async def _serve_miss(
+    request: web.Request, state: ServiceState, image_id: str, info: ImageInfo, caller: Caller
+) -> web.StreamResponse | Served:
+    etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
+    if _none_match(request, etag):
+        return web.Response(status=304, headers={hdrs.ETAG: etag} if etag else None)
+    wanted = _wanted_range(request, info.size, etag)
+    if wanted is not None:
+        # A part of an image is not worth a fill (and could not be verified).
+        return await _stream_through(request, state, info, caller, wanted, "range")
+    if request.method == "HEAD":
+        response = web.StreamResponse(status=200, headers=_headers(info.checksum, etag))
+        if info.size is not None:
+            response.content_length = info.size
+        return response
+    joined = state.fills.current(image_id)
+    flight = await state.fills.join(image_id, info, caller)
+    if flight.kind is FlightKind.NONE:
+        if flight.reason == "cached":
+            return Served.RETRY
+        return await _stream_through(request, state, info, caller, None, flight.reason)
+    if joined is not None or flight.kind is FlightKind.REMOTE:
+        state.metrics.followers.inc()
+    else:
+        state.metrics.misses.inc()
+    return await _follow(request, state, flight, etag)
+
+
+async def _follow(
+    request: web.Request, state: ServiceState, flight: Flight, etag: str | None
+) -> web.StreamResponse | Served:
+    """Stream the flight's file to the client as it grows; abort if the fill fails."""
+    info = flight.info
+    response = web.StreamResponse(headers=_headers(info.checksum if info else None, etag))
+    if flight.size is not None:
+        response.content_length = flight.size
+    async with flight.reading():
+        try:
+            async for chunk in flight.chunks(state.fills.run):
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write(chunk)
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write_eof()
+        except WriterGone:
+            if not response.prepared:
+                return Served.RETRY
+            abort(request, flight.image_id, "its fill ended uncommitted")
+        except ImageCacheError as exc:
+            if not response.prepared:
+                raise
+            abort(request, flight.image_id, str(exc))
+    return response
+
+
+async def _stream_through(
+    request: web.Request,
+    state: ServiceState,
+    info: ImageInfo,
+    caller: Caller,
+    wanted: ByteRange | None,
+    reason: str,
+) -> web.StreamResponse:
+    """Serve from the upstream without caching; a whole image is still verified."""
+    state.metrics.bypasses.labels(reason).inc()
+    etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
+    response = web.StreamResponse(
+        status=206 if wanted else 200, headers=_headers(info.checksum, etag)
+    )
+    if wanted is not None:
+        response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
+        response.content_length = wanted.length
+    elif info.size is not None:
+        response.content_length = info.size
+    if request.method == "HEAD":
+        return response
+    start, end = (wanted.start, wanted.end) if wanted else (0, None)
+    verifier = state.cache.writer(info.image_id, info) if wanted is None else None
+    stream = state.upstream.stream(info.image_id, caller, start, end)
+    held: bytes | None = None
+    try:
+        async for chunk in stream:
+            if not chunk:
+                continue
+            state.metrics.bytes_from_upstream.inc(len(chunk))
+            if verifier is not None:
+                await state.fills.run(verifier.write, chunk)
+            if held is not None:
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write(held)
+            held = chunk
+        if verifier is not None:
+            await state.fills.run(verifier.finish)
+        if not response.prepared:
+            await response.prepare(request)
+        if held is not None:
+            await response.write(held)
+        await response.write_eof()
+    except ImageCacheError as exc:
+        if not response.prepared:
+            raise
+        abort(request, info.image_id, str(exc))
+    finally:
+        await aclose(stream)
+    return response
+
+
+def abort(request: web.Request, image_id: str, why: str) -> None:
+    """End a response whose body is already under way without completing it.
+
+    Closing the connection before the last byte (Content-Length) or before the
+    terminating chunk (chunked) is the only way HTTP/1.1 lets a server say
+    "this body is wrong" once the status line is out; clients report it as an
+    error instead of keeping a short or unverified image.
+    """
+    log.warning("aborting the download of %s: %s", image_id, why)
+    request.protocol.force_close()
+    if request.transport is not None:
+        request.transport.close()

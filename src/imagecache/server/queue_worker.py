@@ -1,0 +1,77 @@
+"""Fetch queued images into the cache now, a few at a time, surviving every failure.
+
+``PUT /v2/cache/{id}`` writes the queue marker and calls ``submit``. Glance's
+worker is one thread that dies on the first exception; this one is
+``prefetch_concurrency`` tasks that log a failed fetch and take the next.
+The fill goes through the same single-flight coordinator as downloads, so a
+queued image that a client is downloading right now is not fetched twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from imagecache.errors import ImageCacheError
+from imagecache.fills import FillCoordinator, FlightKind
+from imagecache.upstreams.base import ANONYMOUS, Caller
+
+log = logging.getLogger(__name__)
+
+
+class QueueWorker:
+    """A bounded pool of fetch tasks fed by ``submit``."""
+
+    def __init__(self, fills: FillCoordinator, concurrency: int) -> None:
+        self.fills = fills
+        self.concurrency = concurrency
+        self._queue: asyncio.Queue[tuple[str, Caller]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"queue worker {n}")
+            for n in range(self.concurrency)
+        ]
+
+    def submit(self, image_id: str, caller: Caller = ANONYMOUS) -> None:
+        self._queue.put_nowait((image_id, caller))
+
+    async def join(self) -> None:
+        """Wait until every submitted image has been tried (for tests and shutdown)."""
+        await self._queue.join()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _work(self) -> None:
+        while True:
+            image_id, caller = await self._queue.get()
+            try:
+                await self.fetch(image_id, caller)
+            except asyncio.CancelledError:
+                raise
+            except ImageCacheError as exc:
+                log.warning("queued image %s not cached: %s", image_id, exc)
+            except Exception:
+                log.exception("queued image %s not cached", image_id)
+            finally:
+                self._queue.task_done()
+
+    async def fetch(self, image_id: str, caller: Caller = ANONYMOUS) -> None:
+        cache = self.fills.cache
+        if await self.fills.run(cache.is_cached, image_id):
+            await self.fills.run(cache.delete_queued_image, image_id)
+            return
+        info = await self.fills.upstream.info(image_id, caller)
+        flight = await self.fills.join(image_id, info, caller, detached=True)
+        if flight.kind is FlightKind.NONE:
+            log.info("queued image %s not fetched: %s", image_id, flight.reason or "not cacheable")
+            return
+        if flight.task is not None:
+            await asyncio.shield(flight.task)
+        if flight.error is not None:
+            raise flight.error

@@ -1,0 +1,209 @@
+"""Image data through the service: hits, misses, ranges, HEAD, conditionals, failures."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from imagecache.settings import Settings
+from server_helpers import directory_app, image_bytes, listdir, put_image
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+
+SIZE = 3 * 1024 * 1024 + 17
+DATA = image_bytes(SIZE)
+
+
+@pytest.fixture
+def origin_root(tmp_path: Path) -> Path:
+    root = tmp_path / "origin"
+    put_image(root, "img-1", DATA)
+    return root
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], origin_root: Path
+) -> TestClient[Any, Any]:
+    return await aiohttp_client(directory_app(make_settings(), origin_root))
+
+
+async def get(client: TestClient[Any, Any], path: str, **headers: str) -> tuple[int, Any, bytes]:
+    async with client.get(path, headers=headers) as response:
+        return response.status, response.headers, await response.read()
+
+
+async def test_miss_then_hit_serve_identical_correct_bytes(
+    client: TestClient[Any, Any], cache_dir: Path
+) -> None:
+    status, headers, body = await get(client, "/v2/images/img-1/file")
+    assert status == 200
+    assert body == DATA
+    assert int(headers["Content-Length"]) == SIZE
+    miss_etag = headers["ETag"]
+    assert (cache_dir / "img-1").read_bytes() == DATA
+
+    status, headers, body = await get(client, "/v2/images/img-1/file")
+    assert status == 200
+    assert body == DATA
+    assert headers["ETag"] == miss_etag == f'"sha256-{hashlib.sha256(DATA).hexdigest()}"'
+    assert int(headers["Content-Length"]) == SIZE
+    state = client.app[__import__("imagecache.server.state", fromlist=["STATE"]).STATE]
+    assert state.cache.get_hit_count("img-1") == 1
+
+
+async def test_content_md5_is_the_hex_checksum_like_glance(
+    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    root = tmp_path / "md5origin"
+    put_image(root, "m", DATA, sidecar="md5")
+    client = await aiohttp_client(directory_app(make_settings(), root))
+    md5 = hashlib.md5(DATA).hexdigest()
+    for _ in range(2):  # miss, then hit
+        status, headers, body = await get(client, "/v2/images/m/file")
+        assert (status, body) == (200, DATA)
+        assert headers["Content-MD5"] == md5
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["miss", "hit"])
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [
+        ("bytes=0-0", 0, 1),  # first byte
+        (f"bytes={SIZE - 1}-{SIZE - 1}", SIZE - 1, SIZE),  # last byte
+        ("bytes=-100", SIZE - 100, SIZE),  # suffix
+        ("bytes=1000-", 1000, SIZE),  # open-ended
+        (f"bytes=10-{SIZE + 500}", 10, SIZE),  # last position clipped to the end
+        ("bytes=-999999999", 0, SIZE),  # suffix longer than the image
+    ],
+)
+async def test_single_ranges(
+    client: TestClient[Any, Any], cache_dir: Path, cached: bool, header: str, start: int, end: int
+) -> None:
+    if cached:
+        await get(client, "/v2/images/img-1/file")
+    status, headers, body = await get(client, "/v2/images/img-1/file", Range=header)
+    assert status == 206
+    assert body == DATA[start:end]
+    assert headers["Content-Range"] == f"bytes {start}-{end - 1}/{SIZE}"
+    assert int(headers["Content-Length"]) == end - start
+    if not cached:
+        assert listdir(cache_dir / "incomplete") == []
+        assert not (cache_dir / "img-1").exists(), "a ranged miss must not fill the cache"
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["miss", "hit"])
+@pytest.mark.parametrize("header", [f"bytes={SIZE}-", f"bytes={SIZE + 10}-{SIZE + 20}", "bytes=-0"])
+async def test_unsatisfiable_range_is_416_with_size(
+    client: TestClient[Any, Any], cached: bool, header: str
+) -> None:
+    if cached:
+        await get(client, "/v2/images/img-1/file")
+    status, headers, _ = await get(client, "/v2/images/img-1/file", Range=header)
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{SIZE}"
+
+
+@pytest.mark.parametrize(
+    "header", ["bytes=5-2", "bytes=abc", "bytes=-", "bytes=1-2-3", "bytes 0-1", "bytes=0x10-"]
+)
+async def test_malformed_range_is_400(client: TestClient[Any, Any], header: str) -> None:
+    status, _, body = await get(client, "/v2/images/img-1/file", Range=header)
+    assert status == 400
+    assert b"Range" in body
+
+
+async def test_multiple_ranges_are_400_like_glance(client: TestClient[Any, Any]) -> None:
+    await get(client, "/v2/images/img-1/file")
+    status, _, body = await get(client, "/v2/images/img-1/file", Range="bytes=0-1,5-6")
+    assert status == 400
+    assert b"multiple ranges" in body
+
+
+async def test_unknown_range_unit_is_ignored(client: TestClient[Any, Any]) -> None:
+    status, _, body = await get(client, "/v2/images/img-1/file", Range="items=0-1")
+    assert (status, body) == (200, DATA)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["miss", "hit"])
+async def test_head_gives_headers_and_no_body(
+    client: TestClient[Any, Any], cache_dir: Path, cached: bool
+) -> None:
+    if cached:
+        await get(client, "/v2/images/img-1/file")
+    async with client.head("/v2/images/img-1/file") as response:
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) == SIZE
+        assert response.headers["ETag"].startswith('"sha256-')
+        assert await response.read() == b""
+    if not cached:
+        assert not (cache_dir / "img-1").exists(), "HEAD must not fill the cache"
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["miss", "hit"])
+async def test_if_none_match_gives_304(client: TestClient[Any, Any], cached: bool) -> None:
+    _, headers, _ = await get(client, "/v2/images/img-1/file")
+    etag = headers["ETag"]
+    if not cached:
+        await client.delete("/v2/cache/img-1")
+    status, headers, body = await get(client, "/v2/images/img-1/file", **{"If-None-Match": etag})
+    assert (status, body) == (304, b"")
+    assert headers["ETag"] == etag
+    status, _, _ = await get(client, "/v2/images/img-1/file", **{"If-None-Match": '"other"'})
+    assert status == 200
+
+
+async def test_if_range_with_another_etag_sends_the_whole_image(
+    client: TestClient[Any, Any],
+) -> None:
+    await get(client, "/v2/images/img-1/file")
+    headers = {"Range": "bytes=0-9", "If-Range": '"stale"'}
+    status, _, body = await get(client, "/v2/images/img-1/file", **headers)
+    assert (status, body) == (200, DATA)
+
+
+async def test_unknown_image_is_404(client: TestClient[Any, Any]) -> None:
+    status, _, _ = await get(client, "/v2/images/nope/file")
+    assert status == 404
+
+
+@pytest.mark.parametrize(
+    "raw_id",
+    ["..", ".hidden", "a" * 256, "%2e%2e", "a%2Fb", "incomplete", "-x", "a%00b"],
+)
+async def test_bad_image_ids_are_400_at_the_edge(
+    client: TestClient[Any, Any], cache_dir: Path, raw_id: str
+) -> None:
+    url = client.make_url("/").with_path(f"/v2/images/{raw_id}/file", encoded=True)
+    async with client.session.get(url) as response:
+        # aiohttp's router may refuse a decoded "/" itself (404); never a 200 or a 5xx.
+        assert response.status in (400, 404), (raw_id, response.status)
+        if response.status == 404:
+            assert "/" in raw_id.replace("%2F", "/")
+    assert listdir(cache_dir / "incomplete") == []
+
+
+async def test_checksum_mismatch_aborts_the_response_and_quarantines(
+    aiohttp_client: ClientFactory,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    cache_dir: Path,
+) -> None:
+    root = tmp_path / "bad"
+    put_image(root, "bad", DATA)
+    (root / "bad.sha256").write_text("0" * 64 + "\n")  # the origin promises other bytes
+    client = await aiohttp_client(directory_app(make_settings(), root))
+    async with client.get("/v2/images/bad/file") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert not (cache_dir / "bad").exists()
+    assert listdir(cache_dir / "invalid") == ["bad"]
+    assert listdir(cache_dir / "incomplete") == []
