@@ -18,6 +18,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from imagecache.settings import Settings, load_settings
+
 PG_HOST = os.environ.get("IMAGECACHE_TEST_PGHOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("IMAGECACHE_TEST_PGPORT", "5432"))
 PG_ADMIN_DB = os.environ.get("IMAGECACHE_TEST_PGDATABASE", "test")
@@ -113,3 +115,18 @@ def central_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
 def unique_node_url() -> str:
     """A node URL no other test uses (nothing listens there: no sibling fills in drivers)."""
     return f"http://127.0.0.1:9/node-{uuid.uuid4().hex[:12]}"
+
+
+def central_settings(
+    cache_dir: Path, database_url: str, node_url: str | None = None, **overrides: object
+) -> Settings:
+    """Settings of one central-driver node over ``cache_dir`` (created if missing)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return load_settings(
+        None,
+        image_cache_dir=cache_dir,
+        image_cache_driver="central",
+        database_url=database_url,
+        worker_self_reference_url=node_url or unique_node_url(),
+        **overrides,
+    )

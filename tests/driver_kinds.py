@@ -49,20 +49,14 @@ def settings_for(kind: str, cache_dir: Path, tmp_path: Path) -> Settings:
         return load_settings(None, image_cache_dir=cache_dir, image_cache_driver="xattr")
     if kind in ("central-sqlite", "central-postgres"):
         # Imported here: only the central kinds need a database.
-        from central_db import session_postgres_url, unique_node_url
+        from central_db import central_settings, session_postgres_url
 
         database_url = (
             f"sqlite:///{tmp_path / 'central.db'}"
             if kind == "central-sqlite"
             else session_postgres_url()  # skips loudly when PostgreSQL is down
         )
-        return load_settings(
-            None,
-            image_cache_dir=cache_dir,
-            image_cache_driver="central",
-            database_url=database_url,
-            worker_self_reference_url=unique_node_url(),
-        )
+        return central_settings(cache_dir, database_url)
     raise ValueError(f"unknown driver kind {kind!r}; add it to tests/driver_kinds.py")
 
 

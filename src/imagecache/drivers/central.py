@@ -160,6 +160,15 @@ class NodeInfo:
     alive: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    """What ``import_sqlite_cache`` did with the rows of a single-node ``cache.db``."""
+
+    imported: int
+    already_present: int
+    missing_file: int
+
+
 def make_engine(database_url: str) -> Engine:
     """An engine for ``database_url``; BadDriverConfiguration if it cannot be one."""
     try:
@@ -280,6 +289,11 @@ class CentralDriver(FileBackedDriver):
             with self._write() as conn:
                 migrations.upgrade(conn)
             self.node_id = self._register()
+            legacy = self.layout.base / self.settings.image_cache_sqlite_db
+            if legacy.is_file():
+                result = self.import_sqlite_cache(legacy)
+                if result.imported:
+                    log.info("imported %d entries of %s into the cluster", result.imported, legacy)
         except (SQLAlchemyError, CacheStoreError) as exc:
             self.engine.dispose()
             raise BadDriverConfiguration(
@@ -320,11 +334,12 @@ class CentralDriver(FileBackedDriver):
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(cached_images).values(**values)
         kept = set(keep) | {"image_id", "node_id"}
-        statement = statement.on_conflict_do_update(
-            index_elements=[cached_images.c.image_id, cached_images.c.node_id],
-            set_={k: statement.excluded[k] for k in values if k not in kept},
-        )
-        conn.execute(statement)
+        changed = {k: statement.excluded[k] for k in values if k not in kept}
+        key = [cached_images.c.image_id, cached_images.c.node_id]
+        if changed:
+            conn.execute(statement.on_conflict_do_update(index_elements=key, set_=changed))
+        else:
+            conn.execute(statement.on_conflict_do_nothing(index_elements=key))
 
     # --- nodes ---------------------------------------------------------------------------
 
@@ -472,6 +487,72 @@ class CentralDriver(FileBackedDriver):
             self.delete_cached_image(image_id)
         return doomed
 
+    # --- adopting a single-node cache ------------------------------------------------------------
+
+    def import_sqlite_cache(self, db_path: Path | None = None) -> ImportResult:
+        """Copy the rows of a single-node ``cache.db`` (Glance's or ours) into this node's rows.
+
+        Hits, access and modification times, digests and pins are kept. A row
+        whose file is not in this cache directory is skipped (it describes
+        nothing), and so is a row this node already has centrally (the central
+        one is newer). Idempotent: configure() runs it at every start while the
+        file is there. The sqlite file is only read, never changed.
+        """
+        path = db_path or self.layout.base / self.settings.image_cache_sqlite_db
+        try:
+            legacy = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                present = {row[1] for row in legacy.execute("PRAGMA table_info(cached_images)")}
+                wanted = ["image_id", "last_accessed", "last_modified", "size", "hits", "checksum"]
+                wanted += [c for c in ("hash_algo", "hash_value", "pinned") if c in present]
+                rows = legacy.execute(
+                    f"SELECT {', '.join(wanted)} FROM cached_images"  # noqa: S608 - fixed names
+                ).fetchall()
+            finally:
+                legacy.close()
+        except sqlite3.Error as exc:
+            raise CacheStoreError(f"cannot read the sqlite cache {path}: {exc}") from exc
+        with self._read() as conn:
+            known = set(
+                conn.execute(
+                    select(cached_images.c.image_id).where(cached_images.c.node_id == self.node_id)
+                ).scalars()
+            )
+        fresh: list[dict[str, Any]] = []
+        already = missing = 0
+        for row in rows:
+            entry = dict(zip(wanted, row, strict=True))
+            image_id = entry["image_id"]
+            if image_id in known:
+                already += 1
+                continue
+            if not self.layout.is_valid(image_id) or not self.is_cached(image_id):
+                missing += 1
+                continue
+            stat = self.layout.active_path(image_id).stat()
+            modified = float(entry["last_modified"] or 0.0) or stat.st_mtime
+            accessed = float(entry["last_accessed"] or 0.0) or modified
+            fresh.append(
+                {
+                    "image_id": image_id,
+                    "node_id": self.node_id,
+                    "size": stat.st_size,
+                    "hits": int(entry["hits"] or 0),
+                    "last_accessed": to_datetime(accessed),
+                    "last_modified": to_datetime(modified),
+                    "checksum": entry["checksum"],
+                    "hash_algo": entry.get("hash_algo"),
+                    "hash_value": entry.get("hash_value"),
+                    "pinned": bool(entry.get("pinned") or False),
+                }
+            )
+        if fresh:
+            with self._write() as conn:
+                for values in fresh:
+                    # Racing another worker of this node importing the same file: keep theirs.
+                    self._upsert_image(conn, values, keep=values.keys())
+        return ImportResult(imported=len(fresh), already_present=already, missing_file=missing)
+
     # --- metadata hooks --------------------------------------------------------------------
 
     def _meta_commit(self, fill: Fill, size: int, now: float) -> None:
@@ -587,6 +668,7 @@ def _brief(exc: BaseException) -> str:
 
 __all__ = [
     "CentralDriver",
+    "ImportResult",
     "NodeInfo",
     "cached_images",
     "deleted_images",

@@ -1,0 +1,136 @@
+"""The central schema's Alembic migrations, on SQLite and on the real PostgreSQL.
+
+Fresh database to head, an upgrade from revision 1 that keeps its rows, an
+idempotent re-run, and several nodes migrating one empty database at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from central_db import central_settings, unique_node_url
+from imagecache import create_driver
+from imagecache.drivers.central import CentralDriver, make_engine, node_instance_id
+from imagecache.migrations import current_revision, head_revision, upgrade
+
+
+def test_fresh_database_is_migrated_to_head(central_db_url: str, tmp_path: Path) -> None:
+    driver = create_driver(central_settings(tmp_path / "cache", central_db_url))
+    try:
+        with driver.engine.connect() as conn:  # type: ignore[attr-defined]
+            assert current_revision(conn) == head_revision() == "r0002"
+            tables = set(inspect(conn).get_table_names())
+            columns = {c["name"] for c in inspect(conn).get_columns("cached_images")}
+    finally:
+        driver.close()
+    assert {"nodes", "cached_images", "deleted_images"} <= tables
+    assert {"image_id", "node_id", "hits", "pinned", "hash_algo", "hash_value"} <= columns
+
+
+def test_upgrade_from_revision_1_keeps_rows(central_db_url: str, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "old-image").write_bytes(b"x" * 123)
+    node_url = unique_node_url()
+    accessed = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    modified = datetime(2024, 12, 31, 23, 0, 0, tzinfo=UTC)
+
+    engine = make_engine(central_db_url)
+    with engine.begin() as conn:
+        upgrade(conn, "r0001")
+    with engine.begin() as conn:
+        assert current_revision(conn) == "r0001"
+        assert "deleted_images" not in inspect(conn).get_table_names()
+        # The node as a revision-1 imagecache on this directory left it: stale heartbeat.
+        conn.execute(
+            text(
+                "INSERT INTO nodes (url, instance_id, heartbeat, started)"
+                " VALUES (:url, :instance, :beat, :beat)"
+            ),
+            {"url": node_url, "instance": node_instance_id(cache_dir), "beat": modified},
+        )
+        node_id = conn.execute(text("SELECT id FROM nodes")).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO cached_images (image_id, node_id, size, hits, last_accessed,"
+                " last_modified, checksum) VALUES ('old-image', :node, 123, 7, :acc, :mod, :sum)"
+            ),
+            {"node": node_id, "acc": accessed, "mod": modified, "sum": "0" * 32},
+        )
+    engine.dispose()
+
+    driver = create_driver(central_settings(cache_dir, central_db_url, node_url))
+    try:
+        assert isinstance(driver, CentralDriver)
+        with driver.engine.connect() as conn:
+            assert current_revision(conn) == "r0002"
+        [image] = driver.get_cached_images()
+        assert driver.get_cached_nodes("old-image") == [node_url]
+    finally:
+        driver.close()
+    assert image.image_id == "old-image"
+    assert image.hits == 7
+    assert image.size == 123
+    assert image.checksum == "0" * 32
+    assert image.last_accessed == pytest.approx(accessed.timestamp(), abs=1e-3)
+    assert image.last_modified == pytest.approx(modified.timestamp(), abs=1e-3)
+    assert image.pinned is False
+    assert image.hash_algo is None
+
+
+def test_rerunning_the_upgrade_changes_nothing(central_db_url: str, tmp_path: Path) -> None:
+    settings = central_settings(tmp_path / "cache", central_db_url)
+    driver = create_driver(settings)
+    with driver.open_for_write("img") as target:
+        target.write(b"data")
+    before = driver.get_cached_images()
+    driver.close()
+
+    engine = make_engine(central_db_url)
+    for _ in range(2):
+        with engine.begin() as conn:
+            upgrade(conn)
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    engine.dispose()
+
+    again = create_driver(settings)  # the same node restarting: migrates (nothing) again
+    try:
+        assert again.get_cached_images() == before
+    finally:
+        again.close()
+
+
+def test_nodes_starting_together_migrate_once(fresh_postgres_url: str, tmp_path: Path) -> None:
+    """Without the advisory lock the racing CREATE TABLEs of an empty database collide."""
+    errors: list[BaseException] = []
+    drivers = []
+    start = threading.Barrier(4)
+
+    def start_node(n: int) -> None:
+        settings = central_settings(tmp_path / f"cache{n}", fresh_postgres_url)
+        start.wait()
+        try:
+            drivers.append(create_driver(settings))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start_node, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    try:
+        assert not errors, errors
+        assert len(drivers) == 4
+        assert len({d.node_id for d in drivers}) == 4  # type: ignore[attr-defined]
+    finally:
+        for driver in drivers:
+            driver.close()
