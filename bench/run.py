@@ -1,0 +1,523 @@
+"""imagecache against its peers, in one run: `make bench` (DESIGN §12).
+
+These machines are shared and noisy, so every number is reported next to a peer
+measured minutes apart in the same run, and the verdicts are ratios:
+
+a. hit   — a cached GET of one large image: imagecache vs nginx (sendfile) on the
+           same file, and vs Glance's own cache hit; 1 client and ``--clients``.
+b. miss  — a fill with verification vs a plain pass-through of the same origin,
+           bounded by the hash rate (sha512 measured here); and vs Glance's miss.
+c. herd  — 32 clients on one cold image: how many body reads the origin served
+           (its access log; must be 1) and the aggregate throughput.
+d. memory — 100 concurrent downloads of the large image starting cold: the
+           imagecache processes' RSS sampled from start to end.
+
+Upstreams: ``directory:`` (always), ``http:`` in front of an nginx origin, and
+``glance:`` in front of a plain Glance (when the Glance peer is installed).
+
+    .venv/bin/python bench/run.py            # 1 GiB image, about 5-8 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick    # 256 MiB, fewer rounds: a sanity run
+
+Results: a table on stdout, and bench/results/run-<time>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import MIB, ProcessSampler, Throughput, fetch_all, hash_rate, throughput
+from peers import (
+    REPO,
+    GlancePeer,
+    Imagecache,
+    Nginx,
+    PeerError,
+    file_digests,
+    wait_until,
+    write_random_file,
+)
+
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Config:
+    size: int
+    reps: int
+    clients: int
+    herd: int
+    crowd: int
+    workers: int
+    glance: bool
+    workdir: Path
+    keep: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        size_mib = args.size_mib or (256 if args.quick else 1024)
+        return cls(
+            size=size_mib * MIB,
+            reps=args.reps or (3 if args.quick else 5),
+            clients=args.clients,
+            herd=32,
+            crowd=100,
+            workers=args.workers,
+            glance=not args.no_glance and GlancePeer.available(),
+            workdir=Path(args.workdir),
+            keep=args.keep,
+        )
+
+
+@dataclass
+class Report:
+    """Everything measured: raw rows, ratios against targets, notes."""
+
+    started: str
+    machine: dict[str, str]
+    config: dict[str, object]
+    rows: list[dict[str, object]] = field(default_factory=list)
+    ratios: list[dict[str, object]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(
+        self, scenario: str, subject: str, result: Throughput | float, unit: str = "MiB/s"
+    ) -> float:
+        if isinstance(result, Throughput):
+            low, high = result.spread
+            value = result.median
+            self.rows.append(
+                dict(
+                    scenario=scenario,
+                    subject=subject,
+                    value=round(value, 1),
+                    unit=unit,
+                    low=round(low, 1),
+                    high=round(high, 1),
+                    rounds=len(result.samples),
+                    errors=result.errors,
+                )
+            )
+        else:
+            value = result
+            self.rows.append(
+                dict(
+                    scenario=scenario,
+                    subject=subject,
+                    value=round(value, 1),
+                    unit=unit,
+                    low=None,
+                    high=None,
+                    rounds=1,
+                    errors=0,
+                )
+            )
+        print(f"  {scenario:<6} {subject:<52} {value:>9.1f} {unit}", flush=True)
+        return value
+
+    def ratio(self, name: str, num: float, den: float, target: float | None) -> None:
+        value = num / den if den else 0.0
+        verdict = "" if target is None else ("ok" if value >= target else "MISSED")
+        self.ratios.append(dict(name=name, ratio=round(value, 3), target=target, verdict=verdict))
+
+    def note(self, text: str) -> None:
+        print(f"  note: {text}", flush=True)
+        self.notes.append(text)
+
+
+def machine() -> dict[str, str]:
+    return {
+        "nproc": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+    }
+
+
+# ----------------------------------------------------------------- setup ---
+
+
+@dataclass
+class Image:
+    image_id: str
+    path: Path
+    size: int
+    md5: str
+    sha512: str
+
+
+def make_image(images: Path, size: int) -> Image:
+    """A random image with the sidecar digests the directory upstream reads."""
+    image_id = str(uuid.uuid4())
+    path = images / image_id
+    write_random_file(path, size)
+    md5, sha512 = file_digests(path)
+    (images / f"{image_id}.md5").write_text(md5 + "\n")
+    (images / f"{image_id}.sha512").write_text(sha512 + "\n")
+    return Image(image_id, path, size, md5, sha512)
+
+
+def warm(url: str, size: int) -> None:
+    """One full GET (fills a cache); any error here means the peer is broken."""
+    sample = fetch_all([url], size)
+    if sample.errors:
+        raise PeerError(f"warm-up GET {url} failed")
+
+
+# ------------------------------------------------------------- scenarios ---
+
+
+def scenario_hit(
+    cfg: Config,
+    rep: Report,
+    targets: dict[str, Callable[[], str]],
+    nginx_url: str,
+    nginx_copy_url: str,
+) -> None:
+    """a. a cached GET through each server, against nginx serving the file with sendfile."""
+    print(f"a. hit: {cfg.size // MIB} MiB, median of {cfg.reps} rounds", flush=True)
+    for clients in (1, cfg.clients):
+        reps = cfg.reps if clients == 1 else max(2, cfg.reps - 2)
+        base = rep.row(
+            "hit",
+            f"nginx sendfile, {clients} client(s)",
+            throughput(nginx_url, cfg.size, clients, reps),
+        )
+        copy = rep.row(
+            "hit",
+            f"nginx without sendfile (context), {clients} client(s)",
+            throughput(nginx_copy_url, cfg.size, clients, reps),
+        )
+        for name, url in targets.items():
+            value = rep.row(
+                "hit", f"{name}, {clients} client(s)", throughput(url(), cfg.size, clients, reps)
+            )
+            ours = name.startswith("imagecache")
+            rep.ratio(
+                f"hit {name} / nginx sendfile, {clients} client(s)",
+                value,
+                base,
+                0.9 if ours else None,
+            )
+            if ours:
+                rep.ratio(
+                    f"hit {name} / nginx without sendfile, {clients} client(s)", value, copy, None
+                )
+
+
+def scenario_miss(
+    cfg: Config,
+    rep: Report,
+    subject: str,
+    url: str,
+    evict: Callable[[], None],
+    passthrough_url: str,
+    hash_mib_s: float,
+    glance_miss: float | None = None,
+) -> None:
+    """b. a verified fill against the pass-through of the same origin and the hash rate."""
+    fill = rep.row(
+        "miss",
+        f"{subject} miss (fill + verify)",
+        throughput(url, cfg.size, 1, cfg.reps, before_each=evict),
+    )
+    plain = rep.row(
+        "miss",
+        f"pass-through of the same origin ({subject})",
+        throughput(passthrough_url, cfg.size, 1, cfg.reps),
+    )
+    limit = min(plain, hash_mib_s)
+    rep.ratio(f"miss {subject} / min(pass-through, sha512 rate)", fill, limit, 0.8)
+    rep.ratio(f"miss {subject} / pass-through", fill, plain, None)
+    if glance_miss is not None:
+        rep.ratio(f"miss {subject} / Glance's own miss", fill, glance_miss, None)
+
+
+def scenario_herd(
+    cfg: Config,
+    rep: Report,
+    subject: str,
+    url: str,
+    evict: Callable[[], None],
+    body_reads: Callable[[], int],
+) -> None:
+    """c. many clients on one cold image: one origin read, aggregate throughput."""
+    evict()
+    before = body_reads()
+    sample = fetch_all([url] * cfg.herd, cfg.size)
+    # The origin logs a request when its response ends, which precedes the
+    # fill's commit; poll briefly in case the log line lands a moment later.
+    with contextlib.suppress(PeerError):
+        wait_until("origin log", lambda: body_reads() > before, timeout=5)
+    reads = body_reads() - before
+    rep.row("herd", f"{subject}: {cfg.herd} cold clients, aggregate", Throughput([sample]))
+    rep.row("herd", f"{subject}: origin body reads (must be 1)", float(reads), "reads")
+    rep.ratios.append(
+        dict(
+            name=f"herd {subject}: origin body reads",
+            ratio=reads,
+            target=1,
+            verdict="ok" if reads == 1 else "MISSED",
+        )
+    )
+    if sample.errors:
+        rep.note(f"herd {subject}: {sample.errors} of {cfg.herd} downloads failed")
+
+
+def scenario_memory(cfg: Config, rep: Report, ic: Imagecache, image: Image) -> None:
+    """d. RSS of the imagecache processes under 100 concurrent downloads, from cold."""
+    ic.evict(image.image_id)
+    start_rss = ic.rss_kib()
+    with ProcessSampler(lambda: (ic.rss_kib(), ic.fds())) as sampler:
+        sample = fetch_all([ic.file_url(image.image_id)] * cfg.crowd, cfg.size)
+    peak = max(sampler.rss_kib)
+    rep.row("memory", f"{cfg.crowd} concurrent downloads, aggregate", Throughput([sample]))
+    rep.row("memory", "imagecache RSS at start (all processes)", start_rss / 1024, "MiB")
+    rep.row("memory", "imagecache RSS peak (sampled every 0.1 s)", peak / 1024, "MiB")
+    rep.row("memory", "imagecache RSS at end", sampler.rss_kib[-1] / 1024, "MiB")
+    rep.row("memory", "imagecache VmHWM (kernel's peak, all processes)", ic.hwm_kib() / 1024, "MiB")
+    rep.row("memory", "open fds: start / peak / end", float(max(sampler.fds)), "fds")
+    rep.note(f"fds start {sampler.fds[0]}, peak {max(sampler.fds)}, end {sampler.fds[-1]}")
+    growth = (peak - start_rss) / 1024
+    rep.ratios.append(
+        dict(
+            name=f"memory: RSS growth under {cfg.crowd} downloads (MiB)",
+            ratio=round(growth, 1),
+            target=None,
+            verdict=f"{growth / (cfg.size / MIB) * 100:.1f}% of one image",
+        )
+    )
+    if sample.errors:
+        rep.note(f"memory: {sample.errors} of {cfg.crowd} downloads failed")
+
+
+# ----------------------------------------------------------------- main ---
+
+
+def run(cfg: Config) -> Report:
+    rep = Report(
+        started=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        machine=machine(),
+        config={k: str(v) for k, v in asdict(cfg).items()},
+    )
+    print(
+        f"imagecache bench: {cfg.size // MIB} MiB image, {cfg.workers} worker(s), "
+        f"glance={'yes' if cfg.glance else 'no (peer not installed or --no-glance)'}",
+        flush=True,
+    )
+    if cfg.workdir.exists():
+        shutil.rmtree(cfg.workdir)
+    images = cfg.workdir / "images"
+    image = make_image(images, cfg.size)
+    sha512_rate = rep.row("hash", "hashlib.sha512 on one buffer", hash_rate("sha512", cfg.size))
+    md5_rate = rep.row("hash", "hashlib.md5 on one buffer", hash_rate("md5", cfg.size))
+    rep.note(
+        f"md5 and sha512 one after the other on one core: "
+        f"{1 / (1 / md5_rate + 1 / sha512_rate):.0f} MiB/s"
+    )
+
+    with contextlib.ExitStack() as stack:
+        enter = stack.enter_context
+        origin = enter(
+            Nginx(
+                cfg.workdir / "nginx-origin",
+                root=images,
+                workers=cfg.workers,
+                access_log=True,
+                md5_headers={image.image_id: image.md5},
+            )
+        )
+        origin_copy = enter(
+            Nginx(cfg.workdir / "nginx-copy", root=images, workers=cfg.workers, sendfile=False)
+        )
+        origin_proxy = enter(
+            Nginx(cfg.workdir / "nginx-proxy", proxy_to=origin.url, workers=cfg.workers)
+        )
+        ic_dir = enter(
+            Imagecache(cfg.workdir / "ic-dir" / "cache", f"directory:{images}", workers=cfg.workers)
+        )
+        ic_http = enter(
+            Imagecache(
+                cfg.workdir / "ic-http" / "cache",
+                f"http:{origin.url}/{{image_id}}",
+                workers=cfg.workers,
+            )
+        )
+        file_path = f"/{image.image_id}"
+        hit_targets: dict[str, Callable[[], str]] = {
+            "imagecache (directory upstream)": lambda: ic_dir.file_url(image.image_id),
+            "imagecache (http upstream)": lambda: ic_http.file_url(image.image_id),
+        }
+        glance_cache = glance_origin = ic_glance = glance_proxy = None
+        gid = ""
+        if cfg.glance:
+            glance_cache = enter(GlancePeer(cfg.workdir / "glance-cache", cache=True))
+            glance_origin = enter(GlancePeer(cfg.workdir / "glance-origin", cache=False))
+            print("  uploading the image to two Glance peers (cache on / plain origin)", flush=True)
+            gid = glance_origin.upload(image.path, "bench-origin")
+            gid_cache = glance_cache.upload(image.path, "bench-cache")
+            ic_glance = enter(
+                Imagecache(
+                    cfg.workdir / "ic-glance" / "cache",
+                    f"glance:{glance_origin.url}",
+                    workers=cfg.workers,
+                )
+            )
+            glance_proxy = enter(
+                Nginx(cfg.workdir / "glance-proxy", proxy_to=glance_origin.url, workers=cfg.workers)
+            )
+            glance_cache.fill_cache(gid_cache)
+            hit_targets["imagecache (glance upstream)"] = lambda: ic_glance.file_url(gid)
+            hit_targets["Glance's own cache"] = lambda: glance_cache.file_url(gid_cache)
+
+        for name, url in hit_targets.items():
+            if name.startswith("imagecache"):
+                warm(url(), cfg.size)
+
+        scenario_hit(cfg, rep, hit_targets, origin.url + file_path, origin_copy.url + file_path)
+
+        print(f"b. miss: median of {cfg.reps} rounds, cache emptied before each", flush=True)
+        glance_miss = None
+        if glance_cache is not None:
+            glance_miss = rep.row(
+                "miss",
+                "Glance's own miss (cache on, emptied)",
+                throughput(
+                    glance_cache.file_url(gid_cache),
+                    cfg.size,
+                    1,
+                    cfg.reps,
+                    before_each=lambda: glance_cache.evict(gid_cache),
+                ),
+            )
+        scenario_miss(
+            cfg,
+            rep,
+            "imagecache (directory upstream)",
+            ic_dir.file_url(image.image_id),
+            lambda: ic_dir.evict(image.image_id),
+            origin.url + file_path,
+            sha512_rate,
+            glance_miss,
+        )
+        scenario_miss(
+            cfg,
+            rep,
+            "imagecache (http upstream)",
+            ic_http.file_url(image.image_id),
+            lambda: ic_http.evict(image.image_id),
+            origin_proxy.url + file_path,
+            sha512_rate,
+            glance_miss,
+        )
+        if ic_glance is not None and glance_proxy is not None and glance_origin is not None:
+            scenario_miss(
+                cfg,
+                rep,
+                "imagecache (glance upstream)",
+                ic_glance.file_url(gid),
+                lambda: ic_glance.evict(gid),
+                glance_proxy.url + f"/v2/images/{gid}/file",
+                sha512_rate,
+                glance_miss,
+            )
+
+        print(f"c. herd: {cfg.herd} concurrent clients on one cold image", flush=True)
+        scenario_herd(
+            cfg,
+            rep,
+            "http upstream (nginx origin)",
+            ic_http.file_url(image.image_id),
+            lambda: ic_http.evict(image.image_id),
+            lambda: origin.requests_for(file_path),
+        )
+        if ic_glance is not None and glance_origin is not None:
+            scenario_herd(
+                cfg,
+                rep,
+                "glance upstream (Glance origin)",
+                ic_glance.file_url(gid),
+                lambda: ic_glance.evict(gid),
+                lambda: glance_origin.body_reads(gid),
+            )
+
+        print(f"d. memory: {cfg.crowd} concurrent downloads, starting cold", flush=True)
+        scenario_memory(cfg, rep, ic_dir, image)
+
+    if not cfg.keep:
+        shutil.rmtree(cfg.workdir, ignore_errors=True)
+    return rep
+
+
+def markdown(rep: Report, command: str) -> str:
+    lines = [
+        f"Run {rep.started}: `{command}`",
+        "",
+        f"Machine: {rep.machine['nproc']} cores, kernel {rep.machine['kernel']}, "
+        f"Python {rep.machine['python']}, {rep.machine['nginx']}.",
+        "",
+        "| ratio | value | target | verdict |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for r in rep.ratios:
+        target = "" if r["target"] is None else f"≥ {r['target']}"
+        if str(r["name"]).startswith("herd"):
+            target = "= 1"
+        lines.append(f"| {r['name']} | {r['ratio']} | {target} | {r['verdict']} |")
+    lines += [
+        "",
+        "| scenario | subject | median | min-max | rounds | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rep.rows:
+        spread = "" if r["low"] is None else f"{r['low']}-{r['high']}"
+        lines.append(
+            f"| {r['scenario']} | {r['subject']} | {r['value']} {r['unit']} | {spread} "
+            f"| {r['rounds']} | {r['errors']} |"
+        )
+    if rep.notes:
+        lines += ["", *[f"- {n}" for n in rep.notes]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256 MiB image, 3 rounds")
+    parser.add_argument("--size-mib", type=int, default=0, help="image size (default 1024)")
+    parser.add_argument("--reps", type=int, default=0, help="rounds per measurement")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients in a (4-8)")
+    parser.add_argument("--workers", type=int, default=2, help="imagecache and nginx workers")
+    parser.add_argument("--no-glance", action="store_true", help="skip the Glance peers")
+    parser.add_argument("--workdir", default="/var/tmp/imagecache-bench/run")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
+    args = parser.parse_args(argv)
+    cfg = Config.from_args(args)
+    command = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rep = run(cfg)
+    text = markdown(rep, command.strip())
+    print()
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = rep.started.replace(":", "").replace("+0000", "Z")
+    (RESULTS / f"run-{stamp}.json").write_text(json.dumps(asdict(rep), indent=2) + "\n")
+    (RESULTS / f"run-{stamp}.md").write_text(text)
+    print(f"written: {RESULTS}/run-{stamp}.{{json,md}}")
+    missed = [r for r in rep.ratios if r["verdict"] == "MISSED"]
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
