@@ -153,3 +153,38 @@ def test_repr_digest_prefers_sha512() -> None:
         hashlib.sha256(b"x").hexdigest(),
     )
     assert _digest_from({"Repr-Digest": "sha-256=:bm90:"}) == (None, None)
+
+
+async def test_origin_reset_hook_is_an_upstream_error(
+    http_origin: Origin, upstream: HttpUpstream
+) -> None:
+    http_origin.add("img", DATA)
+    http_origin.fail("img", Fault.RESET, after=100_000)
+    with pytest.raises(UpstreamError):
+        await collect(upstream.stream("img"))
+    http_origin.fail("img", None)
+    assert await collect(upstream.stream("img")) == DATA
+    assert http_origin.body_reads("img") == 2
+
+
+async def test_origin_gate_holds_the_body_until_set(
+    http_origin: Origin, upstream: HttpUpstream
+) -> None:
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=1000)
+    chunks = upstream.stream("img")
+    received = bytearray()
+    while len(received) < 1000:
+        received.extend(await anext(aiter(chunks)))
+    assert bytes(received) == DATA[:1000]
+    # Nothing more flows while the gate is shut (a bounded wait proving a negative).
+    pending = asyncio.ensure_future(anext(aiter(chunks)))
+    done, _ = await asyncio.wait({pending}, timeout=0.2)
+    assert not done
+    assert http_origin.bytes_sent("img") == 1000
+    gate.set()
+    received.extend(await pending)
+    async for chunk in chunks:
+        received.extend(chunk)
+    assert bytes(received) == DATA
+    assert http_origin.body_reads("img") == 1

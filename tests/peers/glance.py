@@ -147,6 +147,7 @@ def _start(tmp_path_factory: pytest.TempPathFactory, auth: str) -> GlancePeer:
         )
     port = free_port()
     env.update(
+        GLANCE_PEER_HOST="127.0.0.1",
         GLANCE_PEER_DATA=str(tmp_path_factory.mktemp(f"glance-{auth}")),
         GLANCE_PEER_PORT=str(port),
         GLANCE_PEER_AUTH=auth,
