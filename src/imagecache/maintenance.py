@@ -1,0 +1,177 @@
+"""Automatic maintenance inside the service: no cron jobs.
+
+Jobs, each on its own interval setting (0 disables it):
+
+- ``prune``  (``prune_interval``): evict LRU entries over the size limit, and
+  entries unread for longer than ``idle_ttl`` (when set); pinned ones never.
+- ``clean``  (``clean_interval``): delete ``invalid/`` and stalled fills.
+- ``queue``  (``queue_interval``): re-drive the queue through the prefetcher,
+  so an entry whose fill failed (or was queued by another process) is retried.
+- ``scrub``  (``scrub_interval``): re-hash cached files at a limited rate.
+
+Plus a one-off ``reconcile`` at start-up, in the background, so serving starts
+at once. Every job's blocking work runs in a thread, under the same
+cross-process lock (``ImageCache.exclusive``) as the manual API calls, so a
+manual prune and a scheduled one never run at once, in any worker.
+
+``Maintenance.attach(app)`` ties the jobs to an aiohttp application's
+start-up and clean-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from imagecache.cache import ImageCache
+from imagecache.prefetch import Prefetcher, forget_stale_errors
+from imagecache.reconcile import ReconcileReport, reconcile
+from imagecache.records import PruneResult
+from imagecache.scrub import Scrubber
+
+log = logging.getLogger(__name__)
+
+
+def evict_idle(cache: ImageCache, ttl: float, now: float | None = None) -> PruneResult:
+    """Evict unpinned entries not read for ``ttl`` seconds; 0 = never."""
+    if not ttl:
+        return PruneResult(0, 0)
+    cutoff = (time.time() if now is None else now) - ttl
+    files = freed = 0
+    with cache.exclusive("prune"):
+        for image in cache.get_cached_images():
+            if image.pinned or image.last_accessed >= cutoff:
+                continue
+            if cache.delete_cached_image(image.image_id):
+                files += 1
+                freed += image.size
+    if files:
+        log.info("evicted %d images idle for over %ds (%d bytes)", files, ttl, freed)
+    return PruneResult(files, freed)
+
+
+class Maintenance:
+    """The scheduled jobs of one service process."""
+
+    def __init__(
+        self,
+        cache: ImageCache,
+        prefetcher: Prefetcher | None = None,
+        scrubber: Scrubber | None = None,
+    ) -> None:
+        self.cache = cache
+        self.prefetcher = prefetcher
+        self.scrubber = scrubber if scrubber is not None else Scrubber(cache)
+        self.runs: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.last_result: dict[str, Any] = {}
+        self.reconciled: ReconcileReport | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_at = time.time()
+        self._changed = asyncio.Condition()
+
+    # --- the jobs (each also callable on its own) ----------------------------------------------
+
+    async def prune(self) -> PruneResult:
+        ttl = self.cache.settings.idle_ttl
+        idle = await asyncio.to_thread(evict_idle, self.cache, ttl)
+        over = await asyncio.to_thread(self.cache.prune)
+        return PruneResult(idle.files + over.files, idle.bytes + over.bytes)
+
+    async def clean(self) -> Any:
+        result = await asyncio.to_thread(self.cache.clean)
+        await asyncio.to_thread(forget_stale_errors, self.cache)
+        return result
+
+    async def redrive_queue(self) -> Any:
+        if self.prefetcher is None:
+            return None
+        waiting = await asyncio.to_thread(self.cache.get_queued_images)
+        ids = [i for i in waiting if i not in self.prefetcher.in_flight]
+        if not ids:
+            return None
+        return (await self.prefetcher.run(ids)).as_dict()
+
+    async def scrub(self) -> Any:
+        def run() -> Any:
+            with self.cache.exclusive("scrub"):
+                return self.scrubber.run().as_dict()
+
+        return await asyncio.to_thread(run)
+
+    async def reconcile(self) -> ReconcileReport:
+        self.reconciled = await asyncio.to_thread(reconcile, self.cache, self._started_at)
+        return self.reconciled
+
+    def schedule(self) -> dict[str, tuple[float, Callable[[], Awaitable[Any]]]]:
+        settings = self.cache.settings
+        return {
+            "prune": (settings.prune_interval, self.prune),
+            "clean": (settings.clean_interval, self.clean),
+            "queue": (settings.queue_interval, self.redrive_queue),
+            "scrub": (settings.scrub_interval, self.scrub),
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._started_at = time.time()
+        self._tasks.append(asyncio.create_task(self._once("reconcile", self.reconcile)))
+        for name, (interval, job) in self.schedule().items():
+            if interval > 0:
+                self._tasks.append(asyncio.create_task(self._every(name, interval, job)))
+
+    async def stop(self) -> None:
+        self.scrubber.stop()  # a scrub in a thread notices between chunks
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def wait_for(self, name: str, runs: int) -> None:
+        """Wait until job ``name`` has completed ``runs`` times; wrap in ``asyncio.timeout``."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.runs[name] >= runs)
+
+    def attach(self, app: web.Application) -> None:
+        """Start with ``app`` and stop with it."""
+        app[MAINTENANCE_KEY] = self
+
+        async def on_startup(_app: web.Application) -> None:
+            await self.start()
+
+        async def on_cleanup(_app: web.Application) -> None:
+            await self.stop()
+
+        app.on_startup.append(on_startup)
+        app.on_cleanup.append(on_cleanup)
+
+    async def _every(self, name: str, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self._once(name, job)
+
+    async def _once(self, name: str, job: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            self.last_result[name] = await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A job that fails must not stop its schedule: log and try next time.
+            log.exception("maintenance job %s failed", name)
+            self.failures[name] += 1
+        async with self._changed:
+            self.runs[name] += 1
+            self._changed.notify_all()
+
+
+MAINTENANCE_KEY = web.AppKey("imagecache.maintenance", Maintenance)

@@ -1,0 +1,154 @@
+"""The hard size limit: room is reserved before a fill, never overshot while filling."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from imagecache import ImageCache, ImageInfo, Settings
+from imagecache.capacity import Admission, Capacity
+
+MiB = 1024 * 1024
+CHUNK = 256 * 1024
+
+
+def _data(i: int) -> bytes:
+    size = (1 + i % 4) * MiB - i  # 1..4 MiB, all different
+    return hashlib.sha256(str(i).encode()).digest() * (size // 32) + b"x" * (size % 32)
+
+
+def _fill(cache: ImageCache, capacity: Capacity, image_id: str, data: bytes) -> Admission:
+    info = ImageInfo(
+        image_id, size=len(data), hash_algo="sha256", hash_value=hashlib.sha256(data).hexdigest()
+    )
+    with capacity.reserved(image_id, info.size) as reservation:
+        if not reservation.admission:
+            return reservation.admission
+        writer = cache.writer(image_id, info)
+        assert writer.open()
+        for offset in range(0, len(data), CHUNK):
+            writer.write(data[offset : offset + CHUNK])
+        writer.finish()
+        assert writer.committed
+    return Admission.ADMITTED
+
+
+def _bytes_on_disk(base: Path) -> int:
+    """Committed plus incomplete bytes, as ``du`` of the cache would count them."""
+    total = 0
+    for directory in (base, base / "incomplete"):
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file() and not entry.name.startswith(("cache.db", ".")):
+                        total += entry.stat().st_size
+                except FileNotFoundError:
+                    continue
+    return total
+
+
+def test_concurrent_fills_never_exceed_the_limit(
+    make_settings: Callable[..., Settings], cache_dir: Path
+) -> None:
+    limit = 10 * MiB
+    settings = make_settings(image_cache_max_size=limit, free_space_watermark=0)
+    images = {f"img-{i}": _data(i) for i in range(24)}
+    assert sum(map(len, images.values())) > 5 * limit
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        # Two directory scans are not one instant: an image evicted after the
+        # first scan and a fill started before the second would both be
+        # counted. Evictions and new reservations happen only under the
+        # capacity lock, so holding it gives a true snapshot; fills keep writing
+        # (inside their reservations) and committing meanwhile.
+        while not stop.is_set():
+            with cache.exclusive("capacity"):
+                samples.append(_bytes_on_disk(cache_dir))
+
+    with ImageCache(settings) as cache:
+        capacity = Capacity(cache)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                outcomes = list(
+                    pool.map(lambda item: _fill(cache, capacity, *item), images.items())
+                )
+        finally:
+            stop.set()
+            sampler.join()
+        # A fill that finds the limit promised to fills in flight streams
+        # through uncached (no_space); most find room by evicting.
+        assert set(outcomes) <= {Admission.ADMITTED, Admission.NO_SPACE}
+        assert outcomes.count(Admission.ADMITTED) >= len(images) // 2
+        assert capacity.evictions > 0
+        assert capacity.reserved_bytes() == 0
+        assert len(samples) > 10
+        # Reservations cover whole images, so even with fills in flight the
+        # directory stays under the limit itself (limit + in-flight is the promise).
+        assert max(samples) <= limit, (max(samples), limit)
+        assert cache.get_cache_size() <= limit
+        # What survived eviction is intact.
+        survivors = cache.get_cached_images()
+        assert survivors
+        for image in survivors:
+            with cache.open_for_read(image.image_id) as handle:
+                assert handle.read() == images[image.image_id]
+
+
+def test_too_large_is_refused_and_pinned_images_stay(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(
+        image_cache_max_size=4 * MiB, max_image_fraction=0.5, free_space_watermark=0
+    )
+    with ImageCache(settings) as cache:
+        capacity = Capacity(cache)
+        assert capacity.reserve("huge", 2 * MiB + 1).admission is Admission.TOO_LARGE
+        assert _fill(cache, capacity, "golden", b"g" * (2 * MiB)) is Admission.ADMITTED
+        assert cache.pin("golden")
+        assert _fill(cache, capacity, "a", b"a" * (2 * MiB)) is Admission.ADMITTED
+        # Room for b is made by evicting a (unpinned), never golden.
+        assert _fill(cache, capacity, "b", b"b" * (2 * MiB)) is Admission.ADMITTED
+        assert cache.is_cached("golden")
+        assert not cache.is_cached("a")
+        # With only pinned and in-flight bytes left, there is no room: bypass.
+        assert cache.pin("b")
+        no_room = capacity.reserve("c", MiB)
+        assert no_room.admission is Admission.NO_SPACE
+        assert no_room.evicted == ()
+        assert cache.is_cached("b")
+
+
+def test_the_free_space_watermark_refuses_without_evicting(
+    make_settings: Callable[..., Settings], cache_dir: Path
+) -> None:
+    free = os.statvfs(cache_dir).f_bavail * os.statvfs(cache_dir).f_frsize
+    with ImageCache(make_settings(free_space_watermark=0)) as cache:
+        assert _fill(cache, Capacity(cache), "keep", b"k" * MiB) is Admission.ADMITTED
+    # A watermark the disk cannot meet even with the cache emptied.
+    settings = make_settings(free_space_watermark=free * 2)
+    with ImageCache(settings) as cache:
+        reservation = Capacity(cache).reserve("new", MiB)
+        assert reservation.admission is Admission.NO_SPACE
+        assert cache.is_cached("keep")
+
+
+def test_reservations_of_fills_in_flight_count(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(image_cache_max_size=4 * MiB, free_space_watermark=0)
+    with ImageCache(settings) as cache:
+        capacity = Capacity(cache)
+        first = capacity.reserve("one", 2 * MiB)
+        second = capacity.reserve("two", 2 * MiB)
+        assert first.admission is Admission.ADMITTED
+        assert second.admission is Admission.ADMITTED
+        # Nothing committed to evict, and 4 MiB are promised: no room for more.
+        assert capacity.reserve("three", MiB).admission is Admission.NO_SPACE
+        capacity.release(first)
+        assert capacity.reserve("three", MiB).admission is Admission.ADMITTED

@@ -1,0 +1,90 @@
+"""Scheduled maintenance: each job runs on its interval, 0 disables it, failures don't stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+
+from imagecache import ImageCache, Settings
+from imagecache.maintenance import Maintenance, evict_idle
+from imagecache.prefetch import Prefetcher
+from test_prefetch import ScriptedUpstream
+
+
+async def test_jobs_run_on_their_intervals(make_settings: Callable[..., Settings]) -> None:
+    upstream = ScriptedUpstream({"queued": b"q" * 5000})
+    settings = make_settings(
+        image_cache_max_size=3000,
+        prune_interval=0.01,
+        clean_interval=0.01,
+        queue_interval=0.01,
+        scrub_interval=0,  # disabled
+    )
+    with ImageCache(settings) as cache:
+        assert cache.cache_image_iter("old", [b"o" * 2000])
+        assert cache.cache_image_iter("new", [b"n" * 2000])
+        cache.driver.layout.invalid_path("junk").write_bytes(b"j")
+        cache.queue_image("queued")
+        maintenance = Maintenance(cache, Prefetcher(cache, upstream))
+        await maintenance.start()
+        try:
+            async with asyncio.timeout(10):
+                await maintenance.wait_for("reconcile", 1)
+                await maintenance.wait_for("prune", 2)
+                await maintenance.wait_for("clean", 2)
+                await maintenance.wait_for("queue", 2)
+        finally:
+            await maintenance.stop()
+        assert maintenance.runs["scrub"] == 0
+        assert not cache.driver.layout.invalid_path("junk").exists()
+        # The queue was re-driven (the upstream image is bigger than the limit
+        # allows, so it stays queued with its error) ...
+        assert upstream.streams["queued"] == 0
+        assert cache.get_queued_images() == ["queued"]
+        # ... and prune kept the cache under its limit.
+        assert cache.get_cache_size() <= 3000
+        assert maintenance.failures == {}
+
+
+async def test_a_failing_job_keeps_its_schedule(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(
+        prune_interval=0.01, clean_interval=0, queue_interval=0, scrub_interval=0
+    )
+    with ImageCache(settings) as cache:
+        maintenance = Maintenance(cache)
+        calls = 0
+
+        async def broken() -> None:
+            nonlocal calls
+            calls += 1
+            raise OSError("disk on fire")
+
+        maintenance.prune = broken  # type: ignore[method-assign]
+        await maintenance.start()
+        try:
+            async with asyncio.timeout(10):
+                await maintenance.wait_for("prune", 3)
+        finally:
+            await maintenance.stop()
+        assert maintenance.failures["prune"] >= 3
+        assert set(maintenance.runs) <= {"prune", "reconcile"}
+
+
+def test_idle_ttl_spares_pinned_and_recent(make_settings: Callable[..., Settings]) -> None:
+    with ImageCache(make_settings(idle_ttl=3600)) as cache:
+        for image_id in ("idle", "pinned", "recent"):
+            assert cache.cache_image_iter(image_id, [image_id.encode() * 100])
+        two_hours_ago = time.time() - 7200
+        for image_id in ("idle", "pinned"):
+            image = cache.get_cached_image(image_id)
+            assert image is not None
+            aged = dataclasses.replace(
+                image, last_accessed=two_hours_ago, pinned=image_id == "pinned"
+            )
+            cache.driver.record_image(aged, replace=True)
+        assert evict_idle(cache, 3 * 3600).files == 0  # nothing idle for three hours
+        assert evict_idle(cache, 3600) == (1, 400)  # "idle" only
+        assert [image.image_id for image in cache.get_cached_images()] == ["pinned", "recent"]
+        assert evict_idle(cache, 0).files == 0
