@@ -439,3 +439,51 @@ def import_glance_cache(ctx: click.Context, source: Path, copy: bool) -> None:
         return line + (f"\nSkipped: {', '.join(skipped)}" if skipped else "")
 
     _emit(ctx, report.as_dict(), human)
+
+
+# --- the service --------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--config",
+    "serve_config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML settings file; the options below override it.",
+)
+@click.option("--host", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port to bind (default 9393; 0 picks a free one).")
+@click.option(
+    "--cache-dir",
+    "serve_cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The cache directory (image_cache_dir).",
+)
+@click.option("--upstream", "serve_upstream", help="The origin, KIND:TARGET.")
+@click.option("--workers", type=int, help="Worker processes sharing the port and the cache.")
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    serve_config: Path | None,
+    host: str | None,
+    port: int | None,
+    serve_cache_dir: Path | None,
+    serve_upstream: str | None,
+    workers: int | None,
+) -> None:
+    """Run the caching proxy service until SIGTERM."""
+    from imagecache.server.run import serve as run_service
+    from imagecache.settings import load_settings
+
+    options = _options(ctx)
+    settings = load_settings(
+        serve_config or options.config,
+        image_cache_dir=serve_cache_dir or options.cache_dir,
+        upstream=serve_upstream or options.upstream,
+        bind_host=host,
+        bind_port=port,
+        workers=workers,
+    )
+    if settings.image_cache_dir is None or settings.upstream is None:
+        raise click.UsageError("serve needs --cache-dir and --upstream (or both in --config)")
+    run_service(settings)

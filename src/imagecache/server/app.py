@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
+from imagecache import cluster
 from imagecache.cache import ImageCache
 from imagecache.errors import (
     ConfigurationError,
@@ -30,12 +31,18 @@ from imagecache.settings import Settings
 from imagecache.upstreams import create_upstream
 from imagecache.upstreams.base import Upstream
 
-access_log = logging.getLogger("imagecache.access")
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# How long a stopping process lets running fills finish before rolling them back.
-SHUTDOWN_GRACE = 30.0
+
+
+def shutdown_grace(settings: Settings) -> float:
+    """How long a stopping process lets running fills and downloads finish.
+
+    As long as one upstream read may take: a fill that gets no byte for that
+    long would fail anyway, and one that is moving usually finishes.
+    """
+    return settings.upstream_timeout
 
 
 def error_status(exc: ImageCacheError) -> int:
@@ -65,29 +72,27 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(status=status, text=str(exc))
 
 
-@web.middleware
-async def _access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One line per request. Headers are never logged: they carry tokens."""
-    started = time.monotonic()
-    status: int | str = "error"
-    sent = 0
-    try:
-        response = await handler(request)
-        status, sent = response.status, response.body_length
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        access_log.info(
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, after its response is sent. Headers are never logged: tokens."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
             "method=%s path=%s status=%s bytes=%d duration=%.4f remote=%s",
             request.method,
             request.path,
-            status,
-            sent,
-            time.monotonic() - started,
+            response.status,
+            _body_bytes(response),
+            time,
             request.remote,
         )
+
+
+def _body_bytes(response: web.StreamResponse) -> int:
+    # body_length counts the headers and misses what sendfile sent; the
+    # declared length is what a completed response carried.
+    if response.content_length is not None:
+        return response.content_length
+    return response.body_length
 
 
 async def healthcheck(request: web.Request) -> web.StreamResponse:
@@ -111,7 +116,8 @@ def create_app(
         upstream = create_upstream(settings.upstream, settings)
     if cache is None:
         cache = ImageCache(settings)
-    app = web.Application(middlewares=[_access_log, _errors], client_max_size=1024**2)
+    app = web.Application(middlewares=[_errors], client_max_size=1024**2)
+    upstream = cluster.enable(app, settings, cache, upstream)  # siblings first, in cluster mode
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
@@ -151,7 +157,8 @@ async def _start(app: web.Application) -> None:
 async def _stop_fills(app: web.Application) -> None:
     # Runs when the server stops accepting: fills get a grace period, then roll back.
     await app[cache_api.WORKER].stop()
-    await app[STATE].fills.shutdown(SHUTDOWN_GRACE)
+    state = app[STATE]
+    await state.fills.shutdown(shutdown_grace(state.settings))
 
 
 async def _close(app: web.Application) -> None:
