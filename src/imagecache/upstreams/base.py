@@ -13,7 +13,7 @@ Errors are translated here, at the boundary: an upstream raises only
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 
 from imagecache.records import ImageInfo
@@ -65,7 +65,7 @@ class Upstream(abc.ABC):
         caller: Caller = ANONYMOUS,
         start: int = 0,
         end: int | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The image's bytes ``[start, end)`` (``end=None``: to the end), as they arrive.
 
         An async generator: the caller closes it (``aclose``) when done, which

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from imagecache.errors import UpstreamError, UpstreamNotFound
@@ -72,7 +72,7 @@ class DirectoryUpstream(Upstream):
         caller: Caller = ANONYMOUS,
         start: int = 0,
         end: int | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         path = self.path_of(image_id)
         try:
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)

@@ -38,7 +38,7 @@ For the server's passthrough proxy:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -99,7 +99,7 @@ class GlanceUpstream(Upstream):
         caller: Caller = ANONYMOUS,
         start: int = 0,
         end: int | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         if end is not None and end <= start:
             return
         ranged = range_header(start, end)

@@ -23,7 +23,7 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from urllib.parse import quote
 
 import aiohttp
@@ -110,7 +110,7 @@ async def read_body(
     start: int,
     end: int | None,
     ranged: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the body of ``response`` as bytes ``[start, end)`` of the image.
 
     ``ranged`` says a Range was asked for. An origin may ignore it and answer
@@ -197,7 +197,7 @@ class HttpUpstream(Upstream):
         caller: Caller = ANONYMOUS,
         start: int = 0,
         end: int | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         if end is not None and end <= start:
             return
         headers = {"Accept-Encoding": "identity", **range_header(start, end)}

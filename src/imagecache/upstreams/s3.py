@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from imagecache.errors import (
@@ -129,7 +129,7 @@ class S3Upstream(Upstream):
         caller: Caller = ANONYMOUS,
         start: int = 0,
         end: int | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         if end is not None and end <= start:
             return
         client = await self._s3()
