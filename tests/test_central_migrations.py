@@ -24,7 +24,7 @@ def test_fresh_database_is_migrated_to_head(central_db_url: str, tmp_path: Path)
     driver = create_driver(central_settings(tmp_path / "cache", central_db_url))
     try:
         with driver.engine.connect() as conn:  # type: ignore[attr-defined]
-            assert current_revision(conn) == head_revision() == "r0002"
+            assert current_revision(conn) == head_revision() == "r0003"
             tables = set(inspect(conn).get_table_names())
             columns = {c["name"] for c in inspect(conn).get_columns("cached_images")}
     finally:
@@ -69,7 +69,7 @@ def test_upgrade_from_revision_1_keeps_rows(central_db_url: str, tmp_path: Path)
     try:
         assert isinstance(driver, CentralDriver)
         with driver.engine.connect() as conn:
-            assert current_revision(conn) == "r0002"
+            assert current_revision(conn) == head_revision()
         [image] = driver.get_cached_images()
         assert driver.get_cached_nodes("old-image") == [node_url]
     finally:

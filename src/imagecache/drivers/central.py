@@ -110,6 +110,20 @@ deleted_images = Table(
     Column("deleted_at", DateTime(timezone=True), nullable=False),
 )
 
+# One row per image some node is reading from the origin now (see OriginClaim).
+origin_fills = Table(
+    "origin_fills",
+    metadata,
+    Column("image_id", String(255), primary_key=True),
+    Column("node_id", Integer, ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    Column("started", DateTime(timezone=True), nullable=False),
+)
+
+# First key of the two-key advisory locks that guard origin reads, one lock per
+# image (second key: hashtext of the id); the two-key space never meets the
+# single bigint key of the migration lock.
+ORIGIN_LOCK_SPACE = 0x1AC0
+
 _IMAGE_COLUMNS = (
     cached_images.c.image_id,
     cached_images.c.size,
@@ -256,6 +270,44 @@ def normalise_self_url(value: str) -> str:
             f"worker_self_reference_url must be an http(s) URL siblings can reach, got {value!r}",
         )
     return url
+
+
+class OriginClaim:
+    """This node's right to read one image from the origin; ``release()`` when done.
+
+    On PostgreSQL the right is a session advisory lock held on a connection of
+    its own: if the node dies the server drops the connection and the lock
+    with it at once. SQLite has no such locks; there the ``origin_fills`` row
+    is the claim, and a row whose node stopped beating is void.
+    Either way the row tells the other nodes whom to fetch from meanwhile.
+    """
+
+    def __init__(self, driver: CentralDriver, image_id: str, conn: Connection | None) -> None:
+        self.driver = driver
+        self.image_id = image_id
+        self._conn = conn
+
+    def release(self) -> None:
+        try:
+            with self.driver._write() as conn:
+                conn.execute(
+                    delete(origin_fills).where(
+                        origin_fills.c.image_id == self.image_id,
+                        origin_fills.c.node_id == self.driver.node_id,
+                    )
+                )
+        finally:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                try:
+                    conn.execute(
+                        select(
+                            func.pg_advisory_unlock(ORIGIN_LOCK_SPACE, func.hashtext(self.image_id))
+                        )
+                    )
+                    conn.commit()
+                finally:
+                    conn.close()
 
 
 class CentralDriver(FileBackedDriver):
@@ -452,6 +504,73 @@ class CentralDriver(FileBackedDriver):
         )
         with self._read() as conn:
             return [url for (url,) in conn.execute(query)]
+
+    # --- who reads the origin ---------------------------------------------------------------------
+
+    def claim_origin_fill(self, image_id: str) -> OriginClaim | None:
+        """Claim the one origin read of ``image_id`` in the cluster; None if another node has it."""
+        self.layout.validate(image_id)
+        now = datetime.now(UTC)
+        lock_conn: Connection | None = None
+        if self.engine.dialect.name == "postgresql":
+            try:
+                lock_conn = self.engine.connect()
+                got = lock_conn.execute(
+                    select(func.pg_try_advisory_lock(ORIGIN_LOCK_SPACE, func.hashtext(image_id)))
+                ).scalar_one()
+                lock_conn.commit()  # the session lock outlives the transaction
+            except SQLAlchemyError as exc:
+                if lock_conn is not None:
+                    lock_conn.close()
+                raise CacheStoreError(f"central metadata: {_brief(exc)}") from exc
+            if not got:
+                lock_conn.close()
+                return None
+        claim = OriginClaim(self, image_id, lock_conn)
+        try:
+            with self._write() as conn:
+                row = conn.execute(
+                    select(origin_fills.c.node_id, nodes.c.heartbeat)
+                    .select_from(origin_fills.join(nodes, nodes.c.id == origin_fills.c.node_id))
+                    .where(origin_fills.c.image_id == image_id)
+                ).first()
+                if row is not None:
+                    holder, beat = row
+                    # With the advisory lock in hand any row is a dead holder's leftover.
+                    void = (
+                        lock_conn is not None
+                        or holder == self.node_id
+                        or to_epoch(beat) < self._alive_cutoff().timestamp()
+                    )
+                    if not void:
+                        return None
+                    conn.execute(delete(origin_fills).where(origin_fills.c.image_id == image_id))
+                conn.execute(
+                    insert(origin_fills).values(
+                        image_id=image_id, node_id=self.node_id, started=now
+                    )
+                )
+        except BaseException:
+            if lock_conn is not None:
+                claim._conn = None
+                lock_conn.close()  # closing the session drops the advisory lock
+            raise
+        return claim
+
+    def origin_filler(self, image_id: str) -> str | None:
+        """URL of the live node (not this one) reading ``image_id`` from the origin now."""
+        query = (
+            select(nodes.c.url)
+            .select_from(origin_fills.join(nodes, nodes.c.id == origin_fills.c.node_id))
+            .where(
+                origin_fills.c.image_id == image_id,
+                origin_fills.c.node_id != self.node_id,
+                nodes.c.heartbeat > self._alive_cutoff(),
+            )
+        )
+        with self._read() as conn:
+            url = conn.execute(query).scalar_one_or_none()
+        return str(url) if url is not None else None
 
     # --- cluster-wide deletion -------------------------------------------------------------------
 
@@ -670,11 +789,13 @@ __all__ = [
     "CentralDriver",
     "ImportResult",
     "NodeInfo",
+    "OriginClaim",
     "cached_images",
     "deleted_images",
     "make_engine",
     "metadata",
     "nodes",
+    "origin_fills",
     "to_datetime",
     "to_epoch",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import hdrs, web
 
+from imagecache.cluster import delete_everywhere
 from imagecache.errors import NotInClusterMode, UpstreamNotActive, UpstreamNotFound
 from imagecache.server.auth import caller_from, decide_admin
 from imagecache.server.queue_worker import QueueWorker
@@ -103,7 +104,8 @@ async def delete_entry(request: web.Request, state: ServiceState) -> web.StreamR
 
 
 def _forget(state: ServiceState, image_id: str) -> bool:
-    cached = state.cache.delete_cached_image(image_id)
+    # In cluster mode the copies on every other node go too (cluster.ClusterTasks).
+    cached = delete_everywhere(state.cache, image_id)
     queued = state.cache.delete_queued_image(image_id)
     return cached or queued
 

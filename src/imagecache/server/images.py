@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from aiohttp import hdrs, web
 
+from imagecache.cluster import PeerRequest, peer_request
 from imagecache.errors import ImageCacheError, UpstreamNotActive
 from imagecache.fills import Flight, FlightKind, WriterGone, aclose
 from imagecache.records import CachedImage, ImageInfo
@@ -107,12 +108,19 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     image_id = state.image_id(request)
     caller = caller_from(request.headers)
-    # The origin decides who may read, hit or miss (a no-op for origins without callers).
-    await state.access.check(image_id, caller)
+    peer = peer_request(state.settings, request.headers)
+    if peer is PeerRequest.REFUSED:
+        raise web.HTTPForbidden(text="wrong or unexpected cluster token")
+    if peer is PeerRequest.CLIENT:
+        # The origin decides who may read, hit or miss (a no-op for origins without callers).
+        # A sibling node has already asked it about its own caller.
+        await state.access.check(image_id, caller)
     for _ in range(ATTEMPTS):
         hit = await state.fills.run(_open_hit, state, image_id)
         if hit is not None:
             return await _serve_hit(request, state, image_id, hit)
+        if peer is PeerRequest.SIBLING:
+            return await _serve_sibling(request, state, image_id)
         try:
             info = await state.upstream.info(image_id, caller)
         except UpstreamNotActive:
@@ -223,6 +231,24 @@ async def _serve_miss(
     else:
         state.metrics.misses.inc()
     return await _follow(request, state, flight, etag)
+
+
+async def _serve_sibling(
+    request: web.Request, state: ServiceState, image_id: str
+) -> web.StreamResponse:
+    """A sibling's miss here: share a fill in progress, never start one (it could ask back)."""
+    flight = state.fills.current(image_id)
+    if flight is not None:
+        await flight.decided.wait()
+        if flight.kind in (FlightKind.LOCAL, FlightKind.REMOTE) and request.method == "GET":
+            info = flight.info
+            etag = etag_for(
+                *(info.checksum, info.hash_algo, info.hash_value) if info else (None,) * 3
+            )
+            response = await _follow(request, state, flight, etag)
+            if isinstance(response, web.StreamResponse):
+                return response
+    raise web.HTTPNotFound(text=f"image {image_id} is not cached on this node")
 
 
 async def _follow(

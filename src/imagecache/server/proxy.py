@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
+from imagecache.cluster import delete_everywhere
 from imagecache.errors import UpstreamNotActive
 from imagecache.server.auth import caller_from
 from imagecache.server.state import STATE, ServiceState
@@ -103,7 +104,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
 
 
 def _evict(state: ServiceState, image_id: str) -> None:
-    state.cache.delete_cached_image(image_id)
+    delete_everywhere(state.cache, image_id)  # every node's copy, in cluster mode
     state.cache.delete_queued_image(image_id)
     log.info("image %s deleted upstream; local copy evicted", image_id)
 

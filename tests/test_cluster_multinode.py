@@ -1,0 +1,233 @@
+"""Three real service processes, one PostgreSQL, one origin: the cluster as operators run it.
+
+Each node is ``imagecache serve`` in its own process with its own cache
+directory, on a free loopback port that is also its ``worker_self_reference_url``;
+all share a fresh PostgreSQL database (see ``central_db``). The origin is the
+``http_origin`` peer, which counts body reads and can hold a body at a gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from server_helpers import image_bytes
+
+SIZE = 4 * 1024 * 1024 + 321
+DATA = image_bytes(SIZE, seed=11)
+HALF = SIZE // 2
+TOKEN = "cluster-secret-for-tests"
+DEADLINE = 20.0
+
+
+@dataclass
+class Node:
+    url: str
+    cache_dir: Path
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    # The node must know its own URL before it starts (it is its identity),
+    # so the port is picked here rather than by the server (port 0).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def poll(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def cluster(
+    fresh_postgres_url: str, http_origin: Any, tmp_path: Path
+) -> AsyncIterator[Callable[[str], Awaitable[Node]]]:
+    """Start nodes by name over the shared database and the origin; stop them afterwards."""
+    nodes: list[Node] = []
+    session = aiohttp.ClientSession()
+
+    async def start(name: str) -> Node:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cache_dir = tmp_path / name
+        cache_dir.mkdir()
+        log_path = tmp_path / f"{name}.log"
+        env = {
+            **os.environ,
+            "IMAGECACHE_LOG_LEVEL": "INFO",
+            "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
+            "IMAGECACHE_DATABASE_URL": fresh_postgres_url,
+            "IMAGECACHE_WORKER_SELF_REFERENCE_URL": url,
+            "IMAGECACHE_CLUSTER_TOKEN": TOKEN,
+            "IMAGECACHE_NODE_HEARTBEAT_INTERVAL": "0.2",
+            "IMAGECACHE_NODE_DEAD_AFTER": "5",
+        }
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                "from imagecache.cli import main; main()",
+                "serve",
+                "--port",
+                str(port),
+                "--cache-dir",
+                str(cache_dir),
+                "--upstream",
+                "http:" + http_origin.template,
+                stdout=log_fd,
+                stderr=log_fd,
+                env=env,
+            )
+        finally:
+            os.close(log_fd)  # the child holds its own copy
+        node = Node(url, cache_dir, process, log_path)
+        nodes.append(node)
+
+        async def healthy() -> bool:
+            assert process.returncode is None, f"{name} exited:\n{node.log()}"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url + "/healthcheck") as response:
+                    return response.status == 200
+            return False
+
+        await poll(healthy, f"{name} answers its health check")
+        return node
+
+    yield start
+    await session.close()
+    for node in nodes:
+        if node.process.returncode is None:
+            node.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(node.process.wait(), timeout=40)
+            except TimeoutError:
+                node.process.kill()
+                await node.process.wait()
+
+
+async def download(session: aiohttp.ClientSession, node: Node, image_id: str) -> bytes:
+    async with session.get(f"{node.url}/v2/images/{image_id}/file") as response:
+        assert response.status == 200, await response.text()
+        return await response.read()
+
+
+async def holders(session: aiohttp.ClientSession, node: Node, image_id: str) -> list[str]:
+    async with session.get(f"{node.url}/v2/cache/nodes/{image_id}") as response:
+        assert response.status == 200, await response.text()
+        found: list[str] = await response.json()
+        return found
+
+
+async def test_siblings_fill_from_each_other_and_deletion_reaches_every_node(
+    cluster: Callable[[str], Awaitable[Node]], http_origin: Any
+) -> None:
+    http_origin.add("img", DATA)
+    one, two, three = [await cluster(name) for name in ("one", "two", "three")]
+    everyone = (one, two, three)
+    async with aiohttp.ClientSession() as session:
+        for node in everyone:
+            assert await holders(session, node, "img") == []
+
+        # Node 1 misses: the origin is read once, and every node knows where it is.
+        assert await download(session, one, "img") == DATA
+        assert http_origin.body_reads("img") == 1
+        for node in everyone:
+            assert await holders(session, node, "img") == [one.url]
+
+        # Nodes 2 and 3 at the same moment: both fill from node 1, not the origin.
+        two_body, three_body = await asyncio.gather(
+            download(session, two, "img"), download(session, three, "img")
+        )
+        assert two_body == DATA
+        assert three_body == DATA
+        assert http_origin.body_reads("img") == 1
+        assert (two.cache_dir / "img").read_bytes() == DATA
+        assert (three.cache_dir / "img").read_bytes() == DATA
+        assert f"filled img from sibling {one.url}" in two.log()
+        assert f"filled img from sibling {one.url}" in three.log()
+        for node in everyone:
+            assert await holders(session, node, "img") == sorted(n.url for n in everyone)
+
+        # Deleting through node 3 removes the image from every node, within a bound.
+        async with session.delete(f"{three.url}/v2/cache/img") as response:
+            assert response.status == 204
+        assert await holders(session, one, "img") == []  # condemned copies are not offered
+
+        async def gone_everywhere() -> bool:
+            return not any((node.cache_dir / "img").exists() for node in everyone)
+
+        await poll(gone_everywhere, "every node dropped its copy")
+        for node in everyone:
+            assert await holders(session, node, "img") == []
+
+        # A sibling without the token is refused, with one it gets only what is cached.
+        async with session.get(
+            f"{two.url}/v2/images/img/file", headers={"X-Imagecache-Cluster-Token": "wrong"}
+        ) as response:
+            assert response.status == 403
+        async with session.get(
+            f"{two.url}/v2/images/img/file", headers={"X-Imagecache-Cluster-Token": TOKEN}
+        ) as response:
+            assert response.status == 404
+        assert http_origin.body_reads("img") == 1
+
+
+async def test_a_sibling_killed_mid_transfer_falls_back_to_the_origin(
+    cluster: Callable[[str], Awaitable[Node]], http_origin: Any
+) -> None:
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=HALF)
+    one, two = await cluster("one"), await cluster("two")
+    async with aiohttp.ClientSession() as session:
+        # Node 1 starts reading the origin and stops at the gate, half way.
+        first = asyncio.create_task(download(session, one, "img"))
+        await http_origin.wait_for_reads("img", 1, within=DEADLINE)
+
+        # Node 2 misses meanwhile and follows node 1's fill in progress.
+        async with session.get(f"{two.url}/v2/images/img/file") as response:
+            assert response.status == 200
+            body = bytearray()
+            while len(body) < HALF // 2:
+                chunk = await response.content.read(64 * 1024)
+                assert chunk, "node 2 ended its body early"
+                body += chunk
+            assert http_origin.body_reads("img") == 1  # node 2 is reading node 1, not the origin
+
+            one.process.send_signal(signal.SIGKILL)
+            await one.process.wait()
+            gate.set()
+            body += await response.content.read()
+        with contextlib.suppress(aiohttp.ClientError):
+            await first  # node 1's own client saw its server die
+
+        # Node 2 continued from the origin where node 1 stopped: right bytes, verified.
+        assert bytes(body) == DATA
+        assert f"sibling {one.url} failed to serve img" in two.log()
+        assert http_origin.body_reads("img") == 2
+        # The second read continued where node 1 stopped, it did not start over.
+        assert http_origin.bytes_sent("img") < 2 * SIZE
+        assert (two.cache_dir / "img").read_bytes() == DATA
+        assert not (one.cache_dir / "img").exists()
+        assert await holders(session, two, "img") == [two.url]
