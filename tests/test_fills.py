@@ -1,0 +1,185 @@
+"""Single-flight fills inside one service process, and their failure paths.
+
+The origin is the ``http_origin`` peer: a real aiohttp server on loopback whose
+bodies the test can hold at a gate, reset mid-way, or count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from imagecache.fills import FlightKind
+from imagecache.server.app import create_app
+from imagecache.server.state import STATE
+from imagecache.settings import Settings
+from server_helpers import image_bytes, listdir
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+SIZE = 2 * 1024 * 1024 + 5
+DATA = image_bytes(SIZE, seed=3)
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (a deadline, not a sleep standing in for sync)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], http_origin: Any
+) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        settings = make_settings(upstream="http:" + http_origin.template, **overrides)
+        return await aiohttp_client(create_app(settings))
+
+    return make
+
+
+async def test_concurrent_requests_in_one_process_read_the_origin_once(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=SIZE // 3)
+    client = await make_client()
+    started = 0
+    everyone_streams = asyncio.Event()
+
+    async def download() -> bytes:
+        nonlocal started
+        async with client.get("/v2/images/img/file") as response:
+            first = await response.content.readany()
+            started += 1
+            if started == 8:
+                everyone_streams.set()
+            return first + await response.read()
+
+    tasks = [asyncio.create_task(download()) for _ in range(8)]
+    await asyncio.wait_for(everyone_streams.wait(), timeout=10)
+    assert not (cache_dir / "img").exists(), "every client streams before the fill ends"
+    gate.set()
+    assert await asyncio.gather(*tasks) == [DATA] * 8
+    assert http_origin.body_reads("img") == 1
+    assert (cache_dir / "img").read_bytes() == DATA
+
+
+async def test_upstream_reset_mid_body_aborts_the_client_and_caches_nothing(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    from peers.origin import Fault
+
+    http_origin.add("img", DATA)
+    http_origin.fail("img", Fault.RESET, after=SIZE // 2)
+    client = await make_client()
+    async with client.get("/v2/images/img/file") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "incomplete") == []
+    # Healthy again: the next request fills normally.
+    http_origin.fail("img", None)
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == DATA
+    assert (cache_dir / "img").exists()
+
+
+async def test_a_client_that_leaves_does_not_stop_the_fill_by_default(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=SIZE // 2)
+    client = await make_client()
+    response = await client.get("/v2/images/img/file")
+    await response.content.readany()
+    response.close()  # the client disconnects mid-body
+    gate.set()
+    await until(lambda: (cache_dir / "img").exists())
+    assert (cache_dir / "img").read_bytes() == DATA
+    assert http_origin.body_reads("img") == 1
+
+
+async def test_abandoned_fill_abort_rolls_back_when_nobody_listens(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=SIZE // 2)
+    client = await make_client(abandoned_fill="abort")
+    response = await client.get("/v2/images/img/file")
+    await response.content.readany()
+    response.close()
+    gate.set()
+    await until(lambda: listdir(cache_dir / "invalid") == ["img"])
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "incomplete") == []
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)  # a writer that hangs until the test kills it
+"""
+
+
+async def test_a_follower_takes_over_when_the_writer_process_dies(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    client = await make_client()
+    (cache_dir / "incomplete").mkdir(exist_ok=True)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLD_LOCK,
+        str(cache_dir / "incomplete" / "img"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert (await holder.stdout.readline()).strip() == b"locked"
+        task = asyncio.create_task(client.get("/v2/images/img/file"))
+        # The request follows the other process's fill: no upstream read yet.
+        await until(lambda: _kind(client, "img") is FlightKind.REMOTE)
+        assert http_origin.body_reads("img") == 0
+        holder.kill()
+        response = await asyncio.wait_for(task, timeout=20)
+        assert await response.read() == DATA
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
+    assert http_origin.body_reads("img") == 1
+    assert (cache_dir / "img").read_bytes() == DATA
+
+
+def _kind(client: TestClient[Any, Any], image_id: str) -> FlightKind | None:
+    flight = client.app[STATE].fills.current(image_id)
+    return flight.kind if flight is not None else None
+
+
+async def test_a_stale_incomplete_file_is_taken_over(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    client = await make_client()
+    (cache_dir / "incomplete").mkdir(exist_ok=True)
+    (cache_dir / "incomplete" / "img").write_bytes(b"left by a writer that died" * 1000)
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == DATA
+    assert (cache_dir / "img").read_bytes() == DATA
+    assert os.listdir(cache_dir / "incomplete") == []
