@@ -301,3 +301,39 @@ def test_sqlite_driver_is_untouched_by_the_import(central_db_url: str, tmp_path:
     driver = create_driver(central_settings(cache_dir, central_db_url))
     driver.close()
     assert (cache_dir / "cache.db").read_bytes() == digest_before
+
+
+# --- who reads the origin ------------------------------------------------------------------------
+
+
+def test_one_node_at_a_time_claims_the_origin_read(make_node: NodeFactory) -> None:
+    a, b = make_node("a"), make_node("b")
+    claim = a.claim_origin_fill("img")
+    assert claim is not None
+    assert b.claim_origin_fill("img") is None
+    assert b.origin_filler("img") == a.self_url  # whom b can follow meanwhile
+    assert a.origin_filler("img") is None  # never yourself
+    other = b.claim_origin_fill("other")  # claims are per image
+    assert other is not None
+    other.release()
+    claim.release()
+    assert b.origin_filler("img") is None
+    again = b.claim_origin_fill("img")
+    assert again is not None
+    again.release()
+
+
+def test_the_claim_of_a_dead_node_is_void(make_node: NodeFactory) -> None:
+    a, b = make_node("a"), make_node("b")
+    claim = a.claim_origin_fill("img")
+    assert claim is not None
+    if a.engine.dialect.name == "postgresql":
+        # What a killed process leaves: its session closes and the lock goes with it.
+        assert claim._conn is not None
+        claim._conn.invalidate()
+    else:
+        age_heartbeat(a, a.settings.node_dead_after + 1)  # SQLite: only the heartbeat tells
+    taken = b.claim_origin_fill("img")
+    assert taken is not None
+    assert a.origin_filler("img") == b.self_url
+    taken.release()

@@ -194,6 +194,25 @@ async def test_siblings_fill_from_each_other_and_deletion_reaches_every_node(
         assert http_origin.body_reads("img") == 1
 
 
+async def test_three_cold_nodes_at_once_read_the_origin_once(
+    cluster: Callable[[str], Awaitable[Node]], http_origin: Any
+) -> None:
+    """No node has the image yet: one claims the origin read, the others follow its fill."""
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=HALF)
+    everyone = [await cluster(name) for name in ("one", "two", "three")]
+    async with aiohttp.ClientSession() as session:
+        downloads = [asyncio.create_task(download(session, node, "img")) for node in everyone]
+        await http_origin.wait_for_reads("img", 1, within=DEADLINE)
+        gate.set()
+        bodies = await asyncio.gather(*downloads)
+        assert all(body == DATA for body in bodies)
+        assert http_origin.body_reads("img") == 1
+        for node in everyone:
+            assert (node.cache_dir / "img").read_bytes() == DATA
+            assert await holders(session, node, "img") == sorted(n.url for n in everyone)
+
+
 async def test_a_sibling_killed_mid_transfer_falls_back_to_the_origin(
     cluster: Callable[[str], Awaitable[Node]], http_origin: Any
 ) -> None:
