@@ -115,10 +115,10 @@ class SiblingUpstream(Upstream):
         await self.origin.check_access(image_id, caller)
 
     async def close(self) -> None:
+        """Close the sibling connections; the origin belongs to the app, which closes it."""
         if self._session is not None:
             await self._session.close()
             self._session = None
-        await self.origin.close()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -278,11 +278,13 @@ CLUSTER_TASKS = web.AppKey("cluster_tasks", ClusterTasks)
 def enable(
     app: web.Application, settings: Settings, cache: ImageCache, origin: Upstream
 ) -> Upstream:
-    """Turn cluster mode on for a service app when the cache is central; the upstream to use.
+    """Turn cluster mode on for a service app when the cache is central.
 
-    Outside cluster mode this returns ``origin`` and changes nothing. In it, the
-    app beats and applies deletions while it runs, and fills go through
-    ``SiblingUpstream``.
+    Returns the upstream fills should read: ``origin`` itself outside cluster
+    mode (nothing changes), else a ``SiblingUpstream`` over it. Only fills use
+    it; the proxy and the access checks keep talking to the origin (the proxy
+    needs the Glance upstream itself). In cluster mode the app also beats and
+    applies deletions while it runs.
     """
     driver = central_driver(cache)
     if driver is None:
@@ -293,8 +295,11 @@ def enable(
     async def on_startup(_app: web.Application) -> None:
         tasks.start()
 
+    siblings = SiblingUpstream(origin, driver, settings)
+
     async def on_cleanup(_app: web.Application) -> None:
         await tasks.stop()
+        await siblings.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
@@ -303,7 +308,7 @@ def enable(
             "cluster_token is not set: this node will neither fetch images from its "
             "siblings nor serve them; every miss reads the origin"
         )
-    return SiblingUpstream(origin, driver, settings)
+    return siblings
 
 
 __all__ = [

@@ -117,12 +117,14 @@ def create_app(
     if cache is None:
         cache = ImageCache(settings)
     app = web.Application(middlewares=[_errors], client_max_size=1024**2)
-    upstream = cluster.enable(app, settings, cache, upstream)  # siblings first, in cluster mode
+    # Fills ask live siblings before the origin in cluster mode; everything else
+    # (proxying, access checks, ranges) talks to the origin itself.
+    fill_source = cluster.enable(app, settings, cache, upstream)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
     metrics_ = Metrics()
-    fills = FillCoordinator(settings, cache, upstream, metrics_, executor)
+    fills = FillCoordinator(settings, cache, fill_source, metrics_, executor)
     app[STATE] = ServiceState(
         settings=settings,
         cache=cache,
