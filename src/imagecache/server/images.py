@@ -111,13 +111,25 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     peer = peer_request(state.settings, request.headers)
     if peer is PeerRequest.REFUSED:
         raise web.HTTPForbidden(text="wrong or unexpected cluster token")
-    if peer is PeerRequest.CLIENT:
-        # The origin decides who may read, hit or miss (a no-op for origins without callers).
-        # A sibling node has already asked it about its own caller.
-        await state.access.check(image_id, caller)
+    checked = peer is not PeerRequest.CLIENT  # a sibling has asked about its own caller
+
+    async def check_access() -> None:
+        # The origin decides who may read, hit or miss (a no-op for origins
+        # without callers); asked once per request, and on a miss only after
+        # ``info``, so an image without data still answers Glance's 204.
+        nonlocal checked
+        if not checked:
+            await state.access.check(image_id, caller)
+            checked = True
+
     for _ in range(ATTEMPTS):
         hit = await state.fills.run(_open_hit, state, image_id)
         if hit is not None:
+            try:
+                await check_access()
+            except BaseException:
+                await state.fills.run(hit.handle.close)
+                raise
             return await _serve_hit(request, state, image_id, hit)
         if peer is PeerRequest.SIBLING:
             return await _serve_sibling(request, state, image_id)
@@ -125,6 +137,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             info = await state.upstream.info(image_id, caller)
         except UpstreamNotActive:
             return web.Response(status=204)  # Glance: an image without data answers 204
+        await check_access()
         response = await _serve_miss(request, state, image_id, info, caller)
         if isinstance(response, web.StreamResponse):
             return response
