@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from imagecache.cache import FillWriter, ImageCache
+from imagecache.capacity import Capacity, Reservation
 from imagecache.errors import CacheStoreError, ImageCacheError, VerificationError
 from imagecache.records import ImageInfo
 from imagecache.server.metrics import Metrics
@@ -87,6 +88,8 @@ class Flight:
         self._changed = asyncio.Event()
         self.fd: int | None = None
         self.task: asyncio.Task[None] | None = None
+        # Room held under the size limit while this process fills (capacity.py).
+        self.reservation: Reservation | None = None
 
     def settle(self, kind: FlightKind, reason: str) -> None:
         self.kind = kind
@@ -190,6 +193,8 @@ class FillCoordinator:
         self.executor = executor
         self._flights: dict[str, Flight] = {}
         self._closing = False
+        # Set by the operations layer (server/operations.py): the hard size limit.
+        self.capacity: Capacity | None = None
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run a blocking call in the disk executor."""
@@ -240,6 +245,8 @@ class FillCoordinator:
             flight.decided.set()
             if self._flights.get(flight.image_id) is flight:
                 del self._flights[flight.image_id]
+            if flight.reservation is not None and self.capacity is not None:
+                self.capacity.release(flight.reservation)
 
     def _decide(self, flight: Flight) -> FillWriter | None:
         """In a thread: take the fill (LOCAL), follow another process's (REMOTE), or neither."""
@@ -253,6 +260,14 @@ class FillCoordinator:
         if size is not None and size > self.settings.largest_cacheable_image:
             flight.settle(FlightKind.NONE, "too_large")
             return None
+        if self.capacity is not None:
+            # Make room (evicting LRU entries) before a byte is written; no room
+            # means streaming through uncached, counted as bypass "no_space".
+            reservation = self.capacity.reserve(image_id, size)
+            if not reservation.admission:
+                flight.settle(FlightKind.NONE, reservation.admission.value)
+                return None
+            flight.reservation = reservation
         writer = self.cache.writer(image_id, flight.info)
         # open() takes over an incomplete file whose writer died (its lock is free).
         if writer.open():

@@ -15,7 +15,7 @@ cross-process lock (``ImageCache.exclusive``) as the manual API calls, so a
 manual prune and a scheduled one never run at once, in any worker.
 
 ``Maintenance.attach(app)`` ties the jobs to an aiohttp application's
-start-up and clean-up.
+start-up and shutdown.
 """
 
 from __future__ import annotations
@@ -149,11 +149,12 @@ class Maintenance:
         async def on_startup(_app: web.Application) -> None:
             await self.start()
 
-        async def on_cleanup(_app: web.Application) -> None:
+        async def on_shutdown(_app: web.Application) -> None:
+            # Before the fills are drained: a re-drive must not start new ones.
             await self.stop()
 
         app.on_startup.append(on_startup)
-        app.on_cleanup.append(on_cleanup)
+        app.on_shutdown.append(on_shutdown)
 
     async def _every(self, name: str, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
         while True:

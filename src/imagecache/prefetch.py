@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,12 @@ from imagecache.errors import (
 )
 from imagecache.layout import CacheLayout, unlink_if_exists
 from imagecache.records import ImageInfo
-from imagecache.upstreams.base import Upstream
+from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 
 log = logging.getLogger(__name__)
+
+# One try at caching an image; raises what went wrong.
+Attempt = Callable[[str, Caller], Awaitable[None]]
 
 # Refusals that another try will not change.
 _PERMANENT = (UpstreamNotFound, UpstreamForbidden, UpstreamNotActive)
@@ -176,11 +179,16 @@ class Prefetcher:
         capacity: Capacity | None = None,
         *,
         backoff: float = 0.5,
+        attempt: Attempt | None = None,
     ) -> None:
         self.cache = cache
         self.upstream = upstream
         self.capacity = capacity
         self.backoff = backoff
+        # The service passes its own single-try fetch (through the single-flight
+        # fill coordinator, so a prefetch and a download never read the origin
+        # twice); this class adds retries, error records and the bound around it.
+        self.attempt = attempt
         self._slots = asyncio.Semaphore(cache.settings.prefetch_concurrency)
         self._in_flight: set[str] = set()
 
@@ -208,24 +216,28 @@ class Prefetcher:
         await asyncio.gather(*(one(image_id) for image_id in ids))
         return report
 
-    async def fetch(self, image_id: str) -> tuple[PrefetchOutcome, str | None]:
+    async def fetch(
+        self, image_id: str, caller: Caller = ANONYMOUS
+    ) -> tuple[PrefetchOutcome, str | None]:
         """Prefetch one image; the outcome and, for a failure, the error recorded."""
         if image_id in self._in_flight:
             return PrefetchOutcome.BEING_CACHED, None
         self._in_flight.add(image_id)
         try:
             async with self._slots:
-                return await self._fetch_with_retries(image_id)
+                return await self._fetch_with_retries(image_id, caller)
         finally:
             self._in_flight.discard(image_id)
 
-    async def _fetch_with_retries(self, image_id: str) -> tuple[PrefetchOutcome, str | None]:
+    async def _fetch_with_retries(
+        self, image_id: str, caller: Caller
+    ) -> tuple[PrefetchOutcome, str | None]:
         retries = self.cache.settings.prefetch_retries
         attempt = 0
         while True:
             attempt += 1
             try:
-                outcome = await self._fill(image_id)
+                outcome = await self._fill(image_id, caller)
             except asyncio.CancelledError:
                 raise
             except (UpstreamError, ImageCacheError, OSError) as exc:
@@ -264,10 +276,14 @@ class Prefetcher:
         self.cache.delete_queued_image(image_id)
         clear_error(self.cache.driver.layout, image_id)
 
-    async def _fill(self, image_id: str) -> PrefetchOutcome:
+    async def _fill(self, image_id: str, caller: Caller) -> PrefetchOutcome:
         if await asyncio.to_thread(self.cache.is_cached, image_id):
             return PrefetchOutcome.ALREADY_CACHED
-        info = await self.upstream.info(image_id)
+        if self.attempt is not None:
+            await self.attempt(image_id, caller)
+            cached = await asyncio.to_thread(self.cache.is_cached, image_id)
+            return PrefetchOutcome.CACHED if cached else PrefetchOutcome.NOT_CACHEABLE
+        info = await self.upstream.info(image_id, caller)
         if info.status != "active":
             raise UpstreamNotActive(image_id, info.status)
         if not await asyncio.to_thread(self.cache.should_cache, image_id, info):
@@ -275,23 +291,23 @@ class Prefetcher:
                 return PrefetchOutcome.ALREADY_CACHED
             return PrefetchOutcome.NOT_CACHEABLE
         if self.capacity is None:
-            return await self._write(image_id, info)
+            return await self._write(image_id, info, caller)
         reservation = await asyncio.to_thread(self.capacity.reserve, image_id, info.size)
         try:
             if reservation.admission is not Admission.ADMITTED:
                 return PrefetchOutcome.NOT_CACHEABLE
-            return await self._write(image_id, info)
+            return await self._write(image_id, info, caller)
         finally:
             self.capacity.release(reservation)
 
-    async def _write(self, image_id: str, info: ImageInfo) -> PrefetchOutcome:
+    async def _write(self, image_id: str, info: ImageInfo, caller: Caller) -> PrefetchOutcome:
         writer = self.cache.writer(image_id, info)
         if not await asyncio.to_thread(writer.open):
             if await asyncio.to_thread(self.cache.is_cached, image_id):
                 return PrefetchOutcome.ALREADY_CACHED
             return PrefetchOutcome.BEING_CACHED
         try:
-            stream = self.upstream.stream(image_id)
+            stream = self.upstream.stream(image_id, caller)
             try:
                 async for chunk in stream:
                     if chunk:

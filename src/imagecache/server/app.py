@@ -22,7 +22,7 @@ from imagecache.errors import (
     VerificationError,
 )
 from imagecache.fills import FillCoordinator
-from imagecache.server import cache_api, images, proxy
+from imagecache.server import cache_api, images, operations, proxy
 from imagecache.server.auth import AccessCache
 from imagecache.server.metrics import Metrics
 from imagecache.server.queue_worker import QueueWorker
@@ -140,6 +140,8 @@ def create_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_route("GET", "/v2/images/{image_id}/file", images.image_file)
     app.router.add_route("HEAD", "/v2/images/{image_id}/file", images.image_file)
+    # Size limit, prefetch retries, maintenance and their routes (before /v2/cache/{id}).
+    operations.install(app)
     cache_api.add_routes(app)
     app.router.add_get("/", proxy.versions)
     app.router.add_get("/versions", proxy.versions)

@@ -15,6 +15,7 @@ from aiohttp import hdrs, web
 
 from imagecache.cluster import delete_everywhere
 from imagecache.errors import NotInClusterMode, UpstreamNotActive, UpstreamNotFound
+from imagecache.prefetch import queued_details
 from imagecache.server.auth import caller_from, decide_admin
 from imagecache.server.queue_worker import QueueWorker
 from imagecache.server.state import STATE, ServiceState
@@ -52,7 +53,16 @@ def _admin_only(
 
 async def get_cache(request: web.Request, state: ServiceState) -> web.StreamResponse:
     cached, queued = await state.fills.run(_listing, state)
-    return web.json_response({"cached_images": cached, "queued_images": queued})
+    # Beside Glance's list of ids (kept as is for its clients): when each was
+    # queued and why its last prefetch failed.
+    details = await state.fills.run(queued_details, state.cache)
+    return web.json_response(
+        {
+            "cached_images": cached,
+            "queued_images": queued,
+            "queued_details": [entry.as_dict() for entry in details],
+        }
+    )
 
 
 def _listing(state: ServiceState) -> tuple[list[dict[str, object]], list[str]]:

@@ -14,6 +14,7 @@ import logging
 
 from imagecache.errors import ImageCacheError
 from imagecache.fills import FillCoordinator, FlightKind
+from imagecache.prefetch import Prefetcher
 from imagecache.upstreams.base import ANONYMOUS, Caller
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ class QueueWorker:
         self.concurrency = concurrency
         self._queue: asyncio.Queue[tuple[str, Caller]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        # Set by server/operations.py: wraps ``fetch`` with retries and records
+        # each image's last error beside its queue marker.
+        self.prefetcher: Prefetcher | None = None
 
     def start(self) -> None:
         self._tasks = [
@@ -51,7 +55,10 @@ class QueueWorker:
         while True:
             image_id, caller = await self._queue.get()
             try:
-                await self.fetch(image_id, caller)
+                if self.prefetcher is not None:
+                    await self.prefetcher.fetch(image_id, caller)
+                else:
+                    await self.fetch(image_id, caller)
             except asyncio.CancelledError:
                 raise
             except ImageCacheError as exc:

@@ -1,0 +1,115 @@
+"""The operations layer of the service: size limit, prefetch retries, maintenance, extra routes.
+
+``install(app)`` is called once by ``create_app``, after the shared state and
+the queue worker exist and before the ``/v2/cache/{image_id}`` routes (so the
+static paths here win). It wires:
+
+- the hard size limit (``capacity.Capacity``) into the fill coordinator;
+- the prefetcher (retries, recorded errors) around the queue worker's fetch;
+- scheduled maintenance (``maintenance.Maintenance``), started with the app and
+  stopped on shutdown, before fills are drained;
+- admin routes beyond Glance's API::
+
+    GET    /v2/cache/stats            counts, sizes, limits, maintenance runs
+    POST   /v2/cache/verify           {"image_id": ID} or {} for all: re-hash, quarantine
+    PUT    /v2/cache/{image_id}/pin   204; 404 when not cached
+    DELETE /v2/cache/{image_id}/pin   204; 404 when not cached
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from imagecache.capacity import Capacity
+from imagecache.maintenance import MAINTENANCE_KEY, Maintenance
+from imagecache.manage import local_stats
+from imagecache.prefetch import Prefetcher
+from imagecache.scrub import Scrubber
+from imagecache.server.cache_api import WORKER, _admin_only
+from imagecache.server.state import STATE, ServiceState
+
+CAPACITY = web.AppKey("capacity", Capacity)
+
+
+def install(app: web.Application) -> None:
+    state = app[STATE]
+    capacity = Capacity(state.cache)
+    app[CAPACITY] = capacity
+    state.fills.capacity = capacity
+    worker = app[WORKER]
+    prefetcher = Prefetcher(state.cache, state.upstream, capacity, attempt=worker.fetch)
+    worker.prefetcher = prefetcher
+    Maintenance(state.cache, prefetcher).attach(app)
+    app.router.add_route("*", "/v2/cache/stats", _admin_only({"GET": stats}))
+    app.router.add_route("*", "/v2/cache/verify", _admin_only({"POST": verify}))
+    app.router.add_route(
+        "*", "/v2/cache/{image_id}/pin", _admin_only({"PUT": pin, "DELETE": unpin})
+    )
+
+
+async def stats(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    values: dict[str, Any] = await state.fills.run(local_stats, state.cache)
+    capacity = request.app[CAPACITY]
+    maintenance = request.app[MAINTENANCE_KEY]
+    values["reserved_bytes"] = capacity.reserved_bytes()
+    values["capacity_evictions"] = capacity.evictions
+    values["maintenance_runs"] = dict(maintenance.runs)
+    values["maintenance_failures"] = dict(maintenance.failures)
+    return web.json_response(values)
+
+
+async def verify(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    image_id = await _verify_target(request, state)
+    if (
+        image_id is not None
+        and await state.fills.run(state.cache.get_cached_image, image_id) is None
+    ):
+        raise web.HTTPNotFound(text=f"image {image_id} is not cached")
+
+    def run() -> dict[str, Any]:
+        # An operator's verify runs at full speed; the scheduled scrub is the polite one.
+        scrubber = Scrubber(state.cache, bytes_per_second=0)
+        with state.cache.exclusive("scrub"):
+            return scrubber.run(None if image_id is None else [image_id]).as_dict()
+
+    return web.json_response(await state.fills.run(run))
+
+
+async def _verify_target(request: web.Request, state: ServiceState) -> str | None:
+    raw = await request.read()
+    if not raw.strip():
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"the body must be JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text='the body must be a JSON object, e.g. {"image_id": "..."}')
+    image_id = body.get("image_id")
+    if image_id is None:
+        return None
+    try:
+        return state.cache.driver.layout.validate(image_id)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from exc
+
+
+async def pin(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    return await _set_pinned(request, state, True)
+
+
+async def unpin(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    return await _set_pinned(request, state, False)
+
+
+async def _set_pinned(
+    request: web.Request, state: ServiceState, pinned: bool
+) -> web.StreamResponse:
+    image_id = state.image_id(request)
+    method = state.cache.pin if pinned else state.cache.unpin
+    if not await state.fills.run(method, image_id):
+        raise web.HTTPNotFound(text=f"image {image_id} is not cached")
+    return web.Response(status=204)
