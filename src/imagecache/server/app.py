@@ -138,14 +138,14 @@ def create_app(
 
     app.router.add_get("/healthcheck", healthcheck)
     app.router.add_get("/metrics", metrics)
-    app.router.add_route("GET", "/v2/images/{image_id}/file", images.image_file)
-    app.router.add_route("HEAD", "/v2/images/{image_id}/file", images.image_file)
+    app.router.add_route("GET", "/v2/images/{image_id:[^/]+}/file", images.image_file)
+    app.router.add_route("HEAD", "/v2/images/{image_id:[^/]+}/file", images.image_file)
     # Size limit, prefetch retries, maintenance and their routes (before /v2/cache/{id}).
     operations.install(app)
     cache_api.add_routes(app)
     app.router.add_get("/", proxy.versions)
     app.router.add_get("/versions", proxy.versions)
-    app.router.add_route("*", "/v2/images/{image_id}", proxy.relay)
+    app.router.add_route("*", "/v2/images/{image_id:[^/]+}", proxy.relay)
     app.router.add_route("*", "/v2/{tail:.*}", proxy.relay)
 
     app.on_startup.append(_start)

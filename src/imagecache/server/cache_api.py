@@ -182,17 +182,24 @@ async def legacy_delete_queued(request: web.Request, state: ServiceState) -> web
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the management routes; static paths before ``{image_id}`` ones."""
+    """Register the management routes; static paths before ``{image_id}`` ones.
+
+    An id matches any non-empty segment (aiohttp's default refuses ``{`` and
+    ``}``), so every odd id reaches the one validation and gets its 400.
+    """
     table: list[tuple[str, dict[str, Handler]]] = [
         ("/v2/cache", {"GET": get_cache, "DELETE": clear_cache}),
         ("/v2/cache/clean", {"POST": clean}),
         ("/v2/cache/prune", {"POST": prune}),
-        ("/v2/cache/nodes/{image_id}", {"GET": cached_nodes}),
-        ("/v2/cache/{image_id}", {"PUT": queue_image, "DELETE": delete_entry}),
+        ("/v2/cache/nodes/{image_id:[^/]+}", {"GET": cached_nodes}),
+        ("/v2/cache/{image_id:[^/]+}", {"PUT": queue_image, "DELETE": delete_entry}),
         ("/v2/cached_images", {"GET": legacy_cached, "DELETE": legacy_delete_all_cached}),
-        ("/v2/cached_images/{image_id}", {"DELETE": legacy_delete_cached}),
+        ("/v2/cached_images/{image_id:[^/]+}", {"DELETE": legacy_delete_cached}),
         ("/v2/queued_images", {"GET": legacy_queued, "DELETE": legacy_delete_all_queued}),
-        ("/v2/queued_images/{image_id}", {"PUT": legacy_queue, "DELETE": legacy_delete_queued}),
+        (
+            "/v2/queued_images/{image_id:[^/]+}",
+            {"PUT": legacy_queue, "DELETE": legacy_delete_queued},
+        ),
     ]
     for path, methods in table:
         app.router.add_route(hdrs.METH_ANY, path, _admin_only(methods))
