@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from imagecache import ImageCache, ImageInfo, Settings
 from imagecache.capacity import Admission, Capacity
+from imagecache.server.state import STATE
+from server_helpers import directory_app, put_image
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024
@@ -152,3 +156,51 @@ def test_reservations_of_fills_in_flight_count(make_settings: Callable[..., Sett
         assert capacity.reserve("three", MiB).admission is Admission.NO_SPACE
         capacity.release(first)
         assert capacity.reserve("three", MiB).admission is Admission.ADMITTED
+
+
+# --- through the service --------------------------------------------------------------------
+
+
+async def test_the_service_keeps_the_limit_and_streams_what_is_too_large(
+    aiohttp_client: Any, make_settings: Callable[..., Settings], cache_dir: Path, tmp_path: Path
+) -> None:
+    limit = 10 * MiB
+    origin = tmp_path / "origin"
+    images = {f"img-{i}": _data(i) for i in range(16)}
+    for image_id, data in images.items():
+        put_image(origin, image_id, data)
+    huge = _data(3) * 2  # 8 MiB: above the 5 MiB largest cacheable image
+    put_image(origin, "huge", huge)
+    settings = make_settings(image_cache_max_size=limit, free_space_watermark=0)
+    client = await aiohttp_client(directory_app(settings, origin))
+    cache = client.app[STATE].cache
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with cache.exclusive("capacity"):  # see the library test above for why
+                samples.append(_bytes_on_disk(cache_dir))
+
+    async def download(image_id: str) -> bytes:
+        async with client.get(f"/v2/images/{image_id}/file") as response:
+            assert response.status == 200
+            return await response.read()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        bodies = await asyncio.gather(*(download(image_id) for image_id in images))
+        huge_body = await download("huge")
+    finally:
+        stop.set()
+        await asyncio.to_thread(sampler.join)
+    assert bodies == list(images.values())
+    assert huge_body == huge
+    assert not (cache_dir / "huge").exists()
+    assert len(samples) > 10
+    assert max(samples) <= limit, (max(samples), limit)
+    assert 0 < cache.get_cache_size() <= limit
+    async with client.get("/metrics") as response:
+        metrics = await response.text()
+    assert 'imagecache_bypasses_total{reason="too_large"} 1.0' in metrics
