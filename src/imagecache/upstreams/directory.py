@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
@@ -74,12 +75,7 @@ class DirectoryUpstream(Upstream):
         end: int | None = None,
     ) -> AsyncGenerator[bytes, None]:
         path = self.path_of(image_id)
-        try:
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise UpstreamNotFound(image_id) from None
-        except OSError as exc:
-            raise UpstreamError(f"cannot open image {image_id!r} in {self.root}: {exc}") from exc
+        fd = await asyncio.to_thread(self._open, image_id, path)
         try:
             offset = start
             while end is None or offset < end:
@@ -94,6 +90,18 @@ class DirectoryUpstream(Upstream):
                 yield chunk
         finally:
             os.close(fd)
+
+    def _open(self, image_id: str, path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise UpstreamNotFound(image_id) from None
+        except OSError as exc:
+            raise UpstreamError(f"cannot open image {image_id!r} in {self.root}: {exc}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory or a device is no image
+            os.close(fd)
+            raise UpstreamNotFound(image_id)
+        return fd
 
 
 def _read_digest(path: Path) -> str | None:
