@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from driver_kinds import settings_for
 from imagecache import CachedImage, ImageCache
 from imagecache.reconcile import reconcile
+from server_helpers import image_bytes, listdir
+from test_server_processes import start_server
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "xattr"])
@@ -58,3 +65,93 @@ def test_a_crafted_inconsistent_directory(kind: str, cache_dir: Path, tmp_path: 
 
         # Consistent now: a second pass finds nothing.
         assert not reconcile(cache, started_at=time.time() - 1).changed
+
+
+# --- a real crash of the service ---------------------------------------------------------------
+
+
+async def test_sigkill_mid_fill_then_restart(http_origin: Any, tmp_path: Path) -> None:
+    """Kill -9 while three fills hang half-way; after a restart nothing partial is served."""
+    cache_dir = tmp_path / "cache"
+    upstream = "http:" + http_origin.template
+    images = {f"img-{n}": image_bytes(1_000_000 + n, seed=n) for n in range(3)}
+    for name, data in images.items():
+        http_origin.add(name, data)
+    http_origin.add("done", image_bytes(300_000, seed=9))
+    half = 500_000
+    gates = {name: http_origin.gate(name, after=half) for name in images}
+
+    server = await start_server(cache_dir, upstream)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.url}/v2/images/done/file") as response:
+                assert await response.read() == image_bytes(300_000, seed=9)
+
+            async def download(name: str) -> bytes:
+                async with session.get(f"{server.url}/v2/images/{name}/file") as response:
+                    return await response.read()
+
+            downloads = [asyncio.create_task(download(name)) for name in images]
+            for name in images:  # every fill is half-way, holding its gate
+                await _until(lambda n=name: _size(cache_dir / "incomplete" / n) >= half)
+            server.process.kill()  # SIGKILL: no shutdown code runs
+            results = await asyncio.gather(*downloads, return_exceptions=True)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            await server.stop()
+    # Every interrupted client saw an error, never a short body passed off as whole.
+    assert all(isinstance(result, aiohttp.ClientError) for result in results), results
+    assert sorted(listdir(cache_dir / "incomplete")) == sorted(images)
+    assert not any((cache_dir / name).exists() for name in images)
+
+    for gate in gates.values():
+        gate.set()
+    server = await start_server(cache_dir, upstream)
+    try:
+        async with aiohttp.ClientSession() as session:
+            stats_url = f"{server.url}/v2/cache/stats"  # loopback caller: admin
+
+            async def reconciled() -> bool:
+                async with session.get(stats_url) as response:
+                    return bool((await response.json())["maintenance_runs"].get("reconcile"))
+
+            await _until_async(reconciled)
+            # The dead fills went to invalid/; metadata and files agree.
+            assert listdir(cache_dir / "incomplete") == []
+            assert sorted(listdir(cache_dir / "invalid")) == sorted(images)
+            async with session.get(f"{server.url}/v2/cache") as response:
+                listed = {
+                    e["image_id"]: e["size"] for e in (await response.json())["cached_images"]
+                }
+            assert listed == {"done": 300_000}
+            assert (cache_dir / "done").stat().st_size == 300_000
+            # And the interrupted images can be fetched again, whole.
+            for name, data in images.items():
+                async with session.get(f"{server.url}/v2/images/{name}/file") as response:
+                    assert response.status == 200
+                    assert await response.read() == data
+            for name, data in images.items():
+                assert (cache_dir / name).read_bytes() == data
+    finally:
+        await server.stop()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def _until(condition: Callable[[], bool], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
+
+
+async def _until_async(condition: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not await condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
