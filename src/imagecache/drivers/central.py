@@ -722,6 +722,8 @@ class CentralDriver(FileBackedDriver):
         return result.rowcount > 0
 
     def _mine(self, image_id: str) -> Any:
+        """This node's row of ``image_id``; the id is checked first, as every driver does."""
+        self.layout.validate(image_id)
         return and_(cached_images.c.node_id == self.node_id, cached_images.c.image_id == image_id)
 
     # --- listings ----------------------------------------------------------------------------
