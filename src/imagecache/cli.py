@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +60,31 @@ class _Options:
                 f"or --url URL for a running service (or set {_ENV_URL})"
             )
         return LocalManager(ImageCache(settings))
+
+
+@contextlib.contextmanager
+def _library_logging(debug: bool) -> Iterator[None]:
+    """Library logs on stderr: everything with --debug, else nothing; restored afterwards.
+
+    Without --debug every outcome a verb cares about is in its answer (a
+    failed prefetch is listed with its error), and stray warnings would tear
+    the progress bars apart. Restored so that in-process callers (tests, a
+    Python shell) keep their own logging.
+    """
+    logger = logging.getLogger("imagecache")
+    saved = (logger.handlers, logger.level, logger.propagate)
+    if debug:
+        handler: logging.Handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])
 
 
 class _Group(click.Group):
@@ -116,11 +142,13 @@ def main(
 
 @contextlib.contextmanager
 def _manager(ctx: click.Context) -> Iterator[CacheManager]:
-    manager = _options(ctx).manager()
-    try:
-        yield manager
-    finally:
-        manager.close()
+    options = _options(ctx)
+    with _library_logging(options.debug):
+        manager = options.manager()
+        try:
+            yield manager
+        finally:
+            manager.close()
 
 
 def _options(ctx: click.Context) -> _Options:
@@ -167,7 +195,9 @@ def _emit(ctx: click.Context, data: Any, human: Callable[[], str]) -> None:
 
 
 @contextlib.contextmanager
-def _progress(ctx: click.Context, label: str) -> Iterator[Callable[[int], Progress]]:
+def _progress(
+    ctx: click.Context, label: str, in_bytes: bool = False
+) -> Iterator[Callable[[int], Progress]]:
     """A ``start(total)`` that opens a progress bar on stderr (none with --json)."""
     with contextlib.ExitStack() as stack:
 
@@ -179,7 +209,8 @@ def _progress(ctx: click.Context, label: str) -> Iterator[Callable[[int], Progre
                     length=total,
                     label=label,
                     file=sys.stderr,
-                    show_pos=True,
+                    show_pos=not in_bytes,
+                    show_percent=in_bytes,
                     item_show_func=_show_item,
                 )
             )
@@ -365,7 +396,7 @@ def prefetch(ctx: click.Context) -> None:
 @click.pass_context
 def verify(ctx: click.Context, image_id: str | None) -> None:
     """Re-hash cached files (one, or all); quarantine those that do not match."""
-    with _manager(ctx) as manager, _progress(ctx, "Verifying") as start:
+    with _manager(ctx) as manager, _progress(ctx, "Verifying", in_bytes=True) as start:
         report = manager.verify(image_id, start)
 
     def human() -> str:
