@@ -1,0 +1,143 @@
+"""Micro-benchmark of the sqlite driver's metadata operations (not a test).
+
+    .venv/bin/python bench/metadata.py [--entries 100000] [--hits 50000] [--prune 10000]
+
+Measures, on a throw-away cache directory:
+
+- recorded hits per second through ``SqliteDriver.record_hit`` (one persistent
+  connection, WAL), and the same through Glance's pattern for context: a new
+  connection per operation in rollback-journal mode;
+- listing N entries with ``get_cached_images``;
+- pruning M entries with ``ImageCache.prune`` (real files are unlinked).
+
+Targets (issue 2): >= 20,000 hits/s, listing 100k entries < 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from imagecache import ImageCache, load_settings
+from imagecache.drivers.sqlite import SqliteDriver
+
+HIT_TARGET = 20_000.0
+LIST_TARGET = 0.5
+
+
+def _timed(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def _add_rows(driver: SqliteDriver, count: int, prefix: str) -> None:
+    # Straight into the table: going through real fills would measure the
+    # filesystem, not the metadata. Rows only, so they are added after
+    # configure (whose reconciliation would drop rows without files).
+    now = time.time()
+    rows = ((f"{prefix}{n:07d}", now - count + n, now - count, 1024) for n in range(count))
+    with driver._tx() as conn:
+        conn.executemany(
+            "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits)"
+            " VALUES (?, ?, ?, ?, 0)",
+            rows,
+        )
+
+
+def bench_hits(root: Path, hits: int) -> tuple[float, float]:
+    cache_dir = root / "hits"
+    cache_dir.mkdir()
+    with ImageCache(load_settings(None, image_cache_dir=cache_dir)) as cache:
+        driver = cache.driver
+        assert isinstance(driver, SqliteDriver)
+        _add_rows(driver, 1000, "img")
+        ids = [f"img{n % 1000:07d}" for n in range(hits)]
+        ours = _timed(lambda: [driver.record_hit(i) for i in ids])
+        assert sum(image.hits for image in driver.get_cached_images()) == hits
+        db_path = driver.db_path
+    # Glance's way, for context: connect per operation, rollback journal, commit.
+    glance_db = root / "glance.db"
+    with sqlite3.connect(glance_db) as conn:
+        conn.execute("CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, hits INT, la REAL)")
+        conn.executemany("INSERT INTO cached_images VALUES (?, 0, 0)", ((i,) for i in ids[:1000]))
+    glance_hits = min(hits, 2000)
+
+    def glance_way() -> None:
+        for image_id in ids[:glance_hits]:
+            conn = sqlite3.connect(glance_db, timeout=10)
+            conn.execute(
+                "UPDATE cached_images SET hits = hits + 1, la = ? WHERE image_id = ?",
+                (time.time(), image_id),
+            )
+            conn.commit()
+            conn.close()
+
+    glance = _timed(glance_way)
+    del db_path
+    return hits / ours, glance_hits / glance
+
+
+def bench_listing(root: Path, entries: int) -> float:
+    cache_dir = root / "listing"
+    cache_dir.mkdir()
+    with ImageCache(load_settings(None, image_cache_dir=cache_dir)) as cache:
+        driver = cache.driver
+        assert isinstance(driver, SqliteDriver)
+        _add_rows(driver, entries, "img")
+        listed: list[object] = []
+        elapsed = min(_timed(lambda: listed.append(driver.get_cached_images())) for _ in range(3))
+        assert all(len(result) == entries for result in listed)  # type: ignore[arg-type]
+        return elapsed
+
+
+def bench_prune(root: Path, entries: int) -> tuple[float, int]:
+    cache_dir = root / "prune"
+    cache_dir.mkdir()
+    keep = entries // 10
+    for n in range(entries + keep):
+        (cache_dir / f"img{n:07d}").write_bytes(b"x")
+    # Configure adopts the files (start-up reconciliation), one row each.
+    with ImageCache(load_settings(None, image_cache_dir=cache_dir)) as cache:
+        assert cache.get_cache_size() == entries + keep
+        result = []
+        elapsed = _timed(lambda: result.append(cache.prune(max_size=keep)))
+        assert result[0].files == entries, result
+        return elapsed, result[0].files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--hits", type=int, default=50_000)
+    parser.add_argument("--prune", type=int, default=10_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="imagecache-bench-") as tmp:
+        root = Path(tmp)
+        hit_rate, glance_rate = bench_hits(root, args.hits)
+        listing = bench_listing(root, args.entries)
+        prune, pruned = bench_prune(root, args.prune)
+    rows = [
+        ("recorded hits / s", f"{hit_rate:,.0f}", f">= {HIT_TARGET:,.0f}", hit_rate >= HIT_TARGET),
+        ("  Glance's way (conn per op) / s", f"{glance_rate:,.0f}", "context", None),
+        (
+            f"list {args.entries:,} entries (s)",
+            f"{listing:.3f}",
+            f"< {LIST_TARGET}",
+            listing < LIST_TARGET,
+        ),
+        (f"prune {pruned:,} entries (s)", f"{prune:.3f}", "", None),
+        ("  prune rate / s", f"{pruned / prune:,.0f}", "", None),
+    ]
+    print(f"{'metric':<34} {'value':>12}  {'target':<10} ok")
+    for name, value, target, ok in rows:
+        mark = "" if ok is None else ("yes" if ok else "NO")
+        print(f"{name:<34} {value:>12}  {target:<10} {mark}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""What only the sqlite driver does: batched hits, schema upgrades, reconciliation."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from imagecache import BadDriverConfiguration, Settings, create_driver
+from imagecache.drivers import sqlite as sqlite_module
+from imagecache.drivers.sqlite import HIT_BATCH, SCHEMA_VERSION, SqliteDriver
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(image_cache_driver="sqlite")
+
+
+@pytest.fixture
+def driver(settings: Settings) -> Iterator[SqliteDriver]:
+    made = create_driver(settings)
+    assert isinstance(made, SqliteDriver)
+    yield made
+    made.close()
+
+
+def cache_one(driver: SqliteDriver, image_id: str = "img") -> None:
+    with driver.open_for_write(image_id) as target:
+        target.write(b"data")
+
+
+def hits_seen_by_another_connection(driver: SqliteDriver, image_id: str = "img") -> int:
+    with sqlite3.connect(driver.db_path) as conn:
+        row = conn.execute("SELECT hits FROM cached_images WHERE image_id = ?", (image_id,))
+        return int(row.fetchone()[0])
+
+
+def test_a_hit_reaches_other_processes_without_further_activity(driver: SqliteDriver) -> None:
+    cache_one(driver)
+    driver.record_hit("img")
+    deadline = time.monotonic() + 10
+    while hits_seen_by_another_connection(driver) != 1:
+        assert time.monotonic() < deadline, "the batched hit was never written"
+        time.sleep(0.02)  # polling a condition with a deadline, not standing in for sync
+
+
+def test_a_full_batch_is_written_at_once(
+    driver: SqliteDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "HIT_DELAY", 3600.0)  # the timer must not be what writes
+    cache_one(driver)
+    for _ in range(HIT_BATCH - 1):
+        driver.record_hit("img")
+    assert hits_seen_by_another_connection(driver) == 0
+    driver.record_hit("img")
+    assert hits_seen_by_another_connection(driver) == HIT_BATCH
+
+
+def test_own_reads_and_close_see_pending_hits(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "HIT_DELAY", 3600.0)
+    driver = create_driver(settings)
+    assert isinstance(driver, SqliteDriver)
+    cache_one(driver)
+    driver.record_hit("img")
+    driver.record_hit("img")
+    assert driver.get_hit_count("img") == 2  # flushed before the query
+    driver.record_hit("img")
+    driver.close()
+    assert hits_seen_by_another_connection(driver) == 3
+
+
+def test_hits_of_a_deleted_image_are_dropped_quietly(
+    driver: SqliteDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "HIT_DELAY", 3600.0)
+    cache_one(driver)
+    driver.record_hit("img")
+    assert driver.delete_cached_image("img")
+    cache_one(driver)
+    # The pending hit was written before the delete, so it went with the old
+    # entry instead of landing on the new one.
+    assert driver.get_hit_count("img") == 0
+
+
+def test_a_glance_cache_db_is_upgraded_in_place(settings: Settings, cache_dir: Path) -> None:
+    # Glance's own schema, as its sqlite driver creates it, with a never-read row.
+    with sqlite3.connect(cache_dir / "cache.db") as conn:
+        conn.execute(
+            "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY,"
+            " last_accessed REAL DEFAULT 0.0, last_modified REAL DEFAULT 0.0,"
+            " size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0, checksum TEXT)"
+        )
+        conn.execute("INSERT INTO cached_images VALUES ('glance-img', 0, 1700000000, 4, 7, 'abc')")
+    (cache_dir / "glance-img").write_bytes(b"data")
+    driver = create_driver(settings)
+    try:
+        image = driver.get_cached_image("glance-img")
+        assert image is not None
+        assert (image.hits, image.size, image.checksum) == (7, 4, "abc")
+        assert image.last_accessed == image.last_modified == 1700000000
+        assert not image.pinned
+    finally:
+        driver.close()
+    with sqlite3.connect(cache_dir / "cache.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused(settings: Settings, cache_dir: Path) -> None:
+    with sqlite3.connect(cache_dir / "cache.db") as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(BadDriverConfiguration, match="newer"):
+        create_driver(settings)
+
+
+def test_reconcile_adopts_orphans_drops_ghosts_and_fixes_sizes(
+    driver: SqliteDriver, cache_dir: Path
+) -> None:
+    cache_one(driver, "kept")
+    cache_one(driver, "ghost")
+    cache_one(driver, "resized")
+    (cache_dir / "ghost").unlink()
+    (cache_dir / "resized").write_bytes(b"longer data")
+    (cache_dir / "orphan").write_bytes(b"orphan")
+    with sqlite3.connect(driver.db_path) as conn:
+        conn.execute("INSERT INTO cached_images (image_id, size) VALUES ('../evil', 1)")
+    assert driver.reconcile() == (1, 2)
+    sizes = {image.image_id: image.size for image in driver.get_cached_images()}
+    assert sizes == {"kept": 4, "orphan": 6, "resized": 11}
+    assert driver.reconcile() == (0, 0)
