@@ -147,6 +147,17 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert both.exit_code == 2
 
 
+def test_a_local_cache_beats_a_service_url_from_the_environment(filled: Path) -> None:
+    result = CliRunner(env={"IMAGECACHE_URL": "http://127.0.0.1:9"}).invoke(
+        main, ["--cache-dir", str(filled), "--json", "stats"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["cached_images"] == 3
+    remote = CliRunner(env={"IMAGECACHE_URL": "http://127.0.0.1:9"}).invoke(main, ["stats"])
+    assert remote.exit_code == 1
+    assert remote.output.startswith("Error: cannot reach the imagecache service")
+
+
 def test_config_file_names_the_cache(filled: Path, tmp_path: Path) -> None:
     config = tmp_path / "imagecache.toml"
     config.write_text(f'image_cache_dir = "{filled}"\n')

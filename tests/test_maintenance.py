@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from imagecache import ImageCache, Settings
 from imagecache.maintenance import Maintenance, evict_idle
@@ -88,3 +89,31 @@ def test_idle_ttl_spares_pinned_and_recent(make_settings: Callable[..., Settings
         assert evict_idle(cache, 3600) == (1, 400)  # "idle" only
         assert [image.image_id for image in cache.get_cached_images()] == ["pinned", "recent"]
         assert evict_idle(cache, 0).files == 0
+
+
+async def test_the_scheduled_scrub_quarantines(
+    make_settings: Callable[..., Settings], cache_dir: Path
+) -> None:
+    settings = make_settings(
+        prune_interval=0, clean_interval=0, queue_interval=0, scrub_interval=0.01
+    )
+    with ImageCache(settings) as cache:
+        assert cache.cache_image_iter("good", [b"g" * 100_000])
+        assert cache.cache_image_iter("rotten", [b"r" * 100_000])
+        await asyncio.to_thread(_flip_a_byte, cache_dir / "rotten")
+        maintenance = Maintenance(cache)
+        await maintenance.start()
+        try:
+            async with asyncio.timeout(10):
+                await maintenance.wait_for("scrub", 1)
+        finally:
+            await maintenance.stop()
+        assert maintenance.last_result["scrub"]["corrupt"] == ["rotten"]
+        assert [image.image_id for image in cache.get_cached_images()] == ["good"]
+        assert (cache_dir / "invalid" / "rotten").exists()
+
+
+def _flip_a_byte(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(50_000)
+        handle.write(b"X")

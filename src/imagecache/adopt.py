@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from imagecache.cache import ImageCache
+from imagecache.drivers.base import Driver
 from imagecache.errors import ConfigurationError
 from imagecache.layout import CacheLayout, fsync_dir, sqlite_side_files
 from imagecache.records import CachedImage
@@ -113,6 +114,11 @@ def import_glance_cache(
     if not source.is_dir():
         raise ConfigurationError(f"Glance cache directory {source} does not exist")
     layout = cache.driver.layout
+    if type(cache.driver).record_image is Driver.record_image:
+        raise ConfigurationError(
+            f"the {cache.driver.name} driver cannot adopt files; import into a cache "
+            "directory using the sqlite or xattr driver"
+        )
     if source.resolve() == layout.base.resolve():
         raise ConfigurationError(f"{source} is already the configured cache directory")
     db_path = source / "cache.db"

@@ -136,7 +136,11 @@ def main(
 ) -> None:
     """A Glance-compatible image cache and edge caching proxy."""
     if url and (config or cache_dir):
-        raise click.UsageError("use either --url (a service) or --config/--cache-dir (local)")
+        # An explicit local cache beats a service URL that only came from the environment.
+        if ctx.get_parameter_source("url") is click.core.ParameterSource.ENVIRONMENT:
+            url = None
+        else:
+            raise click.UsageError("use either --url (a service) or --config/--cache-dir (local)")
     ctx.obj = _Options(config, cache_dir, upstream, url, token, as_json, debug)
 
 
