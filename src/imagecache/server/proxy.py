@@ -91,15 +91,16 @@ async def relay(request: web.Request) -> web.StreamResponse:
         length = upstream.headers.get(hdrs.CONTENT_LENGTH)
         if length is not None and hdrs.TRANSFER_ENCODING not in upstream.headers:
             response.content_length = int(length)
+        if request.method == "DELETE" and 200 <= upstream.status < 300:
+            # Before the client hears "deleted", so nothing it does next can get the old copy.
+            image_id = request.match_info.get("image_id")
+            if image_id is not None and state.cache.driver.layout.is_valid(image_id):
+                await state.fills.run(_evict, state, image_id)
         await response.prepare(request)
         if request.method != "HEAD":
             async for chunk in upstream.content.iter_chunked(RELAY_CHUNK):
                 await response.write(chunk)
         await response.write_eof()
-        if request.method == "DELETE" and 200 <= upstream.status < 300:
-            image_id = request.match_info.get("image_id")
-            if image_id is not None and state.cache.driver.layout.is_valid(image_id):
-                await state.fills.run(_evict, state, image_id)
         return response
 
 
