@@ -70,6 +70,8 @@ class Maintenance:
         self.prefetcher = prefetcher
         self.scrubber = scrubber if scrubber is not None else Scrubber(cache)
         self.runs: Counter[str] = Counter()
+        # Images evicted by the scheduled prune, by reason ("size_limit", "idle_ttl").
+        self.evicted: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.last_result: dict[str, Any] = {}
         self.reconciled: ReconcileReport | None = None
@@ -83,6 +85,8 @@ class Maintenance:
         ttl = self.cache.settings.idle_ttl
         idle = await asyncio.to_thread(evict_idle, self.cache, ttl)
         over = await asyncio.to_thread(self.cache.prune)
+        self.evicted["idle_ttl"] += idle.files
+        self.evicted["size_limit"] += over.files
         return PruneResult(idle.files + over.files, idle.bytes + over.bytes)
 
     async def clean(self) -> Any:

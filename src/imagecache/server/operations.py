@@ -19,9 +19,12 @@ static paths here win). It wires:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from imagecache.capacity import Capacity
 from imagecache.maintenance import MAINTENANCE_KEY, Maintenance
@@ -42,12 +45,62 @@ def install(app: web.Application) -> None:
     worker = app[WORKER]
     prefetcher = Prefetcher(state.cache, state.upstream, capacity, attempt=worker.fetch)
     worker.prefetcher = prefetcher
-    Maintenance(state.cache, prefetcher).attach(app)
+    maintenance = Maintenance(state.cache, prefetcher)
+    maintenance.attach(app)
+    state.metrics.registry.register(_OperationsCollector(state, capacity, maintenance))
     app.router.add_route("*", "/v2/cache/stats", _admin_only({"GET": stats}))
     app.router.add_route("*", "/v2/cache/verify", _admin_only({"POST": verify}))
     app.router.add_route(
         "*", "/v2/cache/{image_id}/pin", _admin_only({"PUT": pin, "DELETE": unpin})
     )
+
+
+class _OperationsCollector(Collector):
+    """Metrics of the operations layer, read from in-memory counters when scraped.
+
+    Nothing here touches the disk or the database: a scrape runs on the event loop.
+    """
+
+    def __init__(self, state: ServiceState, capacity: Capacity, maintenance: Maintenance) -> None:
+        self.state = state
+        self.capacity = capacity
+        self.maintenance = maintenance
+
+    def collect(self) -> Iterator[Metric]:
+        settings = self.state.settings
+        yield GaugeMetricFamily(
+            "imagecache_max_size_bytes",
+            "The size limit, image_cache_max_size",
+            settings.image_cache_max_size,
+        )
+        yield GaugeMetricFamily(
+            "imagecache_reserved_bytes",
+            "Bytes reserved by fills in flight in this process",
+            self.capacity.reserved_bytes(),
+        )
+        evictions = CounterMetricFamily(
+            "imagecache_evictions", "Images evicted, by reason", labels=["reason"]
+        )
+        evictions.add_metric(["reservation"], self.capacity.evictions)
+        for reason in ("size_limit", "idle_ttl"):
+            evictions.add_metric([reason], self.maintenance.evicted[reason])
+        yield evictions
+        yield CounterMetricFamily(
+            "imagecache_scrub_quarantined",
+            "Cached files the scrub found corrupt and moved to invalid/",
+            self.maintenance.scrubber.quarantined,
+        )
+        runs = CounterMetricFamily(
+            "imagecache_maintenance_runs", "Completed runs of each maintenance job", labels=["job"]
+        )
+        failures = CounterMetricFamily(
+            "imagecache_maintenance_failures", "Failed runs of each maintenance job", labels=["job"]
+        )
+        for job in ("reconcile", "prune", "clean", "queue", "scrub"):
+            runs.add_metric([job], self.maintenance.runs[job])
+            failures.add_metric([job], self.maintenance.failures[job])
+        yield runs
+        yield failures
 
 
 async def stats(request: web.Request, state: ServiceState) -> web.StreamResponse:
