@@ -15,13 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from imagecache.adopt import AdoptOutcome, AdoptReport, import_glance_cache
+from imagecache.adopt import AdoptReport, import_glance_cache
 from imagecache.cache import ImageCache
 from imagecache.capacity import Capacity
 from imagecache.errors import ConfigurationError, ImageCacheError, ImageNotCached
 from imagecache.prefetch import (
     Prefetcher,
-    PrefetchOutcome,
     PrefetchReport,
     QueuedImage,
     forget_stale_errors,
@@ -183,14 +182,3 @@ def local_stats(cache: ImageCache) -> dict[str, Any]:
         "driver": cache.settings.image_cache_driver,
         "cache_dir": os.fspath(layout.base),
     }
-
-
-__all__ = [
-    "AdoptOutcome",
-    "CacheManager",
-    "ImageNotQueued",
-    "LocalManager",
-    "PrefetchOutcome",
-    "Progress",
-    "local_stats",
-]
