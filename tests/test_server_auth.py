@@ -1,0 +1,69 @@
+"""The origin's "may this caller download" answer, remembered per (caller, image) for a TTL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from multidict import CIMultiDict
+
+from imagecache.errors import UpstreamForbidden
+from imagecache.server.auth import AccessCache, caller_from
+from imagecache.upstreams.base import Caller
+from imagecache.upstreams.directory import DirectoryUpstream
+
+
+class CountingPolicy(DirectoryUpstream):
+    """A real directory upstream whose access policy refuses one token and counts questions.
+
+    The directory kind allows everyone; a Glance policy is what this stands in
+    for (tests/test_server_glance.py asks a real Glance the same question).
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.asked = 0
+
+    async def check_access(self, image_id: str, caller: Caller) -> None:
+        self.asked += 1
+        if caller.headers.get("X-Auth-Token") == "refused":
+            raise UpstreamForbidden(image_id)
+
+
+async def test_answers_are_remembered_per_caller_and_image(tmp_path: Path) -> None:
+    upstream = CountingPolicy(tmp_path)
+    access = AccessCache(upstream, ttl=60)
+    alice = caller_from({"X-Auth-Token": "alice"})
+    refused = caller_from({"X-Auth-Token": "refused"})
+    for _ in range(3):
+        await access.check("img", alice)
+    assert upstream.asked == 1
+    await access.check("other", alice)
+    assert upstream.asked == 2
+    for _ in range(2):
+        with pytest.raises(UpstreamForbidden):
+            await access.check("img", refused)
+    assert upstream.asked == 3, "a refusal is remembered too"
+
+
+async def test_ttl_zero_asks_every_time_and_answers_expire(tmp_path: Path) -> None:
+    upstream = CountingPolicy(tmp_path)
+    alice = caller_from({"X-Auth-Token": "alice"})
+    every_time = AccessCache(upstream, ttl=0)
+    for _ in range(3):
+        await every_time.check("img", alice)
+    assert upstream.asked == 3
+    short = AccessCache(upstream, ttl=0.05)
+    await short.check("img", alice)
+    await short.check("img", alice)
+    assert upstream.asked == 4
+    await asyncio.sleep(0.06)  # let the TTL itself run out: the time is what is tested
+    await short.check("img", alice)
+    assert upstream.asked == 5
+
+
+def test_caller_keeps_only_identity_headers() -> None:
+    headers = CIMultiDict({"x-auth-token": "t", "X-Roles": "admin", "Cookie": "c", "Host": "h"})
+    caller = caller_from(headers)  # request headers are case-insensitive, as here
+    assert dict(caller.headers) == {"X-Auth-Token": "t", "X-Roles": "admin"}
