@@ -117,3 +117,24 @@ def _flip_a_byte(path: Path) -> None:
     with open(path, "r+b") as handle:
         handle.seek(50_000)
         handle.write(b"X")
+
+
+async def test_scheduled_prune_waits_for_a_manual_one_elsewhere(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The prune lock is an flock: another process (here: another open of the lock file) holding
+    it keeps the scheduled prune waiting until it lets go."""
+    settings = make_settings(image_cache_max_size=1000)
+    with ImageCache(settings) as cache, ImageCache(settings) as other:
+        assert cache.cache_image_iter("a", [b"a" * 800])
+        assert cache.cache_image_iter("b", [b"b" * 800])
+        maintenance = Maintenance(cache)
+        with other.exclusive("prune"):
+            job = asyncio.create_task(maintenance.prune())
+            done, _ = await asyncio.wait([job], timeout=0.3)
+            assert not done, "prune ran while another holder had the lock"
+            assert len(cache.get_cached_images()) == 2
+        async with asyncio.timeout(10):
+            result = await job
+        assert result.files == 1
+        assert cache.get_cache_size() <= 1000
