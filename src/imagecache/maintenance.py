@@ -104,14 +104,31 @@ class Maintenance:
         return (await self.prefetcher.run(ids)).as_dict()
 
     async def scrub(self) -> Any:
+        interval = self.cache.settings.scrub_interval
+        stamp = self.cache.driver.layout.lock_path("scrub.done")
+
         def run() -> Any:
             with self.cache.exclusive("scrub"):
-                return self.scrubber.run().as_dict()
+                # Every worker process schedules a scrub; the first to get the
+                # lock does it and the others find it just done and skip.
+                try:
+                    since = time.time() - stamp.stat().st_mtime
+                except FileNotFoundError:
+                    since = float("inf")
+                if interval and since < interval / 2:
+                    return None
+                report = self.scrubber.run().as_dict()
+                stamp.touch()
+                return report
 
         return await asyncio.to_thread(run)
 
     async def reconcile(self) -> ReconcileReport:
-        self.reconciled = await asyncio.to_thread(reconcile, self.cache, self._started_at)
+        def run() -> ReconcileReport:
+            with self.cache.exclusive("reconcile"):  # one worker at a time
+                return reconcile(self.cache, self._started_at)
+
+        self.reconciled = await asyncio.to_thread(run)
         return self.reconciled
 
     def schedule(self) -> dict[str, tuple[float, Callable[[], Awaitable[Any]]]]:

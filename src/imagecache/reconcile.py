@@ -15,8 +15,11 @@ pass does them for every driver that records metadata apart from its files
 (and finds nothing left to do for sqlite or xattr). It is safe to run while
 fills commit and deletions happen: every candidate is re-checked just before it
 is changed, and an incomplete file is moved only while we hold its fill lock
-and only if it predates this process (``started_at``), so a fill that has just
-created its file but not yet locked it is never taken for a dead one.
+and only if it predates this process (``started_at``), so a fill of this
+process that has created its file but not yet locked it (a window of
+microseconds) is never taken for a dead one. With several workers, a sibling
+started earlier could lose such a fill; its commit then fails cleanly (the
+file is no longer its own) and the download it served is unaffected.
 """
 
 from __future__ import annotations
