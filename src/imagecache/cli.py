@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click._termui_impl import ProgressBar
 
 from imagecache.errors import ImageCacheError
 from imagecache.manage import CacheManager, Progress
@@ -208,7 +207,7 @@ def _progress(
         def start(total: int) -> Progress:
             if _options(ctx).as_json:
                 return lambda _item, _n: None
-            bar: ProgressBar[str] = stack.enter_context(
+            bar = stack.enter_context(
                 click.progressbar(
                     length=total,
                     label=label,
