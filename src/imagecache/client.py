@@ -13,6 +13,7 @@ on; the token is sent as ``X-Auth-Token`` and never appears in a message.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -27,6 +28,8 @@ from imagecache.manage import ImageNotQueued, Progress
 from imagecache.prefetch import PrefetchOutcome, PrefetchReport, QueuedImage
 from imagecache.records import CachedImage, CleanResult, PruneResult, QueueResult
 from imagecache.scrub import ScrubOutcome, ScrubReport
+
+_TAGS = re.compile(r"<[^>]*>")
 
 
 class ServiceError(ImageCacheError):
@@ -68,6 +71,7 @@ class RemoteManager:
         body: Any = None,
         headers: dict[str, str] | None = None,
         not_found: Callable[[], ImageCacheError] | None = None,
+        extension: bool = False,
     ) -> Any:
         request = urllib.request.Request(self.base + path, method=method)  # noqa: S310
         request.add_header("Accept", "application/json")
@@ -83,7 +87,7 @@ class RemoteManager:
             with urllib.request.urlopen(request, data=data, timeout=self.timeout) as response:  # noqa: S310
                 raw = response.read()
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc, method, path, not_found) from exc
+            raise self._http_error(exc, method, path, not_found, extension) from exc
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServiceError(
@@ -102,12 +106,20 @@ class RemoteManager:
         method: str,
         path: str,
         not_found: Callable[[], ImageCacheError] | None,
+        extension: bool,
     ) -> ImageCacheError:
         status = exc.code
         if status in (401, 403):
             hint = "check --token / IMAGECACHE_TOKEN" if self.token else "pass --token"
             return ServiceError(
                 f"the service refused the request (HTTP {status}): not authorized; {hint}", status
+            )
+        if status in (404, 405) and extension:
+            # Glance's own cache API has no such route (it answers 404 or 405).
+            return ServiceError(
+                f"{self.base} does not offer {method} {path} (HTTP {status}): "
+                "that verb needs an imagecache service, not Glance's own cache API",
+                status,
             )
         if status == 404 and not_found is not None:
             return not_found()
@@ -219,6 +231,7 @@ class RemoteManager:
 
     def verify(self, image_id: str | None, start: Callable[[int], Progress]) -> ScrubReport:
         # The service verifies in one call; the bar shows its answer image by image.
+        self._require_extensions()
         answer = self._call(
             "POST",
             "/v2/cache/verify",
@@ -234,10 +247,15 @@ class RemoteManager:
         return report
 
     def stats(self) -> dict[str, Any]:
-        answer = self._call("GET", "/v2/cache/stats")
+        answer = self._call("GET", "/v2/cache/stats", extension=True)
         return dict(answer) if isinstance(answer, dict) else {}
 
+    def _require_extensions(self) -> None:
+        """Fail clearly, before acting, when the service is a plain Glance API."""
+        self._call("GET", "/v2/cache/stats", extension=True)
+
     def set_pinned(self, image_id: str, pinned: bool) -> None:
+        self._require_extensions()
         self._call(
             "PUT" if pinned else "DELETE",
             f"/v2/cache/{self._quote(image_id)}/pin",
@@ -252,19 +270,23 @@ class RemoteManager:
 
 
 def _error_detail(exc: urllib.error.HTTPError) -> str:
+    """The server's reason as one short line (Glance wraps it in JSON and HTML)."""
     try:
-        raw = exc.read().decode("utf-8", "replace").strip()
+        raw = exc.read().decode("utf-8", "replace")
     except OSError:
         raw = ""
+    text = raw
     try:
         parsed = json.loads(raw)
     except ValueError:
-        return raw.splitlines()[0][:200] if raw else exc.reason or "error"
+        parsed = None
     if isinstance(parsed, dict):
-        for key in ("message", "error", "detail"):
+        for key in ("message", "error", "detail", "title"):
             if isinstance(parsed.get(key), str):
-                return str(parsed[key])
-    return raw[:200]
+                text = str(parsed[key])
+                break
+    line = " ".join(_TAGS.sub(" ", text).split())
+    return line[:200] or str(exc.reason or "error")
 
 
 def _cached(entry: dict[str, Any]) -> CachedImage:

@@ -1,0 +1,64 @@
+"""The CLI's remote mode against a real Glance API with its own cache on.
+
+Glance's ``/v2/cache`` is the API ``glance-cache-manage``'s successors speak;
+the verbs Glance has work against it unchanged, and ours beyond it fail with
+one clear line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from imagecache.cli import main
+
+pytestmark = pytest.mark.glance
+
+
+async def cli(url: str, *args: str) -> Result:
+    return await asyncio.to_thread(CliRunner().invoke, main, ["--url", url, *args])
+
+
+async def test_glance_verbs_against_a_real_glance(glance_peer: Any) -> None:
+    url = glance_peer.url
+    [(image_id, _data)] = await asyncio.to_thread(glance_peer.seed, 1, 200_000)
+
+    queued = await cli(url, "queue-image", image_id)
+    assert queued.exit_code == 0, queued.output
+    assert queued.output.strip() in (
+        f"Queued image {image_id}.",
+        f"Image {image_id} is already cached.",
+    )
+    # Glance's worker caches it at once; poll its listing with a deadline.
+    deadline = time.monotonic() + 30
+    while True:
+        listed = json.loads((await cli(url, "--json", "list-cached")).output)
+        if any(entry["image_id"] == image_id for entry in listed):
+            break
+        assert time.monotonic() < deadline, "Glance never cached the image"
+        await asyncio.sleep(0.2)
+    table = (await cli(url, "list-cached")).output
+    assert image_id in table
+    assert "195.3 KiB" in table
+    assert (await cli(url, "list-queued")).exit_code == 0
+
+    pruned = await cli(url, "--json", "prune")
+    assert json.loads(pruned.output) == {"total_files_pruned": 0, "total_bytes_pruned": 0}
+    assert (await cli(url, "clean")).output.strip() == "Cleaned."
+    assert (await cli(url, "delete-cached-image", "-f", image_id)).exit_code == 0
+    assert json.loads((await cli(url, "--json", "list-cached")).output) == []
+
+    # Ours beyond Glance's API: a clear one-line error, exit 1.
+    stats = await cli(url, "stats")
+    assert stats.exit_code == 1
+    assert stats.output.startswith(f"Error: {url} does not offer GET /v2/cache/stats")
+    assert "needs an imagecache service" in stats.output
+    assert stats.output.count("\n") == 1
+    pin = await cli(url, "pin", image_id)
+    assert pin.exit_code == 1
+    assert pin.output.startswith(f"Error: {url} does not offer GET /v2/cache/stats")
