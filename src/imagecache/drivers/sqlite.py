@@ -344,7 +344,11 @@ class SqliteDriver(FileBackedDriver):
         return int(rows[0][0])
 
     def get_cached_images(self) -> list[CachedImage]:
-        rows = self._query(f"SELECT {_COLUMNS} FROM cached_images ORDER BY image_id")  # noqa: S608
+        # A plain table scan sorted here: ORDER BY image_id walks the primary-key
+        # index and fetches each row by rowid, two to three times slower for
+        # 100k UUID-named rows. Ids are unique, so tuples sort by id alone.
+        rows = self._query(f"SELECT {_COLUMNS} FROM cached_images")  # noqa: S608
+        rows.sort()
         return list(map(_row_to_image, rows))
 
     def get_cached_image(self, image_id: str) -> CachedImage | None:
