@@ -18,6 +18,7 @@ second).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import random
@@ -32,9 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import MIB, ProcessSampler, fetch_all
-from peers import REPO, Imagecache, http_status, write_random_file
+from peers import REPO, Imagecache, PeerError, http_status, wait_until, write_random_file
 
 RESULTS = REPO / "bench" / "results"
+# Samples (one a second) before the resident set is judged settled.
+WARMUP_SAMPLES = 15
 
 LUA = """
 local hot = {%(hot)s}
@@ -171,13 +174,21 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             side.join()
         counters_after = metrics_counters(ic.url)
+        # Closed connections take a moment to be reaped; give the service a few
+        # seconds to settle back, then report whatever it holds.
+        with contextlib.suppress(PeerError):
+            wait_until("fds back to start", lambda: ic.fds() <= sampler.fds[0] + 4, timeout=15)
         idle_fds = ic.fds()
+        idle_rss = ic.rss_kib() / 1024
     print(wrk.stdout)
     if wrk.returncode != 0:
         print(wrk.stderr, file=sys.stderr)
     stats = parse_wrk(wrk.stdout)
     errors = int(sum(stats[k] for k in ("non_2xx", "connect", "read", "write", "timeout")))
     rss_mib = [kib / 1024 for kib in sampler.rss_kib]
+    # The first seconds grow the connection buffers of 200 clients; "flat" is
+    # judged from there to the end.
+    settled = rss_mib[min(WARMUP_SAMPLES, len(rss_mib) - 1)]
     deltas = {
         k: counters_after.get(k, 0.0) - v
         for k, v in counters_before.items()
@@ -191,13 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
         "evictions": len(statuses),
         "eviction_failures": bad_evictions,
-        "rss_mib": {"start": rss_mib[0], "peak": max(rss_mib), "end": rss_mib[-1]},
+        "rss_mib": {
+            "start": rss_mib[0],
+            "settled": settled,
+            "peak": max(rss_mib),
+            "end": rss_mib[-1],
+        },
         "fds": {
             "start": sampler.fds[0],
             "peak": max(sampler.fds),
             "end": sampler.fds[-1],
             "idle": idle_fds,
         },
+        "idle_rss_mib": idle_rss,
         "rss_series_mib": [round(v, 1) for v in rss_mib],
         "fd_series": sampler.fds,
         "metrics_deltas": deltas,
@@ -210,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- errors: {errors} (non-2xx {stats['non_2xx']:.0f}, connect {stats['connect']:.0f}, "
         f"read {stats['read']:.0f}, write {stats['write']:.0f}, timeout {stats['timeout']:.0f})",
         f"- evictions during the run: {len(statuses)} ({bad_evictions} not 204/404)",
-        f"- RSS (MiB, all processes): start {rss_mib[0]:.1f}, peak {max(rss_mib):.1f}, "
-        f"end {rss_mib[-1]:.1f}",
+        f"- RSS (MiB, all processes): start {rss_mib[0]:.1f}, at {WARMUP_SAMPLES} s "
+        f"{settled:.1f}, peak {max(rss_mib):.1f}, end {rss_mib[-1]:.1f} "
+        f"(drift from {WARMUP_SAMPLES} s to end {rss_mib[-1] - settled:+.1f}), "
+        f"idle after {idle_rss:.1f}",
         f"- open fds: start {sampler.fds[0]}, peak {max(sampler.fds)}, "
         f"end of load {sampler.fds[-1]}, idle after {idle_fds}",
     ]

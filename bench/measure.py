@@ -8,13 +8,13 @@ client in front of every server keeps the ratios fair.
 from __future__ import annotations
 
 import hashlib
-import os
 import statistics
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MIB = 1 << 20
 
@@ -80,31 +80,33 @@ def fetch_all(urls: list[str], expect_bytes: int, timeout: float = 600.0) -> Sam
     return Sample(len(urls), total, seconds, errors)
 
 
-def throughput(
-    url: str,
-    expect_bytes: int,
-    clients: int = 1,
-    reps: int = 3,
-    before_each: Callable[[], None] | None = None,
-) -> Throughput:
-    """``reps`` rounds of ``clients`` concurrent GETs of ``url`` (``before_each`` resets state)."""
-    samples = []
-    for _ in range(reps):
-        if before_each is not None:
-            before_each()
-        samples.append(fetch_all([url] * clients, expect_bytes))
-    return Throughput(samples)
+def hash_sample(name: str, buffer: bytes) -> Sample:
+    """One pass of ``hashlib.<name>`` over ``buffer`` (the fill's CPU bound), as a Sample."""
+    start = time.perf_counter()
+    hashlib.new(name, buffer).hexdigest()
+    return Sample(1, len(buffer), time.perf_counter() - start, 0)
 
 
-def hash_rate(name: str, size: int) -> float:
-    """MiB/s of ``hashlib.<name>`` over one ``size``-byte buffer (the fill's CPU bound)."""
-    buffer = os.urandom(size)
-    best = 0.0
-    for _ in range(2):
-        start = time.perf_counter()
-        hashlib.new(name, buffer).hexdigest()
-        best = max(best, size / MIB / (time.perf_counter() - start))
-    return best
+def hash_write_sample(name: str | None, buffer: bytes, path: Path, chunk: int = MIB) -> Sample:
+    """Hash and write ``buffer`` to a new file chunk by chunk in one thread (no fsync).
+
+    ``name=None`` only writes: the page-cache write rate on its own.
+
+    What a fill must at least do besides moving bytes over sockets, without
+    any of the service's concurrency: context for the miss ratio.
+    """
+    view = memoryview(buffer)
+    digest = hashlib.new(name) if name else None
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as out:
+        for offset in range(0, len(view), chunk):
+            piece = view[offset : offset + chunk]
+            if digest is not None:
+                digest.update(piece)
+            out.write(piece)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return Sample(1, len(buffer), seconds, 0)
 
 
 @dataclass

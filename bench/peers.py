@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,6 +158,15 @@ def open_fds(pid: int) -> int:
         return 0
 
 
+def full_body_gets(access_log: Path, path: str) -> int:
+    """Lines of a combined-format access log for ``GET path`` answered 200 (not 206/304)."""
+    if not access_log.exists():
+        return 0
+    pattern = re.compile(rf'"GET {re.escape(path)} HTTP/[\d.]+" 200 ')
+    with access_log.open() as lines:
+        return sum(pattern.search(line) is not None for line in lines)
+
+
 # ---------------------------------------------------------------- nginx ---
 
 
@@ -268,11 +278,8 @@ http {{
             self.proc = None
 
     def requests_for(self, path: str) -> int:
-        """How many GETs of ``path`` the access log shows (the origin's body reads)."""
-        if not self.access_log_path.exists():
-            return 0
-        needle = f'"GET {path} '
-        return sum(needle in line for line in self.access_log_path.open())
+        """How many full-body GETs of ``path`` (status 200) the access log shows."""
+        return full_body_gets(self.access_log_path, path)
 
 
 # -------------------------------------------------------- Glance peer ---
@@ -369,12 +376,11 @@ class GlancePeer:
             raise PeerError(f"DELETE /v2/cache/{image_id} on Glance: HTTP {status}")
 
     def body_reads(self, image_id: str) -> int:
-        """How many GETs of the image's data the access log shows."""
-        log = self.datadir / "log" / "access.log"
-        if not log.exists():
-            return 0
-        needle = f"GET /v2/images/{image_id}/file"
-        return sum(needle in line for line in log.open())
+        """How many full-body GETs (200) of the image's data the access log shows.
+
+        A proxy's access checks are 1-byte Range GETs (206) and are not body reads.
+        """
+        return full_body_gets(self.datadir / "log" / "access.log", f"/v2/images/{image_id}/file")
 
 
 # ------------------------------------------------------------ imagecache ---
