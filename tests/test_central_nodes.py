@@ -316,11 +316,35 @@ def test_one_node_at_a_time_claims_the_origin_read(make_node: NodeFactory) -> No
     other = b.claim_origin_fill("other")  # claims are per image
     assert other is not None
     other.release()
+    # The read is over but not yet committed: a is still the one to follow.
     claim.release()
+    assert b.origin_filler("img") == a.self_url
+    # Filler becomes holder in one transaction.
+    put(a, "img")
     assert b.origin_filler("img") is None
+    assert b.get_cached_nodes("img") == [a.self_url]
     again = b.claim_origin_fill("img")
     assert again is not None
     again.release()
+
+
+def test_a_rolled_back_fill_is_not_followed(make_node: NodeFactory) -> None:
+    a, b = make_node("a"), make_node("b")
+    claim = a.claim_origin_fill("img")
+    assert claim is not None
+
+    def fail_half_way() -> None:
+        with a.open_for_write("img") as target:
+            target.write(b"half")
+            raise RuntimeError("the origin went away")
+
+    with pytest.raises(RuntimeError):
+        fail_half_way()
+    claim.release()
+    assert b.origin_filler("img") is None
+    taken = b.claim_origin_fill("img")
+    assert taken is not None
+    taken.release()
 
 
 def test_the_claim_of_a_dead_node_is_void(make_node: NodeFactory) -> None:
@@ -337,3 +361,23 @@ def test_the_claim_of_a_dead_node_is_void(make_node: NodeFactory) -> None:
     assert taken is not None
     assert a.origin_filler("img") == b.self_url
     taken.release()
+
+
+def test_a_node_that_leaves_is_not_offered_until_it_beats(make_node: NodeFactory) -> None:
+    a, b = make_node("a"), make_node("b")
+    put(a, "img")
+    a.leave()
+    assert b.get_cached_nodes("img") == []
+    assert a.heartbeat()  # back (a restart beats at once): its copies are offered again
+    assert b.get_cached_nodes("img") == [a.self_url]
+
+
+def test_the_whole_cluster_can_be_listed(make_node: NodeFactory) -> None:
+    a, b, c = make_node("a"), make_node("b"), make_node("c")
+    put(a, "x", b"1")
+    put(b, "x", b"22")
+    put(b, "y", b"333")
+    put(c, "z")
+    age_heartbeat(c, c.settings.node_dead_after + 1)
+    listing = [(url, image.image_id, image.size) for url, image in a.get_cluster_images()]
+    assert listing == [(a.self_url, "x", 1), (b.self_url, "x", 2), (b.self_url, "y", 3)]

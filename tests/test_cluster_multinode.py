@@ -212,6 +212,12 @@ async def test_three_cold_nodes_at_once_read_the_origin_once(
             assert (node.cache_dir / "img").read_bytes() == DATA
             assert await holders(session, node, "img") == sorted(n.url for n in everyone)
 
+        # A node stopped gracefully leaves the cluster at once, not after node_dead_after.
+        one, two, three = everyone
+        three.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(three.process.wait(), timeout=DEADLINE) == 0
+        assert await holders(session, one, "img") == sorted([one.url, two.url])
+
 
 async def test_a_sibling_killed_mid_transfer_falls_back_to_the_origin(
     cluster: Callable[[str], Awaitable[Node]], http_origin: Any

@@ -273,13 +273,19 @@ def normalise_self_url(value: str) -> str:
 
 
 class OriginClaim:
-    """This node's right to read one image from the origin; ``release()`` when done.
+    """This node's right to read one image from the origin; ``release()`` when the read ends.
 
     On PostgreSQL the right is a session advisory lock held on a connection of
     its own: if the node dies the server drops the connection and the lock
     with it at once. SQLite has no such locks; there the ``origin_fills`` row
     is the claim, and a row whose node stopped beating is void.
-    Either way the row tells the other nodes whom to fetch from meanwhile.
+
+    The row tells the other nodes whom to fetch from meanwhile, and it outlives
+    ``release()``: it goes in the same transaction that records the committed
+    copy (or when the fill rolls back). Deleting it when the origin read ends
+    would leave a gap, between the last byte and the commit, in which the
+    image is neither being filled nor cached as far as the cluster can see,
+    and a node asking then would read the origin a second time.
     """
 
     def __init__(self, driver: CentralDriver, image_id: str, conn: Connection | None) -> None:
@@ -288,26 +294,18 @@ class OriginClaim:
         self._conn = conn
 
     def release(self) -> None:
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
         try:
-            with self.driver._write() as conn:
-                conn.execute(
-                    delete(origin_fills).where(
-                        origin_fills.c.image_id == self.image_id,
-                        origin_fills.c.node_id == self.driver.node_id,
-                    )
-                )
+            conn.execute(
+                select(func.pg_advisory_unlock(ORIGIN_LOCK_SPACE, func.hashtext(self.image_id)))
+            )
+            conn.commit()
+        except SQLAlchemyError as exc:
+            log.warning("could not unlock the origin read of %s: %s", self.image_id, _brief(exc))
         finally:
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
-                try:
-                    conn.execute(
-                        select(
-                            func.pg_advisory_unlock(ORIGIN_LOCK_SPACE, func.hashtext(self.image_id))
-                        )
-                    )
-                    conn.commit()
-                finally:
-                    conn.close()
+            conn.close()  # closing the session drops the lock in any case
 
 
 class CentralDriver(FileBackedDriver):
@@ -469,6 +467,18 @@ class CentralDriver(FileBackedDriver):
             return False
         return True
 
+    def leave(self) -> None:
+        """Tell the cluster this node is stopping: it is not offered as a source from now on.
+
+        Its rows stay: when it comes back (same directory) its copies are offered again.
+        """
+        with self._write() as conn:
+            conn.execute(
+                update(nodes)
+                .where(nodes.c.id == self.node_id, nodes.c.instance_id == self.instance_id)
+                .values(heartbeat=to_datetime(0.0))
+            )
+
     def _alive_cutoff(self) -> datetime:
         return to_datetime(time.time() - self.settings.node_dead_after)
 
@@ -488,6 +498,17 @@ class CentralDriver(FileBackedDriver):
             )
             for url, beat, started in rows
         ]
+
+    def get_cluster_images(self) -> list[tuple[str, CachedImage]]:
+        """``(node URL, record)`` of every copy on every live node, by image id then URL."""
+        query = (
+            select(nodes.c.url, *_IMAGE_COLUMNS)
+            .select_from(cached_images.join(nodes, nodes.c.id == cached_images.c.node_id))
+            .where(nodes.c.heartbeat > self._alive_cutoff(), ~_deleted_since_made())
+            .order_by(cached_images.c.image_id, nodes.c.url)
+        )
+        with self._read() as conn:
+            return [(row[0], _row_to_image(row[1:])) for row in conn.execute(query)]
 
     def get_cached_nodes(self, image_id: str) -> list[str]:
         """URLs of the live nodes holding a copy not marked deleted since it was made."""
@@ -694,6 +715,18 @@ class CentralDriver(FileBackedDriver):
                 },
                 keep=("hits", "pinned"),
             )
+            # Filler becomes holder in one step: no moment when the cluster sees neither.
+            conn.execute(self._forget_origin_fill(fill.image_id))
+
+    def _meta_rollback(self, fill: Fill, reason: str) -> None:
+        # This node no longer fills the image: others must not follow it.
+        with self._write() as conn:
+            conn.execute(self._forget_origin_fill(fill.image_id))
+
+    def _forget_origin_fill(self, image_id: str) -> Any:
+        return delete(origin_fills).where(
+            origin_fills.c.image_id == image_id, origin_fills.c.node_id == self.node_id
+        )
 
     def _meta_forget(self, image_ids: Iterable[str]) -> None:
         params = [{"doomed": image_id} for image_id in image_ids]

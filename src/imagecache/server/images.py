@@ -261,6 +261,10 @@ async def _serve_sibling(
             response = await _follow(request, state, flight, etag)
             if isinstance(response, web.StreamResponse):
                 return response
+    # The fill may have committed (and its flight ended) since the caller looked.
+    hit = await state.fills.run(_open_hit, state, image_id)
+    if hit is not None:
+        return await _serve_hit(request, state, image_id, hit)
     raise web.HTTPNotFound(text=f"image {image_id} is not cached on this node")
 
 
