@@ -138,3 +138,20 @@ async def test_scheduled_prune_waits_for_a_manual_one_elsewhere(
             result = await job
         assert result.files == 1
         assert cache.get_cache_size() <= 1000
+
+
+async def test_stop_waits_for_a_job_still_in_its_thread(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A cancelled task cannot stop its thread; stop() must outlast it, or the caller would
+    close the database under a running query (that crashed the process once)."""
+    settings = make_settings(prune_interval=0, clean_interval=0, queue_interval=0, scrub_interval=0)
+    with ImageCache(settings) as cache, ImageCache(settings) as other:
+        maintenance = Maintenance(cache)
+        with other.exclusive("reconcile"):  # the start-up reconcile blocks in its thread
+            await maintenance.start()
+            stopping = asyncio.create_task(maintenance.stop())
+            done, _ = await asyncio.wait([stopping], timeout=0.3)
+            assert not done, "stop() returned while the reconcile thread was still running"
+        async with asyncio.timeout(10):
+            await stopping

@@ -21,12 +21,13 @@ start-up and shutdown.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -37,6 +38,8 @@ from imagecache.records import PruneResult
 from imagecache.scrub import Scrubber
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def evict_idle(cache: ImageCache, ttl: float, now: float | None = None) -> PruneResult:
@@ -76,6 +79,13 @@ class Maintenance:
         self.last_result: dict[str, Any] = {}
         self.reconciled: ReconcileReport | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Blocking work runs here, and stop() waits for what is still running:
+        # a cancelled task cannot stop its thread, and a thread left querying
+        # a database the caller then closes would crash the process.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="imagecache-maintenance"
+        )
+        self._running: set[concurrent.futures.Future[Any]] = set()
         self._started_at = time.time()
         self._changed = asyncio.Condition()
 
@@ -83,21 +93,21 @@ class Maintenance:
 
     async def prune(self) -> PruneResult:
         ttl = self.cache.settings.idle_ttl
-        idle = await asyncio.to_thread(evict_idle, self.cache, ttl)
-        over = await asyncio.to_thread(self.cache.prune)
+        idle = await self._in_thread(evict_idle, self.cache, ttl)
+        over = await self._in_thread(self.cache.prune)
         self.evicted["idle_ttl"] += idle.files
         self.evicted["size_limit"] += over.files
         return PruneResult(idle.files + over.files, idle.bytes + over.bytes)
 
     async def clean(self) -> Any:
-        result = await asyncio.to_thread(self.cache.clean)
-        await asyncio.to_thread(forget_stale_errors, self.cache)
+        result = await self._in_thread(self.cache.clean)
+        await self._in_thread(forget_stale_errors, self.cache)
         return result
 
     async def redrive_queue(self) -> Any:
         if self.prefetcher is None:
             return None
-        waiting = await asyncio.to_thread(self.cache.get_queued_images)
+        waiting = await self._in_thread(self.cache.get_queued_images)
         ids = [i for i in waiting if i not in self.prefetcher.in_flight]
         if not ids:
             return None
@@ -121,15 +131,21 @@ class Maintenance:
                 stamp.touch()
                 return report
 
-        return await asyncio.to_thread(run)
+        return await self._in_thread(run)
 
     async def reconcile(self) -> ReconcileReport:
         def run() -> ReconcileReport:
             with self.cache.exclusive("reconcile"):  # one worker at a time
                 return reconcile(self.cache, self._started_at)
 
-        self.reconciled = await asyncio.to_thread(run)
+        self.reconciled = await self._in_thread(run)
         return self.reconciled
+
+    def _in_thread(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        future = self._executor.submit(func, *args)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return asyncio.wrap_future(future)
 
     def schedule(self) -> dict[str, tuple[float, Callable[[], Awaitable[Any]]]]:
         settings = self.cache.settings
@@ -157,6 +173,10 @@ class Maintenance:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        running = [asyncio.wrap_future(future) for future in list(self._running)]
+        if running:
+            await asyncio.wait(running)
+        self._executor.shutdown(wait=False)  # idle by now; a Maintenance runs once
 
     async def wait_for(self, name: str, runs: int) -> None:
         """Wait until job ``name`` has completed ``runs`` times; wrap in ``asyncio.timeout``."""

@@ -12,6 +12,7 @@ queue listing never sees the sidecars; ``queued_details`` joins the two.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import json
@@ -21,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from imagecache.cache import ImageCache
 from imagecache.capacity import Admission, Capacity
@@ -38,6 +39,8 @@ from imagecache.records import ImageInfo
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # One try at caching an image; raises what went wrong.
 Attempt = Callable[[str, Caller], Awaitable[None]]
@@ -180,6 +183,7 @@ class Prefetcher:
         *,
         backoff: float = 0.5,
         attempt: Attempt | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.cache = cache
         self.upstream = upstream
@@ -189,8 +193,15 @@ class Prefetcher:
         # fill coordinator, so a prefetch and a download never read the origin
         # twice); this class adds retries, error records and the bound around it.
         self.attempt = attempt
+        # Where blocking calls run (None: asyncio's default). The service passes
+        # its disk executor, which it drains before closing the cache, so no
+        # thread of ours is left using a closed database.
+        self.executor = executor
         self._slots = asyncio.Semaphore(cache.settings.prefetch_concurrency)
         self._in_flight: set[str] = set()
+
+    def _run(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     @property
     def in_flight(self) -> frozenset[str]:
@@ -256,14 +267,14 @@ class Prefetcher:
                     continue
                 message = str(exc) or type(exc).__name__
                 log.warning("prefetch of %s failed after %d tries: %s", image_id, attempt, message)
-                await asyncio.to_thread(self._note_failure, image_id, message, attempt)
+                await self._run(self._note_failure, image_id, message, attempt)
                 return PrefetchOutcome.FAILED, message
             if outcome is PrefetchOutcome.NOT_CACHEABLE:
                 message = "not cacheable: larger than the largest cacheable image, or no space"
-                await asyncio.to_thread(self._note_failure, image_id, message, attempt)
+                await self._run(self._note_failure, image_id, message, attempt)
                 return outcome, message
             if outcome is not PrefetchOutcome.BEING_CACHED:
-                await asyncio.to_thread(self._done, image_id)
+                await self._run(self._done, image_id)
             return outcome, None
 
     def _note_failure(self, image_id: str, message: str, attempts: int) -> None:
@@ -277,22 +288,22 @@ class Prefetcher:
         clear_error(self.cache.driver.layout, image_id)
 
     async def _fill(self, image_id: str, caller: Caller) -> PrefetchOutcome:
-        if await asyncio.to_thread(self.cache.is_cached, image_id):
+        if await self._run(self.cache.is_cached, image_id):
             return PrefetchOutcome.ALREADY_CACHED
         if self.attempt is not None:
             await self.attempt(image_id, caller)
-            cached = await asyncio.to_thread(self.cache.is_cached, image_id)
+            cached = await self._run(self.cache.is_cached, image_id)
             return PrefetchOutcome.CACHED if cached else PrefetchOutcome.NOT_CACHEABLE
         info = await self.upstream.info(image_id, caller)
         if info.status != "active":
             raise UpstreamNotActive(image_id, info.status)
-        if not await asyncio.to_thread(self.cache.should_cache, image_id, info):
-            if await asyncio.to_thread(self.cache.is_cached, image_id):
+        if not await self._run(self.cache.should_cache, image_id, info):
+            if await self._run(self.cache.is_cached, image_id):
                 return PrefetchOutcome.ALREADY_CACHED
             return PrefetchOutcome.NOT_CACHEABLE
         if self.capacity is None:
             return await self._write(image_id, info, caller)
-        reservation = await asyncio.to_thread(self.capacity.reserve, image_id, info.size)
+        reservation = await self._run(self.capacity.reserve, image_id, info.size)
         try:
             if reservation.admission is not Admission.ADMITTED:
                 return PrefetchOutcome.NOT_CACHEABLE
@@ -302,8 +313,8 @@ class Prefetcher:
 
     async def _write(self, image_id: str, info: ImageInfo, caller: Caller) -> PrefetchOutcome:
         writer = self.cache.writer(image_id, info)
-        if not await asyncio.to_thread(writer.open):
-            if await asyncio.to_thread(self.cache.is_cached, image_id):
+        if not await self._run(writer.open):
+            if await self._run(self.cache.is_cached, image_id):
                 return PrefetchOutcome.ALREADY_CACHED
             return PrefetchOutcome.BEING_CACHED
         try:
@@ -311,15 +322,15 @@ class Prefetcher:
             try:
                 async for chunk in stream:
                     if chunk:
-                        await asyncio.to_thread(writer.write, chunk)
+                        await self._run(writer.write, chunk)
             finally:
                 # Releases the upstream connection even when we stop early.
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
-            await asyncio.to_thread(writer.finish)
+            await self._run(writer.finish)
         except BaseException as exc:
-            await asyncio.to_thread(writer.abort, exc)
+            await self._run(writer.abort, exc)
             raise
         if not writer.committed:
             raise CacheStoreError(f"the cache copy of {image_id!r} could not be committed")

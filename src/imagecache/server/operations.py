@@ -43,7 +43,9 @@ def install(app: web.Application) -> None:
     app[CAPACITY] = capacity
     state.fills.capacity = capacity
     worker = app[WORKER]
-    prefetcher = Prefetcher(state.cache, state.upstream, capacity, attempt=worker.fetch)
+    prefetcher = Prefetcher(
+        state.cache, state.upstream, capacity, attempt=worker.fetch, executor=state.executor
+    )
     worker.prefetcher = prefetcher
     maintenance = Maintenance(state.cache, prefetcher)
     maintenance.attach(app)
