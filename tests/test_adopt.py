@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +16,7 @@ from driver_kinds import settings_for
 from imagecache import ImageCache
 from imagecache.adopt import AdoptOutcome, import_glance_cache
 from imagecache.cli import main
+from server_helpers import directory_app
 
 # Glance's sqlite driver's table, exactly.
 GLANCE_SCHEMA = """
@@ -141,3 +143,26 @@ def test_import_refuses_what_is_not_a_glance_cache(tmp_path: Path, cache_dir: Pa
     assert result.exit_code == 1
     assert result.output.startswith("Error: ")
     assert result.output.count("\n") == 1
+
+
+async def test_an_adopted_cache_is_served_by_the_service_with_its_hits_kept(
+    aiohttp_client: Any, tmp_path: Path, cache_dir: Path
+) -> None:
+    """Glance's cache.db rows survive adoption and keep counting when the service serves them."""
+    glance = _glance_dir(tmp_path)
+    _with_cache_db(glance)
+    settings = settings_for("sqlite", cache_dir, tmp_path)
+    with ImageCache(settings) as cache:
+        import_glance_cache(cache, glance)
+    # An empty origin: every byte served below must come from the adopted files.
+    origin = tmp_path / "empty-origin"
+    origin.mkdir()
+    client = await aiohttp_client(directory_app(settings, origin))
+    async with client.get(f"/v2/images/{UUIDS[0]}/file") as response:
+        assert response.status == 200
+        assert await response.read() == b"A" * 1000
+    async with client.get("/v2/cache") as response:
+        listed = {entry["image_id"]: entry for entry in (await response.json())["cached_images"]}
+    assert set(listed) == set(UUIDS)
+    assert listed[UUIDS[0]]["hits"] == 8  # Glance's 7, plus the read just served
+    assert listed[UUIDS[2]]["hits"] == 2
