@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from imagecache import ImageCache, ImageInfo, Settings
 from imagecache.capacity import Admission, Capacity
 from imagecache.server.state import STATE
@@ -21,8 +23,8 @@ MiB = 1024 * 1024
 CHUNK = 256 * 1024
 
 
-def _data(i: int) -> bytes:
-    size = (1 + i % 4) * MiB - i  # 1..4 MiB, all different
+def _data(i: int, scale: int = 1) -> bytes:
+    size = (1 + i % 4) * MiB * scale - i  # 1..4 MiB (times scale), all different
     return hashlib.sha256(str(i).encode()).digest() * (size // 32) + b"x" * (size % 32)
 
 
@@ -162,15 +164,22 @@ def test_reservations_of_fills_in_flight_count(make_settings: Callable[..., Sett
 # --- through the service --------------------------------------------------------------------
 
 
+# Scale 10 is the issue's case: a 100 MiB limit, ~400 MiB of concurrent fills,
+# an 80 MiB image that must stream through. Scale 1 is the same, ten times smaller.
+@pytest.mark.parametrize("scale", [1, 10], ids=["10MiB-limit", "100MiB-limit"])
 async def test_the_service_keeps_the_limit_and_streams_what_is_too_large(
-    aiohttp_client: Any, make_settings: Callable[..., Settings], cache_dir: Path, tmp_path: Path
+    aiohttp_client: Any,
+    make_settings: Callable[..., Settings],
+    cache_dir: Path,
+    tmp_path: Path,
+    scale: int,
 ) -> None:
-    limit = 10 * MiB
+    limit = 10 * MiB * scale
     origin = tmp_path / "origin"
-    images = {f"img-{i}": _data(i) for i in range(16)}
+    images = {f"img-{i}": _data(i, scale) for i in range(16)}
     for image_id, data in images.items():
         put_image(origin, image_id, data)
-    huge = _data(3) * 2  # 8 MiB: above the 5 MiB largest cacheable image
+    huge = _data(3, scale) * 2  # 8 MiB (times scale): above half the limit
     put_image(origin, "huge", huge)
     settings = make_settings(image_cache_max_size=limit, free_space_watermark=0)
     client = await aiohttp_client(directory_app(settings, origin))
@@ -210,7 +219,7 @@ async def test_the_service_keeps_the_limit_and_streams_what_is_too_large(
     async with client.get("/metrics") as response:
         metrics = await response.text()
     assert 'imagecache_bypasses_total{reason="too_large"} 1.0' in metrics
-    assert "imagecache_max_size_bytes 1.048576e+07" in metrics
+    assert f"imagecache_max_size_bytes {float(limit):.6e}" in metrics
     assert "imagecache_reserved_bytes 0.0" in metrics
     evicted = re.search(r'imagecache_evictions_total\{reason="reservation"\} (\d+)', metrics)
     assert evicted is not None
