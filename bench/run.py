@@ -63,6 +63,7 @@ from peers import (
 )
 
 RESULTS = REPO / "bench" / "results"
+SCENARIOS = ("hit", "miss", "herd", "memory", "metadata")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Config:
     workdir: Path
     keep: bool
     metadata: bool
+    only: frozenset[str]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -92,6 +94,7 @@ class Config:
             workdir=Path(args.workdir),
             keep=args.keep,
             metadata=not args.no_metadata,
+            only=frozenset(args.only.split(",")),
         )
 
 
@@ -474,7 +477,28 @@ def run(cfg: Config) -> Report:
             if name.startswith("imagecache"):
                 warm(url(), cfg.size)
 
-        scenario_hit(cfg, rep, hit_targets, origin.url + file_path, origin_copy.url + file_path)
+        def run_herds() -> None:
+            print(f"c. herd: {cfg.herd} concurrent clients on one cold image", flush=True)
+            scenario_herd(
+                cfg,
+                rep,
+                "http upstream (nginx origin)",
+                ic_http.file_url(image.image_id),
+                lambda: ic_http.evict(image.image_id),
+                lambda: origin.requests_for(file_path),
+            )
+            if ic_glance is not None and glance_origin is not None:
+                scenario_herd(
+                    cfg,
+                    rep,
+                    "glance upstream (Glance origin)",
+                    ic_glance.file_url(gid),
+                    lambda: ic_glance.evict(gid),
+                    lambda: glance_origin.body_reads(gid),
+                )
+
+        if "hit" in cfg.only:
+            scenario_hit(cfg, rep, hit_targets, origin.url + file_path, origin_copy.url + file_path)
 
         cases = [
             MissCase(
@@ -507,33 +531,19 @@ def run(cfg: Config) -> Report:
                 1,
                 lambda: cache_peer.evict(gid_cache),
             )
-        scenario_miss(cfg, rep, cases, glance_miss)
+        if "miss" in cfg.only:
+            scenario_miss(cfg, rep, cases, glance_miss)
 
-        print(f"c. herd: {cfg.herd} concurrent clients on one cold image", flush=True)
-        scenario_herd(
-            cfg,
-            rep,
-            "http upstream (nginx origin)",
-            ic_http.file_url(image.image_id),
-            lambda: ic_http.evict(image.image_id),
-            lambda: origin.requests_for(file_path),
-        )
-        if ic_glance is not None and glance_origin is not None:
-            scenario_herd(
-                cfg,
-                rep,
-                "glance upstream (Glance origin)",
-                ic_glance.file_url(gid),
-                lambda: ic_glance.evict(gid),
-                lambda: glance_origin.body_reads(gid),
-            )
+        if "herd" in cfg.only:
+            run_herds()
 
-        print(f"d. memory: {cfg.crowd} concurrent downloads, starting cold", flush=True)
-        scenario_memory(cfg, rep, ic_dir, image)
+        if "memory" in cfg.only:
+            print(f"d. memory: {cfg.crowd} concurrent downloads, starting cold", flush=True)
+            scenario_memory(cfg, rep, ic_dir, image)
 
     if not cfg.keep:
         shutil.rmtree(cfg.workdir, ignore_errors=True)
-    if cfg.metadata:
+    if cfg.metadata and "metadata" in cfg.only:
         scenario_metadata(rep)
     return rep
 
@@ -595,9 +605,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="imagecache and nginx workers")
     parser.add_argument("--no-glance", action="store_true", help="skip the Glance peers")
     parser.add_argument("--workdir", default="/var/tmp/imagecache-bench/run")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
     parser.add_argument("--no-metadata", action="store_true", help="skip bench/metadata.py")
     parser.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
     args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}")
     cfg = Config.from_args(args)
     command = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rep = run(cfg)
