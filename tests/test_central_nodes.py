@@ -355,12 +355,19 @@ def test_the_claim_of_a_dead_node_is_void(make_node: NodeFactory) -> None:
         # What a killed process leaves: its session closes and the lock goes with it.
         assert claim._conn is not None
         claim._conn.invalidate()
-    else:
-        age_heartbeat(a, a.settings.node_dead_after + 1)  # SQLite: only the heartbeat tells
-    taken = b.claim_origin_fill("img")
+        claim._conn = None
+    # Its heartbeat is still fresh: only the node that failed to reach it may step in.
+    assert b.claim_origin_fill("img") is None
+    taken = b.claim_origin_fill("img", unreachable={a.self_url})
     assert taken is not None
     assert a.origin_filler("img") == b.self_url
     taken.release()
+    # Once its heartbeat is stale, anyone may.
+    c = make_node("c")
+    age_heartbeat(b, b.settings.node_dead_after + 1)
+    late = c.claim_origin_fill("img")
+    assert late is not None
+    late.release()
 
 
 def test_a_node_that_leaves_is_not_offered_until_it_beats(make_node: NodeFactory) -> None:
@@ -368,7 +375,9 @@ def test_a_node_that_leaves_is_not_offered_until_it_beats(make_node: NodeFactory
     put(a, "img")
     a.leave()
     assert b.get_cached_nodes("img") == []
-    assert a.heartbeat()  # back (a restart beats at once): its copies are offered again
+    assert not a.heartbeat()  # a beat still in flight at the stop must not revive it
+    assert b.get_cached_nodes("img") == []
+    make_node("a")  # the same node restarted: its copies are offered again
     assert b.get_cached_nodes("img") == [a.self_url]
 
 

@@ -157,7 +157,7 @@ class SiblingUpstream(Upstream):
                 self.reads_from_siblings += 1
                 log.info("filled %s from sibling %s", image_id, source)
                 return
-            claim = await asyncio.to_thread(self.driver.claim_origin_fill, image_id)
+            claim = await asyncio.to_thread(self.driver.claim_origin_fill, image_id, failed)
             holder = None
             if claim is None:
                 holder = await asyncio.to_thread(self.driver.origin_filler, image_id)

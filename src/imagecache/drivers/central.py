@@ -30,9 +30,10 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -294,18 +295,26 @@ class OriginClaim:
         self._conn = conn
 
     def release(self) -> None:
-        if self._conn is None:
-            return
-        conn, self._conn = self._conn, None
-        try:
-            conn.execute(
-                select(func.pg_advisory_unlock(ORIGIN_LOCK_SPACE, func.hashtext(self.image_id)))
-            )
-            conn.commit()
-        except SQLAlchemyError as exc:
-            log.warning("could not unlock the origin read of %s: %s", self.image_id, _brief(exc))
-        finally:
-            conn.close()  # closing the session drops the lock in any case
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            _unlock_origin(conn, self.image_id)
+
+
+def _unlock_origin(conn: Connection, image_id: str) -> None:
+    """Drop the advisory lock of ``image_id`` held by ``conn``'s session, and the connection.
+
+    A pooled connection keeps its session, and a session keeps its advisory
+    locks: unlock explicitly, and if that fails discard the connection so the
+    server ends the session (and the lock) rather than pooling it.
+    """
+    try:
+        conn.execute(select(func.pg_advisory_unlock(ORIGIN_LOCK_SPACE, func.hashtext(image_id))))
+        conn.commit()
+    except SQLAlchemyError as exc:
+        log.warning("could not unlock the origin read of %s: %s", image_id, _brief(exc))
+        conn.invalidate()
+    finally:
+        conn.close()
 
 
 class CentralDriver(FileBackedDriver):
@@ -333,6 +342,8 @@ class CentralDriver(FileBackedDriver):
                 "its siblings fetch images from, e.g. http://10.0.0.5:9393",
             )
         self.self_url = normalise_self_url(self.settings.worker_self_reference_url)
+        self._beat_lock = threading.Lock()
+        self._left = False
         self.instance_id = node_instance_id(self.layout.base)
         self.engine = make_engine(self.settings.database_url)
         try:
@@ -451,7 +462,13 @@ class CentralDriver(FileBackedDriver):
         raise CacheStoreError(f"could not register node {self.self_url}: lost every race")
 
     def heartbeat(self) -> bool:
-        """Tell the cluster this node is alive; False if another node took its URL."""
+        """Tell the cluster this node is alive; False if another node took its URL or it left."""
+        with self._beat_lock:
+            if self._left:
+                return False  # a beat still in flight when the node stopped must not revive it
+            return self._beat()
+
+    def _beat(self) -> bool:
         with self._write() as conn:
             result = conn.execute(
                 update(nodes)
@@ -471,7 +488,13 @@ class CentralDriver(FileBackedDriver):
         """Tell the cluster this node is stopping: it is not offered as a source from now on.
 
         Its rows stay: when it comes back (same directory) its copies are offered again.
+        Later heartbeats of this driver do nothing.
         """
+        with self._beat_lock:
+            self._left = True
+            self._mark_gone()
+
+    def _mark_gone(self) -> None:
         with self._write() as conn:
             conn.execute(
                 update(nodes)
@@ -528,8 +551,16 @@ class CentralDriver(FileBackedDriver):
 
     # --- who reads the origin ---------------------------------------------------------------------
 
-    def claim_origin_fill(self, image_id: str) -> OriginClaim | None:
-        """Claim the one origin read of ``image_id`` in the cluster; None if another node has it."""
+    def claim_origin_fill(
+        self, image_id: str, unreachable: Collection[str] = ()
+    ) -> OriginClaim | None:
+        """Claim the one origin read of ``image_id`` in the cluster; None if another node has it.
+
+        The row of a live node stands even when its lock is free: its read is
+        over and its commit is on the way (see ``OriginClaim``). It is void when
+        its node stopped beating, is this node, or is in ``unreachable`` (the
+        caller could not fetch from it: it died before its heartbeat went stale).
+        """
         self.layout.validate(image_id)
         now = datetime.now(UTC)
         lock_conn: Connection | None = None
@@ -547,20 +578,19 @@ class CentralDriver(FileBackedDriver):
             if not got:
                 lock_conn.close()
                 return None
-        claim = OriginClaim(self, image_id, lock_conn)
+        claimed = False
         try:
             with self._write() as conn:
                 row = conn.execute(
-                    select(origin_fills.c.node_id, nodes.c.heartbeat)
+                    select(origin_fills.c.node_id, nodes.c.url, nodes.c.heartbeat)
                     .select_from(origin_fills.join(nodes, nodes.c.id == origin_fills.c.node_id))
                     .where(origin_fills.c.image_id == image_id)
                 ).first()
                 if row is not None:
-                    holder, beat = row
-                    # With the advisory lock in hand any row is a dead holder's leftover.
+                    holder, url, beat = row
                     void = (
-                        lock_conn is not None
-                        or holder == self.node_id
+                        holder == self.node_id
+                        or url in unreachable
                         or to_epoch(beat) < self._alive_cutoff().timestamp()
                     )
                     if not void:
@@ -571,12 +601,11 @@ class CentralDriver(FileBackedDriver):
                         image_id=image_id, node_id=self.node_id, started=now
                     )
                 )
-        except BaseException:
-            if lock_conn is not None:
-                claim._conn = None
-                lock_conn.close()  # closing the session drops the advisory lock
-            raise
-        return claim
+                claimed = True
+        finally:
+            if not claimed and lock_conn is not None:
+                _unlock_origin(lock_conn, image_id)
+        return OriginClaim(self, image_id, lock_conn)
 
     def origin_filler(self, image_id: str) -> str | None:
         """URL of the live node (not this one) reading ``image_id`` from the origin now."""
