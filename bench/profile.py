@@ -4,7 +4,8 @@ Starts ``imagecache serve`` (directory upstream) with one image, then repeats
 the scenario (a miss: evict, then GET; a hit: GET) while ``py-spy record``
 samples the master and its workers. Prints the functions that were on the CPU
 most often, by their own samples ("self") and with their callees ("total"),
-as fractions of all non-idle samples.
+as fractions of the samples of the thread holding the GIL (Python's CPU time;
+time spent in C with the GIL released, e.g. hashing, is not in it).
 
     .venv/bin/python bench/profile.py --scenario miss --size-mib 1024 --seconds 20
 
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         assert ic.proc is not None
         cmd = [pyspy, "record", "--pid", str(ic.proc.pid), "--subprocesses", "--format", "raw"]
         cmd += ["--rate", "200", "--duration", str(args.seconds), "--output", str(raw)]
+        # Only the thread holding the GIL: threads parked on an executor queue
+        # otherwise show up as "active" in _worker and drown the picture.
+        cmd += ["--gil"]
         spy = subprocess.Popen(
             cmd,
             stdout=subprocess.DEVNULL,
