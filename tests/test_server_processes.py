@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.utils import floatToGoString
 
 from server_helpers import image_bytes, listdir
 
@@ -170,6 +171,25 @@ async def test_serve_with_two_workers_shares_one_port_and_stops_on_sigterm(
                 return await response.read()
 
         bodies = await asyncio.gather(*(fetch(n) for n in range(24)))
+
+        async def scrape() -> str:
+            async with session.get(f"{server.url}/metrics") as response:
+                assert response.status == 200
+                return await response.text()
+
+        # Whichever worker a scrape reaches, it reports the whole service: each
+        # image came from the origin once, through one worker or the other.
+        # A sibling's numbers are at most a publish interval old, hence the poll.
+        upstream_bytes = sum(300_000 + n for n in range(4))
+        wanted = f"imagecache_bytes_from_upstream_total {floatToGoString(upstream_bytes)}"
+        deadline = time.monotonic() + 15
+        while wanted not in await scrape():
+            assert time.monotonic() < deadline, "the merged metrics never showed every fill"
+        for _ in range(6):
+            text = await scrape()
+            assert wanted in text, text
+            # A gauge stating a setting is the same in each worker, not their sum.
+            assert f"imagecache_max_size_bytes {floatToGoString(10 * 1024**3)}" in text
     for n, body in enumerate(bodies):
         assert body == image_bytes(300_000 + n % 4, seed=n % 4)
     assert all(http_origin.body_reads(f"img-{n}") == 1 for n in range(4))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -32,6 +35,8 @@ from imagecache.upstreams import create_upstream
 from imagecache.upstreams.base import Upstream
 
 log = logging.getLogger(__name__)
+
+_PUBLISHER = web.AppKey("metrics_publisher", asyncio.Task[None])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -107,9 +112,17 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(
-    settings: Settings, *, upstream: Upstream | None = None, cache: ImageCache | None = None
+    settings: Settings,
+    *,
+    upstream: Upstream | None = None,
+    cache: ImageCache | None = None,
+    metrics_dir: Path | None = None,
 ) -> web.Application:
-    """The service over ``settings``; ``upstream``/``cache`` default to what the settings name."""
+    """The service over ``settings``; ``upstream``/``cache`` default to what the settings name.
+
+    ``metrics_dir`` is given to every worker of a pre-forked service, so that
+    ``/metrics`` shows all of them whichever one is scraped.
+    """
     if upstream is None:
         if settings.upstream is None:
             raise ConfigurationError("upstream: the service needs one, e.g. directory:/srv/images")
@@ -123,7 +136,7 @@ def create_app(
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
-    metrics_ = Metrics()
+    metrics_ = Metrics(metrics_dir)
     fills = FillCoordinator(settings, cache, fill_source, metrics_, executor)
     app[STATE] = ServiceState(
         settings=settings,
@@ -156,6 +169,9 @@ def create_app(
 
 async def _start(app: web.Application) -> None:
     app[cache_api.WORKER].start()
+    metrics_ = app[STATE].metrics
+    if metrics_.share_dir is not None:
+        app[_PUBLISHER] = asyncio.create_task(metrics_.publish_periodically())
 
 
 async def _stop_fills(app: web.Application) -> None:
@@ -166,6 +182,11 @@ async def _stop_fills(app: web.Application) -> None:
 
 
 async def _close(app: web.Application) -> None:
+    publisher = app.get(_PUBLISHER)
+    if publisher is not None:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher
     state = app[STATE]
     await state.fills.shutdown(0)
     await state.upstream.close()

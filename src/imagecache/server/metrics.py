@@ -1,6 +1,24 @@
-"""Prometheus metrics of one service process, in a registry of its own (no global state)."""
+"""Prometheus metrics of the service, in registries of its own (no global state).
+
+With several worker processes on one port, a scrape reaches whichever worker
+accepts it. So that it still sees the whole service, each worker publishes its
+numbers to a directory private to this service (``share_dir``, made by the
+pre-fork parent) about once a second, and the scraped worker merges its own
+fresh numbers with its siblings' latest: counters and histograms add up,
+``*_created`` takes the earliest, gauges add up except those that state a
+setting and are the same in every worker. prometheus-client's own
+multiprocess mode was not used: it must be switched on by an environment
+variable before the library is imported, and it cannot carry the custom
+collectors of the operations layer.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
@@ -10,6 +28,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+# Gauges that state a setting: every worker reports the same value.
+_SAME_IN_EVERY_WORKER = frozenset({"imagecache_max_size_bytes"})
+PUBLISH_INTERVAL = 1.0
 
 
 class Metrics:
@@ -17,7 +41,8 @@ class Metrics:
 
     content_type = CONTENT_TYPE
 
-    def __init__(self) -> None:
+    def __init__(self, share_dir: Path | None = None) -> None:
+        self.share_dir = share_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.hits = Counter("imagecache_hits", "Image downloads served from the cache", registry=r)
@@ -58,4 +83,92 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this process's, or the whole service's with workers."""
+        own = generate_latest(self.registry)
+        if self.share_dir is None:
+            return own
+        self._write(own)
+        return merge_expositions([own, *self._siblings()])
+
+    def publish(self) -> None:
+        """Write this worker's numbers where its siblings read them."""
+        if self.share_dir is not None:
+            self._write(generate_latest(self.registry))
+
+    async def publish_periodically(self) -> None:
+        """Publish until cancelled; then withdraw, so a stopped worker is not counted."""
+        try:
+            while True:
+                await asyncio.to_thread(self.publish)
+                await asyncio.sleep(PUBLISH_INTERVAL)
+        finally:
+            if self.share_dir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.share_dir / f"{os.getpid()}.prom").unlink()
+
+    def _write(self, text: bytes) -> None:
+        assert self.share_dir is not None
+        path = self.share_dir / f"{os.getpid()}.prom"
+        partial = self.share_dir / f".{os.getpid()}.partial"
+        partial.write_bytes(text)
+        os.replace(partial, path)  # readers never see half a file
+
+    def _siblings(self) -> Iterator[bytes]:
+        assert self.share_dir is not None
+        for path in self.share_dir.glob("*.prom"):
+            pid = int(path.stem) if path.stem.isdigit() else None
+            if pid is None or pid == os.getpid():
+                continue
+            if not _alive(pid):
+                path.unlink(missing_ok=True)  # a worker that died without withdrawing
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                yield path.read_bytes()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def merge_expositions(texts: Iterable[bytes]) -> bytes:
+    """Merge several processes' exposition texts into one (rules in the module docstring)."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            slot = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in slot:
+                    slot[key] = sample.value
+                elif family.name.endswith("_created"):
+                    slot[key] = min(slot[key], sample.value)
+                elif family.name in _SAME_IN_EVERY_WORKER:
+                    slot[key] = max(slot[key], sample.value)
+                else:
+                    slot[key] = slot[key] + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    """A collector that yields families it was given."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families

@@ -19,9 +19,12 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from types import FrameType
 
 from aiohttp import web
@@ -49,9 +52,14 @@ def serve(settings: Settings) -> None:
     if settings.workers == 1:
         asyncio.run(_serve_socket(settings, sock))
         return
+    # Private to this service, so that two services sharing a cache directory
+    # never mix their numbers (see server/metrics.py).
+    metrics_dir = Path(tempfile.mkdtemp(prefix="imagecache-metrics-"))
     context = multiprocessing.get_context("fork")
     workers = [
-        context.Process(target=_worker, args=(settings, sock), name=f"imagecache-worker-{n}")
+        context.Process(
+            target=_worker, args=(settings, sock, metrics_dir), name=f"imagecache-worker-{n}"
+        )
         for n in range(settings.workers)
     ]
     for worker in workers:
@@ -65,10 +73,13 @@ def serve(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
-        if worker.exitcode:
-            log.error("%s exited with code %s", worker.name, worker.exitcode)
+    try:
+        for worker in workers:
+            worker.join()
+            if worker.exitcode:
+                log.error("%s exited with code %s", worker.name, worker.exitcode)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -81,19 +92,21 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings, sock: socket.socket) -> None:
+def _worker(settings: Settings, sock: socket.socket, metrics_dir: Path) -> None:
     # The parent's handlers forward signals; a worker handles its own in its loop.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards
     try:
-        asyncio.run(_serve_socket(settings, sock))
+        asyncio.run(_serve_socket(settings, sock, metrics_dir))
     except Exception:
         log.exception("worker %d failed", os.getpid())
         sys.exit(1)
 
 
-async def _serve_socket(settings: Settings, sock: socket.socket) -> None:
-    app = create_app(settings)
+async def _serve_socket(
+    settings: Settings, sock: socket.socket, metrics_dir: Path | None = None
+) -> None:
+    app = create_app(settings, metrics_dir=metrics_dir)
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
