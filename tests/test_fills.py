@@ -7,6 +7,7 @@ bodies the test can hold at a gate, reset mid-way, or count.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sys
 import time
@@ -183,3 +184,74 @@ async def test_a_stale_incomplete_file_is_taken_over(
         assert await response.read() == DATA
     assert (cache_dir / "img").read_bytes() == DATA
     assert os.listdir(cache_dir / "incomplete") == []
+
+
+@pytest.fixture
+async def sendfile_spans(monkeypatch: pytest.MonkeyPatch) -> dict[object, list[tuple[int, int]]]:
+    """Record every ``loop.sendfile`` span per transport, then let the real call run.
+
+    A spy, not a fake: the bytes still go through the kernel's sendfile.
+    """
+    loop = asyncio.get_running_loop()
+    real = loop.sendfile
+    spans: dict[object, list[tuple[int, int]]] = {}
+
+    async def spy(transport: Any, file: Any, offset: int = 0, count: int | None = None) -> int:
+        assert count is not None
+        spans.setdefault(transport, []).append((offset, count))
+        return await real(transport, file, offset, count)
+
+    monkeypatch.setattr(loop, "sendfile", spy)
+    return spans
+
+
+async def test_readers_of_a_fill_get_it_by_sendfile_and_the_last_byte_waits(
+    make_client: Any, http_origin: Any, cache_dir: Path, sendfile_spans: Any
+) -> None:
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=SIZE // 3)
+    client = await make_client()
+    responses = [await client.get("/v2/images/img/file") for _ in range(4)]
+    firsts = [await response.content.readany() for response in responses]
+    assert all(firsts), "every reader got bytes before the fill ends"
+    assert not (cache_dir / "img").exists()
+    gate.set()
+    bodies = [first + await r.read() for first, r in zip(firsts, responses, strict=True)]
+    assert bodies == [DATA] * 4
+    assert http_origin.body_reads("img") == 1
+    # Every client's body went out as sendfile spans, contiguous from 0 to the end
+    # (no pread copies), and the span that was out at the gate stopped short of the end.
+    assert len(sendfile_spans) == 4
+    for spans in sendfile_spans.values():
+        assert spans[0][0] == 0
+        assert spans[0][1] < SIZE
+        assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(spans))
+        assert spans[-1][0] + spans[-1][1] == SIZE
+
+
+async def test_a_fill_that_fails_verification_aborts_its_sendfile_readers(
+    make_client: Any, http_origin: Any, cache_dir: Path, sendfile_spans: Any
+) -> None:
+    http_origin.add("img", DATA)
+    # The origin promises other bytes: the fill fails verification at its end.
+    (http_origin.root / "img.sha256").write_text("0" * 64 + "  img\n")
+    gate = http_origin.gate("img", after=SIZE // 3)
+    client = await make_client(http_checksum_sidecar=True)
+    responses = [await client.get("/v2/images/img/file") for _ in range(3)]
+    received = [bytearray(await response.content.readany()) for response in responses]
+    assert all(received), "readers were streaming before the fill failed"
+    gate.set()
+    for got, response in zip(received, responses, strict=True):
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await _read_into(got, response)
+        assert len(got) < SIZE, "no reader got a complete body of unverified bytes"
+    assert len(sendfile_spans) == 3
+    assert all(sum(n for _, n in spans) < SIZE for spans in sendfile_spans.values())
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "invalid") == ["img"]
+
+
+async def _read_into(got: bytearray, response: aiohttp.ClientResponse) -> None:
+    while chunk := await response.content.readany():
+        got += chunk

@@ -147,25 +147,20 @@ class Flight:
             self.readers -= 1
             self._maybe_close()
 
-    async def chunks(
-        self, run: Callable[..., asyncio.Future[bytes]], start: int = 0
-    ) -> AsyncIterator[bytes]:
-        """The image's bytes from ``start``, as they land; raises the fill's error if it fails.
+    async def spans(self, start: int = 0) -> AsyncIterator[tuple[int, int]]:
+        """``(offset, count)`` of the file's bytes a reader may send next, as they land.
 
-        Use inside ``reading()``. ``run(func, *args)`` runs a blocking call off the loop.
+        Raises the fill's error if it fails. Use inside ``reading()`` (which keeps
+        ``fd`` open); a reader that sends a span with ``sendfile`` never copies
+        the bytes through Python.
         """
         offset = start
         while True:
             state = self.state
             limit = self.available if state is FlightState.COMPLETE else self._sendable()
             if offset < limit:
-                fd = self.fd
-                assert fd is not None, "a decided flight with readers keeps its file open"
-                data = await run(os.pread, fd, min(READ_CHUNK, limit - offset), offset)
-                if not data:
-                    raise CacheStoreError(f"the cache file of {self.image_id!r} shrank")
-                offset += len(data)
-                yield data
+                yield offset, limit - offset
+                offset = limit
                 continue
             if state is FlightState.COMPLETE:
                 return
@@ -173,6 +168,24 @@ class Flight:
                 assert self.error is not None
                 raise self.error
             await self._changed.wait()
+
+    async def chunks(
+        self, run: Callable[..., asyncio.Future[bytes]], start: int = 0
+    ) -> AsyncIterator[bytes]:
+        """The image's bytes from ``start`` in pieces of at most ``READ_CHUNK``, as they land.
+
+        Use inside ``reading()``. ``run(func, *args)`` runs a blocking call off the loop.
+        """
+        async for offset, count in self.spans(start):
+            fd = self.fd
+            assert fd is not None, "a decided flight with readers keeps its file open"
+            end = offset + count
+            while offset < end:
+                data = await run(os.pread, fd, min(READ_CHUNK, end - offset), offset)
+                if not data:
+                    raise CacheStoreError(f"the cache file of {self.image_id!r} shrank")
+                offset += len(data)
+                yield data
 
 
 class FillCoordinator:

@@ -183,7 +183,8 @@ async def _serve_hit(
         if request.method == "HEAD" or count == 0:
             await response.write_eof()
         else:
-            await _sendfile(request, response, state, hit.handle, offset, count)
+            await _send_span(request, response, state, hit.handle, offset, count)
+            await response.write_eof()
         state.metrics.bytes_from_cache.inc(0 if request.method == "HEAD" else count)
         if request.method == "GET" and wanted is None:
             state.metrics.hits.inc()
@@ -193,7 +194,7 @@ async def _serve_hit(
         await state.fills.run(hit.handle.close)
 
 
-async def _sendfile(
+async def _send_span(
     request: web.Request,
     response: web.StreamResponse,
     state: ServiceState,
@@ -201,13 +202,17 @@ async def _sendfile(
     offset: int,
     count: int,
 ) -> None:
-    """Zero-copy from the file to the socket, with a read/write fallback."""
+    """Send ``count`` bytes of the file from ``offset``: zero-copy, else read/write (TLS).
+
+    Only for a body with a Content-Length: ``loop.sendfile`` writes to the
+    transport directly, past aiohttp's chunked framing.
+    """
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
     try:
         await asyncio.get_running_loop().sendfile(transport, handle, offset, count)
-    except NotImplementedError:  # e.g. a TLS transport
+    except NotImplementedError:
         while count > 0:
             chunk = await state.fills.run(os.pread, handle.fileno(), min(READ_CHUNK, count), offset)
             if not chunk:
@@ -215,7 +220,6 @@ async def _sendfile(
             await response.write(chunk)
             offset += len(chunk)
             count -= len(chunk)
-    await response.write_eof()
 
 
 async def _serve_miss(
@@ -278,10 +282,13 @@ async def _follow(
         response.content_length = flight.size
     async with flight.reading():
         try:
-            async for chunk in flight.chunks(state.fills.run):
-                if not response.prepared:
-                    await response.prepare(request)
-                await response.write(chunk)
+            if flight.size is not None:
+                await _follow_sized(request, response, state, flight)
+            else:
+                async for chunk in flight.chunks(state.fills.run):
+                    if not response.prepared:
+                        await response.prepare(request)
+                    await response.write(chunk)
             if not response.prepared:
                 await response.prepare(request)
             await response.write_eof()
@@ -294,6 +301,27 @@ async def _follow(
                 raise
             abort(request, flight.image_id, str(exc))
     return response
+
+
+async def _follow_sized(
+    request: web.Request, response: web.StreamResponse, state: ServiceState, flight: Flight
+) -> None:
+    """The body of a known size: each span of the growing file goes out with sendfile.
+
+    Readers of a fill (its first client included) send the file as it lands,
+    like a hit, instead of copying 1 MiB pieces through Python: less CPU and
+    no per-client buffers. ``spans`` still holds back the last byte until the
+    fill is verified.
+    """
+    fd = flight.fd
+    assert fd is not None, "a decided flight with readers keeps its file open"
+    # A view of the flight's descriptor, not a second open (no disk access, so
+    # fine on the loop); the descriptor stays the flight's.
+    with open(fd, "rb", buffering=0, closefd=False) as handle:  # noqa: ASYNC230
+        async for offset, count in flight.spans():
+            if not response.prepared:
+                await response.prepare(request)
+            await _send_span(request, response, state, handle, offset, count)
 
 
 async def _stream_through(
