@@ -10,6 +10,7 @@ Registered as a pytest plugin in ``conftest.py``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -117,6 +118,12 @@ def unique_node_url() -> str:
     return f"http://127.0.0.1:9/node-{uuid.uuid4().hex[:12]}"
 
 
+def node_url_for(cache_dir: Path) -> str:
+    """A node URL of its own for each cache directory, the same at every restart."""
+    digest = hashlib.sha256(str(cache_dir.resolve()).encode()).hexdigest()[:12]
+    return f"http://127.0.0.1:9/node-{digest}"
+
+
 def central_settings(
     cache_dir: Path, database_url: str, node_url: str | None = None, **overrides: object
 ) -> Settings:
@@ -127,6 +134,6 @@ def central_settings(
         image_cache_dir=cache_dir,
         image_cache_driver="central",
         database_url=database_url,
-        worker_self_reference_url=node_url or unique_node_url(),
+        worker_self_reference_url=node_url or node_url_for(cache_dir),
         **overrides,
     )

@@ -66,7 +66,7 @@ def run_and_kill(kind: str, cache_dir: Path, tmp_path: Path, mode: str) -> None:
 
 # Kinds whose driver does not yet repair crash state 2 when it is configured.
 # Strict, so the marker must go as soon as the driver learns to.
-_NO_STARTUP_RECONCILE = ("central-sqlite", "central-postgres")
+_NO_STARTUP_RECONCILE: tuple[str, ...] = ()
 
 
 @pytest.fixture
