@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from imagecache import ImageCache
+from imagecache.drivers.files import WRITEBACK_STEP, Fill
 from imagecache.errors import VerificationError
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
@@ -82,3 +83,20 @@ def test_abort_mid_fill_waits_for_the_hash_and_rolls_back(
     assert writer._hashing is None
     assert not (cache_dir / "img").exists()
     assert listdir(cache_dir / "invalid") == ["img"]
+
+
+def test_a_long_fill_starts_writeback_as_it_goes(cache: ImageCache, cache_dir: Path) -> None:
+    chunk = image_bytes(1024 * KiB, seed=9)
+    count = 2 * WRITEBACK_STEP // len(chunk) + 3
+    data = chunk * count
+    writer = cache.writer("img", ImageInfo("img", size=len(data)))
+    assert writer.open()
+    fill = writer._target
+    assert isinstance(fill, Fill)
+    for _ in range(count):
+        writer.write(chunk)
+    # Asked of the kernel twice on the way, for every whole step written.
+    assert fill._written_back == 2 * WRITEBACK_STEP
+    writer.finish()
+    assert writer.committed
+    assert (cache_dir / "img").read_bytes() == data
