@@ -242,9 +242,17 @@ _force = click.option("-f", "--force", is_flag=True, help="Do not ask for confir
 
 
 @main.command("list-cached")
+@click.option(
+    "--all-nodes",
+    is_flag=True,
+    help="Every node of the cluster (cluster mode only), with a Node column.",
+)
 @click.pass_context
-def list_cached(ctx: click.Context) -> None:
+def list_cached(ctx: click.Context, all_nodes: bool) -> None:
     """List cached images."""
+    if all_nodes:
+        _list_cluster(ctx)
+        return
     with _manager(ctx) as manager:
         images = manager.list_cached()
     rows = [
@@ -263,6 +271,35 @@ def list_cached(ctx: click.Context) -> None:
         ctx,
         [image.as_dict() for image in images],
         lambda: _table(headers, rows) if rows else "No cached images.",
+    )
+
+
+def _list_cluster(ctx: click.Context) -> None:
+    """``list-cached --all-nodes``: one row per copy, and a row for a node that holds none."""
+    with _manager(ctx) as manager:
+        listing = manager.list_cluster()
+    rows: list[list[str]] = []
+    for entry in listing:
+        state = "live" if entry.node.alive else "dead"
+        if not entry.images:
+            rows.append([entry.node.url, state, "-", "", "", "", ""])
+        for image in entry.images:
+            rows.append(
+                [
+                    entry.node.url,
+                    state,
+                    image.image_id,
+                    iec(image.size),
+                    str(image.hits),
+                    utc(image.last_accessed) if image.hits else "never",
+                    "yes" if image.pinned else "",
+                ]
+            )
+    headers = ["Node", "State", "ID", "Size", "Hits", "Last accessed (UTC)", "Pinned"]
+    _emit(
+        ctx,
+        {entry.node.url: entry.as_dict() for entry in listing},
+        lambda: _table(headers, rows) if rows else "No nodes registered.",
     )
 
 

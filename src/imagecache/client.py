@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagecache.adopt import AdoptReport
 from imagecache.errors import ConfigurationError, ImageCacheError, ImageNotCached
@@ -28,6 +28,9 @@ from imagecache.manage import ImageNotQueued, Progress
 from imagecache.prefetch import PrefetchOutcome, PrefetchReport, QueuedImage
 from imagecache.records import CachedImage, CleanResult, PruneResult, QueueResult
 from imagecache.scrub import ScrubOutcome, ScrubReport
+
+if TYPE_CHECKING:
+    from imagecache.drivers.central import NodeListing
 
 _TAGS = re.compile(r"<[^>]*>")
 
@@ -140,6 +143,29 @@ class RemoteManager:
 
     def list_cached(self) -> list[CachedImage]:
         return [_cached(entry) for entry in self._state().get("cached_images", [])]
+
+    def list_cluster(self) -> list[NodeListing]:
+        from imagecache.drivers.central import NodeInfo, NodeListing
+
+        state = self._call("GET", "/v2/cache?all_nodes=true")
+        cluster = state.get("cluster") if isinstance(state, dict) else None
+        if not isinstance(cluster, dict):
+            raise ServiceError(
+                f"{self.base} answered GET /v2/cache?all_nodes=true without a cluster listing: "
+                "--all-nodes needs an imagecache service in cluster mode"
+            )
+        return [
+            NodeListing(
+                NodeInfo(
+                    url=str(url),
+                    heartbeat=float(node.get("heartbeat") or 0.0),
+                    started=float(node.get("started") or 0.0),
+                    alive=bool(node.get("alive")),
+                ),
+                [_cached(entry) for entry in node.get("cached_images", [])],
+            )
+            for url, node in sorted(cluster.items())
+        ]
 
     def list_queued(self) -> list[QueuedImage]:
         return _queued(self._state())

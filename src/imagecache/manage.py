@@ -13,12 +13,17 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imagecache.adopt import AdoptReport, import_glance_cache
 from imagecache.cache import ImageCache
 from imagecache.capacity import Capacity
-from imagecache.errors import ConfigurationError, ImageCacheError, ImageNotCached
+from imagecache.errors import (
+    ConfigurationError,
+    ImageCacheError,
+    ImageNotCached,
+    NotInClusterMode,
+)
 from imagecache.prefetch import (
     Prefetcher,
     PrefetchReport,
@@ -29,6 +34,10 @@ from imagecache.prefetch import (
 from imagecache.records import CachedImage, CleanResult, PruneResult, QueueResult
 from imagecache.scrub import Scrubber, ScrubOutcome, ScrubReport
 
+if TYPE_CHECKING:
+    # Only for types: the central driver pulls in SQLAlchemy, which most verbs never need.
+    from imagecache.drivers.central import NodeListing
+
 # progress(item, advance): ``advance`` is in the unit the total was given in.
 Progress = Callable[[str, int], None]
 
@@ -37,6 +46,7 @@ class CacheManager(Protocol):
     """What every management verb needs; implemented locally and over HTTP."""
 
     def list_cached(self) -> list[CachedImage]: ...
+    def list_cluster(self) -> list[NodeListing]: ...
     def list_queued(self) -> list[QueuedImage]: ...
     def queue_image(self, image_id: str) -> QueueResult: ...
     def delete_cached_image(self, image_id: str) -> None: ...
@@ -64,6 +74,14 @@ class LocalManager:
 
     def list_cached(self) -> list[CachedImage]:
         return self.cache.get_cached_images()
+
+    def list_cluster(self) -> list[NodeListing]:
+        from imagecache.drivers.central import CentralDriver
+
+        driver = self.cache.driver
+        if not isinstance(driver, CentralDriver):
+            raise NotInClusterMode("listing every node's cache (--all-nodes)")
+        return driver.cluster_listing()
 
     def list_queued(self) -> list[QueuedImage]:
         return queued_details(self.cache)

@@ -176,6 +176,22 @@ class NodeInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeListing:
+    """One node of ``cluster_listing``: its state and the copies it is offered with."""
+
+    node: NodeInfo
+    images: list[CachedImage]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "alive": self.node.alive,
+            "heartbeat": self.node.heartbeat,
+            "started": self.node.started,
+            "cached_images": [image.as_dict() for image in self.images],
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ImportResult:
     """What ``import_sqlite_cache`` did with the rows of a single-node ``cache.db``."""
 
@@ -533,6 +549,17 @@ class CentralDriver(FileBackedDriver):
         )
         with self._read() as conn:
             return [(row[0], _row_to_image(row[1:])) for row in conn.execute(query)]
+
+    def cluster_listing(self) -> list[NodeListing]:
+        """Every registered node with the copies it holds, by URL.
+
+        A dead node is listed with no images: its copies are not offered to
+        anyone until it beats again (as ``get_cached_nodes`` and fills see it).
+        """
+        held: dict[str, list[CachedImage]] = {}
+        for url, image in self.get_cluster_images():
+            held.setdefault(url, []).append(image)
+        return [NodeListing(node, held.get(node.url, [])) for node in self.list_nodes()]
 
     def get_cached_nodes(self, image_id: str) -> list[str]:
         """URLs of the live nodes holding a copy not marked deleted since it was made."""
@@ -955,6 +982,7 @@ __all__ = [
     "CentralDriver",
     "ImportResult",
     "NodeInfo",
+    "NodeListing",
     "OriginClaim",
     "cached_images",
     "deleted_images",

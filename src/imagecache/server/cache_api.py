@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import hdrs, web
 
-from imagecache.cluster import delete_everywhere
+from imagecache.cluster import central_driver, delete_everywhere
 from imagecache.errors import NotInClusterMode, UpstreamNotActive, UpstreamNotFound
 from imagecache.prefetch import queued_details
 from imagecache.server.auth import caller_from, decide_admin
@@ -52,17 +52,39 @@ def _admin_only(
 
 
 async def get_cache(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    all_nodes = _flag(request, "all_nodes")
+    driver = central_driver(state.cache)
+    if all_nodes and driver is None:
+        raise web.HTTPConflict(
+            text="centralized caching is not enabled: "
+            + str(NotInClusterMode("listing every node's cache (all_nodes=true)"))
+        )
     cached, queued = await state.fills.run(_listing, state)
     # Beside Glance's list of ids (kept as is for its clients): when each was
     # queued and why its last prefetch failed.
     details = await state.fills.run(queued_details, state.cache)
-    return web.json_response(
-        {
-            "cached_images": cached,
-            "queued_images": queued,
-            "queued_details": [entry.as_dict() for entry in details],
-        }
-    )
+    body: dict[str, object] = {
+        "cached_images": cached,
+        "queued_images": queued,
+        "queued_details": [entry.as_dict() for entry in details],
+    }
+    if all_nodes and driver is not None:
+        listing = await state.fills.run(driver.cluster_listing)
+        body["cluster"] = {entry.node.url: entry.as_dict() for entry in listing}
+    return web.json_response(body)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    """A boolean query parameter (absent is false); 400 for a value that is not one."""
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise web.HTTPBadRequest(text=f"{name} must be true or false, not {raw!r}")
 
 
 def _listing(state: ServiceState) -> tuple[list[dict[str, object]], list[str]]:
