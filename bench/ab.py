@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import MIB, Sample, fetch_all
 from peers import (
     REPO,
+    Nginx,
     PeerError,
     file_digests,
     free_port,
@@ -131,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--upstream",
+        choices=("directory", "http"),
+        default="directory",
+        help="http: an nginx origin serving the image with Content-MD5",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/imagecache-ab"))
     args = parser.parse_args(argv)
 
@@ -144,10 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     (images / f"{image_id}.md5").write_text(md5 + "\n")
     (images / f"{image_id}.sha512").write_text(sha512 + "\n")
 
+    origin = None
+    upstream = f"directory:{images}"
+    if args.upstream == "http":
+        origin = Nginx(args.workdir / "origin", root=images, md5_headers={image_id: md5})
+        origin.__enter__()
+        upstream = f"http:{origin.url}/{{image_id}}"
     services = [
-        Service(
-            name, src.resolve(), args.workdir / name / "cache", f"directory:{images}", args.workers
-        )
+        Service(name, src.resolve(), args.workdir / name / "cache", upstream, args.workers)
         for name, src in (("base", args.base), ("new", args.new))
     ]
     rounds: dict[str, list[Round]] = {s.name: [] for s in services}
@@ -170,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for service in services:
             service.stop()
+        if origin is not None:
+            origin.__exit__(None, None, None)
         shutil.rmtree(args.workdir, ignore_errors=True)
 
     def med(name: str, what: str) -> float:
@@ -180,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         n.sample.mib_s / b.sample.mib_s for b, n in zip(rounds["base"], rounds["new"], strict=True)
     ]
     print(
-        f"{args.size_mib} MiB, {args.clients} client(s), {args.rounds} rounds, median:"
+        f"{args.upstream}, {args.size_mib} MiB, {args.clients} client(s),"
+        f" {args.rounds} rounds, median:"
         f" base {med('base', 'rate'):.0f} MiB/s, {med('base', 'cpu'):.2f} cpu-s,"
         f" +{med('base', 'rss_growth_mib'):.0f} MiB;"
         f" new {med('new', 'rate'):.0f} MiB/s, {med('new', 'cpu'):.2f} cpu-s,"
