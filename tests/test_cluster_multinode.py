@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -22,7 +23,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
+from imagecache.cli import main
 from server_helpers import image_bytes
 
 SIZE = 4 * 1024 * 1024 + 321
@@ -256,3 +260,73 @@ async def test_a_sibling_killed_mid_transfer_falls_back_to_the_origin(
         assert (two.cache_dir / "img").read_bytes() == DATA
         assert not (one.cache_dir / "img").exists()
         assert await holders(session, two, "img") == [two.url]
+        counted = {
+            source: await metric(session, two, "imagecache_cluster_fills_total", source=source)
+            for source in ("origin", "sibling", "sibling_then_origin")
+        }
+        assert counted == {"origin": 0, "sibling": 0, "sibling_then_origin": 1}
+
+
+async def metric(session: aiohttp.ClientSession, node: Node, name: str, **labels: str) -> float:
+    """One sample of a node's ``/metrics`` (0 when absent)."""
+    async with session.get(f"{node.url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+async def test_queueing_on_named_nodes_fills_those_nodes_only(
+    cluster: Callable[[str], Awaitable[Node]], http_origin: Any
+) -> None:
+    """``queue-image --nodes``: two of three nodes asked, plus one URL where nothing listens."""
+    http_origin.add("img", DATA)
+    one, two, three = [await cluster(name) for name in ("one", "two", "three")]
+    nowhere = f"http://127.0.0.1:{free_port()}"  # closed at once: nothing listens there
+    argv = ["--json", "queue-image", "img", "--nodes", f"{one.url},{nowhere},{two.url}"]
+    result = await asyncio.to_thread(CliRunner().invoke, main, [*argv, "--concurrency", "2"])
+    assert result.exit_code == 1, result.output  # one node failed
+    answer = json.loads(result.output)["nodes"]
+    assert answer[one.url]["result"] == "queued"
+    assert answer[two.url]["result"] == "queued"
+    assert answer[nowhere]["result"] == "error"
+    assert "cannot reach" in answer[nowhere]["error"]
+
+    async with aiohttp.ClientSession() as session:
+
+        async def both_cached() -> bool:
+            return await holders(session, three, "img") == sorted([one.url, two.url])
+
+        await poll(both_cached, "nodes one and two hold the image")
+        assert (one.cache_dir / "img").read_bytes() == DATA
+        assert (two.cache_dir / "img").read_bytes() == DATA
+        assert not (three.cache_dir / "img").exists()
+        # Queued at the same moment: one node read the origin, the other followed it.
+        assert http_origin.body_reads("img") == 1
+        fills = {
+            source: sum(
+                [
+                    await metric(session, n, "imagecache_cluster_fills_total", source=source)
+                    for n in (one, two, three)
+                ]
+            )
+            for source in ("origin", "sibling", "sibling_then_origin")
+        }
+        assert fills == {"origin": 1, "sibling": 1, "sibling_then_origin": 0}
+
+        async def three_live() -> bool:
+            values = [await metric(session, n, "imagecache_cluster_nodes_live") for n in everyone]
+            return values == [3, 3, 3]
+
+        everyone = (one, two, three)
+        await poll(three_live, "every node counts three live nodes")
+
+    again = await asyncio.to_thread(
+        CliRunner().invoke, main, ["queue-image", "img", "--nodes", f"{one.url},{three.url}"]
+    )
+    assert again.exit_code == 0, again.output
+    assert f"{one.url}  already_cached" in again.output
+    assert f"{three.url}  queued" in again.output

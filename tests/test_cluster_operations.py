@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from click.testing import CliRunner
 from central_db import central_settings
 from imagecache import create_driver
 from imagecache.cli import main
+from imagecache.client import ServiceError, fan_out, queue_on_nodes
 from imagecache.drivers.central import CentralDriver
+from imagecache.errors import ConfigurationError
 from imagecache.settings import Settings
 from server_helpers import directory_app, image_bytes, put_image
 from test_central_nodes import age_heartbeat, put
@@ -184,3 +187,45 @@ def test_cli_all_nodes_without_cluster_mode_is_a_clear_error(tmp_path: Path) -> 
     )
     assert result.exit_code == 1
     assert "needs cluster mode" in result.output
+
+
+def test_fan_out_keeps_at_most_k_calls_in_flight_and_reports_each() -> None:
+    """Real threads; each call waits at a barrier of K, so K must run at once and no more."""
+    concurrency, total = 3, 7
+    lock = threading.Lock()
+    in_flight = peak = 0
+    barrier = threading.Barrier(concurrency, timeout=10)
+
+    def call(n: int) -> int:
+        nonlocal in_flight, peak
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        try:
+            if n < 2 * concurrency:  # two full rounds meet at the barrier; the last runs alone
+                barrier.wait()
+            if n == 4:
+                raise ServiceError("node four is down")
+            return n * 10
+        finally:
+            with lock:
+                in_flight -= 1
+
+    results = fan_out(list(range(total)), call, concurrency)
+    assert peak == concurrency
+    assert [r if isinstance(r, int) else str(r) for r in results] == [
+        0,
+        10,
+        20,
+        30,
+        "node four is down",
+        50,
+        60,
+    ]
+    with pytest.raises(ConfigurationError, match="at least 1"):
+        fan_out([1], call, 0)
+
+
+def test_queue_on_nodes_refuses_a_bad_url_before_asking_anyone() -> None:
+    with pytest.raises(ConfigurationError, match="http"):
+        queue_on_nodes("img", ["http://127.0.0.1:9", "ftp://elsewhere"], None, 2)

@@ -323,9 +323,23 @@ def list_queued(ctx: click.Context) -> None:
 
 @main.command("queue-image")
 @click.argument("image_id")
+@click.option(
+    "--nodes",
+    help="Comma-separated node URLs: queue the image on each of them (uses --token).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="With --nodes: how many nodes are asked at once.",
+)
 @click.pass_context
-def queue_image(ctx: click.Context, image_id: str) -> None:
-    """Queue an image for prefetching."""
+def queue_image(ctx: click.Context, image_id: str, nodes: str | None, concurrency: int) -> None:
+    """Queue an image for prefetching (on one cache, or on several nodes with --nodes)."""
+    if nodes is not None:
+        _queue_on_nodes(ctx, image_id, nodes, concurrency)
+        return
     with _manager(ctx) as manager:
         result = manager.queue_image(image_id)
     messages = {
@@ -335,6 +349,26 @@ def queue_image(ctx: click.Context, image_id: str) -> None:
         "already_queued": f"Image {image_id} is already queued.",
     }
     _emit(ctx, {"image_id": image_id, "result": result.value}, lambda: messages[result.value])
+
+
+def _queue_on_nodes(ctx: click.Context, image_id: str, nodes: str, concurrency: int) -> None:
+    from imagecache.client import queue_on_nodes
+
+    urls = [url.strip() for url in nodes.split(",") if url.strip()]
+    if not urls:
+        raise click.UsageError("--nodes needs at least one node URL")
+    if len(set(urls)) != len(urls):
+        raise click.UsageError("--nodes names a node twice")
+    with _library_logging(_options(ctx).debug):
+        results = queue_on_nodes(image_id, urls, _options(ctx).token, concurrency)
+    rows = [[r.url, str(r.as_dict()["result"]), r.error or ""] for r in results]
+    _emit(
+        ctx,
+        {"image_id": image_id, "nodes": {r.url: r.as_dict() for r in results}},
+        lambda: _table(["Node", "Result", "Error"], rows),
+    )
+    if not all(r.ok for r in results):
+        ctx.exit(1)
 
 
 @main.command("delete-cached-image")

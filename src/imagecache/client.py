@@ -12,15 +12,17 @@ on; the token is sent as ``X-Auth-Token`` and never appears in a message.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagecache.adopt import AdoptReport
 from imagecache.errors import ConfigurationError, ImageCacheError, ImageNotCached
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from imagecache.drivers.central import NodeListing
 
 _TAGS = re.compile(r"<[^>]*>")
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 class ServiceError(ImageCacheError):
@@ -293,6 +297,75 @@ class RemoteManager:
             "import-glance-cache adopts files on this host's disk: run it with --cache-dir "
             "on the cache node (with the service stopped), not with --url"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeQueueResult:
+    """What queueing one image on one node came to: a ``QueueResult`` or an error."""
+
+    url: str
+    result: QueueResult | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "result": self.result.value if self.result is not None else "error",
+            "error": self.error,
+        }
+
+
+def queue_on_nodes(
+    image_id: str,
+    urls: Sequence[str],
+    token: str | None,
+    concurrency: int,
+    *,
+    timeout: float = 30.0,
+) -> list[NodeQueueResult]:
+    """Queue ``image_id`` on each node (``PUT /v2/cache/{id}``), at most ``concurrency`` at once.
+
+    Every node gets its own answer; one that cannot be reached or refuses is
+    reported and does not stop the others. Bad URLs are refused before any
+    node is asked.
+    """
+    managers = [RemoteManager(url, token, timeout=timeout) for url in urls]
+
+    def queue(manager: RemoteManager) -> QueueResult:
+        return manager.queue_image(image_id)
+
+    results = fan_out(managers, queue, concurrency)
+    return [
+        NodeQueueResult(m.base, None, str(r))
+        if isinstance(r, ImageCacheError)
+        else NodeQueueResult(m.base, r)
+        for m, r in zip(managers, results, strict=True)
+    ]
+
+
+def fan_out(
+    items: Sequence[_Item], call: Callable[[_Item], _Result], concurrency: int
+) -> list[_Result | ImageCacheError]:
+    """``call`` on every item, at most ``concurrency`` running at a time, answers in order.
+
+    Threads, because each call is a blocking ``urllib`` request and the CLI
+    has no event loop. An ``ImageCacheError`` is that item's answer; anything
+    else is a bug and propagates.
+    """
+    if concurrency < 1:
+        raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+
+    def guarded(item: _Item) -> _Result | ImageCacheError:
+        try:
+            return call(item)
+        except ImageCacheError as exc:
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(guarded, items))
 
 
 def _error_detail(exc: urllib.error.HTTPError) -> str:

@@ -42,6 +42,7 @@ from aiohttp import web
 from imagecache.cache import ImageCache
 from imagecache.drivers.central import CentralDriver
 from imagecache.records import ImageInfo
+from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 
@@ -76,6 +77,14 @@ def peer_request(settings: Settings, headers: Mapping[str, str]) -> PeerRequest:
     return PeerRequest.SIBLING
 
 
+class FillSource(enum.Enum):
+    """Where a whole-image read's bytes came from (the ``source`` label of the metric)."""
+
+    SIBLING = "sibling"
+    ORIGIN = "origin"
+    SIBLING_THEN_ORIGIN = "sibling_then_origin"  # a sibling failed part-way; the origin went on
+
+
 class SiblingFailed(Exception):
     """A sibling could not serve the image (absent, refused, or cut off mid-stream)."""
 
@@ -99,10 +108,20 @@ class SiblingUpstream(Upstream):
 
     kind = "cluster"
 
-    def __init__(self, origin: Upstream, driver: CentralDriver, settings: Settings) -> None:
+    def __init__(
+        self,
+        origin: Upstream,
+        driver: CentralDriver,
+        settings: Settings,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.origin = origin
         self.driver = driver
         self.settings = settings
+        self.metrics = metrics
+        if metrics is not None:
+            for source in FillSource:
+                metrics.cluster_fills.labels(source.value)  # shown at 0 from the start
         self._session: aiohttp.ClientSession | None = None
         # Counted for the metrics and the tests: where whole-image fills came from.
         self.reads_from_siblings = 0
@@ -155,6 +174,7 @@ class SiblingUpstream(Upstream):
                     failed.add(source)
                     continue
                 self.reads_from_siblings += 1
+                self._count(FillSource.SIBLING)
                 log.info("filled %s from sibling %s", image_id, source)
                 return
             claim = await asyncio.to_thread(self.driver.claim_origin_fill, image_id, failed)
@@ -177,12 +197,18 @@ class SiblingUpstream(Upstream):
                 )
             try:
                 self.reads_from_origin += 1
+                continued = received > 0
                 async for chunk in self.origin.stream(image_id, caller, received):
                     yield chunk
+                self._count(FillSource.SIBLING_THEN_ORIGIN if continued else FillSource.ORIGIN)
             finally:
                 if claim is not None:
                     await asyncio.shield(asyncio.to_thread(claim.release))
             return
+
+    def _count(self, source: FillSource) -> None:
+        if self.metrics is not None:
+            self.metrics.cluster_fills.labels(source.value).inc()
 
     async def _pick_sibling(self, image_id: str, received: int, failed: set[str]) -> str | None:
         """A live sibling holding the image; else (from byte 0 only) one filling it now."""
@@ -233,16 +259,26 @@ class SiblingUpstream(Upstream):
 class ClusterTasks:
     """Heartbeats and cross-node deletions of one service process, on a schedule."""
 
-    def __init__(self, cache: ImageCache, driver: CentralDriver, interval: float) -> None:
+    def __init__(
+        self,
+        cache: ImageCache,
+        driver: CentralDriver,
+        interval: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.cache = cache
         self.driver = driver
         self.interval = interval
+        self.metrics = metrics
         self.beats = 0
         self._task: asyncio.Task[None] | None = None
 
     async def tick(self) -> list[str]:
         """One beat: announce this node alive and drop images deleted elsewhere."""
         await asyncio.to_thread(self.driver.heartbeat)
+        if self.metrics is not None:
+            live = await asyncio.to_thread(self.driver.list_nodes)
+            self.metrics.cluster_nodes_live.set(sum(1 for node in live if node.alive))
         dropped = await asyncio.to_thread(self.driver.apply_deletions)
         for image_id in dropped:
             await asyncio.to_thread(self.cache.delete_queued_image, image_id)
@@ -281,7 +317,11 @@ CLUSTER_TASKS = web.AppKey("cluster_tasks", ClusterTasks)
 
 
 def enable(
-    app: web.Application, settings: Settings, cache: ImageCache, origin: Upstream
+    app: web.Application,
+    settings: Settings,
+    cache: ImageCache,
+    origin: Upstream,
+    metrics: Metrics | None = None,
 ) -> Upstream:
     """Turn cluster mode on for a service app when the cache is central.
 
@@ -294,13 +334,13 @@ def enable(
     driver = central_driver(cache)
     if driver is None:
         return origin
-    tasks = ClusterTasks(cache, driver, settings.node_heartbeat_interval)
+    tasks = ClusterTasks(cache, driver, settings.node_heartbeat_interval, metrics)
     app[CLUSTER_TASKS] = tasks
 
     async def on_startup(_app: web.Application) -> None:
         tasks.start()
 
-    siblings = SiblingUpstream(origin, driver, settings)
+    siblings = SiblingUpstream(origin, driver, settings, metrics)
 
     async def on_cleanup(_app: web.Application) -> None:
         await tasks.stop()
@@ -320,6 +360,7 @@ __all__ = [
     "CLUSTER_TASKS",
     "CLUSTER_TOKEN_HEADER",
     "ClusterTasks",
+    "FillSource",
     "PeerRequest",
     "SiblingFailed",
     "SiblingUpstream",

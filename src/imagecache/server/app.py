@@ -132,11 +132,11 @@ def create_app(
     app = web.Application(middlewares=[_errors], client_max_size=1024**2)
     # Fills ask live siblings before the origin in cluster mode; everything else
     # (proxying, access checks, ranges) talks to the origin itself.
-    fill_source = cluster.enable(app, settings, cache, upstream)
+    metrics_ = Metrics(metrics_dir)
+    fill_source = cluster.enable(app, settings, cache, upstream, metrics_)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
-    metrics_ = Metrics(metrics_dir)
     fills = FillCoordinator(settings, cache, fill_source, metrics_, executor)
     app[STATE] = ServiceState(
         settings=settings,

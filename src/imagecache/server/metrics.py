@@ -32,7 +32,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 # Gauges that state a setting: every worker reports the same value.
-_SAME_IN_EVERY_WORKER = frozenset({"imagecache_max_size_bytes"})
+_SAME_IN_EVERY_WORKER = frozenset({"imagecache_max_size_bytes", "imagecache_cluster_nodes_live"})
 PUBLISH_INTERVAL = 1.0
 
 
@@ -79,6 +79,20 @@ class Metrics:
         self.verification_failures = Counter(
             "imagecache_verification_failures",
             "Fills whose bytes did not match the size or hash the origin promised",
+            registry=r,
+        )
+
+        # Cluster mode only (cluster.py sets them); outside it they stay at 0.
+        self.cluster_fills = Counter(
+            "imagecache_cluster_fills",
+            "Whole-image upstream reads in cluster mode, by where the bytes came from: "
+            "sibling, origin, or sibling_then_origin (a sibling failed part-way)",
+            ["source"],
+            registry=r,
+        )
+        self.cluster_nodes_live = Gauge(
+            "imagecache_cluster_nodes_live",
+            "Live nodes in the cluster (this one included) at this node's last heartbeat",
             registry=r,
         )
 
