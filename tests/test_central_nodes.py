@@ -323,7 +323,10 @@ def test_one_node_at_a_time_claims_the_origin_read(make_node: NodeFactory) -> No
     put(a, "img")
     assert b.origin_filler("img") is None
     assert b.get_cached_nodes("img") == [a.self_url]
-    again = b.claim_origin_fill("img")
+    # A node that looked before a's commit and claims after it is sent to a.
+    assert b.claim_origin_fill("img") is None
+    # Only when b could not fetch from a does it read the origin itself.
+    again = b.claim_origin_fill("img", unreachable={a.self_url})
     assert again is not None
     again.release()
 

@@ -588,6 +588,8 @@ class CentralDriver(FileBackedDriver):
         over and its commit is on the way (see ``OriginClaim``). It is void when
         its node stopped beating, is this node, or is in ``unreachable`` (the
         caller could not fetch from it: it died before its heartbeat went stale).
+        None too when a live node other than this one, and not in ``unreachable``,
+        holds a copy: the caller should fetch it from there.
         """
         self.layout.validate(image_id)
         now = datetime.now(UTC)
@@ -624,6 +626,20 @@ class CentralDriver(FileBackedDriver):
                     if not void:
                         return None
                     conn.execute(delete(origin_fills).where(origin_fills.c.image_id == image_id))
+                # Another node may have read and committed the image since the caller
+                # last looked (its row went with its commit): fetch from it instead.
+                holders = conn.execute(
+                    select(nodes.c.url)
+                    .select_from(cached_images.join(nodes, nodes.c.id == cached_images.c.node_id))
+                    .where(
+                        cached_images.c.image_id == image_id,
+                        nodes.c.id != self.node_id,
+                        nodes.c.heartbeat > self._alive_cutoff(),
+                        ~_deleted_since_made(),
+                    )
+                ).scalars()
+                if any(url not in unreachable for url in holders):
+                    return None
                 conn.execute(
                     insert(origin_fills).values(
                         image_id=image_id, node_id=self.node_id, started=now
