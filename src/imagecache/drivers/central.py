@@ -564,7 +564,12 @@ class CentralDriver(FileBackedDriver):
     def get_cached_nodes(self, image_id: str) -> list[str]:
         """URLs of the live nodes holding a copy not marked deleted since it was made."""
         self.layout.validate(image_id)
-        query = (
+        with self._read() as conn:
+            return [url for (url,) in conn.execute(self._holders(image_id).order_by(nodes.c.url))]
+
+    def _holders(self, image_id: str) -> Any:
+        """URLs of the live nodes whose copy of ``image_id`` is not condemned (a query)."""
+        return (
             select(nodes.c.url)
             .select_from(cached_images.join(nodes, nodes.c.id == cached_images.c.node_id))
             .where(
@@ -572,10 +577,7 @@ class CentralDriver(FileBackedDriver):
                 nodes.c.heartbeat > self._alive_cutoff(),
                 ~_deleted_since_made(),
             )
-            .order_by(nodes.c.url)
         )
-        with self._read() as conn:
-            return [url for (url,) in conn.execute(query)]
 
     # --- who reads the origin ---------------------------------------------------------------------
 
@@ -628,17 +630,8 @@ class CentralDriver(FileBackedDriver):
                     conn.execute(delete(origin_fills).where(origin_fills.c.image_id == image_id))
                 # Another node may have read and committed the image since the caller
                 # last looked (its row went with its commit): fetch from it instead.
-                holders = conn.execute(
-                    select(nodes.c.url)
-                    .select_from(cached_images.join(nodes, nodes.c.id == cached_images.c.node_id))
-                    .where(
-                        cached_images.c.image_id == image_id,
-                        nodes.c.id != self.node_id,
-                        nodes.c.heartbeat > self._alive_cutoff(),
-                        ~_deleted_since_made(),
-                    )
-                ).scalars()
-                if any(url not in unreachable for url in holders):
+                holders = conn.execute(self._holders(image_id)).scalars()
+                if any(url not in unreachable and url != self.self_url for url in holders):
                     return None
                 conn.execute(
                     insert(origin_fills).values(
