@@ -196,10 +196,12 @@ async def sendfile_spans(monkeypatch: pytest.MonkeyPatch) -> dict[object, list[t
     real = loop.sendfile
     spans: dict[object, list[tuple[int, int]]] = {}
 
-    async def spy(transport: Any, file: Any, offset: int = 0, count: int | None = None) -> int:
+    async def spy(
+        transport: Any, file: Any, offset: int = 0, count: int | None = None, **options: Any
+    ) -> int:
         assert count is not None
         spans.setdefault(transport, []).append((offset, count))
-        return await real(transport, file, offset, count)
+        return await real(transport, file, offset, count, **options)
 
     monkeypatch.setattr(loop, "sendfile", spy)
     return spans

@@ -210,16 +210,35 @@ async def _send_span(
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
-    try:
-        await asyncio.get_running_loop().sendfile(transport, handle, offset, count)
-    except NotImplementedError:
-        while count > 0:
-            chunk = await state.fills.run(os.pread, handle.fileno(), min(READ_CHUNK, count), offset)
-            if not chunk:
-                raise ImageCacheError("cached file shrank while being sent") from None
-            await response.write(chunk)
-            offset += len(chunk)
-            count -= len(chunk)
+    loop = asyncio.get_running_loop()
+    while count > 0:
+        try:
+            # fallback=False: asyncio's own fallback seeks and reads the file
+            # object, and readers of one fill share it; our pread path below is
+            # position-free.
+            sent = await loop.sendfile(transport, handle, offset, count, fallback=False)
+        except (NotImplementedError, asyncio.SendfileNotAvailableError):
+            await _copy_span(response, state, handle, offset, count)  # TLS, odd files
+            return
+        # asyncio returns a short count when os.sendfile meets the end of the
+        # file. Ignoring it would leave the client waiting for the rest of its
+        # Content-Length forever; so send on, and fail loudly if nothing goes.
+        if sent <= 0:
+            raise ImageCacheError(f"cached file ended at byte {offset} while being sent")
+        offset += sent
+        count -= sent
+
+
+async def _copy_span(
+    response: web.StreamResponse, state: ServiceState, handle: BinaryIO, offset: int, count: int
+) -> None:
+    while count > 0:
+        chunk = await state.fills.run(os.pread, handle.fileno(), min(READ_CHUNK, count), offset)
+        if not chunk:
+            raise ImageCacheError(f"cached file ended at byte {offset} while being sent")
+        await response.write(chunk)
+        offset += len(chunk)
+        count -= len(chunk)
 
 
 async def _serve_miss(

@@ -1,0 +1,82 @@
+"""Zero-copy sends of a file span: a span the file cannot fill aborts, it never hangs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from imagecache.errors import ImageCacheError
+from imagecache.server import images
+
+SIZE = 256 * 1024
+
+
+async def test_a_span_past_the_end_of_the_file_aborts_the_response(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """os.sendfile stops at end of file; the response must fail, not leave the client waiting.
+
+    Before the fix the short count was ignored: the handler returned normally and
+    the client waited forever for the rest of its Content-Length.
+    """
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * SIZE)
+    handle = path.open("rb")
+    raised: list[BaseException] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        # The body promises twice what the file holds (a file that shrank, or a
+        # fill whose bytes never landed).
+        response = web.StreamResponse(headers={"Content-Length": str(2 * SIZE)})
+        await response.prepare(request)
+        try:
+            # The state is only used by the copy path (TLS), not on plain TCP.
+            await images._send_span(request, response, None, handle, 0, 2 * SIZE)  # type: ignore[arg-type]
+        except ImageCacheError as exc:
+            raised.append(exc)
+            raise
+        return response
+
+    app = web.Application()
+    app.router.add_get("/span", handler)
+    server = await aiohttp_server(app)
+    timeout = aiohttp.ClientTimeout(total=20)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with session.get(server.make_url("/span")) as response:
+                    await response.read()
+    finally:
+        handle.close()
+    assert raised, "the short send went unnoticed"
+    assert f"ended at byte {SIZE}" in str(raised[0])
+
+
+async def test_a_span_the_file_holds_is_sent_whole(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = bytes(range(256)) * (SIZE // 256)
+    path = tmp_path / "whole"
+    path.write_bytes(data)
+    handle = path.open("rb")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(SIZE - 1000)})
+        await response.prepare(request)
+        await images._send_span(request, response, None, handle, 1000, SIZE - 1000)  # type: ignore[arg-type]
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/span", handler)
+    server = await aiohttp_server(app)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.make_url("/span")) as response,
+        ):
+            assert await response.read() == data[1000:]
+    finally:
+        handle.close()
