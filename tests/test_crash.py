@@ -64,22 +64,10 @@ def run_and_kill(kind: str, cache_dir: Path, tmp_path: Path, mode: str) -> None:
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()
 
 
-# Kinds whose driver does not yet repair crash state 2 when it is configured.
-# Strict, so the marker must go as soon as the driver learns to.
-_NO_STARTUP_RECONCILE: tuple[str, ...] = ()
-
-
 @pytest.fixture
 def settings_args(driver_kind: str, cache_dir: Path, tmp_path: Path) -> tuple[str, Path, Path]:
     settings_for(driver_kind, cache_dir, tmp_path)  # skips here if the kind cannot run
     return driver_kind, cache_dir, tmp_path
-
-
-@pytest.fixture
-def needs_startup_reconcile(driver_kind: str, request: pytest.FixtureRequest) -> None:
-    if driver_kind in _NO_STARTUP_RECONCILE:
-        reason = f"{driver_kind}: no reconciliation of files and rows when configured (yet)"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 def test_writer_killed_before_rename_leaves_nothing_visible(
@@ -115,7 +103,6 @@ def test_dead_writers_fill_is_cleaned_even_when_fresh(
         assert cache.cache_image_iter("img", [DATA])
 
 
-@pytest.mark.usefixtures("needs_startup_reconcile")
 def test_writer_killed_after_rename_before_metadata_is_consistent(
     settings_args: tuple[str, Path, Path],
 ) -> None:
@@ -140,7 +127,6 @@ def test_writer_killed_after_rename_before_metadata_is_consistent(
         assert not (cache_dir / "img").exists()
 
 
-@pytest.mark.usefixtures("needs_startup_reconcile")
 def test_a_row_whose_file_vanished_is_dropped_on_restart(
     settings_args: tuple[str, Path, Path],
 ) -> None:

@@ -139,22 +139,13 @@ def test_bad_ids_are_refused_by_the_facade_and_touch_nothing(
     assert tree(tmp_path) == before
 
 
-# Drivers that still answer some bad ids themselves (the facade refuses them
-# first). Strict, so the marker must go once the driver checks its ids.
-_DRIVERS_TRUSTING_IDS: dict[str, str] = {}
-
-
 @pytest.mark.parametrize("bad_id", BAD_IDS, ids=repr)
 def test_bad_ids_are_refused_by_the_driver_and_touch_nothing(
     cache: ImageCache,
     tmp_path: Path,
     bad_id: object,
     driver_kind: str,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if driver_kind in _DRIVERS_TRUSTING_IDS:
-        reason = _DRIVERS_TRUSTING_IDS[driver_kind]
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     before = tree(tmp_path)
     _assert_all_refuse(_driver_calls(cache.driver), bad_id)
     assert tree(tmp_path) == before
