@@ -39,6 +39,7 @@ from peers import (
     http_status,
     proc_status_kib,
     process_tree,
+    settle_fill,
     stop_process,
     wait_until,
     write_random_file,
@@ -78,6 +79,7 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def evict(self, image_id: str) -> None:
+        settle_fill(self.cache_dir, image_id)
         status = http_status(f"{self.url}/v2/cache/{image_id}", method="DELETE")
         if status not in (204, 404):
             raise PeerError(f"evicting from {self.name} answered {status}")

@@ -57,6 +57,17 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> N
     raise PeerError(f"{what}: not ready after {timeout:.0f}s")
 
 
+def settle_fill(cache_dir: Path, image_id: str) -> None:
+    """Wait until no fill of ``image_id`` is in progress in imagecache's ``cache_dir``.
+
+    A client has its last byte once the fill is verified, a moment before the
+    commit; an eviction sent in between would miss the entry, and the next
+    "cold" round would be a hit.
+    """
+    incomplete = cache_dir / "incomplete" / image_id
+    wait_until(f"the fill of {image_id} to commit", lambda: not incomplete.exists())
+
+
 def http_status(url: str, method: str = "GET", timeout: float = 5.0) -> int:
     """The status of one request (0 when nothing answers)."""
     req = urllib.request.Request(url, method=method)
@@ -447,6 +458,7 @@ class Imagecache:
         return sum(open_fds(pid) for pid in self.pids())
 
     def evict(self, image_id: str) -> None:
+        settle_fill(self.cache_dir, image_id)
         status = http_status(f"{self.url}/v2/cache/{image_id}", method="DELETE")
         if status not in (204, 404):
             raise PeerError(f"DELETE /v2/cache/{image_id} on imagecache: HTTP {status}")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from imagecache.server.app import create_app
+from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from imagecache.upstreams.directory import DirectoryUpstream
 
@@ -38,3 +41,13 @@ def directory_app(settings: Settings, root: Path) -> web.Application:
 
 def listdir(path: Path) -> list[str]:
     return sorted(os.listdir(path)) if path.exists() else []
+
+
+async def settled(client: TestClient[Any, Any]) -> None:
+    """Wait for the app's verified fills to commit.
+
+    A client has its whole body once the fill is verified, a moment before the
+    commit makes it a cache entry; a test that looks at the cache directory (or
+    expects a hit) right after a download waits here first.
+    """
+    await client.app[STATE].fills.settled()

@@ -135,7 +135,15 @@ async def cluster(
 async def download(session: aiohttp.ClientSession, node: Node, image_id: str) -> bytes:
     async with session.get(f"{node.url}/v2/images/{image_id}/file") as response:
         assert response.status == 200, await response.text()
-        return await response.read()
+        body = await response.read()
+    await settle(session, node)
+    return body
+
+
+async def settle(session: aiohttp.ClientSession, node: Node) -> None:
+    """Let the node commit what it has verified (its cache API waits for that first)."""
+    async with session.get(f"{node.url}/v2/cache") as response:
+        assert response.status == 200, await response.text()
 
 
 async def holders(session: aiohttp.ClientSession, node: Node, image_id: str) -> list[str]:
@@ -257,6 +265,7 @@ async def test_a_sibling_killed_mid_transfer_falls_back_to_the_origin(
 
         # Node 2 continued from the origin where node 1 stopped: right bytes, verified.
         assert bytes(body) == DATA
+        await settle(session, two)
         assert f"sibling {one.url} failed to serve img" in two.log()
         assert http_origin.body_reads("img") == 2
         # The second read continued where node 1 stopped, it did not start over.

@@ -27,7 +27,7 @@ from imagecache.client import ServiceError, fan_out, queue_on_nodes
 from imagecache.drivers.central import CentralDriver
 from imagecache.errors import ConfigurationError
 from imagecache.settings import Settings
-from server_helpers import directory_app, image_bytes, put_image
+from server_helpers import directory_app, image_bytes, put_image, settled
 from test_central_nodes import age_heartbeat, put
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
@@ -54,6 +54,7 @@ async def fill(client: TestClient[Any, Any], image_id: str) -> None:
     async with client.get(f"/v2/images/{image_id}/file") as response:
         assert response.status == 200, await response.text()
         assert await response.read() == DATA
+    await settled(client)
 
 
 async def test_all_nodes_lists_every_node_with_its_copies(

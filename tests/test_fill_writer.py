@@ -1,21 +1,22 @@
-"""``FillWriter``: the hash of a fill runs one chunk behind its writes and still sees every byte.
+"""``FillWriter``: a fill's hash runs in its own thread, behind the writes, and sees every byte.
 
-Large chunks are hashed in another thread while the next ones are written;
-small ones are hashed inline. Mixed in any order, the digest must be that of
-the bytes in order, and verification at ``finish`` must still catch a wrong
-promise.
+Chunks of any size, bytes or views of reused buffers (``write_from``), must
+give the digest of the bytes in order, and verification at ``finish`` must
+still catch a wrong promise. The file is flushed in the background as it grows.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from imagecache import ImageCache
-from imagecache.drivers.files import WRITEBACK_STEP, Fill
+from imagecache.drivers.files import FLUSH_STEP, Fill
 from imagecache.errors import VerificationError
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
@@ -80,14 +81,24 @@ def test_abort_mid_fill_waits_for_the_hash_and_rolls_back(
     for chunk in _chunks()[:3]:
         writer.write(chunk)
     writer.abort(ConnectionResetError("the origin went away"))
-    assert writer._hashing is None
+    assert writer._hasher is None
     assert not (cache_dir / "img").exists()
     assert listdir(cache_dir / "invalid") == ["img"]
 
 
-def test_a_long_fill_starts_writeback_as_it_goes(cache: ImageCache, cache_dir: Path) -> None:
+def test_a_long_fill_is_flushed_in_the_background_as_it_goes(
+    cache: ImageCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        flushed.append(os.fstat(fd).st_size)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
     chunk = image_bytes(1024 * KiB, seed=9)
-    count = 2 * WRITEBACK_STEP // len(chunk) + 3
+    count = 2 * FLUSH_STEP // len(chunk) + 3
     data = chunk * count
     writer = cache.writer("img", ImageInfo("img", size=len(data)))
     assert writer.open()
@@ -95,8 +106,61 @@ def test_a_long_fill_starts_writeback_as_it_goes(cache: ImageCache, cache_dir: P
     assert isinstance(fill, Fill)
     for _ in range(count):
         writer.write(chunk)
-    # Asked of the kernel twice on the way, for every whole step written.
-    assert fill._written_back == 2 * WRITEBACK_STEP
+    assert fill._flushed_at == 2 * FLUSH_STEP
+    writer.finish()
+    assert writer.committed
+    assert fill._flusher is None, "the flusher ends before the commit's own fsync"
+    # At least one background flush ran, each while the file was still growing.
+    assert flushed
+    assert all(size < len(data) for size in flushed)
+    assert (cache_dir / "img").read_bytes() == data
+
+
+def test_an_error_met_by_a_background_flush_fails_the_commit(
+    cache: ImageCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulated: a real writeback error needs a failing device. The kernel tells
+    # it to one fsync per descriptor, so the flusher's sighting must not be lost.
+    def failing_fdatasync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    chunk = image_bytes(1024 * KiB, seed=5)
+    count = FLUSH_STEP // len(chunk) + 1
+    writer = cache.writer("img", ImageInfo("img", size=len(chunk) * count))
+    assert writer.open()
+    for _ in range(count):
+        writer.write(chunk)
+    writer.finish()  # a cache-side failure never reaches the stream...
+    assert not writer.committed  # ...but the copy is not committed
+    assert not (cache_dir / "img").exists()
+    assert cache.get_cached_image("img") is None
+
+
+def test_write_from_reuses_its_buffers_and_hashes_every_byte(
+    cache: ImageCache, cache_dir: Path
+) -> None:
+    data = image_bytes(20 * 1024 * KiB + 7, seed=3)
+    expected = hashlib.sha512(data).hexdigest()
+    writer = cache.writer(
+        "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
+    )
+    assert writer.open()
+    offset = 0
+    buffers: set[int] = set()
+
+    def readinto(buffer: memoryview) -> int:
+        nonlocal offset
+        piece = data[offset : offset + len(buffer)]
+        buffer[: len(piece)] = piece
+        offset += len(piece)
+        buffers.add(id(buffer.obj))
+        return len(piece)
+
+    while writer.write_from(readinto):
+        pass
     writer.finish()
     assert writer.committed
     assert (cache_dir / "img").read_bytes() == data
+    # 21 chunks through a bounded ring: buffers were reused, not allocated per chunk.
+    assert len(buffers) < 21

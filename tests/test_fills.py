@@ -24,7 +24,7 @@ from imagecache.fills import FlightKind
 from imagecache.server.app import create_app
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
-from server_helpers import image_bytes, listdir
+from server_helpers import image_bytes, listdir, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 SIZE = 2 * 1024 * 1024 + 5
@@ -95,6 +95,7 @@ async def test_upstream_reset_mid_body_aborts_the_client_and_caches_nothing(
     http_origin.fail("img", None)
     async with client.get("/v2/images/img/file") as response:
         assert await response.read() == DATA
+    await settled(client)
     assert (cache_dir / "img").exists()
 
 
@@ -160,6 +161,7 @@ async def test_a_follower_takes_over_when_the_writer_process_dies(
         holder.kill()
         response = await asyncio.wait_for(task, timeout=20)
         assert await response.read() == DATA
+        await settled(client)
     finally:
         if holder.returncode is None:
             holder.kill()
@@ -182,6 +184,7 @@ async def test_a_stale_incomplete_file_is_taken_over(
     (cache_dir / "incomplete" / "img").write_bytes(b"left by a writer that died" * 1000)
     async with client.get("/v2/images/img/file") as response:
         assert await response.read() == DATA
+    await settled(client)
     assert (cache_dir / "img").read_bytes() == DATA
     assert os.listdir(cache_dir / "incomplete") == []
 

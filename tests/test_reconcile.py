@@ -130,6 +130,9 @@ async def test_sigkill_mid_fill_then_restart(http_origin: Any, tmp_path: Path) -
                 async with session.get(f"{server.url}/v2/images/{name}/file") as response:
                     assert response.status == 200
                     assert await response.read() == data
+            # The cache API answers once the verified fills have committed.
+            async with session.get(f"{server.url}/v2/cache") as response:
+                assert response.status == 200
             for name, data in images.items():
                 assert (cache_dir / name).read_bytes() == data
     finally:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from imagecache.layout import CacheLayout
 from imagecache.server.app import AccessLogger
 from imagecache.settings import Settings
-from server_helpers import directory_app, image_bytes, listdir, put_image
+from server_helpers import directory_app, image_bytes, listdir, put_image, settled
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 DATA = image_bytes(100_000)
@@ -52,6 +52,7 @@ async def test_metrics_count_misses_hits_bypasses_and_bytes(client: TestClient[A
     for _ in range(2):
         async with client.get("/v2/images/img/file") as response:
             await response.read()
+        await settled(client)
     async with client.get("/v2/images/img/file", headers={"Range": "bytes=0-9"}) as response:
         await response.read()
     await client.delete("/v2/cache/img")

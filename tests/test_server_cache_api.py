@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from imagecache.server.auth import AdminDecision, decide_admin
 from imagecache.server.cache_api import WORKER
 from imagecache.settings import Settings
-from server_helpers import directory_app, image_bytes, listdir, put_image
+from server_helpers import directory_app, image_bytes, listdir, put_image, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 TOKEN = "s3cret-admin-token"
@@ -41,6 +41,7 @@ async def fill(client: TestClient[Any, Any], *names: str) -> None:
         async with client.get(f"/v2/images/{name}/file") as response:
             assert response.status == 200
             assert await response.read() == DATA
+    await settled(client)
 
 
 async def state_of(client: TestClient[Any, Any]) -> dict[str, Any]:

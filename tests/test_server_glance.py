@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from imagecache.server.app import create_app
 from imagecache.server.cache_api import WORKER
 from imagecache.settings import Settings
-from server_helpers import image_bytes, listdir
+from server_helpers import image_bytes, listdir, settled
 
 pytestmark = pytest.mark.glance
 
@@ -122,6 +122,7 @@ async def test_a_caller_the_origin_refuses_gets_no_hit(
     async with proxy.get(f"/v2/images/{image_id}/file", headers=owner) as response:
         assert response.status == 200
         assert await response.read() == DATA
+    await settled(proxy)
     assert (cache_dir / image_id).exists()
     # The image is cached now; the stranger must still get Glance's answer, not bytes.
     async with proxy.get(f"/v2/images/{image_id}/file", headers=stranger) as response:

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imagecache.settings import Settings
-from server_helpers import directory_app, image_bytes, listdir, put_image
+from server_helpers import directory_app, image_bytes, listdir, put_image, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
@@ -48,6 +48,7 @@ async def test_miss_then_hit_serve_identical_correct_bytes(
     assert body == DATA
     assert int(headers["Content-Length"]) == SIZE
     miss_etag = headers["ETag"]
+    await settled(client)
     assert (cache_dir / "img-1").read_bytes() == DATA
 
     status, headers, body = await get(client, "/v2/images/img-1/file")

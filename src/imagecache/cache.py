@@ -17,13 +17,14 @@ Failure rules (Glance's, sharpened):
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Generator, Iterable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import IO, BinaryIO, Protocol
 
 from imagecache.drivers import create_driver
@@ -32,6 +33,7 @@ from imagecache.errors import ImageBeingCached, ImageCacheError, VerificationErr
 from imagecache.records import (
     HASH_ALGORITHMS,
     CachedImage,
+    Chunk,
     CleanResult,
     ImageInfo,
     PruneResult,
@@ -42,17 +44,71 @@ from imagecache.settings import Settings
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
-# Below this, handing a chunk to another thread costs more than hashing it here.
-_PARALLEL_HASH_MIN = 256 * 1024
+# How many chunks the hash thread may lag behind the writer. The hash is the
+# slowest step of a fill, so it must never wait for input: a backlog of several
+# chunks absorbs the jitter of reads and writes (one chunk, lock-step, left the
+# hash idle whenever a read or write ran long). Bounded, so memory is too.
+HASH_BACKLOG = 8
 
 
 class _Hash(Protocol):
     @property
     def name(self) -> str: ...
 
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: Chunk, /) -> None: ...
 
     def hexdigest(self) -> str: ...
+
+
+class _Hasher:
+    """A digest fed in order by its own thread, at most ``HASH_BACKLOG`` chunks behind.
+
+    One thread per fill rather than a shared pool: a fill's chunks must be
+    hashed in order, and a dedicated thread takes each one without the
+    scheduling a pool adds per task. ``submit`` blocks only when the backlog is
+    full. ``done`` callbacks run in the hash thread once a chunk is hashed (the
+    fill pump uses them to reuse its buffers).
+    """
+
+    def __init__(self, digest: _Hash) -> None:
+        self.digest = digest
+        self._queue: queue.SimpleQueue[tuple[Chunk, Callable[[], None] | None] | None] = (
+            queue.SimpleQueue()
+        )
+        self._room = threading.Semaphore(HASH_BACKLOG)
+        self._stopping = False
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name="imagecache-hash", daemon=True)
+        self._thread.start()
+
+    def submit(self, data: Chunk, done: Callable[[], None] | None = None) -> None:
+        self._room.acquire()
+        self._queue.put((data, done))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            data, done = item
+            try:
+                if not self._stopping and self._error is None:
+                    self.digest.update(data)
+            except Exception as exc:  # kept for join(); the thread must go on releasing
+                self._error = exc
+            finally:
+                self._room.release()
+                if done is not None:
+                    done()
+
+    def join(self) -> None:
+        """Wait until every submitted chunk is hashed; the thread ends."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """End the thread without hashing what is still queued (the fill is abandoned)."""
+        self._stopping = True
+        self.join()
 
 
 def choose_digest(info: ImageInfo | None) -> tuple[str, str | None]:
@@ -91,7 +147,10 @@ class FillWriter:
         self.received = 0
         self._stack = contextlib.ExitStack()
         self._target: WriteTarget | None = None
-        self._hashing: concurrent.futures.Future[None] | None = None
+        self._hasher: _Hasher | None = None
+        # Buffers of write_from(), returned by the hash thread once hashed.
+        self._free: queue.SimpleQueue[bytearray] | None = None
+        self._verified_hash: str | None = None
         self.committed = False
 
     @property
@@ -109,20 +168,24 @@ class FillWriter:
             log.info("image %s is being cached by another writer; streaming only", self.image_id)
         except (OSError, ImageCacheError) as exc:
             log.error("cannot start caching image %s: %s; streaming only", self.image_id, exc)
+        if self._target is not None:
+            # Hashed in its own thread while this one reads and writes; a
+            # verify-only fill has nothing to overlap the hash with.
+            self._hasher = _Hasher(self.digest)
         return self.caching
 
-    def write(self, chunk: bytes) -> None:
-        """Account, hash and (if caching) store one chunk."""
+    def write(self, chunk: Chunk, done: Callable[[], None] | None = None) -> None:
+        """Account, hash and (if caching) store one chunk.
+
+        ``chunk`` must stay unchanged until ``done`` is called (from the hash
+        thread) or, without ``done``, for good: pass immutable bytes then.
+        """
         self.received += len(chunk)
         if self.expected_size is not None and self.received > self.expected_size:
             raise VerificationError(self.image_id, "size", self.expected_size, self.received)
-        # The digest takes chunks in order: the previous chunk's hash ends first.
-        self._wait_for_hash()
-        if self._target is not None and len(chunk) >= _PARALLEL_HASH_MIN:
-            # Hashed in another thread while this one writes, and left running
-            # when we return, so it also overlaps the wait for the next chunk
-            # (waiting for it here, lock-step, measured slower).
-            self._hashing = self.cache.hash_pool.submit(self.digest.update, chunk)
+        if self._hasher is not None:
+            self._hasher.submit(chunk, done)
+            done = None
         else:
             self.digest.update(chunk)
         if self._target is not None:
@@ -130,20 +193,66 @@ class FillWriter:
                 self._target.write(chunk)
             except Exception as exc:
                 self._drop(exc)
+        if done is not None:
+            done()
 
-    def _wait_for_hash(self) -> None:
-        hashing, self._hashing = self._hashing, None
-        if hashing is not None:
-            hashing.result()
+    def write_from(self, readinto: Callable[[memoryview], int]) -> int:
+        """Read the next chunk with ``readinto`` into a buffer of ours and write it.
+
+        Returns the bytes read, 0 at the end. The buffers are reused once the
+        hash thread is done with them, so a fill that reads from a blocking
+        source allocates nothing per chunk.
+        """
+        if self._free is None:
+            self._free = queue.SimpleQueue()
+            for _ in range(HASH_BACKLOG + 1):
+                self._free.put(bytearray(CHUNK_SIZE))
+        free = self._free
+        buffer = free.get()
+        try:
+            count = readinto(memoryview(buffer))
+        except BaseException:
+            free.put(buffer)
+            raise
+        if not count:
+            free.put(buffer)
+            return 0
+        self.write(memoryview(buffer)[:count], lambda: free.put(buffer))
+        return count
+
+    def _end_hash(self, *, discard: bool = False) -> None:
+        hasher, self._hasher = self._hasher, None
+        if hasher is not None:
+            if discard:
+                hasher.stop()
+            else:
+                hasher.join()
 
     def finish(self) -> None:
         """Verify everything received; commit the cache copy if there is one."""
-        self._wait_for_hash()
+        self.verify()
+        self.commit()
+
+    def verify(self) -> None:
+        """Check size and hash of everything received; raises ``VerificationError``.
+
+        Once this returns the bytes are known good: the service lets its
+        readers have the last byte here, before ``commit``'s fsync, which only
+        the cache needs.
+        """
+        self._end_hash()
         if self.expected_size is not None and self.received != self.expected_size:
             raise VerificationError(self.image_id, "size", self.expected_size, self.received)
         actual = self.digest.hexdigest()
         if self.expected_hash is not None and actual != self.expected_hash:
             raise VerificationError(self.image_id, self.digest.name, self.expected_hash, actual)
+        self._verified_hash = actual
+
+    def commit(self) -> None:
+        """Make the verified cache copy an entry (if there is one); never raises for the disk."""
+        actual = self._verified_hash
+        if actual is None:
+            raise ImageCacheError(f"the fill of {self.image_id!r} was committed unverified")
         if self._target is None:
             return
         target, self._target = self._target, None
@@ -165,7 +274,10 @@ class FillWriter:
     def abort(self, exc: BaseException) -> None:
         """Roll back the cache copy (to ``invalid/``), if there is one."""
         with contextlib.suppress(Exception):
-            self._wait_for_hash()  # no hash thread touches this writer afterwards
+            self._end_hash(discard=True)  # no hash thread touches this writer afterwards
+        self._roll_back(exc)
+
+    def _roll_back(self, exc: BaseException) -> None:
         if self._target is None:
             return
         self._target = None
@@ -179,7 +291,10 @@ class FillWriter:
         log.error(
             "writing the cache copy of %s failed: %s; dropping it, streaming on", self.image_id, exc
         )
-        self.abort(exc)
+        # The stream goes on and is still verified: the hash thread finishes
+        # what it has (nothing is discarded), then hashing continues inline.
+        self._end_hash()
+        self._roll_back(exc)
 
 
 class ImageCache:
@@ -188,20 +303,8 @@ class ImageCache:
     def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
         self.settings = settings
         self.driver = driver if driver is not None else create_driver(settings)
-        self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-    @property
-    def hash_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._hash_pool is None:
-            self._hash_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="imagecache-hash"
-            )
-        return self._hash_pool
 
     def close(self) -> None:
-        if self._hash_pool is not None:
-            self._hash_pool.shutdown(wait=True)
-            self._hash_pool = None
         self.driver.close()
 
     def __enter__(self) -> ImageCache:

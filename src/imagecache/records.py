@@ -10,6 +10,10 @@ from typing import Any, NamedTuple
 # defaults to sha512; md5 is Glance's legacy ``checksum``.
 HASH_ALGORITHMS = ("sha512", "sha384", "sha256", "sha1", "md5")
 
+# A piece of an image on its way through a fill: bytes from an async upstream,
+# a view of a reused buffer from a blocking one.
+Chunk = bytes | bytearray | memoryview
+
 
 @dataclass(frozen=True, slots=True)
 class CachedImage:

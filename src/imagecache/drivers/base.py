@@ -26,7 +26,7 @@ from typing import BinaryIO, Protocol
 
 from imagecache.errors import BadDriverConfiguration, ImageNotCached, NotInClusterMode
 from imagecache.layout import CacheLayout, sqlite_side_files
-from imagecache.records import CachedImage, CleanResult, QueueResult
+from imagecache.records import CachedImage, Chunk, CleanResult, QueueResult
 from imagecache.settings import Settings
 
 
@@ -38,7 +38,7 @@ class WriteTarget(Protocol):
     hash_algo: str | None
     hash_value: str | None
 
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: Chunk, /) -> int: ...
 
     def fileno(self) -> int: ...
 

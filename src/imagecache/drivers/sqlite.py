@@ -15,6 +15,7 @@ our schema version.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
@@ -101,8 +102,14 @@ class SqliteDriver(FileBackedDriver):
         self._pending_count = 0
         self._hit_timer: threading.Timer | None = None
         try:
-            self._migrate()
-            self.reconcile()
+            # One process at a time: workers of one service start together on a
+            # new cache, and a second connection switching a brand-new database
+            # to WAL while the first migrates it failed with "database is
+            # locked" (a worker died at start-up, 1 run in ~10 with --workers 2).
+            with open(self.layout.lock_path("sqlite-schema"), "a") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                self._migrate()
+                self.reconcile()
         except (sqlite3.DatabaseError, CacheStoreError) as exc:
             raise BadDriverConfiguration(
                 self.name, f"cannot open or upgrade {self.db_path}: {exc}"

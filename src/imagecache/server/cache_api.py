@@ -43,6 +43,7 @@ def _admin_only(
         method = methods.get(request.method)
         if method is None:
             raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+        await state.fills.settled()
         return await method(request, state)
 
     return handler

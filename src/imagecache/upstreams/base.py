@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from imagecache.records import ImageInfo
 
@@ -49,6 +50,18 @@ class Caller:
 ANONYMOUS = Caller()
 
 
+class BlockingSource(Protocol):
+    """An image's bytes read with blocking calls, for a fill that runs in one thread.
+
+    ``readinto`` fills a buffer and returns the count (0 at the end); it raises
+    only ``UpstreamError``. ``close`` releases what the source holds.
+    """
+
+    def readinto(self, buffer: memoryview, /) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class Upstream(abc.ABC):
     """One image origin."""
 
@@ -71,6 +84,15 @@ class Upstream(abc.ABC):
         An async generator: the caller closes it (``aclose``) when done, which
         releases the connection. A failure mid-stream raises ``UpstreamError``.
         """
+
+    async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource | None:
+        """The whole image as a ``BlockingSource``, or None to be read with ``stream``.
+
+        Upstreams whose reads are cheap blocking calls (local files) offer one:
+        a fill then reads, writes and hands bytes to its hash thread in one
+        thread, without a trip through the event loop per chunk.
+        """
+        return None
 
     async def check_access(self, image_id: str, caller: Caller) -> None:
         """Raise UpstreamForbidden/UpstreamNotFound unless ``caller`` may download the image.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imagecache.errors import UpstreamError, UpstreamNotFound
 from imagecache.records import HASH_ALGORITHMS, ImageInfo
-from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -91,6 +91,10 @@ class DirectoryUpstream(Upstream):
         finally:
             os.close(fd)
 
+    async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
+        path = self.path_of(image_id)
+        return _FileSource(image_id, await asyncio.to_thread(self._open, image_id, path))
+
     def _open(self, image_id: str, path: Path) -> int:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -102,6 +106,26 @@ class DirectoryUpstream(Upstream):
             os.close(fd)
             raise UpstreamNotFound(image_id)
         return fd
+
+
+class _FileSource:
+    """An image file read front to back into the caller's buffers."""
+
+    def __init__(self, image_id: str, fd: int) -> None:
+        self.image_id = image_id
+        self.fd = fd
+        self.offset = 0
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        try:
+            count = os.preadv(self.fd, [buffer], self.offset)
+        except OSError as exc:
+            raise UpstreamError(f"reading image {self.image_id!r} failed: {exc}") from exc
+        self.offset += count
+        return count
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _read_digest(path: Path) -> str | None:
