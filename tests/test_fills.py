@@ -123,6 +123,11 @@ async def test_abandoned_fill_abort_rolls_back_when_nobody_listens(
     response = await client.get("/v2/images/img/file")
     await response.content.readany()
     response.close()
+    # The fill reads in its own thread: once the gate opens it could take the
+    # rest before the server has noticed the client left. Wait for that first.
+    flight = client.app[STATE].fills.current("img")
+    assert flight is not None
+    await until(lambda: flight.readers == 0)
     gate.set()
     await until(lambda: listdir(cache_dir / "invalid") == ["img"])
     assert not (cache_dir / "img").exists()

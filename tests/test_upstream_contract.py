@@ -10,6 +10,7 @@ the same real fault.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import secrets
@@ -184,6 +185,52 @@ async def test_reset_mid_body_is_an_upstream_error(kit: Kit, image: bytes) -> No
 
     with pytest.raises(UpstreamError):
         await drain()
+    assert cutter.cuts >= 1
+    assert len(received) < len(image)
+    assert image.startswith(bytes(received))
+
+
+# --- open_source: the whole image for the fill pump, read with blocking calls -----------------
+
+
+async def drain_source(upstream: Upstream, image_id: str, into: bytearray) -> None:
+    """Read ``open_source`` to its end into ``into`` (in a thread, as the pump does)."""
+    source = await upstream.open_source(image_id)
+    assert source is not None, f"{upstream.kind} offers no blocking source"
+
+    def pump() -> None:
+        buffer = bytearray(1024 * 1024)
+        view = memoryview(buffer)
+        try:
+            while count := source.readinto(view):
+                into.extend(view[:count])
+        finally:
+            source.close()
+
+    await asyncio.to_thread(pump)
+
+
+async def test_open_source_reads_the_whole_image(kit: Kit, image: bytes) -> None:
+    image_id = kit.put(image)
+    received = bytearray()
+    await drain_source(kit.upstream, image_id, received)
+    assert bytes(received) == image
+
+
+async def test_open_source_of_an_unknown_image_is_not_found(kit: Kit) -> None:
+    with pytest.raises(UpstreamNotFound):
+        await kit.upstream.open_source(kit.missing_id)
+
+
+async def test_open_source_reset_mid_body_is_an_upstream_error(kit: Kit, image: bytes) -> None:
+    if kit.via_cutter is None:
+        pytest.skip(f"{kit.kind} has no network to fail")
+    image_id = kit.put(image)
+    upstream, cutter = await kit.via_cutter()
+    cutter.cut_after = CUT_AT
+    received = bytearray()
+    with pytest.raises(UpstreamError):
+        await drain_source(upstream, image_id, received)
     assert cutter.cuts >= 1
     assert len(received) < len(image)
     assert image.startswith(bytes(received))

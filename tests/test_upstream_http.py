@@ -9,13 +9,16 @@ import asyncio
 import base64
 import hashlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from imagecache.errors import ConfigurationError, UpstreamError, UpstreamNotFound
 from imagecache.settings import Settings
 from imagecache.upstreams import create_upstream
 from imagecache.upstreams.http import HttpUpstream, _digest_from, _md5_from
+from imagecache.upstreams.http_source import open_get
 from peers.origin import Fault, Origin
 
 DATA = bytes(range(256)) * 1000  # 256000 bytes, several origin chunks
@@ -188,3 +191,94 @@ async def test_origin_gate_holds_the_body_until_set(
         received.extend(chunk)
     assert bytes(received) == DATA
     assert http_origin.body_reads("img") == 1
+
+
+# --- open_source (http_source): the fill pump's blocking reads -----------------------------
+
+
+async def test_open_source_returns_what_has_arrived_without_waiting_for_a_full_buffer(
+    http_origin: Origin, upstream: HttpUpstream
+) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB
+    http_origin.add("img", data)
+    gate = http_origin.gate("img", after=100_000)
+    source = await upstream.open_source("img")
+    view = memoryview(bytearray(1024 * 1024))
+    try:
+        # Followers must see a slow origin's bytes as they come, not per full buffer.
+        first = await asyncio.wait_for(asyncio.to_thread(source.readinto, view), timeout=10)
+        assert 0 < first <= 100_000
+        received = bytearray(view[:first])
+        gate.set()
+        while count := await asyncio.to_thread(source.readinto, view):
+            received += view[:count]
+        assert bytes(received) == data
+    finally:
+        gate.set()
+        source.close()
+
+
+async def test_open_source_short_body_is_an_error(
+    http_origin: Origin, upstream: HttpUpstream
+) -> None:
+    http_origin.add("img", DATA)
+    http_origin.fail("img", Fault.SHORT, after=70_000)
+    source = await upstream.open_source("img")
+    view = memoryview(bytearray(64 * 1024))
+
+    def drain() -> None:
+        while source.readinto(view):
+            pass
+
+    try:
+        with pytest.raises(UpstreamError, match="body failed after 70000 bytes"):
+            await asyncio.to_thread(drain)
+    finally:
+        source.close()
+
+
+async def test_redirects_are_followed_and_identity_stays_with_its_origin(
+    aiohttp_server: Any, http_origin: Origin
+) -> None:
+    http_origin.add("img", DATA)
+    seen: list[dict[str, str]] = []
+
+    async def same_origin(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        raise web.HTTPFound(f"/elsewhere/{request.match_info['name']}")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        raise web.HTTPTemporaryRedirect(http_origin.template.replace("{image_id}", "img"))
+
+    app = web.Application()
+    app.router.add_get("/start/{name}", same_origin)
+    app.router.add_get("/elsewhere/{name}", elsewhere)
+    server = await aiohttp_server(app)
+    headers = {"X-Auth-Token": "secret-token", "Accept-Encoding": "identity"}
+    url = str(server.make_url("/start/img"))
+    source = await asyncio.to_thread(open_get, url, headers, 5.0, "img")
+    view = memoryview(bytearray(1024 * 1024))
+    received = bytearray()
+    try:
+        while count := await asyncio.to_thread(source.readinto, view):
+            received += view[:count]
+    finally:
+        source.close()
+    assert bytes(received) == DATA
+    # The token went to both hops of the configured origin, never to the other one.
+    assert [hop.get("X-Auth-Token") for hop in seen] == ["secret-token", "secret-token"]
+    method, _, final = http_origin.requests[-1]
+    assert method == "GET"
+    assert "X-Auth-Token" not in final
+
+
+async def test_a_redirect_loop_is_an_upstream_error(aiohttp_server: Any) -> None:
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/again")
+
+    app = web.Application()
+    app.router.add_get("/again", loop)
+    server = await aiohttp_server(app)
+    with pytest.raises(UpstreamError, match="redirects"):
+        await asyncio.to_thread(open_get, str(server.make_url("/again")), {}, 5.0, "img")

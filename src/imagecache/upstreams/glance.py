@@ -9,6 +9,8 @@ headers (``Caller.headers``: ``X-Auth-Token`` or the trusted ``X-Roles`` /
   ``UpstreamNotActive``.
 - ``stream``: ``GET /v2/images/{id}/file`` (with ``Range`` for a part). Glance
   answers 204 for an image without data: ``UpstreamNotActive``.
+  ``open_source`` is the same GET for a whole image, read with blocking calls
+  by the fill pump (``http_source`` says why).
 - ``check_access``: ``GET /v2/images/{id}/file`` with ``Range: bytes=0-0``.
   Glance enforces ``download_image`` (and refuses deactivated images to
   non-admins) only on the file route; the metadata GET checks the weaker
@@ -47,7 +49,7 @@ import aiohttp
 from imagecache.errors import ConfigurationError, UpstreamError, UpstreamNotActive
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
-from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
 from imagecache.upstreams.http import HttpClient, raise_for_status, range_header, read_body
 
 Body = bytes | AsyncIterable[bytes] | None
@@ -115,6 +117,14 @@ class GlanceUpstream(Upstream):
                 raise UpstreamNotActive(image_id, "without data")
             async for chunk in read_body(response, image_id, start, end, bool(ranged)):
                 yield chunk
+
+    async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
+        headers = {**caller.headers, "Accept-Encoding": "identity"}
+        source = await self._client.open_get(self._image_url(image_id, "/file"), headers, image_id)
+        if source.status == 204:
+            source.close()
+            raise UpstreamNotActive(image_id, "without data")
+        return source
 
     async def check_access(self, image_id: str, caller: Caller) -> None:
         # See the module docstring for why the file route and not the metadata.

@@ -28,15 +28,11 @@ from urllib.parse import quote
 
 import aiohttp
 
-from imagecache.errors import (
-    ConfigurationError,
-    UpstreamError,
-    UpstreamForbidden,
-    UpstreamNotFound,
-)
+from imagecache.errors import ConfigurationError, UpstreamError
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
-from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
+from imagecache.upstreams.http_source import HttpSource, check_status, open_get
 
 # Hex digest length per algorithm, to reject garbage before it becomes a promise.
 _HEX_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
@@ -58,6 +54,15 @@ class HttpClient:
     def __init__(self, settings: Settings) -> None:
         self._timeout = settings.upstream_timeout
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def timeout(self) -> float:
+        """The upstream timeout: for connecting and for each read."""
+        return self._timeout
+
+    async def open_get(self, url: str, headers: Mapping[str, str], image_id: str) -> HttpSource:
+        """A whole body for the fill pump (``http_source``), the GET sent off the loop."""
+        return await asyncio.to_thread(open_get, url, headers, self._timeout, image_id)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -86,14 +91,7 @@ class HttpClient:
 
 def raise_for_status(response: aiohttp.ClientResponse, image_id: str, what: str) -> None:
     """Translate an origin's error status into our exception tree."""
-    status = response.status
-    if status < 400:
-        return
-    if status == 404:
-        raise UpstreamNotFound(image_id)
-    if status in (401, 403):
-        raise UpstreamForbidden(image_id, status)
-    raise UpstreamError(f"{what} for image {image_id!r} failed upstream: HTTP {status}")
+    check_status(response.status, image_id, what)
 
 
 def range_header(start: int, end: int | None) -> dict[str, str]:
@@ -209,6 +207,10 @@ class HttpUpstream(Upstream):
             raise_for_status(response, image_id, "GET")
             async for chunk in read_body(response, image_id, start, end, bool(headers)):
                 yield chunk
+
+    async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
+        headers = {"Accept-Encoding": "identity"}
+        return await self._client.open_get(self.url(image_id), headers, image_id)
 
     async def close(self) -> None:
         await self._client.close()

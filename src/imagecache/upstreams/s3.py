@@ -31,7 +31,7 @@ from imagecache.errors import (
 )
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
-from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
 
 CHUNK_SIZE = 1024 * 1024
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
@@ -159,6 +159,16 @@ class S3Upstream(Upstream):
         finally:
             body.close()
 
+    async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
+        """The whole object, read by the fill pump in its thread (boto3 blocks anyway)."""
+        client = await self._s3()
+        request = {"Bucket": self.bucket, "Key": self.key(image_id)}
+        try:
+            answer = await asyncio.to_thread(lambda: client.get_object(**request))
+        except self._failures as exc:
+            raise self._translate(image_id, exc) from exc
+        return _BodySource(image_id, answer["Body"], self._failures)
+
     def _translate(self, image_id: str, exc: BaseException) -> UpstreamError:
         if isinstance(exc, self._client_error):
             code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -172,6 +182,32 @@ class S3Upstream(Upstream):
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
             self._client = None
+
+
+class _BodySource:
+    """A boto3 ``StreamingBody`` as a ``BlockingSource``."""
+
+    def __init__(self, image_id: str, body: Any, failures: tuple[type[BaseException], ...]) -> None:
+        self.image_id = image_id
+        self.body = body
+        self.failures = failures
+        self.received = 0
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        try:
+            # StreamingBody.read checks Content-Length at the end (IncompleteReadError).
+            data = self.body.read(len(buffer))
+        except self.failures as exc:
+            raise UpstreamError(
+                f"image {self.image_id!r}: S3 body failed after {self.received} bytes: {exc!r}"
+            ) from exc
+        count = len(data)
+        buffer[:count] = data
+        self.received += count
+        return count
+
+    def close(self) -> None:
+        self.body.close()
 
 
 def _md5_of(head: dict[str, Any], metadata: dict[str, str]) -> str | None:
