@@ -175,6 +175,14 @@ async def test_a_follower_takes_over_when_the_writer_process_dies(
     assert (cache_dir / "img").read_bytes() == DATA
 
 
+async def response_started(response: aiohttp.ClientResponse) -> bytes:
+    """The first bytes of a body (the fill is under way)."""
+    assert response.status == 200
+    first = await response.content.readany()
+    assert first
+    return first
+
+
 def _kind(client: TestClient[Any, Any], image_id: str) -> FlightKind | None:
     flight = client.app[STATE].fills.current(image_id)
     return flight.kind if flight is not None else None
@@ -265,3 +273,39 @@ async def test_a_fill_that_fails_verification_aborts_its_sendfile_readers(
 async def _read_into(got: bytearray, response: aiohttp.ClientResponse) -> None:
     while chunk := await response.content.readany():
         got += chunk
+
+
+async def test_a_range_during_a_fill_is_served_from_the_growing_file(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    """Ranges inside or just ahead of a fill in progress cost no second origin read."""
+    http_origin.add("img", DATA)
+    half = SIZE // 2
+    gate = http_origin.gate("img", after=half)
+    client = await make_client()
+    whole = await client.get("/v2/images/img/file")
+    first = await response_started(whole)
+    flight = client.app[STATE].fills.current("img")
+    assert flight is not None
+    await until(lambda: flight.available >= half)
+
+    async def ranged(first: int, last: int) -> tuple[int, str, bytes]:
+        headers = {"Range": f"bytes={first}-{last}"}
+        async with client.get("/v2/images/img/file", headers=headers) as response:
+            return response.status, response.headers["Content-Range"], await response.read()
+
+    # Already on disk: answered at once, from the file.
+    assert await ranged(100, 199) == (206, f"bytes 100-199/{SIZE}", DATA[100:200])
+    # Straddling what has landed: waits for the fill, then gets the right bytes.
+    straddling = asyncio.create_task(ranged(half - 10, half + 9))
+    await until(lambda: flight.readers >= 2)
+    assert not straddling.done()
+    gate.set()
+    assert await straddling == (
+        206,
+        f"bytes {half - 10}-{half + 9}/{SIZE}",
+        DATA[half - 10 : half + 10],
+    )
+    assert first + await whole.read() == DATA
+    whole.release()
+    assert http_origin.body_reads("img") == 1

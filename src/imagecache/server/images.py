@@ -31,6 +31,10 @@ from imagecache.upstreams.base import Caller
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+# A range starting at most this far past what a fill in progress has written
+# waits for the fill (about 50 ms at the fill rates in docs/benchmarks.md)
+# rather than reading the origin a second time.
+RANGE_FOLLOW_AHEAD = 32 * 1024 * 1024
 # A request whose fill ended uncommitted before it sent a byte starts over this many times.
 ATTEMPTS = 3
 
@@ -249,6 +253,11 @@ async def _serve_miss(
         return web.Response(status=304, headers={hdrs.ETAG: etag} if etag else None)
     wanted = _wanted_range(request, info.size, etag)
     if wanted is not None:
+        flight = state.fills.current(image_id)
+        if flight is not None and request.method == "GET":
+            followed = await _follow_range(request, state, flight, etag, wanted)
+            if followed is not None:
+                return followed
         # A part of an image is not worth a fill (and could not be verified).
         return await _stream_through(request, state, info, caller, wanted, "range")
     if request.method == "HEAD":
@@ -319,6 +328,56 @@ async def _follow(
             if not response.prepared:
                 raise
             abort(request, flight.image_id, str(exc))
+    return response
+
+
+async def _follow_range(
+    request: web.Request, state: ServiceState, flight: Flight, etag: str | None, wanted: ByteRange
+) -> web.StreamResponse | None:
+    """A range served from a fill in progress in this process; None to ask the origin instead.
+
+    Followed when the range starts at most ``RANGE_FOLLOW_AHEAD`` bytes past
+    what the fill has written: waiting for the fill to get there is cheaper
+    than a second upstream read. Bytes of a range are never verifiable on their
+    own (nor are the origin's); a range that ends with the image's last byte
+    waits, as a whole download does, until the fill is verified.
+    """
+    await flight.decided.wait()
+    if (
+        flight.kind not in (FlightKind.LOCAL, FlightKind.REMOTE)
+        or flight.done
+        or flight.size is None
+        or wanted.start > flight.available + RANGE_FOLLOW_AHEAD
+    ):
+        return None
+    info = flight.info
+    response = web.StreamResponse(
+        status=206, headers=_headers(info.checksum if info else None, etag)
+    )
+    response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
+    response.content_length = wanted.length
+    state.metrics.followers.inc()
+    async with flight.reading():
+        fd = flight.fd
+        assert fd is not None, "a decided flight with readers keeps its file open"
+        with open(fd, "rb", buffering=0, closefd=False) as handle:  # noqa: ASYNC230
+            try:
+                async for offset, count in flight.spans(wanted.start):
+                    count = min(count, wanted.end - offset)
+                    if not response.prepared:
+                        await response.prepare(request)
+                    await _send_span(request, response, state, handle, offset, count)
+                    if offset + count >= wanted.end:
+                        break
+            except (WriterGone, ImageCacheError) as exc:
+                if not response.prepared:
+                    return None  # the fill ended without a file: ask the origin
+                abort(request, flight.image_id, str(exc))
+                return response
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
+    state.metrics.bytes_from_cache.inc(wanted.length)
     return response
 
 
