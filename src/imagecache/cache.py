@@ -150,6 +150,7 @@ class FillWriter:
         self._hasher: _Hasher | None = None
         # Buffers of write_from(), returned by the hash thread once hashed.
         self._free: queue.SimpleQueue[bytearray] | None = None
+        self._buffers = 0
         self._verified_hash: str | None = None
         self.committed = False
 
@@ -205,10 +206,21 @@ class FillWriter:
         """
         if self._free is None:
             self._free = queue.SimpleQueue()
-            for _ in range(HASH_BACKLOG + 1):
-                self._free.put(bytearray(CHUNK_SIZE))
         free = self._free
-        buffer = free.get()
+        try:
+            buffer = free.get_nowait()
+        except queue.Empty:
+            # Made only as the backlog needs them (a small image, or a hash
+            # thread that keeps up, needs one or two): many fills at once
+            # must not cost nine buffers each.
+            if self._buffers < HASH_BACKLOG + 1:
+                self._buffers += 1
+                size = CHUNK_SIZE
+                if self.expected_size is not None:
+                    size = max(1, min(size, self.expected_size - self.received + 1))
+                buffer = bytearray(size)
+            else:
+                buffer = free.get()
         try:
             count = readinto(memoryview(buffer))
         except BaseException:
