@@ -1,12 +1,22 @@
-"""Helpers for the service tests: an app over a directory upstream, and image data."""
+"""Helpers for the service tests: apps over a directory upstream, image data, serve processes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -51,3 +61,111 @@ async def settled(client: TestClient[Any, Any]) -> None:
     expects a hit) right after a download waits here first.
     """
     await client.app[STATE].fills.settled()
+
+
+async def poll(condition: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
+    """Wait until ``condition()`` holds; fail naming ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
+_SERVING = re.compile(r"serving on (http://[0-9.]+:\d+)")
+
+
+@dataclass
+class ServeProcess:
+    """A running ``imagecache serve``; its stdout and stderr go to ``log_path``."""
+
+    process: asyncio.subprocess.Process
+    cache_dir: Path
+    log_path: Path
+    url: str = ""
+
+    def log(self) -> str:
+        # A file rather than a pipe: what the server logged before it answered a
+        # request is readable as soon as the answer is, with no reader task to race.
+        return self.log_path.read_text(errors="replace")
+
+    async def stop(self, grace: float = 60.0) -> int:
+        """SIGTERM and wait; its exit code (negative if it had to be killed after ``grace`` s)."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
+                self.process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.process.wait(), grace)
+        except TimeoutError:
+            self.process.kill()
+            return await self.process.wait()
+
+
+async def start_serve(
+    cache_dir: Path,
+    upstream: str,
+    *,
+    workers: int = 1,
+    port: int = 0,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+) -> ServeProcess:
+    """``imagecache serve`` on ``port`` (0: a free one); returns once it answers its health check.
+
+    ``env`` is added to this process's environment, ``args`` to the command line.
+    The log file sits beside ``cache_dir``, one per process (two may share a cache).
+    """
+    log_fd, log_name = tempfile.mkstemp(
+        prefix=f"{cache_dir.name}-serve-", suffix=".log", dir=cache_dir.parent
+    )
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "from imagecache.cli import main; main()",
+            "serve",
+            "--port",
+            str(port),
+            "--cache-dir",
+            str(cache_dir),
+            "--upstream",
+            upstream,
+            "--workers",
+            str(workers),
+            *args,
+            stdout=log_fd,
+            stderr=log_fd,
+            env={**os.environ, "IMAGECACHE_LOG_LEVEL": "INFO", **(env or {})},
+        )
+    finally:
+        os.close(log_fd)  # the child holds its own copy
+    server = ServeProcess(process, cache_dir, Path(log_name))
+    try:
+        await _wait_until_serving(server)
+    except BaseException:
+        await server.stop(grace=10)  # a failed start leaves no process behind
+        raise
+    return server
+
+
+async def _wait_until_serving(server: ServeProcess) -> None:
+    def running() -> None:
+        assert server.process.returncode is None, "serve exited:\n" + server.log()
+
+    async def announced() -> bool:
+        running()
+        match = _SERVING.search(server.log())
+        if match:
+            server.url = match.group(1)
+        return match is not None
+
+    await poll(announced, "serve says where it listens", within=30)
+    async with aiohttp.ClientSession() as session:
+
+        async def healthy() -> bool:
+            running()
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(server.url + "/healthcheck") as response:
+                    return response.status == 200
+            return False
+
+        await poll(healthy, f"{server.url} answers its health check", within=30)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,32 +12,29 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imagecache.cli import main
-from server_helpers import image_bytes, put_image
-from test_server_processes import Server, start_server
+from server_helpers import ServeProcess, image_bytes, put_image, start_serve
 
 TOKEN = "remote-admin-token"
 GOOD = {f"img-{n}": image_bytes(200_000 + n, seed=n) for n in range(3)}
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[tuple[Server, Path, Path]]:
+async def service(tmp_path: Path) -> AsyncIterator[tuple[ServeProcess, Path, Path]]:
     origin, cache_dir = tmp_path / "origin", tmp_path / "cache"
     for image_id, data in GOOD.items():
         put_image(origin, image_id, data)
     # A corrupt origin copy: its sidecar promises other bytes.
     put_image(origin, "corrupt", b"the real bytes" * 1000)
     (origin / "corrupt.sha256").write_text("0" * 64 + "\n")
-    server = await start_server(
+    server = await start_serve(
         cache_dir,
         f"directory:{origin}",
-        IMAGECACHE_ADMIN_TOKEN=TOKEN,
-        IMAGECACHE_QUEUE_INTERVAL="0",
+        env={"IMAGECACHE_ADMIN_TOKEN": TOKEN, "IMAGECACHE_QUEUE_INTERVAL": "0"},
     )
     try:
         yield server, cache_dir, origin
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            await server.stop()
+        await server.stop()
 
 
 async def cli(url: str, *args: str, token: str = TOKEN, stdin: str | None = None) -> Result:
@@ -60,7 +56,7 @@ def _flip_bytes(path: Path) -> None:
 
 
 async def test_every_verb_against_a_running_service(
-    service: tuple[Server, Path, Path],
+    service: tuple[ServeProcess, Path, Path],
 ) -> None:
     server, cache_dir, _origin = service
     url = server.url
@@ -121,7 +117,7 @@ async def test_every_verb_against_a_running_service(
     assert await as_json(url, "list-cached") == []
 
 
-async def test_remote_errors_are_one_line(service: tuple[Server, Path, Path]) -> None:
+async def test_remote_errors_are_one_line(service: tuple[ServeProcess, Path, Path]) -> None:
     server, _cache_dir, origin = service
     url = server.url
     cases = {

@@ -11,14 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +24,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from imagecache.cli import main
-from server_helpers import image_bytes
+from server_helpers import ServeProcess, image_bytes, poll, start_serve
 
 SIZE = 4 * 1024 * 1024 + 321
 DATA = image_bytes(SIZE, seed=11)
@@ -37,15 +33,8 @@ TOKEN = "cluster-secret-for-tests"
 DEADLINE = 20.0
 
 
-@dataclass
-class Node:
-    url: str
-    cache_dir: Path
-    process: asyncio.subprocess.Process
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+# A node is one serve process over its own cache directory.
+Node = ServeProcess
 
 
 def free_port() -> int:
@@ -57,79 +46,34 @@ def free_port() -> int:
         return port
 
 
-async def poll(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 async def cluster(
     fresh_postgres_url: str, http_origin: Any, tmp_path: Path
 ) -> AsyncIterator[Callable[[str], Awaitable[Node]]]:
     """Start nodes by name over the shared database and the origin; stop them afterwards."""
     nodes: list[Node] = []
-    session = aiohttp.ClientSession()
 
     async def start(name: str) -> Node:
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
         cache_dir = tmp_path / name
         cache_dir.mkdir()
-        log_path = tmp_path / f"{name}.log"
-        env = {
-            **os.environ,
-            "IMAGECACHE_LOG_LEVEL": "INFO",
+        cluster_env = {
             "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
             "IMAGECACHE_DATABASE_URL": fresh_postgres_url,
-            "IMAGECACHE_WORKER_SELF_REFERENCE_URL": url,
+            "IMAGECACHE_WORKER_SELF_REFERENCE_URL": f"http://127.0.0.1:{port}",
             "IMAGECACHE_CLUSTER_TOKEN": TOKEN,
             "IMAGECACHE_NODE_HEARTBEAT_INTERVAL": "0.2",
             "IMAGECACHE_NODE_DEAD_AFTER": "5",
         }
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                "from imagecache.cli import main; main()",
-                "serve",
-                "--port",
-                str(port),
-                "--cache-dir",
-                str(cache_dir),
-                "--upstream",
-                "http:" + http_origin.template,
-                stdout=log_fd,
-                stderr=log_fd,
-                env=env,
-            )
-        finally:
-            os.close(log_fd)  # the child holds its own copy
-        node = Node(url, cache_dir, process, log_path)
+        node = await start_serve(
+            cache_dir, "http:" + http_origin.template, port=port, env=cluster_env
+        )
         nodes.append(node)
-
-        async def healthy() -> bool:
-            assert process.returncode is None, f"{name} exited:\n{node.log()}"
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(url + "/healthcheck") as response:
-                    return response.status == 200
-            return False
-
-        await poll(healthy, f"{name} answers its health check")
         return node
 
     yield start
-    await session.close()
     for node in nodes:
-        if node.process.returncode is None:
-            node.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(node.process.wait(), timeout=40)
-            except TimeoutError:
-                node.process.kill()
-                await node.process.wait()
+        await node.stop(grace=40)
 
 
 async def download(session: aiohttp.ClientSession, node: Node, image_id: str) -> bytes:
@@ -194,7 +138,7 @@ async def test_siblings_fill_from_each_other_and_deletion_reaches_every_node(
         async def gone_everywhere() -> bool:
             return not any((node.cache_dir / "img").exists() for node in everyone)
 
-        await poll(gone_everywhere, "every node dropped its copy")
+        await poll(gone_everywhere, "every node dropped its copy", within=DEADLINE)
         for node in everyone:
             assert await holders(session, node, "img") == []
 
@@ -313,7 +257,7 @@ async def test_queueing_on_named_nodes_fills_those_nodes_only(
         async def both_cached() -> bool:
             return await holders(session, three, "img") == sorted([one.url, two.url])
 
-        await poll(both_cached, "nodes one and two hold the image")
+        await poll(both_cached, "nodes one and two hold the image", within=DEADLINE)
         assert (one.cache_dir / "img").read_bytes() == DATA
         assert (two.cache_dir / "img").read_bytes() == DATA
         assert not (three.cache_dir / "img").exists()
@@ -335,7 +279,7 @@ async def test_queueing_on_named_nodes_fills_those_nodes_only(
             return values == [3, 3, 3]
 
         everyone = (one, two, three)
-        await poll(three_live, "every node counts three live nodes")
+        await poll(three_live, "every node counts three live nodes", within=DEADLINE)
 
     again = await asyncio.to_thread(
         CliRunner().invoke, main, ["queue-image", "img", "--nodes", f"{one.url},{three.url}"]

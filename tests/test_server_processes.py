@@ -8,15 +8,10 @@ test opens. It runs in the test's loop, the servers in their own processes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import os
-import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,90 +19,24 @@ import aiohttp
 import pytest
 from prometheus_client.utils import floatToGoString
 
-from server_helpers import image_bytes, listdir
+from server_helpers import ServeProcess, image_bytes, listdir, start_serve
 
 SIZE = 4 * 1024 * 1024 + 123
 DATA = image_bytes(SIZE, seed=7)
 HALF = SIZE // 2
 CLIENTS = 32
-_SERVING = re.compile(r"serving on (http://[0-9.]+:\d+)")
-
-
-@dataclass
-class Server:
-    process: asyncio.subprocess.Process
-    url: str = ""
-    log: list[str] = field(default_factory=list)
-    drain: asyncio.Task[None] | None = None
-
-    async def stop(self) -> int:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.process.wait(), timeout=60)
-        if self.drain is not None:
-            await self.drain
-        return code
-
-
-async def start_server(cache_dir: Path, upstream: str, workers: int = 1, **env: str) -> Server:
-    """``imagecache serve`` on a free port; returns once it has said where it listens."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "from imagecache.cli import main; main()",
-        "serve",
-        "--port",
-        "0",
-        "--cache-dir",
-        str(cache_dir),
-        "--upstream",
-        upstream,
-        "--workers",
-        str(workers),
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "IMAGECACHE_LOG_LEVEL": "INFO", **env},
-    )
-    server = Server(process)
-    assert process.stderr is not None
-    found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def drain() -> None:
-        # Read stderr to the end, so a chatty server never blocks on a full pipe.
-        assert process.stderr is not None
-        async for raw in process.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            server.log.append(line)
-            match = _SERVING.search(line)
-            if match and not found.done():
-                found.set_result(match.group(1))
-        if not found.done():
-            found.set_exception(AssertionError("server exited:\n" + "\n".join(server.log)))
-
-    server.drain = asyncio.create_task(drain())
-    server.url = await asyncio.wait_for(found, timeout=30)
-    async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(server.url + "/healthcheck") as response:
-                    if response.status == 200:
-                        break
-            assert time.monotonic() < deadline, "server never became healthy"
-            await asyncio.sleep(0.05)
-    return server
 
 
 @pytest.fixture
-async def servers() -> AsyncIterator[list[Server]]:
-    started: list[Server] = []
+async def servers() -> AsyncIterator[list[ServeProcess]]:
+    started: list[ServeProcess] = []
     yield started
     for server in started:
-        with contextlib.suppress(ProcessLookupError):
-            await server.stop()
+        await server.stop()
 
 
 async def test_32_cold_downloads_across_processes_read_the_origin_once(
-    http_origin: Any, tmp_path: Path, servers: list[Server]
+    http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
 ) -> None:
     """THE single-flight test: one body read upstream, 32 identical bodies, followers early."""
     cache_dir = tmp_path / "cache"
@@ -118,8 +47,8 @@ async def test_32_cold_downloads_across_processes_read_the_origin_once(
     upstream = "http:" + http_origin.template
     # Two server processes on one cache directory, 16 clients each, so the
     # single flight must hold across processes, not only across coroutines.
-    servers.append(await start_server(cache_dir, upstream))
-    servers.append(await start_server(cache_dir, upstream))
+    servers.append(await start_serve(cache_dir, upstream))
+    servers.append(await start_serve(cache_dir, upstream))
 
     first_bytes = 0
     all_started = asyncio.Event()
@@ -155,12 +84,12 @@ async def test_32_cold_downloads_across_processes_read_the_origin_once(
 
 
 async def test_serve_with_two_workers_shares_one_port_and_stops_on_sigterm(
-    http_origin: Any, tmp_path: Path, servers: list[Server]
+    http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
 ) -> None:
     cache_dir = tmp_path / "cache"
     for n in range(4):
         http_origin.add(f"img-{n}", image_bytes(300_000 + n, seed=n))
-    server = await start_server(cache_dir, "http:" + http_origin.template, workers=2)
+    server = await start_serve(cache_dir, "http:" + http_origin.template, workers=2)
     servers.append(server)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -195,20 +124,20 @@ async def test_serve_with_two_workers_shares_one_port_and_stops_on_sigterm(
     assert all(http_origin.body_reads(f"img-{n}") == 1 for n in range(4))
     assert await server.stop() == 0
     # Both workers were up and each stopped gracefully on the forwarded SIGTERM.
-    stopping = [line for line in server.log if "stopping" in line]
-    assert len(stopping) == 2, server.log
+    stopping = [line for line in server.log().splitlines() if "stopping" in line]
+    assert len(stopping) == 2, server.log()
 
 
 async def test_sigterm_mid_fill_rolls_back_cleanly(
-    http_origin: Any, tmp_path: Path, servers: list[Server]
+    http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
 ) -> None:
     """A fill that cannot finish within the grace period goes to invalid/, never half-committed."""
     cache_dir = tmp_path / "cache"
     http_origin.add("slow", DATA)
     http_origin.gate("slow", after=HALF)  # never opened: the fill hangs at half
     # The grace period for fills on shutdown is the upstream timeout; keep it short here.
-    server = await start_server(
-        cache_dir, "http:" + http_origin.template, IMAGECACHE_UPSTREAM_TIMEOUT="1"
+    server = await start_serve(
+        cache_dir, "http:" + http_origin.template, env={"IMAGECACHE_UPSTREAM_TIMEOUT": "1"}
     )
     servers.append(server)
     async with (
