@@ -147,6 +147,39 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert both.exit_code == 2
 
 
+def test_queue_on_node_urls_refuses_a_cache_named_as_well(filled: Path, tmp_path: Path) -> None:
+    """The URLs are the nodes asked: a cache named too would be ignored, so it is refused."""
+    config = tmp_path / "imagecache.toml"
+    config.write_text(f'image_cache_dir = "{filled}"\n')
+    nodes = ["queue-image", "img", "--nodes", "http://127.0.0.1:9"]
+    for given, named in (
+        (["--url", "http://127.0.0.1:9"], "--url"),
+        (["--config", str(config)], "--config"),
+        (["--cache-dir", str(filled)], "--cache-dir"),
+    ):
+        result = CliRunner().invoke(main, [*given, *nodes])
+        assert result.exit_code == 2, result.output
+        assert f"--nodes URL,... and {named} cannot be used together" in result.output
+        assert "--nodes all" in result.output
+    # A service URL from the environment was not asked for here: the named nodes are.
+    ambient = CliRunner(env={"IMAGECACHE_URL": "http://127.0.0.1:9"}).invoke(
+        main, ["--json", *nodes[:-1], "http://127.0.0.1:1"]
+    )
+    assert ambient.exit_code == 1, ambient.output
+    assert list(json.loads(ambient.output)["nodes"]) == ["http://127.0.0.1:1"]
+
+    mixed = run(filled, "queue-image", "img", "--nodes", "all,http://127.0.0.1:9")
+    assert mixed.exit_code == 2
+    assert "either 'all' or node URLs" in mixed.output
+
+
+def test_queue_on_all_nodes_needs_cluster_mode(filled: Path) -> None:
+    result = run(filled, "queue-image", "img", "--nodes", "all")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: queue-image --nodes all needs cluster mode")
+    assert result.output.count("\n") == 1
+
+
 def test_a_local_cache_beats_a_service_url_from_the_environment(filled: Path) -> None:
     result = CliRunner(env={"IMAGECACHE_URL": "http://127.0.0.1:9"}).invoke(
         main, ["--cache-dir", str(filled), "--json", "stats"]

@@ -128,6 +128,10 @@ async def test_remote_errors_are_one_line(service: tuple[ServeProcess, Path, Pat
         ("queue-image", "unknown"): "Error: image 'unknown' not found upstream",
         ("queue-image", "..bad"): "Error: PUT /v2/cache/..bad failed (HTTP 400): invalid image id",
         ("import-glance-cache", str(origin)): "Error: import-glance-cache adopts files",
+        ("queue-image", "img-0", "--nodes", "all"): (
+            "Error: GET /v2/cache?all_nodes=true failed (HTTP 409): "
+            "centralized caching is not enabled"
+        ),
     }
     for args, expected in cases.items():
         result = await cli(url, *args)

@@ -287,3 +287,47 @@ async def test_queueing_on_named_nodes_fills_those_nodes_only(
     assert again.exit_code == 0, again.output
     assert f"{one.url}  already_cached" in again.output
     assert f"{three.url}  queued" in again.output
+
+
+async def test_queueing_on_all_nodes_asks_every_live_node(
+    cluster: Callable[[str], Awaitable[Node]],
+    http_origin: Any,
+    fresh_postgres_url: str,
+    tmp_path: Path,
+) -> None:
+    """``queue-image --nodes all``: the live nodes from the database, or through a node's API."""
+    http_origin.add("img", DATA)
+    one, two, three = [await cluster(name) for name in ("one", "two", "three")]
+    assert await three.stop() == 0  # stopped gracefully: no longer live
+    # Node one's own settings, as an operator on its host has them.
+    config = tmp_path / "one.toml"
+    config.write_text(
+        f'image_cache_dir = "{one.cache_dir}"\n'
+        'image_cache_driver = "central"\n'
+        f'database_url = "{fresh_postgres_url}"\n'
+        f'worker_self_reference_url = "{one.url}"\n'
+    )
+    argv = ["--config", str(config), "--json", "queue-image", "img", "--nodes", "all"]
+    result = await asyncio.to_thread(CliRunner().invoke, main, argv)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)["nodes"]
+    assert {url: node["result"] for url, node in answer.items()} == {
+        one.url: "queued",
+        two.url: "queued",
+    }
+
+    async with aiohttp.ClientSession() as session:
+
+        async def both_cached() -> bool:
+            return await holders(session, one, "img") == sorted([one.url, two.url])
+
+        await poll(both_cached, "nodes one and two hold the image", within=DEADLINE)
+    assert not (three.cache_dir / "img").exists()
+
+    remote = await asyncio.to_thread(
+        CliRunner().invoke, main, ["--url", two.url, "queue-image", "img", "--nodes", "all"]
+    )
+    assert remote.exit_code == 0, remote.output
+    assert f"{one.url}  already_cached" in remote.output
+    assert f"{two.url}  already_cached" in remote.output
+    assert three.url not in remote.output

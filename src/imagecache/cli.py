@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from imagecache.errors import ImageCacheError
+from imagecache.errors import ImageCacheError, NotInClusterMode
 from imagecache.manage import CacheManager, Progress
 
 _ENV_URL = "IMAGECACHE_URL"
@@ -325,7 +325,8 @@ def list_queued(ctx: click.Context) -> None:
 @click.argument("image_id")
 @click.option(
     "--nodes",
-    help="Comma-separated node URLs: queue the image on each of them (uses --token).",
+    help="Comma-separated node URLs, or 'all' for every live node of the cluster: "
+    "queue the image on each of them (uses --token).",
 )
 @click.option(
     "--concurrency",
@@ -355,10 +356,16 @@ def _queue_on_nodes(ctx: click.Context, image_id: str, nodes: str, concurrency: 
     from imagecache.client import queue_on_nodes
 
     urls = [url.strip() for url in nodes.split(",") if url.strip()]
-    if not urls:
-        raise click.UsageError("--nodes needs at least one node URL")
-    if len(set(urls)) != len(urls):
-        raise click.UsageError("--nodes names a node twice")
+    if _ALL_NODES in urls and len(urls) > 1:
+        raise click.UsageError("--nodes takes either 'all' or node URLs, not both")
+    if urls == [_ALL_NODES]:
+        urls = _live_nodes(ctx)
+    else:
+        if not urls:
+            raise click.UsageError("--nodes needs at least one node URL")
+        if len(set(urls)) != len(urls):
+            raise click.UsageError("--nodes names a node twice")
+        _refuse_unused_cache(ctx)
     with _library_logging(_options(ctx).debug):
         results = queue_on_nodes(image_id, urls, _options(ctx).token, concurrency)
     rows = [[r.url, str(r.as_dict()["result"]), r.error or ""] for r in results]
@@ -369,6 +376,59 @@ def _queue_on_nodes(ctx: click.Context, image_id: str, nodes: str, concurrency: 
     )
     if not all(r.ok for r in results):
         ctx.exit(1)
+
+
+_ALL_NODES = "all"
+
+
+def _refuse_unused_cache(ctx: click.Context) -> None:
+    """``--nodes URL,...`` with ``--url``, ``--config`` or ``--cache-dir``: a usage error.
+
+    The URLs are the nodes asked, so a cache named as well would go unused.
+    ``--config`` could be read for an admin token, but ``admin_token`` is each
+    node's own setting (only ``cluster_token`` is shared) and every remote call
+    takes ``--token``, so it is refused like the others: an operator who meant
+    "the nodes of this cluster" is pointed at ``--nodes all``. A ``--url`` from
+    the environment was not asked for on this command line: ignored, as
+    ``main()`` ignores it when a local cache is named.
+    """
+    options = _options(ctx)
+    url_source = ctx.find_root().get_parameter_source("url")
+    given = [
+        name
+        for name, value in (
+            ("--url", options.url and url_source is not click.core.ParameterSource.ENVIRONMENT),
+            ("--config", options.config),
+            ("--cache-dir", options.cache_dir),
+        )
+        if value
+    ]
+    if given:
+        named = "/".join(given)
+        raise click.UsageError(
+            f"--nodes URL,... and {named} cannot be used together: the image is queued on "
+            f"the URLs given; to queue it on every live node of the cluster behind {named}, "
+            "use --nodes all"
+        )
+
+
+def _live_nodes(ctx: click.Context) -> list[str]:
+    """``--nodes all``: the live nodes, listed as ``list-cached --all-nodes`` lists them.
+
+    That is from the central database of the local config (``--config`` or
+    ``--cache-dir``), or from the service at ``--url``. Opening a node's own
+    cache registers that node, so run with a node's config it is listed live
+    even if its service is down; asking it then reports that it cannot be reached.
+    """
+    try:
+        with _manager(ctx) as manager:
+            listing = manager.list_cluster()
+    except NotInClusterMode as exc:
+        raise NotInClusterMode("queue-image --nodes all") from exc
+    urls = [entry.node.url for entry in listing if entry.node.alive]
+    if not urls:
+        raise click.ClickException("--nodes all: no node of the cluster is alive")
+    return urls
 
 
 @main.command("delete-cached-image")
