@@ -22,6 +22,12 @@ from imagecache.settings import Settings, load_settings
 
 __version__ = "0.1.0"
 
+# The library is the cache facade, its drivers, records, settings and errors
+# (README). Prefetcher (prefetch.py) and Capacity (capacity.py) are not exported:
+# they are the service's and the CLI's machinery, which operators drive through
+# `imagecache prefetch`, queue_interval and image_cache_max_size, and their
+# constructors take the service's hooks (a fill attempt, an executor; one
+# Capacity per process).
 __all__ = [
     "BadDriverConfiguration",
     "CacheStoreError",
