@@ -17,11 +17,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from central_db import central_settings
 from imagecache import BadDriverConfiguration, ImageCache, ImageInfo, create_driver
-from imagecache.drivers.central import CentralDriver, nodes
+from imagecache.drivers.central import CentralDriver, cached_images, nodes
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.settings import Settings, load_settings
 
@@ -113,6 +113,39 @@ def test_the_same_node_restarting_at_once_is_let_in(make_node: NodeFactory) -> N
     restarted = make_node("a")  # same directory, same URL, heartbeat still fresh
     assert restarted.node_id == a.node_id
     assert [i.image_id for i in restarted.get_cached_images()] == ["img"]
+
+
+def test_a_restarting_node_reconciles_its_own_rows_only(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    a, b = make_node("a"), make_node("b")
+    for node in (a, b):
+        put(node, "img")
+        put(node, "resized")
+    a.set_pinned("resized", True)
+    (tmp_path / "a" / "img").unlink()
+    (tmp_path / "a" / "resized").write_bytes(b"longer payload")
+    (tmp_path / "a" / "orphan").write_bytes(b"orphan")
+    now = datetime.now(UTC)
+    with a.engine.begin() as conn:  # a row no request could name
+        conn.execute(
+            insert(cached_images).values(
+                image_id="../evil",
+                node_id=a.node_id,
+                size=1,
+                hits=0,
+                last_accessed=now,
+                last_modified=now,
+                pinned=False,
+            )
+        )
+    restarted = make_node("a")  # configure() reconciles
+    images = {i.image_id: i for i in restarted.get_cached_images()}
+    assert {i: image.size for i, image in images.items()} == {"orphan": 6, "resized": 14}
+    assert images["resized"].pinned
+    assert images["orphan"].hits == 0
+    # b's rows describe b's directory: untouched.
+    assert [(i.image_id, i.size) for i in b.get_cached_images()] == [("img", 7), ("resized", 7)]
 
 
 @pytest.mark.parametrize("missing", ["database_url", "worker_self_reference_url"])

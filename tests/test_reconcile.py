@@ -17,8 +17,7 @@ import pytest
 from driver_kinds import settings_for
 from imagecache import CachedImage, ImageCache
 from imagecache.reconcile import reconcile
-from server_helpers import image_bytes, listdir
-from test_server_processes import start_server
+from server_helpers import image_bytes, listdir, start_serve
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "xattr"])
@@ -81,7 +80,7 @@ async def test_sigkill_mid_fill_then_restart(http_origin: Any, tmp_path: Path) -
     half = 500_000
     gates = {name: http_origin.gate(name, after=half) for name in images}
 
-    server = await start_server(cache_dir, upstream)
+    server = await start_serve(cache_dir, upstream)
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{server.url}/v2/images/done/file") as response:
@@ -106,7 +105,7 @@ async def test_sigkill_mid_fill_then_restart(http_origin: Any, tmp_path: Path) -
 
     for gate in gates.values():
         gate.set()
-    server = await start_server(cache_dir, upstream)
+    server = await start_serve(cache_dir, upstream)
     try:
         async with aiohttp.ClientSession() as session:
             stats_url = f"{server.url}/v2/cache/stats"  # loopback caller: admin

@@ -12,6 +12,7 @@ import pytest
 from imagecache import BadDriverConfiguration, Settings, create_driver
 from imagecache.drivers import sqlite as sqlite_module
 from imagecache.drivers.sqlite import HIT_BATCH, SCHEMA_VERSION, SqliteDriver
+from imagecache.reconcile import reconcile_records
 
 
 @pytest.fixture
@@ -122,13 +123,21 @@ def test_reconcile_adopts_orphans_drops_ghosts_and_fixes_sizes(
 ) -> None:
     cache_one(driver, "kept")
     cache_one(driver, "ghost")
-    cache_one(driver, "resized")
+    with driver.open_for_write("resized") as target:
+        target.write(b"data")
+        target.hash_algo, target.hash_value = "sha256", "ab" * 32
+    driver.record_hit("resized")
+    driver.set_pinned("resized", True)
     (cache_dir / "ghost").unlink()
     (cache_dir / "resized").write_bytes(b"longer data")
     (cache_dir / "orphan").write_bytes(b"orphan")
     with sqlite3.connect(driver.db_path) as conn:
         conn.execute("INSERT INTO cached_images (image_id, size) VALUES ('../evil', 1)")
-    assert driver.reconcile() == (1, 2)
-    sizes = {image.image_id: image.size for image in driver.get_cached_images()}
-    assert sizes == {"kept": 4, "orphan": 6, "resized": 11}
-    assert driver.reconcile() == (0, 0)
+    report = reconcile_records(driver)
+    assert (report.adopted, report.dropped, report.resized) == (1, 2, 1)
+    images = {image.image_id: image for image in driver.get_cached_images()}
+    assert {i: image.size for i, image in images.items()} == {"kept": 4, "orphan": 6, "resized": 11}
+    # Only the size is corrected: hits, pin and hash stay.
+    resized = images["resized"]
+    assert (resized.hits, resized.pinned, resized.hash_value) == (1, True, "ab" * 32)
+    assert not reconcile_records(driver).changed

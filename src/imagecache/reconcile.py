@@ -1,4 +1,4 @@
-"""Start-up reconciliation: make metadata and files agree after a crash, while serving.
+"""Reconciliation: make metadata and files agree after a crash, while serving.
 
 A crash can leave four kinds of disagreement (the commit's crash states are
 drawn in ``drivers/files.py``):
@@ -10,9 +10,12 @@ drawn in ``drivers/files.py``):
 - a row whose size is not the file's            -> the row takes the file's size;
 - a fill in ``incomplete/`` whose writer is dead -> moved to ``invalid/``.
 
-The sqlite driver already repairs the first three when it is configured; this
-pass does them for every driver that records metadata apart from its files
-(and finds nothing left to do for sqlite or xattr). It is safe to run while
+``reconcile_records`` repairs the first three, without the sanity check; the
+sqlite and central drivers run it when they are configured, so a restarted
+process lists what its directory holds before it serves. ``reconcile``, run by
+the service in the background, does all four for every driver (the records
+part finds nothing left after a driver's own pass, and never anything for
+xattr, whose metadata lives on the files). It is safe to run while
 fills commit and deletions happen: every candidate is re-checked just before it
 is changed, and an incomplete file is moved only while we hold its fill lock
 and only if it predates this process (``started_at``), so a fill of this
@@ -32,11 +35,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from imagecache.cache import ImageCache
-from imagecache.layout import rename_if_exists
+from imagecache.drivers.base import Driver
+from imagecache.drivers.files import FileBackedDriver
+from imagecache.layout import CacheLayout, rename_if_exists
 from imagecache.records import CachedImage
-from imagecache.scrub import recorded_digest
+
+if TYPE_CHECKING:
+    # Only a type here: the drivers import this module, and must not import cache.py.
+    from imagecache.cache import ImageCache
 
 log = logging.getLogger(__name__)
 
@@ -57,45 +65,79 @@ class ReconcileReport:
 def reconcile(cache: ImageCache, started_at: float | None = None) -> ReconcileReport:
     """Repair the disagreements listed in the module docstring; blocking."""
     report = ReconcileReport()
-    _reconcile_metadata(cache, report)
-    _retire_dead_fills(cache, time.time() if started_at is None else started_at, report)
+    driver = cache.driver
+    on_disk = _committed_sizes(driver.layout)
+    _reject_empty_files(driver, on_disk, report)
+    if isinstance(driver, FileBackedDriver):  # every driver we ship: they can forget a row alone
+        _repair_records(driver, on_disk, report)
+    _retire_dead_fills(driver.layout, time.time() if started_at is None else started_at, report)
     if report.changed:
-        log.warning("reconciled %s: %s", cache.driver.layout.base, report)
+        log.warning("reconciled %s: %s", driver.layout.base, report)
     return report
 
 
-def _reconcile_metadata(cache: ImageCache, report: ReconcileReport) -> None:
-    layout = cache.driver.layout
-    on_disk = {entry.name for entry in layout.iter_images()}
-    records = {image.image_id: image for image in cache.get_cached_images()}
-    for image_id, record in records.items():
-        path = layout.active_path(image_id)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            # Deletion forgets the row before the file, so a row without a file
-            # is never a deletion in progress; it is a crash or a hand edit.
-            if cache.delete_cached_image(image_id) or cache.get_cached_image(image_id) is None:
-                report.dropped += 1
+def reconcile_records(driver: FileBackedDriver) -> ReconcileReport:
+    """Make the driver's records agree with its committed files; blocking.
+
+    The drivers that keep records apart from their files run this when they are
+    configured. An empty file is adopted here like any other; the next
+    ``reconcile`` moves it to ``invalid/`` unless its record vouches for it.
+    """
+    report = ReconcileReport()
+    _repair_records(driver, _committed_sizes(driver.layout), report)
+    if report.changed:
+        log.warning(
+            "reconciled the %s records of %s with its files: %s",
+            driver.name,
+            driver.layout.base,
+            report,
+        )
+    return report
+
+
+def _committed_sizes(layout: CacheLayout) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for entry in layout.iter_images():
+        with contextlib.suppress(FileNotFoundError):
+            sizes[entry.name] = entry.stat().st_size
+    return sizes
+
+
+def _committed_stat(layout: CacheLayout, image_id: str) -> os.stat_result | None:
+    # A row naming no valid id (an adopted Glance database may hold anything)
+    # can never be served: it is treated like a row whose file is gone.
+    if not layout.is_valid(image_id):
+        return None
+    try:
+        return os.stat(layout.active_path(image_id))
+    except FileNotFoundError:
+        return None
+
+
+def _repair_records(
+    driver: FileBackedDriver, on_disk: dict[str, int], report: ReconcileReport
+) -> None:
+    layout = driver.layout
+    recorded = {image.image_id: image.size for image in driver.get_cached_images()}
+    suspects = [i for i, size in on_disk.items() if size != recorded.get(i)]
+    suspects += [i for i in recorded if i not in on_disk]
+    # Deletion forgets the row before the file, so a row without a file is
+    # never a deletion in progress; it is a crash or a hand edit.
+    gone = [i for i in suspects if i in recorded and _committed_stat(layout, i) is None]
+    if gone:
+        driver.forget_records(gone)
+        report.dropped += len(gone)
+    for image_id in suspects:
+        st = _committed_stat(layout, image_id)
+        if st is None:
             continue
-        if st.st_size == 0 and recorded_digest(record) is None:
-            _reject(cache, image_id, report)
+        record = driver.get_cached_image(image_id)  # a commit may have written it meanwhile
+        if record is not None:
+            if record.size != st.st_size:
+                driver.record_image(dataclasses.replace(record, size=st.st_size), replace=True)
+                report.resized += 1
             continue
-        if st.st_size != record.size:
-            fixed = dataclasses.replace(record, size=st.st_size)
-            cache.driver.record_image(fixed, replace=True)
-            report.resized += 1
-    for image_id in sorted(on_disk - records.keys()):
-        if cache.get_cached_image(image_id) is not None:
-            continue  # a commit wrote its row while we looked
-        path = layout.active_path(image_id)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            continue
-        if st.st_size == 0:
-            _reject(cache, image_id, report)
-            continue
+        # Its bytes were verified before the rename; only its hash is unknown.
         adopted = CachedImage(
             image_id=image_id,
             size=st.st_size,
@@ -104,27 +146,37 @@ def _reconcile_metadata(cache: ImageCache, report: ReconcileReport) -> None:
             last_modified=st.st_mtime,
         )
         try:
-            if cache.driver.record_image(adopted):
+            if driver.record_image(adopted):
                 report.adopted += 1
         except NotImplementedError:
-            log.warning("the %s driver cannot adopt %s; leaving it", cache.driver.name, path)
+            log.warning("the %s driver cannot adopt %s; leaving it", driver.name, image_id)
 
 
-def _reject(cache: ImageCache, image_id: str, report: ReconcileReport) -> None:
-    """Move an empty file nobody vouches for (no recorded hash) to ``invalid/``.
+def _reject_empty_files(driver: Driver, on_disk: dict[str, int], report: ReconcileReport) -> None:
+    """Move empty files nobody vouches for (no recorded hash) to ``invalid/``.
 
     A fill never commits zero bytes unless the origin promised an empty image,
     and then it records the hash of nothing; an empty file without one is debris.
     """
-    layout = cache.driver.layout
-    log.warning("moving the empty, unverifiable file %s to invalid/", image_id)
-    rename_if_exists(layout.active_path(image_id), layout.invalid_path(image_id))
-    cache.delete_cached_image(image_id)
-    report.rejected += 1
+    # Imported here: scrub.py needs cache.py, which the drivers importing this
+    # module must not pull in.
+    from imagecache.scrub import recorded_digest
+
+    layout = driver.layout
+    for image_id in sorted(i for i, size in on_disk.items() if size == 0):
+        st = _committed_stat(layout, image_id)
+        if st is None or st.st_size:
+            continue  # deleted, or committed anew, since the scan
+        record = driver.get_cached_image(image_id)
+        if record is not None and recorded_digest(record) is not None:
+            continue
+        log.warning("moving the empty, unverifiable file %s to invalid/", image_id)
+        rename_if_exists(layout.active_path(image_id), layout.invalid_path(image_id))
+        driver.delete_cached_image(image_id)
+        report.rejected += 1
 
 
-def _retire_dead_fills(cache: ImageCache, started_at: float, report: ReconcileReport) -> None:
-    layout = cache.driver.layout
+def _retire_dead_fills(layout: CacheLayout, started_at: float, report: ReconcileReport) -> None:
     for entry in list(layout.iter_images(layout.incomplete_dir)):
         path = Path(entry.path)
         with contextlib.suppress(FileNotFoundError):

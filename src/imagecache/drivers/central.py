@@ -69,6 +69,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQL
 from imagecache import migrations
 from imagecache.drivers.files import FileBackedDriver, Fill
 from imagecache.errors import BadDriverConfiguration, CacheStoreError
+from imagecache.reconcile import reconcile_records
 from imagecache.records import CachedImage
 
 log = logging.getLogger(__name__)
@@ -371,7 +372,7 @@ class CentralDriver(FileBackedDriver):
                 result = self.import_sqlite_cache(legacy)
                 if result.imported:
                     log.info("imported %d entries of %s into the cluster", result.imported, legacy)
-            self.reconcile()
+            reconcile_records(self)
         except (SQLAlchemyError, CacheStoreError) as exc:
             self.engine.dispose()
             raise BadDriverConfiguration(
@@ -694,81 +695,6 @@ class CentralDriver(FileBackedDriver):
         return doomed
 
     # --- agreeing with the files -----------------------------------------------------------------
-
-    def reconcile(self) -> tuple[int, int]:
-        """Make this node's rows agree with its committed files; returns ``(adopted, dropped)``.
-
-        Run at configure time, like the sqlite driver's: a file renamed into
-        place whose row was never written (a crash between the two) is adopted,
-        a row whose file is gone is dropped, and a wrong size takes the file's.
-        Candidates are re-checked on disk inside the write transaction, because
-        another worker of this node may be committing or deleting meanwhile.
-        """
-        on_disk: dict[str, int] = {}
-        for entry in self.layout.iter_images():
-            with contextlib.suppress(FileNotFoundError):
-                on_disk[entry.name] = entry.stat().st_size
-        with self._read() as conn:
-            rows = {
-                image_id: int(size)
-                for image_id, size in conn.execute(
-                    select(cached_images.c.image_id, cached_images.c.size).where(
-                        cached_images.c.node_id == self.node_id
-                    )
-                )
-            }
-        suspects = [i for i, size in on_disk.items() if size != rows.get(i)]
-        suspects += [i for i in rows if i not in on_disk]
-        if not suspects:
-            return 0, 0
-        adopted = dropped = 0
-        with self._write() as conn:
-            for image_id in suspects:
-                mine = and_(
-                    cached_images.c.node_id == self.node_id, cached_images.c.image_id == image_id
-                )
-                try:
-                    if not self.layout.is_valid(image_id):
-                        raise FileNotFoundError(image_id)  # a row no request could ever name
-                    st = os.stat(self.layout.base / image_id)
-                except FileNotFoundError:
-                    dropped += conn.execute(delete(cached_images).where(mine)).rowcount
-                    continue
-                stamp = to_datetime(st.st_mtime)
-                # Its bytes were verified before the rename; only the hash is unknown.
-                self._upsert_image(
-                    conn,
-                    {
-                        "image_id": image_id,
-                        "node_id": self.node_id,
-                        "size": st.st_size,
-                        "hits": 0,
-                        "last_accessed": stamp,
-                        "last_modified": stamp,
-                        "checksum": None,
-                        "hash_algo": None,
-                        "hash_value": None,
-                        "pinned": False,
-                    },
-                    keep=(
-                        "hits",
-                        "last_accessed",
-                        "last_modified",
-                        "checksum",
-                        "hash_algo",
-                        "hash_value",
-                        "pinned",
-                    ),
-                )
-                adopted += image_id not in rows
-        if adopted or dropped:
-            log.warning(
-                "reconciled node %s with its files: adopted %d, dropped %d",
-                self.self_url,
-                adopted,
-                dropped,
-            )
-        return adopted, dropped
 
     def record_image(self, image: CachedImage, *, replace: bool = False) -> bool:
         self.layout.validate(image.image_id)

@@ -21,9 +21,9 @@ half-written file at ``<dir>/<id>`` (tests/test_crash.py kills real writers):
    the next ``open_for_write`` takes it over and truncates it.
 2. Killed after the rename, before the metadata: ``<id>`` is complete and
    verified but has no record. The xattr driver lists it anyway (its
-   attributes fall back to the file's times, zero hits); the sqlite driver
-   adopts it when it is next configured (``SqliteDriver.reconcile``), so after
-   a restart ``is_cached`` and ``get_cached_images`` agree.
+   attributes fall back to the file's times, zero hits); the sqlite and central
+   drivers adopt it when next configured (``reconcile.reconcile_records``), so
+   after a restart ``is_cached`` and ``get_cached_images`` agree.
 3. Killed after the metadata, before the queue marker goes: the image is
    cached and still queued; the prefetcher finds it cached and drops the marker.
 
@@ -245,6 +245,15 @@ class FileBackedDriver(Driver):
             # reconciliation adopts or removes, never a row pointing at nothing.
             self._meta_forget([image_id])
             return unlink_if_exists(path)
+
+    def forget_records(self, image_ids: Iterable[str]) -> None:
+        """Drop the metadata of these images and leave any file alone.
+
+        For reconciliation (``reconcile.py``), which drops rows whose file is
+        gone, including rows naming no valid id (an adopted Glance database may
+        hold anything) that ``delete_cached_image`` refuses.
+        """
+        self._meta_forget(image_ids)
 
     def delete_all_cached_images(self) -> int:
         # One batch, for speed with many entries; unlike delete_cached_image it

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 from imagecache.drivers.files import FileBackedDriver, Fill
 from imagecache.errors import BadDriverConfiguration, CacheStoreError
+from imagecache.reconcile import reconcile_records
 from imagecache.records import CachedImage
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class SqliteDriver(FileBackedDriver):
             with open(self.layout.lock_path("sqlite-schema"), "a") as lock:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
                 self._migrate()
-                self.reconcile()
+                reconcile_records(self)
         except (sqlite3.DatabaseError, CacheStoreError) as exc:
             raise BadDriverConfiguration(
                 self.name, f"cannot open or upgrade {self.db_path}: {exc}"
@@ -183,62 +183,6 @@ class SqliteDriver(FileBackedDriver):
                     "UPDATE cached_images SET last_accessed = last_modified WHERE last_accessed = 0"
                 )
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def reconcile(self) -> tuple[int, int]:
-        """Make the table agree with the committed files; returns ``(adopted, dropped)``.
-
-        Run at configure time, it repairs the crash states described in
-        ``drivers/files.py``: a file renamed into place whose row was never
-        written is adopted (its bytes were verified before the rename; its hash
-        is simply not recorded), a row whose file is gone is dropped, and a row
-        with the wrong size takes the file's. Each candidate is re-checked on
-        disk inside the write transaction, because another process may be
-        committing or deleting while we scan.
-        """
-        on_disk: dict[str, tuple[int, float]] = {}
-        for entry in self.layout.iter_images():
-            try:
-                st = entry.stat()
-            except FileNotFoundError:
-                continue
-            on_disk[entry.name] = (st.st_size, st.st_mtime)
-        rows = {
-            image_id: int(size or 0)
-            for image_id, size in self._query("SELECT image_id, size FROM cached_images")
-        }
-        suspects = [i for i in on_disk if on_disk[i][0] != rows.get(i)]
-        suspects += [i for i in rows if i not in on_disk]
-        if not suspects:
-            return 0, 0
-        adopted = dropped = 0
-        with self._tx() as conn:
-            for image_id in suspects:
-                try:
-                    # A row naming no valid id (an adopted Glance database may hold
-                    # anything) can never be served: it goes like a missing file.
-                    if not self.layout.is_valid(image_id):
-                        raise FileNotFoundError(image_id)
-                    st = os.stat(self.layout.base / image_id)
-                except FileNotFoundError:
-                    dropped += conn.execute(
-                        "DELETE FROM cached_images WHERE image_id = ?", (image_id,)
-                    ).rowcount
-                    continue
-                cursor = conn.execute(
-                    "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits)"
-                    " VALUES (?, ?, ?, ?, 0)"
-                    " ON CONFLICT (image_id) DO UPDATE SET size = excluded.size",
-                    (image_id, st.st_mtime, st.st_mtime, st.st_size),
-                )
-                adopted += image_id not in rows and cursor.rowcount > 0
-        if adopted or dropped:
-            log.warning(
-                "reconciled %s with its files: adopted %d, dropped %d",
-                self.db_path,
-                adopted,
-                dropped,
-            )
-        return adopted, dropped
 
     # --- metadata hooks --------------------------------------------------------------------
 
