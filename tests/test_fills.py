@@ -309,3 +309,73 @@ async def test_a_range_during_a_fill_is_served_from_the_growing_file(
     assert first + await whole.read() == DATA
     whole.release()
     assert http_origin.body_reads("img") == 1
+
+
+_COMMIT_ON_CUE = """
+import fcntl, os, sys
+path, active, data = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, open(data, "rb").read())
+print("locked", flush=True)
+sys.stdin.readline()
+os.rename(path, active)  # committed (no metadata: the file is what counts for a hit)
+os.close(fd)
+print("committed", flush=True)
+"""
+
+
+async def test_a_fill_in_another_process_ending_before_the_first_look_is_a_hit(
+    make_client: Any,
+    http_origin: Any,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watched fill commits while this process decides to follow it: no 500, a hit.
+
+    The flight then ends in its first look, before its waiting reader runs,
+    and closes its file; the reader must look again rather than trip on it.
+    """
+    http_origin.add("img", DATA)
+    client = await make_client()
+    (cache_dir / "incomplete").mkdir(exist_ok=True)
+    source = tmp_path / "data"
+    source.write_bytes(DATA)
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _COMMIT_ON_CUE,
+        str(cache_dir / "incomplete" / "img"),
+        str(cache_dir / "img"),
+        str(source),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert writer.stdin is not None
+    assert writer.stdout is not None
+    stdin, stdout = writer.stdin, writer.stdout
+    assert (await stdout.readline()).strip() == b"locked"
+    coordinator = client.app[STATE].fills
+    real = coordinator._follow_remote
+    loop = asyncio.get_running_loop()
+
+    async def commit_now() -> bytes:
+        stdin.write(b"go\n")
+        await stdin.drain()
+        return await stdout.readline()
+
+    def follow_then_let_it_commit(flight: Any) -> bool:
+        # In the executor thread, after this process saw the lock: the other
+        # writer commits before the decision reaches the event loop.
+        following = real(flight)
+        line = asyncio.run_coroutine_threadsafe(commit_now(), loop).result(10)
+        assert line.strip() == b"committed"
+        return following
+
+    monkeypatch.setattr(coordinator, "_follow_remote", follow_then_let_it_commit)
+    async with client.get("/v2/images/img/file") as response:
+        assert response.status == 200
+        assert await response.read() == DATA
+    assert await writer.wait() == 0
+    assert http_origin.body_reads("img") == 0

@@ -304,6 +304,12 @@ async def _follow(
     request: web.Request, state: ServiceState, flight: Flight, etag: str | None
 ) -> web.StreamResponse | Served:
     """Stream the flight's file to the client as it grows; abort if the fill fails."""
+    if flight.fd is None:
+        # The flight ended, and closed its file, between being joined and being
+        # read: a fill in another process can finish within the first look of
+        # the flight that watches it. Look again: the image is cached now, or
+        # the next attempt starts a fill of its own. (Seen under bench/load.py.)
+        return Served.RETRY
     info = flight.info
     response = web.StreamResponse(headers=_headers(info.checksum if info else None, etag))
     if flight.size is not None:
@@ -346,6 +352,7 @@ async def _follow_range(
     if (
         flight.kind not in (FlightKind.LOCAL, FlightKind.REMOTE)
         or flight.done
+        or flight.fd is None
         or flight.size is None
         or wanted.start > flight.available + RANGE_FOLLOW_AHEAD
     ):

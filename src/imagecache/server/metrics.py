@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -123,7 +124,10 @@ class Metrics:
     def _write(self, text: bytes) -> None:
         assert self.share_dir is not None
         path = self.share_dir / f"{os.getpid()}.prom"
-        partial = self.share_dir / f".{os.getpid()}.partial"
+        # One temporary name per thread: the periodic publisher (a thread) and
+        # a scrape (the loop) may write at once, and a shared name let one
+        # rename the other's file away (FileNotFoundError under bench/load.py).
+        partial = self.share_dir / f".{os.getpid()}.{threading.get_ident()}.partial"
         partial.write_bytes(text)
         os.replace(partial, path)  # readers never see half a file
 
