@@ -111,6 +111,17 @@ def test_missing_cache_dir_names_the_setting(settings: Settings) -> None:
 # --- state --------------------------------------------------------------------------------------
 
 
+def test_iter_sizes_lists_every_record_pinned_or_not(cache: ImageCache, driver: Driver) -> None:
+    assert list(driver.iter_sizes()) == []
+    put(cache, "small", b"x" * 10)
+    put(cache, "big", b"y" * 3000)
+    assert cache.pin("big")
+    assert sorted(driver.iter_sizes()) == [("big", 3000), ("small", 10)]
+    assert sorted(driver.iter_sizes()) == sorted(
+        (image.image_id, image.size) for image in driver.get_cached_images()
+    )
+
+
 def test_states_of_an_unknown_image(driver: Driver) -> None:
     assert not driver.is_cached("img")
     assert not driver.is_being_cached("img")

@@ -118,7 +118,7 @@ def _repair_records(
     driver: FileBackedDriver, on_disk: dict[str, int], report: ReconcileReport
 ) -> None:
     layout = driver.layout
-    recorded = {image.image_id: image.size for image in driver.get_cached_images()}
+    recorded = dict(driver.iter_sizes())
     suspects = [i for i, size in on_disk.items() if size != recorded.get(i)]
     suspects += [i for i in recorded if i not in on_disk]
     # Deletion forgets the row before the file, so a row without a file is

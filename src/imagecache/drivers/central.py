@@ -870,6 +870,14 @@ class CentralDriver(FileBackedDriver):
         with self._read() as conn:
             return [_row_to_image(row) for row in conn.execute(query)]
 
+    def iter_sizes(self) -> Iterator[tuple[str, int]]:
+        query = select(cached_images.c.image_id, cached_images.c.size).where(
+            cached_images.c.node_id == self.node_id
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return ((str(i), int(size)) for i, size in rows)
+
     def get_cached_image(self, image_id: str) -> CachedImage | None:
         with self._read() as conn:
             row = conn.execute(select(*_IMAGE_COLUMNS).where(self._mine(image_id))).first()

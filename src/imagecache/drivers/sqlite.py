@@ -302,6 +302,12 @@ class SqliteDriver(FileBackedDriver):
         rows.sort()
         return list(map(_row_to_image, rows))
 
+    def iter_sizes(self) -> Iterator[tuple[str, int]]:
+        return (
+            (str(i), int(size))
+            for i, size in self._query("SELECT image_id, size FROM cached_images")
+        )
+
     def get_cached_image(self, image_id: str) -> CachedImage | None:
         self.layout.validate(image_id)
         rows = self._query(
