@@ -74,6 +74,7 @@ async def test_concurrent_requests_in_one_process_read_the_origin_once(
     gate.set()
     assert await asyncio.gather(*tasks) == [DATA] * 8
     assert http_origin.body_reads("img") == 1
+    await settled(client)
     assert (cache_dir / "img").read_bytes() == DATA
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from imagecache.cache import FillWriter
+from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from server_helpers import directory_app, image_bytes, listdir, put_image, settled
 
@@ -208,3 +212,44 @@ async def test_checksum_mismatch_aborts_the_response_and_quarantines(
     assert not (cache_dir / "bad").exists()
     assert listdir(cache_dir / "invalid") == ["bad"]
     assert listdir(cache_dir / "incomplete") == []
+
+
+async def test_the_client_has_its_bytes_before_the_commit_and_a_request_meanwhile_is_a_hit(
+    client: TestClient[Any, Any], cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last byte goes out once verified; a request arriving during the commit waits for it."""
+    committing, release = threading.Event(), threading.Event()
+    real_commit = FillWriter.commit
+
+    def held_commit(writer: FillWriter) -> None:
+        committing.set()
+        assert release.wait(10), "the test never released the commit"
+        real_commit(writer)
+
+    monkeypatch.setattr(FillWriter, "commit", held_commit)
+    state = client.app[STATE]
+    joined = asyncio.Event()
+    real_join = state.fills.join
+
+    async def spy_join(*args: Any, **kwargs: Any) -> Any:
+        flight = await real_join(*args, **kwargs)
+        joined.set()
+        return flight
+
+    try:
+        # The whole body, verified, while the commit is held back.
+        status, _, body = await get(client, "/v2/images/img-1/file")
+        assert (status, body) == (200, DATA)
+        assert committing.is_set()
+        assert not (cache_dir / "img-1").exists()
+        monkeypatch.setattr(state.fills, "join", spy_join)
+        again = asyncio.create_task(get(client, "/v2/images/img-1/file"))
+        await asyncio.wait_for(joined.wait(), timeout=10)  # it found the committing fill
+    finally:
+        release.set()
+    status, _, body = await again
+    assert (status, body) == (200, DATA)
+    registry = state.metrics.registry
+    assert registry.get_sample_value("imagecache_misses_total") == 1
+    assert registry.get_sample_value("imagecache_hits_total") == 1
+    assert registry.get_sample_value("imagecache_fill_followers_total") in (None, 0)

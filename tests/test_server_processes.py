@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from prometheus_client.utils import floatToGoString
 
-from server_helpers import ServeProcess, image_bytes, listdir, start_serve
+from server_helpers import ServeProcess, image_bytes, listdir, poll, start_serve
 
 SIZE = 4 * 1024 * 1024 + 123
 DATA = image_bytes(SIZE, seed=7)
@@ -79,6 +79,12 @@ async def test_32_cold_downloads_across_processes_read_the_origin_once(
     digest = hashlib.sha256(DATA).hexdigest()
     assert all(hashlib.sha256(body).hexdigest() == digest for body in bodies)
     assert http_origin.body_reads("cold") == 1, "the origin served the body exactly once"
+
+    async def committed() -> bool:
+        # Clients have their bodies once the fill is verified; the commit follows.
+        return (cache_dir / "cold").exists() and not (cache_dir / "incomplete" / "cold").exists()
+
+    await poll(committed, "the fill of cold is committed")
     assert (cache_dir / "cold").read_bytes() == DATA
     assert listdir(cache_dir / "incomplete") == []
 

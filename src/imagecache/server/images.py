@@ -21,7 +21,7 @@ from aiohttp import hdrs, web
 
 from imagecache.cluster import PeerRequest, peer_request
 from imagecache.errors import ImageCacheError, UpstreamNotActive
-from imagecache.fills import Flight, FlightKind, WriterGone, aclose
+from imagecache.fills import COMMIT_WAIT, Flight, FlightKind, WriterGone, aclose
 from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import caller_from
 from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
@@ -267,6 +267,13 @@ async def _serve_miss(
         return response
     joined = state.fills.current(image_id)
     flight = await state.fills.join(image_id, info, caller)
+    if flight.is_verified and not flight.done and flight.task is not None:
+        # Every byte is in and verified, the commit is milliseconds away: wait
+        # for it and serve the entry as the hit it is about to be (a client
+        # asking again right after its download would otherwise be counted as
+        # a follower, and its read would not count for the LRU order).
+        await asyncio.wait([flight.task], timeout=COMMIT_WAIT)
+        return Served.RETRY
     if flight.kind is FlightKind.NONE:
         if flight.reason == "cached":
             return Served.RETRY
