@@ -382,3 +382,27 @@ async def test_a_fill_in_another_process_ending_before_the_first_look_is_a_hit(
         assert await response.read() == DATA
     assert await writer.wait() == 0
     assert http_origin.body_reads("img") == 0
+
+
+async def test_shutdown_wakes_a_fill_waiting_on_a_stalled_origin(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    """Rolled back at once, not after the upstream timeout (60 s here)."""
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=SIZE // 2)  # the origin stalls half way
+    client = await make_client(upstream_timeout=60)
+    try:
+        response = await client.get("/v2/images/img/file")
+        await response_started(response)
+        flight = client.app[STATE].fills.current("img")
+        assert flight is not None
+        await until(lambda: flight.available >= SIZE // 2)
+        # The fill thread is now blocked reading the socket; the grace period ends at once.
+        await asyncio.wait_for(client.app[STATE].fills.shutdown(0.01), timeout=10)
+        assert flight.state.value == "failed"
+        assert listdir(cache_dir / "incomplete") == []
+        assert listdir(cache_dir / "invalid") == ["img"]
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    finally:
+        gate.set()

@@ -423,13 +423,18 @@ class FillCoordinator:
                 source.close()
 
         threading.Thread(target=pump, name=f"imagecache-fill-{flight.image_id}").start()
+        waiting = asyncio.wrap_future(done)
         try:
-            await asyncio.shield(asyncio.wrap_future(done))
+            await asyncio.shield(waiting)
         except asyncio.CancelledError:
-            # The writer must be idle before the caller rolls it back.
+            # The writer must be idle before the caller rolls it back; a read
+            # waiting on a stalled origin is woken rather than waited out.
+            # Awaiting the same future also collects its error, which would
+            # otherwise be reported "never retrieved" whenever it is collected.
             stop.set()
+            source.interrupt()
             with contextlib.suppress(Exception):
-                await asyncio.wrap_future(done)
+                await waiting
             raise
         report()
 

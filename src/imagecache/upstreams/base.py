@@ -55,9 +55,14 @@ class BlockingSource(Protocol):
 
     ``readinto`` fills a buffer and returns the count (0 at the end); it raises
     only ``UpstreamError``. ``close`` releases what the source holds.
+    ``interrupt`` may be called from another thread: a ``readinto`` waiting on
+    the origin then ends with ``UpstreamError`` instead of waiting out its
+    timeout (a fill cancelled at shutdown).
     """
 
     def readinto(self, buffer: memoryview, /) -> int: ...
+
+    def interrupt(self) -> None: ...
 
     def close(self) -> None: ...
 

@@ -124,6 +124,10 @@ class _FileSource:
         self.offset += count
         return count
 
+    def interrupt(self) -> None:
+        """Nothing to do: a local read never waits on anyone (and closing the
+        descriptor under a running pread could let it read a reused one)."""
+
     def close(self) -> None:
         os.close(self.fd)
 

@@ -19,8 +19,10 @@ sent to another origin than the one configured.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
+import socket
 import ssl
 from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
@@ -101,6 +103,14 @@ class HttpSource:
         if fp is None:  # closed under us
             raise http.client.IncompleteRead(b"", self._remaining)
         return fp
+
+    def interrupt(self) -> None:
+        # shutdown() wakes a recv blocked in another thread; close() alone does
+        # not, and the descriptor must stay ours until close().
+        sock = self._connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._connection.close()

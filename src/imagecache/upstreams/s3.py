@@ -206,6 +206,10 @@ class _BodySource:
         self.received += count
         return count
 
+    def interrupt(self) -> None:
+        """Left to boto3's read timeout (the upstream timeout): its body offers no safe way
+        to wake a read from another thread."""
+
     def close(self) -> None:
         self.body.close()
 
