@@ -16,12 +16,13 @@ Targets (issue 2): >= 20,000 hits/s, listing 100k entries < 0.5 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sqlite3
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from imagecache import ImageCache, load_settings
@@ -54,12 +55,18 @@ def _add_rows(driver: SqliteDriver, count: int) -> list[str]:
     return ids
 
 
-def bench_hits(root: Path, hits: int) -> tuple[float, float]:
-    cache_dir = root / "hits"
+@contextlib.contextmanager
+def _sqlite_driver(cache_dir: Path) -> Iterator[SqliteDriver]:
+    """The sqlite driver of a new cache directory."""
     cache_dir.mkdir()
     with ImageCache(load_settings(None, image_cache_dir=cache_dir)) as cache:
         driver = cache.driver
         assert isinstance(driver, SqliteDriver)
+        yield driver
+
+
+def bench_hits(root: Path, hits: int) -> tuple[float, float]:
+    with _sqlite_driver(root / "hits") as driver:
         images = _add_rows(driver, 1000)
         ids = [images[n % 1000] for n in range(hits)]
 
@@ -93,11 +100,7 @@ def bench_hits(root: Path, hits: int) -> tuple[float, float]:
 
 def bench_listing(root: Path, entries: int) -> tuple[float, float]:
     """Best of three listings: (wall seconds, CPU seconds of this process)."""
-    cache_dir = root / "listing"
-    cache_dir.mkdir()
-    with ImageCache(load_settings(None, image_cache_dir=cache_dir)) as cache:
-        driver = cache.driver
-        assert isinstance(driver, SqliteDriver)
+    with _sqlite_driver(root / "listing") as driver:
         _add_rows(driver, entries)
         best = (float("inf"), float("inf"))
         for _ in range(3):

@@ -445,7 +445,7 @@ class FillCoordinator:
                 f"fill of {flight.image_id!r} abandoned: its clients left"
                 " and abandoned_fill is 'abort'"
             )
-        if writer.received and not writer.caching:
+        if not writer.caching:
             # The cache's disk failed; readers of this file cannot get the rest.
             raise CacheStoreError(f"the cache copy of {flight.image_id!r} was dropped")
 
@@ -484,18 +484,20 @@ class FillCoordinator:
                 return
             await asyncio.sleep(REMOTE_POLL_INTERVAL)
 
-    async def settled(self) -> None:
+    async def settled(self, flight: Flight | None = None) -> None:
         """Wait (a bounded time) for fills whose bytes are all delivered but not yet committed.
 
         A client has its whole body once the fill is verified, a few
         milliseconds before the commit makes the image an entry. The
-        management API waits here first, so an operator who downloads an image
-        and then lists the cache of that process sees it.
+        management API waits here first (for every flight), so an operator who
+        downloads an image and then lists the cache of that process sees it; a
+        download that joins such a flight waits for it alone.
         """
+        flights = self._flights.values() if flight is None else [flight]
         tasks = [
-            flight.task
-            for flight in self._flights.values()
-            if flight.is_verified and flight.task is not None and not flight.task.done()
+            each.task
+            for each in flights
+            if each.is_verified and each.task is not None and not each.task.done()
         ]
         if tasks:
             await asyncio.wait(tasks, timeout=COMMIT_WAIT)

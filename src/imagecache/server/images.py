@@ -21,7 +21,7 @@ from aiohttp import hdrs, web
 
 from imagecache.cluster import PeerRequest, peer_request
 from imagecache.errors import ImageCacheError, UpstreamNotActive
-from imagecache.fills import COMMIT_WAIT, Flight, FlightKind, WriterGone, aclose
+from imagecache.fills import Flight, FlightKind, WriterGone, aclose
 from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import caller_from
 from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
@@ -267,12 +267,12 @@ async def _serve_miss(
         return response
     joined = state.fills.current(image_id)
     flight = await state.fills.join(image_id, info, caller)
-    if flight.is_verified and not flight.done and flight.task is not None:
+    if flight.is_verified and not flight.done:
         # Every byte is in and verified, the commit is milliseconds away: wait
         # for it and serve the entry as the hit it is about to be (a client
         # asking again right after its download would otherwise be counted as
         # a follower, and its read would not count for the LRU order).
-        await asyncio.wait([flight.task], timeout=COMMIT_WAIT)
+        await state.fills.settled(flight)
         return Served.RETRY
     if flight.kind is FlightKind.NONE:
         if flight.reason == "cached":
@@ -372,22 +372,13 @@ async def _follow_range(
     response.content_length = wanted.length
     state.metrics.followers.inc()
     async with flight.reading():
-        fd = flight.fd
-        assert fd is not None, "a decided flight with readers keeps its file open"
-        with open(fd, "rb", buffering=0, closefd=False) as handle:  # noqa: ASYNC230
-            try:
-                async for offset, count in flight.spans(wanted.start):
-                    count = min(count, wanted.end - offset)
-                    if not response.prepared:
-                        await response.prepare(request)
-                    await _send_span(request, response, state, handle, offset, count)
-                    if offset + count >= wanted.end:
-                        break
-            except (WriterGone, ImageCacheError) as exc:
-                if not response.prepared:
-                    return None  # the fill ended without a file: ask the origin
-                abort(request, flight.image_id, str(exc))
-                return response
+        try:
+            await _follow_sized(request, response, state, flight, wanted.start, wanted.end)
+        except (WriterGone, ImageCacheError) as exc:
+            if not response.prepared:
+                return None  # the fill ended without a file: ask the origin
+            abort(request, flight.image_id, str(exc))
+            return response
     if not response.prepared:
         await response.prepare(request)
     await response.write_eof()
@@ -396,9 +387,14 @@ async def _follow_range(
 
 
 async def _follow_sized(
-    request: web.Request, response: web.StreamResponse, state: ServiceState, flight: Flight
+    request: web.Request,
+    response: web.StreamResponse,
+    state: ServiceState,
+    flight: Flight,
+    start: int = 0,
+    end: int | None = None,
 ) -> None:
-    """The body of a known size: each span of the growing file goes out with sendfile.
+    """Bytes ``[start, end)`` of a body of known size, each span with sendfile as it lands.
 
     Readers of a fill (its first client included) send the file as it lands,
     like a hit, instead of copying 1 MiB pieces through Python: less CPU and
@@ -407,13 +403,18 @@ async def _follow_sized(
     """
     fd = flight.fd
     assert fd is not None, "a decided flight with readers keeps its file open"
+    assert flight.size is not None
+    stop = flight.size if end is None else end
     # A view of the flight's descriptor, not a second open (no disk access, so
     # fine on the loop); the descriptor stays the flight's.
     with open(fd, "rb", buffering=0, closefd=False) as handle:  # noqa: ASYNC230
-        async for offset, count in flight.spans():
+        async for offset, count in flight.spans(start):
+            count = min(count, stop - offset)
             if not response.prepared:
                 await response.prepare(request)
             await _send_span(request, response, state, handle, offset, count)
+            if offset + count >= stop:
+                break
 
 
 async def _stream_through(
