@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from imagecache import ImageCache
+from imagecache import cache as cache_module
 from imagecache.drivers.files import FLUSH_STEP, Fill
 from imagecache.errors import VerificationError
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
+from imagecache.upstreams.directory import _FileSource
 from server_helpers import image_bytes, listdir
 
 KiB = 1024
@@ -164,3 +166,100 @@ def test_write_from_reuses_its_buffers_and_hashes_every_byte(
     assert (cache_dir / "img").read_bytes() == data
     # 21 chunks through a bounded ring: buffers were reused, not allocated per chunk.
     assert len(buffers) < 21
+
+
+class _LocalSource(_FileSource):
+    """The directory upstream's source, whose kernel copy can be made to fail.
+
+    With ``fail_after`` the copy raises EXDEV (a filesystem that cannot copy)
+    once that many bytes have been copied.
+    """
+
+    def __init__(self, path: Path, fail_after: int | None = None) -> None:
+        super().__init__(path.name, os.open(path, os.O_RDONLY))
+        self.fail_after = fail_after
+
+    def copy_into(self, fd: int, count: int, /) -> int:
+        if self.fail_after is not None and self.offset >= self.fail_after:
+            raise OSError(errno.EXDEV, "cross-device copy")
+        return super().copy_into(fd, count)
+
+
+@pytest.mark.parametrize("fail_after", [None, 0, 5 * 1024 * KiB])
+def test_kernel_copies_are_hashed_from_the_file_and_fall_back_to_reading(
+    cache: ImageCache, cache_dir: Path, tmp_path: Path, fail_after: int | None
+) -> None:
+    data = image_bytes(12 * 1024 * KiB + 5, seed=4)
+    origin = tmp_path / "origin"
+    origin.write_bytes(data)
+    expected = hashlib.sha512(data).hexdigest()
+    writer = cache.writer(
+        "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
+    )
+    assert writer.open()
+    source = _LocalSource(origin, fail_after)
+    copied = 0
+    while (count := writer.copy_from(source.copy_into)) is not None and count:
+        copied += count
+    while writer.write_from(source.readinto):
+        pass
+    source.close()
+    writer.finish()
+    assert writer.committed
+    assert copied == (len(data) if fail_after is None else fail_after)
+    assert (cache_dir / "img").read_bytes() == data
+    assert cache.get_cached_image("img").hash_value == expected  # type: ignore[union-attr]
+
+
+def test_kernel_copies_still_catch_a_wrong_hash(
+    cache: ImageCache, cache_dir: Path, tmp_path: Path
+) -> None:
+    data = image_bytes(3 * 1024 * KiB, seed=5)
+    origin = tmp_path / "origin"
+    origin.write_bytes(data)
+    wrong = hashlib.sha512(data + b"!").hexdigest()
+    writer = cache.writer("img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=wrong))
+    assert writer.open()
+    source = _LocalSource(origin)
+    while writer.copy_from(source.copy_into):
+        pass
+    source.close()
+    with pytest.raises(VerificationError):
+        writer.finish()
+    writer.abort(VerificationError("img", "sha512", wrong, "?"))
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "invalid") == ["img"]
+
+
+def test_kernel_copy_past_the_promised_size_fails_verification(
+    cache: ImageCache, tmp_path: Path
+) -> None:
+    origin = tmp_path / "origin"
+    origin.write_bytes(image_bytes(2 * 1024 * KiB, seed=6))
+    writer = cache.writer("img", ImageInfo("img", 1024 * KiB + 1))
+    assert writer.open()
+    source = _LocalSource(origin)
+    assert writer.copy_from(source.copy_into) == 1024 * KiB
+    with pytest.raises(VerificationError, match="size"):
+        writer.copy_from(source.copy_into)
+    source.close()
+    writer.abort(VerificationError("img", "size", 1024 * KiB + 1, 2 * 1024 * KiB))
+
+
+def test_a_span_the_file_no_longer_holds_fails_the_hash_instead_of_the_process(
+    tmp_path: Path,
+) -> None:
+    # The file shrank under the fill (only a foreign process could do that: the
+    # fill holds its lock). Reading the span through a mapping must not kill
+    # the process with SIGBUS; the fill fails with an error instead.
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * 8192)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.truncate(fd, 4096)
+        hasher = cache_module._Hasher(hashlib.sha256())
+        hasher.submit(cache_module._FileSpan(fd, 4096, 4096))
+        with pytest.raises((OSError, ValueError)):
+            hasher.join()
+    finally:
+        os.close(fd)

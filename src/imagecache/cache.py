@@ -18,13 +18,16 @@ Failure rules (Glance's, sharpened):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO, BinaryIO, Protocol
 
 from imagecache.drivers import create_driver
@@ -49,6 +52,9 @@ CHUNK_SIZE = 1024 * 1024
 # chunks absorbs the jitter of reads and writes (one chunk, lock-step, left the
 # hash idle whenever a read or write ran long). Bounded, so memory is too.
 HASH_BACKLOG = 8
+# madvise(2) advice to fault a mapping's pages in (Linux 5.14); the mmap module
+# of Python 3.11 has no name for it.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 class _Hash(Protocol):
@@ -60,6 +66,15 @@ class _Hash(Protocol):
     def hexdigest(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class _FileSpan:
+    """Bytes already in the cache file, to be hashed from the page cache."""
+
+    fd: int
+    offset: int
+    count: int
+
+
 class _Hasher:
     """A digest fed in order by its own thread, at most ``HASH_BACKLOG`` chunks behind.
 
@@ -67,21 +82,22 @@ class _Hasher:
     hashed in order, and a dedicated thread takes each one without the
     scheduling a pool adds per task. ``submit`` blocks only when the backlog is
     full. ``done`` callbacks run in the hash thread once a chunk is hashed (the
-    fill pump uses them to reuse its buffers).
+    fill pump uses them to reuse its buffers). ``submit_span`` hashes bytes a
+    kernel copy put in the cache file, through a read-only mapping of it.
     """
 
     def __init__(self, digest: _Hash) -> None:
         self.digest = digest
-        self._queue: queue.SimpleQueue[tuple[Chunk, Callable[[], None] | None] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[
+            tuple[Chunk | _FileSpan, Callable[[], None] | None] | None
+        ] = queue.SimpleQueue()
         self._room = threading.Semaphore(HASH_BACKLOG)
         self._stopping = False
         self._error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="imagecache-hash", daemon=True)
         self._thread.start()
 
-    def submit(self, data: Chunk, done: Callable[[], None] | None = None) -> None:
+    def submit(self, data: Chunk | _FileSpan, done: Callable[[], None] | None = None) -> None:
         self._room.acquire()
         self._queue.put((data, done))
 
@@ -89,7 +105,11 @@ class _Hasher:
         while (item := self._queue.get()) is not None:
             data, done = item
             try:
-                if not self._stopping and self._error is None:
+                if self._stopping or self._error is not None:
+                    pass
+                elif isinstance(data, _FileSpan):
+                    self._update_from_file(data)
+                else:
                     self.digest.update(data)
             except Exception as exc:  # kept for join(); the thread must go on releasing
                 self._error = exc
@@ -97,6 +117,25 @@ class _Hasher:
                 self._room.release()
                 if done is not None:
                     done()
+
+    def _update_from_file(self, span: _FileSpan) -> None:
+        # A mapping reads the page cache in place (the bytes were just written,
+        # so they are there); reading them back into a buffer would add the
+        # copy the kernel copy saved. Mappings start on a page boundary.
+        start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(
+            span.fd, span.offset + span.count - start, prot=mmap.PROT_READ, offset=start
+        ) as mapped:
+            # Faulting the pages in up front turns a page that cannot be read
+            # (a disk error, a file cut short) into an OSError here instead of
+            # a SIGBUS in the middle of the hash. Kernels before 5.14 lack it.
+            try:
+                mapped.madvise(_MADV_POPULATE_READ)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            with memoryview(mapped) as view, view[span.offset - start :] as part:
+                self.digest.update(part)
 
     def join(self) -> None:
         """Wait until every submitted chunk is hashed; the thread ends."""
@@ -230,6 +269,38 @@ class FillWriter:
             free.put(buffer)
             return 0
         self.write(memoryview(buffer)[:count], lambda: free.put(buffer))
+        return count
+
+    def copy_from(self, copy_into: Callable[[int, int], int | None]) -> int | None:
+        """Have ``copy_into(fd, count)`` put the next chunk into the cache file in the kernel.
+
+        The hash thread then reads those bytes from the page cache, so they
+        never pass through a buffer of ours: measured in docs/benchmarks.md as
+        the cheapest way to fill from a local file. Returns the bytes copied,
+        0 at the end, or None when there is no kernel copy to make (a verify-only
+        fill, a source that cannot, a copy that failed): ``write_from`` then
+        carries on from where the copies stopped.
+        """
+        target, hasher = self._target, self._hasher
+        if target is None or hasher is None:
+            return None
+        fd, offset = target.fileno(), self.received
+        try:
+            count = copy_into(fd, CHUNK_SIZE)
+        except OSError as exc:
+            log.info(
+                "kernel copy into the cache copy of %s failed (%s); reading instead",
+                self.image_id,
+                exc,
+            )
+            return None
+        if not count:
+            return count
+        self.received += count
+        target.wrote(count)
+        if self.expected_size is not None and self.received > self.expected_size:
+            raise VerificationError(self.image_id, "size", self.expected_size, self.received)
+        hasher.submit(_FileSpan(fd, offset, count))
         return count
 
     def _end_hash(self, *, discard: bool = False) -> None:

@@ -40,6 +40,9 @@ class WriteTarget(Protocol):
 
     def write(self, data: Chunk, /) -> int: ...
 
+    def wrote(self, count: int, /) -> None:
+        """Account bytes that reached the file's position without ``write`` (a kernel copy)."""
+
     def fileno(self) -> int: ...
 
 

@@ -122,13 +122,17 @@ class Fill:
         while view:
             written = os.write(self.fd, view)
             view = view[written:]
-        self.bytes_written += len(data)
+        self.wrote(len(data))
+        return len(data)
+
+    def wrote(self, count: int, /) -> None:
+        """Account ``count`` bytes put at the file's position by other means (a kernel copy)."""
+        self.bytes_written += count
         if self.bytes_written - self._flushed_at >= FLUSH_STEP:
             self._flushed_at = self.bytes_written
             if self._flusher is None:
                 self._flusher = _Flusher(self.fd)
             self._flusher.request()
-        return len(data)
 
     def sync(self) -> None:
         """Make the whole file durable (the commit's fsync); raises a background flush's error."""
@@ -297,7 +301,9 @@ class FileBackedDriver(Driver):
         path = self.layout.incomplete_path(image_id)
         for _ in range(8):  # a few rounds of losing races, then give up loudly
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+                # Read as well as write: the hash of a kernel-copied chunk reads
+                # it back through a mapping of this descriptor.
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             except FileExistsError:
                 existing = _open_existing(path)
                 if existing is None:
@@ -408,6 +414,6 @@ def _committed(path: Path) -> Iterator[None]:
 
 def _open_existing(path: Path) -> int | None:
     try:
-        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         return None

@@ -58,9 +58,18 @@ class BlockingSource(Protocol):
     ``interrupt`` may be called from another thread: a ``readinto`` waiting on
     the origin then ends with ``UpstreamError`` instead of waiting out its
     timeout (a fill cancelled at shutdown).
+
+    ``copy_into`` is the fast path of a source that can move its next bytes
+    into a file in the kernel (``copy_file_range``), without a trip through a
+    buffer of ours: it returns the count copied to ``fd``'s position (0 at the
+    end), or None if this source cannot, and the fill then uses ``readinto``
+    for the rest. Its ``OSError`` may come from either file; the fill then
+    falls back to ``readinto`` too, whose own errors tell the two apart.
     """
 
     def readinto(self, buffer: memoryview, /) -> int: ...
+
+    def copy_into(self, fd: int, count: int, /) -> int | None: ...
 
     def interrupt(self) -> None: ...
 

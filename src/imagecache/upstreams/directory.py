@@ -124,6 +124,11 @@ class _FileSource:
         self.offset += count
         return count
 
+    def copy_into(self, fd: int, count: int, /) -> int:
+        copied = os.copy_file_range(self.fd, fd, count, self.offset)
+        self.offset += copied
+        return copied
+
     def interrupt(self) -> None:
         """Nothing to do: a local read never waits on anyone (and closing the
         descriptor under a running pread could let it read a reused one)."""

@@ -98,6 +98,9 @@ class HttpSource:
         self.received += count
         return count
 
+    def copy_into(self, fd: int, count: int, /) -> None:
+        """No kernel copy from a socket: the bytes come through ``readinto``."""
+
     def _file(self) -> io.BufferedReader:
         fp = self._response.fp
         if fp is None:  # closed under us

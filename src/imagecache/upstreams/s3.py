@@ -206,6 +206,9 @@ class _BodySource:
         self.received += count
         return count
 
+    def copy_into(self, fd: int, count: int, /) -> None:
+        """No kernel copy from boto3's body: the bytes come through ``readinto``."""
+
     def interrupt(self) -> None:
         """Left to boto3's read timeout (the upstream timeout): its body offers no safe way
         to wake a read from another thread."""
