@@ -172,17 +172,19 @@ class _LocalSource(_FileSource):
     """The directory upstream's source, whose kernel copy can be made to fail.
 
     With ``fail_after`` the copy raises EXDEV (a filesystem that cannot copy)
-    once that many bytes have been copied.
+    once that many bytes have been copied; with ``piece`` it copies at most that
+    much at a time, as a copy may.
     """
 
-    def __init__(self, path: Path, fail_after: int | None = None) -> None:
+    def __init__(self, path: Path, fail_after: int | None = None, piece: int | None = None) -> None:
         super().__init__(path.name, os.open(path, os.O_RDONLY))
         self.fail_after = fail_after
+        self.piece = piece
 
     def copy_into(self, fd: int, count: int, /) -> int:
         if self.fail_after is not None and self.offset >= self.fail_after:
             raise OSError(errno.EXDEV, "cross-device copy")
-        return super().copy_into(fd, count)
+        return super().copy_into(fd, min(count, self.piece or count))
 
 
 @pytest.mark.parametrize("fail_after", [None, 0, 5 * 1024 * KiB])
@@ -263,3 +265,27 @@ def test_a_span_the_file_no_longer_holds_fails_the_hash_instead_of_the_process(
             hasher.join()
     finally:
         os.close(fd)
+
+
+def test_short_kernel_copies_at_odd_offsets_are_hashed_exactly(
+    cache: ImageCache, cache_dir: Path, tmp_path: Path
+) -> None:
+    # Spans that start inside a page: the mapping must start on the page
+    # boundary below and hash from the span's own first byte.
+    data = image_bytes(3 * 1024 * KiB + 11, seed=7)
+    origin = tmp_path / "origin"
+    origin.write_bytes(data)
+    expected = hashlib.sha512(data).hexdigest()
+    writer = cache.writer(
+        "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
+    )
+    assert writer.open()
+    source = _LocalSource(origin, piece=100_003)
+    counts = []
+    while count := writer.copy_from(source.copy_into):
+        counts.append(count)
+    source.close()
+    writer.finish()
+    assert writer.committed
+    assert set(counts[:-1]) == {100_003}
+    assert (cache_dir / "img").read_bytes() == data
