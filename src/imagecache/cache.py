@@ -82,8 +82,9 @@ class _Hasher:
     hashed in order, and a dedicated thread takes each one without the
     scheduling a pool adds per task. ``submit`` blocks only when the backlog is
     full. ``done`` callbacks run in the hash thread once a chunk is hashed (the
-    fill pump uses them to reuse its buffers). ``submit_span`` hashes bytes a
-    kernel copy put in the cache file, through a read-only mapping of it.
+    fill pump uses them to reuse its buffers). A ``_FileSpan`` submitted in
+    place of a chunk is hashed from the cache file, through a read-only
+    mapping: the bytes a kernel copy put there.
     """
 
     def __init__(self, digest: _Hash) -> None:
