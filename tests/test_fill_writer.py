@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -288,4 +290,39 @@ def test_short_kernel_copies_at_odd_offsets_are_hashed_exactly(
     writer.finish()
     assert writer.committed
     assert set(counts[:-1]) == {100_003}
+    assert (cache_dir / "img").read_bytes() == data
+
+
+def test_an_origin_on_another_filesystem_is_read_instead(
+    cache: ImageCache, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real cross-filesystem copy (tmpfs to the cache's disk): Linux answers
+    # EXDEV, and the fill reads and writes instead, from the first byte.
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(cache_dir).st_dev:
+        pytest.skip(
+            "needs /dev/shm on another filesystem than the cache (no cross-filesystem copy to try)"
+        )
+    data = image_bytes(2 * 1024 * KiB + 1, seed=8)
+    expected = hashlib.sha512(data).hexdigest()
+    with tempfile.TemporaryDirectory(dir=shm) as origin_dir:
+        origin = Path(origin_dir) / "img"
+        origin.write_bytes(data)
+        writer = cache.writer(
+            "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
+        )
+        assert writer.open()
+        source = _LocalSource(origin)
+        with caplog.at_level(logging.INFO, logger="imagecache.cache"):
+            first = writer.copy_from(source.copy_into)
+        if first is not None:
+            pytest.skip(
+                f"this kernel copies across filesystems ({first} bytes): no fallback to see"
+            )
+        assert "reading instead" in caplog.text
+        while writer.write_from(source.readinto):
+            pass
+        source.close()
+    writer.finish()
+    assert writer.committed
     assert (cache_dir / "img").read_bytes() == data
