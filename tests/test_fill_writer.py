@@ -313,7 +313,7 @@ def test_an_origin_on_another_filesystem_is_read_instead(
         )
         assert writer.open()
         source = _LocalSource(origin)
-        with caplog.at_level(logging.INFO, logger="imagecache.cache"):
+        with caplog.at_level(logging.DEBUG, logger="imagecache.cache"):
             first = writer.copy_from(source.copy_into)
         if first is not None:
             pytest.skip(

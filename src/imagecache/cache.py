@@ -289,7 +289,10 @@ class FillWriter:
         try:
             count = copy_into(fd, CHUNK_SIZE)
         except OSError as exc:
-            log.info(
+            # Debug only: an origin on another filesystem answers EXDEV to every
+            # fill, and an error that matters (a full disk) comes back from the
+            # read and write that follow, where it is reported.
+            log.debug(
                 "kernel copy into the cache copy of %s failed (%s); reading instead",
                 self.image_id,
                 exc,
