@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imagecache.cache import FillWriter
+from imagecache.errors import CacheStoreError
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from server_helpers import directory_app, image_bytes, listdir, put_image, settled
@@ -60,8 +62,44 @@ async def test_miss_then_hit_serve_identical_correct_bytes(
     assert body == DATA
     assert headers["ETag"] == miss_etag == f'"sha256-{hashlib.sha256(DATA).hexdigest()}"'
     assert int(headers["Content-Length"]) == SIZE
-    state = client.app[__import__("imagecache.server.state", fromlist=["STATE"]).STATE]
-    assert state.cache.get_hit_count("img-1") == 1
+    assert client.app[STATE].cache.get_hit_count("img-1") == 1
+
+
+async def test_a_hit_is_counted_before_its_client_has_the_bytes(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow metadata store (a busy central database, say): the client that
+    # holds its last byte must still find its hit counted.
+    await get(client, "/v2/images/img-1/file")
+    await settled(client)
+    driver = client.app[STATE].cache.driver
+    record_hit = driver.record_hit
+
+    def slow_record_hit(image_id: str) -> None:
+        time.sleep(0.3)
+        record_hit(image_id)
+
+    monkeypatch.setattr(driver, "record_hit", slow_record_hit)
+    status, _, body = await get(client, "/v2/images/img-1/file")
+    assert status == 200
+    assert body == DATA
+    assert client.app[STATE].cache.get_hit_count("img-1") == 1
+
+
+async def test_a_hit_that_cannot_be_counted_is_still_served(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    await get(client, "/v2/images/img-1/file")
+    await settled(client)
+
+    def failing_record_hit(image_id: str) -> None:
+        raise CacheStoreError("the metadata store is down")
+
+    monkeypatch.setattr(client.app[STATE].cache.driver, "record_hit", failing_record_hit)
+    status, _, body = await get(client, "/v2/images/img-1/file")
+    assert status == 200
+    assert body == DATA
+    assert "recording a hit of img-1 failed: the metadata store is down" in caplog.text
 
 
 async def test_content_md5_is_the_hex_checksum_like_glance(

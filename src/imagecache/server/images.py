@@ -183,6 +183,13 @@ async def _serve_hit(
         if wanted:
             response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
         response.content_length = count
+        whole = request.method == "GET" and wanted is None
+        if whole:
+            # Counted before any byte goes out, so a client holding its last
+            # byte finds the hit in a listing made right after (counted after
+            # the send, it raced that listing). A client that leaves midway
+            # still counts, as in Glance, whose driver counts when the file closes.
+            await _record_hit(state, image_id)
         await response.prepare(request)
         if request.method == "HEAD" or count == 0:
             await response.write_eof()
@@ -190,12 +197,18 @@ async def _serve_hit(
             await _send_span(request, response, state, hit.handle, offset, count)
             await response.write_eof()
         state.metrics.bytes_from_cache.inc(0 if request.method == "HEAD" else count)
-        if request.method == "GET" and wanted is None:
+        if whole:
             state.metrics.hits.inc()
-            await state.fills.run(state.cache.driver.record_hit, image_id)
         return response
     finally:
         await state.fills.run(hit.handle.close)
+
+
+async def _record_hit(state: ServiceState, image_id: str) -> None:
+    try:
+        await state.fills.run(state.cache.driver.record_hit, image_id)
+    except Exception as exc:  # a hit counter must never cost the client its image
+        log.warning("recording a hit of %s failed: %s", image_id, exc)
 
 
 async def _send_span(
