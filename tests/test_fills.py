@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from imagecache.drivers.files import Fill
 from imagecache.fills import FlightKind
+from imagecache.records import Chunk
 from imagecache.server.app import create_app
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
@@ -406,3 +409,69 @@ async def test_shutdown_wakes_a_fill_waiting_on_a_stalled_origin(
             await response.read()
     finally:
         gate.set()
+
+
+def _fill_the_disk_when(flag: threading.Event) -> Callable[[Fill, Chunk], int]:
+    """``Fill.write`` that meets a real ENOSPC once ``flag`` is set.
+
+    The fill's own descriptor is pointed at /dev/full (no small filesystem can
+    be mounted here to fill up); readers keep their own descriptor of the file.
+    """
+    write = Fill.write
+
+    def write_or_fail(self: Fill, data: Chunk) -> int:
+        if flag.is_set():
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, self.fd)
+            os.close(full)
+        return write(self, data)
+
+    return write_or_fail
+
+
+async def _two_clients_then_a_full_disk(
+    make_client: Any, http_origin: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[aiohttp.ClientResponse], list[bytes], asyncio.Event]:
+    """Two clients of one fill hold its first bytes; the origin waits at 1 MiB; the disk is full."""
+    http_origin.add("img", DATA)
+    client = await make_client()
+    gate = http_origin.gate("img", after=1024 * 1024)
+    full = threading.Event()
+    monkeypatch.setattr(Fill, "write", _fill_the_disk_when(full))
+    responses, firsts = [], []
+    for _ in range(2):
+        response = await client.get("/v2/images/img/file")
+        responses.append(response)
+        firsts.append(await response_started(response))
+    full.set()
+    return responses, firsts, gate
+
+
+async def test_clients_of_a_fill_whose_disk_fills_up_finish_from_the_origin(
+    make_client: Any, http_origin: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    responses, firsts, gate = await _two_clients_then_a_full_disk(
+        make_client, http_origin, monkeypatch
+    )
+    gate.set()
+    for response, first in zip(responses, firsts, strict=True):
+        assert first + await response.read() == DATA
+    # The fill, then one read from where each client was: no single flight
+    # without a cache copy to share.
+    assert http_origin.body_reads("img") == 3
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "invalid") == ["img"]
+
+
+async def test_what_the_origin_sends_after_a_full_disk_is_still_verified(
+    make_client: Any, http_origin: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    responses, _, gate = await _two_clients_then_a_full_disk(make_client, http_origin, monkeypatch)
+    # The origin's file changes under the download: the rest no longer
+    # matches the checksum the download started with.
+    (http_origin.root / "img").write_bytes(DATA[:-1] + bytes([DATA[-1] ^ 1]))
+    gate.set()
+    for response in responses:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert not (cache_dir / "img").exists()

@@ -20,7 +20,7 @@ from typing import BinaryIO
 from aiohttp import hdrs, web
 
 from imagecache.cluster import PeerRequest, peer_request
-from imagecache.errors import ImageCacheError, UpstreamNotActive
+from imagecache.errors import CacheStoreError, ImageCacheError, UpstreamNotActive
 from imagecache.fills import Flight, FlightKind, WriterGone, aclose
 from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import caller_from
@@ -295,7 +295,7 @@ async def _serve_miss(
         state.metrics.followers.inc()
     else:
         state.metrics.misses.inc()
-    return await _follow(request, state, flight, etag)
+    return await _follow(request, state, flight, etag, caller)
 
 
 async def _serve_sibling(
@@ -321,9 +321,18 @@ async def _serve_sibling(
 
 
 async def _follow(
-    request: web.Request, state: ServiceState, flight: Flight, etag: str | None
+    request: web.Request,
+    state: ServiceState,
+    flight: Flight,
+    etag: str | None,
+    caller: Caller | None = None,
 ) -> web.StreamResponse | Served:
-    """Stream the flight's file to the client as it grows; abort if the fill fails."""
+    """Stream the flight's file to the client as it grows; abort if the fill fails.
+
+    With ``caller`` (not for a sibling node), a fill of this process that
+    loses its cache copy midway (the disk failed) does not cost its clients
+    their download: each goes on from the origin (``_finish_from_origin``).
+    """
     if flight.fd is None:
         # The flight ended, and closed its file, between being joined and being
         # read: a fill in another process can finish within the first look of
@@ -334,10 +343,11 @@ async def _follow(
     response = web.StreamResponse(headers=_headers(info.checksum if info else None, etag))
     if flight.size is not None:
         response.content_length = flight.size
+    sent = _Sent()
     async with flight.reading():
         try:
             if flight.size is not None:
-                await _follow_sized(request, response, state, flight)
+                await _follow_sized(request, response, state, flight, sent=sent)
             else:
                 async for chunk in flight.chunks(state.fills.run):
                     if not response.prepared:
@@ -353,8 +363,78 @@ async def _follow(
         except ImageCacheError as exc:
             if not response.prepared:
                 raise
-            abort(request, flight.image_id, str(exc))
+            if (
+                caller is not None
+                and isinstance(exc, CacheStoreError)
+                and flight.kind is FlightKind.LOCAL
+                and flight.size is not None
+            ):
+                await _finish_from_origin(request, response, state, flight, caller, sent.offset)
+            else:
+                abort(request, flight.image_id, str(exc))
     return response
+
+
+@dataclass
+class _Sent:
+    """How far a follower's body has gone: the offset of its next byte."""
+
+    offset: int = 0
+
+
+async def _finish_from_origin(
+    request: web.Request,
+    response: web.StreamResponse,
+    state: ServiceState,
+    flight: Flight,
+    caller: Caller,
+    sent: int,
+) -> None:
+    """The rest of a body whose fill lost its cache copy, read from the origin, still verified.
+
+    The client has bytes ``[0, sent)`` from the fill's file. They are hashed
+    from that file: this process's own fill rolled it back, so no other writer
+    can reach it (a new fill creates a new file). The rest comes from the
+    origin from byte ``sent``, and the last piece waits for the hash of the
+    whole, as in a stream-through. Every follower of the failed fill reads
+    the origin on its own: single-flight ends with the cache copy.
+    """
+    info, fd = flight.info, flight.fd
+    assert info is not None, "a fill of known size has its info"
+    assert fd is not None, "a reader keeps the flight's file open"
+    log.warning(
+        "the cache copy of %s failed mid-fill; continuing a download from the origin at byte %d",
+        flight.image_id,
+        sent,
+    )
+    state.metrics.bypasses.labels("cache_failed").inc()
+    verifier = state.cache.writer(flight.image_id, info)  # never opened: verifies only
+    stream = state.upstream.stream(flight.image_id, caller, sent)
+    held: bytes | None = None
+    try:
+        offset = 0
+        while offset < sent:
+            data = await state.fills.run(os.pread, fd, min(READ_CHUNK, sent - offset), offset)
+            if not data:
+                raise CacheStoreError(f"the cache file of {flight.image_id!r} shrank")
+            await state.fills.run(verifier.write, data)
+            offset += len(data)
+        async for chunk in stream:
+            if not chunk:
+                continue
+            state.metrics.bytes_from_upstream.inc(len(chunk))
+            await state.fills.run(verifier.write, chunk)
+            if held is not None:
+                await response.write(held)
+            held = chunk
+        await state.fills.run(verifier.verify)
+        if held is not None:
+            await response.write(held)
+        await response.write_eof()
+    except (ImageCacheError, OSError) as exc:
+        abort(request, flight.image_id, f"continuing from the origin failed: {exc}")
+    finally:
+        await aclose(stream)
 
 
 async def _follow_range(
@@ -406,8 +486,11 @@ async def _follow_sized(
     flight: Flight,
     start: int = 0,
     end: int | None = None,
+    sent: _Sent | None = None,
 ) -> None:
     """Bytes ``[start, end)`` of a body of known size, each span with sendfile as it lands.
+
+    ``sent``, if given, follows the offset of the next byte to send.
 
     Readers of a fill (its first client included) send the file as it lands,
     like a hit, instead of copying 1 MiB pieces through Python: less CPU and
@@ -426,6 +509,8 @@ async def _follow_sized(
             if not response.prepared:
                 await response.prepare(request)
             await _send_span(request, response, state, handle, offset, count)
+            if sent is not None:
+                sent.offset = offset + count
             if offset + count >= stop:
                 break
 
