@@ -661,6 +661,20 @@ def test_caching_over_a_stale_fill_takes_it_over(cache: ImageCache, cache_dir: P
     assert names(cache_dir / "incomplete") == set()
 
 
+def test_taking_over_a_stale_fill_starts_a_new_file(cache: ImageCache, cache_dir: Path) -> None:
+    # A reader of the dead writer's file (a follower in another process) must
+    # keep the bytes it was sent: the takeover may not rewrite that file.
+    stale = make_incomplete(cache_dir, "img", age=DAY)
+    reader = os.open(stale, os.O_RDONLY)
+    try:
+        assert cache.cache_image_iter("img", iter(chunks_of(DATA)), ImageInfo("img", checksum=MD5))
+        assert os.pread(reader, 100, 0) == b"partial"
+        assert os.fstat(reader).st_ino != (cache_dir / "img").stat().st_ino
+    finally:
+        os.close(reader)
+    assert read(cache, "img") == DATA
+
+
 def test_caching_while_another_writer_fills_streams_without_caching(cache: ImageCache) -> None:
     with cache.driver.open_for_write("img") as target:
         target.write(DATA)

@@ -147,6 +147,66 @@ time.sleep(600)  # a writer that hangs until the test kills it
 """
 
 
+_WRITE_THEN_HANG = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+fcntl.flock(fd, fcntl.LOCK_EX)
+with open(sys.argv[2], "rb") as prefix:
+    os.write(fd, prefix.read())
+print("written", flush=True)
+time.sleep(600)  # a writer that hangs mid-image until the test kills it
+"""
+
+
+async def _follower_with_bytes_of_a_dying_writer(
+    client: TestClient[Any, Any], cache_dir: Path, tmp_path: Path, prefix: bytes
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    """Another process writes ``prefix`` and dies once a client has had some of it."""
+    (cache_dir / "incomplete").mkdir(exist_ok=True)
+    (tmp_path / "prefix").write_bytes(prefix)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WRITE_THEN_HANG,
+        str(cache_dir / "incomplete" / "img"),
+        str(tmp_path / "prefix"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert (await holder.stdout.readline()).strip() == b"written"
+        response = await client.get("/v2/images/img/file")
+        assert _kind(client, "img") is FlightKind.REMOTE
+        first = await response_started(response)
+    finally:
+        holder.kill()
+        await holder.wait()
+    return response, first
+
+
+async def test_a_follower_with_bytes_finishes_from_the_origin_when_the_writer_dies(
+    make_client: Any, http_origin: Any, cache_dir: Path, tmp_path: Path
+) -> None:
+    http_origin.add("img", DATA)
+    client = await make_client()
+    response, first = await _follower_with_bytes_of_a_dying_writer(
+        client, cache_dir, tmp_path, DATA[: 1024 * 1024]
+    )
+    assert first + await response.read() == DATA
+    assert http_origin.body_reads("img") == 1  # the rest, from where the client stood
+
+
+async def test_a_dead_writers_wrong_bytes_abort_their_follower(
+    make_client: Any, http_origin: Any, cache_dir: Path, tmp_path: Path
+) -> None:
+    http_origin.add("img", DATA)
+    client = await make_client()
+    wrong = bytes(b ^ 0xFF for b in DATA[: 1024 * 1024])
+    response, _ = await _follower_with_bytes_of_a_dying_writer(client, cache_dir, tmp_path, wrong)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+
+
 async def test_a_follower_takes_over_when_the_writer_process_dies(
     make_client: Any, http_origin: Any, cache_dir: Path
 ) -> None:

@@ -18,7 +18,7 @@ half-written file at ``<dir>/<id>`` (tests/test_crash.py kills real writers):
 1. Killed while writing, before the rename: ``incomplete/<id>`` with no lock
    holder. ``is_being_cached`` is True until ``clean`` removes it (it is
    stalled once older than the stall time; ``clean(0)`` takes it at once) or
-   the next ``open_for_write`` takes it over and truncates it.
+   the next ``open_for_write`` takes it over: removes it and starts a new file.
 2. Killed after the rename, before the metadata: ``<id>`` is complete and
    verified but has no record. The xattr driver lists it anyway (its
    attributes fall back to the file's times, zero hits); the sqlite and central
@@ -328,8 +328,15 @@ class FileBackedDriver(Driver):
                 os.close(fd)
                 raise ImageBeingCached(image_id)
             if took_over:
+                # A new file, not the old one truncated: readers of the dead
+                # writer's file (followers in other processes) keep exactly
+                # the bytes they were sent, which they hash to finish their
+                # downloads from the origin. Unlinked while we hold its lock,
+                # then closed, which wakes those readers.
                 log.warning("taking over the stalled fill of %s (its writer is gone)", image_id)
-                os.ftruncate(fd, 0)
+                unlink_if_exists(path)
+                os.close(fd)
+                continue
             return fill
         raise ImageBeingCached(image_id)
 

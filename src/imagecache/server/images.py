@@ -327,11 +327,13 @@ async def _follow(
     etag: str | None,
     caller: Caller | None = None,
 ) -> web.StreamResponse | Served:
-    """Stream the flight's file to the client as it grows; abort if the fill fails.
+    """Stream the flight's file to the client as it grows.
 
-    With ``caller`` (not for a sibling node), a fill of this process that
-    loses its cache copy midway (the disk failed) does not cost its clients
-    their download: each goes on from the origin (``_finish_from_origin``).
+    With ``caller`` (not for a sibling node), a fill that ends unfinished
+    after the client has had bytes (this process's cache disk failed, or the
+    writing process died) does not cost the client its download: it goes on
+    from the origin (``_finish_from_origin``). Otherwise the response is
+    aborted; before any byte, the caller looks again (``Served.RETRY``).
     """
     if flight.fd is None:
         # The flight ended, and closed its file, between being joined and being
@@ -356,23 +358,33 @@ async def _follow(
             if not response.prepared:
                 await response.prepare(request)
             await response.write_eof()
-        except WriterGone:
+        except WriterGone as exc:
             if not response.prepared:
                 return Served.RETRY
-            abort(request, flight.image_id, "its fill ended uncommitted")
+            await _finish_or_abort(request, response, state, flight, caller, sent.offset, exc)
         except ImageCacheError as exc:
             if not response.prepared:
                 raise
-            if (
-                caller is not None
-                and isinstance(exc, CacheStoreError)
-                and flight.kind is FlightKind.LOCAL
-                and flight.size is not None
-            ):
-                await _finish_from_origin(request, response, state, flight, caller, sent.offset)
+            if isinstance(exc, CacheStoreError) and flight.kind is FlightKind.LOCAL:
+                await _finish_or_abort(request, response, state, flight, caller, sent.offset, exc)
             else:
                 abort(request, flight.image_id, str(exc))
     return response
+
+
+async def _finish_or_abort(
+    request: web.Request,
+    response: web.StreamResponse,
+    state: ServiceState,
+    flight: Flight,
+    caller: Caller | None,
+    sent: int,
+    why: ImageCacheError,
+) -> None:
+    if caller is None or flight.size is None:  # a sibling's request; a body of unknown size
+        abort(request, flight.image_id, str(why))
+    else:
+        await _finish_from_origin(request, response, state, flight, caller, sent)
 
 
 @dataclass
@@ -390,24 +402,25 @@ async def _finish_from_origin(
     caller: Caller,
     sent: int,
 ) -> None:
-    """The rest of a body whose fill lost its cache copy, read from the origin, still verified.
+    """The rest of a body whose fill ended unfinished, read from the origin, still verified.
 
     The client has bytes ``[0, sent)`` from the fill's file. They are hashed
-    from that file: this process's own fill rolled it back, so no other writer
-    can reach it (a new fill creates a new file). The rest comes from the
-    origin from byte ``sent``, and the last piece waits for the hash of the
-    whole, as in a stream-through. Every follower of the failed fill reads
-    the origin on its own: single-flight ends with the cache copy.
+    from that file, which nobody writes any more: its fill was rolled back, or
+    its writer is dead (a process taking over a dead writer's fill starts a
+    new file, drivers/files.py), and a writer only ever appends. The rest
+    comes from the origin from byte ``sent``, and the last piece waits for the
+    hash of the whole, as in a stream-through. Every follower of the failed
+    fill reads the origin on its own: single-flight ends with the cache copy.
     """
     info, fd = flight.info, flight.fd
     assert info is not None, "a fill of known size has its info"
     assert fd is not None, "a reader keeps the flight's file open"
     log.warning(
-        "the cache copy of %s failed mid-fill; continuing a download from the origin at byte %d",
+        "the fill of %s ended unfinished; continuing a download from the origin at byte %d",
         flight.image_id,
         sent,
     )
-    state.metrics.bypasses.labels("cache_failed").inc()
+    state.metrics.bypasses.labels("fill_failed").inc()
     verifier = state.cache.writer(flight.image_id, info)  # never opened: verifies only
     stream = state.upstream.stream(flight.image_id, caller, sent)
     held: bytes | None = None
