@@ -138,6 +138,18 @@ async def test_abandoned_fill_abort_rolls_back_when_nobody_listens(
     assert listdir(cache_dir / "incomplete") == []
 
 
+async def _python(script: str, *args: Path, stdin: bool = False) -> asyncio.subprocess.Process:
+    """``python -c script args...`` (a writer in another process), stdout piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        *map(str, args),
+        stdin=asyncio.subprocess.PIPE if stdin else None,
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
 _HOLD_LOCK = """
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -164,14 +176,7 @@ async def _follower_with_bytes_of_a_dying_writer(
     """Another process writes ``prefix`` and dies once a client has had some of it."""
     (cache_dir / "incomplete").mkdir(exist_ok=True)
     (tmp_path / "prefix").write_bytes(prefix)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _WRITE_THEN_HANG,
-        str(cache_dir / "incomplete" / "img"),
-        str(tmp_path / "prefix"),
-        stdout=asyncio.subprocess.PIPE,
-    )
+    holder = await _python(_WRITE_THEN_HANG, cache_dir / "incomplete" / "img", tmp_path / "prefix")
     try:
         assert holder.stdout is not None
         assert (await holder.stdout.readline()).strip() == b"written"
@@ -213,13 +218,7 @@ async def test_a_follower_takes_over_when_the_writer_process_dies(
     http_origin.add("img", DATA)
     client = await make_client()
     (cache_dir / "incomplete").mkdir(exist_ok=True)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _HOLD_LOCK,
-        str(cache_dir / "incomplete" / "img"),
-        stdout=asyncio.subprocess.PIPE,
-    )
+    holder = await _python(_HOLD_LOCK, cache_dir / "incomplete" / "img")
     try:
         assert holder.stdout is not None
         assert (await holder.stdout.readline()).strip() == b"locked"
@@ -408,15 +407,8 @@ async def test_a_fill_in_another_process_ending_before_the_first_look_is_a_hit(
     (cache_dir / "incomplete").mkdir(exist_ok=True)
     source = tmp_path / "data"
     source.write_bytes(DATA)
-    writer = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _COMMIT_ON_CUE,
-        str(cache_dir / "incomplete" / "img"),
-        str(cache_dir / "img"),
-        str(source),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+    writer = await _python(
+        _COMMIT_ON_CUE, cache_dir / "incomplete" / "img", cache_dir / "img", source, stdin=True
     )
     assert writer.stdin is not None
     assert writer.stdout is not None
