@@ -19,6 +19,7 @@ import pytest
 
 from imagecache import ImageCache
 from imagecache import cache as cache_module
+from imagecache.cache import FillWriter
 from imagecache.drivers.files import FLUSH_STEP, Fill
 from imagecache.errors import VerificationError
 from imagecache.records import ImageInfo
@@ -145,11 +146,7 @@ def test_write_from_reuses_its_buffers_and_hashes_every_byte(
     cache: ImageCache, cache_dir: Path
 ) -> None:
     data = image_bytes(20 * 1024 * KiB + 7, seed=3)
-    expected = hashlib.sha512(data).hexdigest()
-    writer = cache.writer(
-        "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
-    )
-    assert writer.open()
+    writer = _promised_sha512(cache, data)
     offset = 0
     buffers: set[int] = set()
 
@@ -189,6 +186,16 @@ class _LocalSource(_FileSource):
         return super().copy_into(fd, min(count, self.piece or count))
 
 
+def _promised_sha512(cache: ImageCache, data: bytes) -> FillWriter:
+    """An open writer of ``img`` that must match ``data``'s sha512."""
+    expected = hashlib.sha512(data).hexdigest()
+    writer = cache.writer(
+        "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
+    )
+    assert writer.open()
+    return writer
+
+
 @pytest.mark.parametrize("fail_after", [None, 0, 5 * 1024 * KiB])
 def test_kernel_copies_are_hashed_from_the_file_and_fall_back_to_reading(
     cache: ImageCache, cache_dir: Path, tmp_path: Path, fail_after: int | None
@@ -196,11 +203,7 @@ def test_kernel_copies_are_hashed_from_the_file_and_fall_back_to_reading(
     data = image_bytes(12 * 1024 * KiB + 5, seed=4)
     origin = tmp_path / "origin"
     origin.write_bytes(data)
-    expected = hashlib.sha512(data).hexdigest()
-    writer = cache.writer(
-        "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
-    )
-    assert writer.open()
+    writer = _promised_sha512(cache, data)
     source = _LocalSource(origin, fail_after)
     copied = 0
     while (count := writer.copy_from(source.copy_into)) is not None and count:
@@ -212,6 +215,7 @@ def test_kernel_copies_are_hashed_from_the_file_and_fall_back_to_reading(
     assert writer.committed
     assert copied == (len(data) if fail_after is None else fail_after)
     assert (cache_dir / "img").read_bytes() == data
+    expected = hashlib.sha512(data).hexdigest()
     assert cache.get_cached_image("img").hash_value == expected  # type: ignore[union-attr]
 
 
@@ -277,11 +281,7 @@ def test_short_kernel_copies_at_odd_offsets_are_hashed_exactly(
     data = image_bytes(3 * 1024 * KiB + 11, seed=7)
     origin = tmp_path / "origin"
     origin.write_bytes(data)
-    expected = hashlib.sha512(data).hexdigest()
-    writer = cache.writer(
-        "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
-    )
-    assert writer.open()
+    writer = _promised_sha512(cache, data)
     source = _LocalSource(origin, piece=100_003)
     counts = []
     while count := writer.copy_from(source.copy_into):
@@ -304,14 +304,10 @@ def test_an_origin_on_another_filesystem_is_read_instead(
             "needs /dev/shm on another filesystem than the cache (no cross-filesystem copy to try)"
         )
     data = image_bytes(2 * 1024 * KiB + 1, seed=8)
-    expected = hashlib.sha512(data).hexdigest()
     with tempfile.TemporaryDirectory(dir=shm) as origin_dir:
         origin = Path(origin_dir) / "img"
         origin.write_bytes(data)
-        writer = cache.writer(
-            "img", ImageInfo("img", len(data), hash_algo="sha512", hash_value=expected)
-        )
-        assert writer.open()
+        writer = _promised_sha512(cache, data)
         source = _LocalSource(origin)
         with caplog.at_level(logging.DEBUG, logger="imagecache.cache"):
             first = writer.copy_from(source.copy_into)

@@ -14,11 +14,13 @@ import asyncio
 import enum
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from aiohttp import hdrs, web
 
+from imagecache.cache import FillWriter
 from imagecache.cluster import PeerRequest, peer_request
 from imagecache.errors import CacheStoreError, ImageCacheError, UpstreamNotActive
 from imagecache.fills import Flight, FlightKind, WriterGone, aclose
@@ -423,7 +425,6 @@ async def _finish_from_origin(
     state.metrics.bypasses.labels("fill_failed").inc()
     verifier = state.cache.writer(flight.image_id, info)  # never opened: verifies only
     stream = state.upstream.stream(flight.image_id, caller, sent)
-    held: bytes | None = None
     try:
         offset = 0
         while offset < sent:
@@ -432,18 +433,7 @@ async def _finish_from_origin(
                 raise CacheStoreError(f"the cache file of {flight.image_id!r} shrank")
             await state.fills.run(verifier.write, data)
             offset += len(data)
-        async for chunk in stream:
-            if not chunk:
-                continue
-            state.metrics.bytes_from_upstream.inc(len(chunk))
-            await state.fills.run(verifier.write, chunk)
-            if held is not None:
-                await response.write(held)
-            held = chunk
-        await state.fills.run(verifier.verify)
-        if held is not None:
-            await response.write(held)
-        await response.write_eof()
+        await _relay(request, response, state, stream, verifier)
     except (ImageCacheError, OSError) as exc:
         abort(request, flight.image_id, f"continuing from the origin failed: {exc}")
     finally:
@@ -552,26 +542,8 @@ async def _stream_through(
     start, end = (wanted.start, wanted.end) if wanted else (0, None)
     verifier = state.cache.writer(info.image_id, info) if wanted is None else None
     stream = state.upstream.stream(info.image_id, caller, start, end)
-    held: bytes | None = None
     try:
-        async for chunk in stream:
-            if not chunk:
-                continue
-            state.metrics.bytes_from_upstream.inc(len(chunk))
-            if verifier is not None:
-                await state.fills.run(verifier.write, chunk)
-            if held is not None:
-                if not response.prepared:
-                    await response.prepare(request)
-                await response.write(held)
-            held = chunk
-        if verifier is not None:
-            await state.fills.run(verifier.finish)
-        if not response.prepared:
-            await response.prepare(request)
-        if held is not None:
-            await response.write(held)
-        await response.write_eof()
+        await _relay(request, response, state, stream, verifier)
     except ImageCacheError as exc:
         if not response.prepared:
             raise
@@ -579,6 +551,38 @@ async def _stream_through(
     finally:
         await aclose(stream)
     return response
+
+
+async def _relay(
+    request: web.Request,
+    response: web.StreamResponse,
+    state: ServiceState,
+    stream: AsyncIterator[bytes],
+    verifier: FillWriter | None,
+) -> None:
+    """Send the origin's chunks; with a ``verifier``, the last one only once the whole matches.
+
+    ``verifier`` is a writer that was never opened: it hashes, it stores nothing.
+    """
+    held: bytes | None = None
+    async for chunk in stream:
+        if not chunk:
+            continue
+        state.metrics.bytes_from_upstream.inc(len(chunk))
+        if verifier is not None:
+            await state.fills.run(verifier.write, chunk)
+        if held is not None:
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write(held)
+        held = chunk
+    if verifier is not None:
+        await state.fills.run(verifier.verify)
+    if not response.prepared:
+        await response.prepare(request)
+    if held is not None:
+        await response.write(held)
+    await response.write_eof()
 
 
 def abort(request: web.Request, image_id: str, why: str) -> None:
