@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,7 +127,10 @@ def test_an_error_met_by_a_background_flush_fails_the_commit(
 ) -> None:
     # Simulated: a real writeback error needs a failing device. The kernel tells
     # it to one fsync per descriptor, so the flusher's sighting must not be lost.
+    flushing = threading.Event()
+
     def failing_fdatasync(fd: int) -> None:
+        flushing.set()
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
@@ -136,6 +140,10 @@ def test_an_error_met_by_a_background_flush_fails_the_commit(
     assert writer.open()
     for _ in range(count):
         writer.write(chunk)
+    # A commit that comes first makes a pending flush unnecessary and skips it
+    # (its own fsync covers the file); here the flush must have run. Seen
+    # failing once on a loaded machine without this wait.
+    assert flushing.wait(10)
     writer.finish()  # a cache-side failure never reaches the stream...
     assert not writer.committed  # ...but the copy is not committed
     assert not (cache_dir / "img").exists()
