@@ -11,6 +11,8 @@ import errno
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -95,14 +97,22 @@ def test_abort_mid_fill_waits_for_the_hash_and_rolls_back(
 def test_a_long_fill_is_flushed_in_the_background_as_it_goes(
     cache: ImageCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The first flush is held until the whole image is written: writes that waited
+    # for it would stall the test for the full timeout and leave `released` unset.
     flushed: list[int] = []
+    flushing = threading.Event()
+    release = threading.Event()
+    released: list[bool] = []
     real_fdatasync = os.fdatasync
 
-    def counting_fdatasync(fd: int) -> None:
+    def held_fdatasync(fd: int) -> None:
         flushed.append(os.fstat(fd).st_size)
+        if len(flushed) == 1:
+            flushing.set()
+            released.append(release.wait(timeout=30))
         real_fdatasync(fd)
 
-    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    monkeypatch.setattr(os, "fdatasync", held_fdatasync)
     chunk = image_bytes(1024 * KiB, seed=9)
     count = 2 * FLUSH_STEP // len(chunk) + 3
     data = chunk * count
@@ -110,15 +120,20 @@ def test_a_long_fill_is_flushed_in_the_background_as_it_goes(
     assert writer.open()
     fill = writer._target
     assert isinstance(fill, Fill)
-    for _ in range(count):
+    step = FLUSH_STEP // len(chunk)
+    for _ in range(step):
+        writer.write(chunk)
+    # Nothing but the fill's own progress asked for this flush: no commit is near.
+    assert flushing.wait(timeout=30)
+    assert flushed == [FLUSH_STEP]
+    for _ in range(count - step):
         writer.write(chunk)
     assert fill._flushed_at == 2 * FLUSH_STEP
+    release.set()
     writer.finish()
     assert writer.committed
+    assert released == [True]
     assert fill._flusher is None, "the flusher ends before the commit's own fsync"
-    # At least one background flush ran, each while the file was still growing.
-    assert flushed
-    assert all(size < len(data) for size in flushed)
     assert (cache_dir / "img").read_bytes() == data
 
 
@@ -330,3 +345,47 @@ def test_an_origin_on_another_filesystem_is_read_instead(
     writer.finish()
     assert writer.committed
     assert (cache_dir / "img").read_bytes() == data
+
+
+def test_fill_hash_nice_applies_to_the_hash_thread_alone(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # Lowering a priority is allowed to everyone, so this runs unprivileged too.
+    wanted = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+    seen: list[tuple[int, int]] = []
+    with ImageCache(make_settings(fill_hash_nice=wanted)) as image_cache:
+        assert image_cache.hash_nice == wanted
+        data = image_bytes(1024 * KiB, seed=5)
+        writer = _promised_sha512(image_cache, data)
+
+        def in_the_hash_thread() -> None:
+            tid = threading.get_native_id()
+            seen.append((tid, os.getpriority(os.PRIO_PROCESS, tid)))
+
+        writer.write(data, in_the_hash_thread)
+        writer.finish()
+    assert len(seen) == 1
+    tid, nice = seen[0]
+    assert tid != threading.get_native_id()
+    assert nice == wanted
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != wanted
+
+
+_UNPRIVILEGED_NICE = """
+import os, resource, sys
+from imagecache.cache import usable_nice
+resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
+if os.getuid() == 0:  # drop root and with it CAP_SYS_NICE
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+print(usable_nice(-5), usable_nice(10), usable_nice(None))
+"""
+
+
+def test_a_priority_the_process_may_not_take_is_refused_once_at_start() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _UNPRIVILEGED_NICE], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["None", "10", "None"]
+    assert "LimitNICE" in done.stderr  # the warning names the way to allow it

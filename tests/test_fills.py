@@ -7,6 +7,7 @@ bodies the test can hold at a gate, reset mid-way, or count.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import sys
@@ -22,8 +23,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imagecache.drivers.files import Fill
-from imagecache.fills import FlightKind
+from imagecache.drivers.sqlite import SqliteDriver
+from imagecache.fills import FillCoordinator, FlightKind
 from imagecache.records import Chunk
+from imagecache.server import images as images_module
 from imagecache.server.app import create_app
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
@@ -388,6 +391,209 @@ os.rename(path, active)  # committed (no metadata: the file is what counts for a
 os.close(fd)
 print("committed", flush=True)
 """
+
+
+async def _writer_of_all_data(
+    script: str, cache_dir: Path, tmp_path: Path
+) -> asyncio.subprocess.Process:
+    """Another process running ``script`` with (incomplete path, active path, DATA's file)."""
+    (cache_dir / "incomplete").mkdir(exist_ok=True)
+    (tmp_path / "data").write_bytes(DATA)
+    return await _python(
+        script, cache_dir / "incomplete" / "img", cache_dir / "img", tmp_path / "data", stdin=True
+    )
+
+
+async def test_a_range_during_a_fill_in_another_process_is_served_from_its_file(
+    make_client: Any, http_origin: Any, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A sibling worker's fill serves ranges here too; the last byte waits for its commit."""
+    http_origin.add("img", DATA)
+    client = await make_client()
+    writer = await _writer_of_all_data(_COMMIT_ON_CUE, cache_dir, tmp_path)
+    assert writer.stdin is not None
+    assert writer.stdout is not None
+    try:
+        assert (await writer.stdout.readline()).strip() == b"locked"
+
+        async def ranged(spec: str) -> tuple[int, str, bytes]:
+            async with client.get("/v2/images/img/file", headers={"Range": spec}) as response:
+                return response.status, response.headers["Content-Range"], await response.read()
+
+        # Bytes already in the other process's file: answered from it at once.
+        assert await ranged("bytes=100-199") == (206, f"bytes 100-199/{SIZE}", DATA[100:200])
+        assert _kind(client, "img") is FlightKind.REMOTE
+        # The image's last bytes wait until that fill is committed (verified).
+        tail = asyncio.create_task(ranged("bytes=-10"))
+        flight = client.app[STATE].fills.current("img")
+        assert flight is not None
+        await until(lambda: flight.readers == 1)
+        assert not tail.done()
+        writer.stdin.write(b"commit\n")
+        await writer.stdin.drain()
+        assert await asyncio.wait_for(tail, 10) == (
+            206,
+            f"bytes {SIZE - 10}-{SIZE - 1}/{SIZE}",
+            DATA[-10:],
+        )
+        assert (await writer.stdout.readline()).strip() == b"committed"
+    finally:
+        if writer.returncode is None:
+            writer.kill()
+        await writer.wait()
+    assert http_origin.body_reads("img") == 0
+
+
+def _hold_first_call(
+    monkeypatch: pytest.MonkeyPatch, owner: type, name: str
+) -> tuple[threading.Event, threading.Event]:
+    """Make the first call of the blocking method ``owner.name`` wait until released.
+
+    Returns (entered, release): ``entered`` is set once that call has begun;
+    it goes on, into the original, once the test sets ``release``.
+    """
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(owner, name)
+    calls = itertools.count()
+
+    def held(self: Any, *args: Any) -> Any:
+        if next(calls) == 0:
+            entered.set()
+            assert release.wait(10)
+        return original(self, *args)
+
+    monkeypatch.setattr(owner, name, held)
+    return entered, release
+
+
+def _note_entry(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> asyncio.Event:
+    """An event set when the coroutine ``owner.name`` (a method or a function) is entered.
+
+    Set before the original runs up to its first await: once a test sees it,
+    that call is waiting on whatever the original awaits first.
+    """
+    entered = asyncio.Event()
+    original = getattr(owner, name)
+
+    async def noted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, noted)
+    return entered
+
+
+async def test_a_range_that_finds_no_fill_does_not_keep_a_download_from_filling(
+    make_client: Any, http_origin: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download that arrives while a range looks for a fill to share starts its own."""
+    http_origin.add("img", DATA)
+    client = await make_client()
+    # The range's look for a fill is held until the download has joined it.
+    looking, release = _hold_first_call(monkeypatch, FillCoordinator, "_follow_remote")
+    joined = _note_entry(monkeypatch, FillCoordinator, "join")
+    ranged = asyncio.create_task(client.get("/v2/images/img/file", headers={"Range": "bytes=0-9"}))
+    await until(looking.is_set)
+    whole = asyncio.create_task(client.get("/v2/images/img/file"))
+    await asyncio.wait_for(joined.wait(), 10)
+    flight = client.app[STATE].fills.current("img")
+    assert flight is not None
+    assert flight.kind is FlightKind.PENDING  # the range's, still looking
+    release.set()
+    part, full = await asyncio.wait_for(asyncio.gather(ranged, whole), 20)
+    assert (part.status, await part.read()) == (206, DATA[:10])
+    assert (full.status, await full.read()) == (200, DATA)
+    await settled(client)
+    assert (cache_dir / "img").read_bytes() == DATA
+
+
+async def test_a_range_waiting_on_a_fill_that_finds_the_image_committed_is_a_hit(
+    make_client: Any, http_origin: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a download's fill is being decided, another process commits the image."""
+    http_origin.add("img", DATA)
+    client = await make_client()
+    deciding, release = _hold_first_call(monkeypatch, FillCoordinator, "_decide")
+    watching = _note_entry(monkeypatch, FillCoordinator, "watch")
+    whole = asyncio.create_task(client.get("/v2/images/img/file"))
+    await until(deciding.is_set)
+    part = asyncio.create_task(client.get("/v2/images/img/file", headers={"Range": "bytes=5-9"}))
+    # Both requests wait on the one flight still deciding...
+    await asyncio.wait_for(watching.wait(), 10)
+    # ...when a writer elsewhere commits the image (the file is what counts).
+    (cache_dir / "img").write_bytes(DATA)
+    release.set()
+    full, ranged = await asyncio.wait_for(asyncio.gather(whole, part), 20)
+    assert (full.status, await full.read()) == (200, DATA)
+    assert (ranged.status, await ranged.read()) == (206, DATA[5:10])
+    assert http_origin.body_reads("img") == 0, "both were served as hits"
+
+
+async def test_a_download_between_the_rename_and_the_record_waits_for_the_record(
+    make_client: Any, http_origin: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hit served from a file whose record is not written yet would lack Content-MD5."""
+    http_origin.add("img", DATA)
+    client = await make_client()
+    recording, release = _hold_first_call(monkeypatch, SqliteDriver, "_meta_commit")
+    waiting = _note_entry(monkeypatch, images_module, "_await_commit")
+    async with client.get("/v2/images/img/file") as first:
+        assert await first.read() == DATA
+    await until(recording.is_set)  # renamed, record held
+    assert (cache_dir / "img").exists()
+    second = asyncio.create_task(client.get("/v2/images/img/file"))
+    await asyncio.wait_for(waiting.wait(), 10)
+    assert not second.done()
+    release.set()
+    response = await asyncio.wait_for(second, 10)
+    assert response.headers["Content-MD5"] == hashlib.md5(DATA).hexdigest()
+    assert "ETag" in response.headers
+    assert await response.read() == DATA
+    assert http_origin.body_reads("img") == 1
+
+
+_RENAMED_BEFORE_RECORDED = """
+import fcntl, os, sys
+path, active, data = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, open(data, "rb").read())
+os.rename(path, active)  # a commit between its rename and its record
+print("renamed", flush=True)
+sys.stdin.readline()
+os.close(fd)
+print("released", flush=True)
+"""
+
+
+async def test_a_download_waits_for_another_process_to_finish_its_commit(
+    make_client: Any,
+    http_origin: Any,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    http_origin.add("img", DATA)
+    client = await make_client()
+    waiting = _note_entry(monkeypatch, images_module, "_await_commit")
+    writer = await _writer_of_all_data(_RENAMED_BEFORE_RECORDED, cache_dir, tmp_path)
+    assert writer.stdin is not None
+    assert writer.stdout is not None
+    try:
+        assert (await writer.stdout.readline()).strip() == b"renamed"
+        download = asyncio.create_task(client.get("/v2/images/img/file"))
+        await asyncio.wait_for(waiting.wait(), 10)
+        assert not download.done()  # the file is there, its writer still holds it
+        writer.stdin.write(b"go\n")
+        await writer.stdin.drain()
+        assert (await writer.stdout.readline()).strip() == b"released"
+        response = await asyncio.wait_for(download, 10)
+        assert (response.status, await response.read()) == (200, DATA)
+    finally:
+        if writer.returncode is None:
+            writer.kill()
+        await writer.wait()
+    assert http_origin.body_reads("img") == 0
 
 
 async def test_a_fill_in_another_process_ending_before_the_first_look_is_a_hit(

@@ -35,20 +35,30 @@ async def servers() -> AsyncIterator[list[ServeProcess]]:
         await server.stop()
 
 
+async def _two_servers_on_a_held_image(
+    http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
+) -> tuple[Path, asyncio.Event]:
+    """Two server processes on one cache directory; the origin holds "cold" at half.
+
+    The origin sends half the body, then waits for the test to set the
+    returned gate: a fill cannot finish before the test has seen it under way.
+    """
+    cache_dir = tmp_path / "cache"
+    http_origin.add("cold", DATA)
+    gate = http_origin.gate("cold", after=HALF)
+    upstream = "http:" + http_origin.template
+    servers.append(await start_serve(cache_dir, upstream))
+    servers.append(await start_serve(cache_dir, upstream))
+    return cache_dir, gate
+
+
 async def test_32_cold_downloads_across_processes_read_the_origin_once(
     http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
 ) -> None:
     """THE single-flight test: one body read upstream, 32 identical bodies, followers early."""
-    cache_dir = tmp_path / "cache"
-    http_origin.add("cold", DATA)
-    # The origin sends half the body, then waits for the test: the fill cannot
-    # finish before every client has had its first bytes.
-    gate = http_origin.gate("cold", after=HALF)
-    upstream = "http:" + http_origin.template
     # Two server processes on one cache directory, 16 clients each, so the
     # single flight must hold across processes, not only across coroutines.
-    servers.append(await start_serve(cache_dir, upstream))
-    servers.append(await start_serve(cache_dir, upstream))
+    cache_dir, gate = await _two_servers_on_a_held_image(http_origin, tmp_path, servers)
 
     first_bytes = 0
     all_started = asyncio.Event()
@@ -87,6 +97,58 @@ async def test_32_cold_downloads_across_processes_read_the_origin_once(
     await poll(committed, "the fill of cold is committed")
     assert (cache_dir / "cold").read_bytes() == DATA
     assert listdir(cache_dir / "incomplete") == []
+
+
+async def test_ranges_at_another_process_share_its_fill(
+    http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    """Ranged reads sent to a second process during a fill cost the origin nothing more."""
+    _, gate = await _two_servers_on_a_held_image(http_origin, tmp_path, servers)
+    filler, other = servers
+
+    async def ranged(session: aiohttp.ClientSession, spec: str) -> tuple[int, bytes]:
+        url = other.url + "/v2/images/cold/file"
+        async with session.get(url, headers={"Range": spec}) as response:
+            return response.status, await response.read()
+
+    async def followers(session: aiohttp.ClientSession) -> float:
+        async with session.get(other.url + "/metrics") as response:
+            text = await response.text()
+        line = next(x for x in text.splitlines() if x.startswith("imagecache_fill_followers_total"))
+        return float(line.split()[-1])
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(filler.url + "/v2/images/cold/file") as whole,
+    ):
+        got = bytearray()
+        while len(got) < 1024 * 1024:  # bytes a client has are in the file
+            chunk = await whole.content.readany()
+            assert chunk, "the body started"
+            got += chunk
+        parts = await asyncio.gather(
+            ranged(session, "bytes=0-0"),
+            ranged(session, "bytes=1000-1999"),
+            ranged(session, f"bytes={len(got) - 10}-{len(got) - 1}"),
+        )
+        assert parts == [
+            (206, DATA[:1]),
+            (206, DATA[1000:2000]),
+            (206, DATA[len(got) - 10 : len(got)]),
+        ]
+        # The image's last bytes wait in the other process until the fill is
+        # verified; open the origin's gate only once that range is following.
+        tail = asyncio.create_task(ranged(session, "bytes=-100"))
+
+        async def tail_follows() -> bool:
+            return await followers(session) == 4
+
+        await poll(tail_follows, "the suffix range follows the fill")
+        assert not tail.done()
+        gate.set()
+        assert await asyncio.wait_for(tail, timeout=30) == (206, DATA[-100:])
+        assert bytes(got) + await whole.read() == DATA
+    assert http_origin.body_reads("cold") == 1, "the ranges read the fill, not the origin"
 
 
 async def test_serve_with_two_workers_shares_one_port_and_stops_on_sigterm(

@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import queue
+import resource
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -87,8 +88,9 @@ class _Hasher:
     mapping: the bytes a kernel copy put there.
     """
 
-    def __init__(self, digest: _Hash) -> None:
+    def __init__(self, digest: _Hash, nice: int | None = None) -> None:
         self.digest = digest
+        self._nice = nice
         self._queue: queue.SimpleQueue[
             tuple[Chunk | _FileSpan, Callable[[], None] | None] | None
         ] = queue.SimpleQueue()
@@ -103,6 +105,8 @@ class _Hasher:
         self._queue.put((data, done))
 
     def _run(self) -> None:
+        if self._nice is not None:
+            _set_thread_nice(self._nice)
         while (item := self._queue.get()) is not None:
             data, done = item
             try:
@@ -149,6 +153,50 @@ class _Hasher:
         """End the thread without hashing what is still queued (the fill is abandoned)."""
         self._stopping = True
         self.join()
+
+
+def _set_thread_nice(nice: int) -> None:
+    """Give the calling thread (alone: Linux keeps a nice value per thread) ``nice``."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except PermissionError as exc:  # allowed at start-up (usable_nice), refused now
+        log.debug("cannot set the hash thread's nice value to %d: %s", nice, exc)
+
+
+_CAP_SYS_NICE = 23
+
+
+def usable_nice(nice: int | None) -> int | None:
+    """``nice`` if this process may give its threads that value, else None (with a warning).
+
+    A thread may always lower its priority. Raising it needs CAP_SYS_NICE, or
+    an RLIMIT_NICE soft limit of at least ``20 - nice`` (systemd's
+    ``LimitNICE=``). Checked once, here, so a refusal is said once rather than
+    met by every fill.
+    """
+    if nice is None or nice >= os.getpriority(os.PRIO_PROCESS, 0):
+        return nice
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or 20 - soft <= nice or _has_capability(_CAP_SYS_NICE):
+        return nice
+    log.warning(
+        "fill_hash_nice = %d is not applied: raising a thread's priority needs"
+        " CAP_SYS_NICE or an RLIMIT_NICE of at least %d (systemd LimitNICE=)",
+        nice,
+        20 - nice,
+    )
+    return None
+
+
+def _has_capability(bit: int) -> bool:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass
+    return False
 
 
 def choose_digest(info: ImageInfo | None) -> tuple[str, str | None]:
@@ -212,7 +260,7 @@ class FillWriter:
         if self._target is not None:
             # Hashed in its own thread while this one reads and writes; a
             # verify-only fill has nothing to overlap the hash with.
-            self._hasher = _Hasher(self.digest)
+            self._hasher = _Hasher(self.digest, self.cache.hash_nice)
         return self.caching
 
     def write(self, chunk: Chunk, done: Callable[[], None] | None = None) -> None:
@@ -390,6 +438,8 @@ class ImageCache:
     def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
         self.settings = settings
         self.driver = driver if driver is not None else create_driver(settings)
+        # The nice value for fills' hash threads, if this process may use it.
+        self.hash_nice = usable_nice(settings.fill_hash_nice)
 
     def close(self) -> None:
         self.driver.close()

@@ -55,6 +55,12 @@ COMMIT_WAIT = 30.0
 T = TypeVar("T")
 
 
+# The reason of a flight that only watched for a fill (``watch``) and found none.
+NO_FILL = "no_fill"
+# The reason of a flight that found the image committed: look again, it is a hit.
+CACHED = "cached"
+
+
 class FlightKind(enum.Enum):
     PENDING = "pending"  # deciding who writes
     LOCAL = "local"  # this process writes the file
@@ -238,26 +244,65 @@ class FillCoordinator:
         committed meanwhile (look again) or cannot be cached (stream it through).
         ``detached`` fills (prefetch) never count as abandoned.
         """
+        while True:
+            flight = self._flights.get(image_id)
+            if flight is None:
+                if self._closing:
+                    raise CacheStoreError("the service is shutting down; no new fills")
+                flight = self._start(image_id, info, caller, detached)
+            await flight.decided.wait()
+            # A watch (see ``watch``) that found no fill to share is not a
+            # reason to skip ours; it is gone from the table by now.
+            if flight.reason != NO_FILL:
+                return flight
+
+    async def watch(self, image_id: str, info: ImageInfo | None) -> Flight | None:
+        """The decided flight of ``image_id`` in this process, made to watch if need be.
+
+        For requests that must not cause a fill (a Range request: a part of an
+        image is not worth one) but should share one that is running: a fill
+        in a sibling worker process becomes a REMOTE flight of this process,
+        which later requests here follow too. A flight of kind NONE says why
+        there is nothing to follow (``NO_FILL``, or ``CACHED`` when a fill
+        that was being decided found the image committed). None while the
+        service shuts down.
+        """
         flight = self._flights.get(image_id)
         if flight is None:
             if self._closing:
-                raise CacheStoreError("the service is shutting down; no new fills")
-            flight = Flight(image_id, info)
-            # Registered before the first await: every later request of this
-            # process finds it, which is the in-process half of single-flight.
-            self._flights[image_id] = flight
-            flight.task = asyncio.create_task(
-                self._drive(flight, caller, detached), name=f"fill {image_id}"
-            )
+                return None
+            flight = self._start(image_id, info, None, detached=False)
         await flight.decided.wait()
         return flight
 
-    async def _drive(self, flight: Flight, caller: Caller, detached: bool) -> None:
+    def _start(
+        self, image_id: str, info: ImageInfo | None, caller: Caller | None, detached: bool
+    ) -> Flight:
+        """A new flight, registered, its task started (a fill, or with no caller a watch)."""
+        flight = Flight(image_id, info)
+        # Registered before the first await: every later request of this
+        # process finds it, which is the in-process half of single-flight.
+        self._flights[image_id] = flight
+        kind = "fill" if caller is not None else "watch"
+        flight.task = asyncio.create_task(
+            self._drive(flight, caller, detached), name=f"{kind} {image_id}"
+        )
+        return flight
+
+    async def _drive(self, flight: Flight, caller: Caller | None, detached: bool) -> None:
         try:
-            writer = await self.run(self._decide, flight)
+            if caller is None:
+                # Watch only: follow another process's fill or settle for nothing.
+                followed = await self.run(self._follow_remote, flight)
+                if not followed:
+                    flight.settle(FlightKind.NONE, NO_FILL)
+                writer = None
+            else:
+                writer = await self.run(self._decide, flight)
             flight.decided.set()
             if flight.kind is FlightKind.LOCAL:
                 assert writer is not None
+                assert caller is not None
                 await self._fill(flight, writer, caller, detached)
             elif flight.kind is FlightKind.REMOTE:
                 await self._watch(flight)
@@ -278,7 +323,7 @@ class FillCoordinator:
         """In a thread: take the fill (LOCAL), follow another process's (REMOTE), or neither."""
         image_id = flight.image_id
         if self.cache.is_cached(image_id):
-            flight.settle(FlightKind.NONE, "cached")
+            flight.settle(FlightKind.NONE, CACHED)
             return None
         if self._follow_remote(flight):
             return None
@@ -307,7 +352,7 @@ class FillCoordinator:
             flight.settle(FlightKind.LOCAL, "")
             return writer
         if self.cache.is_cached(image_id):
-            flight.settle(FlightKind.NONE, "cached")
+            flight.settle(FlightKind.NONE, CACHED)
             return None
         if self._follow_remote(flight):
             return None
@@ -320,7 +365,7 @@ class FillCoordinator:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
-        if not _locked_by_writer(fd):
+        if not locked_by_writer(fd):
             os.close(fd)
             return False
         flight.fd = fd
@@ -478,7 +523,7 @@ class FillCoordinator:
             if size > flight.available:
                 flight.advance(size)
                 last_progress = time.monotonic()
-            if not _locked_by_writer(fd):
+            if not locked_by_writer(fd):
                 flight.advance(os.fstat(fd).st_size)
                 if _inode_of(active) == inode:
                     flight.finish(flight.available)
@@ -528,7 +573,7 @@ async def aclose(stream: AsyncIterator[bytes]) -> None:
         await close()
 
 
-def _locked_by_writer(fd: int) -> bool:
+def locked_by_writer(fd: int) -> bool:
     """Whether a writer holds the exclusive fill lock on the file open as ``fd``."""
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

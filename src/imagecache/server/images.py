@@ -14,6 +14,7 @@ import asyncio
 import enum
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -23,7 +24,16 @@ from aiohttp import hdrs, web
 from imagecache.cache import FillWriter
 from imagecache.cluster import PeerRequest, peer_request
 from imagecache.errors import CacheStoreError, ImageCacheError, UpstreamNotActive
-from imagecache.fills import Flight, FlightKind, WriterGone, aclose
+from imagecache.fills import (
+    CACHED,
+    COMMIT_WAIT,
+    REMOTE_POLL_INTERVAL,
+    Flight,
+    FlightKind,
+    WriterGone,
+    aclose,
+    locked_by_writer,
+)
 from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import caller_from
 from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
@@ -130,6 +140,15 @@ async def image_file(request: web.Request) -> web.StreamResponse:
 
     for _ in range(ATTEMPTS):
         hit = await state.fills.run(_open_hit, state, image_id)
+        if hit is not None and hit.record is None and locked_by_writer(hit.handle.fileno()):
+            # A commit (of this process or another) has renamed the file and
+            # not yet recorded it; its writer holds the lock until it has. A
+            # hit served now would lack its Content-MD5 and ETag: wait, look again.
+            try:
+                await _await_commit(hit)
+            finally:
+                await state.fills.run(hit.handle.close)
+            continue
         if hit is not None:
             try:
                 await check_access()
@@ -150,6 +169,19 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     # Fills kept ending uncommitted under us: give this client the upstream's bytes.
     info = await state.upstream.info(image_id, caller)
     return await _stream_through(request, state, info, caller, None, "fill_retries")
+
+
+async def _await_commit(hit: _Hit) -> None:
+    """Wait (at most ``COMMIT_WAIT``) until no writer holds the lock of ``hit``'s file.
+
+    Polled like a fill in another process: flock on an open descriptor,
+    non-blocking, never waits on the disk, so it runs on the loop.
+    """
+    deadline = time.monotonic() + COMMIT_WAIT
+    # No event to wait on: the writer may be another process, which tells us
+    # nothing but its lock.
+    while locked_by_writer(hit.handle.fileno()) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(REMOTE_POLL_INTERVAL)
 
 
 def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
@@ -268,11 +300,16 @@ async def _serve_miss(
         return web.Response(status=304, headers={hdrs.ETAG: etag} if etag else None)
     wanted = _wanted_range(request, info.size, etag)
     if wanted is not None:
-        flight = state.fills.current(image_id)
-        if flight is not None and request.method == "GET":
-            followed = await _follow_range(request, state, flight, etag, wanted)
-            if followed is not None:
-                return followed
+        if request.method == "GET":
+            # A fill under way, here or in a sibling worker process, serves
+            # the range from its file; the range alone never starts one.
+            flight = await state.fills.watch(image_id, info)
+            if flight is not None and flight.reason == CACHED:
+                return Served.RETRY  # committed meanwhile: a hit now
+            if flight is not None:
+                followed = await _follow_range(request, state, flight, etag, wanted)
+                if followed is not None:
+                    return followed
         # A part of an image is not worth a fill (and could not be verified).
         return await _stream_through(request, state, info, caller, wanted, "range")
     if request.method == "HEAD":
@@ -290,10 +327,10 @@ async def _serve_miss(
         await state.fills.settled(flight)
         return Served.RETRY
     if flight.kind is FlightKind.NONE:
-        if flight.reason == "cached":
+        if flight.reason == CACHED:
             return Served.RETRY
         return await _stream_through(request, state, info, caller, None, flight.reason)
-    if joined is not None or flight.kind is FlightKind.REMOTE:
+    if joined is flight or flight.kind is FlightKind.REMOTE:
         state.metrics.followers.inc()
     else:
         state.metrics.misses.inc()
