@@ -104,9 +104,33 @@ class Round:
     rss_growth_mib: float
 
 
-def cold_round(service: Service, image_id: str, size: int, clients: int) -> Round:
+def recycle_memory(scratch: Path, size: int) -> None:
+    """Write and delete ``size`` bytes, so the next fill's page cache is memory just freed.
+
+    These VMs hand memory left free for a few seconds back to the host, and
+    page cache made from it costs ~10x more CPU (bench/page_cache.py;
+    docs/benchmarks.md, "Miss path work, part 4"). Without this, whichever
+    side ran first in a round mostly got that memory and the other the pages
+    it freed. It narrows the spread without ending it: the host's reporting
+    pass runs every couple of seconds and can take freed memory before the
+    fill reuses it (an A/A run still had 4 slow downloads in 16), so read
+    ratios from 10 or more rounds. A production cache's memory is full of page
+    cache, whose recycled pages cost what these do.
+    """
+    block = b"\0" * MIB
+    with open(scratch, "wb", buffering=0) as out:
+        for _ in range(0, size, MIB):
+            out.write(block)
+    scratch.unlink()
+
+
+def cold_round(
+    service: Service, image_id: str, size: int, clients: int, scratch: Path | None
+) -> Round:
     service.evict(image_id)
     subprocess.run(["sync"], check=True)  # the last round's dirty pages are not this round's cost
+    if scratch is not None:
+        recycle_memory(scratch, size)
     peak = start_rss = service.rss_kib()
     done = threading.Event()
 
@@ -141,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         help="http: an nginx origin serving the image with Content-MD5",
     )
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/imagecache-ab"))
+    parser.add_argument(
+        "--cold-memory",
+        action="store_true",
+        help="do not recycle memory before each download (see recycle_memory)",
+    )
     args = parser.parse_args(argv)
 
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -176,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 service.cache_dir = args.workdir / f"slot-{slot}" / "cache"
                 service.start()
             for service in order:
-                got = cold_round(service, image_id, size, args.clients)
+                scratch = None if args.cold_memory else args.workdir / "scratch"
+                got = cold_round(service, image_id, size, args.clients, scratch)
                 if got.sample.errors:
                     raise PeerError(f"{service.name}: {got.sample.errors} failed downloads")
                 rounds[service.name].append(got)

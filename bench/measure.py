@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +79,25 @@ def fetch_all(urls: list[str], expect_bytes: int, timeout: float = 600.0) -> Sam
         if code != "200" or got != expect_bytes:
             errors += 1
     return Sample(len(urls), total, seconds, errors)
+
+
+def fetch_verified(url: str, expect_bytes: int, sha512: str, timeout: float = 600.0) -> Sample:
+    """One download by bench/verifying_client.py: a pass-through's consumer that verifies.
+
+    A wrong status, size or digest is an error.
+    """
+    client = Path(__file__).resolve().parent / "verifying_client.py"
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(client), url, str(expect_bytes), sha512],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    ok = done.returncode == 0
+    return Sample(1, expect_bytes if ok else 0, seconds, 0 if ok else 1)
 
 
 def hash_sample(name: str, buffer: bytes) -> Sample:
