@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import MIB, Sample, fetch_all
+from measure import MIB, Sample, fetch_all, recycle_memory
 from peers import (
     REPO,
     Nginx,
@@ -102,26 +102,6 @@ class Round:
     sample: Sample
     cpu: float
     rss_growth_mib: float
-
-
-def recycle_memory(scratch: Path, size: int) -> None:
-    """Write and delete ``size`` bytes, so the next fill's page cache is memory just freed.
-
-    These VMs hand memory left free for a few seconds back to the host, and
-    page cache made from it costs ~10x more CPU (bench/page_cache.py;
-    docs/benchmarks.md, "Miss path work, part 4"). Without this, whichever
-    side ran first in a round mostly got that memory and the other the pages
-    it freed. It narrows the spread without ending it: the host's reporting
-    pass runs every couple of seconds and can take freed memory before the
-    fill reuses it (an A/A run still had 4 slow downloads in 16), so read
-    ratios from 10 or more rounds. A production cache's memory is full of page
-    cache, whose recycled pages cost what these do.
-    """
-    block = b"\0" * MIB
-    with open(scratch, "wb", buffering=0) as out:
-        for _ in range(0, size, MIB):
-            out.write(block)
-    scratch.unlink()
 
 
 def cold_round(

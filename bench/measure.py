@@ -160,3 +160,27 @@ class ProcessSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._take()
+
+
+def recycle_memory(scratch: Path, size: int) -> None:
+    """Write and delete ``size`` bytes, so the next fill's page cache is memory just freed.
+
+    These VMs hand memory left free for a few seconds back to the host, and
+    page cache made from it costs ~10x more CPU (bench/page_cache.py;
+    docs/benchmarks.md, "Miss path work, part 4"). Without this, whichever
+    side ran first in a round mostly got that memory and the other the pages
+    it freed. It narrows the spread without ending it: the host's reporting
+    pass runs every couple of seconds and can take freed memory before the
+    fill reuses it (an A/A run still had 4 slow downloads in 16), so read
+    ratios from 10 or more rounds.
+
+    It is also the closer model of a cache in service: such a node's memory
+    is full of page cache, and a fill's new pages come from reclaiming pages
+    the guest had in use, which cost what these recycled ones do, not from
+    memory idle long enough for the host to have taken it back.
+    """
+    block = b"\0" * MIB
+    with open(scratch, "wb", buffering=0) as out:
+        for _ in range(0, size, MIB):
+            out.write(block)
+    scratch.unlink()
