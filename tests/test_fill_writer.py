@@ -7,9 +7,11 @@ still catch a wrong promise. The file is flushed in the background as it grows.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import pytest
 from imagecache import ImageCache
 from imagecache import cache as cache_module
 from imagecache.cache import FillWriter
+from imagecache.drivers import files
 from imagecache.drivers.files import FLUSH_STEP, Fill
 from imagecache.errors import VerificationError
 from imagecache.records import ImageInfo
@@ -389,3 +392,46 @@ def test_a_priority_the_process_may_not_take_is_refused_once_at_start() -> None:
     )
     assert done.stdout.split() == ["None", "10", "None"]
     assert "LimitNICE" in done.stderr  # the warning names the way to allow it
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache: mincore(2) over a private mapping of it."""
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    mincore = ctypes.CDLL(None, use_errno=True).mincore
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        start = ctypes.c_char.from_buffer(m)  # an address; nothing is read or copied
+        try:
+            if mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vector):
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del start  # the mapping cannot close while exported
+    return sum(flag & 1 for flag in vector) * mmap.PAGESIZE
+
+
+@pytest.mark.parametrize("drop_behind", [True, False])
+def test_a_committed_fill_keeps_only_its_last_pages_in_the_page_cache(
+    make_settings: Callable[..., Settings],
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    drop_behind: bool,
+) -> None:
+    # Small steps so that 16 MiB spans many flushes and a lag of two of them.
+    monkeypatch.setattr(files, "FLUSH_STEP", 1024 * KiB)
+    monkeypatch.setattr(files, "DROP_BEHIND_LAG", 2048 * KiB)
+    data = image_bytes(16 * 1024 * KiB, seed=9)
+    with ImageCache(make_settings(fill_drop_behind=drop_behind)) as cache:
+        writer = _promised_sha512(cache, data)
+        for offset in range(0, len(data), 1024 * KiB):
+            writer.write(data[offset : offset + 1024 * KiB])
+        writer.finish()
+        assert writer.committed
+    committed = cache_dir / "img"
+    resident = _resident(committed)  # before anything reads the file back in
+    if drop_behind:
+        # The tail stays, for readers close behind the fill; the rest is on disk only.
+        assert 2048 * KiB - mmap.PAGESIZE <= resident <= 2048 * KiB + mmap.PAGESIZE
+    else:
+        assert resident == len(data)
+    assert committed.read_bytes() == data

@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     image_cache_sqlite_db: str = "cache.db"
     worker_self_reference_url: str | None = None
 
+    # --- how fills write --------------------------------------------------------------
+    # Drop a fill's pages from the page cache once they are on disk and 128 MiB
+    # behind it (readers following the fill stay within that). Off by default:
+    # an LRU cache should keep the image it has just fetched where the next
+    # request for it is cheapest, and the kernel's own LRU already keeps a
+    # streaming write from pushing out pages in active use. Worth turning on
+    # where images are far larger than memory, or on VMs that hand idle memory
+    # back to the hypervisor, where page cache made from fresh memory costs ten
+    # times more: there it made 1 GiB misses 1.43x faster (docs/service.md;
+    # docs/benchmarks.md, "Miss path work, part 5").
+    fill_drop_behind: bool = False
+
     # --- the service ----------------------------------------------------------------
     # Loopback by default: exposing a cache is an explicit decision.
     bind_host: str = "127.0.0.1"

@@ -56,6 +56,10 @@ FILE_MODE = 0o640
 # A fill makes what it has written durable in the background every this many
 # bytes, so the fsync at commit has little left to do (see _Flusher).
 FLUSH_STEP = 32 * 1024 * 1024
+# With fill_drop_behind, the page cache of a fill is dropped this far behind
+# what has been made durable: readers of the growing file (the fill's clients,
+# followers) run close behind the writer and still find their bytes in memory.
+DROP_BEHIND_LAG = 4 * FLUSH_STEP
 
 
 class _Flusher:
@@ -67,19 +71,29 @@ class _Flusher:
     Flushing in step with the fill overlaps that with the copy and leaves the
     commit ~10 ms (docs/benchmarks.md, "Miss path work").
 
+    With ``drop_behind`` each flush is followed by dropping the clean pages
+    more than ``DROP_BEHIND_LAG`` behind it from the page cache (see the
+    setting ``fill_drop_behind``).
+
     An error is kept for the commit to raise: the kernel reports a writeback
     error to one fsync per descriptor, and it may be this thread's.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, drop_behind: bool) -> None:
         self.fd = fd
         self.error: OSError | None = None
+        self._drop_behind = drop_behind
+        # Bytes of the file written when the last flush was asked for; pages
+        # below _dropped_to are already out of the page cache.
+        self._upto = 0
+        self._dropped_to = 0
         self._wanted = threading.Event()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="imagecache-flush", daemon=True)
         self._thread.start()
 
-    def request(self) -> None:
+    def request(self, upto: int) -> None:
+        self._upto = upto
         self._wanted.set()
 
     def _run(self) -> None:
@@ -88,11 +102,24 @@ class _Flusher:
             self._wanted.clear()
             if self._closing:
                 return
+            upto = self._upto  # read before the flush: only what it covers is clean
             try:
                 os.fdatasync(self.fd)
             except OSError as exc:
                 self.error = exc
                 return
+            if self._drop_behind:
+                self._drop(upto - DROP_BEHIND_LAG)
+
+    def _drop(self, end: int) -> None:
+        if end <= self._dropped_to:
+            return
+        try:
+            count = end - self._dropped_to
+            os.posix_fadvise(self.fd, self._dropped_to, count, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:  # advice only: the fill is no worse for its failing
+            log.debug("dropping written pages of a fill failed: %s", exc)
+        self._dropped_to = end
 
     def close(self) -> None:
         """Stop; returns once no ``fdatasync`` of ours runs on the descriptor."""
@@ -104,10 +131,11 @@ class _Flusher:
 class Fill:
     """An open ``incomplete/<id>`` held under an exclusive lock: one writer of one image."""
 
-    def __init__(self, image_id: str, path: Path, fd: int) -> None:
+    def __init__(self, image_id: str, path: Path, fd: int, *, drop_behind: bool = False) -> None:
         self.image_id = image_id
         self.path = path
         self.fd = fd
+        self.drop_behind = drop_behind
         self.inode = os.fstat(fd).st_ino
         self.bytes_written = 0
         self._flushed_at = 0
@@ -131,13 +159,24 @@ class Fill:
         if self.bytes_written - self._flushed_at >= FLUSH_STEP:
             self._flushed_at = self.bytes_written
             if self._flusher is None:
-                self._flusher = _Flusher(self.fd)
-            self._flusher.request()
+                self._flusher = _Flusher(self.fd, self.drop_behind)
+            self._flusher.request(self.bytes_written)
 
     def sync(self) -> None:
-        """Make the whole file durable (the commit's fsync); raises a background flush's error."""
+        """Make the whole file durable (the commit's fsync); raises a background flush's error.
+
+        With ``drop_behind`` the file then keeps only its last
+        ``DROP_BEHIND_LAG`` bytes in the page cache, whatever the background
+        flushes got to: every page is clean now.
+        """
         self.stop_flushing()
         os.fsync(self.fd)
+        if self.drop_behind and self.bytes_written > DROP_BEHIND_LAG:
+            try:
+                end = self.bytes_written - DROP_BEHIND_LAG
+                os.posix_fadvise(self.fd, 0, end, os.POSIX_FADV_DONTNEED)
+            except OSError as exc:  # advice only
+                log.debug("dropping the pages of a committed fill failed: %s", exc)
 
     def stop_flushing(self) -> None:
         """End the background flushes; raises the error one of them met."""
@@ -316,7 +355,7 @@ class FileBackedDriver(Driver):
             except BlockingIOError:
                 os.close(fd)
                 raise ImageBeingCached(image_id) from None
-            fill = Fill(image_id, path, fd)
+            fill = Fill(image_id, path, fd, drop_behind=self.settings.fill_drop_behind)
             if not fill.still_ours():  # committed, rolled back or cleaned meanwhile
                 os.close(fd)
                 continue
