@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,56 @@ async def test_a_span_the_file_holds_is_sent_whole(aiohttp_server: Any, tmp_path
             assert await response.read() == data[1000:]
     finally:
         handle.close()
+
+
+@pytest.mark.parametrize("promised", [SIZE, 2 * SIZE])
+async def test_a_span_is_sent_corked_and_the_socket_uncorked_after(
+    aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, promised: int
+) -> None:
+    """Full segments while a span goes out; none of it held back once it has gone.
+
+    Uncorked afterwards even when the span fails (``promised`` past the file's
+    end): a socket left corked holds a keep-alive connection's next response
+    back for 200 ms.
+    """
+    path = tmp_path / "file"
+    path.write_bytes(b"y" * SIZE)
+    handle = path.open("rb")
+    corked: dict[str, int] = {}
+    send = images._send_file_span
+
+    async def watched(*args: Any) -> None:
+        corked["during"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+        await send(*args)
+
+    monkeypatch.setattr(images, "_send_file_span", watched)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal sock
+        assert request.transport is not None
+        sock = request.transport.get_extra_info("socket")
+        response = web.StreamResponse(headers={"Content-Length": str(promised)})
+        await response.prepare(request)
+        try:
+            await images._send_span(request, response, None, handle, 0, promised)  # type: ignore[arg-type]
+        finally:
+            corked["after"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+        await response.write_eof()
+        return response
+
+    sock: Any = None
+    app = web.Application()
+    app.router.add_get("/span", handler)
+    server = await aiohttp_server(app)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            if promised == SIZE:
+                async with session.get(server.make_url("/span")) as response:
+                    assert await response.read() == b"y" * SIZE
+            else:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async with session.get(server.make_url("/span")) as response:
+                        await response.read()
+    finally:
+        handle.close()
+    assert corked == {"during": 1, "after": 0}
