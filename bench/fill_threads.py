@@ -59,14 +59,16 @@ def _named_run(self):
 threading.Thread.run = _named_run
 """
 
-ThreadTimes = dict[tuple[int, int], tuple[str, int, int, int]]
+ThreadTimes = dict[tuple[int, int], tuple[str, int, int, int, int]]
 
 
 def thread_times(pid: int) -> ThreadTimes:
-    """(pid, tid) -> (name, utime, stime, ns runnable but not running) for ``pid``'s tree.
+    """(pid, tid) -> (name, utime, stime, ns runnable not running, runs) for ``pid``'s tree.
 
-    The last comes from ``schedstat``: time a thread was ready to run and
-    waited for a CPU, which is what another thread's work costs it here.
+    The last two come from ``schedstat``: time a thread was ready to run and
+    waited for a CPU, which is what another thread's work costs it here, and
+    how many times it was put on a CPU (each one a wake-up or a preemption
+    ended: on these VMs a wake-up across vCPUs costs an exit to the host).
     """
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     out: ThreadTimes = {}
@@ -79,7 +81,13 @@ def thread_times(pid: int) -> ThreadTimes:
                 continue  # ended between the listing and the read
             name = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat.rpartition(")")[2].split()
-            out[(proc, int(tid))] = (name, int(fields[11]), int(fields[12]), int(sched[1]))
+            out[(proc, int(tid))] = (
+                name,
+                int(fields[11]),
+                int(fields[12]),
+                int(sched[1]),
+                int(sched[2]),
+            )
     return out
 
 
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             [*cmd, "--workers", "1"], env=env, stdout=log, stderr=log, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
-    per_name: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    per_name: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
     rates = []
     try:
         wait_until("imagecache", lambda: http_status(f"{url}/healthcheck") == 200, timeout=60)
@@ -157,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             sampler.join()
             seen.update(thread_times(service.pid))
-            for key, (name, user, system, waited) in seen.items():
-                _, user0, system0, waited0 = before.get(key, (name, 0, 0, 0))
+            for key, (name, user, system, waited, runs) in seen.items():
+                _, user0, system0, waited0, runs0 = before.get(key, (name, 0, 0, 0, 0))
                 per_name[name][0] += user - user0
                 per_name[name][1] += system - system0
                 per_name[name][2] += waited - waited0
+                per_name[name][3] += runs - runs0
             rates.append(args.size_mib / seconds)
             share = 100 * (busy1 - busy0) / (total1 - total0)
             print(
@@ -176,12 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(site, ignore_errors=True)
         shutil.rmtree(args.workdir, ignore_errors=True)
     print(f"median {statistics.median(rates):.0f} MiB/s over {args.rounds} rounds; per round:")
-    for name, (user, system, waited) in sorted(per_name.items(), key=lambda kv: -sum(kv[1][:2])):
+    for name, (user, system, waited, runs) in sorted(
+        per_name.items(), key=lambda kv: -sum(kv[1][:2])
+    ):
         if user or system:
             per_round = args.rounds * TICKS
             print(
                 f"  {name:16s} user {user / per_round:.2f} s, sys {system / per_round:.2f} s,"
-                f" waited for a CPU {waited / args.rounds / 1e9:.2f} s"
+                f" waited for a CPU {waited / args.rounds / 1e9:.2f} s,"
+                f" put on a CPU {runs / args.rounds:,.0f} times"
             )
     return 0
 
