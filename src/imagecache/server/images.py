@@ -279,9 +279,9 @@ def _cork(sock: socket.socket | None, on: bool) -> bool:
     Corked, the kernel sends only full segments. Without it, with aiohttp's
     TCP_NODELAY, every 64 KiB piece ``sendfile`` moves became a full segment
     plus a 53-byte one (the loopback MSS is 65,483), each costing the client a
-    wake-up: a one-client hit ran at 1,810 MiB/s instead of 2,431 in the same
-    rounds, and nginx (which corks, `tcp_nopush on`) at 2,270
-    (docs/benchmarks.md, "Run of 2026-12-01").
+    wake-up. One-client 1 GiB hits: 1,884 MiB/s uncorked, 2,528 corked, nginx
+    (which corks: ``tcp_nopush on``) 2,267 in the same rounds
+    (docs/benchmarks.md, "The one-client hit: TCP_CORK").
     """
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
