@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,18 @@ async def test_a_span_is_sent_corked_and_the_socket_uncorked_after(
     path.write_bytes(b"y" * SIZE)
     handle = path.open("rb")
     corked: dict[str, int] = {}
-    send = images._send_file_span
-
-    async def watched(*args: Any) -> None:
-        corked["during"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
-        await send(*args)
-
-    monkeypatch.setattr(images, "_send_file_span", watched)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        nonlocal sock
         assert request.transport is not None
         sock = request.transport.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+        send = loop.sendfile
+
+        async def watched(*args: Any, **kwargs: Any) -> int:
+            corked["during"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+            return await send(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "sendfile", watched)
         response = web.StreamResponse(headers={"Content-Length": str(promised)})
         await response.prepare(request)
         try:
@@ -118,7 +119,6 @@ async def test_a_span_is_sent_corked_and_the_socket_uncorked_after(
         await response.write_eof()
         return response
 
-    sock: Any = None
     app = web.Application()
     app.router.add_get("/span", handler)
     server = await aiohttp_server(app)

@@ -62,6 +62,17 @@ FLUSH_STEP = 32 * 1024 * 1024
 DROP_BEHIND_LAG = 4 * FLUSH_STEP
 
 
+def drop_pages(fd: int, start: int, end: int) -> None:
+    """Drop the clean pages of bytes ``[start, end)`` of ``fd`` from the page cache.
+
+    Advice only: a fill is no worse for its failing, so a failure is logged at debug.
+    """
+    try:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    except OSError as exc:
+        log.debug("dropping written pages of a fill failed: %s", exc)
+
+
 class _Flusher:
     """``fdatasync`` of a growing file in a thread of its own, while the fill goes on.
 
@@ -112,14 +123,9 @@ class _Flusher:
                 self._drop(upto - DROP_BEHIND_LAG)
 
     def _drop(self, end: int) -> None:
-        if end <= self._dropped_to:
-            return
-        try:
-            count = end - self._dropped_to
-            os.posix_fadvise(self.fd, self._dropped_to, count, os.POSIX_FADV_DONTNEED)
-        except OSError as exc:  # advice only: the fill is no worse for its failing
-            log.debug("dropping written pages of a fill failed: %s", exc)
-        self._dropped_to = end
+        if end > self._dropped_to:
+            drop_pages(self.fd, self._dropped_to, end)
+            self._dropped_to = end
 
     def close(self) -> None:
         """Stop; returns once no ``fdatasync`` of ours runs on the descriptor."""
@@ -172,11 +178,7 @@ class Fill:
         self.stop_flushing()
         os.fsync(self.fd)
         if self.drop_behind and self.bytes_written > DROP_BEHIND_LAG:
-            try:
-                end = self.bytes_written - DROP_BEHIND_LAG
-                os.posix_fadvise(self.fd, 0, end, os.POSIX_FADV_DONTNEED)
-            except OSError as exc:  # advice only
-                log.debug("dropping the pages of a committed fill failed: %s", exc)
+            drop_pages(self.fd, 0, self.bytes_written - DROP_BEHIND_LAG)
 
     def stop_flushing(self) -> None:
         """End the background flushes; raises the error one of them met."""

@@ -11,12 +11,13 @@ cache (see ``ranges`` for the decisions) and ``HEAD``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -263,60 +264,47 @@ async def _send_span(
     if transport is None:
         raise ConnectionResetError("client went away")
     loop = asyncio.get_running_loop()
-    sock = transport.get_extra_info("socket")
-    corked = _cork(sock, True)
-    try:
-        await _send_file_span(loop, transport, response, state, handle, offset, count)
-    finally:
-        if corked:
-            # Uncorking sends the last partial segment now, not 200 ms later.
-            _cork(sock, False)
+    with _corked(transport.get_extra_info("socket")):
+        while count > 0:
+            try:
+                # fallback=False: asyncio's own fallback seeks and reads the file
+                # object, and readers of one fill share it; our pread path below is
+                # position-free.
+                sent = await loop.sendfile(transport, handle, offset, count, fallback=False)
+            except (NotImplementedError, asyncio.SendfileNotAvailableError):
+                await _copy_span(response, state, handle, offset, count)  # TLS, odd files
+                return
+            # asyncio returns a short count when os.sendfile meets the end of the
+            # file. Ignoring it would leave the client waiting for the rest of its
+            # Content-Length forever; so send on, and fail loudly if nothing goes.
+            if sent <= 0:
+                raise ImageCacheError(f"cached file ended at byte {offset} while being sent")
+            offset += sent
+            count -= sent
 
 
-def _cork(sock: socket.socket | None, on: bool) -> bool:
-    """Set TCP_CORK on the client's socket (True if it is a TCP socket that took it).
+@contextlib.contextmanager
+def _corked(sock: socket.socket | None) -> Iterator[None]:
+    """TCP_CORK on the client's TCP socket while in the block; uncorked after.
 
     Corked, the kernel sends only full segments. Without it, with aiohttp's
     TCP_NODELAY, every 64 KiB piece ``sendfile`` moves became a full segment
     plus a 53-byte one (the loopback MSS is 65,483), each costing the client a
     wake-up. One-client 1 GiB hits: 1,884 MiB/s uncorked, 2,528 corked, nginx
     (which corks: ``tcp_nopush on``) 2,267 in the same rounds
-    (docs/benchmarks.md, "The one-client hit: TCP_CORK").
+    (docs/benchmarks.md, "The one-client hit: TCP_CORK"). Uncorking sends the
+    last partial segment at once, not 200 ms later.
     """
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
+        yield
+        return
+    with contextlib.suppress(OSError):  # the client is gone; the send says so
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
-    except OSError:  # the client is gone; the send says so
-        return False
-    return True
-
-
-async def _send_file_span(
-    loop: asyncio.AbstractEventLoop,
-    transport: asyncio.Transport,
-    response: web.StreamResponse,
-    state: ServiceState,
-    handle: BinaryIO,
-    offset: int,
-    count: int,
-) -> None:
-    while count > 0:
-        try:
-            # fallback=False: asyncio's own fallback seeks and reads the file
-            # object, and readers of one fill share it; our pread path below is
-            # position-free.
-            sent = await loop.sendfile(transport, handle, offset, count, fallback=False)
-        except (NotImplementedError, asyncio.SendfileNotAvailableError):
-            await _copy_span(response, state, handle, offset, count)  # TLS, odd files
-            return
-        # asyncio returns a short count when os.sendfile meets the end of the
-        # file. Ignoring it would leave the client waiting for the rest of its
-        # Content-Length forever; so send on, and fail loudly if nothing goes.
-        if sent <= 0:
-            raise ImageCacheError(f"cached file ended at byte {offset} while being sent")
-        offset += sent
-        count -= sent
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
 
 async def _copy_span(
