@@ -6,13 +6,14 @@ skipping loudly when its peer cannot run here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from imagecache.settings import Settings, load_settings
+from server_helpers import ServeProcess
 
 pytest_plugins: list[str] = ["driver_kinds"]
 pytest_plugins += ["peers.cutter", "peers.glance", "peers.moto", "peers.origin"]  # see tests/peers/
@@ -35,3 +36,12 @@ def make_settings(cache_dir: Path) -> Callable[..., Settings]:
         return load_settings(None, **overrides)
 
     return make
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[list[ServeProcess]]:
+    """``imagecache serve`` processes a test starts (``start_serve``); stopped at its end."""
+    started: list[ServeProcess] = []
+    yield started
+    for server in started:
+        await server.stop()

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ SIZE = 4 * 1024 * 1024 + 123
 DATA = image_bytes(SIZE, seed=7)
 HALF = SIZE // 2
 CLIENTS = 32
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for server in started:
-        await server.stop()
 
 
 async def _two_servers_on_a_held_image(

@@ -10,9 +10,14 @@ and least recently used, unpinned images are evicted until that holds. A free
 space watermark on the filesystem is kept the same way. When no room can be
 made the fill streams through without caching (bypass reason ``no_space``).
 
-Reservations are per process, in memory; fills of *other* processes are seen
-through their files in ``incomplete/``. The check-and-evict step runs under the
-cross-process ``capacity`` lock, so two workers cannot both spend the same room.
+Reservations are shared by every process on the cache directory (the workers
+of a service, a CLI prefetch beside it) through a ledger of files in
+``.locks/reserved/``, written under the cross-process ``capacity`` lock, so
+two processes cannot both spend the same room. A reservation must be on disk
+before that lock is let go: a fill's own file in ``incomplete/`` appears only
+later, and shows only the bytes written so far, so counting those (as this
+module did until a two-process soak overshot the limit, tests/test_soak.py)
+lets other processes admit fills the limit has no room for.
 An image of unknown size cannot be reserved: it is admitted, and the periodic
 prune corrects any overshoot afterwards.
 """
@@ -21,16 +26,23 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
+import itertools
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from imagecache.cache import ImageCache
 from imagecache.layout import file_size
 
 log = logging.getLogger(__name__)
+
+# Per process, not per ledger: two ledgers of one process (two caches on one
+# directory) must not pick the same ticket name.
+_SERIALS = itertools.count()
 
 
 class Admission(enum.Enum):
@@ -52,6 +64,93 @@ class Reservation:
     size: int
     admission: Admission
     evicted: tuple[str, ...] = ()
+    ticket: str = ""  # its file in the ledger (empty: nothing held)
+
+
+class Ledger:
+    """Every process's reservations on one cache directory: a file each in ``directory``.
+
+    A file is named ``<size>.<pid>.<serial>.<image_id>`` (image ids may hold
+    dots, sizes and pids cannot, so the split is unambiguous) and stays locked
+    (``flock``) by its owner for as long as the reservation lasts, so what a
+    crashed process held is recognisable: its file's lock is free, and the next
+    reader deletes it. Names carry everything, so reading the ledger is one
+    directory listing and a lock probe per fill in flight. Callers hold the
+    ``capacity`` lock around ``add`` and ``entries``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._held: dict[str, int] = {}  # ticket -> the descriptor holding its lock
+        self._lock = threading.Lock()
+
+    def add(self, image_id: str, size: int) -> str:
+        """Record ``size`` bytes held for ``image_id``; returns the ticket for ``remove``."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ticket = f"{size}.{os.getpid()}.{next(_SERIALS)}.{image_id}"
+        fd = os.open(
+            self.directory / ticket, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else has it
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.directory / ticket)
+            raise
+        with self._lock:
+            self._held[ticket] = fd
+        return ticket
+
+    def remove(self, ticket: str) -> None:
+        with self._lock:
+            fd = self._held.pop(ticket, None)
+        if fd is None:
+            return
+        try:
+            # Unlinked before the lock goes, so no reader takes it for a dead one.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / ticket)
+        finally:
+            os.close(fd)
+
+    def entries(self) -> dict[str, int]:
+        """Bytes held per image id by live reservations (the largest, if several)."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return {}
+        held: dict[str, int] = {}
+        for name in names:
+            size_text, _, rest = name.partition(".")
+            image_id = rest.split(".", 2)[-1] if rest.count(".") >= 2 else ""
+            if not size_text.isdigit() or not image_id:
+                continue  # not a ticket of ours
+            if not self._is_live(name):
+                continue
+            held[image_id] = max(held.get(image_id, 0), int(size_text))
+        return held
+
+    def _is_live(self, ticket: str) -> bool:
+        with self._lock:
+            if ticket in self._held:
+                return True
+        path = self.directory / ticket
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # released meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            log.info("dropping reservation %s: the process that made it is gone", ticket)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return False
+        finally:
+            os.close(fd)
 
 
 class Capacity:
@@ -59,7 +158,8 @@ class Capacity:
 
     def __init__(self, cache: ImageCache) -> None:
         self.cache = cache
-        self._reserved: dict[str, int] = {}
+        self.ledger = Ledger(cache.driver.layout.reservation_dir)
+        self._reserved: dict[str, int] = {}  # this process's, for its metrics
         self._lock = threading.Lock()
         self.evictions = 0
 
@@ -82,7 +182,7 @@ class Capacity:
         if size is None:
             return Reservation(image_id, 0, Admission.ADMITTED)
         with self.cache.exclusive("capacity"), self._lock:
-            shortfall = self._shortfall(size)
+            shortfall = self._shortfall(image_id, size)
             evicted: list[str] = []
             if shortfall > 0:
                 in_flight = self._in_flight_ids()
@@ -105,14 +205,21 @@ class Capacity:
                         evicted.append(victim)
                         self.evictions += 1
                     freed += victim_size
+            try:
+                ticket = self.ledger.add(image_id, size)
+            except OSError as exc:
+                # Without a ledger entry other processes could spend this room too.
+                log.warning("cannot reserve room for image %s: %s; streaming only", image_id, exc)
+                return Reservation(image_id, 0, Admission.NO_SPACE, tuple(evicted))
             self._reserved[image_id] = self._reserved.get(image_id, 0) + size
         if evicted:
             log.info("evicted %d images to make room for %s", len(evicted), image_id)
-        return Reservation(image_id, size, Admission.ADMITTED, tuple(evicted))
+        return Reservation(image_id, size, Admission.ADMITTED, tuple(evicted), ticket)
 
     def release(self, reservation: Reservation) -> None:
         if not reservation.size:
             return
+        self.ledger.remove(reservation.ticket)
         with self._lock:
             left = self._reserved.get(reservation.image_id, 0) - reservation.size
             if left > 0:
@@ -134,28 +241,39 @@ class Capacity:
     def _in_flight_ids(self) -> set[str]:
         layout = self.cache.driver.layout
         ids = {entry.name for entry in layout.iter_images(layout.incomplete_dir)}
-        return ids | set(self._reserved)
+        return ids | set(self.ledger.entries())
 
-    def _pending_bytes(self) -> int:
-        """Bytes fills in flight will occupy: our reservations, others' files so far."""
+    def _pending(self, image_id: str) -> tuple[int, int]:
+        """(bytes fills in flight will occupy, bytes reserved), ``image_id`` left out.
+
+        A fill is counted at its reservation, or for one that reserved nothing
+        (size unknown, or a writer without a Capacity) at its file so far.
+        """
         layout = self.cache.driver.layout
-        pending = dict(self._reserved)
+        reserved = self.ledger.entries()
+        pending = dict(reserved)
         for entry in layout.iter_images(layout.incomplete_dir):
             on_disk = file_size(layout.incomplete_dir / entry.name) or 0
             pending[entry.name] = max(pending.get(entry.name, 0), on_disk)
-        return sum(pending.values())
+        pending.pop(image_id, None)
+        reserved.pop(image_id, None)
+        return sum(pending.values()), sum(reserved.values())
 
-    def _shortfall(self, size: int) -> int:
+    def _shortfall(self, image_id: str, size: int) -> int:
         """Bytes to free before ``size`` more fits under the limit and above the watermark."""
+        # Fills in flight first, the committed total second: a fill commits its
+        # metadata, then releases its reservation, so read in this order it is
+        # counted at least once (twice, harmlessly, in between). The other
+        # order misses a fill that commits and releases between the two reads.
+        pending, reserved = self._pending(image_id)
         committed = self.cache.driver.get_cache_size()
-        over_limit = committed + self._pending_bytes() + size - self.limit
+        over_limit = committed + pending + size - self.limit
         under_watermark = 0
         watermark = self.cache.settings.free_space_watermark
         if watermark:
             st = os.statvfs(self.cache.driver.layout.base)
             free = st.f_bavail * st.f_frsize
-            # Our fills in flight will still take what they have not written yet;
+            # Fills in flight will still take what they have not written yet;
             # counting their full size errs on the safe side.
-            still_to_write = sum(self._reserved.values())
-            under_watermark = watermark - (free - still_to_write - size)
+            under_watermark = watermark - (free - reserved - size)
         return max(over_limit, under_watermark, 0)

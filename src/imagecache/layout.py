@@ -8,6 +8,7 @@ The layout is Glance's, so an existing Glance cache directory can be adopted:
     <dir>/queue/<image_id>       empty marker; queue order is the marker's mtime
     <dir>/cache.db               sqlite driver metadata (never counted as an image)
     <dir>/.locks/                our lock files; hidden names are never image ids
+    <dir>/.locks/reserved/       room held under the size limit by fills in flight
 
 Glance keeps its lock files in the cache directory when ``lock_path`` is unset,
 and then counts them as cached images; ours live under a dot-directory, and no
@@ -63,6 +64,10 @@ class CacheLayout:
     @property
     def lock_dir(self) -> Path:
         return self.base / LOCK_DIR
+
+    @property
+    def reservation_dir(self) -> Path:
+        return self.lock_dir / "reserved"
 
     def ensure_dirs(self) -> None:
         for sub in (*SUBDIRS, LOCK_DIR):

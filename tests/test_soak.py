@@ -1,0 +1,288 @@
+"""A soak of the service as operators run it: `make test-slow` (about a minute).
+
+Two ``imagecache serve`` processes share one cache directory in front of the
+``http_origin`` peer, with a size limit that holds about a third of the
+images, so admission evicts all the time and fills race evictions, prunes,
+cleans and deletes. Waves of concurrent clients ask for whole images, ranges,
+HEADs, unknown images, an image whose published checksum is wrong and one
+whose origin resets mid-body. The test checks what must hold under that churn:
+
+- every good response has exactly the origin's bytes, and no bad image is
+  ever delivered whole (its last byte waits for a verification that fails);
+- the limit holds, no fill is left in ``incomplete/``, no entry differs from
+  its origin, and nothing bad was committed;
+- neither process logged an unhandled exception, and both shut down cleanly;
+- open descriptors and RSS end where they were after the warm-up.
+
+The waves are counted, not timed: the machine's speed changes how long the
+soak takes, not what it checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from peers.origin import Fault
+from server_helpers import ServeProcess, image_bytes, listdir, poll, start_serve
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+MIB = 1024 * 1024
+GOOD = {f"good-{n:02d}": image_bytes(256 * 1024 + n * 197 * 1024 + n, seed=n) for n in range(16)}
+CORRUPT = "corrupt"  # its sha256 sidecar names other bytes
+BROKEN = "broken"  # the origin resets the connection 300 KiB into the body
+BAD = {CORRUPT: image_bytes(2 * MIB, seed=100), BROKEN: image_bytes(2 * MIB, seed=101)}
+MAX_SIZE = 12 * MIB  # the good images come to ~26 MiB
+WAVES = 60
+CLIENTS = 32
+WARM_WAVES = 10  # descriptors and RSS are compared from here on
+# Descriptors are sampled after every wave past the warm-up; the second half's
+# highest may exceed the first half's by this much. Kept-alive connections to
+# the origin (aiohttp pools up to 100) come and go with how many lookups
+# overlapped, in both halves alike; a leak of even one descriptor per failed
+# fill would add ~60 in the second half.
+FD_SLACK = 12
+RSS_SLACK_MIB = 24  # allocator arenas settle within it (the load run in bench/ shows the same)
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _descriptors(pid: int) -> tuple[int, int]:
+    """(descriptors on the sqlite database, all others) open in process ``pid``."""
+    database = other = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            continue  # closed while we looked
+        if os.path.basename(target).startswith("cache.db"):
+            database += 1
+        else:
+            other += 1
+    return database, other
+
+
+def _usage(servers: list[ServeProcess]) -> tuple[int, int]:
+    """(open descriptors but the database's, RSS in KiB) of the server processes together.
+
+    The sqlite driver keeps a connection per thread (the database and its WAL,
+    two descriptors), and the disk executor starts threads as load needs them,
+    up to its bound: those grow to a plateau and are checked apart, per thread
+    (``_check_database_descriptors``).
+    """
+    pids = [s.process.pid for s in servers]
+    return sum(_descriptors(pid)[1] for pid in pids), sum(map(_rss_kib, pids))
+
+
+def _check_database_descriptors(servers: list[ServeProcess]) -> None:
+    for server in servers:
+        pid = server.process.pid
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+        database, _ = _descriptors(pid)
+        # At most one connection per live thread: none outlives its thread.
+        assert database <= 2 * threads, f"{database} database descriptors for {threads} threads"
+
+
+class Soak:
+    """The clients of one soak and the problems they met, reported together at the end."""
+
+    def __init__(self, servers: list[ServeProcess], session: aiohttp.ClientSession) -> None:
+        self.servers = servers
+        self.session = session
+        self.problems: list[str] = []
+        self.outcomes: Counter[str] = Counter()
+
+    def problem(self, what: str) -> None:
+        self.problems.append(what)
+
+    async def request(self, rng: random.Random) -> None:
+        server = rng.choice(self.servers)
+        roll = rng.random()
+        if roll < 0.08:
+            await self.bad(server, rng.choice(list(BAD)))
+        elif roll < 0.10:
+            await self.unknown(server)
+        else:
+            name = rng.choice(list(GOOD))
+            if roll < 0.70:
+                await self.whole(server, name)
+            elif roll < 0.92:
+                await self.ranged(server, name, rng)
+            else:
+                await self.head(server, name)
+
+    async def whole(self, server: ServeProcess, name: str) -> None:
+        data = GOOD[name]
+        try:
+            async with self.session.get(f"{server.url}/v2/images/{name}/file") as response:
+                body = await response.read()
+                status = response.status
+        except aiohttp.ClientError as exc:
+            self.problem(f"GET {name}: {exc!r}")
+            return
+        if status != 200 or body != data:
+            self.problem(f"GET {name}: HTTP {status}, {len(body)} of {len(data)} bytes right")
+        self.outcomes["whole"] += 1
+
+    async def ranged(self, server: ServeProcess, name: str, rng: random.Random) -> None:
+        data = GOOD[name]
+        first = rng.randrange(len(data))
+        last = min(len(data) - 1, first + rng.randrange(1, 512 * 1024))
+        spec = f"bytes={first}-{last}"
+        try:
+            async with self.session.get(
+                f"{server.url}/v2/images/{name}/file", headers={"Range": spec}
+            ) as response:
+                body = await response.read()
+                status = response.status
+                content_range = response.headers.get("Content-Range")
+        except aiohttp.ClientError as exc:
+            self.problem(f"GET {name} {spec}: {exc!r}")
+            return
+        expected = f"bytes {first}-{last}/{len(data)}"
+        if status != 206 or content_range != expected or body != data[first : last + 1]:
+            self.problem(f"GET {name} {spec}: HTTP {status}, Content-Range {content_range}")
+        self.outcomes["range"] += 1
+
+    async def head(self, server: ServeProcess, name: str) -> None:
+        try:
+            async with self.session.head(f"{server.url}/v2/images/{name}/file") as response:
+                status, length = response.status, response.headers.get("Content-Length")
+        except aiohttp.ClientError as exc:
+            self.problem(f"HEAD {name}: {exc!r}")
+            return
+        if status != 200 or length != str(len(GOOD[name])):
+            self.problem(f"HEAD {name}: HTTP {status}, Content-Length {length}")
+        self.outcomes["head"] += 1
+
+    async def unknown(self, server: ServeProcess) -> None:
+        try:
+            async with self.session.get(f"{server.url}/v2/images/no-such-image/file") as response:
+                status = response.status
+        except aiohttp.ClientError as exc:
+            self.problem(f"GET no-such-image: {exc!r}")
+            return
+        if status != 404:
+            self.problem(f"GET no-such-image: HTTP {status}, expected 404")
+        self.outcomes["unknown"] += 1
+
+    async def bad(self, server: ServeProcess, name: str) -> None:
+        body = b""
+        try:
+            async with self.session.get(f"{server.url}/v2/images/{name}/file") as response:
+                if response.status != 200:
+                    self.outcomes[f"{name} refused"] += 1
+                    return
+                async for chunk in response.content.iter_any():
+                    body += chunk
+        except aiohttp.ClientError:
+            self.outcomes[f"{name} aborted"] += 1
+            return
+        # Fewer bytes without an error is as wrong as all of them: the client
+        # would not know its image is cut short.
+        self.problem(f"GET {name}: the response ended cleanly after {len(body)} bytes")
+
+    async def manage(self, rng: random.Random, wave: int) -> None:
+        """One management call per wave, to a random process: churn beside the clients."""
+        server = rng.choice(self.servers)
+        if wave % 3 == 0:
+            method, path, ok = "DELETE", f"/v2/cache/{rng.choice(list(GOOD))}", {204, 404}
+        elif wave % 3 == 1:
+            method, path, ok = "POST", "/v2/cache/prune", {200}
+        else:
+            method, path, ok = "POST", "/v2/cache/clean", {200}
+        async with self.session.request(method, server.url + path) as response:
+            if response.status not in ok:
+                self.problem(f"{method} {path}: HTTP {response.status}: {await response.text()}")
+        self.outcomes["management"] += 1
+
+
+async def test_soak_under_eviction_pressure_stays_consistent(
+    http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    for name, data in GOOD.items():
+        http_origin.add(name, data, sidecars=("sha256",))
+    http_origin.add(CORRUPT, BAD[CORRUPT], content_md5=False)
+    (http_origin.root / f"{CORRUPT}.sha256").write_text(hashlib.sha256(b"other").hexdigest())
+    http_origin.add(BROKEN, BAD[BROKEN], sidecars=("sha256",))
+    http_origin.fail(BROKEN, Fault.RESET, after=300 * 1024)
+
+    cache_dir = tmp_path / "cache"
+    upstream = "http:" + http_origin.template
+    env = {
+        "IMAGECACHE_IMAGE_CACHE_MAX_SIZE": str(MAX_SIZE),
+        "IMAGECACHE_FREE_SPACE_WATERMARK": "0",
+        "IMAGECACHE_HTTP_CHECKSUM_SIDECAR": "true",
+        "IMAGECACHE_PRUNE_INTERVAL": "1",
+        "IMAGECACHE_CLEAN_INTERVAL": "2",
+    }
+    for _ in range(2):
+        servers.append(await start_serve(cache_dir, upstream, env=env))
+
+    async def no_fill_in_flight() -> bool:
+        # A client aborted mid-body leaves its fill to finish detached.
+        return listdir(cache_dir / "incomplete") == []
+
+    rng = random.Random(20261201)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        soak = Soak(servers, session)
+        warm: tuple[int, int] | None = None
+        descriptors: list[int] = []
+        for wave in range(WAVES):
+            await asyncio.gather(
+                *(soak.request(rng) for _ in range(CLIENTS)), soak.manage(rng, wave)
+            )
+            if wave + 1 == WARM_WAVES:
+                await poll(no_fill_in_flight, "the warm-up's fills have ended")
+                warm = _usage(servers)
+            if wave + 1 >= WARM_WAVES:
+                descriptors.append(_usage(servers)[0])
+        await poll(no_fill_in_flight, "every fill has committed or rolled back")
+        end = _usage(servers)
+
+    assert not soak.problems, f"{len(soak.problems)} problems, first ones: {soak.problems[:10]}"
+    # Every kind of request happened, and the bad images failed as bad images must.
+    for kind in ("whole", "range", "head", "unknown", "management"):
+        assert soak.outcomes[kind] > 0, soak.outcomes
+    assert soak.outcomes[f"{CORRUPT} aborted"] > 0, soak.outcomes
+    assert soak.outcomes[f"{BROKEN} aborted"] > 0, soak.outcomes
+
+    assert warm is not None
+    half = len(descriptors) // 2
+    first, second = max(descriptors[:half]), max(descriptors[half:])
+    assert second <= first + FD_SLACK, f"descriptors: {descriptors}"
+    _check_database_descriptors(servers)
+    growth_mib = (end[1] - warm[1]) / 1024
+    assert growth_mib <= RSS_SLACK_MIB, f"RSS grew {growth_mib:.1f} MiB after the warm-up"
+
+    entries = [name for name in listdir(cache_dir) if (cache_dir / name).is_file()]
+    images = [name for name in entries if name in GOOD or name in BAD]
+    assert not set(images) & set(BAD), f"a bad image was committed: {images}"
+    assert images, "the soak left at least one image cached"
+    for name in images:
+        assert (cache_dir / name).read_bytes() == GOOD[name], f"{name} differs from its origin"
+    cached_bytes = sum(len(GOOD[name]) for name in images)
+    assert cached_bytes <= MAX_SIZE, f"{cached_bytes} bytes cached, limit {MAX_SIZE}"
+    assert http_origin.body_reads(CORRUPT) > 0  # the corrupt image was fetched, never kept
+
+    for server in servers:
+        assert await server.stop() == 0, server.log()[-3000:]
+        log = server.log()
+        assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
