@@ -1,9 +1,10 @@
-"""A soak of the service as operators run it: `make test-slow` (about a minute).
+"""A soak of the service as operators run it: `make test-slow` (about a minute a driver).
 
 Two ``imagecache serve`` processes share one cache directory in front of the
-``http_origin`` peer, with a size limit that holds about a third of the
-images, so admission evicts all the time and fills race evictions, prunes,
-cleans and deletes. Waves of concurrent clients ask for whole images, ranges,
+``http_origin`` peer, once for each driver (for the central one, a service
+with two worker processes: a node is one URL). The size limit holds about a
+third of the images, so admission evicts all the time and fills race
+evictions, prunes, cleans and deletes. Waves of concurrent clients ask for whole images, ranges,
 HEADs, unknown images, an image whose published checksum is wrong and one
 whose origin resets mid-body. The test checks what must hold under that churn:
 
@@ -12,7 +13,8 @@ whose origin resets mid-body. The test checks what must hold under that churn:
 - the limit holds, no fill is left in ``incomplete/``, no entry differs from
   its origin, and nothing bad was committed;
 - neither process logged an unhandled exception, and both shut down cleanly;
-- open descriptors and RSS end where they were after the warm-up.
+- open descriptors do not grow with the waves and RSS ends near where it was
+  after the warm-up.
 
 The waves are counted, not timed: the machine's speed changes how long the
 soak takes, not what it checks.
@@ -24,13 +26,16 @@ import asyncio
 import hashlib
 import os
 import random
+import socket
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from central_db import create_database, drop_database, postgres_url
 from peers.origin import Fault
 from server_helpers import ServeProcess, image_bytes, listdir, poll, start_serve
 
@@ -52,6 +57,13 @@ WARM_WAVES = 10  # descriptors and RSS are compared from here on
 # fill would add ~60 in the second half.
 FD_SLACK = 12
 RSS_SLACK_MIB = 24  # allocator arenas settle within it (the load run in bench/ shows the same)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _rss_kib(pid: int) -> int:
@@ -77,6 +89,16 @@ def _descriptors(pid: int) -> tuple[int, int]:
     return database, other
 
 
+def _pids(servers: list[ServeProcess]) -> list[int]:
+    """The server processes and their forked workers (``--workers N``)."""
+    pids = []
+    for server in servers:
+        pid = server.process.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            pids += [pid, *map(int, children.read().split())]
+    return pids
+
+
 def _usage(servers: list[ServeProcess]) -> tuple[int, int]:
     """(open descriptors but the database's, RSS in KiB) of the server processes together.
 
@@ -85,16 +107,15 @@ def _usage(servers: list[ServeProcess]) -> tuple[int, int]:
     up to its bound: those grow to a plateau and are checked apart, per thread
     (``_check_database_descriptors``).
     """
-    pids = [s.process.pid for s in servers]
+    pids = _pids(servers)
     return sum(_descriptors(pid)[1] for pid in pids), sum(map(_rss_kib, pids))
 
 
 def _check_database_descriptors(servers: list[ServeProcess]) -> None:
-    for server in servers:
-        pid = server.process.pid
+    """At most one sqlite connection per live thread: none outlives its thread."""
+    for pid in _pids(servers):
         threads = len(os.listdir(f"/proc/{pid}/task"))
         database, _ = _descriptors(pid)
-        # At most one connection per live thread: none outlives its thread.
         assert database <= 2 * threads, f"{database} database descriptors for {threads} threads"
 
 
@@ -212,8 +233,24 @@ class Soak:
         self.outcomes["management"] += 1
 
 
+@pytest.fixture(params=["sqlite", "xattr", "central"])
+def driver_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The driver's settings. Central: a node of its own database (PostgreSQL)."""
+    if request.param != "central":
+        yield {"IMAGECACHE_IMAGE_CACHE_DRIVER": request.param}
+        return
+    name = create_database()  # skips, saying why, without a PostgreSQL server
+    try:
+        yield {
+            "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
+            "IMAGECACHE_DATABASE_URL": postgres_url(name),
+        }
+    finally:
+        drop_database(name)
+
+
 async def test_soak_under_eviction_pressure_stays_consistent(
-    http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
+    driver_env: dict[str, str], http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
 ) -> None:
     for name, data in GOOD.items():
         http_origin.add(name, data, sidecars=("sha256",))
@@ -225,14 +262,23 @@ async def test_soak_under_eviction_pressure_stays_consistent(
     cache_dir = tmp_path / "cache"
     upstream = "http:" + http_origin.template
     env = {
+        **driver_env,
         "IMAGECACHE_IMAGE_CACHE_MAX_SIZE": str(MAX_SIZE),
         "IMAGECACHE_FREE_SPACE_WATERMARK": "0",
         "IMAGECACHE_HTTP_CHECKSUM_SIDECAR": "true",
         "IMAGECACHE_PRUNE_INTERVAL": "1",
         "IMAGECACHE_CLEAN_INTERVAL": "2",
     }
-    for _ in range(2):
-        servers.append(await start_serve(cache_dir, upstream, env=env))
+    if "IMAGECACHE_DATABASE_URL" in env:
+        # A central node is known by its URL, so one service with two worker
+        # processes on one port: two services on one directory would be two
+        # nodes claiming the same files.
+        port = _free_port()
+        env["IMAGECACHE_WORKER_SELF_REFERENCE_URL"] = f"http://127.0.0.1:{port}"
+        servers.append(await start_serve(cache_dir, upstream, env=env, workers=2, port=port))
+    else:
+        for _ in range(2):
+            servers.append(await start_serve(cache_dir, upstream, env=env))
 
     async def no_fill_in_flight() -> bool:
         # A client aborted mid-body leaves its fill to finish detached.
