@@ -16,6 +16,10 @@ whose origin resets mid-body. The test checks what must hold under that churn:
 - open descriptors do not grow with the waves and RSS ends near where it was
   after the warm-up.
 
+A second test runs the same waves against two cluster nodes on one
+PostgreSQL, which fill from each other, and checks that the database's map of
+what is cached where ends up what the two disks hold.
+
 The waves are counted, not timed: the machine's speed changes how long the
 soak takes, not what it checks.
 """
@@ -249,40 +253,31 @@ def driver_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
         drop_database(name)
 
 
-async def test_soak_under_eviction_pressure_stays_consistent(
-    driver_env: dict[str, str], http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
-) -> None:
+def _publish(origin: Any) -> None:
+    """The soak's images at the origin: the good ones, the corrupt one, the broken one."""
     for name, data in GOOD.items():
-        http_origin.add(name, data, sidecars=("sha256",))
-    http_origin.add(CORRUPT, BAD[CORRUPT], content_md5=False)
-    (http_origin.root / f"{CORRUPT}.sha256").write_text(hashlib.sha256(b"other").hexdigest())
-    http_origin.add(BROKEN, BAD[BROKEN], sidecars=("sha256",))
-    http_origin.fail(BROKEN, Fault.RESET, after=300 * 1024)
+        origin.add(name, data, sidecars=("sha256",))
+    origin.add(CORRUPT, BAD[CORRUPT], content_md5=False)
+    (origin.root / f"{CORRUPT}.sha256").write_text(hashlib.sha256(b"other").hexdigest())
+    origin.add(BROKEN, BAD[BROKEN], sidecars=("sha256",))
+    origin.fail(BROKEN, Fault.RESET, after=300 * 1024)
 
-    cache_dir = tmp_path / "cache"
-    upstream = "http:" + http_origin.template
-    env = {
-        **driver_env,
-        "IMAGECACHE_IMAGE_CACHE_MAX_SIZE": str(MAX_SIZE),
-        "IMAGECACHE_FREE_SPACE_WATERMARK": "0",
-        "IMAGECACHE_HTTP_CHECKSUM_SIDECAR": "true",
-        "IMAGECACHE_PRUNE_INTERVAL": "1",
-        "IMAGECACHE_CLEAN_INTERVAL": "2",
-    }
-    if "IMAGECACHE_DATABASE_URL" in env:
-        # A central node is known by its URL, so one service with two worker
-        # processes on one port: two services on one directory would be two
-        # nodes claiming the same files.
-        port = _free_port()
-        env["IMAGECACHE_WORKER_SELF_REFERENCE_URL"] = f"http://127.0.0.1:{port}"
-        servers.append(await start_serve(cache_dir, upstream, env=env, workers=2, port=port))
-    else:
-        for _ in range(2):
-            servers.append(await start_serve(cache_dir, upstream, env=env))
+
+SOAK_ENV = {
+    "IMAGECACHE_IMAGE_CACHE_MAX_SIZE": str(MAX_SIZE),
+    "IMAGECACHE_FREE_SPACE_WATERMARK": "0",
+    "IMAGECACHE_HTTP_CHECKSUM_SIDECAR": "true",
+    "IMAGECACHE_PRUNE_INTERVAL": "1",
+    "IMAGECACHE_CLEAN_INTERVAL": "2",
+}
+
+
+async def _soak(servers: list[ServeProcess], cache_dirs: list[Path]) -> None:
+    """Run the waves against ``servers`` and check the clients' side and the processes'."""
 
     async def no_fill_in_flight() -> bool:
         # A client aborted mid-body leaves its fill to finish detached.
-        return listdir(cache_dir / "incomplete") == []
+        return all(listdir(cache_dir / "incomplete") == [] for cache_dir in cache_dirs)
 
     rng = random.Random(20261201)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
@@ -318,17 +313,92 @@ async def test_soak_under_eviction_pressure_stays_consistent(
     growth_mib = (end[1] - warm[1]) / 1024
     assert growth_mib <= RSS_SLACK_MIB, f"RSS grew {growth_mib:.1f} MiB after the warm-up"
 
+
+def _cached(cache_dir: Path) -> list[str]:
+    """The images committed in ``cache_dir``, checked: intact, good, within the limit."""
     entries = [name for name in listdir(cache_dir) if (cache_dir / name).is_file()]
     images = [name for name in entries if name in GOOD or name in BAD]
     assert not set(images) & set(BAD), f"a bad image was committed: {images}"
-    assert images, "the soak left at least one image cached"
     for name in images:
         assert (cache_dir / name).read_bytes() == GOOD[name], f"{name} differs from its origin"
     cached_bytes = sum(len(GOOD[name]) for name in images)
     assert cached_bytes <= MAX_SIZE, f"{cached_bytes} bytes cached, limit {MAX_SIZE}"
-    assert http_origin.body_reads(CORRUPT) > 0  # the corrupt image was fetched, never kept
+    return images
 
+
+async def _stop_cleanly(servers: list[ServeProcess]) -> None:
     for server in servers:
         assert await server.stop() == 0, server.log()[-3000:]
         log = server.log()
         assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
+
+
+async def test_soak_under_eviction_pressure_stays_consistent(
+    driver_env: dict[str, str], http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    _publish(http_origin)
+    cache_dir = tmp_path / "cache"
+    upstream = "http:" + http_origin.template
+    env = {**driver_env, **SOAK_ENV}
+    if "IMAGECACHE_DATABASE_URL" in env:
+        # A central node is known by its URL, so one service with two worker
+        # processes on one port: two services on one directory would be two
+        # nodes claiming the same files.
+        port = _free_port()
+        env["IMAGECACHE_WORKER_SELF_REFERENCE_URL"] = f"http://127.0.0.1:{port}"
+        servers.append(await start_serve(cache_dir, upstream, env=env, workers=2, port=port))
+    else:
+        for _ in range(2):
+            servers.append(await start_serve(cache_dir, upstream, env=env))
+
+    await _soak(servers, [cache_dir])
+    assert _cached(cache_dir), "the soak left at least one image cached"
+    assert http_origin.body_reads(CORRUPT) > 0  # the corrupt image was fetched, never kept
+    await _stop_cleanly(servers)
+
+
+async def test_soak_of_a_two_node_cluster_keeps_the_map_true(
+    fresh_postgres_url: str, http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    """Two nodes on one PostgreSQL fill from each other while both evict and delete.
+
+    Beyond what every soak checks: each node keeps its own limit, and at the
+    end the database's map of what is cached where is what the disks hold.
+    """
+    _publish(http_origin)
+    upstream = "http:" + http_origin.template
+    cache_dirs = [tmp_path / "one", tmp_path / "two"]
+    for cache_dir in cache_dirs:
+        port = _free_port()
+        env = {
+            **SOAK_ENV,
+            "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
+            "IMAGECACHE_DATABASE_URL": fresh_postgres_url,
+            "IMAGECACHE_WORKER_SELF_REFERENCE_URL": f"http://127.0.0.1:{port}",
+            "IMAGECACHE_CLUSTER_TOKEN": "soak-cluster-token",
+            "IMAGECACHE_NODE_HEARTBEAT_INTERVAL": "0.2",
+        }
+        cache_dir.mkdir()
+        servers.append(await start_serve(cache_dir, upstream, env=env, port=port))
+
+    await _soak(servers, cache_dirs)
+    assert any(_cached(d) for d in cache_dirs), "the soak left at least one image cached"
+    sibling_fills = sum(server.log().count(" from sibling ") for server in servers)
+    assert sibling_fills > 0, "the nodes never filled from each other"
+
+    async def map_is_true() -> bool:
+        # Deletions reach the other node within a heartbeat or two: poll, bounded.
+        async with aiohttp.ClientSession() as session:
+            for name in GOOD:
+                async with session.get(f"{servers[0].url}/v2/cache/nodes/{name}") as response:
+                    holders = set(await response.json())
+                on_disk = {
+                    server.url: set(_cached(d))
+                    for server, d in zip(servers, cache_dirs, strict=True)
+                }
+                if holders != {url for url, names in on_disk.items() if name in names}:
+                    return False
+        return True
+
+    await poll(map_is_true, "the database's map matches every node's disk")
+    await _stop_cleanly(servers)
