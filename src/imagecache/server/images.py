@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -334,7 +334,7 @@ async def _serve_miss(
             if flight is not None and flight.reason == CACHED:
                 return Served.RETRY  # committed meanwhile: a hit now
             if flight is not None:
-                followed = await _follow_range(request, state, flight, etag, wanted)
+                followed = await _follow_range(request, state, flight, etag, wanted, caller)
                 if followed is not None:
                     return followed
         # A part of an image is not worth a fill (and could not be verified).
@@ -488,8 +488,8 @@ async def _finish_from_origin(
     )
     state.metrics.bypasses.labels("fill_failed").inc()
     verifier = state.cache.writer(flight.image_id, info)  # never opened: verifies only
-    stream = state.upstream.stream(flight.image_id, caller, sent)
-    try:
+
+    async def hashed_first(stream: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         offset = 0
         while offset < sent:
             data = await state.fills.run(os.pread, fd, min(READ_CHUNK, sent - offset), offset)
@@ -497,7 +497,26 @@ async def _finish_from_origin(
                 raise CacheStoreError(f"the cache file of {flight.image_id!r} shrank")
             await state.fills.run(verifier.write, data)
             offset += len(data)
-        await _relay(request, response, state, stream, verifier)
+        async for chunk in stream:
+            yield chunk
+
+    stream = state.upstream.stream(flight.image_id, caller, sent)
+    await _continue_from_origin(request, response, state, flight, stream, hashed_first, verifier)
+
+
+async def _continue_from_origin(
+    request: web.Request,
+    response: web.StreamResponse,
+    state: ServiceState,
+    flight: Flight,
+    stream: AsyncGenerator[bytes, None],
+    prepare: Callable[[AsyncIterator[bytes]], AsyncGenerator[bytes, None]],
+    verifier: FillWriter | None,
+) -> None:
+    """Relay what ``prepare`` makes of the origin's ``stream``; abort on any failure."""
+    try:
+        async with contextlib.aclosing(prepare(stream)) as rest:
+            await _relay(request, response, state, rest, verifier)
     except (ImageCacheError, OSError) as exc:
         abort(request, flight.image_id, f"continuing from the origin failed: {exc}")
     finally:
@@ -505,7 +524,12 @@ async def _finish_from_origin(
 
 
 async def _follow_range(
-    request: web.Request, state: ServiceState, flight: Flight, etag: str | None, wanted: ByteRange
+    request: web.Request,
+    state: ServiceState,
+    flight: Flight,
+    etag: str | None,
+    wanted: ByteRange,
+    caller: Caller,
 ) -> web.StreamResponse | None:
     """A range served from a fill in progress in this process; None to ask the origin instead.
 
@@ -513,7 +537,10 @@ async def _follow_range(
     what the fill has written: waiting for the fill to get there is cheaper
     than a second upstream read. Bytes of a range are never verifiable on their
     own (nor are the origin's); a range that ends with the image's last byte
-    waits, as a whole download does, until the fill is verified.
+    waits, as a whole download does, until the fill is verified. A fill that
+    ends unfinished under a range already under way (its writer died, or this
+    process's disk failed) hands the rest of the range to the origin, as a
+    whole download's does; a fill that failed verification aborts it.
     """
     await flight.decided.wait()
     if (
@@ -531,19 +558,79 @@ async def _follow_range(
     response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
     response.content_length = wanted.length
     state.metrics.followers.inc()
+    sent = _Sent(wanted.start)
     async with flight.reading():
         try:
-            await _follow_sized(request, response, state, flight, wanted.start, wanted.end)
+            await _follow_sized(request, response, state, flight, wanted.start, wanted.end, sent)
         except (WriterGone, ImageCacheError) as exc:
             if not response.prepared:
                 return None  # the fill ended without a file: ask the origin
-            abort(request, flight.image_id, str(exc))
+            unfinished = isinstance(exc, WriterGone) or (
+                isinstance(exc, CacheStoreError) and flight.kind is FlightKind.LOCAL
+            )
+            if not unfinished:
+                abort(request, flight.image_id, str(exc))
+                return response
+            state.metrics.bytes_from_cache.inc(sent.offset - wanted.start)
+            await _finish_range_from_origin(request, response, state, flight, caller, sent, wanted)
             return response
     if not response.prepared:
         await response.prepare(request)
     await response.write_eof()
     state.metrics.bytes_from_cache.inc(wanted.length)
     return response
+
+
+async def _finish_range_from_origin(
+    request: web.Request,
+    response: web.StreamResponse,
+    state: ServiceState,
+    flight: Flight,
+    caller: Caller,
+    sent: _Sent,
+    wanted: ByteRange,
+) -> None:
+    """The rest of a range, ``[sent.offset, wanted.end)``, from the origin.
+
+    A range has no checksum, so what the client already has from the
+    unfinished fill's file is checked against the origin instead: the origin
+    is read from the range's start, the bytes already sent are compared with
+    the file's, and only if they all match does the rest follow (otherwise the
+    response is aborted, and the client drops what it had). The range then
+    holds exactly the origin's bytes, as one streamed through would. (Found by
+    the crash soak, tests/test_soak.py: a range to the image's end that had
+    every byte but the last when its writer was killed used to be aborted.)
+    """
+    fd = flight.fd
+    assert fd is not None, "a reader keeps the flight's file open"
+    log.warning(
+        "the fill of %s ended unfinished; checking a range's first %d bytes against the"
+        " origin and continuing from it",
+        flight.image_id,
+        sent.offset - wanted.start,
+    )
+    state.metrics.bypasses.labels("fill_failed").inc()
+
+    async def past_matching(stream: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+        # The origin's bytes past what was sent, once those before it match the file's.
+        offset = wanted.start
+        async for chunk in stream:
+            if offset >= sent.offset:
+                yield chunk
+                continue
+            mine = min(len(chunk), sent.offset - offset)
+            ours = await state.fills.run(os.pread, fd, mine, offset)
+            if ours != chunk[:mine]:
+                raise CacheStoreError(
+                    f"bytes {offset}-{offset + mine - 1} sent from the unfinished fill differ"
+                    " from the origin's"
+                )
+            offset += len(chunk)
+            if mine < len(chunk):
+                yield chunk[mine:]
+
+    stream = state.upstream.stream(flight.image_id, caller, wanted.start, wanted.end)
+    await _continue_from_origin(request, response, state, flight, stream, past_matching, None)
 
 
 async def _follow_sized(
