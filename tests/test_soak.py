@@ -1,4 +1,4 @@
-"""A soak of the service as operators run it: `make test-slow` (about a minute a driver).
+"""Soaks of the service as operators run it: `make test-slow` (about two and a half minutes).
 
 Two ``imagecache serve`` processes share one cache directory in front of the
 ``http_origin`` peer, once for each driver (for the central one, a service
@@ -17,9 +17,12 @@ whose origin resets mid-body. The test checks what must hold under that churn:
   sixteen hits of some images fails it) and RSS ends near where it was after
   the warm-up.
 
-A second test runs the same waves against two cluster nodes on one
-PostgreSQL, which fill from each other, and checks that the database's map of
-what is cached where ends up what the two disks hold.
+Other tests run the same waves against two cluster nodes on one PostgreSQL,
+which fill from each other (the database's map of what is cached where must
+end up what the two disks hold), and against two processes one of which is
+killed with SIGKILL mid-fill again and again. The last one puts a real Glance
+behind two processes and mixes callers of two projects and anonymous ones:
+nobody may get a byte of an image Glance would refuse them.
 
 The waves are counted, not timed: the machine's speed changes how long the
 soak takes, not what it checks.
@@ -517,3 +520,98 @@ async def test_soak_with_servers_killed_mid_fill_stays_consistent(
     for server in every:
         log = server.log()
         assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
+
+
+async def test_soak_of_a_glance_origin_never_serves_a_caller_it_refuses(
+    glance_peer_headers: Any, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    """Callers of two projects and anonymous ones, on private and public images, at once.
+
+    Glance (identity from trusted headers, its stock policy) decides who may
+    read what; what it answered for each caller and image, asked directly at
+    the start, is what the two processes must answer while their fills,
+    followers and hits mix callers: the image's exact bytes or a refusal,
+    never a byte of an image to a caller Glance refuses. The access answers
+    are remembered per caller and image (``auth_cache_ttl``, 30 s by
+    default), so most of the soak's hits are served from that memory.
+    """
+    peer = glance_peer_headers
+    callers = {
+        "project-a": peer.headers_for("soak-a"),
+        "project-b": peer.headers_for("soak-b"),
+        # No identity at all (a header of some kind, as peer.request takes
+        # no headers to mean the admin's).
+        "anonymous": {"User-Agent": "imagecache-soak"},
+    }
+    images: dict[str, bytes] = {}
+    for n in range(8):
+        # Two public images (publishing takes an admin), three private ones a project.
+        owner = peer.admin_headers if n < 2 else callers[("project-a", "project-b")[n % 2]]
+        data = image_bytes(512 * 1024 + n * 131 * 1024, seed=200 + n)
+        visibility = "public" if n < 2 else "private"
+        image_id = await asyncio.to_thread(
+            peer.create_image, data, visibility=visibility, headers=owner
+        )
+        images[image_id] = data
+    allowed: dict[tuple[str, str], bool] = {}
+    for who, headers in callers.items():
+        for image_id in images:
+            status, _ = await asyncio.to_thread(
+                peer.request, "GET", f"/v2/images/{image_id}", None, headers
+            )
+            allowed[who, image_id] = status == 200
+    # Both answers occur, or the soak would prove nothing.
+    assert set(allowed.values()) == {True, False}, allowed
+
+    cache_dir = tmp_path / "cache"
+    for _ in range(2):
+        servers.append(await start_serve(cache_dir, f"glance:{peer.url}"))
+
+    problems: list[str] = []
+    outcomes: Counter[str] = Counter()
+
+    async def one(session: aiohttp.ClientSession, rng: random.Random) -> None:
+        server, who = rng.choice(servers), rng.choice(list(callers))
+        image_id = rng.choice(list(images))
+        data = images[image_id]
+        headers = dict(callers[who])
+        wanted = data
+        if rng.random() < 0.3:
+            first = rng.randrange(len(data))
+            headers["Range"] = f"bytes={first}-"
+            wanted = data[first:]
+        url = f"{server.url}/v2/images/{image_id}/file"
+        try:
+            async with session.get(url, headers=headers) as response:
+                status, body = response.status, await response.read()
+        except aiohttp.ClientError as exc:
+            problems.append(f"{who} GET {image_id}: {exc!r}")
+            return
+        if allowed[who, image_id]:
+            if status not in (200, 206) or body != wanted:
+                problems.append(f"{who} GET {image_id}: HTTP {status}, {len(body)} bytes")
+            outcomes["served"] += 1
+        else:
+            if status < 400 or data[:4096] in body:
+                problems.append(f"{who} GET {image_id} (refused by Glance): HTTP {status}")
+            outcomes["refused"] += 1
+
+    rng = random.Random(20261202)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
+        for wave in range(30):
+            await asyncio.gather(*(one(session, rng) for _ in range(24)))
+            if wave % 10 == 9:
+                # Cold again: the next waves fill while callers of every kind ask.
+                async with session.delete(f"{servers[0].url}/v2/cache") as response:
+                    assert response.status in (200, 204), await response.text()
+
+    assert not problems, f"{len(problems)} problems, first ones: {problems[:10]}"
+    assert outcomes["served"] > 0, outcomes
+    assert outcomes["refused"] > 0, outcomes
+    for name in listdir(cache_dir):
+        if name in images:
+            assert (cache_dir / name).read_bytes() == images[name], f"{name} differs from Glance's"
+    await _stop_cleanly(servers)
