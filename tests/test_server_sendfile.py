@@ -17,6 +17,13 @@ from imagecache.server import images
 SIZE = 256 * 1024
 
 
+async def _serve(aiohttp_server: Any, handler: Any) -> Any:
+    """A real server on loopback answering ``GET /span`` with ``handler``."""
+    app = web.Application()
+    app.router.add_get("/span", handler)
+    return await aiohttp_server(app)
+
+
 async def test_a_span_past_the_end_of_the_file_aborts_the_response(
     aiohttp_server: Any, tmp_path: Path
 ) -> None:
@@ -43,9 +50,7 @@ async def test_a_span_past_the_end_of_the_file_aborts_the_response(
             raise
         return response
 
-    app = web.Application()
-    app.router.add_get("/span", handler)
-    server = await aiohttp_server(app)
+    server = await _serve(aiohttp_server, handler)
     timeout = aiohttp.ClientTimeout(total=20)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -71,9 +76,7 @@ async def test_a_span_the_file_holds_is_sent_whole(aiohttp_server: Any, tmp_path
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/span", handler)
-    server = await aiohttp_server(app)
+    server = await _serve(aiohttp_server, handler)
     try:
         async with (
             aiohttp.ClientSession() as session,
@@ -119,9 +122,7 @@ async def test_a_span_is_sent_corked_and_the_socket_uncorked_after(
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/span", handler)
-    server = await aiohttp_server(app)
+    server = await _serve(aiohttp_server, handler)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
             if promised == SIZE:

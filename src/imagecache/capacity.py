@@ -86,7 +86,6 @@ class Ledger:
 
     def add(self, image_id: str, size: int) -> str:
         """Record ``size`` bytes held for ``image_id``; returns the ticket for ``remove``."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         ticket = f"{size}.{os.getpid()}.{next(_SERIALS)}.{image_id}"
         fd = os.open(
             self.directory / ticket, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
@@ -101,6 +100,11 @@ class Ledger:
         with self._lock:
             self._held[ticket] = fd
         return ticket
+
+    def held_bytes(self) -> int:
+        """Bytes this process's reservations hold (their sizes lead their names)."""
+        with self._lock:
+            return sum(int(ticket.partition(".")[0]) for ticket in self._held)
 
     def remove(self, ticket: str) -> None:
         with self._lock:
@@ -159,8 +163,6 @@ class Capacity:
     def __init__(self, cache: ImageCache) -> None:
         self.cache = cache
         self.ledger = Ledger(cache.driver.layout.reservation_dir)
-        self._reserved: dict[str, int] = {}  # this process's, for its metrics
-        self._lock = threading.Lock()
         self.evictions = 0
 
     @property
@@ -168,8 +170,8 @@ class Capacity:
         return self.cache.settings.image_cache_max_size
 
     def reserved_bytes(self) -> int:
-        with self._lock:
-            return sum(self._reserved.values())
+        """Bytes held by this process's reservations (the service's metric)."""
+        return self.ledger.held_bytes()
 
     def reserve(self, image_id: str, size: int | None) -> Reservation:
         """Hold room for ``size`` bytes of ``image_id``, evicting LRU entries if needed.
@@ -181,12 +183,14 @@ class Capacity:
             return Reservation(image_id, 0, Admission.TOO_LARGE)
         if size is None:
             return Reservation(image_id, 0, Admission.ADMITTED)
-        with self.cache.exclusive("capacity"), self._lock:
-            shortfall = self._shortfall(image_id, size)
+        # The cross-process lock serialises this process's threads too: each
+        # call opens the lock file anew, and flock locks are per open file.
+        with self.cache.exclusive("capacity"):
+            pending, reserved = self._in_flight()
+            shortfall = self._shortfall(image_id, size, pending, reserved)
             evicted: list[str] = []
             if shortfall > 0:
-                in_flight = self._in_flight_ids()
-                candidates = [e for e in self.cache.driver.iter_lru() if e[0] not in in_flight]
+                candidates = [e for e in self.cache.driver.iter_lru() if e[0] not in pending]
                 # Evict only when it can succeed: a disk filled by something else
                 # must not cost us the whole cache and still end in a bypass.
                 if sum(entry_size for _, entry_size in candidates) < shortfall:
@@ -211,21 +215,13 @@ class Capacity:
                 # Without a ledger entry other processes could spend this room too.
                 log.warning("cannot reserve room for image %s: %s; streaming only", image_id, exc)
                 return Reservation(image_id, 0, Admission.NO_SPACE, tuple(evicted))
-            self._reserved[image_id] = self._reserved.get(image_id, 0) + size
         if evicted:
             log.info("evicted %d images to make room for %s", len(evicted), image_id)
         return Reservation(image_id, size, Admission.ADMITTED, tuple(evicted), ticket)
 
     def release(self, reservation: Reservation) -> None:
-        if not reservation.size:
-            return
-        self.ledger.remove(reservation.ticket)
-        with self._lock:
-            left = self._reserved.get(reservation.image_id, 0) - reservation.size
-            if left > 0:
-                self._reserved[reservation.image_id] = left
-            else:
-                self._reserved.pop(reservation.image_id, None)
+        if reservation.size:
+            self.ledger.remove(reservation.ticket)
 
     @contextlib.contextmanager
     def reserved(self, image_id: str, size: int | None) -> Iterator[Reservation]:
@@ -236,18 +232,14 @@ class Capacity:
         finally:
             self.release(reservation)
 
-    # --- accounting (caller holds both locks) ----------------------------------------------
+    # --- accounting (caller holds the capacity lock) ---------------------------------------
 
-    def _in_flight_ids(self) -> set[str]:
-        layout = self.cache.driver.layout
-        ids = {entry.name for entry in layout.iter_images(layout.incomplete_dir)}
-        return ids | set(self.ledger.entries())
+    def _in_flight(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(bytes each fill in flight will occupy, bytes each has reserved), by image id.
 
-    def _pending(self, image_id: str) -> tuple[int, int]:
-        """(bytes fills in flight will occupy, bytes reserved), ``image_id`` left out.
-
-        A fill is counted at its reservation, or for one that reserved nothing
-        (size unknown, or a writer without a Capacity) at its file so far.
+        One read of the ledger and of ``incomplete/``. A fill is counted at its
+        reservation, or for one that reserved nothing (size unknown, or a
+        writer without a Capacity) at its file so far.
         """
         layout = self.cache.driver.layout
         reserved = self.ledger.entries()
@@ -255,19 +247,24 @@ class Capacity:
         for entry in layout.iter_images(layout.incomplete_dir):
             on_disk = file_size(layout.incomplete_dir / entry.name) or 0
             pending[entry.name] = max(pending.get(entry.name, 0), on_disk)
-        pending.pop(image_id, None)
-        reserved.pop(image_id, None)
-        return sum(pending.values()), sum(reserved.values())
+        return pending, reserved
 
-    def _shortfall(self, image_id: str, size: int) -> int:
-        """Bytes to free before ``size`` more fits under the limit and above the watermark."""
-        # Fills in flight first, the committed total second: a fill commits its
-        # metadata, then releases its reservation, so read in this order it is
-        # counted at least once (twice, harmlessly, in between). The other
-        # order misses a fill that commits and releases between the two reads.
-        pending, reserved = self._pending(image_id)
+    def _shortfall(
+        self, image_id: str, size: int, pending: dict[str, int], reserved: dict[str, int]
+    ) -> int:
+        """Bytes to free before ``size`` more fits under the limit and above the watermark.
+
+        ``pending`` and ``reserved`` come from ``_in_flight``, read before the
+        committed total is: a fill commits its metadata, then releases its
+        reservation, so read in that order it is counted at least once (twice,
+        harmlessly, in between). The other order misses a fill that commits
+        and releases between the two reads. ``image_id`` itself is counted
+        once, as the ``size`` asked for.
+        """
+        in_flight = sum(n for other, n in pending.items() if other != image_id)
+        still_to_write = sum(n for other, n in reserved.items() if other != image_id)
         committed = self.cache.driver.get_cache_size()
-        over_limit = committed + pending + size - self.limit
+        over_limit = committed + in_flight + size - self.limit
         under_watermark = 0
         watermark = self.cache.settings.free_space_watermark
         if watermark:
@@ -275,5 +272,5 @@ class Capacity:
             free = st.f_bavail * st.f_frsize
             # Fills in flight will still take what they have not written yet;
             # counting their full size errs on the safe side.
-            under_watermark = watermark - (free - reserved - size)
+            under_watermark = watermark - (free - still_to_write - size)
         return max(over_limit, under_watermark, 0)

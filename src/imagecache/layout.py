@@ -72,6 +72,7 @@ class CacheLayout:
     def ensure_dirs(self) -> None:
         for sub in (*SUBDIRS, LOCK_DIR):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
+        self.reservation_dir.mkdir(exist_ok=True)
 
     def validate(self, image_id: object) -> str:
         """Return ``image_id`` if it is safe as a file name here, else raise InvalidImageId."""

@@ -431,11 +431,23 @@ async def _follow(
         except ImageCacheError as exc:
             if not response.prepared:
                 raise
-            if isinstance(exc, CacheStoreError) and flight.kind is FlightKind.LOCAL:
+            if _ended_unfinished(flight, exc):
                 await _finish_or_abort(request, response, state, flight, caller, sent.offset, exc)
             else:
                 abort(request, flight.image_id, str(exc))
     return response
+
+
+def _ended_unfinished(flight: Flight, exc: Exception) -> bool:
+    """Whether ``exc`` ended ``flight`` with bytes that are right as far as they go.
+
+    So its readers may go on from the origin: the writer died (``WriterGone``)
+    or this process's own disk failed. A fill that failed verification, or one
+    of another process that failed for its own reasons, did not.
+    """
+    return isinstance(exc, WriterGone) or (
+        isinstance(exc, CacheStoreError) and flight.kind is FlightKind.LOCAL
+    )
 
 
 async def _finish_or_abort(
@@ -565,10 +577,7 @@ async def _follow_range(
         except (WriterGone, ImageCacheError) as exc:
             if not response.prepared:
                 return None  # the fill ended without a file: ask the origin
-            unfinished = isinstance(exc, WriterGone) or (
-                isinstance(exc, CacheStoreError) and flight.kind is FlightKind.LOCAL
-            )
-            if not unfinished:
+            if not _ended_unfinished(flight, exc):
                 abort(request, flight.image_id, str(exc))
                 return response
             state.metrics.bytes_from_cache.inc(sent.offset - wanted.start)
