@@ -16,7 +16,8 @@ from imagecache.settings import Settings, load_settings
 from server_helpers import ServeProcess
 
 pytest_plugins: list[str] = ["driver_kinds"]
-pytest_plugins += ["peers.cutter", "peers.glance", "peers.moto", "peers.origin"]  # see tests/peers/
+# Real peers, each in tests/peers/.
+pytest_plugins += ["peers.cutter", "peers.glance", "peers.keystone", "peers.moto", "peers.origin"]
 pytest_plugins += ["central_db"]  # fresh PostgreSQL/SQLite databases for the central driver
 
 

@@ -13,6 +13,9 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      ├── ImageBeingCached              another writer holds the fill of this image
      ├── VerificationError             size or hash of the written bytes is wrong
      ├── CacheStoreError               the cache's own disk or metadata failed
+     ├── IdentityError                 Keystone could not answer, or refused the cache
+     │    ├── IdentityRejected         the cache's own credentials were refused
+     │    └── IdentityUnavailable      Keystone unreachable or failing: refuse, never allow
      └── UpstreamError                 the origin failed or refused
           ├── UpstreamNotFound         the origin does not know the image (404)
           ├── UpstreamForbidden        the origin refuses this caller (401/403)
@@ -127,3 +130,15 @@ class UpstreamNotActive(UpstreamError):
         super().__init__(f"image {image_id!r} is {status!r} upstream, not 'active'")
         self.image_id = image_id
         self.status = status
+
+
+class IdentityError(ImageCacheError):
+    """OpenStack identity (Keystone) could not give the answer the cache needs."""
+
+
+class IdentityRejected(IdentityError):
+    """Keystone refused the cache's own credentials; the message names the setting."""
+
+
+class IdentityUnavailable(IdentityError):
+    """Keystone cannot be asked now; whatever needed its answer is refused."""
