@@ -228,3 +228,39 @@ def test_short_lived_service_tokens_are_renewed_before_they_expire(
     assert short.token() != short.token()
     long = ServiceIdentity(_password_auth(keystone_peer))
     assert long.token() == long.token()
+
+
+def test_keystone_settings_refuse_a_second_door_and_never_echo_secrets() -> None:
+    from imagecache.settings import load_settings
+
+    with pytest.raises(ConfigurationError, match="admin_token: not used with") as raised:
+        load_settings(
+            None,
+            keystone={"auth_url": "http://127.0.0.1:5000/v3", "password": "hunter2-hunter2"},
+            admin_token="a-static-admin-token-0123",
+        )
+    assert "hunter2" not in str(raised.value)
+    assert "a-static-admin-token" not in str(raised.value)
+    with pytest.raises(ConfigurationError, match="trust_identity_headers: not used with"):
+        load_settings(
+            None, keystone={"auth_url": "http://127.0.0.1:5000/v3"}, trust_identity_headers=True
+        )
+    with pytest.raises(ConfigurationError, match=r"keystone\.admin_roles: .*at least one role"):
+        load_settings(None, keystone={"auth_url": "http://127.0.0.1:5000/v3", "admin_roles": [" "]})
+
+
+def test_keystone_settings_come_from_the_environment_nested(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from imagecache.settings import load_settings
+
+    monkeypatch.setenv("IMAGECACHE_KEYSTONE__AUTH_URL", "http://127.0.0.1:5000/v3")
+    monkeypatch.setenv("IMAGECACHE_KEYSTONE__USERNAME", "imagecache")
+    monkeypatch.setenv("IMAGECACHE_KEYSTONE__PASSWORD", "imagecache-pass")
+    monkeypatch.setenv("IMAGECACHE_KEYSTONE__PROJECT_NAME", "service")
+    settings = load_settings(None)
+    assert settings.keystone is not None
+    auth = settings.keystone.auth()
+    assert auth.password == "imagecache-pass"
+    assert "imagecache-pass" not in repr(settings)
+    assert settings.replace(workers=2).keystone == settings.keystone

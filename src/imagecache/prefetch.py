@@ -36,7 +36,7 @@ from imagecache.errors import (
 )
 from imagecache.layout import CacheLayout, unlink_if_exists
 from imagecache.records import ImageInfo
-from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+from imagecache.upstreams.base import SERVICE, Caller, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Prefetcher:
         return report
 
     async def fetch(
-        self, image_id: str, caller: Caller = ANONYMOUS
+        self, image_id: str, caller: Caller = SERVICE
     ) -> tuple[PrefetchOutcome, str | None]:
         """Prefetch one image; the outcome and, for a failure, the error recorded."""
         if image_id in self._in_flight:

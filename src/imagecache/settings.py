@@ -14,7 +14,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +31,7 @@ from pydantic_settings import (
 )
 
 from imagecache.errors import ConfigurationError
+from imagecache.keystone import KeystoneAuth, load_cloud
 
 GiB = 1024**3
 MiB = 1024**2
@@ -31,11 +40,89 @@ DriverName = Literal["sqlite", "xattr", "central"]
 AbandonPolicy = Literal["finish", "abort"]
 
 
+class KeystoneSettings(BaseModel):
+    """The ``[keystone]`` table: the cache's own account, and who may manage it.
+
+    Either ``cloud`` (a cloud named in clouds.yaml, openstacksdk's file) or the
+    credentials here: a user and password with a project, or an application
+    credential. Environment variables nest with a double underscore:
+    ``IMAGECACHE_KEYSTONE__AUTH_URL``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cloud: str | None = None
+    auth_url: str | None = None
+    username: str | None = None
+    user_id: str | None = None
+    password: SecretStr | None = None
+    project_name: str | None = None
+    project_id: str | None = None
+    user_domain_name: str | None = None
+    user_domain_id: str | None = None
+    project_domain_name: str | None = None
+    project_domain_id: str | None = None
+    application_credential_id: str | None = None
+    application_credential_name: str | None = None
+    application_credential_secret: SecretStr | None = None
+    region_name: str | None = None
+    interface: Literal["public", "internal", "admin"] = "public"
+    timeout: float = Field(default=10.0, gt=0)
+    # A caller is an admin of the cache when its token has one of these roles
+    # (Glance's default policy for its cache API is role:admin).
+    admin_roles: tuple[str, ...] = ("admin",)
+    # How long Keystone's answer about a caller's token is remembered: a revoked
+    # token keeps working on management routes at most this long.
+    # keystonemiddleware's default is 300 s; a cache's management is rarer and
+    # more powerful, so a shorter default.
+    token_cache_ttl: float = Field(default=60.0, ge=0)
+    token_cache_size: int = Field(default=10_000, ge=1)
+
+    @field_validator("admin_roles")
+    @classmethod
+    def _some_role(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        roles = tuple(role.strip().lower() for role in value if role.strip())
+        if not roles:
+            raise ValueError("must name at least one role")
+        return roles
+
+    def auth(self) -> KeystoneAuth:
+        """The credentials as values, checked; from clouds.yaml when ``cloud`` is set."""
+        if self.cloud is not None:
+            return load_cloud(self.cloud)
+        if self.auth_url is None:
+            raise ConfigurationError("keystone.auth_url: set it, or keystone.cloud")
+        auth = KeystoneAuth(
+            auth_url=self.auth_url,
+            username=self.username,
+            user_id=self.user_id,
+            password=_revealed(self.password),
+            project_name=self.project_name,
+            project_id=self.project_id,
+            user_domain_name=self.user_domain_name,
+            user_domain_id=self.user_domain_id,
+            project_domain_name=self.project_domain_name,
+            project_domain_id=self.project_domain_id,
+            application_credential_id=self.application_credential_id,
+            application_credential_name=self.application_credential_name,
+            application_credential_secret=_revealed(self.application_credential_secret),
+            region_name=self.region_name,
+            interface=self.interface,
+        )
+        auth.check()
+        return auth
+
+
+def _revealed(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
+
+
 class Settings(BaseSettings):
     """Every knob of imagecache; one immutable value per process."""
 
     model_config = SettingsConfigDict(
         env_prefix="IMAGECACHE_",
+        env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
         validate_default=True,
@@ -110,6 +197,12 @@ class Settings(BaseSettings):
     node_dead_after: float = Field(default=20.0, gt=0)
     cluster_token: SecretStr | None = None
 
+    # --- OpenStack identity -------------------------------------------------------------
+    # With a [keystone] table the cache acts as its own service account for
+    # everything it does on its own, and management callers are authorised
+    # by their Keystone roles (docs/openstack.md).
+    keystone: KeystoneSettings | None = None
+
     @field_validator("image_cache_sqlite_db")
     @classmethod
     def _plain_file_name(cls, value: str) -> str:
@@ -128,6 +221,20 @@ class Settings(BaseSettings):
         if kind not in {"directory", "http", "glance", "s3"}:
             raise ValueError(f"unknown upstream kind {kind!r}; use directory, http, glance or s3")
         return value
+
+    @model_validator(mode="after")
+    def _one_authority_for_management(self) -> Settings:
+        # With Keystone, Keystone alone says who may manage the cache: a static
+        # token shared by operators, or headers trusted from a proxy, beside it
+        # would be a second door that Keystone's revocations do not close.
+        if self.keystone is not None:
+            if self.admin_token is not None:
+                raise ValueError("admin_token: not used with [keystone]; remove one of them")
+            if self.trust_identity_headers:
+                raise ValueError(
+                    "trust_identity_headers: not used with [keystone]; remove one of them"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -158,6 +265,10 @@ class Settings(BaseSettings):
         for key in ("admin_token", "cluster_token"):
             secret = getattr(self, key)
             values[key] = secret.get_secret_value() if secret is not None else None
+        if self.keystone is not None:
+            table = values["keystone"]
+            for key in ("password", "application_credential_secret"):
+                table[key] = _revealed(getattr(self.keystone, key))
         return values
 
 
@@ -199,6 +310,11 @@ def _describe(exc: ValidationError) -> str:
             problems.append(f"{key}: unknown setting")
             continue
         secret = any(word in key for word in _SECRET_WORDS)
-        shown = "<hidden>" if secret else repr(error.get("input"))
+        given = error.get("input")
+        if isinstance(given, dict | list | tuple) or not error["loc"]:
+            # A whole table or the whole settings: it may hold secrets.
+            problems.append(f"{key}: {error['msg']}")
+            continue
+        shown = "<hidden>" if secret else repr(given)
         problems.append(f"{key}: {error['msg']} (got {shown})")
     return "invalid settings: " + "; ".join(problems)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,11 @@ def free_port() -> int:
 
 
 def run_script(
-    script: Path, command: str, env: dict[str, str], timeout: float
+    script: Path, command: str, env: dict[str, str], timeout: float, args: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
     """One subcommand of a ``shared/peers/*.sh`` script, its output captured."""
     return subprocess.run(
-        [str(script), command],
+        [str(script), command, *args],
         env=env,
         capture_output=True,
         text=True,

@@ -16,6 +16,7 @@ from imagecache import cluster
 from imagecache.cache import ImageCache
 from imagecache.errors import (
     ConfigurationError,
+    IdentityError,
     ImageCacheError,
     InvalidImageId,
     UpstreamError,
@@ -25,6 +26,7 @@ from imagecache.errors import (
     VerificationError,
 )
 from imagecache.fills import FillCoordinator
+from imagecache.keystone import ServiceIdentity, TokenValidator
 from imagecache.server import cache_api, images, operations, proxy
 from imagecache.server.auth import AccessCache
 from imagecache.server.metrics import Metrics
@@ -37,6 +39,7 @@ from imagecache.upstreams.base import Upstream
 log = logging.getLogger(__name__)
 
 _PUBLISHER = web.AppKey("metrics_publisher", asyncio.Task[None])
+_ROLE_CHECK = web.AppKey("service_role_check", asyncio.Task[None])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -123,10 +126,18 @@ def create_app(
     ``metrics_dir`` is given to every worker of a pre-forked service, so that
     ``/metrics`` shows all of them whichever one is scraped.
     """
+    identity = tokens = None
+    if settings.keystone is not None:
+        identity = ServiceIdentity(settings.keystone.auth(), timeout=settings.keystone.timeout)
+        tokens = TokenValidator(
+            identity,
+            settings.keystone.token_cache_ttl,
+            max_entries=settings.keystone.token_cache_size,
+        )
     if upstream is None:
         if settings.upstream is None:
             raise ConfigurationError("upstream: the service needs one, e.g. directory:/srv/images")
-        upstream = create_upstream(settings.upstream, settings)
+        upstream = create_upstream(settings.upstream, settings, identity)
     if cache is None:
         cache = ImageCache(settings)
     app = web.Application(middlewares=[_errors], client_max_size=1024**2)
@@ -146,6 +157,8 @@ def create_app(
         fills=fills,
         access=AccessCache(upstream, settings.auth_cache_ttl),
         executor=executor,
+        identity=identity,
+        tokens=tokens,
     )
     app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency)
 
@@ -169,6 +182,8 @@ def create_app(
 
 async def _start(app: web.Application) -> None:
     app[cache_api.WORKER].start()
+    if app[STATE].identity is not None:
+        app[_ROLE_CHECK] = asyncio.create_task(_check_service_roles(app[STATE]))
     metrics_ = app[STATE].metrics
     if metrics_.share_dir is not None:
         app[_PUBLISHER] = asyncio.create_task(metrics_.publish_periodically())
@@ -181,7 +196,39 @@ async def _stop_fills(app: web.Application) -> None:
     await state.fills.shutdown(shutdown_grace(state.settings))
 
 
+async def _check_service_roles(state: ServiceState) -> None:
+    """Warn at start-up when the cache's account cannot do what it will be asked to.
+
+    Glance lets only ``admin`` download another project's private image, which
+    queued fetches and prefetch of such images need. Keystone being away now
+    is not fatal: the identity logs that itself and retries when first needed.
+    """
+    assert state.identity is not None
+    try:
+        roles = await asyncio.to_thread(state.identity.roles)
+    except IdentityError:
+        return
+    if "admin" not in roles:
+        log.warning(
+            "the cache's Keystone account (%s) has roles %s but not admin: queued fetches and "
+            "prefetch of other projects' private images will be refused by Glance "
+            "(docs/openstack.md, 'The cache's own account')",
+            state.identity.auth.setting,
+            ",".join(sorted(roles)) or "none",
+        )
+    if not roles & {"admin", "service"}:
+        log.warning(
+            "the cache's Keystone account has neither the service nor the admin role: "
+            "Keystone will refuse to validate callers' tokens, so management is refused"
+        )
+
+
 async def _close(app: web.Application) -> None:
+    task = app.get(_ROLE_CHECK)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     publisher = app.get(_PUBLISHER)
     if publisher is not None:
         publisher.cancel()

@@ -22,6 +22,8 @@ class AdminDecision(enum.Enum):
     TOKEN_WRONG = "token_wrong"  # noqa: S105
     NOT_ADMIN = "not_admin"
     NOT_LOOPBACK = "not_loopback"
+    NO_TOKEN = "no_token"  # noqa: S105
+    TOKEN_INVALID = "token_invalid"  # noqa: S105 - Keystone does not accept it
 
     @property
     def allowed(self) -> bool:

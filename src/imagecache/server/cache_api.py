@@ -14,11 +14,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import hdrs, web
 
 from imagecache.cluster import central_driver, delete_everywhere
-from imagecache.errors import NotInClusterMode, UpstreamNotActive, UpstreamNotFound
+from imagecache.errors import (
+    IdentityError,
+    NotInClusterMode,
+    UpstreamNotActive,
+    UpstreamNotFound,
+)
+from imagecache.keystone import is_admin
 from imagecache.prefetch import queued_details
-from imagecache.server.auth import caller_from, decide_admin
+from imagecache.server.auth import AdminDecision, caller_from, decide_admin
 from imagecache.server.queue_worker import QueueWorker
 from imagecache.server.state import STATE, ServiceState
+from imagecache.upstreams.base import SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,10 @@ def _admin_only(
 
     async def handler(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        decision = decide_admin(state.settings, request.headers, request.remote)
+        if state.tokens is not None:
+            decision = await _keystone_admin(state, request)
+        else:
+            decision = decide_admin(state.settings, request.headers, request.remote)
         if not decision.allowed:
             log.info(
                 "management call %s %s refused: %s", request.method, request.path, decision.value
@@ -47,6 +57,31 @@ def _admin_only(
         return await method(request, state)
 
     return handler
+
+
+async def _keystone_admin(state: ServiceState, request: web.Request) -> AdminDecision:
+    """Keystone's word on the caller's token: admin when it has one of the admin roles.
+
+    Keystone unreachable is 503, never a pass: management must not open up
+    because the identity service is down.
+    """
+    assert state.tokens is not None
+    assert state.settings.keystone is not None
+    token = request.headers.get("X-Auth-Token", "")
+    if not token.strip():
+        return AdminDecision.NO_TOKEN
+    try:
+        info = await state.fills.run(state.tokens.validate, token)
+    except IdentityError as exc:
+        log.warning("management call %s %s refused: %s", request.method, request.path, exc)
+        raise web.HTTPServiceUnavailable(
+            text=f"cannot authorise management calls now: {exc}"
+        ) from exc
+    if info is None:
+        return AdminDecision.TOKEN_INVALID
+    if is_admin(info, state.settings.keystone.admin_roles):
+        return AdminDecision.ROLE_OK
+    return AdminDecision.NOT_ADMIN
 
 
 # --- /v2/cache --------------------------------------------------------------------------------
@@ -118,7 +153,9 @@ async def queue_image(request: web.Request, state: ServiceState) -> web.StreamRe
             text=f"only active images can be queued; {image_id} is {exc.status}"
         ) from exc
     await state.fills.run(state.cache.queue_image, image_id)
-    request.app[WORKER].submit(image_id, caller)
+    # The fetch runs later, when the caller's token may have expired: the cache's
+    # own account fetches it where there is one, else the caller's identity.
+    request.app[WORKER].submit(image_id, SERVICE if state.identity is not None else caller)
     return web.Response(status=202)
 
 

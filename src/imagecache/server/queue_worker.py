@@ -15,7 +15,7 @@ import logging
 from imagecache.errors import ImageCacheError
 from imagecache.fills import FillCoordinator, FlightKind
 from imagecache.prefetch import Prefetcher
-from imagecache.upstreams.base import ANONYMOUS, Caller
+from imagecache.upstreams.base import SERVICE, Caller
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class QueueWorker:
             for n in range(self.concurrency)
         ]
 
-    def submit(self, image_id: str, caller: Caller = ANONYMOUS) -> None:
+    def submit(self, image_id: str, caller: Caller = SERVICE) -> None:
         self._queue.put_nowait((image_id, caller))
 
     async def join(self) -> None:
@@ -68,7 +68,7 @@ class QueueWorker:
             finally:
                 self._queue.task_done()
 
-    async def fetch(self, image_id: str, caller: Caller = ANONYMOUS) -> None:
+    async def fetch(self, image_id: str, caller: Caller = SERVICE) -> None:
         cache = self.fills.cache
         if await self.fills.run(cache.is_cached, image_id):
             await self.fills.run(cache.delete_queued_image, image_id)

@@ -10,6 +10,7 @@ from aiohttp import web
 from imagecache.cache import ImageCache
 from imagecache.errors import InvalidImageId
 from imagecache.fills import FillCoordinator
+from imagecache.keystone import ServiceIdentity, TokenValidator
 from imagecache.server.auth import AccessCache
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings
@@ -26,6 +27,9 @@ class ServiceState:
     access: AccessCache
     # Blocking disk work (sqlite, reads of growing files, writes, fsync) runs here.
     executor: concurrent.futures.ThreadPoolExecutor
+    # With a [keystone] table: the cache's own account, and callers' tokens.
+    identity: ServiceIdentity | None = None
+    tokens: TokenValidator | None = None
 
     def image_id(self, request: web.Request) -> str:
         """The ``{image_id}`` of the route, validated once, here at the edge (400 if bad)."""

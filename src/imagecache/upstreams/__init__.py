@@ -9,19 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagecache.errors import ConfigurationError
+from imagecache.keystone import ServiceIdentity
 from imagecache.settings import Settings
-from imagecache.upstreams.base import ANONYMOUS, IDENTITY_HEADERS, Caller, Upstream
+from imagecache.upstreams.base import ANONYMOUS, IDENTITY_HEADERS, SERVICE, Caller, Upstream
 
-__all__ = ["ANONYMOUS", "IDENTITY_HEADERS", "Caller", "Upstream", "create_upstream"]
+__all__ = ["ANONYMOUS", "IDENTITY_HEADERS", "SERVICE", "Caller", "Upstream", "create_upstream"]
 
 KINDS = ("directory", "glance", "http", "s3")
 
 
-def create_upstream(spec: str, settings: Settings) -> Upstream:
+def create_upstream(
+    spec: str, settings: Settings, identity: ServiceIdentity | None = None
+) -> Upstream:
     """Build the upstream named by ``KIND:TARGET``.
 
     ``directory:/srv/images``, ``http:https://origin/images/{image_id}``,
-    ``glance:http://127.0.0.1:9292``, ``s3:bucket/prefix``.
+    ``glance:http://127.0.0.1:9292``, ``s3:bucket/prefix``. A Glance upstream
+    acts for the cache itself as ``identity`` (default: the account of the
+    ``[keystone]`` settings, if any).
     """
     kind, sep, target = spec.partition(":")
     if not sep or not target:
@@ -39,7 +44,9 @@ def create_upstream(spec: str, settings: Settings) -> Upstream:
     if kind == "glance":
         from imagecache.upstreams.glance import GlanceUpstream
 
-        return GlanceUpstream(target, settings)
+        if identity is None and settings.keystone is not None:
+            identity = ServiceIdentity(settings.keystone.auth(), timeout=settings.keystone.timeout)
+        return GlanceUpstream(target, settings, identity)
     if kind == "s3":
         from imagecache.upstreams.s3 import S3Upstream
 

@@ -34,20 +34,30 @@ IDENTITY_HEADERS = (
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: the identity headers to present to the origin (may be empty)."""
+    """Who asks: the identity headers to present to the origin (may be empty).
+
+    ``service`` marks the cache's own requests (queued and periodic fetches,
+    prefetch, scrub): an origin that knows the cache's own identity (a Glance
+    upstream with a Keystone account) presents that instead of any headers.
+    """
 
     headers: Mapping[str, str] = field(default_factory=dict)
+    service: bool = False
 
     @property
     def anonymous(self) -> bool:
-        return not self.headers
+        return not self.headers and not self.service
 
     def cache_key(self) -> str:
         """A stable key for remembering this caller's access decisions."""
+        if self.service:
+            return "service"
         return "\n".join(f"{k.lower()}={v}" for k, v in sorted(self.headers.items()))
 
 
 ANONYMOUS = Caller()
+# The cache itself, acting for nobody in particular.
+SERVICE = Caller(service=True)
 
 
 class BlockingSource(Protocol):

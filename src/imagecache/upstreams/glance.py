@@ -2,7 +2,9 @@
 
 ``glance:http://127.0.0.1:9292``. Every call carries the caller's identity
 headers (``Caller.headers``: ``X-Auth-Token`` or the trusted ``X-Roles`` /
-``X-Project-Id`` set), so Glance applies its own policy to each caller.
+``X-Project-Id`` set), so Glance applies its own policy to each caller. The
+cache's own calls (``Caller.service``) carry the token of its Keystone
+account when it has one (``identity``), and no identity otherwise.
 
 - ``info``: ``GET /v2/images/{id}`` → size, ``checksum`` (md5),
   ``os_hash_algo``/``os_hash_value``. A status other than ``active`` raises
@@ -39,6 +41,7 @@ For the server's passthrough proxy:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from typing import Any
@@ -46,7 +49,8 @@ from urllib.parse import quote
 
 import aiohttp
 
-from imagecache.errors import ConfigurationError, UpstreamError, UpstreamNotActive
+from imagecache.errors import ConfigurationError, IdentityError, UpstreamError, UpstreamNotActive
+from imagecache.keystone import ServiceIdentity
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
 from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
@@ -60,13 +64,28 @@ class GlanceUpstream(Upstream):
 
     kind = "glance"
 
-    def __init__(self, base_url: str, settings: Settings) -> None:
+    def __init__(
+        self, base_url: str, settings: Settings, identity: ServiceIdentity | None = None
+    ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigurationError(
                 f"glance upstream URL {base_url!r} must start with http:// or https://"
             )
         self.base_url = base_url.rstrip("/")
         self._client = HttpClient(settings)
+        self.identity = identity
+
+    async def _headers(self, caller: Caller) -> dict[str, str]:
+        """What identifies ``caller`` to Glance: its own headers, or the cache's token."""
+        if not caller.service:
+            return dict(caller.headers)
+        if self.identity is None:
+            return {}  # no account of its own: the cache asks as an anonymous caller
+        try:
+            token = await asyncio.to_thread(self.identity.token)
+        except IdentityError as exc:
+            raise UpstreamError(f"the cache's own identity is unavailable: {exc}") from exc
+        return {"X-Auth-Token": token}
 
     def _image_url(self, image_id: str, suffix: str = "") -> str:
         return f"{self.base_url}/v2/images/{quote(image_id, safe='')}{suffix}"
@@ -75,7 +94,7 @@ class GlanceUpstream(Upstream):
         try:
             async with self._client.session().get(
                 self._image_url(image_id),
-                headers=dict(caller.headers),
+                headers=await self._headers(caller),
                 timeout=self._client.short_timeout,
             ) as response:
                 raise_for_status(response, image_id, "image lookup")
@@ -107,7 +126,8 @@ class GlanceUpstream(Upstream):
         ranged = range_header(start, end)
         try:
             response = await self._client.session().get(
-                self._image_url(image_id, "/file"), headers={**caller.headers, **ranged}
+                self._image_url(image_id, "/file"),
+                headers={**await self._headers(caller), **ranged},
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamError(f"image {image_id!r}: Glance download failed: {exc!r}") from exc
@@ -119,7 +139,7 @@ class GlanceUpstream(Upstream):
                 yield chunk
 
     async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
-        headers = {**caller.headers, "Accept-Encoding": "identity"}
+        headers = {**await self._headers(caller), "Accept-Encoding": "identity"}
         source = await self._client.open_get(self._image_url(image_id, "/file"), headers, image_id)
         if source.status == 204:
             source.close()
@@ -131,7 +151,7 @@ class GlanceUpstream(Upstream):
         try:
             async with self._client.session().get(
                 self._image_url(image_id, "/file"),
-                headers={**caller.headers, "Range": "bytes=0-0"},
+                headers={**await self._headers(caller), "Range": "bytes=0-0"},
                 timeout=self._client.short_timeout,
             ) as response:
                 # 416: the image is empty, yet the policy check passed to get there.
