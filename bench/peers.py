@@ -429,6 +429,13 @@ class GlancePeer:
 # -------------------------------------------------------------- Varnish ---
 
 
+def _purge(url: str) -> None:
+    """Drop one object from a cache that takes PURGE (200 purged, 404 was not there)."""
+    status = http_status(url, method="PURGE")
+    if status not in (200, 404):
+        raise PeerError(f"PURGE {url}: HTTP {status}")
+
+
 def _host_port(url: str) -> tuple[str, int]:
     rest = url.split("://", 1)[-1].split("/", 1)[0]
     host, _, port = rest.rpartition(":")
@@ -439,8 +446,10 @@ def _host_port(url: str) -> tuple[str, int]:
 class Varnish:
     """varnishd in the foreground (``-F``) in front of ``origin``, with malloc storage.
 
-    Its VCL only sets a TTL long enough for the whole run (the built-in 120 s
-    would expire the warm image between rounds of a 1 GiB run); everything else
+    Its VCL sets a TTL long enough for the whole run (the built-in 120 s
+    would expire the warm image between rounds of a 1 GiB run) and takes PURGE
+    from loopback (the bench drops each cold image after its round, so the
+    malloc storage never has to evict mid-fill); everything else
     is Varnish's default: streaming on (``beresp.do_stream``, the Varnish 7
     default), a miss fetches the whole object and Range is answered from it,
     concurrent misses of one object wait on a single backend fetch.
@@ -475,6 +484,17 @@ backend origin {{
     .port = "{port}";
     .first_byte_timeout = 60s;
     .between_bytes_timeout = 60s;
+}}
+
+acl purgers {{ "127.0.0.1"; }}
+
+sub vcl_recv {{
+    if (req.method == "PURGE") {{
+        if (client.ip !~ purgers) {{
+            return (synth(405));
+        }}
+        return (purge);
+    }}
 }}
 
 sub vcl_backend_response {{
@@ -518,10 +538,15 @@ sub vcl_backend_response {{
     def pids(self) -> list[int]:
         return process_tree(self.proc.pid) if self.proc is not None else []
 
+    def purge(self, path: str) -> None:
+        _purge(self.url + path)
+
     @staticmethod
     def version() -> str:
+        """``Varnish 7.1.1`` (empty when it cannot be run)."""
         done = subprocess.run([VARNISHD, "-V"], capture_output=True, text=True, check=False)
-        return (done.stderr or done.stdout).splitlines()[0] if done.returncode == 0 else ""
+        found = re.search(r"varnish-([\d.]+)", done.stderr + done.stdout)
+        return f"Varnish {found.group(1)}" if found else ""
 
 
 # ------------------------------------------------------- Traffic Server ---
@@ -537,7 +562,8 @@ class TrafficServer:
     (no maximum document size, background fill, open-read retries so that a
     herd's followers wait for the writer instead of going to the origin).
     It listens on one loopback port and nothing else (no traffic_manager, so no
-    management port; the crash-log helper is off).
+    management port; the crash-log helper is off). PURGE is taken from loopback
+    only, which the bench uses to drop each cold image after its round.
     """
 
     workdir: Path
@@ -662,10 +688,15 @@ class TrafficServer:
     def pids(self) -> list[int]:
         return process_tree(self.proc.pid) if self.proc is not None else []
 
+    def purge(self, path: str) -> None:
+        _purge(self.url + path)  # ip_allow.yaml lets loopback use PURGE
+
     @staticmethod
     def version() -> str:
+        """``Traffic Server 9.2.9`` (empty when it cannot be run)."""
         done = subprocess.run([TRAFFIC_SERVER, "-V"], capture_output=True, text=True, check=False)
-        return done.stdout.splitlines()[0] if done.stdout else ""
+        found = re.search(r"Traffic Server ([\d.]+)", done.stdout + done.stderr)
+        return f"Traffic Server {found.group(1)}" if found else ""
 
 
 # ------------------------------------------------------------ imagecache ---
@@ -774,7 +805,14 @@ def _self_check(size_mib: int) -> None:
                         ).stdout
                         assert hashlib.md5(got).hexdigest() == md5, f"{cache}: wrong bytes"
                     assert web.requests_for("/img") == reads + 1, "the cache did not cache"
-                print(f"{type(cache).__name__} OK on port {cache.port}: 3 GETs, 1 origin read")
+                    cache.purge("/img")
+                    subprocess.run(
+                        ["curl", "-sS", "-o", "/dev/null", f"{cache.url}/img"], check=True
+                    )
+                    assert web.requests_for("/img") == reads + 2, "PURGE did not drop it"
+                print(
+                    f"{type(cache).__name__} OK on port {cache.port}: 3 GETs, 1 origin read, purge"
+                )
         if not GlancePeer.available():
             print("Glance peer not installed: skipped (run bench/setup.sh)")
             return

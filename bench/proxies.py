@@ -25,8 +25,9 @@ A cold round gets an image name nobody has fetched: a hard link in the origin's
 directory (the same inode, so every subject's origin read comes from the same
 page cache) with its sidecar digests. Fresh names were chosen over purging
 because they make every subject cold the same way, with no purge API to trust
-per peer; imagecache's copy is evicted after the round (its disk), Varnish and
-Traffic Server recycle their storage themselves (LRU, a cyclic cache file).
+per peer. After the round (not measured) each cache drops that image
+(imagecache's DELETE, PURGE for Varnish and Traffic Server), so a 1 GiB run
+needs room for two images in each, and no cache evicts in the middle of a fill.
 """
 
 from __future__ import annotations

@@ -566,22 +566,24 @@ def proxy_subjects(
         ),
     ]
     if cfg.varnish:
-        # Room for the warm image and one cold one; older cold ones go by LRU.
+        # Room for the warm image and one cold one (each purged after its round).
         varnish: Varnish = enter(
             Varnish(cfg.workdir / "varnish", origin.url, 2 * cfg.size + 256 * MIB)
         )
         subjects.append(
             ProxySubject(
                 VARNISH,
-                f"{Varnish.version().split(' (')[0]} (malloc, streaming)",
+                f"{Varnish.version() or 'Varnish'} (malloc, streaming)",
                 lambda iid: f"{varnish.url}/{iid}",
                 varnish.pids,
+                cleanup=lambda iid: varnish.purge(f"/{iid}"),
             )
         )
     else:
         print("  note: varnishd not installed (bench/setup.sh): no Varnish", flush=True)
     if cfg.ats:
-        # A cyclic cache file: room for the warm image and a few cold ones.
+        # Room for the warm image and a few cold ones (each purged after its round;
+        # the cache file is cyclic anyway).
         ats: TrafficServer = enter(
             TrafficServer(
                 cfg.workdir / "trafficserver",
@@ -590,14 +592,14 @@ def proxy_subjects(
                 threads=cfg.workers,
             )
         )
-        version = TrafficServer.version().replace("Traffic Server ", "")
         subjects.append(
             ProxySubject(
                 ATS,
-                f"Traffic Server {version.split()[0] if version else ''} (read-while-writer, "
+                f"{TrafficServer.version() or 'Traffic Server'} (read-while-writer, "
                 f"{cfg.workers} threads)",
                 lambda iid: f"{ats.url}/{iid}",
                 ats.pids,
+                cleanup=lambda iid: ats.purge(f"/{iid}"),
             )
         )
     else:
@@ -618,7 +620,8 @@ def run(cfg: Config) -> Report:
     )
     print(
         f"imagecache bench: {cfg.size // MIB} MiB image, {cfg.workers} worker(s), "
-        f"glance={'yes' if cfg.glance else 'no (peer not installed or --no-glance)'}",
+        f"glance={'yes' if cfg.glance else 'no (peer not installed or --no-glance)'}, "
+        f"varnish={'yes' if cfg.varnish else 'no'}, traffic server={'yes' if cfg.ats else 'no'}",
         flush=True,
     )
     if cfg.workdir.exists():
@@ -809,11 +812,12 @@ def markdown(rep: Report, command: str) -> str:
     if rep.proxies:
         lines += ["", "Against the caching proxies (medians over rounds):", ""]
         lines += markdown_table(rep.proxies)
-    lines += [
-        "",
-        "| scenario | subject | median | min-max | rounds | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
+    if rep.rows:
+        lines += [
+            "",
+            "| scenario | subject | median | min-max | rounds | errors |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
     for r in rep.rows:
         spread = "" if r["low"] is None else f"{r['low']}-{r['high']}"
         lines.append(
