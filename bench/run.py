@@ -28,7 +28,7 @@ f. proxies — imagecache (http upstream), nginx, Varnish and Traffic Server in 
 Upstreams: ``directory:`` (always), ``http:`` in front of an nginx origin, and
 ``glance:`` in front of a plain Glance (when the Glance peer is installed).
 
-    .venv/bin/python bench/run.py            # 1 GiB image, about 5-8 minutes on 2 cores
+    .venv/bin/python bench/run.py            # 1 GiB image, 20-35 minutes on 2 cores (f: 12-25)
     .venv/bin/python bench/run.py --quick    # 256 MiB, fewer rounds: a sanity run
     .venv/bin/python bench/run.py --only proxies --publish docs/results/latest.json
 
