@@ -7,6 +7,7 @@ client in front of every server keeps the ratios fair.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import statistics
 import subprocess
@@ -28,6 +29,19 @@ class Sample:
     total_bytes: int
     seconds: float
     errors: int
+    # Each client's time to first byte (curl's time_starttransfer), in seconds.
+    ttfb: tuple[float, ...] = ()
+    # The server's own CPU time (utime + stime of its process tree) over the
+    # round, when the caller measured it; see bench/run.py's proxy scenarios.
+    cpu_s: float | None = None
+    # Full-body reads the origin served during the round, when counted.
+    origin_reads: int | None = None
+
+    @property
+    def cpu_s_per_gib(self) -> float | None:
+        if self.cpu_s is None or self.total_bytes <= 0:
+            return None
+        return self.cpu_s / (self.total_bytes / (1 << 30))
 
     @property
     def mib_s(self) -> float:
@@ -58,8 +72,10 @@ def fetch_all(urls: list[str], expect_bytes: int, timeout: float = 600.0) -> Sam
     """Start one curl per URL at once; the round lasts until the last one ends.
 
     A download that does not answer 200 with exactly ``expect_bytes`` is an error.
+    Every client's time to first byte is kept (failed ones too: a 503 that
+    comes at once is still what that client waited).
     """
-    fmt = "%{http_code} %{size_download}"
+    fmt = "%{http_code} %{size_download} %{time_starttransfer}"
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -72,13 +88,16 @@ def fetch_all(urls: list[str], expect_bytes: int, timeout: float = 600.0) -> Sam
     outs = [p.communicate()[0] for p in procs]
     seconds = time.perf_counter() - start
     total = errors = 0
+    ttfb: list[float] = []
     for out in outs:
-        code, _, size = out.partition(" ")
-        got = int(size) if size.strip().isdigit() else 0
+        code, size, start_transfer = [*out.split(), "", "", ""][:3]
+        got = int(size) if size.isdigit() else 0
         total += got
         if code != "200" or got != expect_bytes:
             errors += 1
-    return Sample(len(urls), total, seconds, errors)
+        with contextlib.suppress(ValueError):
+            ttfb.append(float(start_transfer))
+    return Sample(len(urls), total, seconds, errors, tuple(ttfb))
 
 
 def fetch_verified(url: str, expect_bytes: int, sha512: str, timeout: float = 600.0) -> Sample:

@@ -1,4 +1,4 @@
-"""The processes a benchmark run compares: nginx, the Glance peer and imagecache itself.
+"""The processes a benchmark run compares: nginx, Varnish, Traffic Server, Glance, imagecache.
 
 Each peer is a context manager that starts a real server on a free loopback port,
 in its own directory under the run's work dir, and stops exactly the process it
@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GLANCE_PEER = REPO.parent / "shared" / "peers" / "glance-peer.sh"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+VARNISHD = shutil.which("varnishd") or "/usr/sbin/varnishd"
+TRAFFIC_SERVER = shutil.which("traffic_server") or "/usr/bin/traffic_server"
 CHUNK = 8 << 20
 
 
@@ -149,6 +151,33 @@ def process_tree(pid: int) -> list[int]:
         out.append(current)
         todo.extend(children.get(current, []))
     return out
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pids: Sequence[int]) -> dict[int, int]:
+    """utime + stime of each process (all its threads), in clock ticks; gone ones are left out."""
+    out: dict[int, int] = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        # After the command name: state is field 3, utime and stime fields 14 and 15.
+        fields = stat.rsplit(")", 1)[1].split()
+        out[pid] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def cpu_seconds_between(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds the processes used between two ``cpu_ticks`` readings.
+
+    A process that appeared in between counts whole; one that exited in between
+    is lost (the servers measured here keep their workers for the whole run).
+    """
+    ticks = sum(t - before.get(pid, 0) for pid, t in after.items())
+    return ticks / CLOCK_TICKS
 
 
 def proc_status_kib(pid: int, key: str) -> int:
@@ -292,6 +321,9 @@ http {{
         """How many full-body GETs of ``path`` (status 200) the access log shows."""
         return full_body_gets(self.access_log_path, path)
 
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc is not None else []
+
 
 # -------------------------------------------------------- Glance peer ---
 
@@ -394,6 +426,279 @@ class GlancePeer:
         return full_body_gets(self.datadir / "log" / "access.log", f"/v2/images/{image_id}/file")
 
 
+# -------------------------------------------------------------- Varnish ---
+
+
+def _purge(url: str) -> None:
+    """Drop one object from a cache that takes PURGE (200 purged, 404 was not there)."""
+    status = http_status(url, method="PURGE")
+    if status not in (200, 404):
+        raise PeerError(f"PURGE {url}: HTTP {status}")
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    return host, int(port)
+
+
+@dataclass
+class Varnish:
+    """varnishd in the foreground (``-F``) in front of ``origin``, with malloc storage.
+
+    Its VCL sets a TTL long enough for the whole run (the built-in 120 s
+    would expire the warm image between rounds of a 1 GiB run) and takes PURGE
+    from loopback (the bench drops each cold image after its round, so the
+    malloc storage never has to evict mid-fill); everything else
+    is Varnish's default: streaming on (``beresp.do_stream``, the Varnish 7
+    default), a miss fetches the whole object and Range is answered from it,
+    concurrent misses of one object wait on a single backend fetch.
+    No management port (``-T none``), no jail (``-j none``: the run is root, and
+    its work dir need not be handed to the ``varnish`` user); listens on loopback only.
+    """
+
+    workdir: Path
+    origin: str
+    storage_bytes: int
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "varnishd.pid"
+
+    @staticmethod
+    def available() -> bool:
+        return Path(VARNISHD).exists()
+
+    def vcl(self) -> str:
+        host, port = _host_port(self.origin)
+        return f"""vcl 4.1;
+
+backend origin {{
+    .host = "{host}";
+    .port = "{port}";
+    .first_byte_timeout = 60s;
+    .between_bytes_timeout = 60s;
+}}
+
+acl purgers {{ "127.0.0.1"; }}
+
+sub vcl_recv {{
+    if (req.method == "PURGE") {{
+        if (client.ip !~ purgers) {{
+            return (synth(405));
+        }}
+        return (purge);
+    }}
+}}
+
+sub vcl_backend_response {{
+    if (beresp.status == 200) {{
+        set beresp.ttl = 1d;
+        set beresp.grace = 0s;
+    }}
+}}
+"""
+
+    def __enter__(self) -> Varnish:
+        if not self.available():
+            raise PeerError(f"{VARNISHD} not found: run bench/setup.sh")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        vcl = self.workdir / "bench.vcl"
+        vcl.write_text(self.vcl())
+        cmd = [VARNISHD, "-F", "-j", "none", "-T", "none"]
+        cmd += ["-n", str(self.workdir / "state"), "-P", str(self.pid_file)]
+        cmd += ["-a", f"127.0.0.1:{self.port}", "-f", str(vcl)]
+        cmd += ["-s", f"malloc,{max(self.storage_bytes >> 20, 64)}m"]
+        with open(self.workdir / "varnishd.log", "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+        try:
+            wait_until("varnishd", self._answers, timeout=60)
+        except PeerError:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            log = (self.workdir / "varnishd.log").read_text()[-2000:]
+            raise PeerError(f"varnishd exited ({self.proc.returncode}): {log}")
+        return http_status(self.url + "/", method="HEAD") != 0
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)  # the manager's group: manager and cache child
+            self.proc = None
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc is not None else []
+
+    def purge(self, path: str) -> None:
+        _purge(self.url + path)
+
+    @staticmethod
+    def version() -> str:
+        """``Varnish 7.1.1`` (empty when it cannot be run)."""
+        done = subprocess.run([VARNISHD, "-V"], capture_output=True, text=True, check=False)
+        found = re.search(r"varnish-([\d.]+)", done.stderr + done.stdout)
+        return f"Varnish {found.group(1)}" if found else ""
+
+
+# ------------------------------------------------------- Traffic Server ---
+
+
+@dataclass
+class TrafficServer:
+    """traffic_server (no traffic_manager) as a reverse proxy of ``origin``.
+
+    Everything it reads or writes is under ``workdir`` (a runroot of its own:
+    config, logs, runtime, and the cache file), none of /etc/trafficserver.
+    Read-while-writer is on, with the settings its documentation lists for it
+    (no maximum document size, background fill, open-read retries so that a
+    herd's followers wait for the writer instead of going to the origin).
+    It listens on one loopback port and nothing else (no traffic_manager, so no
+    management port; the crash-log helper is off). PURGE is taken from loopback
+    only, which the bench uses to drop each cold image after its round.
+    """
+
+    workdir: Path
+    origin: str
+    cache_bytes: int
+    threads: int = 2
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "traffic_server.pid"
+
+    @staticmethod
+    def available() -> bool:
+        return Path(TRAFFIC_SERVER).exists()
+
+    def records(self) -> str:
+        settings: dict[str, tuple[str, object]] = {
+            "proxy.config.http.server_ports": ("STRING", f"{self.port}:ipv4:ip-in=127.0.0.1"),
+            # "#-1": stay the invoking user (the run's files are its own).
+            "proxy.config.admin.user_id": ("STRING", "#-1"),
+            "proxy.config.crash_log_helper": ("STRING", "NULL"),
+            "proxy.config.reverse_proxy.enabled": ("INT", 1),
+            "proxy.config.url_remap.remap_required": ("INT", 1),
+            # The origin (nginx) sends Last-Modified but no Cache-Control:
+            # cache it anyway, for longer than the run.
+            "proxy.config.http.cache.required_headers": ("INT", 0),
+            "proxy.config.http.cache.heuristic_min_lifetime": ("INT", 86400),
+            "proxy.config.http.cache.heuristic_max_lifetime": ("INT", 86400),
+            "proxy.config.cache.enable_read_while_writer": ("INT", 1),
+            "proxy.config.cache.max_doc_size": ("INT", 0),
+            "proxy.config.http.background_fill_completed_threshold": ("FLOAT", 0.0),
+            "proxy.config.http.cache.max_open_read_retries": ("INT", 200),
+            "proxy.config.http.cache.open_read_retry_time": ("INT", 10),
+            # Few, large objects: a directory sized for them, not for 8 KB pages.
+            "proxy.config.cache.min_average_object_size": ("INT", 1 << 20),
+            "proxy.config.exec_thread.autoconfig": ("INT", 0),
+            "proxy.config.exec_thread.limit": ("INT", self.threads),
+            "proxy.config.net.connections_throttle": ("INT", 4096),
+            "proxy.config.log.logging_enabled": ("INT", 0),
+            "proxy.config.http.insert_response_via_str": ("INT", 0),
+            "proxy.config.body_factory.enable_customizations": ("INT", 0),
+            "proxy.config.body_factory.template_sets_dir": (
+                "STRING",
+                "/etc/trafficserver/body_factory",
+            ),
+        }
+        return "".join(f"CONFIG {k} {t} {v}\n" for k, (t, v) in settings.items())
+
+    def _layout(self) -> Path:
+        etc, run, log, cache = (self.workdir / d for d in ("etc", "run", "log", "cache"))
+        for d in (etc, run, log, cache):
+            d.mkdir(parents=True, exist_ok=True)
+        runroot = self.workdir / "runroot.yaml"
+        runroot.write_text(
+            "prefix: /usr\nexec_prefix: /usr\nbindir: /usr/bin\nsbindir: /usr/sbin\n"
+            f"sysconfdir: {etc}\ndatadir: /usr/share/trafficserver\n"
+            "includedir: /usr/include\nlibdir: /usr/lib/trafficserver\n"
+            "libexecdir: /usr/lib/trafficserver/modules\n"
+            f"localstatedir: {run}\nruntimedir: {run}\nlogdir: {log}\ncachedir: {cache}\n"
+        )
+        (etc / "records.config").write_text(self.records())
+        (etc / "remap.config").write_text(f"map / {self.origin.rstrip('/')}/\n")
+        cache_file = cache / "cache.db"
+        # A sparse file: Traffic Server writes only what it caches.
+        with open(cache_file, "wb") as out:
+            out.truncate(self.cache_bytes)
+        (etc / "storage.config").write_text(f"{cache_file} {self.cache_bytes >> 20}M\n")
+        (etc / "ip_allow.yaml").write_text(
+            "ip_allow:\n"
+            "  - apply: in\n    ip_addrs: 127.0.0.1\n    action: allow\n    methods: ALL\n"
+            "  - apply: in\n    ip_addrs: 0/0\n    action: deny\n    methods: ALL\n"
+        )
+        for empty in ("plugin.config", "hosting.config", "volume.config", "parent.config"):
+            (etc / empty).write_text("")
+        (etc / "cache.config").write_text("")
+        return runroot
+
+    def __enter__(self) -> TrafficServer:
+        if not self.available():
+            raise PeerError(f"{TRAFFIC_SERVER} not found: run bench/setup.sh")
+        runroot = self._layout()
+        cmd = [TRAFFIC_SERVER, f"--run-root={runroot}"]
+        with open(self.workdir / "traffic_server.out", "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=out, cwd=self.workdir, start_new_session=True
+            )
+        self.pid_file.write_text(f"{self.proc.pid}\n")
+        try:
+            # Listening comes before the cache is open; a request in between
+            # would not be cached, so wait for the diagnostics to say so too.
+            wait_until("traffic_server", self._ready, timeout=60)
+        except PeerError:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _diags(self) -> str:
+        path = self.workdir / "log" / "diags.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise PeerError(
+                f"traffic_server exited ({self.proc.returncode}): {self._diags()[-2000:]}"
+            )
+        if "Cache Disabled" in self._diags():
+            raise PeerError(f"traffic_server: cache disabled: {self._diags()[-2000:]}")
+        return "cache enabled" in self._diags() and http_status(self.url + "/", "HEAD") != 0
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+            self.pid_file.unlink(missing_ok=True)
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc is not None else []
+
+    def purge(self, path: str) -> None:
+        _purge(self.url + path)  # ip_allow.yaml lets loopback use PURGE
+
+    @staticmethod
+    def version() -> str:
+        """``Traffic Server 9.2.9`` (empty when it cannot be run)."""
+        done = subprocess.run([TRAFFIC_SERVER, "-V"], capture_output=True, text=True, check=False)
+        found = re.search(r"Traffic Server ([\d.]+)", done.stdout + done.stderr)
+        return f"Traffic Server {found.group(1)}" if found else ""
+
+
 # ------------------------------------------------------------ imagecache ---
 
 
@@ -486,6 +791,28 @@ def _self_check(size_mib: int) -> None:
                 assert hashlib.md5(got).hexdigest() == md5, "nginx proxy: wrong bytes"
             assert web.requests_for("/img") == 2, web.requests_for("/img")
             print(f"nginx static + proxy OK on ports {web.port}/{proxy.port}")
+            caches: list[Varnish | TrafficServer] = []
+            if Varnish.available():
+                caches.append(Varnish(work / "varnish", web.url, 2 * (size_mib << 20)))
+            if TrafficServer.available():
+                caches.append(TrafficServer(work / "ats", web.url, 4 * (size_mib << 20)))
+            for cache in caches:
+                reads = web.requests_for("/img")
+                with cache:
+                    for _ in range(3):
+                        got = subprocess.run(
+                            ["curl", "-sS", f"{cache.url}/img"], capture_output=True, check=True
+                        ).stdout
+                        assert hashlib.md5(got).hexdigest() == md5, f"{cache}: wrong bytes"
+                    assert web.requests_for("/img") == reads + 1, "the cache did not cache"
+                    cache.purge("/img")
+                    subprocess.run(
+                        ["curl", "-sS", "-o", "/dev/null", f"{cache.url}/img"], check=True
+                    )
+                    assert web.requests_for("/img") == reads + 2, "PURGE did not drop it"
+                print(
+                    f"{type(cache).__name__} OK on port {cache.port}: 3 GETs, 1 origin read, purge"
+                )
         if not GlancePeer.available():
             print("Glance peer not installed: skipped (run bench/setup.sh)")
             return

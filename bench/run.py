@@ -18,14 +18,22 @@ c. herd  — 32 clients on one cold image: how many body reads the origin served
 d. memory — 100 concurrent downloads of the large image starting cold: the
            imagecache processes' RSS sampled from start to end.
 e. metadata — bench/metadata.py (the sqlite driver), run as is; --no-metadata skips it.
+f. proxies — imagecache (http upstream), nginx, Varnish and Traffic Server in front
+           of the same nginx origin: hits at 1, 4 and 16 clients, a 32-client cold
+           herd, a single cold miss; MiB/s, time to first byte, CPU-s per GiB of each
+           server's own processes, origin reads (bench/proxies.py has the method).
+           ``--only proxies`` runs these five (proxy-hit1, proxy-hit4, proxy-hit16,
+           proxy-herd, proxy-miss), which also take names one by one.
 
 Upstreams: ``directory:`` (always), ``http:`` in front of an nginx origin, and
 ``glance:`` in front of a plain Glance (when the Glance peer is installed).
 
-    .venv/bin/python bench/run.py            # 1 GiB image, about 5-8 minutes on 2 cores
+    .venv/bin/python bench/run.py            # 1 GiB image, 20-35 minutes on 2 cores (f: 12-25)
     .venv/bin/python bench/run.py --quick    # 256 MiB, fewer rounds: a sanity run
+    .venv/bin/python bench/run.py --only proxies --publish docs/results/latest.json
 
-Results: a table on stdout, and bench/results/run-<time>.{json,md}.
+Results: a table on stdout, and bench/results/run-<time>.{json,md}; ``--publish PATH``
+also copies the JSON to PATH, which bench/plot.py draws (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -66,13 +75,32 @@ from peers import (
     Imagecache,
     Nginx,
     PeerError,
+    TrafficServer,
+    Varnish,
     file_digests,
+    settle_fill,
     wait_until,
     write_random_file,
 )
+from proxies import (
+    ATS,
+    IMAGECACHE,
+    NGINX,
+    PROXY_SCENARIOS,
+    VARNISH,
+    ColdImages,
+    ProxySubject,
+    markdown_table,
+    measured_round,
+    print_entry,
+    ratios,
+    summary,
+)
 
 RESULTS = REPO / "bench" / "results"
-SCENARIOS = ("hit", "miss", "herd", "memory", "metadata")
+SCENARIOS = ("hit", "miss", "herd", "memory", "metadata", *PROXY_SCENARIOS)
+# --only names that stand for several scenarios.
+ALIASES = {"proxies": tuple(PROXY_SCENARIOS)}
 
 
 @dataclass(frozen=True)
@@ -89,10 +117,16 @@ class Config:
     metadata: bool
     only: frozenset[str]
     fill_hash_nice: int | None
+    proxy_reps: int
+    varnish: bool
+    ats: bool
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
         size_mib = args.size_mib or (256 if args.quick else 1024)
+        only: set[str] = set()
+        for name in args.only.split(","):
+            only.update(ALIASES.get(name, (name,)))
         return cls(
             size=size_mib * MIB,
             reps=args.reps or (3 if args.quick else 5),
@@ -104,8 +138,13 @@ class Config:
             workdir=Path(args.workdir),
             keep=args.keep,
             metadata=not args.no_metadata,
-            only=frozenset(args.only.split(",")),
+            only=frozenset(only),
             fill_hash_nice=args.fill_hash_nice,
+            # Three rounds (the issue's protocol): a 32-client herd of a 1 GiB
+            # image is 32 GiB a subject a round. An explicit --reps rules both.
+            proxy_reps=args.proxy_reps or args.reps or 3,
+            varnish=Varnish.available(),
+            ats=TrafficServer.available(),
         )
 
 
@@ -120,6 +159,8 @@ class Report:
     ratios: list[dict[str, object]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     metadata: str = ""
+    # The proxy scenarios, one entry per scenario and subject (proxies.summary).
+    proxies: list[dict[str, object]] = field(default_factory=list)
 
     def row(
         self, scenario: str, subject: str, result: Throughput | float, unit: str = "MiB/s"
@@ -174,12 +215,23 @@ class Report:
         self.notes.append(text)
 
 
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def machine() -> dict[str, str]:
     return {
         "nproc": str(os.cpu_count()),
+        "cpu": cpu_model(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+        "varnish": Varnish.version() if Varnish.available() else "",
+        "trafficserver": TrafficServer.version() if TrafficServer.available() else "",
     }
 
 
@@ -447,6 +499,116 @@ def scenario_memory(cfg: Config, rep: Report, ic: Imagecache, image: Image) -> N
         rep.note(f"memory: {sample.errors} of {cfg.crowd} downloads failed")
 
 
+def scenario_proxies(
+    cfg: Config,
+    rep: Report,
+    subjects: list[ProxySubject],
+    cold: ColdImages,
+    image_id: str,
+    origin: Nginx,
+) -> None:
+    """f. imagecache, nginx, Varnish and Traffic Server, warm and cold, interleaved by round."""
+    chosen = [name for name in PROXY_SCENARIOS if name in cfg.only]
+    if any(not PROXY_SCENARIOS[name][1] for name in chosen):
+        for subject in subjects:
+            warm(subject.url_for(image_id), cfg.size)
+            subject.settle(image_id)
+    got: dict[str, dict[str, list[Sample]]] = {}
+    for scenario in chosen:
+        clients, is_cold = PROXY_SCENARIOS[scenario]
+        print(
+            f"f. {scenario}: {cfg.size // MIB} MiB, {clients} client(s), "
+            f"{'a new image each round' if is_cold else 'warm'}, {cfg.proxy_reps} rounds",
+            flush=True,
+        )
+        rounds: dict[str, Subject] = {
+            subject.name: functools.partial(
+                measured_round,
+                subject,
+                cold.fresh if is_cold else lambda: image_id,
+                clients,
+                cfg.size,
+                is_cold,
+                lambda iid: origin.requests_for(f"/{iid}"),
+            )
+            for subject in subjects
+        }
+        results = interleaved(rounds, cfg.proxy_reps)
+        got[scenario] = {name: result.samples for name, result in results.items()}
+        for subject in subjects:
+            entry = summary(scenario, clients, subject, got[scenario][subject.name])
+            rep.proxies.append(entry)
+            print_entry(entry)
+            if entry["errors"]:
+                rep.note(f"{scenario} {subject.name}: {entry['errors']} downloads failed")
+    rep.ratios.extend(ratios(got))
+
+
+def proxy_subjects(
+    cfg: Config, enter: Callable[[Any], Any], origin: Nginx, ic_http: Imagecache
+) -> list[ProxySubject]:
+    """The proxy scenarios' servers: imagecache and nginx, and Varnish and ATS where installed."""
+    subjects = [
+        ProxySubject(
+            IMAGECACHE,
+            f"imagecache (http upstream, {cfg.workers} workers)",
+            ic_http.file_url,
+            ic_http.pids,
+            settle=lambda iid: settle_fill(ic_http.cache_dir, iid),
+            cleanup=ic_http.evict,
+        ),
+        ProxySubject(
+            NGINX,
+            f"nginx sendfile (the origin itself, {cfg.workers} workers)",
+            lambda iid: f"{origin.url}/{iid}",
+            origin.pids,
+            counts_origin=False,
+        ),
+    ]
+    if cfg.varnish:
+        # Room for the warm image and one cold one (each purged after its round).
+        varnish: Varnish = enter(
+            Varnish(cfg.workdir / "varnish", origin.url, 2 * cfg.size + 256 * MIB)
+        )
+        subjects.append(
+            ProxySubject(
+                VARNISH,
+                f"{Varnish.version() or 'Varnish'} (malloc, streaming)",
+                lambda iid: f"{varnish.url}/{iid}",
+                varnish.pids,
+                cleanup=lambda iid: varnish.purge(f"/{iid}"),
+            )
+        )
+    else:
+        print("  note: varnishd not installed (bench/setup.sh): no Varnish", flush=True)
+    if cfg.ats:
+        # Room for the warm image and a few cold ones (each purged after its round;
+        # the cache file is cyclic anyway).
+        ats: TrafficServer = enter(
+            TrafficServer(
+                cfg.workdir / "trafficserver",
+                origin.url,
+                max(4 * cfg.size, 512 * MIB),
+                threads=cfg.workers,
+            )
+        )
+        subjects.append(
+            ProxySubject(
+                ATS,
+                f"{TrafficServer.version() or 'Traffic Server'} (read-while-writer, "
+                f"{cfg.workers} threads)",
+                lambda iid: f"{ats.url}/{iid}",
+                ats.pids,
+                cleanup=lambda iid: ats.purge(f"/{iid}"),
+            )
+        )
+    else:
+        print(
+            "  note: traffic_server not installed (bench/setup.sh): no Traffic Server", flush=True
+        )
+    return subjects
+
+
 # ----------------------------------------------------------------- main ---
 
 
@@ -458,7 +620,8 @@ def run(cfg: Config) -> Report:
     )
     print(
         f"imagecache bench: {cfg.size // MIB} MiB image, {cfg.workers} worker(s), "
-        f"glance={'yes' if cfg.glance else 'no (peer not installed or --no-glance)'}",
+        f"glance={'yes' if cfg.glance else 'no (peer not installed or --no-glance)'}, "
+        f"varnish={'yes' if cfg.varnish else 'no'}, traffic server={'yes' if cfg.ats else 'no'}",
         flush=True,
     )
     if cfg.workdir.exists():
@@ -510,7 +673,8 @@ def run(cfg: Config) -> Report:
         }
         glance_cache = glance_origin = ic_glance = glance_proxy = None
         gid = gid_cache = ""
-        if cfg.glance:
+        # Only the hit, miss and herd scenarios have Glance subjects.
+        if cfg.glance and cfg.only & {"hit", "miss", "herd"}:
             glance_cache = enter(GlancePeer(cfg.workdir / "glance-cache", cache=True))
             glance_origin = enter(GlancePeer(cfg.workdir / "glance-origin", cache=False))
             print("  uploading the image to two Glance peers (cache on / plain origin)", flush=True)
@@ -601,6 +765,11 @@ def run(cfg: Config) -> Report:
             print(f"d. memory: {cfg.crowd} concurrent downloads, starting cold", flush=True)
             scenario_memory(cfg, rep, ic_dir, image)
 
+        if cfg.only & set(PROXY_SCENARIOS):
+            subjects = proxy_subjects(cfg, enter, origin, ic_http)
+            cold = ColdImages(images, image.path, image.md5, image.sha512)
+            scenario_proxies(cfg, rep, subjects, cold, image.image_id, origin)
+
     if not cfg.keep:
         shutil.rmtree(cfg.workdir, ignore_errors=True)
     if cfg.metadata and "metadata" in cfg.only:
@@ -628,21 +797,27 @@ def markdown(rep: Report, command: str) -> str:
         f"Run {rep.started}: `{command}`",
         "",
         f"Machine: {rep.machine['nproc']} cores, kernel {rep.machine['kernel']}, "
-        f"Python {rep.machine['python']}, {rep.machine['nginx']}.",
+        f"Python {rep.machine['python']}, {rep.machine['nginx']}"
+        + "".join(f", {rep.machine[k]}" for k in ("varnish", "trafficserver") if rep.machine.get(k))
+        + f"; CPU {rep.machine.get('cpu', '?')}.",
         "",
         "| ratio | value | target | verdict |",
         "| --- | ---: | ---: | --- |",
     ]
     for r in rep.ratios:
-        target = "" if r["target"] is None else f"≥ {r['target']}"
-        if str(r["name"]).startswith("herd"):
+        target = "" if r["target"] is None else f"{r.get('op', '≥')} {r['target']}"
+        if str(r["name"]).startswith("herd") and "op" not in r:
             target = "= 1"
         lines.append(f"| {r['name']} | {r['ratio']} | {target} | {r['verdict']} |")
-    lines += [
-        "",
-        "| scenario | subject | median | min-max | rounds | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
+    if rep.proxies:
+        lines += ["", "Against the caching proxies (medians over rounds):", ""]
+        lines += markdown_table(rep.proxies)
+    if rep.rows:
+        lines += [
+            "",
+            "| scenario | subject | median | min-max | rounds | errors |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
     for r in rep.rows:
         spread = "" if r["low"] is None else f"{r['low']}-{r['high']}"
         lines.append(
@@ -661,6 +836,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 MiB image, 3 rounds")
     parser.add_argument("--size-mib", type=int, default=0, help="image size (default 1024)")
     parser.add_argument("--reps", type=int, default=0, help="rounds per measurement")
+    parser.add_argument(
+        "--proxy-reps",
+        type=int,
+        default=0,
+        help="rounds of the proxy scenarios (default: --reps if given, else 3)",
+    )
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients in a (4-8)")
     parser.add_argument("--workers", type=int, default=2, help="imagecache and nginx workers")
     parser.add_argument("--no-glance", action="store_true", help="skip the Glance peers")
@@ -668,7 +849,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+        help=f"comma-separated subset of {','.join(SCENARIOS)}; 'proxies' = all proxy-* "
+        "(default: all)",
+    )
+    parser.add_argument(
+        "--publish",
+        metavar="PATH",
+        help="also copy the results JSON to PATH (e.g. docs/results/latest.json)",
     )
     parser.add_argument("--no-metadata", action="store_true", help="skip bench/metadata.py")
     parser.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
@@ -679,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run imagecache with this fill_hash_nice (default: its default, unset)",
     )
     args = parser.parse_args(argv)
-    unknown = set(args.only.split(",")) - set(SCENARIOS)
+    unknown = set(args.only.split(",")) - set(SCENARIOS) - set(ALIASES)
     if unknown:
         parser.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}")
     cfg = Config.from_args(args)
@@ -693,6 +880,11 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"run-{stamp}.json").write_text(json.dumps(asdict(rep), indent=2) + "\n")
     (RESULTS / f"run-{stamp}.md").write_text(text)
     print(f"written: {RESULTS}/run-{stamp}.{{json,md}}")
+    if args.publish:
+        published = Path(args.publish)
+        published.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(RESULTS / f"run-{stamp}.json", published)
+        print(f"published: {published} (draw it: .venv/bin/python bench/plot.py {published})")
     missed = [r for r in rep.ratios if r["verdict"] == "MISSED"]
     return 1 if missed else 0
 
