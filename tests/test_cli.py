@@ -65,7 +65,8 @@ def test_list_cached_table_and_json(filled: Path) -> None:
     assert parsed[1]["size"] == len(IMAGES["beta"])
 
 
-def test_empty_listings(cache_dir: Path) -> None:
+def test_empty_listings(make_settings: Callable[..., Settings], cache_dir: Path) -> None:
+    ImageCache(make_settings()).close()  # a new, empty cache
     assert run(cache_dir, "list-cached").output.strip() == "No cached images."
     assert run(cache_dir, "list-queued").output.strip() == "No queued images."
     assert json.loads(run(cache_dir, "--json", "list-queued").output) == []
@@ -292,3 +293,63 @@ def test_remote_mode_reports_an_unreachable_service() -> None:
     assert result.exit_code == 1
     assert result.output.startswith("Error: cannot reach the imagecache service at")
     assert result.output.count("\n") == 1
+
+
+# Every verb that reads a cache or acts on what it holds; none may make a new one.
+_EXISTING_CACHE_VERBS = [
+    ["list-cached"],
+    ["list-queued"],
+    ["stats"],
+    ["verify"],
+    ["prune"],
+    ["clean"],
+    ["prefetch"],
+    ["pin", "alpha"],
+    ["unpin", "alpha"],
+    ["delete-cached-image", "-f", "alpha"],
+    ["delete-all-cached-images", "-f"],
+    ["delete-queued-image", "-f", "alpha"],
+    ["delete-all-queued-images", "-f"],
+]
+
+
+@pytest.mark.parametrize("verb", _EXISTING_CACHE_VERBS, ids=lambda verb: verb[0])
+def test_a_mistyped_cache_dir_is_refused_and_nothing_is_created(
+    tmp_path: Path, verb: list[str]
+) -> None:
+    absent = tmp_path / "typo" / "cache"
+    result = run(absent, *verb)
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: cache directory {str(absent)!r} does not exist\n"
+    assert not (tmp_path / "typo").exists()
+
+    # A directory that exists but holds no cache (here: somebody's files).
+    other = tmp_path / "home"
+    other.mkdir(exist_ok=True)
+    (other / "notes.txt").write_text("not an image cache")
+    result = run(other, *verb)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {str(other)!r} is not a cache directory"), (
+        result.output
+    )
+    assert result.output.count("\n") == 1
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_verbs_that_add_images_may_start_a_new_cache(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    assert run(fresh, "queue-image", "alpha").exit_code == 0
+    # From now on it is a cache: the read-only verbs accept it.
+    assert run(fresh, "list-queued").output.splitlines()[-1].startswith("alpha ")
+
+
+def test_a_cache_is_recognised_by_its_database_or_its_subdirectories(tmp_path: Path) -> None:
+    from imagecache.layout import is_cache_dir
+
+    assert not is_cache_dir(tmp_path / "absent")
+    assert not is_cache_dir(tmp_path)
+    (tmp_path / "cache.db").write_bytes(b"")
+    assert is_cache_dir(tmp_path)
+    other = tmp_path / "glance"
+    (other / "invalid").mkdir(parents=True)
+    assert is_cache_dir(other)

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from imagecache.errors import ImageCacheError, NotInClusterMode
+from imagecache.errors import ConfigurationError, ImageCacheError, NotInClusterMode
 from imagecache.manage import CacheManager, Progress
 
 _ENV_URL = "IMAGECACHE_URL"
@@ -41,7 +41,8 @@ class _Options:
     as_json: bool
     debug: bool
 
-    def manager(self) -> CacheManager:
+    def manager(self, *, create: bool = False) -> CacheManager:
+        """The verbs' manager; a local cache is made only where ``create`` says so."""
         if self.url:
             from imagecache.client import RemoteManager
 
@@ -58,7 +59,32 @@ class _Options:
                 "say which cache: --cache-dir DIR, --config FILE (image_cache_dir), "
                 f"or --url URL for a running service (or set {_ENV_URL})"
             )
+        if not create:
+            _require_cache(settings.image_cache_dir, settings.image_cache_sqlite_db)
         return LocalManager(ImageCache(settings))
+
+
+def _require_cache(path: Path, db_name: str) -> None:
+    """Refuse a directory that is not a cache, before opening would make it one.
+
+    Opening a cache creates its directories and database, so a mistyped
+    ``--cache-dir`` given to ``stats`` or ``list-cached`` used to answer "0
+    images" from a brand-new empty cache, exit 0. Only the verbs that put
+    images into a cache (``queue-image``, ``import-glance-cache``) and
+    ``serve`` may start a new one; every other verb reads or acts on what a
+    cache already holds, and an empty new cache would only hide the typo.
+    """
+    from imagecache.layout import SUBDIRS, is_cache_dir
+
+    shown = os.fspath(path)
+    if not path.exists():
+        raise ConfigurationError(f"cache directory {shown!r} does not exist")
+    if not is_cache_dir(path, db_name):
+        markers = ", ".join(f"{sub}/" for sub in SUBDIRS) + f" or {db_name}"
+        raise ConfigurationError(
+            f"{shown!r} is not a cache directory (it has no {markers}); "
+            "check --cache-dir or image_cache_dir"
+        )
 
 
 @contextlib.contextmanager
@@ -144,10 +170,10 @@ def main(
 
 
 @contextlib.contextmanager
-def _manager(ctx: click.Context) -> Iterator[CacheManager]:
+def _manager(ctx: click.Context, *, create: bool = False) -> Iterator[CacheManager]:
     options = _options(ctx)
     with _library_logging(options.debug):
-        manager = options.manager()
+        manager = options.manager(create=create)
         try:
             yield manager
         finally:
@@ -341,7 +367,7 @@ def queue_image(ctx: click.Context, image_id: str, nodes: str | None, concurrenc
     if nodes is not None:
         _queue_on_nodes(ctx, image_id, nodes, concurrency)
         return
-    with _manager(ctx) as manager:
+    with _manager(ctx, create=True) as manager:
         result = manager.queue_image(image_id)
     messages = {
         "queued": f"Queued image {image_id}.",
@@ -591,7 +617,7 @@ def unpin(ctx: click.Context, image_id: str) -> None:
 @click.pass_context
 def import_glance_cache(ctx: click.Context, source: Path, copy: bool) -> None:
     """Adopt an existing Glance image_cache_dir (files, cache.db or xattrs, queue)."""
-    with _manager(ctx) as manager:
+    with _manager(ctx, create=True) as manager:
         report = manager.import_glance_cache(source, keep_source=copy)
     adopted = sum(1 for o in report.outcomes.values() if o.value == "adopted")
     skipped = [i for i, o in report.outcomes.items() if o.value == "skipped"]
