@@ -2,9 +2,9 @@
 
 Each verb parses its arguments, calls one method of a ``CacheManager`` (local:
 ``manage.LocalManager``; remote: ``client.RemoteManager``) and renders the
-answer as a table for people or JSON for scripts. Errors are one line on
-stderr (``Error: ...``) with exit code 1; ``--debug`` shows the traceback;
-usage errors exit 2 (click's own).
+answer as a table for people or JSON for scripts (``--json``, before or after
+the verb). Errors are one line on stderr (``Error: ...``) with exit code 1;
+``--debug`` shows the traceback; usage errors are one line too, exit code 2.
 """
 
 from __future__ import annotations
@@ -112,12 +112,68 @@ def _library_logging(debug: bool) -> Iterator[None]:
         logger.setLevel(saved[1])
 
 
+class _OneLineUsageError(click.UsageError):
+    """A usage error shown as one line, like every other error of the CLI.
+
+    click shows three (the usage, a hint, the error), which drowns the one
+    that matters and breaks the "errors are one line" promise scripts rely on.
+    """
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{hint}", err=True, file=file)
+
+
+def _one_line(exc: click.UsageError) -> _OneLineUsageError:
+    if isinstance(exc, _OneLineUsageError):
+        return exc
+    short = _OneLineUsageError(exc.format_message(), exc.ctx)
+    short.exit_code = exc.exit_code
+    return short
+
+
+def _flag_anywhere(name: str, attribute: str, help_text: str) -> click.Option:
+    """A verb's copy of a group flag, so ``imagecache stats --json`` means ``--json stats``."""
+
+    def set_flag(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        options = ctx.find_object(_Options)
+        if value and options is not None:
+            setattr(options, attribute, True)
+
+    return click.Option([name], is_flag=True, expose_value=False, callback=set_flag, help=help_text)
+
+
 class _Group(click.Group):
-    """Turns our errors into one clear line and exit code 1 (a traceback with --debug)."""
+    """Turns our errors into one clear line and exit code 1 (a traceback with --debug).
+
+    Usage errors are one line too, exit code 2. ``--json`` and ``--debug`` are
+    accepted after the verb as well as before it: every verb but ``serve``
+    gets its own copy of both.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if (name or cmd.name) != "serve":
+            cmd.params.append(_flag_anywhere("--json", "as_json", "Print JSON instead of tables."))
+            cmd.params.append(_flag_anywhere("--debug", "debug", "Show a traceback on errors."))
+        super().add_command(cmd, name)
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
         except (ImageCacheError, OSError) as exc:
             if _debug_requested(ctx):
                 raise
@@ -542,9 +598,11 @@ def prefetch(ctx: click.Context) -> None:
     def human() -> str:
         if not report.outcomes:
             return "Nothing queued."
-        lines = [f"{i}: {o.value}" for i, o in report.outcomes.items()]
-        lines += [f"{i}: error: {e}" for i, e in report.errors.items()]
-        return "\n".join(lines)
+        # One line per image; a failure carries its reason on that line.
+        return "\n".join(
+            f"{i}: {o.value}: {report.errors[i]}" if i in report.errors else f"{i}: {o.value}"
+            for i, o in report.outcomes.items()
+        )
 
     _emit(ctx, report.as_dict(), human)
     if not report.ok:
@@ -581,14 +639,22 @@ def stats(ctx: click.Context) -> None:
         values = manager.stats()
 
     def human() -> str:
-        shown = {
-            key: iec(value) if key.endswith(("bytes", "size", "watermark")) else str(value)
-            for key, value in values.items()
-        }
+        shown = {key: _stat_value(key, value) for key, value in values.items()}
         width = max(len(key) for key in shown)
         return "\n".join(f"{key.replace('_', ' ').ljust(width)}  {v}" for key, v in shown.items())
 
     _emit(ctx, values, human)
+
+
+def _stat_value(key: str, value: Any) -> str:
+    """One ``stats`` value for people: sizes in IEC units, counters by job as ``job n, ...``."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_stat_value(k, v)}" for k, v in value.items()) or "-"
+    if isinstance(value, int) and key.endswith(("bytes", "size", "watermark")):
+        return iec(value)
+    return str(value)
 
 
 @main.command()
@@ -596,9 +662,7 @@ def stats(ctx: click.Context) -> None:
 @click.pass_context
 def pin(ctx: click.Context, image_id: str) -> None:
     """Exempt a cached image from eviction."""
-    with _manager(ctx) as manager:
-        manager.set_pinned(image_id, True)
-    _emit(ctx, {"image_id": image_id, "pinned": True}, lambda: f"Pinned image {image_id}.")
+    _set_pinned(ctx, image_id, True)
 
 
 @main.command()
@@ -606,9 +670,18 @@ def pin(ctx: click.Context, image_id: str) -> None:
 @click.pass_context
 def unpin(ctx: click.Context, image_id: str) -> None:
     """Make a pinned image evictable again."""
+    _set_pinned(ctx, image_id, False)
+
+
+def _set_pinned(ctx: click.Context, image_id: str, pinned: bool) -> None:
+    """Pin or unpin, saying when there was nothing to do (exit 0: the state is as asked)."""
     with _manager(ctx) as manager:
-        manager.set_pinned(image_id, False)
-    _emit(ctx, {"image_id": image_id, "pinned": False}, lambda: f"Unpinned image {image_id}.")
+        changed = manager.set_pinned(image_id, pinned)
+    if changed:
+        message = f"{'Pinned' if pinned else 'Unpinned'} image {image_id}."
+    else:
+        message = f"Image {image_id} was {'already' if pinned else 'not'} pinned."
+    _emit(ctx, {"image_id": image_id, "pinned": pinned, "changed": changed}, lambda: message)
 
 
 @main.command("import-glance-cache")
