@@ -127,9 +127,7 @@ class _OneLineUsageError(click.UsageError):
 def _one_line(exc: click.UsageError) -> _OneLineUsageError:
     if isinstance(exc, _OneLineUsageError):
         return exc
-    short = _OneLineUsageError(exc.format_message(), exc.ctx)
-    short.exit_code = exc.exit_code
-    return short
+    return _OneLineUsageError(exc.format_message(), exc.ctx)  # exit code 2, as click's
 
 
 def _flag_anywhere(name: str, attribute: str, help_text: str) -> click.Option:
