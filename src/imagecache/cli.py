@@ -733,7 +733,22 @@ def serve(
     serve_upstream: str | None,
     workers: int | None,
 ) -> None:
-    """Run the caching proxy service until SIGTERM."""
+    """Run the caching proxy service until SIGTERM.
+
+    \b
+    The origin, --upstream KIND:TARGET (or upstream in --config), is one of:
+      directory:/srv/images
+          image files in a directory, with optional NAME.sha256/.sha512 digests
+      http:https://origin.example/images/{image_id}
+          a URL template; http_checksum_sidecar fetches <url>.sha256 too
+      glance:http://127.0.0.1:9292
+          a Glance API; it decides who may download an image, cached or not
+      s3:bucket/prefix
+          objects in an S3 bucket (s3_endpoint_url, s3_region; pip install imagecache[s3])
+
+    Every setting, with its environment variable: docs/settings.md. An annotated
+    settings file: etc/imagecache.toml.
+    """
     from imagecache.server.run import serve as run_service
     from imagecache.settings import load_settings
 

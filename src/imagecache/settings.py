@@ -11,10 +11,11 @@ silently leaves a default in place.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +24,7 @@ from pydantic_settings import (
 )
 
 from imagecache.errors import ConfigurationError
+from imagecache.units import DURATION_FORMS, parse_duration, parse_size
 
 GiB = 1024**3
 MiB = 1024**2
@@ -31,84 +33,142 @@ DriverName = Literal["sqlite", "xattr", "central"]
 AbandonPolicy = Literal["finish", "abort"]
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What a number setting counts; docs/settings.md shows it (``settings_doc``)."""
+
+    name: str
+
+
+def _whole_seconds(value: object) -> int:
+    seconds = parse_duration(value)
+    if not seconds.is_integer():
+        raise ValueError(f"must be whole seconds: {DURATION_FORMS}, but no fraction of a second")
+    return int(seconds)
+
+
+# Every size and duration setting takes the spellings of units.py (10GiB, 1h30m)
+# in the file, the environment and the CLI's overrides alike: the values reach
+# pydantic the same way, and these validators run before the number check.
+ByteSize = Annotated[int, BeforeValidator(parse_size), Unit("bytes")]
+Seconds = Annotated[float, BeforeValidator(parse_duration), Unit("seconds")]
+WholeSeconds = Annotated[int, BeforeValidator(_whole_seconds), Unit("seconds")]
+
+
 class Settings(BaseSettings):
-    """Every knob of imagecache; one immutable value per process."""
+    """Every knob of imagecache; one immutable value per process.
+
+    Each setting's docstring is its description: docs/settings.md is generated
+    from them (``python -m imagecache.settings_doc``), so there is one source.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="IMAGECACHE_",
         extra="forbid",
         frozen=True,
         validate_default=True,
+        use_attribute_docstrings=True,
     )
 
     # --- Glance's own option names -------------------------------------------------
     image_cache_dir: Path | None = None
+    """The cache directory. The service and the CLI's local mode need it."""
     image_cache_driver: DriverName = "sqlite"
-    image_cache_max_size: int = Field(default=10 * GiB, ge=0)
-    image_cache_stall_time: int = Field(default=86400, ge=0)
+    """Where metadata lives: `sqlite` (a file in the cache directory), `xattr` (extended
+    attributes of the files), `central` (a shared SQL database, for a cluster)."""
+    image_cache_max_size: ByteSize = Field(default=10 * GiB, ge=0)
+    """Hard limit on the bytes of cached images; fills in flight count against it."""
+    image_cache_stall_time: WholeSeconds = Field(default=86400, ge=0)
+    """A fill untouched this long whose writer is dead is removed by `clean`."""
     image_cache_sqlite_db: str = "cache.db"
+    """The sqlite driver's database, a file name inside `image_cache_dir`."""
     worker_self_reference_url: str | None = None
+    """This node's URL as its siblings reach it; its identity in cluster mode."""
 
     # --- how fills write --------------------------------------------------------------
-    # Drop a fill's pages from the page cache once they are on disk and 128 MiB
-    # behind it (readers following the fill stay within that). Off by default:
-    # an LRU cache should keep the image it has just fetched where the next
-    # request for it is cheapest, and the kernel's own LRU already keeps a
-    # streaming write from pushing out pages in active use. Worth turning on
-    # where images are far larger than memory, or on VMs that hand idle memory
-    # back to the hypervisor, where page cache made from fresh memory costs ten
-    # times more: there it made 1 GiB misses 1.43x faster (docs/service.md;
-    # docs/benchmarks.md, "Miss path work, part 5").
     fill_drop_behind: bool = False
+    """Drop a fill's pages from the page cache once they are on disk and 128 MiB behind
+    it (readers following the fill stay within that). Off by default: an LRU cache should
+    keep the image it has just fetched where the next request for it is cheapest, and the
+    kernel's own LRU already keeps a streaming write from pushing out pages in active use.
+    Worth turning on where images are far larger than memory, or on VMs that hand idle
+    memory back to the hypervisor, where page cache made from fresh memory costs ten
+    times more: there it made 1 GiB misses 1.43x faster (docs/service.md;
+    docs/benchmarks.md, "Miss path work, part 5")."""
 
     # --- the service ----------------------------------------------------------------
-    # Loopback by default: exposing a cache is an explicit decision.
     bind_host: str = "127.0.0.1"
+    """Address the service binds. Loopback by default: exposing a cache is an explicit
+    decision."""
     bind_port: int = Field(default=9393, ge=0, le=65535)
+    """Port the service binds; 0 picks a free one."""
     workers: int = Field(default=1, ge=1, le=64)
-    # "KIND:TARGET", e.g. "directory:/srv/images" or "glance:http://127.0.0.1:9292".
+    """Worker processes sharing the port and the cache."""
     upstream: str | None = None
-    upstream_timeout: float = Field(default=30.0, gt=0)
+    """The origin, `KIND:TARGET`: `directory:/srv/images`,
+    `http:https://origin.example/images/{image_id}`, `glance:http://127.0.0.1:9292` or
+    `s3:bucket/prefix` (`serve --help` explains each)."""
+    upstream_timeout: Seconds = Field(default=30.0, gt=0)
+    """How long a read from the origin may wait for data before it fails."""
     admin_token: SecretStr | None = None
-    # Only behind a proxy that authenticates callers and sets X-Roles itself.
+    """Token (`X-Auth-Token`) that makes a caller admin on the management routes."""
     trust_identity_headers: bool = False
-    # How long the origin's "this caller may download this image" is remembered.
-    auth_cache_ttl: float = Field(default=30.0, ge=0)
-    # What a fill does when the client that started it disconnects.
+    """Believe `X-Roles` and friends from callers. Only behind a proxy that authenticates
+    callers and sets those headers itself."""
+    auth_cache_ttl: Seconds = Field(default=30.0, ge=0)
+    """How long the origin's "this caller may download this image" is remembered."""
     abandoned_fill: AbandonPolicy = "finish"
-    # The nice value (-20..19) of the thread that hashes a fill, None = the
-    # process's own. The hash bounds a fill; on a busy machine a priority above
-    # the rest of the process (negative: needs CAP_SYS_NICE or LimitNICE=)
-    # keeps it on a CPU. Measured +12% on a 2-vCPU VM (docs/benchmarks.md).
+    """What a fill does when the client that started it disconnects: `finish` it for the
+    cache, or `abort` it."""
     fill_hash_nice: int | None = Field(default=None, ge=-20, le=19)
-    # http upstream: also fetch <url>.sha512 / .sha256 / .md5 files for checksums.
+    """The nice value (-20..19) of the thread that hashes a fill; unset = the process's
+    own. The hash bounds a fill; on a busy machine a priority above the rest of the
+    process (negative: needs CAP_SYS_NICE or LimitNICE=) keeps it on a CPU. Measured +12%
+    on a 2-vCPU VM (docs/benchmarks.md)."""
     http_checksum_sidecar: bool = False
-    # s3 upstream: endpoint (None = AWS itself) and region; credentials come from
-    # the standard AWS chain (env, ~/.aws, instance role), never from here.
+    """http upstream: also fetch `<url>.sha512` / `.sha256` / `.md5` files for checksums."""
     s3_endpoint_url: str | None = None
+    """s3 upstream: the endpoint; unset = AWS itself. Credentials come from the standard
+    AWS chain (environment, ~/.aws, instance role), never from here."""
     s3_region: str | None = None
+    """s3 upstream: the region."""
 
     # --- capacity ---------------------------------------------------------------------
-    free_space_watermark: int = Field(default=1 * GiB, ge=0)
-    # An image larger than this fraction of image_cache_max_size is streamed, not cached.
+    free_space_watermark: ByteSize = Field(default=1 * GiB, ge=0)
+    """Fills never take the cache's filesystem below this much free space."""
     max_image_fraction: float = Field(default=0.5, gt=0, le=1)
-    # Unread for this long (seconds) and not pinned: evicted. 0 = never.
-    idle_ttl: int = Field(default=0, ge=0)
+    """An image larger than this fraction of `image_cache_max_size` is streamed, not
+    cached."""
+    idle_ttl: WholeSeconds = Field(default=0, ge=0)
+    """Unread for this long and not pinned: evicted by the scheduled prune. 0 = never."""
 
     # --- maintenance, all inside the service; 0 disables a job --------------------------
-    prune_interval: float = Field(default=300.0, ge=0)
-    clean_interval: float = Field(default=3600.0, ge=0)
-    queue_interval: float = Field(default=60.0, ge=0)
-    scrub_interval: float = Field(default=86400.0, ge=0)
-    scrub_bytes_per_second: int = Field(default=50 * MiB, ge=0)
+    prune_interval: Seconds = Field(default=300.0, ge=0)
+    """How often the service prunes to the size limit (and `idle_ttl`); 0 = never."""
+    clean_interval: Seconds = Field(default=3600.0, ge=0)
+    """How often the service removes `invalid/` files and stalled fills; 0 = never."""
+    queue_interval: Seconds = Field(default=60.0, ge=0)
+    """How often the service retries queued images; 0 = never."""
+    scrub_interval: Seconds = Field(default=86400.0, ge=0)
+    """How often the service re-hashes cached files; 0 = never."""
+    scrub_bytes_per_second: ByteSize = Field(default=50 * MiB, ge=0)
+    """How fast the scheduled scrub reads (bytes per second, e.g. `50MiB`); 0 = no limit."""
     prefetch_concurrency: int = Field(default=2, ge=1, le=64)
+    """Queued images fetched at once."""
     prefetch_retries: int = Field(default=3, ge=0, le=20)
+    """Retries of a transient origin failure, with exponential backoff."""
 
     # --- cluster ------------------------------------------------------------------------
     database_url: str | None = None
-    node_heartbeat_interval: float = Field(default=5.0, gt=0)
-    node_dead_after: float = Field(default=20.0, gt=0)
+    """The central driver's database, e.g.
+    `postgresql+psycopg://postgres@127.0.0.1:5432/imagecache`."""
+    node_heartbeat_interval: Seconds = Field(default=5.0, gt=0)
+    """How often a node records that it is alive."""
+    node_dead_after: Seconds = Field(default=20.0, gt=0)
+    """A node whose heartbeat is older than this is no longer offered as a source."""
     cluster_token: SecretStr | None = None
+    """Shared secret nodes send each other (`X-Imagecache-Cluster-Token`) to fetch images
+    from a sibling."""
 
     @field_validator("image_cache_sqlite_db")
     @classmethod
