@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from imagecache import __version__
 from imagecache.errors import ConfigurationError, ImageCacheError, NotInClusterMode
 from imagecache.manage import CacheManager, Progress
 
@@ -201,7 +202,7 @@ def _debug_requested(ctx: click.Context) -> bool:
 @click.option("--token", envvar=_ENV_TOKEN, help=f"Its admin token (env {_ENV_TOKEN}).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-@click.version_option(package_name="imagecache")
+@click.version_option(__version__, prog_name="imagecache")
 @click.pass_context
 def main(
     ctx: click.Context,
