@@ -218,7 +218,7 @@ def test_a_wrong_size_names_the_key_and_the_accepted_forms(spelling: object) -> 
     with pytest.raises(ConfigurationError) as caught:
         load_settings(None, image_cache_max_size=spelling)
     message = str(caught.value)
-    assert message.startswith("invalid settings: image_cache_max_size: ")
+    assert message.startswith("invalid settings: image_cache_max_size: not a size; use ")
     assert SIZE_FORMS in message
 
 

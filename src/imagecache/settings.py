@@ -260,5 +260,7 @@ def _describe(exc: ValidationError) -> str:
             continue
         secret = any(word in key for word in _SECRET_WORDS)
         shown = "<hidden>" if secret else repr(error.get("input"))
-        problems.append(f"{key}: {error['msg']} (got {shown})")
+        # pydantic prefixes a validator's own message with "Value error, "; it says nothing.
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}: {message} (got {shown})")
     return "invalid settings: " + "; ".join(problems)

@@ -15,7 +15,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from annotated_types import Ge, Gt, Le, Lt
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
@@ -102,17 +101,18 @@ def _strip_none(annotation: Any) -> tuple[Any, bool]:
 
 
 def _bounds(field: FieldInfo) -> str:
-    """``0 ≤ x ≤ 65535``, or ``≥ 0`` / ``> 0`` / ``≤ 1`` for one bound."""
-    low = high = ""
-    for item in field.metadata:
-        if isinstance(item, Ge):
-            low = f"{item.ge} ≤"
-        elif isinstance(item, Gt):
-            low = f"{item.gt} <"
-        elif isinstance(item, Le):
-            high = f"≤ {item.le}"
-        elif isinstance(item, Lt):
-            high = f"< {item.lt}"
+    """``0 ≤ x ≤ 65535``, or ``≥ 0`` / ``> 0`` / ``≤ 1`` for one bound.
+
+    Read by attribute from pydantic's constraint objects (``Ge(ge=0)``...).
+    """
+    limits = {
+        name: getattr(item, name)
+        for item in field.metadata
+        for name in ("ge", "gt", "le", "lt")
+        if getattr(item, name, None) is not None
+    }
+    low = f"{limits['ge']} ≤" if "ge" in limits else f"{limits['gt']} <" if "gt" in limits else ""
+    high = f"≤ {limits['le']}" if "le" in limits else f"< {limits['lt']}" if "lt" in limits else ""
     if low and high:
         return f"{low} x {high}"
     if low:
