@@ -413,3 +413,10 @@ def test_a_cache_is_recognised_by_its_database_or_its_subdirectories(tmp_path: P
     other = tmp_path / "glance"
     (other / "invalid").mkdir(parents=True)
     assert is_cache_dir(other)
+
+
+def test_version_comes_from_the_package() -> None:
+    from imagecache import __version__
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert (result.exit_code, result.output) == (0, f"imagecache, version {__version__}\n")

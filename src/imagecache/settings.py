@@ -6,6 +6,10 @@ Precedence, highest first: explicit overrides (the CLI's flags), environment
 variables prefixed ``IMAGECACHE_`` (``IMAGECACHE_IMAGE_CACHE_DIR``), the TOML
 file, the defaults below. Unknown keys in the file are errors, so a typo never
 silently leaves a default in place.
+
+Each setting's docstring (the string under it) is its description in
+docs/settings.md; after adding or changing one, regenerate that file with
+``make settings-doc`` (``python -m imagecache.settings_doc``).
 """
 
 from __future__ import annotations
