@@ -28,7 +28,7 @@ from pydantic_settings import (
 )
 
 from imagecache.errors import ConfigurationError
-from imagecache.units import DURATION_FORMS, parse_duration, parse_size
+from imagecache.units import parse_duration, parse_size
 
 GiB = 1024**3
 MiB = 1024**2
@@ -47,7 +47,10 @@ class Unit:
 def _whole_seconds(value: object) -> int:
     seconds = parse_duration(value)
     if not seconds.is_integer():
-        raise ValueError(f"must be whole seconds: {DURATION_FORMS}, but no fraction of a second")
+        raise ValueError(
+            "must be whole seconds: a whole number (90) or whole numbers with units "
+            "s, m, h, d, w, e.g. 90s, 5m, 1h30m, 1d"
+        )
     return int(seconds)
 
 
