@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-slow lint typecheck bench clean
+.PHONY: install serve test test-slow lint typecheck bench settings-doc dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,13 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# docs/settings.md is generated from the settings model; run after changing a setting.
+settings-doc: $(STAMP)
+	$(BIN)/python -m imagecache.settings_doc > docs/settings.md
+
+# A wheel and an sdist in dist/, built by the project's own backend (hatchling).
+dist: $(STAMP)
+	$(BIN)/python -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache dist

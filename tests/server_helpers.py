@@ -108,20 +108,21 @@ async def start_serve(
     port: int = 0,
     env: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
+    command: Sequence[str] = (sys.executable, "-c", "from imagecache.cli import main; main()"),
 ) -> ServeProcess:
     """``imagecache serve`` on ``port`` (0: a free one); returns once it answers its health check.
 
-    ``env`` is added to this process's environment, ``args`` to the command line.
-    The log file sits beside ``cache_dir``, one per process (two may share a cache).
+    ``env`` is added to this process's environment, ``args`` to the command line;
+    ``command`` is the ``imagecache`` to run (default: this checkout's, in this
+    interpreter). The log file sits beside ``cache_dir``, one per process (two
+    may share a cache).
     """
     log_fd, log_name = tempfile.mkstemp(
         prefix=f"{cache_dir.name}-serve-", suffix=".log", dir=cache_dir.parent
     )
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            "from imagecache.cli import main; main()",
+            *command,
             "serve",
             "--port",
             str(port),

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imagecache import ImageCache, ImageInfo, Settings
-from imagecache.cli import iec, main, utc
+from imagecache.cli import _stat_value, iec, main, utc
 
 IMAGES = {"alpha": b"a" * 300_000, "beta": b"b" * 1_500_000, "gamma": b"g" * 10_000}
 
@@ -65,7 +65,8 @@ def test_list_cached_table_and_json(filled: Path) -> None:
     assert parsed[1]["size"] == len(IMAGES["beta"])
 
 
-def test_empty_listings(cache_dir: Path) -> None:
+def test_empty_listings(make_settings: Callable[..., Settings], cache_dir: Path) -> None:
+    ImageCache(make_settings()).close()  # a new, empty cache
     assert run(cache_dir, "list-cached").output.strip() == "No cached images."
     assert run(cache_dir, "list-queued").output.strip() == "No queued images."
     assert json.loads(run(cache_dir, "--json", "list-queued").output) == []
@@ -137,6 +138,38 @@ def test_debug_shows_the_traceback(filled: Path) -> None:
     assert result.exit_code == 1
     assert result.exception is not None
     assert "invalid image id" in str(result.exception)
+
+
+def test_json_and_debug_work_after_the_verb_too(filled: Path) -> None:
+    before = json.loads(run(filled, "--json", "list-cached").output)
+    after = run(filled, "list-cached", "--json")
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.output) == before
+    assert json.loads(run(filled, "stats", "--json").output)["cached_images"] == 3
+    debug = run(filled, "queue-image", "..", "--debug")
+    assert debug.exit_code == 1
+    assert "invalid image id" in str(debug.exception)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["no-such-verb"],
+        ["queue-image"],
+        ["--no-such-flag", "stats"],
+        ["stats", "--no-such-flag"],
+        ["serve", "--port", "abc"],
+        ["--url", "http://x", "stats"],  # with --cache-dir below: either, not both
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path, argv: list[str]) -> None:
+    result = CliRunner().invoke(main, ["--cache-dir", str(tmp_path), *argv])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("Error: "), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "--help" in result.stderr  # where to look next
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
@@ -232,6 +265,30 @@ def test_pin_and_unpin(filled: Path) -> None:
     assert run(filled, "--json", "unpin", "alpha").output.count('"pinned": false') == 1
 
 
+def test_pin_and_unpin_say_when_there_was_nothing_to_do(filled: Path) -> None:
+    unpinned = run(filled, "unpin", "alpha")
+    assert unpinned.exit_code == 0
+    assert unpinned.output.strip() == "Image alpha was not pinned."
+    assert run(filled, "pin", "alpha").output.strip() == "Pinned image alpha."
+    again = run(filled, "pin", "alpha")
+    assert again.exit_code == 0
+    assert again.output.strip() == "Image alpha was already pinned."
+    assert json.loads(run(filled, "--json", "pin", "alpha").output) == {
+        "image_id": "alpha",
+        "pinned": True,
+        "changed": False,
+    }
+    assert json.loads(run(filled, "--json", "unpin", "alpha").output)["changed"] is True
+
+
+def test_stats_values_read_as_words_not_python_reprs() -> None:
+    assert _stat_value("maintenance_runs", {"reconcile": 1, "prune": 3}) == "reconcile 1, prune 3"
+    assert _stat_value("maintenance_runs", {}) == "-"
+    assert _stat_value("reserved_bytes", 1536) == "1.5 KiB"
+    assert _stat_value("usage_percent", None) == "-"
+    assert _stat_value("driver", "sqlite") == "sqlite"
+
+
 def test_stats(filled: Path) -> None:
     values = json.loads(run(filled, "--json", "stats").output)
     assert values["cached_images"] == 3
@@ -274,7 +331,11 @@ def test_prefetch_with_progress(cache_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output  # "absent" failed
     assert "Prefetching" in result.output
     assert "alpha: cached" in result.output
-    assert "absent: failed" in result.output
+    # Each failure once, with its reason on the same line.
+    lines = result.output.splitlines()
+    assert [line for line in lines if line.startswith("absent")] == [
+        "absent: failed: image 'absent' not found upstream"
+    ]
     queued = json.loads(run(cache_dir, "--json", "list-queued").output)
     assert [q["image_id"] for q in queued] == ["absent"]
     assert "not found" in queued[0]["error"]
@@ -292,3 +353,70 @@ def test_remote_mode_reports_an_unreachable_service() -> None:
     assert result.exit_code == 1
     assert result.output.startswith("Error: cannot reach the imagecache service at")
     assert result.output.count("\n") == 1
+
+
+# Every verb that reads a cache or acts on what it holds; none may make a new one.
+_EXISTING_CACHE_VERBS = [
+    ["list-cached"],
+    ["list-queued"],
+    ["stats"],
+    ["verify"],
+    ["prune"],
+    ["clean"],
+    ["prefetch"],
+    ["pin", "alpha"],
+    ["unpin", "alpha"],
+    ["delete-cached-image", "-f", "alpha"],
+    ["delete-all-cached-images", "-f"],
+    ["delete-queued-image", "-f", "alpha"],
+    ["delete-all-queued-images", "-f"],
+]
+
+
+@pytest.mark.parametrize("verb", _EXISTING_CACHE_VERBS, ids=lambda verb: verb[0])
+def test_a_mistyped_cache_dir_is_refused_and_nothing_is_created(
+    tmp_path: Path, verb: list[str]
+) -> None:
+    absent = tmp_path / "typo" / "cache"
+    result = run(absent, *verb)
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: cache directory {str(absent)!r} does not exist\n"
+    assert not (tmp_path / "typo").exists()
+
+    # A directory that exists but holds no cache (here: somebody's files).
+    other = tmp_path / "home"
+    other.mkdir(exist_ok=True)
+    (other / "notes.txt").write_text("not an image cache")
+    result = run(other, *verb)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {str(other)!r} is not a cache directory"), (
+        result.output
+    )
+    assert result.output.count("\n") == 1
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_verbs_that_add_images_may_start_a_new_cache(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    assert run(fresh, "queue-image", "alpha").exit_code == 0
+    # From now on it is a cache: the read-only verbs accept it.
+    assert run(fresh, "list-queued").output.splitlines()[-1].startswith("alpha ")
+
+
+def test_a_cache_is_recognised_by_its_database_or_its_subdirectories(tmp_path: Path) -> None:
+    from imagecache.layout import is_cache_dir
+
+    assert not is_cache_dir(tmp_path / "absent")
+    assert not is_cache_dir(tmp_path)
+    (tmp_path / "cache.db").write_bytes(b"")
+    assert is_cache_dir(tmp_path)
+    other = tmp_path / "glance"
+    (other / "invalid").mkdir(parents=True)
+    assert is_cache_dir(other)
+
+
+def test_version_comes_from_the_package() -> None:
+    from imagecache import __version__
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert (result.exit_code, result.output) == (0, f"imagecache, version {__version__}\n")

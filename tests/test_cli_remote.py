@@ -93,11 +93,17 @@ async def test_every_verb_against_a_running_service(
     assert stats["cached_images"] == 3
     assert stats["queued_with_errors"] == 1
     assert stats["maintenance_runs"].get("reconcile") == 1
+    human = (await cli(url, "stats")).output
+    runs = next(line for line in human.splitlines() if line.startswith("maintenance runs"))
+    assert "reconcile 1" in runs
+    assert "{" not in human
 
     assert (await cli(url, "pin", "img-0")).output.strip() == "Pinned image img-0."
     pinned = {e["image_id"]: e["pinned"] for e in await as_json(url, "list-cached")}
     assert pinned == {"img-0": True, "img-1": False, "img-2": False}
     assert (await cli(url, "unpin", "img-0")).exit_code == 0
+    nothing = await cli(url, "unpin", "img-0")
+    assert (nothing.exit_code, nothing.output.strip()) == (0, "Image img-0 was not pinned.")
 
     assert (await as_json(url, "verify"))["ok"] is True
     await asyncio.to_thread(_flip_bytes, cache_dir / "img-2")

@@ -21,12 +21,12 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from central_db import central_settings
-from imagecache import create_driver
+from imagecache import ImageCache, create_driver
 from imagecache.cli import main
 from imagecache.client import ServiceError, fan_out, queue_on_nodes
 from imagecache.drivers.central import CentralDriver
 from imagecache.errors import ConfigurationError
-from imagecache.settings import Settings
+from imagecache.settings import Settings, load_settings
 from server_helpers import directory_app, image_bytes, put_image, settled
 from test_central_nodes import age_heartbeat, put
 
@@ -183,6 +183,7 @@ async def test_cli_all_nodes_local_and_remote(
 
 
 def test_cli_all_nodes_without_cluster_mode_is_a_clear_error(tmp_path: Path) -> None:
+    ImageCache(load_settings(None, image_cache_dir=tmp_path / "cache")).close()  # a sqlite cache
     result = CliRunner().invoke(
         main, ["--cache-dir", str(tmp_path / "cache"), "list-cached", "--all-nodes"]
     )

@@ -5,9 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from imagecache import ConfigurationError, Settings, load_settings
-from imagecache.settings import GiB
+from imagecache.settings import GiB, MiB
+from imagecache.units import (
+    _SIZE_UNITS,
+    DURATION_FORMS,
+    SIZE_FORMS,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +149,128 @@ def test_settings_are_frozen_and_replace_validates() -> None:
         settings.replace(image_cache_max_size=-1)
     assert isinstance(settings, Settings)
     assert settings.largest_cacheable_image == 2  # half of 5, rounded down
+
+
+# --- sizes and durations with units ------------------------------------------------
+
+KiB = 1024
+
+SIZES = [
+    (1073741824, 1073741824),
+    ("1073741824", 1073741824),
+    (" 42 ", 42),
+    ("7B", 7),
+    ("10K", 10 * KiB),
+    ("10KiB", 10 * KiB),
+    ("10KB", 10_000),
+    ("500MB", 500_000_000),
+    ("500M", 500 * MiB),
+    ("500MiB", 500 * MiB),
+    ("10G", 10 * GiB),
+    ("10GiB", 10 * GiB),
+    ("10gib", 10 * GiB),
+    ("10 GiB", 10 * GiB),
+    ("10GB", 10 * 1000**3),
+    ("1.5G", 1536 * MiB),
+    ("0.5KiB", 512),
+    ("2T", 2 * 1024**4),
+    ("2TiB", 2 * 1024**4),
+    ("2TB", 2 * 1000**4),
+]
+DURATIONS = [
+    (90, 90.0),
+    (2.5, 2.5),
+    ("90", 90.0),
+    ("2.5", 2.5),
+    ("250ms", 0.25),
+    ("30s", 30.0),
+    ("5m", 300.0),
+    ("1h", 3600.0),
+    ("1d", 86400.0),
+    ("1w", 7 * 86400.0),
+    ("1h30m", 5400.0),
+    ("1m 30s", 90.0),
+    ("1H", 3600.0),
+    ("0.5s", 0.5),
+]
+BAD_SIZES = ["10 gigs", "ten", "10GiBs", "1.5.5G", "G", "", "-5G", "10Gi", True]
+BAD_DURATIONS = ["5 minutes", "m5", "soon", "", "1h-30m", "-5s", "30 sec", True]
+
+
+@pytest.mark.parametrize(("spelling", "expected"), SIZES, ids=repr)
+@pytest.mark.parametrize("key", ["image_cache_max_size", "free_space_watermark"])
+def test_a_size_parses_in_every_accepted_spelling(
+    key: str, spelling: object, expected: int
+) -> None:
+    assert getattr(load_settings(None, **{key: spelling}), key) == expected
+
+
+@pytest.mark.parametrize(("spelling", "expected"), DURATIONS, ids=repr)
+@pytest.mark.parametrize("key", ["prune_interval", "upstream_timeout", "node_dead_after"])
+def test_a_duration_parses_in_every_accepted_spelling(
+    key: str, spelling: object, expected: float
+) -> None:
+    assert getattr(load_settings(None, **{key: spelling}), key) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("spelling", BAD_SIZES, ids=repr)
+def test_a_wrong_size_names_the_key_and_the_accepted_forms(spelling: object) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(None, image_cache_max_size=spelling)
+    message = str(caught.value)
+    assert message.startswith("invalid settings: image_cache_max_size: not a size; use ")
+    assert SIZE_FORMS in message
+
+
+@pytest.mark.parametrize("spelling", BAD_DURATIONS, ids=repr)
+def test_a_wrong_duration_names_the_key_and_the_accepted_forms(spelling: object) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(None, scrub_interval=spelling)
+    message = str(caught.value)
+    assert message.startswith("invalid settings: scrub_interval: ")
+    assert DURATION_FORMS in message
+
+
+def test_whole_second_settings_take_units_but_no_fraction() -> None:
+    settings = load_settings(None, image_cache_stall_time="2h", idle_ttl="30d")
+    assert (settings.image_cache_stall_time, settings.idle_ttl) == (7200, 30 * 86400)
+    assert isinstance(settings.idle_ttl, int)
+    with pytest.raises(ConfigurationError, match=r"idle_ttl: .*whole seconds"):
+        load_settings(None, idle_ttl="1.5s")
+
+
+def test_units_work_in_the_file_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_toml(
+        tmp_path,
+        'image_cache_max_size = "20GiB"\nscrub_interval = "12h"\nscrub_bytes_per_second = "10MB"\n',
+    )
+    monkeypatch.setenv("IMAGECACHE_FREE_SPACE_WATERMARK", "512MiB")
+    monkeypatch.setenv("IMAGECACHE_PRUNE_INTERVAL", "90s")
+    settings = load_settings(config)
+    assert settings.image_cache_max_size == 20 * GiB
+    assert settings.scrub_interval == 12 * 3600
+    assert settings.scrub_bytes_per_second == 10_000_000
+    assert settings.free_space_watermark == 512 * MiB
+    assert settings.prune_interval == 90
+    monkeypatch.setenv("IMAGECACHE_PRUNE_INTERVAL", "90 sekunden")
+    with pytest.raises(ConfigurationError, match=r"prune_interval: .*250ms"):
+        load_settings(config)
+
+
+@given(st.integers(min_value=0, max_value=2**50), st.sampled_from(sorted(_SIZE_UNITS)))
+def test_any_whole_number_with_any_size_unit_parses(number: int, unit: str) -> None:
+    assert parse_size(f"{number}{unit}") == number * _SIZE_UNITS[unit.lower()]
+    assert parse_size(f"{number}{unit.upper()}") == number * _SIZE_UNITS[unit.lower()]
+
+
+@given(st.integers(min_value=0, max_value=2**50))
+def test_a_size_shown_in_its_shortest_form_reads_back_the_same(size: int) -> None:
+    assert parse_size(format_size(size)) == size
+
+
+@given(st.integers(min_value=0, max_value=10**11))
+def test_a_duration_shown_in_its_shortest_form_reads_back_the_same(millis: int) -> None:
+    seconds = millis / 1000
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-9)

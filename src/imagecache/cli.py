@@ -2,9 +2,9 @@
 
 Each verb parses its arguments, calls one method of a ``CacheManager`` (local:
 ``manage.LocalManager``; remote: ``client.RemoteManager``) and renders the
-answer as a table for people or JSON for scripts. Errors are one line on
-stderr (``Error: ...``) with exit code 1; ``--debug`` shows the traceback;
-usage errors exit 2 (click's own).
+answer as a table for people or JSON for scripts (``--json``, before or after
+the verb). Errors are one line on stderr (``Error: ...``) with exit code 1;
+``--debug`` shows the traceback; usage errors are one line too, exit code 2.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 
 import click
 
-from imagecache.errors import ImageCacheError, NotInClusterMode
+from imagecache import __version__
+from imagecache.errors import ConfigurationError, ImageCacheError, NotInClusterMode
 from imagecache.manage import CacheManager, Progress
 
 _ENV_URL = "IMAGECACHE_URL"
@@ -41,7 +42,8 @@ class _Options:
     as_json: bool
     debug: bool
 
-    def manager(self) -> CacheManager:
+    def manager(self, *, create: bool = False) -> CacheManager:
+        """The verbs' manager; a local cache is made only where ``create`` says so."""
         if self.url:
             from imagecache.client import RemoteManager
 
@@ -58,7 +60,32 @@ class _Options:
                 "say which cache: --cache-dir DIR, --config FILE (image_cache_dir), "
                 f"or --url URL for a running service (or set {_ENV_URL})"
             )
+        if not create:
+            _require_cache(settings.image_cache_dir, settings.image_cache_sqlite_db)
         return LocalManager(ImageCache(settings))
+
+
+def _require_cache(path: Path, db_name: str) -> None:
+    """Refuse a directory that is not a cache, before opening would make it one.
+
+    Opening a cache creates its directories and database, so a mistyped
+    ``--cache-dir`` given to ``stats`` or ``list-cached`` used to answer "0
+    images" from a brand-new empty cache, exit 0. Only the verbs that put
+    images into a cache (``queue-image``, ``import-glance-cache``) and
+    ``serve`` may start a new one; every other verb reads or acts on what a
+    cache already holds, and an empty new cache would only hide the typo.
+    """
+    from imagecache.layout import SUBDIRS, is_cache_dir
+
+    shown = os.fspath(path)
+    if not path.exists():
+        raise ConfigurationError(f"cache directory {shown!r} does not exist")
+    if not is_cache_dir(path, db_name):
+        markers = ", ".join(f"{sub}/" for sub in SUBDIRS) + f" or {db_name}"
+        raise ConfigurationError(
+            f"{shown!r} is not a cache directory (it has no {markers}); "
+            "check --cache-dir or image_cache_dir"
+        )
 
 
 @contextlib.contextmanager
@@ -86,12 +113,66 @@ def _library_logging(debug: bool) -> Iterator[None]:
         logger.setLevel(saved[1])
 
 
+class _OneLineUsageError(click.UsageError):
+    """A usage error shown as one line, like every other error of the CLI.
+
+    click shows three (the usage, a hint, the error), which drowns the one
+    that matters and breaks the "errors are one line" promise scripts rely on.
+    """
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{hint}", err=True, file=file)
+
+
+def _one_line(exc: click.UsageError) -> _OneLineUsageError:
+    if isinstance(exc, _OneLineUsageError):
+        return exc
+    return _OneLineUsageError(exc.format_message(), exc.ctx)  # exit code 2, as click's
+
+
+def _flag_anywhere(name: str, attribute: str, help_text: str) -> click.Option:
+    """A verb's copy of a group flag, so ``imagecache stats --json`` means ``--json stats``."""
+
+    def set_flag(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        options = ctx.find_object(_Options)
+        if value and options is not None:
+            setattr(options, attribute, True)
+
+    return click.Option([name], is_flag=True, expose_value=False, callback=set_flag, help=help_text)
+
+
 class _Group(click.Group):
-    """Turns our errors into one clear line and exit code 1 (a traceback with --debug)."""
+    """Turns our errors into one clear line and exit code 1 (a traceback with --debug).
+
+    Usage errors are one line too, exit code 2. ``--json`` and ``--debug`` are
+    accepted after the verb as well as before it: every verb but ``serve``
+    gets its own copy of both.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if (name or cmd.name) != "serve":
+            cmd.params.append(_flag_anywhere("--json", "as_json", "Print JSON instead of tables."))
+            cmd.params.append(_flag_anywhere("--debug", "debug", "Show a traceback on errors."))
+        super().add_command(cmd, name)
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
         except (ImageCacheError, OSError) as exc:
             if _debug_requested(ctx):
                 raise
@@ -121,7 +202,7 @@ def _debug_requested(ctx: click.Context) -> bool:
 @click.option("--token", envvar=_ENV_TOKEN, help=f"Its admin token (env {_ENV_TOKEN}).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-@click.version_option(package_name="imagecache")
+@click.version_option(__version__, prog_name="imagecache")
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -144,10 +225,10 @@ def main(
 
 
 @contextlib.contextmanager
-def _manager(ctx: click.Context) -> Iterator[CacheManager]:
+def _manager(ctx: click.Context, *, create: bool = False) -> Iterator[CacheManager]:
     options = _options(ctx)
     with _library_logging(options.debug):
-        manager = options.manager()
+        manager = options.manager(create=create)
         try:
             yield manager
         finally:
@@ -341,7 +422,7 @@ def queue_image(ctx: click.Context, image_id: str, nodes: str | None, concurrenc
     if nodes is not None:
         _queue_on_nodes(ctx, image_id, nodes, concurrency)
         return
-    with _manager(ctx) as manager:
+    with _manager(ctx, create=True) as manager:
         result = manager.queue_image(image_id)
     messages = {
         "queued": f"Queued image {image_id}.",
@@ -516,9 +597,11 @@ def prefetch(ctx: click.Context) -> None:
     def human() -> str:
         if not report.outcomes:
             return "Nothing queued."
-        lines = [f"{i}: {o.value}" for i, o in report.outcomes.items()]
-        lines += [f"{i}: error: {e}" for i, e in report.errors.items()]
-        return "\n".join(lines)
+        # One line per image; a failure carries its reason on that line.
+        return "\n".join(
+            f"{i}: {o.value}: {report.errors[i]}" if i in report.errors else f"{i}: {o.value}"
+            for i, o in report.outcomes.items()
+        )
 
     _emit(ctx, report.as_dict(), human)
     if not report.ok:
@@ -555,14 +638,22 @@ def stats(ctx: click.Context) -> None:
         values = manager.stats()
 
     def human() -> str:
-        shown = {
-            key: iec(value) if key.endswith(("bytes", "size", "watermark")) else str(value)
-            for key, value in values.items()
-        }
+        shown = {key: _stat_value(key, value) for key, value in values.items()}
         width = max(len(key) for key in shown)
         return "\n".join(f"{key.replace('_', ' ').ljust(width)}  {v}" for key, v in shown.items())
 
     _emit(ctx, values, human)
+
+
+def _stat_value(key: str, value: Any) -> str:
+    """One ``stats`` value for people: sizes in IEC units, counters by job as ``job n, ...``."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_stat_value(k, v)}" for k, v in value.items()) or "-"
+    if isinstance(value, int) and key.endswith(("bytes", "size", "watermark")):
+        return iec(value)
+    return str(value)
 
 
 @main.command()
@@ -570,9 +661,7 @@ def stats(ctx: click.Context) -> None:
 @click.pass_context
 def pin(ctx: click.Context, image_id: str) -> None:
     """Exempt a cached image from eviction."""
-    with _manager(ctx) as manager:
-        manager.set_pinned(image_id, True)
-    _emit(ctx, {"image_id": image_id, "pinned": True}, lambda: f"Pinned image {image_id}.")
+    _set_pinned(ctx, image_id, True)
 
 
 @main.command()
@@ -580,9 +669,18 @@ def pin(ctx: click.Context, image_id: str) -> None:
 @click.pass_context
 def unpin(ctx: click.Context, image_id: str) -> None:
     """Make a pinned image evictable again."""
+    _set_pinned(ctx, image_id, False)
+
+
+def _set_pinned(ctx: click.Context, image_id: str, pinned: bool) -> None:
+    """Pin or unpin, saying when there was nothing to do (exit 0: the state is as asked)."""
     with _manager(ctx) as manager:
-        manager.set_pinned(image_id, False)
-    _emit(ctx, {"image_id": image_id, "pinned": False}, lambda: f"Unpinned image {image_id}.")
+        changed = manager.set_pinned(image_id, pinned)
+    if changed:
+        message = f"{'Pinned' if pinned else 'Unpinned'} image {image_id}."
+    else:
+        message = f"Image {image_id} was {'already' if pinned else 'not'} pinned."
+    _emit(ctx, {"image_id": image_id, "pinned": pinned, "changed": changed}, lambda: message)
 
 
 @main.command("import-glance-cache")
@@ -591,7 +689,7 @@ def unpin(ctx: click.Context, image_id: str) -> None:
 @click.pass_context
 def import_glance_cache(ctx: click.Context, source: Path, copy: bool) -> None:
     """Adopt an existing Glance image_cache_dir (files, cache.db or xattrs, queue)."""
-    with _manager(ctx) as manager:
+    with _manager(ctx, create=True) as manager:
         report = manager.import_glance_cache(source, keep_source=copy)
     adopted = sum(1 for o in report.outcomes.values() if o.value == "adopted")
     skipped = [i for i, o in report.outcomes.items() if o.value == "skipped"]
@@ -636,7 +734,22 @@ def serve(
     serve_upstream: str | None,
     workers: int | None,
 ) -> None:
-    """Run the caching proxy service until SIGTERM."""
+    """Run the caching proxy service until SIGTERM.
+
+    \b
+    The origin, --upstream KIND:TARGET (or upstream in --config), is one of:
+      directory:/srv/images
+          image files in a directory, with optional NAME.sha256/.sha512 digests
+      http:https://origin.example/images/{image_id}
+          a URL template; http_checksum_sidecar fetches <url>.sha256 too
+      glance:http://127.0.0.1:9292
+          a Glance API; it decides who may download an image, cached or not
+      s3:bucket/prefix
+          objects in an S3 bucket (s3_endpoint_url, s3_region; pip install imagecache[s3])
+
+    Every setting, with its environment variable: docs/settings.md. An annotated
+    settings file: etc/imagecache.toml.
+    """
     from imagecache.server.run import serve as run_service
     from imagecache.settings import load_settings
 

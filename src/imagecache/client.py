@@ -284,13 +284,20 @@ class RemoteManager:
         """Fail clearly, before acting, when the service is a plain Glance API."""
         self._call("GET", "/v2/cache/stats", extension=True)
 
-    def set_pinned(self, image_id: str, pinned: bool) -> None:
+    def set_pinned(self, image_id: str, pinned: bool) -> bool:
         self._require_extensions()
+        # The listing says whether it was pinned before (see LocalManager.set_pinned).
+        before = next((i for i in self.list_cached() if i.image_id == image_id), None)
+        if before is None:
+            raise ImageNotCached(image_id)
+        if before.pinned == pinned:
+            return False
         self._call(
             "PUT" if pinned else "DELETE",
             f"/v2/cache/{self._quote(image_id)}/pin",
             not_found=lambda: ImageNotCached(image_id),
         )
+        return True
 
     def import_glance_cache(self, source: Path, keep_source: bool) -> AdoptReport:
         raise ConfigurationError(

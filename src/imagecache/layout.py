@@ -37,6 +37,21 @@ LOCK_DIR = ".locks"
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._~-]*")
 
 
+def is_cache_dir(path: Path, db_name: str = "cache.db") -> bool:
+    """Whether ``path`` is a cache directory: one that opening a cache has made.
+
+    Opening a cache with any driver (ours or Glance's) makes ``incomplete/``,
+    ``invalid/`` and ``queue/``; the sqlite driver also keeps its database there.
+    Any one of them is enough, so a cache that lost a subdirectory is still
+    recognised (opening it repairs that). Verbs that only read or act on what a
+    cache holds ask this first, so a mistyped directory is refused instead of
+    being made into a new, empty cache.
+    """
+    if not path.is_dir():
+        return False
+    return (path / db_name).is_file() or any((path / sub).is_dir() for sub in SUBDIRS)
+
+
 def sqlite_side_files(db_name: str) -> frozenset[str]:
     """The database file and the companions sqlite creates beside it."""
     return frozenset({db_name, f"{db_name}-wal", f"{db_name}-shm", f"{db_name}-journal"})

@@ -58,7 +58,10 @@ class CacheManager(Protocol):
     def prefetch(self, start: Callable[[int], Progress]) -> PrefetchReport: ...
     def verify(self, image_id: str | None, start: Callable[[int], Progress]) -> ScrubReport: ...
     def stats(self) -> dict[str, Any]: ...
-    def set_pinned(self, image_id: str, pinned: bool) -> None: ...
+    def set_pinned(self, image_id: str, pinned: bool) -> bool:
+        """Pin or unpin; False when the image already was in that state."""
+        ...
+
     def import_glance_cache(self, source: Path, keep_source: bool) -> AdoptReport: ...
     def close(self) -> None: ...
 
@@ -158,10 +161,18 @@ class LocalManager:
     def stats(self) -> dict[str, Any]:
         return local_stats(self.cache)
 
-    def set_pinned(self, image_id: str, pinned: bool) -> None:
-        changed = self.cache.pin(image_id) if pinned else self.cache.unpin(image_id)
-        if not changed:
+    def set_pinned(self, image_id: str, pinned: bool) -> bool:
+        # Read first to say "was not pinned": the drivers' set_pinned only
+        # reports whether the image is cached. A pin racing this one can make
+        # the answer stale, never the resulting state wrong.
+        image = self.cache.get_cached_image(image_id)
+        if image is None:
             raise ImageNotCached(image_id)
+        if image.pinned == pinned:
+            return False
+        if not (self.cache.pin(image_id) if pinned else self.cache.unpin(image_id)):
+            raise ImageNotCached(image_id)
+        return True
 
     def import_glance_cache(self, source: Path, keep_source: bool) -> AdoptReport:
         return import_glance_cache(self.cache, source, keep_source=keep_source)

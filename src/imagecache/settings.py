@@ -6,16 +6,22 @@ Precedence, highest first: explicit overrides (the CLI's flags), environment
 variables prefixed ``IMAGECACHE_`` (``IMAGECACHE_IMAGE_CACHE_DIR``), the TOML
 file, the defaults below. Unknown keys in the file are errors, so a typo never
 silently leaves a default in place.
+
+Each setting's docstring (the string under it) is its description in
+docs/settings.md; after adding or changing one, regenerate that file with
+``make settings-doc`` (``python -m imagecache.settings_doc``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -32,6 +38,7 @@ from pydantic_settings import (
 
 from imagecache.errors import ConfigurationError
 from imagecache.keystone import KeystoneAuth, load_cloud
+from imagecache.units import parse_duration, parse_size
 
 GiB = 1024**3
 MiB = 1024**2
@@ -40,43 +47,86 @@ DriverName = Literal["sqlite", "xattr", "central"]
 AbandonPolicy = Literal["finish", "abort"]
 
 
-class KeystoneSettings(BaseModel):
-    """The ``[keystone]`` table: the cache's own account, and who may manage it.
+@dataclass(frozen=True)
+class Unit:
+    """What a number setting counts; docs/settings.md shows it (``settings_doc``)."""
 
-    Either ``cloud`` (a cloud named in clouds.yaml, openstacksdk's file) or the
+    name: str
+
+
+def _whole_seconds(value: object) -> int:
+    seconds = parse_duration(value)
+    if not seconds.is_integer():
+        raise ValueError(
+            "must be whole seconds: a whole number (90) or whole numbers with units "
+            "s, m, h, d, w, e.g. 90s, 5m, 1h30m, 1d"
+        )
+    return int(seconds)
+
+
+# Every size and duration setting takes the spellings of units.py (10GiB, 1h30m)
+# in the file, the environment and the CLI's overrides alike: the values reach
+# pydantic the same way, and these validators run before the number check.
+ByteSize = Annotated[int, BeforeValidator(parse_size), Unit("bytes")]
+Seconds = Annotated[float, BeforeValidator(parse_duration), Unit("seconds")]
+WholeSeconds = Annotated[int, BeforeValidator(_whole_seconds), Unit("seconds")]
+
+
+class KeystoneSettings(BaseModel):
+    """The cache's own Keystone account, and who may manage the cache.
+
+    Either `cloud` (a cloud named in clouds.yaml, openstacksdk's file) or the
     credentials here: a user and password with a project, or an application
     credential. Environment variables nest with a double underscore:
-    ``IMAGECACHE_KEYSTONE__AUTH_URL``.
+    `IMAGECACHE_KEYSTONE__AUTH_URL`. See docs/openstack.md.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     cloud: str | None = None
+    """A cloud named in clouds.yaml (searched as openstacksdk does); replaces the
+    credentials below."""
     auth_url: str | None = None
+    """Keystone's URL, e.g. `http://keystone:5000/v3`."""
     username: str | None = None
+    """The cache's service user (with `password`)."""
     user_id: str | None = None
+    """The service user by id instead of name."""
     password: SecretStr | None = None
+    """The service user's password."""
     project_name: str | None = None
+    """The project the cache's token is scoped to (e.g. `service`)."""
     project_id: str | None = None
+    """The project by id instead of name."""
     user_domain_name: str | None = None
+    """The user's domain (default `Default` when no id is given)."""
     user_domain_id: str | None = None
+    """The user's domain by id."""
     project_domain_name: str | None = None
+    """The project's domain (default `Default` when no id is given)."""
     project_domain_id: str | None = None
+    """The project's domain by id."""
     application_credential_id: str | None = None
+    """An application credential instead of a password (carries its own project)."""
     application_credential_name: str | None = None
+    """An application credential by name (needs `username`)."""
     application_credential_secret: SecretStr | None = None
+    """The application credential's secret."""
     region_name: str | None = None
+    """The region of the catalog the cache looks in."""
     interface: Literal["public", "internal", "admin"] = "public"
-    timeout: float = Field(default=10.0, gt=0)
-    # A caller is an admin of the cache when its token has one of these roles
-    # (Glance's default policy for its cache API is role:admin).
+    """Which catalog endpoints to use."""
+    timeout: Seconds = Field(default=10.0, gt=0)
+    """How long one request to Keystone may take."""
     admin_roles: tuple[str, ...] = ("admin",)
-    # How long Keystone's answer about a caller's token is remembered: a revoked
-    # token keeps working on management routes at most this long.
-    # keystonemiddleware's default is 300 s; a cache's management is rarer and
-    # more powerful, so a shorter default.
-    token_cache_ttl: float = Field(default=60.0, ge=0)
+    """A caller whose token has one of these roles is an admin of the cache
+    (Glance's default policy for its cache API is `role:admin`)."""
+    token_cache_ttl: Seconds = Field(default=60.0, ge=0)
+    """How long Keystone's answer about a caller's token is remembered: a revoked token
+    keeps working on management routes at most this long (keystonemiddleware's
+    default is 300 s; a cache's management is rarer and more powerful)."""
     token_cache_size: int = Field(default=10_000, ge=1)
+    """At most this many callers' tokens are remembered (least recently used go first)."""
 
     @field_validator("admin_roles")
     @classmethod
@@ -118,7 +168,11 @@ def _revealed(secret: SecretStr | None) -> str | None:
 
 
 class Settings(BaseSettings):
-    """Every knob of imagecache; one immutable value per process."""
+    """Every knob of imagecache; one immutable value per process.
+
+    Each setting's docstring is its description: docs/settings.md is generated
+    from them (``python -m imagecache.settings_doc``), so there is one source.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="IMAGECACHE_",
@@ -126,82 +180,113 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         validate_default=True,
+        use_attribute_docstrings=True,
     )
 
     # --- Glance's own option names -------------------------------------------------
     image_cache_dir: Path | None = None
+    """The cache directory. The service and the CLI's local mode need it."""
     image_cache_driver: DriverName = "sqlite"
-    image_cache_max_size: int = Field(default=10 * GiB, ge=0)
-    image_cache_stall_time: int = Field(default=86400, ge=0)
+    """Where metadata lives: `sqlite` (a file in the cache directory), `xattr` (extended
+    attributes of the files), `central` (a shared SQL database, for a cluster)."""
+    image_cache_max_size: ByteSize = Field(default=10 * GiB, ge=0)
+    """Hard limit on the bytes of cached images; fills in flight count against it."""
+    image_cache_stall_time: WholeSeconds = Field(default=86400, ge=0)
+    """A fill untouched this long whose writer is dead is removed by `clean`."""
     image_cache_sqlite_db: str = "cache.db"
+    """The sqlite driver's database, a file name inside `image_cache_dir`."""
     worker_self_reference_url: str | None = None
+    """This node's URL as its siblings reach it; its identity in cluster mode."""
 
     # --- how fills write --------------------------------------------------------------
-    # Drop a fill's pages from the page cache once they are on disk and 128 MiB
-    # behind it (readers following the fill stay within that). Off by default:
-    # an LRU cache should keep the image it has just fetched where the next
-    # request for it is cheapest, and the kernel's own LRU already keeps a
-    # streaming write from pushing out pages in active use. Worth turning on
-    # where images are far larger than memory, or on VMs that hand idle memory
-    # back to the hypervisor, where page cache made from fresh memory costs ten
-    # times more: there it made 1 GiB misses 1.43x faster (docs/service.md;
-    # docs/benchmarks.md, "Miss path work, part 5").
     fill_drop_behind: bool = False
+    """Drop a fill's pages from the page cache once they are on disk and 128 MiB behind
+    it (readers following the fill stay within that). Off by default: an LRU cache should
+    keep the image it has just fetched where the next request for it is cheapest, and the
+    kernel's own LRU already keeps a streaming write from pushing out pages in active use.
+    Worth turning on where images are far larger than memory, or on VMs that hand idle
+    memory back to the hypervisor, where page cache made from fresh memory costs ten
+    times more: there it made 1 GiB misses 1.43x faster (docs/service.md;
+    docs/benchmarks.md, "Miss path work, part 5")."""
 
     # --- the service ----------------------------------------------------------------
-    # Loopback by default: exposing a cache is an explicit decision.
     bind_host: str = "127.0.0.1"
+    """Address the service binds. Loopback by default: exposing a cache is an explicit
+    decision."""
     bind_port: int = Field(default=9393, ge=0, le=65535)
+    """Port the service binds; 0 picks a free one."""
     workers: int = Field(default=1, ge=1, le=64)
-    # "KIND:TARGET", e.g. "directory:/srv/images" or "glance:http://127.0.0.1:9292".
+    """Worker processes sharing the port and the cache."""
     upstream: str | None = None
-    upstream_timeout: float = Field(default=30.0, gt=0)
+    """The origin, `KIND:TARGET`: `directory:/srv/images`,
+    `http:https://origin.example/images/{image_id}`, `glance:http://127.0.0.1:9292` or
+    `s3:bucket/prefix` (`serve --help` explains each)."""
+    upstream_timeout: Seconds = Field(default=30.0, gt=0)
+    """How long a read from the origin may wait for data before it fails."""
     admin_token: SecretStr | None = None
-    # Only behind a proxy that authenticates callers and sets X-Roles itself.
+    """Token (`X-Auth-Token`) that makes a caller admin on the management routes."""
     trust_identity_headers: bool = False
-    # How long the origin's "this caller may download this image" is remembered.
-    auth_cache_ttl: float = Field(default=30.0, ge=0)
-    # What a fill does when the client that started it disconnects.
+    """Believe `X-Roles` and friends from callers. Only behind a proxy that authenticates
+    callers and sets those headers itself."""
+    auth_cache_ttl: Seconds = Field(default=30.0, ge=0)
+    """How long the origin's "this caller may download this image" is remembered."""
     abandoned_fill: AbandonPolicy = "finish"
-    # The nice value (-20..19) of the thread that hashes a fill, None = the
-    # process's own. The hash bounds a fill; on a busy machine a priority above
-    # the rest of the process (negative: needs CAP_SYS_NICE or LimitNICE=)
-    # keeps it on a CPU. Measured +12% on a 2-vCPU VM (docs/benchmarks.md).
+    """What a fill does when the client that started it disconnects: `finish` it for the
+    cache, or `abort` it."""
     fill_hash_nice: int | None = Field(default=None, ge=-20, le=19)
-    # http upstream: also fetch <url>.sha512 / .sha256 / .md5 files for checksums.
+    """The nice value (-20..19) of the thread that hashes a fill; unset = the process's
+    own. The hash bounds a fill; on a busy machine a priority above the rest of the
+    process (negative: needs CAP_SYS_NICE or LimitNICE=) keeps it on a CPU. Measured +12%
+    on a 2-vCPU VM (docs/benchmarks.md)."""
     http_checksum_sidecar: bool = False
-    # s3 upstream: endpoint (None = AWS itself) and region; credentials come from
-    # the standard AWS chain (env, ~/.aws, instance role), never from here.
+    """http upstream: also fetch `<url>.sha512` / `.sha256` / `.md5` files for checksums."""
     s3_endpoint_url: str | None = None
+    """s3 upstream: the endpoint; unset = AWS itself. Credentials come from the standard
+    AWS chain (environment, ~/.aws, instance role), never from here."""
     s3_region: str | None = None
+    """s3 upstream: the region."""
 
     # --- capacity ---------------------------------------------------------------------
-    free_space_watermark: int = Field(default=1 * GiB, ge=0)
-    # An image larger than this fraction of image_cache_max_size is streamed, not cached.
+    free_space_watermark: ByteSize = Field(default=1 * GiB, ge=0)
+    """Fills never take the cache's filesystem below this much free space."""
     max_image_fraction: float = Field(default=0.5, gt=0, le=1)
-    # Unread for this long (seconds) and not pinned: evicted. 0 = never.
-    idle_ttl: int = Field(default=0, ge=0)
+    """An image larger than this fraction of `image_cache_max_size` is streamed, not
+    cached."""
+    idle_ttl: WholeSeconds = Field(default=0, ge=0)
+    """Unread for this long and not pinned: evicted by the scheduled prune. 0 = never."""
 
     # --- maintenance, all inside the service; 0 disables a job --------------------------
-    prune_interval: float = Field(default=300.0, ge=0)
-    clean_interval: float = Field(default=3600.0, ge=0)
-    queue_interval: float = Field(default=60.0, ge=0)
-    scrub_interval: float = Field(default=86400.0, ge=0)
-    scrub_bytes_per_second: int = Field(default=50 * MiB, ge=0)
+    prune_interval: Seconds = Field(default=300.0, ge=0)
+    """How often the service prunes to the size limit (and `idle_ttl`); 0 = never."""
+    clean_interval: Seconds = Field(default=3600.0, ge=0)
+    """How often the service removes `invalid/` files and stalled fills; 0 = never."""
+    queue_interval: Seconds = Field(default=60.0, ge=0)
+    """How often the service retries queued images; 0 = never."""
+    scrub_interval: Seconds = Field(default=86400.0, ge=0)
+    """How often the service re-hashes cached files; 0 = never."""
+    scrub_bytes_per_second: ByteSize = Field(default=50 * MiB, ge=0)
+    """How fast the scheduled scrub reads (bytes per second, e.g. `50MiB`); 0 = no limit."""
     prefetch_concurrency: int = Field(default=2, ge=1, le=64)
+    """Queued images fetched at once."""
     prefetch_retries: int = Field(default=3, ge=0, le=20)
+    """Retries of a transient origin failure, with exponential backoff."""
 
     # --- cluster ------------------------------------------------------------------------
     database_url: str | None = None
-    node_heartbeat_interval: float = Field(default=5.0, gt=0)
-    node_dead_after: float = Field(default=20.0, gt=0)
+    """The central driver's database, e.g.
+    `postgresql+psycopg://postgres@127.0.0.1:5432/imagecache`."""
+    node_heartbeat_interval: Seconds = Field(default=5.0, gt=0)
+    """How often a node records that it is alive."""
+    node_dead_after: Seconds = Field(default=20.0, gt=0)
+    """A node whose heartbeat is older than this is no longer offered as a source."""
     cluster_token: SecretStr | None = None
+    """Shared secret nodes send each other (`X-Imagecache-Cluster-Token`) to fetch images
+    from a sibling."""
 
     # --- OpenStack identity -------------------------------------------------------------
-    # With a [keystone] table the cache acts as its own service account for
-    # everything it does on its own, and management callers are authorised
-    # by their Keystone roles (docs/openstack.md).
     keystone: KeystoneSettings | None = None
+    """The `[keystone]` table (below): the cache's own account for what it does on its
+    own, and management authorised by callers' Keystone roles (docs/openstack.md)."""
 
     @field_validator("image_cache_sqlite_db")
     @classmethod
@@ -310,11 +395,13 @@ def _describe(exc: ValidationError) -> str:
             problems.append(f"{key}: unknown setting")
             continue
         secret = any(word in key for word in _SECRET_WORDS)
+        # pydantic prefixes a validator's own message with "Value error, "; it says nothing.
+        message = error["msg"].removeprefix("Value error, ")
         given = error.get("input")
         if isinstance(given, dict | list | tuple) or not error["loc"]:
             # A whole table or the whole settings: it may hold secrets.
-            problems.append(f"{key}: {error['msg']}")
+            problems.append(f"{key}: {message}")
             continue
         shown = "<hidden>" if secret else repr(given)
-        problems.append(f"{key}: {error['msg']} (got {shown})")
+        problems.append(f"{key}: {message} (got {shown})")
     return "invalid settings: " + "; ".join(problems)
