@@ -170,6 +170,22 @@ def test_reservations_of_fills_in_flight_count(make_settings: Callable[..., Sett
         assert capacity.reserve("three", MiB).admission is Admission.ADMITTED
 
 
+def test_a_reservation_of_zero_bytes_is_released_with_its_file_and_descriptor(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(free_space_watermark=0)
+    with ImageCache(settings) as cache:
+        capacity = Capacity(cache)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            with capacity.reserved("empty", 0) as reservation:
+                assert reservation.admission is Admission.ADMITTED
+                assert capacity.ledger.count() == 1
+        assert capacity.ledger.count() == 0
+        assert os.listdir(cache.driver.layout.reservation_dir) == []
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_reservations_are_shared_by_every_process(make_settings: Callable[..., Settings]) -> None:
     """A second process sees room held by the first before its fill writes a byte.
 

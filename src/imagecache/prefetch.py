@@ -303,7 +303,20 @@ class Prefetcher:
             return PrefetchOutcome.NOT_CACHEABLE
         if self.capacity is None:
             return await self._write(image_id, info, caller)
-        reservation = await self._run(self.capacity.reserve, image_id, info.size)
+        capacity = self.capacity
+        reserving = self._run(capacity.reserve, image_id, info.size)
+        try:
+            reservation = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            # The reserving thread runs on; what it takes must still be given back.
+            reserving.add_done_callback(
+                lambda done: (
+                    None
+                    if done.cancelled() or done.exception()
+                    else capacity.release(done.result())
+                )
+            )
+            raise
         try:
             if reservation.admission is not Admission.ADMITTED:
                 return PrefetchOutcome.NOT_CACHEABLE
