@@ -110,6 +110,19 @@ class Settings(BaseSettings):
     node_dead_after: float = Field(default=20.0, gt=0)
     cluster_token: SecretStr | None = None
 
+    # --- connections and workers (docs/service.md, "Timeouts and limits") ---------------
+    # A complete request header must arrive within this many seconds of the
+    # connection opening (or of the first byte of a later request on it).
+    header_timeout: float = Field(default=15.0, gt=0, le=3600)
+    # An idle keep-alive connection is closed after this many seconds.
+    keepalive_timeout: float = Field(default=75.0, gt=0, le=86400)
+    # Connections one worker serves at once; beyond it a new one gets a 503.
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    # The pre-fork parent gives up (exits 1) after this many worker restarts
+    # within worker_restart_window seconds.
+    worker_restart_limit: int = Field(default=5, ge=0, le=1000)
+    worker_restart_window: float = Field(default=60.0, gt=0)
+
     @field_validator("image_cache_sqlite_db")
     @classmethod
     def _plain_file_name(cls, value: str) -> str:

@@ -27,8 +27,7 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
-from aiohttp import web
-
+from imagecache.server import connections
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
 from imagecache.settings import Settings
 
@@ -38,6 +37,7 @@ log = logging.getLogger(__name__)
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; returns when every worker has stopped."""
     _configure_logging()
+    connections.raise_open_file_limit()  # before forking: the workers inherit it
     sock = _listen(settings.bind_host, settings.bind_port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -107,15 +107,14 @@ async def _serve_socket(
     settings: Settings, sock: socket.socket, metrics_dir: Path | None = None
 ) -> None:
     app = create_app(settings, metrics_dir=metrics_dir)
-    runner = web.AppRunner(
+    runner, _ = await connections.start_site(
         app,
+        settings,
+        sock,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("imagecache.access"),
         shutdown_timeout=shutdown_grace(settings),
     )
-    await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
