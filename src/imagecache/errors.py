@@ -13,6 +13,7 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      ├── ImageBeingCached              another writer holds the fill of this image
      ├── VerificationError             size or hash of the written bytes is wrong
      ├── CacheStoreError               the cache's own disk or metadata failed
+     ├── ServiceFailed                 the service gave up restarting its workers
      └── UpstreamError                 the origin failed or refused
           ├── UpstreamNotFound         the origin does not know the image (404)
           ├── UpstreamForbidden        the origin refuses this caller (401/403)
@@ -97,6 +98,10 @@ class VerificationError(ImageCacheError):
 
 class CacheStoreError(ImageCacheError):
     """The cache's own storage (files or metadata database) failed."""
+
+
+class ServiceFailed(ImageCacheError):
+    """The pre-fork service stopped: its workers kept dying faster than it restarts them."""
 
 
 class UpstreamError(ImageCacheError):
