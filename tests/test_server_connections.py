@@ -72,6 +72,27 @@ async def test_a_slowloris_header_is_cut_off_after_the_header_timeout(
         writer.close()
 
 
+async def test_a_slow_request_body_is_not_cut_off_by_the_header_timeout(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """The header timeout is for headers: a body (an upload relayed to Glance) may take longer."""
+    settings = make_settings(header_timeout=0.3, keepalive_timeout=60)
+    async with serve_in_process(settings, tmp_path) as site:
+        reader, writer = await _connect(site)
+        body = b"{}" + b" " * 8
+        writer.write(
+            b"POST /v2/cache/verify HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for byte in body:  # ten bytes over a second: three header timeouts long
+            await asyncio.sleep(0.1)
+            writer.write(bytes([byte]))
+            await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        writer.close()
+
+
 async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -116,6 +137,9 @@ async def test_beyond_max_connections_a_new_one_gets_a_503_and_the_others_are_se
         for reader, writer in held:  # the connections in the bound go on being served
             assert (await _request(reader, writer)).startswith(b"HTTP/1.1 200")
         assert site.refused == 3
+        metrics = await _request(*held[0], path="/metrics")
+        assert b"imagecache_connections_refused_total 3.0" in metrics
+        assert b"imagecache_connections_open 2.0" in metrics
         # Three refusals, one warning: the log is rate-limited.
         warnings = [r for r in caplog.records if "refusing connections" in r.getMessage()]
         assert len(warnings) == 1

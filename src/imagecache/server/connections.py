@@ -32,11 +32,15 @@ import logging
 import resource
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from imagecache.server.state import STATE
 from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -223,6 +227,8 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        if STATE in self.app:
+            self.app[STATE].metrics.registry.register(_ConnectionsCollector(self))
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_exhaustion(loop.get_exception_handler()))
         self._server = await loop.create_server(self._protocol, sock=self.sock, backlog=1024)
@@ -240,6 +246,23 @@ class GuardedSite(web.BaseSite):
         assert server is not None, "the runner is set up before its site starts"
         loop = asyncio.get_running_loop()
         return _GuardedHandler(self, manager=server, loop=loop, **self._handler_kwargs)
+
+
+class _ConnectionsCollector(Collector):
+    """The site's numbers when scraped (in-memory counters, nothing to wait for)."""
+
+    def __init__(self, site: GuardedSite) -> None:
+        self.site = site
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "imagecache_connections_open", "Client connections open", self.site.open_connections
+        )
+        yield CounterMetricFamily(
+            "imagecache_connections_refused",
+            "Connections answered 503 because max_connections were open",
+            self.site.refused,
+        )
 
 
 _Handler = Any  # asyncio's exception-handler type is not public
