@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
 import resource
 import time
@@ -164,6 +165,27 @@ def test_the_rate_limited_log_counts_what_it_held_back(caplog: pytest.LogCapture
     limited.warning("accept failed %d", 5)
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["accept failed 0", "accept failed 5 (4 more like it in the last 3600 s)"]
+
+
+async def test_accept_errors_for_lack_of_descriptors_are_logged_once_per_interval(
+    make_settings: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncio reports each failed accept() through the loop's exception handler."""
+    async with serve_in_process(make_settings(), tmp_path):
+        loop = asyncio.get_running_loop()
+        for _ in range(200):  # what a backlog of accepts under EMFILE reports
+            loop.call_exception_handler(
+                {
+                    "message": "socket.accept() out of system resource",
+                    "exception": OSError(errno.EMFILE, "Too many open files"),
+                }
+            )
+        loop.call_exception_handler({"message": "something else entirely"})
+    accept = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+    assert len(accept) == 1
+    assert "Too many open files" in accept[0].getMessage()
+    assert not accept[0].exc_info  # one line, no traceback
+    assert any("something else entirely" in r.getMessage() for r in caplog.records)
 
 
 def _lower_open_file_limit() -> None:

@@ -219,6 +219,7 @@ class GuardedSite(web.BaseSite):
         self.refused = 0
         self._handler_kwargs = handler
         self._refusals = RateLimitedLog(log)
+        self._previous_handler: _Handler = None
 
     @property
     def name(self) -> str:
@@ -230,8 +231,13 @@ class GuardedSite(web.BaseSite):
         if STATE in self.app:
             self.app[STATE].metrics.registry.register(_ConnectionsCollector(self))
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(_quiet_exhaustion(loop.get_exception_handler()))
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(_quiet_exhaustion(self._previous_handler))
         self._server = await loop.create_server(self._protocol, sock=self.sock, backlog=1024)
+
+    async def stop(self) -> None:
+        await super().stop()
+        asyncio.get_running_loop().set_exception_handler(self._previous_handler)
 
     def _protocol(self) -> asyncio.Protocol:
         if self.open_connections >= self.max_connections:
