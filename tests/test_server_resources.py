@@ -20,7 +20,7 @@ import pytest
 from server_helpers import ServeProcess, image_bytes, poll, put_image, start_serve
 
 BIG = 4 * 1024 * 1024  # well above the socket buffers, so a leaving client cuts a body short
-ROUNDS = 12
+ROUNDS = 8
 # Room for the allocator keeping freed arenas and the cache database growing by
 # ROUNDS * 3 rows; a leak of one buffer per request (64 KiB and more) exceeds it.
 RSS_SLACK_KIB = 24 * 1024
