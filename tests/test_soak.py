@@ -435,6 +435,10 @@ async def _stop_cleanly(servers: list[ServeProcess]) -> None:
         assert await server.stop() == 0, server.log()[-3000:]
         log = server.log()
         assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
+        # The parent replaces a dead worker (server/supervisor.py), so a death
+        # no longer shows as a missing process: it shows in the log.
+        died = [line for line in log.splitlines() if "starting a replacement" in line]
+        assert not died, f"a worker died during the soak: {died[0]}"
 
 
 async def test_soak_under_eviction_pressure_stays_consistent(
