@@ -10,9 +10,10 @@ known before any worker starts, including when the settings ask for port 0.
 
 The parent replaces a worker that dies and gives up (exit 1) when they die
 too often (server/supervisor.py). SIGTERM or SIGINT to the parent is passed
-to every worker. A worker stops
-accepting, lets running requests and fills finish (fills for a grace period,
-then they roll back to ``invalid/``), and exits.
+to every worker. A worker stops accepting, lets running requests and fills
+finish (fills for a grace period, then they roll back to ``invalid/``), and
+exits. Each worker serves its connections with the header and idle timeouts
+and the connection bound of server/connections.py.
 """
 
 from __future__ import annotations
