@@ -73,6 +73,27 @@ async def test_a_slowloris_header_is_cut_off_after_the_header_timeout(
         writer.close()
 
 
+async def test_a_slow_second_header_on_a_keepalive_connection_is_cut_off_too(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(header_timeout=0.5, keepalive_timeout=60)
+    async with serve_in_process(settings, tmp_path) as site:
+        reader, writer = await _connect(site)
+        assert (await _request(reader, writer)).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        closed = asyncio.create_task(_closed_within(reader, 10))
+        for byte in b"GET /healthcheck HTTP/1.1\r\nX-Slow: " + b"a" * 200:
+            if closed.done():
+                break
+            with contextlib.suppress(ConnectionError):
+                writer.write(bytes([byte]))
+                await writer.drain()
+            await asyncio.sleep(0.05)
+        await closed
+        assert 0.4 < time.monotonic() - started < 3
+        writer.close()
+
+
 async def test_a_slow_request_body_is_not_cut_off_by_the_header_timeout(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:

@@ -120,7 +120,12 @@ def raise_open_file_limit() -> None:
 
 
 class _GuardedHandler(RequestHandler):
-    """aiohttp's protocol with a deadline for each request header."""
+    """aiohttp's protocol with a deadline for each request header.
+
+    It reads two attributes of aiohttp's RequestHandler (3.x): ``_waiter``, set
+    while it waits for the next message, and ``_request_count``, raised by each
+    parsed message; tests/test_server_connections.py fails if they change.
+    """
 
     def __init__(self, site: GuardedSite, **kwargs: Any) -> None:
         super().__init__(**kwargs)
