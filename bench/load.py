@@ -7,12 +7,18 @@ many small cold images (misses). A side thread evicts random cold images all
 along (``DELETE /v2/cache/{id}``, ``--evict-per-s``), so misses keep happening
 for the whole run instead of only in its first seconds.
 
+With ``--slow N`` a bounded slowloris client (bench/slowloris.py) holds N
+loopback connections that send a header byte every ``--slow-interval``
+seconds and never finish, reopening each one the service closes (its
+``header_timeout``); the normal clients must not notice.
+
 Verdict: zero errors (wrk's socket errors and non-2xx answers), and the
 service's RSS and open descriptors flat from start to end (sampled every
 second).
 
     .venv/bin/python bench/load.py                       # 200 clients, 120 s
     .venv/bin/python bench/load.py --duration 20         # a short sanity run
+    .venv/bin/python bench/load.py --duration 60 --slow 300   # beside 300 slow connections
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import slowloris
 from measure import MIB, ProcessSampler, fetch_all
 from peers import REPO, Imagecache, PeerError, http_status, wait_until, write_random_file
 
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-kib", type=int, default=256)
     parser.add_argument("--hot-fraction", type=float, default=0.5)
     parser.add_argument("--evict-per-s", type=int, default=50)
+    parser.add_argument("--slow", type=int, default=0, help="slowloris connections held")
+    parser.add_argument("--slow-interval", type=float, default=2.0, help="seconds per byte")
     parser.add_argument("--workdir", default="/var/tmp/imagecache-bench/load")
     args = parser.parse_args(argv)
     command = "python bench/load.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -168,11 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         cmd = ["wrk", "-t", "2", "-c", str(args.clients), "-d", f"{args.duration}s"]
         cmd += ["--timeout", "30s", "--latency", "-s", str(script), ic.url]
         print(" ".join(cmd), flush=True)
+        slow_stats: list[slowloris.SlowStats] = []
         with ProcessSampler(lambda: (ic.rss_kib(), ic.fds()), interval=1.0) as sampler:
             side.start()
+            if args.slow:
+                # Held from before wrk starts until after it ends.
+                slow_thread, slow_stats = slowloris.in_thread(
+                    "127.0.0.1", ic.port, args.slow, args.slow_interval, args.duration + 4
+                )
             wrk = subprocess.run(cmd, capture_output=True, text=True, check=False)
             stop.set()
             side.join()
+            if args.slow:
+                slow_thread.join(args.duration + 30)
         counters_after = metrics_counters(ic.url)
         # Closed connections take a moment to be reaped; give the service a few
         # seconds to settle back, then report whatever it holds.
@@ -218,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_series_mib": [round(v, 1) for v in rss_mib],
         "fd_series": sampler.fds,
         "metrics_deltas": deltas,
+        "slow": slow_stats[0].summary() if slow_stats else None,
     }
     lines = [
         f"Load run {started}: `{result['command']}`",
@@ -234,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         f"- open fds: start {sampler.fds[0]}, peak {max(sampler.fds)}, "
         f"end of load {sampler.fds[-1]}, idle after {idle_fds}",
     ]
+    if slow_stats:
+        slow = slow_stats[0].summary()
+        lines.append(
+            f"- {args.slow} slow connections (a header byte every {args.slow_interval:g} s): "
+            f"{slow['opened']} opened, {slow['closed_by_server']} closed by the service "
+            f"(median life {slow['median_lifetime_s']} s), {slow['refused']} refused, "
+            f"at least {slow['held_min_after_ramp']} held at once after the ramp"
+        )
     if deltas:
         lines.append(
             "- /metrics counters during the run: "

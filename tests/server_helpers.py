@@ -11,7 +11,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imagecache.server.app import create_app
+from imagecache.server.connections import GuardedSite, start_site
+from imagecache.server.run import _listen
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from imagecache.upstreams.directory import DirectoryUpstream
@@ -47,6 +49,21 @@ def put_image(root: Path, image_id: str, data: bytes, *, sidecar: str | None = "
 
 def directory_app(settings: Settings, root: Path) -> web.Application:
     return create_app(settings, upstream=DirectoryUpstream(root))
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(settings: Settings, root: Path) -> AsyncIterator[GuardedSite]:
+    """The service over directory ``root`` (it exists), served here as ``serve`` serves it.
+
+    aiohttp's production defaults, not its test server's (which cancels a
+    handler whose client left, where production lets it run on).
+    """
+    sock = _listen("127.0.0.1", 0)
+    runner, site = await start_site(directory_app(settings, root), settings, sock)
+    try:
+        yield site
+    finally:
+        await runner.cleanup()
 
 
 def listdir(path: Path) -> list[str]:
@@ -109,12 +126,14 @@ async def start_serve(
     env: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
     command: Sequence[str] = (sys.executable, "-c", "from imagecache.cli import main; main()"),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> ServeProcess:
     """``imagecache serve`` on ``port`` (0: a free one); returns once it answers its health check.
 
     ``env`` is added to this process's environment, ``args`` to the command line;
     ``command`` is the ``imagecache`` to run (default: this checkout's, in this
-    interpreter). The log file sits beside ``cache_dir``, one per process (two
+    interpreter). ``preexec_fn`` runs in the child before it starts (e.g. to
+    lower a limit). The log file sits beside ``cache_dir``, one per process (two
     may share a cache).
     """
     log_fd, log_name = tempfile.mkstemp(
@@ -136,6 +155,7 @@ async def start_serve(
             stdout=log_fd,
             stderr=log_fd,
             env={**os.environ, "IMAGECACHE_LOG_LEVEL": "INFO", **(env or {})},
+            preexec_fn=preexec_fn,
         )
     finally:
         os.close(log_fd)  # the child holds its own copy

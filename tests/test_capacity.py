@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -19,7 +20,8 @@ import pytest
 from imagecache import ImageCache, ImageInfo, Settings
 from imagecache.capacity import Admission, Capacity
 from imagecache.server.state import STATE
-from server_helpers import directory_app, put_image, settled
+from imagecache.upstreams.base import ANONYMOUS
+from server_helpers import directory_app, poll, put_image, settled
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024
@@ -170,6 +172,22 @@ def test_reservations_of_fills_in_flight_count(make_settings: Callable[..., Sett
         assert capacity.reserve("three", MiB).admission is Admission.ADMITTED
 
 
+def test_a_reservation_of_zero_bytes_is_released_with_its_file_and_descriptor(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(free_space_watermark=0)
+    with ImageCache(settings) as cache:
+        capacity = Capacity(cache)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            with capacity.reserved("empty", 0) as reservation:
+                assert reservation.admission is Admission.ADMITTED
+                assert capacity.ledger.count() == 1
+        assert capacity.ledger.count() == 0
+        assert os.listdir(cache.driver.layout.reservation_dir) == []
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_reservations_are_shared_by_every_process(make_settings: Callable[..., Settings]) -> None:
     """A second process sees room held by the first before its fill writes a byte.
 
@@ -293,3 +311,63 @@ async def test_the_service_keeps_the_limit_and_streams_what_is_too_large(
     evicted = re.search(r'imagecache_evictions_total\{reason="reservation"\} (\d+)', metrics)
     assert evicted is not None
     assert int(evicted.group(1)) > 0
+
+
+def _fd_targets() -> list[str]:
+    """What this process's descriptors point at, but sqlite's.
+
+    Each disk thread opens its own database connection on first use, so those
+    grow with the pool whatever the test does.
+    """
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if not os.path.basename(target).startswith("cache.db"):
+                targets.append(target)
+    return sorted(targets)
+
+
+async def test_a_fill_cancelled_while_reserving_gives_back_what_its_thread_took(
+    aiohttp_client: Any, make_settings: Callable[..., Settings], cache_dir: Path, tmp_path: Path
+) -> None:
+    """The reserving thread cannot be stopped; what it takes after the cancel is given back."""
+    origin = tmp_path / "origin"
+    put_image(origin, "img", _data(1))
+    client = await aiohttp_client(directory_app(make_settings(free_space_watermark=0), origin))
+    state = client.app[STATE]
+    info = await state.upstream.info("img", ANONYMOUS)
+    before = len(_fd_targets())
+    reserved = cache_dir / ".locks" / "reserved"
+    # Held here, the capacity lock keeps the fill's thread inside reserve() (flock
+    # locks belong to open files, so the thread's own open of the lock file waits).
+    with state.cache.exclusive("capacity"):
+        joining = asyncio.create_task(state.fills.join("img", info, ANONYMOUS))
+        flight = None
+
+        async def started() -> bool:
+            nonlocal flight
+            flight = state.fills.current("img")
+            return flight is not None and flight.task is not None
+
+        await poll(started, "the fill has started deciding", within=5)
+        assert flight is not None
+        assert flight.task is not None
+        flight.task.cancel()
+        await asyncio.wait([flight.task, joining], timeout=10)
+    # The thread now reserves, takes the fill lock and opens the file; then all goes back.
+
+    async def given_back() -> bool:
+        return (
+            not os.listdir(reserved)
+            and not os.listdir(cache_dir / "incomplete")
+            and len(_fd_targets()) <= before
+        )
+
+    with contextlib.suppress(AssertionError):
+        await poll(given_back, "the reservation, the fill's file and descriptors are given back")
+    assert os.listdir(reserved) == []
+    assert os.listdir(cache_dir / "incomplete") == []
+    assert len(_fd_targets()) <= before, _fd_targets()
+    assert state.fills.capacity is not None
+    assert state.fills.capacity.ledger.count() == 0

@@ -7,21 +7,25 @@ into the database, which is exactly what a node that stopped leaves behind.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import insert, update
 
 from central_db import central_settings
 from imagecache import BadDriverConfiguration, ImageCache, ImageInfo, create_driver
-from imagecache.drivers.central import CentralDriver, cached_images, nodes
+from imagecache.drivers.central import CentralDriver, cached_images, node_instance_id, nodes
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.settings import Settings, load_settings
 
@@ -426,3 +430,56 @@ def test_the_whole_cluster_can_be_listed(make_node: NodeFactory) -> None:
     age_heartbeat(c, c.settings.node_dead_after + 1)
     listing = [(url, image.image_id, image.size) for url, image in a.get_cluster_images()]
     assert listing == [(a.self_url, "x", 1), (b.self_url, "x", 2), (b.self_url, "y", 3)]
+
+
+def _race(base: Path, racers: int, start: Callable[[], object], spawn: Any) -> list[str]:
+    """``racers`` threads or processes reading or creating ``base``'s id at once; outcomes."""
+    results: Any = spawn.Queue()
+
+    def race() -> None:
+        start()
+        try:
+            results.put("ok " + node_instance_id(base))
+        except Exception as exc:  # reported to the test, which fails with it
+            results.put(f"failed {exc!r}")
+
+    runners = [spawn.Process(target=race) for _ in range(racers)]
+    for runner in runners:
+        runner.start()
+    outcomes = [results.get(timeout=30) for _ in runners]
+    for runner in runners:
+        runner.join(30)
+    return outcomes
+
+
+class _Threads:
+    """``multiprocessing``'s shape over threads: one process, so the GIL widens the race."""
+
+    Queue = queue.Queue
+
+    @staticmethod
+    def Process(target: Callable[[], None]) -> threading.Thread:
+        return threading.Thread(target=target)
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_racers_on_a_new_directory_all_get_the_same_node_id(tmp_path: Path, kind: str) -> None:
+    """Workers starting together on a new cache directory: one id, and nobody fails.
+
+    Created empty and written after (the old way), some racer of the threads
+    read it empty within a few rounds and failed ("is empty; remove it").
+    """
+    racers, rounds = (16, 40) if kind == "threads" else (6, 5)
+    for round_ in range(rounds):
+        base = tmp_path / f"cache-{round_}"
+        base.mkdir()
+        if kind == "threads":
+            barrier = threading.Barrier(racers)
+            outcomes = _race(base, racers, barrier.wait, _Threads)
+        else:
+            context = multiprocessing.get_context("fork")
+            process_barrier = context.Barrier(racers)
+            outcomes = _race(base, racers, process_barrier.wait, context)
+        assert all(outcome.startswith("ok ") for outcome in outcomes), outcomes
+        assert len(set(outcomes)) == 1, outcomes
+        assert sorted(os.listdir(base)) == [".node-id"]  # no temporary file left behind

@@ -88,6 +88,11 @@ def test_unknown_override_is_rejected_by_name() -> None:
         ("max_image_fraction", 0),
         ("upstream", "ftp:/srv/images"),
         ("upstream", "no-target"),
+        ("header_timeout", 0),
+        ("keepalive_timeout", -1),
+        ("max_connections", 0),
+        ("worker_restart_limit", -1),
+        ("worker_restart_window", 0),
     ],
 )
 def test_bad_value_names_the_key(key: str, value: object) -> None:

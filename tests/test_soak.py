@@ -110,13 +110,33 @@ def _descriptors(pid: int) -> Descriptors:
     return Descriptors(database, sockets, other)
 
 
+def _exit_status(pid: int) -> int | None:
+    """A dead but unreaped process's exit status (waitpid's form decoded), else None.
+
+    The status is field 52 of ``/proc/PID/stat`` (Linux 3.5+); the fields after
+    the command name, which may hold spaces, start at field 3.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return None
+    if fields[0] != "Z":
+        return None
+    return os.waitstatus_to_exitcode(int(fields[52 - 3]))
+
+
 def _pids(servers: list[ServeProcess]) -> list[int]:
-    """The server processes and their forked workers (``--workers N``)."""
+    """The server processes and their forked workers (``--workers N``), all alive."""
     pids = []
     for server in servers:
         pid = server.process.pid
         with open(f"/proc/{pid}/task/{pid}/children") as children:
             pids += [pid, *map(int, children.read().split())]
+    for pid in pids:
+        status = _exit_status(pid)
+        # A zombie has no VmRSS; say what happened instead of "no VmRSS".
+        assert status is None, f"worker {pid} exited with status {status}"
     return pids
 
 
@@ -415,6 +435,10 @@ async def _stop_cleanly(servers: list[ServeProcess]) -> None:
         assert await server.stop() == 0, server.log()[-3000:]
         log = server.log()
         assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
+        # The parent replaces a dead worker (server/supervisor.py), so a death
+        # no longer shows as a missing process: it shows in the log.
+        died = [line for line in log.splitlines() if "starting a replacement" in line]
+        assert not died, f"a worker died during the soak: {died[0]}"
 
 
 async def test_soak_under_eviction_pressure_stays_consistent(

@@ -106,6 +106,11 @@ class Ledger:
         with self._lock:
             return sum(int(ticket.partition(".")[0]) for ticket in self._held)
 
+    def count(self) -> int:
+        """How many reservations this process holds (each is a file and a descriptor)."""
+        with self._lock:
+            return len(self._held)
+
     def remove(self, ticket: str) -> None:
         with self._lock:
             fd = self._held.pop(ticket, None)
@@ -220,7 +225,13 @@ class Capacity:
         return Reservation(image_id, size, Admission.ADMITTED, tuple(evicted), ticket)
 
     def release(self, reservation: Reservation) -> None:
-        if reservation.size:
+        """Give back what ``reservation`` holds; safe to call twice.
+
+        Keyed by the ticket, never by the size: a fill announced as 0 bytes
+        holds a ledger file and its descriptor like any other, and skipping it
+        here once leaked one of each per request until the process ended.
+        """
+        if reservation.ticket:
             self.ledger.remove(reservation.ticket)
 
     @contextlib.contextmanager

@@ -16,6 +16,7 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      ├── IdentityError                 Keystone could not answer, or refused the cache
      │    ├── IdentityRejected         the cache's own credentials were refused
      │    └── IdentityUnavailable      Keystone unreachable or failing: refuse, never allow
+     ├── ServiceFailed                 the service gave up restarting its workers
      └── UpstreamError                 the origin failed or refused
           ├── UpstreamNotFound         the origin does not know the image (404)
           ├── UpstreamForbidden        the origin refuses this caller (401/403)
@@ -100,6 +101,10 @@ class VerificationError(ImageCacheError):
 
 class CacheStoreError(ImageCacheError):
     """The cache's own storage (files or metadata database) failed."""
+
+
+class ServiceFailed(ImageCacheError):
+    """The pre-fork service stopped: its workers kept dying faster than it restarts them."""
 
 
 class UpstreamError(ImageCacheError):

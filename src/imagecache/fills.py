@@ -298,7 +298,7 @@ class FillCoordinator:
                     flight.settle(FlightKind.NONE, NO_FILL)
                 writer = None
             else:
-                writer = await self.run(self._decide, flight)
+                writer = await self._decided(flight)
             flight.decided.set()
             if flight.kind is FlightKind.LOCAL:
                 assert writer is not None
@@ -318,6 +318,29 @@ class FillCoordinator:
                 del self._flights[flight.image_id]
             if flight.reservation is not None and self.capacity is not None:
                 self.capacity.release(flight.reservation)
+
+    async def _decided(self, flight: Flight) -> FillWriter | None:
+        """``_decide`` in the executor, its takings given back if this task is cancelled."""
+        decision = self.run(self._decide, flight)
+        try:
+            return await asyncio.shield(decision)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped and may still take a reservation, the
+            # fill lock and a descriptor after ``_drive`` has cleaned up; without
+            # this they would be held until the process exits.
+            decision.add_done_callback(lambda done: self._undo_decision(flight, done))
+            raise
+
+    def _undo_decision(self, flight: Flight, done: asyncio.Future[FillWriter | None]) -> None:
+        writer = None if done.cancelled() or done.exception() else done.result()
+        if writer is not None:
+            gone = CacheStoreError(f"the fill of {flight.image_id!r} was cancelled")
+            self.executor.submit(writer.abort, gone)
+        if flight.readers == 0 and flight.fd is not None:
+            os.close(flight.fd)
+            flight.fd = None
+        if flight.reservation is not None and self.capacity is not None:
+            self.capacity.release(flight.reservation)
 
     def _decide(self, flight: Flight) -> FillWriter | None:
         """In a thread: take the fill (LOCAL), follow another process's (REMOTE), or neither."""

@@ -18,6 +18,7 @@ import enum
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -114,7 +115,9 @@ def _error_path(layout: CacheLayout, image_id: str) -> Path:
 def record_error(layout: CacheLayout, image_id: str, error: str, attempts: int) -> None:
     """Remember why the last prefetch of ``image_id`` failed (atomically replaced)."""
     path = _error_path(layout, image_id)
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of this thread's own: two writers sharing one truncated each
+    # other's file, and the second rename found nothing to rename.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     body = {"error": error[:2000], "attempts": attempts, "failed_at": time.time()}
     tmp.write_text(json.dumps(body))
     os.replace(tmp, path)
@@ -303,7 +306,20 @@ class Prefetcher:
             return PrefetchOutcome.NOT_CACHEABLE
         if self.capacity is None:
             return await self._write(image_id, info, caller)
-        reservation = await self._run(self.capacity.reserve, image_id, info.size)
+        capacity = self.capacity
+        reserving = self._run(capacity.reserve, image_id, info.size)
+        try:
+            reservation = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            # The reserving thread runs on; what it takes must still be given back.
+            reserving.add_done_callback(
+                lambda done: (
+                    None
+                    if done.cancelled() or done.exception()
+                    else capacity.release(done.result())
+                )
+            )
+            raise
         try:
             if reservation.admission is not Admission.ADMITTED:
                 return PrefetchOutcome.NOT_CACHEABLE

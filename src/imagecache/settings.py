@@ -288,6 +288,21 @@ class Settings(BaseSettings):
     """The `[keystone]` table (below): the cache's own account for what it does on its
     own, and management authorised by callers' Keystone roles (docs/openstack.md)."""
 
+    # --- connections and workers (docs/service.md, "Timeouts and limits") ---------------
+    header_timeout: Seconds = Field(default=15.0, gt=0, le=3600)
+    """A complete request header must arrive within this long of the connection opening
+    (or of the first byte of a later request on it); slower connections are closed."""
+    keepalive_timeout: Seconds = Field(default=75.0, gt=0, le=86400)
+    """An idle keep-alive connection is closed after this long."""
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Connections one worker serves at once; beyond it a new one gets a 503 (lowered at
+    start-up to what the open-file limit can carry)."""
+    worker_restart_limit: int = Field(default=5, ge=0, le=1000)
+    """The pre-fork parent gives up (exits 1) after this many worker restarts within
+    `worker_restart_window`."""
+    worker_restart_window: Seconds = Field(default=60.0, gt=0)
+    """The window over which worker restarts are counted."""
+
     @field_validator("image_cache_sqlite_db")
     @classmethod
     def _plain_file_name(cls, value: str) -> str:

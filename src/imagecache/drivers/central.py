@@ -69,6 +69,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQL
 from imagecache import migrations
 from imagecache.drivers.files import FileBackedDriver, Fill
 from imagecache.errors import BadDriverConfiguration, CacheStoreError
+from imagecache.layout import fsync_dir
 from imagecache.reconcile import reconcile_records
 from imagecache.records import CachedImage
 
@@ -253,26 +254,32 @@ def _tune_sqlite(engine: Engine) -> None:
 
 
 def node_instance_id(base: Path) -> str:
-    """The random id of this cache directory, created on first use."""
+    """The random id of this cache directory, created on first use.
+
+    Several workers start together on a new directory, so the file appears
+    whole or not at all: the id is written to a private temporary file, made
+    durable, then linked into place; the first link wins and every process
+    reads the winner's. (Created empty and written after, as it was, a sibling
+    could read it in between, find it empty and die.)
+    """
     path = base / NODE_ID_FILE
-    for _ in range(3):
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        tmp = base / f"{NODE_ID_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            value = path.read_text().strip()
-        except FileNotFoundError:
-            pass
-        else:
-            if value:
-                return value
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        except FileExistsError:
-            continue  # another worker made it; read theirs
-        try:
-            os.write(fd, uuid.uuid4().hex.encode() + b"\n")
-            os.fsync(fd)
+            try:
+                os.write(fd, uuid.uuid4().hex.encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process won: read theirs
+                os.link(tmp, path)
+                fsync_dir(base)
         finally:
-            os.close(fd)
-    value = path.read_text().strip()
+            tmp.unlink(missing_ok=True)
+        value = path.read_text().strip()
     if not value:
         raise BadDriverConfiguration("central", f"{path} is empty; remove it and restart")
     return value

@@ -68,7 +68,9 @@ class XattrDriver(FileBackedDriver):
 
     def configure(self) -> None:
         super().configure()
-        probe = self.layout.lock_dir / "xattr-probe"
+        # One probe per process: workers starting together on one directory
+        # shared a name, and one's unlink made the other's probe fail.
+        probe = self.layout.lock_dir / f"xattr-probe.{os.getpid()}"
         try:
             probe.touch()
             _set(probe, "probe", "1")

@@ -27,7 +27,7 @@ from imagecache.errors import (
 )
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
-from imagecache.server import cache_api, images, operations, proxy
+from imagecache.server import cache_api, disconnects, images, operations, proxy
 from imagecache.server.auth import AccessCache
 from imagecache.server.metrics import Metrics
 from imagecache.server.queue_worker import QueueWorker
@@ -141,6 +141,7 @@ def create_app(
     if cache is None:
         cache = ImageCache(settings)
     app = web.Application(middlewares=[_errors], client_max_size=1024**2)
+    disconnects.install(app)
     # Fills ask live siblings before the origin in cluster mode; everything else
     # (proxying, access checks, ranges) talks to the origin itself.
     metrics_ = Metrics(metrics_dir)

@@ -274,6 +274,12 @@ async def _send_span(
             except (NotImplementedError, asyncio.SendfileNotAvailableError):
                 await _copy_span(response, state, handle, offset, count)  # TLS, odd files
                 return
+            except ConnectionError:
+                # os.sendfile writes to the socket behind the transport's back, so
+                # the transport has not seen the client go; abort it so that what
+                # runs next (server/disconnects.py, aiohttp) sees a client that left.
+                transport.abort()
+                raise
             # asyncio returns a short count when os.sendfile meets the end of the
             # file. Ignoring it would leave the client waiting for the rest of its
             # Content-Length forever; so send on, and fail loudly if nothing goes.

@@ -19,6 +19,7 @@ static paths here win). It wires:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,6 +81,16 @@ class _OperationsCollector(Collector):
             "Bytes reserved by fills in flight in this process",
             self.capacity.reserved_bytes(),
         )
+        yield GaugeMetricFamily(
+            "imagecache_ledger_entries",
+            "Reservations (a file in .locks/reserved/ and a descriptor each) this process holds",
+            self.capacity.ledger.count(),
+        )
+        open_fds = _open_descriptors()
+        if open_fds is not None:
+            yield GaugeMetricFamily(
+                "imagecache_open_fds", "File descriptors this process has open", open_fds
+            )
         evictions = CounterMetricFamily(
             "imagecache_evictions", "Images evicted, by reason", labels=["reason"]
         )
@@ -103,6 +114,17 @@ class _OperationsCollector(Collector):
             failures.add_metric([job], self.maintenance.failures[job])
         yield runs
         yield failures
+
+
+def _open_descriptors() -> int | None:
+    """This process's open descriptors; None where ``/proc`` is missing.
+
+    A listing of procfs, not of a disk, so cheap enough for a scrape on the loop.
+    """
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
 
 
 async def stats(request: web.Request, state: ServiceState) -> web.StreamResponse:

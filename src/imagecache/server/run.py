@@ -8,16 +8,18 @@ any event loop or thread exists in the parent keeps the children clean.
 Preferred to ``SO_REUSEPORT`` with a bind per worker because the port is
 known before any worker starts, including when the settings ask for port 0.
 
-SIGTERM or SIGINT to the parent is passed to every worker. A worker stops
-accepting, lets running requests and fills finish (fills for a grace period,
-then they roll back to ``invalid/``), and exits.
+The parent replaces a worker that dies and gives up (exit 1) when they die
+too often (server/supervisor.py). SIGTERM or SIGINT to the parent is passed
+to every worker. A worker stops accepting, lets running requests and fills
+finish (fills for a grace period, then they roll back to ``invalid/``), and
+exits. Each worker serves its connections with the header and idle timeouts
+and the connection bound of server/connections.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
@@ -25,19 +27,22 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from types import FrameType
 
-from aiohttp import web
-
+from imagecache.server import connections
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
+from imagecache.server.supervisor import Supervisor
 from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; returns when every worker has stopped."""
+    """Serve until SIGTERM/SIGINT; returns when every worker has stopped.
+
+    Raises ``ServiceFailed`` when the workers of a pre-forked service keep dying.
+    """
     _configure_logging()
+    connections.raise_open_file_limit()  # before forking: the workers inherit it
     sock = _listen(settings.bind_host, settings.bind_port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -55,30 +60,12 @@ def serve(settings: Settings) -> None:
     # Private to this service, so that two services sharing a cache directory
     # never mix their numbers (see server/metrics.py).
     metrics_dir = Path(tempfile.mkdtemp(prefix="imagecache-metrics-"))
-    context = multiprocessing.get_context("fork")
-    workers = [
-        context.Process(
-            target=_worker, args=(settings, sock, metrics_dir), name=f"imagecache-worker-{n}"
-        )
-        for n in range(settings.workers)
-    ]
-    for worker in workers:
-        worker.start()
-    sock.close()  # the workers hold it now
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
     try:
-        for worker in workers:
-            worker.join()
-            if worker.exitcode:
-                log.error("%s exited with code %s", worker.name, worker.exitcode)
+        # The parent keeps the socket (it never accepts on it) to hand it to
+        # the replacements of workers that die (server/supervisor.py).
+        Supervisor(settings, sock, metrics_dir, _worker).run()
     finally:
+        sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -107,15 +94,14 @@ async def _serve_socket(
     settings: Settings, sock: socket.socket, metrics_dir: Path | None = None
 ) -> None:
     app = create_app(settings, metrics_dir=metrics_dir)
-    runner = web.AppRunner(
+    runner, _ = await connections.start_site(
         app,
+        settings,
+        sock,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("imagecache.access"),
         shutdown_timeout=shutdown_grace(settings),
     )
-    await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
