@@ -70,7 +70,8 @@ async def test_a_failing_job_keeps_its_schedule(make_settings: Callable[..., Set
         finally:
             await maintenance.stop()
         assert maintenance.failures["prune"] >= 3
-        assert set(maintenance.runs) <= {"prune", "reconcile"}
+        # Jobs set to 0 never ran; reconcile and the usage sample always do.
+        assert set(maintenance.runs) <= {"prune", "reconcile", "usage"}
 
 
 def test_idle_ttl_spares_pinned_and_recent(make_settings: Callable[..., Settings]) -> None:
@@ -155,3 +156,25 @@ async def test_stop_waits_for_a_job_still_in_its_thread(
             assert not done, "stop() returned while the reconcile thread was still running"
         async with asyncio.timeout(10):
             await stopping
+
+
+def test_the_usage_sample_reports_the_cache_and_a_lost_database(tmp_path: Path) -> None:
+    from central_db import central_settings, create_database, drop_database, postgres_url
+    from imagecache.maintenance import sample_usage
+
+    name = create_database()
+    try:
+        with ImageCache(central_settings(tmp_path / "cache", postgres_url(name))) as cache:
+            assert cache.cache_image_iter("img", [b"x" * 1000])
+            up = sample_usage(cache)
+            assert up.metadata_up
+            assert up.cached_bytes == 1000
+            assert up.disk_free_bytes is not None
+            assert up.disk_free_bytes > 0
+            drop_database(name)  # FORCE: the driver's connections are cut
+            down = sample_usage(cache)
+            assert not down.metadata_up
+            assert down.cached_bytes is None
+            assert down.disk_free_bytes is not None
+    finally:
+        drop_database(name)

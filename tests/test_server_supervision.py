@@ -51,6 +51,10 @@ async def test_a_killed_worker_is_replaced_and_the_service_goes_on(
     assert f"(pid {first[0]}) killed by SIGKILL; starting a replacement" in server.log()
     await _answers(server.url)
     assert server.process.returncode is None
+    # Whichever worker answers the scrape, it shows the parent's count.
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as response:
+        text = await response.text()
+    assert "imagecache_worker_restarts_total 1.0" in text
 
 
 async def test_workers_that_keep_failing_to_start_make_serve_exit_non_zero(

@@ -111,6 +111,13 @@ class UpstreamError(ImageCacheError):
     """The image origin failed, or answered something we cannot use."""
 
 
+def is_origin_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the origin failed, rather than refused or does not know the image."""
+    return isinstance(exc, UpstreamError) and not isinstance(
+        exc, UpstreamNotFound | UpstreamForbidden | UpstreamNotActive
+    )
+
+
 class UpstreamNotFound(UpstreamError, LookupError):
     """The origin does not know the image."""
 

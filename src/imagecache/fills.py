@@ -38,7 +38,12 @@ from typing import TypeVar
 
 from imagecache.cache import FillWriter, ImageCache
 from imagecache.capacity import Capacity, Reservation
-from imagecache.errors import CacheStoreError, ImageCacheError, VerificationError
+from imagecache.errors import (
+    CacheStoreError,
+    ImageCacheError,
+    VerificationError,
+    is_origin_failure,
+)
 from imagecache.records import ImageInfo
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings
@@ -235,6 +240,11 @@ class FillCoordinator:
     def current(self, image_id: str) -> Flight | None:
         return self._flights.get(image_id)
 
+    def oldest_fill_age(self) -> float:
+        """Seconds since the oldest fill this process writes started; 0 with none."""
+        writing = [f.started for f in self._flights.values() if f.kind is FlightKind.LOCAL]
+        return time.monotonic() - min(writing) if writing else 0.0
+
     async def join(
         self, image_id: str, info: ImageInfo | None, caller: Caller, *, detached: bool = False
     ) -> Flight:
@@ -416,6 +426,8 @@ class FillCoordinator:
         except BaseException as exc:
             if isinstance(exc, VerificationError):
                 self.metrics.verification_failures.inc()
+            if is_origin_failure(exc):
+                self.metrics.upstream_errors.inc()
             await asyncio.shield(self.run(writer.abort, exc))
             flight.fail(exc)
             if not isinstance(exc, ImageCacheError | OSError):

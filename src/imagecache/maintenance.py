@@ -8,6 +8,9 @@ Jobs, each on its own interval setting (0 disables it):
 - ``queue``  (``queue_interval``): re-drive the queue through the prefetcher,
   so an entry whose fill failed (or was queued by another process) is retried.
 - ``scrub``  (``scrub_interval``): re-hash cached files at a limited rate.
+- ``usage``  (every ``USAGE_INTERVAL`` seconds): sample the cached bytes, the
+  free disk and whether the metadata store answers, for ``/metrics`` (a
+  scrape runs on the event loop and must not query the database itself).
 
 Plus a one-off ``reconcile`` at start-up, in the background, so serving starts
 at once. Every job's blocking work runs in a thread, under the same
@@ -24,14 +27,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from imagecache.cache import ImageCache
+from imagecache.errors import ImageCacheError
 from imagecache.prefetch import Prefetcher, forget_stale_errors
 from imagecache.reconcile import ReconcileReport, reconcile
 from imagecache.records import PruneResult
@@ -40,6 +46,33 @@ from imagecache.scrub import Scrubber
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+USAGE_INTERVAL = 15.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the cache holds and has room for, as of ``sampled_at`` (epoch seconds)."""
+
+    cached_bytes: int | None
+    disk_free_bytes: int | None
+    metadata_up: bool
+    sampled_at: float
+
+
+def sample_usage(cache: ImageCache) -> Usage:
+    """One sample; a metadata store that fails is reported down, never raised."""
+    try:
+        cached: int | None = cache.get_cache_size()
+        up = True
+    except ImageCacheError:
+        cached, up = None, False
+    try:
+        st = os.statvfs(cache.driver.layout.base)
+        free: int | None = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    return Usage(cached, free, up, time.time())
 
 
 def evict_idle(cache: ImageCache, ttl: float, now: float | None = None) -> PruneResult:
@@ -78,6 +111,7 @@ class Maintenance:
         self.failures: Counter[str] = Counter()
         self.last_result: dict[str, Any] = {}
         self.reconciled: ReconcileReport | None = None
+        self.usage: Usage | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # Blocking work runs here, and stop() waits for what is still running:
         # a cancelled task cannot stop its thread, and a thread left querying
@@ -133,6 +167,10 @@ class Maintenance:
 
         return await self._in_thread(run)
 
+    async def sample_usage(self) -> Usage:
+        self.usage = await self._in_thread(sample_usage, self.cache)
+        return self.usage
+
     async def reconcile(self) -> ReconcileReport:
         def run() -> ReconcileReport:
             with self.cache.exclusive("reconcile"):  # one worker at a time
@@ -161,6 +199,10 @@ class Maintenance:
     async def start(self) -> None:
         self._started_at = time.time()
         self._tasks.append(asyncio.create_task(self._once("reconcile", self.reconcile)))
+        self._tasks.append(asyncio.create_task(self._once("usage", self.sample_usage)))
+        self._tasks.append(
+            asyncio.create_task(self._every("usage", USAGE_INTERVAL, self.sample_usage))
+        )
         for name, (interval, job) in self.schedule().items():
             if interval > 0:
                 self._tasks.append(asyncio.create_task(self._every(name, interval, job)))

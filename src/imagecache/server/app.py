@@ -24,6 +24,7 @@ from imagecache.errors import (
     UpstreamNotActive,
     UpstreamNotFound,
     VerificationError,
+    is_origin_failure,
 )
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
@@ -75,6 +76,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ImageCacheError as exc:
         status = error_status(exc)
+        if is_origin_failure(exc):
+            request.app[STATE].metrics.upstream_errors.inc()
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.path, exc)
         return web.Response(status=status, text=str(exc))

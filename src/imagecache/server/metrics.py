@@ -33,7 +33,20 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 # Gauges that state a setting: every worker reports the same value.
-_SAME_IN_EVERY_WORKER = frozenset({"imagecache_max_size_bytes", "imagecache_cluster_nodes_live"})
+# Gauges that state a setting or a fact of the shared cache directory: every
+# worker reports (about) the same value, and the merge keeps the largest. The
+# oldest fill's age is the largest of the workers' by definition.
+_SAME_IN_EVERY_WORKER = frozenset(
+    {
+        "imagecache_max_size_bytes",
+        "imagecache_free_space_watermark_bytes",
+        "imagecache_cluster_nodes_live",
+        "imagecache_cached_bytes",
+        "imagecache_disk_free_bytes",
+        "imagecache_database_up",
+        "imagecache_oldest_fill_age_seconds",
+    }
+)
 PUBLISH_INTERVAL = 1.0
 
 
@@ -75,6 +88,19 @@ class Metrics:
             "Duration of fills, by outcome",
             ["outcome"],
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "imagecache_upstream_errors",
+            "Requests and fills that failed at the origin (unreachable, 5xx, cut off mid-body); "
+            "refusals and unknown images are not errors",
+            registry=r,
+        )
+        # The pre-fork parent counts replaced workers and publishes them beside the
+        # workers' numbers (server/supervisor.py); a worker's own count stays 0.
+        self.worker_restarts = Counter(
+            "imagecache_worker_restarts",
+            "Worker processes that died and were replaced",
             registry=r,
         )
         self.verification_failures = Counter(

@@ -61,7 +61,8 @@ def install(app: web.Application) -> None:
 class _OperationsCollector(Collector):
     """Metrics of the operations layer, read from in-memory counters when scraped.
 
-    Nothing here touches the disk or the database: a scrape runs on the event loop.
+    Nothing here touches the disk or the database: a scrape runs on the event loop
+    (what the cache holds comes from the maintenance's periodic ``usage`` sample).
     """
 
     def __init__(self, state: ServiceState, capacity: Capacity, maintenance: Maintenance) -> None:
@@ -75,6 +76,36 @@ class _OperationsCollector(Collector):
             "imagecache_max_size_bytes",
             "The size limit, image_cache_max_size",
             settings.image_cache_max_size,
+        )
+        yield GaugeMetricFamily(
+            "imagecache_free_space_watermark_bytes",
+            "The free space kept on the cache's filesystem, free_space_watermark",
+            settings.free_space_watermark,
+        )
+        usage = self.maintenance.usage
+        if usage is not None:
+            if usage.cached_bytes is not None:
+                yield GaugeMetricFamily(
+                    "imagecache_cached_bytes",
+                    "Bytes of committed images, as of the last sample (every 15 s)",
+                    usage.cached_bytes,
+                )
+            if usage.disk_free_bytes is not None:
+                yield GaugeMetricFamily(
+                    "imagecache_disk_free_bytes",
+                    "Free bytes on the cache's filesystem, as of the last sample",
+                    usage.disk_free_bytes,
+                )
+            yield GaugeMetricFamily(
+                "imagecache_database_up",
+                "1 if the metadata database (sqlite, or the central PostgreSQL) answered "
+                "the last sample, else 0",
+                1 if usage.metadata_up else 0,
+            )
+        yield GaugeMetricFamily(
+            "imagecache_oldest_fill_age_seconds",
+            "Age of the oldest fill this process is writing (0 with none)",
+            self.state.fills.oldest_fill_age(),
         )
         yield GaugeMetricFamily(
             "imagecache_reserved_bytes",

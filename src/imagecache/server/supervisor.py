@@ -33,6 +33,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
 from imagecache.errors import ServiceFailed
 from imagecache.server.app import shutdown_grace
 from imagecache.settings import Settings
@@ -68,6 +70,7 @@ class Supervisor:
         self.workers: dict[int, BaseProcess] = {}  # slot -> its current process
         self.deaths: collections.deque[float] = collections.deque()
         self.stopping = False
+        self.restarts = 0
         # The signal handler wakes the wait below through this pipe.
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -160,6 +163,8 @@ class Supervisor:
                 f"{recent} workers died within {window:g} s (worker_restart_limit = {limit}); "
                 "see the log for why they exited"
             )
+        self.restarts += 1
+        self._publish_restarts()
         backoff = min(FIRST_BACKOFF * 2.0 ** (recent - 1), MAX_BACKOFF)
         log.error(
             "%s (pid %d) %s; starting a replacement in %.2f s",
@@ -169,6 +174,27 @@ class Supervisor:
             backoff,
         )
         return backoff
+
+    def _publish_restarts(self) -> None:
+        """Put the restart count beside the workers' numbers, so /metrics shows it.
+
+        The parent serves no requests; it writes an exposition file of its own
+        into the workers' shared directory (server/metrics.py merges every live
+        process's file into a scrape).
+        """
+        registry = CollectorRegistry(auto_describe=True)
+        counter = Counter(
+            "imagecache_worker_restarts",
+            "Worker processes that died and were replaced",
+            registry=registry,
+        )
+        counter.inc(self.restarts)
+        partial = self.metrics_dir / f".{os.getpid()}.partial"
+        try:
+            partial.write_bytes(generate_latest(registry))
+            os.replace(partial, self.metrics_dir / f"{os.getpid()}.prom")
+        except OSError as exc:
+            log.warning("cannot publish the worker restart count: %s", exc)
 
     def _give_up(self) -> None:
         self.stopping = True
