@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from imagecache.server.notify import Notifier
+from peers import free_port
 
 UNIT = Path(__file__).resolve().parents[1] / "contrib" / "systemd" / "imagecache.service"
 
@@ -106,3 +110,66 @@ def test_a_vanished_socket_is_reported_once_not_raised(
     assert not notifier.watchdog()
     assert not notifier.watchdog()
     assert len([r for r in caplog.records if "NOTIFY_SOCKET" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_tells_systemd_it_is_ready_only_once_it_serves_then_pings_the_watchdog(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str], workers: int
+) -> None:
+    sock, path = notify_socket
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from imagecache.cli import main; main()",
+            "serve",
+            "--port",
+            str(port),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--upstream",
+            f"directory:{origin}",
+            "--workers",
+            str(workers),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"},
+    )
+    try:
+        ready = sock.recv(4096).decode().splitlines()
+        assert "READY=1" in ready, ready
+        assert f"MAINPID={process.pid}" in ready
+        # READY means serving: the very next request is answered.
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/healthcheck")
+        assert connection.getresponse().status == 200
+        connection.close()
+        pings = [sock.recv(4096) for _ in range(3)]  # every 0.2 s (half of WATCHDOG_USEC)
+        assert pings == [b"WATCHDOG=1"] * 3
+        process.send_signal(signal.SIGTERM)
+        said = []
+        with contextlib.suppress(TimeoutError):  # read on while it stops, as systemd does
+            while b"STOPPING=1" not in said:
+                said.append(sock.recv(4096))
+        assert b"STOPPING=1" in said
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_a_listener_that_stops_reading_never_blocks_the_sender(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    _, path = notify_socket
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    sent = [notifier.watchdog() for _ in range(500)]  # far beyond the queue's length
+    assert sent[0]
+    assert not all(sent)  # the overflow was dropped, not waited for

@@ -39,6 +39,9 @@ class Notifier:
         message = "\n".join(f"{key.upper()}={value}" for key, value in fields.items())
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                # Never wait: a listener that stopped reading (its queue holds
+                # net.unix.max_dgram_qlen datagrams) must not stall the service.
+                sock.setblocking(False)
                 sock.sendto(message.encode(), self.address)
         except OSError as exc:
             # Losing a notification must not stop the service; say so once.

@@ -26,10 +26,12 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from imagecache.server import connections
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
+from imagecache.server.notify import Notifier
 from imagecache.server.supervisor import Supervisor
 from imagecache.settings import Settings
 
@@ -54,8 +56,12 @@ def serve(settings: Settings) -> None:
         settings.upstream,
         settings.image_cache_dir,
     )
+    notifier = Notifier()
+    status = f"serving on http://{shown}:{port} with {settings.workers} worker(s)"
     if settings.workers == 1:
-        asyncio.run(_serve_socket(settings, sock))
+        asyncio.run(
+            _serve_socket(settings, sock, ready=lambda: notifier.ready(status), notifier=notifier)
+        )
         return
     # Private to this service, so that two services sharing a cache directory
     # never mix their numbers (see server/metrics.py).
@@ -63,7 +69,7 @@ def serve(settings: Settings) -> None:
     try:
         # The parent keeps the socket (it never accepts on it) to hand it to
         # the replacements of workers that die (server/supervisor.py).
-        Supervisor(settings, sock, metrics_dir, _worker).run()
+        Supervisor(settings, sock, metrics_dir, _worker, notifier, status).run()
     finally:
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -79,20 +85,33 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings, sock: socket.socket, metrics_dir: Path) -> None:
+def _worker(
+    settings: Settings, sock: socket.socket, metrics_dir: Path, ready: Callable[[], None]
+) -> None:
     # The parent's handlers forward signals; a worker handles its own in its loop.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards
     try:
-        asyncio.run(_serve_socket(settings, sock, metrics_dir))
+        asyncio.run(_serve_socket(settings, sock, metrics_dir, ready=ready))
     except Exception:
         log.exception("worker %d failed", os.getpid())
         sys.exit(1)
 
 
 async def _serve_socket(
-    settings: Settings, sock: socket.socket, metrics_dir: Path | None = None
+    settings: Settings,
+    sock: socket.socket,
+    metrics_dir: Path | None = None,
+    *,
+    ready: Callable[[], object] | None = None,
+    notifier: Notifier | None = None,
 ) -> None:
+    """Serve ``sock`` until SIGTERM; ``ready()`` once it accepts, with the cache open.
+
+    ``notifier`` is given when this process is the service's main one (a single
+    worker): it pings systemd's watchdog from the loop, so a loop that hangs
+    stops the pings and systemd restarts the service.
+    """
     app = create_app(settings, metrics_dir=metrics_dir)
     runner, _ = await connections.start_site(
         app,
@@ -106,9 +125,24 @@ async def _serve_socket(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready()  # after the handlers: a stop from here on is a clean one
+    pinger = None
+    if notifier is not None and notifier.watchdog_interval is not None:
+        pinger = asyncio.create_task(_ping(notifier, notifier.watchdog_interval))
     await stop.wait()
     log.info("worker %d stopping", os.getpid())
+    if notifier is not None:
+        notifier.stopping()
+    if pinger is not None:
+        pinger.cancel()
     await runner.cleanup()
+
+
+async def _ping(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
 
 
 def _configure_logging() -> None:

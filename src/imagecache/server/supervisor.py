@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from imagecache.errors import ServiceFailed
 from imagecache.server.app import shutdown_grace
+from imagecache.server.notify import Notifier
 from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 10.0
 
-Target = Callable[[Settings, socket.socket, Path], None]
+# A worker: serves the socket, and calls its last argument once it accepts.
+Target = Callable[[Settings, socket.socket, Path, Callable[[], None]], None]
 
 
 def _describe(exitcode: int | None) -> str:
@@ -60,12 +62,26 @@ class Supervisor:
     """Forks, watches and replaces the workers; ``run`` returns when they have stopped."""
 
     def __init__(
-        self, settings: Settings, sock: socket.socket, metrics_dir: Path, target: Target
+        self,
+        settings: Settings,
+        sock: socket.socket,
+        metrics_dir: Path,
+        target: Target,
+        notifier: Notifier | None = None,
+        status: str = "serving",
     ) -> None:
         self.settings = settings
         self.sock = sock
         self.metrics_dir = metrics_dir
         self.target = target
+        self.notifier = notifier if notifier is not None else Notifier({})
+        self.status = status
+        self.ready_workers = 0
+        self._announced = False
+        # Workers write one byte here once they accept: systemd hears READY=1
+        # when every first worker does, not when they were merely forked.
+        self._ready_read, self._ready_write = os.pipe()
+        os.set_blocking(self._ready_read, False)
         self.context = multiprocessing.get_context("fork")
         self.workers: dict[int, BaseProcess] = {}  # slot -> its current process
         self.deaths: collections.deque[float] = collections.deque()
@@ -85,8 +101,9 @@ class Supervisor:
         try:
             self._watch()
         finally:
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            self.notifier.stopping()
+            for fd in (self._wake_read, self._wake_write, self._ready_read, self._ready_write):
+                os.close(fd)
 
     def _spawn(self, slot: int) -> None:
         worker = self.context.Process(target=self._child, name=f"imagecache-worker-{slot}")
@@ -99,7 +116,14 @@ class Supervisor:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.close(self._wake_read)  # the parent's, not the worker's
         os.close(self._wake_write)
-        self.target(self.settings, self.sock, self.metrics_dir)
+        os.close(self._ready_read)
+        ready_write = self._ready_write
+
+        def ready() -> None:
+            with contextlib.suppress(OSError):  # a parent gone: nothing to tell
+                os.write(ready_write, b"r")
+
+        self.target(self.settings, self.sock, self.metrics_dir, ready)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -112,13 +136,19 @@ class Supervisor:
     def _watch(self) -> None:
         respawn_at: dict[int, float] = {}  # slot -> when its replacement starts
         while self.workers or (respawn_at and not self.stopping):
-            timeout = None
+            timeout = self.notifier.watchdog_interval
             if respawn_at and not self.stopping:
-                timeout = max(0.0, min(respawn_at.values()) - time.monotonic())
+                until = max(0.0, min(respawn_at.values()) - time.monotonic())
+                timeout = until if timeout is None else min(timeout, until)
             sentinels = [w.sentinel for w in self.workers.values()]
-            multiprocessing.connection.wait([*sentinels, self._wake_read], timeout)
+            multiprocessing.connection.wait(
+                [*sentinels, self._wake_read, self._ready_read], timeout
+            )
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_read, 64)  # drained, or the wait would spin
+            self._count_ready()
+            if self._announced and self.notifier.watchdog_interval is not None:
+                self.notifier.watchdog()
             for slot, worker in list(self.workers.items()):
                 if worker.is_alive():
                     continue
@@ -137,6 +167,15 @@ class Supervisor:
                     del respawn_at[slot]
                     self._spawn(slot)
                     log.info("started %s (pid %d)", self.workers[slot].name, self.workers[slot].pid)
+
+    def _count_ready(self) -> None:
+        try:
+            self.ready_workers += len(os.read(self._ready_read, 4096))
+        except BlockingIOError:
+            return
+        if not self._announced and self.ready_workers >= self.settings.workers:
+            self._announced = True
+            self.notifier.ready(self.status)
 
     def _died(self, worker: BaseProcess) -> float:
         """Count a death; the backoff before its replacement, or ServiceFailed if over budget."""
