@@ -18,6 +18,7 @@ from server_helpers import ServeProcess
 pytest_plugins: list[str] = ["driver_kinds"]
 pytest_plugins += ["peers.cutter", "peers.glance", "peers.moto", "peers.origin"]  # see tests/peers/
 pytest_plugins += ["central_db"]  # fresh PostgreSQL/SQLite databases for the central driver
+pytest_plugins += ["peers.mounts"]  # tiny tmpfs filesystems for disk-full and read-only faults
 
 
 @pytest.fixture

@@ -298,7 +298,7 @@ class FillCoordinator:
                     flight.settle(FlightKind.NONE, NO_FILL)
                 writer = None
             else:
-                writer = await self.run(self._decide, flight)
+                writer = await self._decide_or_bypass(flight)
             flight.decided.set()
             if flight.kind is FlightKind.LOCAL:
                 assert writer is not None
@@ -318,6 +318,25 @@ class FillCoordinator:
                 del self._flights[flight.image_id]
             if flight.reservation is not None and self.capacity is not None:
                 self.capacity.release(flight.reservation)
+
+    async def _decide_or_bypass(self, flight: Flight) -> FillWriter | None:
+        """``_decide``, with a failure of the cache's disk there meaning "stream it uncached".
+
+        Everything ``_decide`` touches is the cache's own (its directory, the
+        ledger, the metadata): a read-only or broken disk there must cost the
+        clients nothing but the cache copy (DESIGN §4), not fail their download.
+        """
+        try:
+            return await self.run(self._decide, flight)
+        except (OSError, ImageCacheError) as exc:
+            log.error(
+                "cannot start caching image %s: %s; streaming it uncached", flight.image_id, exc
+            )
+            if flight.fd is not None:
+                os.close(flight.fd)
+                flight.fd = None
+            flight.settle(FlightKind.NONE, "cache_unavailable")
+            return None
 
     def _decide(self, flight: Flight) -> FillWriter | None:
         """In a thread: take the fill (LOCAL), follow another process's (REMOTE), or neither."""

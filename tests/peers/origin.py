@@ -27,6 +27,9 @@ API (``origin = http_origin``)::
     await origin.wait_for_reads("img", n, within=5.0)
                                     # poll until n body reads started (no sleeps in tests)
     origin.allow_head = False       # HEAD answers 405, as Glance's file route does
+    origin.add("img", data, chunked=True)
+                                    # no Content-Length, on HEAD or GET: the body is
+                                    #   chunked (ranges still answer 206 + Content-Range)
     origin.requests                 # [(method, path, headers)] in arrival order
 
 Images not registered with ``add`` but present in ``root`` are served too,
@@ -67,6 +70,7 @@ class OriginImage:
 
     content_md5: bool = True
     honour_range: bool = True
+    chunked: bool = False
     fault: Fault | None = None
     fault_after: int = 0
     gate: asyncio.Event | None = None
@@ -103,6 +107,7 @@ class Origin:
         sidecars: tuple[str, ...] = (),
         content_md5: bool = True,
         honour_range: bool = True,
+        chunked: bool = False,
     ) -> OriginImage:
         (self.root / name).write_bytes(data)
         for algo in sidecars:
@@ -111,6 +116,7 @@ class Origin:
         state = self.image(name)
         state.content_md5 = content_md5
         state.honour_range = honour_range
+        state.chunked = chunked
         return state
 
     def body_reads(self, name: str) -> int:
@@ -162,12 +168,15 @@ class Origin:
             start, end = bounds
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-        headers["Content-Length"] = str(end - start)
-        if request.method == "HEAD":
-            return web.Response(status=status, headers=headers)
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = end - start
+        if state.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = end - start
         await response.prepare(request)
+        if request.method == "HEAD":
+            await response.write_eof()
+            return response
         state.body_reads += 1
         await self._send(request, response, state, data[start:end])
         return response

@@ -57,6 +57,10 @@ class Served(enum.Enum):
     """What a fill-backed response turned out to be."""
 
     RETRY = "retry"  # the fill ended without a file before any byte was sent
+    # The cache's own disk failed under the fill before any byte was sent:
+    # this client streams from the origin, uncached (DESIGN §4). A retry would
+    # start another fill on the same full or broken disk.
+    BYPASS = "bypass"
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         response = await _serve_miss(request, state, image_id, info, caller)
         if isinstance(response, web.StreamResponse):
             return response
+        if response is Served.BYPASS:
+            return await _stream_through(request, state, info, caller, None, "cache_failed")
     # Fills kept ending uncommitted under us: give this client the upstream's bytes.
     info = await state.upstream.info(image_id, caller)
     return await _stream_through(request, state, info, caller, None, "fill_retries")
@@ -398,8 +404,10 @@ async def _follow(
     With ``caller`` (not for a sibling node), a fill that ends unfinished
     after the client has had bytes (this process's cache disk failed, or the
     writing process died) does not cost the client its download: it goes on
-    from the origin (``_finish_from_origin``). Otherwise the response is
-    aborted; before any byte, the caller looks again (``Served.RETRY``).
+    from the origin (``_finish_from_origin``), whether its size is known or
+    not. Otherwise the response is aborted. Before any byte, the caller looks
+    again (``Served.RETRY``), or, if this process's cache disk failed, streams
+    from the origin (``Served.BYPASS``).
     """
     if flight.fd is None:
         # The flight ended, and closed its file, between being joined and being
@@ -421,6 +429,7 @@ async def _follow(
                     if not response.prepared:
                         await response.prepare(request)
                     await response.write(chunk)
+                    sent.offset += len(chunk)
             if not response.prepared:
                 await response.prepare(request)
             await response.write_eof()
@@ -430,6 +439,8 @@ async def _follow(
             await _finish_or_abort(request, response, state, flight, caller, sent.offset, exc)
         except ImageCacheError as exc:
             if not response.prepared:
+                if caller is not None and _ended_unfinished(flight, exc):
+                    return Served.BYPASS
                 raise
             if _ended_unfinished(flight, exc):
                 await _finish_or_abort(request, response, state, flight, caller, sent.offset, exc)
@@ -459,7 +470,9 @@ async def _finish_or_abort(
     sent: int,
     why: ImageCacheError,
 ) -> None:
-    if caller is None or flight.size is None:  # a sibling's request; a body of unknown size
+    # A body of unknown size goes on too: it is chunked, so the rest from the
+    # origin simply follows, and the client's framing never promised a length.
+    if caller is None or flight.info is None:  # a sibling's request: it finishes on its own
         abort(request, flight.image_id, str(why))
     else:
         await _finish_from_origin(request, response, state, flight, caller, sent)
@@ -491,7 +504,7 @@ async def _finish_from_origin(
     fill reads the origin on its own: single-flight ends with the cache copy.
     """
     info, fd = flight.info, flight.fd
-    assert info is not None, "a fill of known size has its info"
+    assert info is not None, "a fill started by a client's miss has its info"
     assert fd is not None, "a reader keeps the flight's file open"
     log.warning(
         "the fill of %s ended unfinished; continuing a download from the origin at byte %d",

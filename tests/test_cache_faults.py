@@ -1,0 +1,105 @@
+"""Faults of the cache's own disk, on real filesystems: full, truncated, read-only.
+
+The rule under test (DESIGN §4): a failure on the cache side never fails a
+download. The cache directory is a real tmpfs of a few MiB (``small_tmpfs``),
+so every ``ENOSPC``/``EROFS`` here comes from the kernel, at whatever step of
+a fill it happens to strike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from imagecache.server.app import create_app
+from imagecache.settings import load_settings
+from peers.mounts import break_into_read_only, fill_up
+from server_helpers import image_bytes, settled
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: ClientFactory, http_origin: Any
+) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
+    async def make(cache_dir: Path, **overrides: Any) -> TestClient[Any, Any]:
+        overrides.setdefault("free_space_watermark", 0)
+        settings = load_settings(
+            None, image_cache_dir=cache_dir, upstream="http:" + http_origin.template, **overrides
+        )
+        return await aiohttp_client(create_app(settings))
+
+    return make
+
+
+async def test_a_miss_larger_than_the_free_disk_is_streamed_whole(
+    make_client: Any, http_origin: Any, small_tmpfs: Any
+) -> None:
+    cache_dir = small_tmpfs(size=2 * MiB)
+    data = image_bytes(5 * MiB, seed=7)
+    http_origin.add("big", data)
+    client = await make_client(cache_dir)
+    async with client.get("/v2/images/big/file") as response:
+        assert response.status == 200
+        assert await response.read() == data
+    await settled(client)
+    assert not (cache_dir / "big").exists()
+
+
+async def test_a_miss_on_a_full_disk_is_streamed_whole(
+    make_client: Any, http_origin: Any, small_tmpfs: Any
+) -> None:
+    cache_dir = small_tmpfs(size=4 * MiB)
+    data = image_bytes(1 * MiB + 3, seed=8)
+    http_origin.add("img", data)
+    client = await make_client(cache_dir)
+    fill_up(cache_dir)
+    for _ in range(3):
+        async with client.get("/v2/images/img/file") as response:
+            assert response.status == 200, await response.text()
+            assert await response.read() == data
+    metrics = await (await client.get("/metrics")).text()
+    assert 'imagecache_bypasses_total{reason="cache_failed"} 3.0' in metrics
+
+
+async def test_a_fill_of_unknown_size_that_fills_the_disk_streams_on(
+    make_client: Any, http_origin: Any, small_tmpfs: Any
+) -> None:
+    cache_dir = small_tmpfs(size=2 * MiB)
+    data = image_bytes(5 * MiB, seed=9)
+    http_origin.add("chunked", data, chunked=True)
+    client = await make_client(cache_dir)
+    async with client.get("/v2/images/chunked/file") as response:
+        assert response.status == 200
+        assert "Content-Length" not in response.headers
+        assert await response.read() == data
+    await settled(client)
+    assert not (cache_dir / "chunked").exists()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["sized", "unknown_size"])
+async def test_a_miss_on_a_cache_turned_read_only_is_streamed_whole(
+    make_client: Any, http_origin: Any, small_ext4: Any, chunked: bool
+) -> None:
+    """Read-only strikes before the fill's file exists: at the reservation (a known
+    size takes the capacity lock) or at the open of ``incomplete/`` (unknown size)."""
+    cache_dir = small_ext4()
+    data = image_bytes(MiB + 11, seed=10)
+    http_origin.add("img", data, chunked=chunked)
+    client = await make_client(cache_dir)
+    break_into_read_only(cache_dir)
+    for _ in range(2):
+        async with client.get("/v2/images/img/file") as response:
+            assert response.status == 200, await response.text()
+            assert await response.read() == data
+    assert not (cache_dir / "img").exists()
+    # Said as what it is, at once: not a fill that failed and was retried.
+    metrics = await (await client.get("/metrics")).text()
+    assert 'imagecache_bypasses_total{reason="cache_unavailable"} 2.0' in metrics
