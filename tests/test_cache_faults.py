@@ -8,6 +8,7 @@ a fill it happens to strike.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from driver_kinds import settings_for
 from imagecache.server.app import create_app
 from imagecache.settings import load_settings
 from peers.mounts import break_into_read_only, fill_up
@@ -103,3 +105,32 @@ async def test_a_miss_on_a_cache_turned_read_only_is_streamed_whole(
     # Said as what it is, at once: not a fill that failed and was retried.
     metrics = await (await client.get("/metrics")).text()
     assert 'imagecache_bypasses_total{reason="cache_unavailable"} 2.0' in metrics
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "xattr", "central-sqlite"])
+async def test_a_cached_file_cut_short_is_quarantined_and_served_whole_from_the_origin(
+    aiohttp_client: ClientFactory, http_origin: Any, tmp_path: Path, kind: str
+) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    settings = settings_for(kind, cache_dir, tmp_path).replace(
+        upstream="http:" + http_origin.template, free_space_watermark=0
+    )
+    data = image_bytes(MiB + 17, seed=11)
+    http_origin.add("img", data)
+    client = await aiohttp_client(create_app(settings))
+    async with client.get("/v2/images/img/file") as response:
+        etag = response.headers["ETag"]
+        assert await response.read() == data
+    await settled(client)
+    os.truncate(cache_dir / "img", 1000)  # what a full disk or an operator's copy leaves
+    async with client.get("/v2/images/img/file") as response:
+        assert response.status == 200
+        assert response.headers["ETag"] == etag
+        assert response.content_length == len(data)
+        assert await response.read() == data
+    await settled(client)
+    assert (cache_dir / "invalid" / "img").stat().st_size == 1000
+    assert http_origin.body_reads("img") == 2
+    # Refilled: the next request is a hit of the whole image.
+    assert (cache_dir / "img").read_bytes() == data

@@ -34,6 +34,7 @@ from typing import IO, BinaryIO, Protocol
 from imagecache.drivers import create_driver
 from imagecache.drivers.base import Driver, WriteTarget
 from imagecache.errors import ImageBeingCached, ImageCacheError, VerificationError
+from imagecache.layout import rename_if_exists
 from imagecache.records import (
     HASH_ALGORITHMS,
     CachedImage,
@@ -515,6 +516,29 @@ class ImageCache:
 
     def unpin(self, image_id: str) -> bool:
         return self.driver.set_pinned(self._id(image_id), False)
+
+    def quarantine(self, image_id: str, why: str, *, inode: int | None = None) -> bool:
+        """Move a committed file that is not what its record says to ``invalid/``; drop the record.
+
+        The next request for the image fills it again from the origin; the
+        bytes stay in ``invalid/`` for inspection until ``clean``. With
+        ``inode``, only that file is moved: one a new fill has meanwhile
+        committed in its place is left alone (False). Moved first, then
+        forgotten: a crash in between leaves a record without a file, which
+        reconciliation drops.
+        """
+        layout = self.driver.layout
+        active = layout.active_path(self._id(image_id))
+        if inode is not None:
+            try:
+                if os.stat(active).st_ino != inode:
+                    return False
+            except FileNotFoundError:
+                return False
+        log.error("image %s is damaged in the cache: %s; moved to invalid/", image_id, why)
+        moved = rename_if_exists(active, layout.invalid_path(image_id))
+        self.driver.delete_cached_image(image_id)
+        return moved
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[None]:

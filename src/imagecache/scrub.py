@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagecache.cache import CHUNK_SIZE, ImageCache
-from imagecache.layout import rename_if_exists
 from imagecache.records import HASH_ALGORITHMS, CachedImage
 
 log = logging.getLogger(__name__)
@@ -153,17 +152,7 @@ class Scrubber:
         return report
 
     def _quarantine(self, image_id: str, algo: str, expected: str, actual: str) -> None:
-        log.error(
-            "image %s is corrupt at rest: %s expected %s, got %s; moved to invalid/",
-            image_id,
-            algo,
-            expected,
-            actual,
+        self.cache.quarantine(
+            image_id, f"{algo} expected {expected}, got {actual} (corrupt at rest)"
         )
-        layout = self.cache.driver.layout
-        # Move the bytes aside first (kept for inspection until clean), then drop
-        # the metadata; a crash in between leaves a row without a file, which
-        # reconciliation drops.
-        rename_if_exists(layout.active_path(image_id), layout.invalid_path(image_id))
-        self.cache.delete_cached_image(image_id)
         self.quarantined += 1

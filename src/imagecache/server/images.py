@@ -199,12 +199,23 @@ def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
     except FileNotFoundError:
         return None
     try:
-        size = os.fstat(handle.fileno()).st_size
+        st = os.fstat(handle.fileno())
         record = state.cache.get_cached_image(image_id)
     except BaseException:
         handle.close()
         raise
-    return _Hit(handle, size, record)
+    if record is not None and record.size != st.st_size:
+        # Cut short (or grown) behind the cache's back: served, it would be a
+        # 200 with the short length and the whole image's ETag. A miss instead:
+        # the caller refills it from the origin.
+        handle.close()
+        state.cache.quarantine(
+            image_id,
+            f"its file has {st.st_size} bytes, its record {record.size}",
+            inode=st.st_ino,
+        )
+        return None
+    return _Hit(handle, st.st_size, record)
 
 
 async def _serve_hit(
