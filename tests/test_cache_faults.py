@@ -8,7 +8,10 @@ a fill it happens to strike.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +21,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from driver_kinds import settings_for
+from imagecache.cache import ImageCache
 from imagecache.server.app import create_app
 from imagecache.settings import load_settings
 from peers.mounts import break_into_read_only, fill_up
-from server_helpers import image_bytes, settled
+from server_helpers import image_bytes, listdir, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 MiB = 1024 * 1024
@@ -134,3 +138,55 @@ async def test_a_cached_file_cut_short_is_quarantined_and_served_whole_from_the_
     assert http_origin.body_reads("img") == 2
     # Refilled: the next request is a hit of the whole image.
     assert (cache_dir / "img").read_bytes() == data
+
+
+# Runs in a child process: it spends every descriptor it may have, which the
+# test process (pytest, its event loop) must not.
+_COMMIT_OUT_OF_DESCRIPTORS = """
+import json, os, resource, sys
+from imagecache.cache import ImageCache
+from imagecache.settings import load_settings
+
+cache = ImageCache(load_settings(None, image_cache_dir=sys.argv[1]))
+# Few descriptors, so spending them is quick (the sqlite driver has its own open).
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+hogs = []
+error = None
+try:
+    with cache.driver.open_for_write("img") as fill:
+        fill.write(b"x" * 100_000)
+        # From here on no descriptor is free: the commit's fsync, rename and
+        # directory fsync run with none to spare, as under a descriptor leak.
+        try:
+            while True:
+                hogs.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+except OSError as exc:
+    error = str(exc)
+for fd in hogs:
+    os.close(fd)
+print(json.dumps({"error": error}))
+"""
+
+
+def test_a_commit_that_fails_out_of_descriptors_leaves_no_committed_file(
+    tmp_path: Path,
+) -> None:
+    cache_dir = tmp_path / "cache"
+    child = subprocess.run(
+        [sys.executable, "-c", _COMMIT_OUT_OF_DESCRIPTORS, os.fspath(cache_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    outcome = json.loads(child.stdout.splitlines()[-1])
+    assert "Too many open files" in (outcome["error"] or ""), child.stderr
+    assert not (cache_dir / "img").exists(), "a failed commit left its file in place"
+    assert listdir(cache_dir / "invalid") == ["img"]
+    assert listdir(cache_dir / "incomplete") == []
+    # Reopened, nothing is adopted (no entry without a hash or an ETag).
+    with ImageCache(load_settings(None, image_cache_dir=cache_dir)) as cache:
+        assert cache.get_cached_images() == []
+        assert not cache.is_cached("img")

@@ -388,18 +388,37 @@ class FileBackedDriver(Driver):
         if not fill.still_ours():
             raise CacheStoreError(f"fill of {fill.image_id!r} was removed while being written")
         os.rename(fill.path, active)
-        fsync_dir(self.layout.base)
         try:
+            fsync_dir(self.layout.base)
             self._meta_commit(fill, size, time.time())
-        except BaseException:
-            unlink_if_exists(active)  # never a file the metadata does not know
+        except BaseException as exc:
+            # Never a committed-looking file the metadata does not know: it
+            # would be adopted without a hash and served without an ETag. Out
+            # of descriptors (the directory fsync opens one) this still works:
+            # a rename needs none.
+            self._unpublish(fill, active, exc)
             raise
         unlink_if_exists(self.layout.queue_path(fill.image_id))
 
-    def _rollback(self, fill: Fill, reason: str) -> None:
-        log.warning("fill of %s rolled back to invalid/: %s", fill.image_id, reason)
-        if not fill.still_ours():
+    def _unpublish(self, fill: Fill, active: Path, exc: BaseException) -> None:
+        """Move a file renamed into place, whose commit then failed, to ``invalid/``."""
+        try:
+            if os.stat(active).st_ino != fill.inode:
+                return  # another writer's commit has replaced it: that one is theirs
+            os.rename(active, self.layout.invalid_path(fill.image_id))
+        except FileNotFoundError:
             return
+        except OSError as error:
+            log.error("could not move the failed commit of %s away: %s", fill.image_id, error)
+            return
+        log.warning("fill of %s rolled back to invalid/: commit failed: %r", fill.image_id, exc)
+
+    def _rollback(self, fill: Fill, reason: str) -> None:
+        if not fill.still_ours():
+            # Moved away already: by _unpublish, or by reconciliation or clean.
+            log.warning("fill of %s failed: %s", fill.image_id, reason)
+            return
+        log.warning("fill of %s rolled back to invalid/: %s", fill.image_id, reason)
         try:
             self._meta_rollback(fill, reason)
         except Exception:
