@@ -190,3 +190,31 @@ def test_a_commit_that_fails_out_of_descriptors_leaves_no_committed_file(
     with ImageCache(load_settings(None, image_cache_dir=cache_dir)) as cache:
         assert cache.get_cached_images() == []
         assert not cache.is_cached("img")
+
+
+async def test_a_cache_entry_deleted_during_its_fill_is_not_kept_and_its_client_gets_every_byte(
+    make_client: Any, http_origin: Any, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    data = image_bytes(2 * MiB + 5, seed=12)
+    http_origin.add("img", data)
+    gate = http_origin.gate("img", after=MiB)
+    client = await make_client(cache_dir)
+    async with client.get("/v2/images/img/file") as response:
+        first = await response.content.readany()
+        assert first
+        async with client.delete("/v2/cache/img") as deleted:
+            assert deleted.status == 204
+        gate.set()
+        assert first + await response.read() == data
+    await settled(client)
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "invalid") == ["img"]
+    async with client.get("/v2/cache") as listing:
+        assert (await listing.json())["cached_images"] == []
+    # The next download fills it again.
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == data
+    await settled(client)
+    assert (cache_dir / "img").read_bytes() == data

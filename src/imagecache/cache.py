@@ -33,6 +33,7 @@ from typing import IO, BinaryIO, Protocol
 
 from imagecache.drivers import create_driver
 from imagecache.drivers.base import Driver, WriteTarget
+from imagecache.drivers.files import FileBackedDriver
 from imagecache.errors import ImageBeingCached, ImageCacheError, VerificationError
 from imagecache.layout import rename_if_exists
 from imagecache.records import (
@@ -501,6 +502,18 @@ class ImageCache:
 
     def delete_cached_image(self, image_id: str) -> bool:
         return self.driver.delete_cached_image(self._id(image_id))
+
+    def cancel_fill(self, image_id: str) -> bool:
+        """End a fill of ``image_id`` in progress uncommitted (its readers still get their bytes).
+
+        For deletions (by an operator, or of the image at the origin), which
+        must win over a fill that started before them; see
+        ``FileBackedDriver.cancel_fill``. Call it before ``delete_cached_image``.
+        """
+        driver = self.driver
+        if isinstance(driver, FileBackedDriver):  # every driver we ship
+            return driver.cancel_fill(self._id(image_id))
+        return False
 
     def delete_all_cached_images(self) -> int:
         return self.driver.delete_all_cached_images()

@@ -291,6 +291,23 @@ class FileBackedDriver(Driver):
             self._meta_forget([image_id])
             return unlink_if_exists(path)
 
+    def cancel_fill(self, image_id: str) -> bool:
+        """Make a fill in progress (of any process) end uncommitted; True if there was one.
+
+        Its file moves to ``invalid/``. The writer keeps its descriptor and
+        lock and writes on, so the clients reading that file still get every
+        byte, but its commit finds the incomplete path no longer its own
+        (``Fill.still_ours``) and rolls back: a deletion made during a fill
+        wins over it. A commit already past that check has renamed its file
+        into place and holds the lock until its record is written; a
+        ``delete_cached_image`` after this call waits for that and removes it.
+        """
+        path = self.layout.incomplete_path(self.layout.validate(image_id))
+        cancelled = rename_if_exists(path, self.layout.invalid_path(image_id))
+        if cancelled:
+            log.info("cancelled the fill of %s: the image was deleted", image_id)
+        return cancelled
+
     def forget_records(self, image_ids: Iterable[str]) -> None:
         """Drop the metadata of these images and leave any file alone.
 
@@ -386,8 +403,17 @@ class FileBackedDriver(Driver):
         size = os.fstat(fill.fd).st_size
         active = self.layout.active_path(fill.image_id)
         if not fill.still_ours():
-            raise CacheStoreError(f"fill of {fill.image_id!r} was removed while being written")
-        os.rename(fill.path, active)
+            raise CacheStoreError(
+                f"fill of {fill.image_id!r} was removed while being written"
+                " (the image was deleted, or its fill cleaned); not kept"
+            )
+        try:
+            os.rename(fill.path, active)
+        except FileNotFoundError:
+            # Cancelled (cancel_fill) between the check and the rename.
+            raise CacheStoreError(
+                f"fill of {fill.image_id!r} was removed while being committed; not kept"
+            ) from None
         try:
             fsync_dir(self.layout.base)
             self._meta_commit(fill, size, time.time())

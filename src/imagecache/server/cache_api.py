@@ -189,8 +189,13 @@ async def legacy_delete_all_queued(request: web.Request, state: ServiceState) ->
 
 
 async def legacy_delete_cached(request: web.Request, state: ServiceState) -> web.StreamResponse:
-    await state.fills.run(state.cache.delete_cached_image, state.image_id(request))
+    await state.fills.run(_delete_here, state, state.image_id(request))
     return web.json_response(None)
+
+
+def _delete_here(state: ServiceState, image_id: str) -> None:
+    state.cache.cancel_fill(image_id)  # the deletion wins over a fill in progress
+    state.cache.delete_cached_image(image_id)
 
 
 async def legacy_queue(request: web.Request, state: ServiceState) -> web.StreamResponse:
