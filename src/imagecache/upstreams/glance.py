@@ -39,6 +39,7 @@ For the server's passthrough proxy:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from typing import Any
@@ -73,10 +74,8 @@ class GlanceUpstream(Upstream):
 
     async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
         try:
-            async with self._client.session().get(
-                self._image_url(image_id),
-                headers=dict(caller.headers),
-                timeout=self._client.short_timeout,
+            async with self._client.fetch(
+                "GET", self._image_url(image_id), caller.headers, short=True
             ) as response:
                 raise_for_status(response, image_id, "image lookup")
                 document = await response.read()
@@ -105,13 +104,14 @@ class GlanceUpstream(Upstream):
         if end is not None and end <= start:
             return
         ranged = range_header(start, end)
-        try:
-            response = await self._client.session().get(
-                self._image_url(image_id, "/file"), headers={**caller.headers, **ranged}
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"image {image_id!r}: Glance download failed: {exc!r}") from exc
-        async with response:
+        url = self._image_url(image_id, "/file")
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                response = await stack.enter_async_context(
+                    self._client.fetch("GET", url, {**caller.headers, **ranged})
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamError(f"image {image_id!r}: Glance download failed: {exc!r}") from exc
             raise_for_status(response, image_id, "download")
             if response.status == 204:
                 raise UpstreamNotActive(image_id, "without data")
@@ -129,10 +129,11 @@ class GlanceUpstream(Upstream):
     async def check_access(self, image_id: str, caller: Caller) -> None:
         # See the module docstring for why the file route and not the metadata.
         try:
-            async with self._client.session().get(
+            async with self._client.fetch(
+                "GET",
                 self._image_url(image_id, "/file"),
-                headers={**caller.headers, "Range": "bytes=0-0"},
-                timeout=self._client.short_timeout,
+                {**caller.headers, "Range": "bytes=0-0"},
+                short=True,
             ) as response:
                 # 416: the image is empty, yet the policy check passed to get there.
                 if response.status != 416:
