@@ -24,6 +24,11 @@ what the operator can do about it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imagecache.records import ImageInfo
+
 
 class ImageCacheError(Exception):
     """Base of every error imagecache raises on purpose."""
@@ -121,9 +126,14 @@ class UpstreamForbidden(UpstreamError):
 
 
 class UpstreamNotActive(UpstreamError):
-    """The image exists upstream but is not active, so it has no data to serve."""
+    """The image exists upstream but is not active, so it has no data to serve.
 
-    def __init__(self, image_id: str, status: str) -> None:
+    Except ``info``: set for an image that is not active yet still has data
+    (Glance's ``deactivated``, which its file route serves to admins only).
+    """
+
+    def __init__(self, image_id: str, status: str, info: ImageInfo | None = None) -> None:
         super().__init__(f"image {image_id!r} is {status!r} upstream, not 'active'")
         self.image_id = image_id
         self.status = status
+        self.info = info

@@ -164,9 +164,8 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             return await _serve_hit(request, state, image_id, hit)
         if peer is PeerRequest.SIBLING:
             return await _serve_sibling(request, state, image_id)
-        try:
-            info = await state.upstream.info(image_id, caller)
-        except UpstreamNotActive:
+        info = await _info(state, image_id, caller)
+        if info is None:
             return web.Response(status=204)  # Glance: an image without data answers 204
         await check_access()
         response = await _serve_miss(request, state, image_id, info, caller)
@@ -175,8 +174,23 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         if response is Served.BYPASS:
             return await _stream_through(request, state, info, caller, None, "cache_failed")
     # Fills kept ending uncommitted under us: give this client the upstream's bytes.
-    info = await state.upstream.info(image_id, caller)
+    info = await _info(state, image_id, caller)
+    if info is None:
+        return web.Response(status=204)
     return await _stream_through(request, state, info, caller, None, "fill_retries")
+
+
+async def _info(state: ServiceState, image_id: str, caller: Caller) -> ImageInfo | None:
+    """The image's info for a download; None for an image without data (Glance's 204).
+
+    A deactivated image has data: whether this caller gets it is the access
+    check's answer (Glance: 200 for an admin, 403 for others), the same on a
+    cold cache as on a warm one.
+    """
+    try:
+        return await state.upstream.info(image_id, caller)
+    except UpstreamNotActive as exc:
+        return exc.info
 
 
 async def _await_commit(hit: _Hit) -> None:

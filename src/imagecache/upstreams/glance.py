@@ -6,7 +6,8 @@ headers (``Caller.headers``: ``X-Auth-Token`` or the trusted ``X-Roles`` /
 
 - ``info``: ``GET /v2/images/{id}`` → size, ``checksum`` (md5),
   ``os_hash_algo``/``os_hash_value``. A status other than ``active`` raises
-  ``UpstreamNotActive``.
+  ``UpstreamNotActive``; for ``deactivated`` it carries the image's info, as
+  Glance still serves its data to admins.
 - ``stream``: ``GET /v2/images/{id}/file`` (with ``Range`` for a part). Glance
   answers 204 for an image without data: ``UpstreamNotActive``.
   ``open_source`` is the same GET for a whole image, read with blocking calls
@@ -83,9 +84,7 @@ class GlanceUpstream(Upstream):
             raise UpstreamError(f"image {image_id!r}: Glance lookup failed: {exc!r}") from exc
         image = _parse_image(image_id, document)
         status = str(image.get("status"))
-        if status != "active":
-            raise UpstreamNotActive(image_id, status)
-        return ImageInfo(
+        info = ImageInfo(
             image_id=image_id,
             size=_int_or_none(image.get("size")),
             checksum=_str_or_none(image.get("checksum")),
@@ -93,6 +92,13 @@ class GlanceUpstream(Upstream):
             hash_value=_str_or_none(image.get("os_hash_value")),
             status=status,
         )
+        if status == "deactivated":
+            # Its data is still there: Glance's file route gives it to admins
+            # and answers 403 to everyone else, so the download decides.
+            raise UpstreamNotActive(image_id, status, info)
+        if status != "active":
+            raise UpstreamNotActive(image_id, status)
+        return info
 
     async def stream(
         self,
