@@ -132,6 +132,9 @@ class SiblingUpstream(Upstream):
         self.reads_from_siblings = 0
         self.reads_from_origin = 0
 
+    async def check_reachable(self) -> str:
+        return await self.origin.check_reachable()
+
     async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
         return await self.origin.info(image_id, caller)
 

@@ -25,7 +25,7 @@ from imagecache.errors import (
     VerificationError,
 )
 from imagecache.fills import FillCoordinator
-from imagecache.server import cache_api, images, operations, proxy
+from imagecache.server import cache_api, images, operations, proxy, readiness
 from imagecache.server.auth import AccessCache
 from imagecache.server.metrics import Metrics
 from imagecache.server.queue_worker import QueueWorker
@@ -150,6 +150,7 @@ def create_app(
     app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency)
 
     app.router.add_get("/healthcheck", healthcheck)
+    app.router.add_get("/healthcheck/ready", readiness.ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("GET", "/v2/images/{image_id:[^/]+}/file", images.image_file)
     app.router.add_route("HEAD", "/v2/images/{image_id:[^/]+}/file", images.image_file)

@@ -132,6 +132,10 @@ class GlanceUpstream(Upstream):
             raise UpstreamNotActive(image_id, "without data")
         return source
 
+    async def check_reachable(self) -> str:
+        # Glance's version document needs no identity.
+        return await self._client.reachable(f"{self.base_url}/versions", "Glance API")
+
     async def check_access(self, image_id: str, caller: Caller) -> None:
         # See the module docstring for why the file route and not the metadata.
         try:

@@ -121,6 +121,17 @@ class HttpClient:
             return
         raise UpstreamError(f"{method} {url}: more than {MAX_REDIRECTS} redirects upstream")
 
+    async def reachable(self, url: str, what: str) -> str:
+        """HEAD ``url``; any answer below 500 means the origin is up (raises UpstreamError)."""
+        try:
+            async with self.fetch("HEAD", url, {}, short=True) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(f"the {what} at {url} does not answer: {exc!r}") from exc
+        if status >= 500:
+            raise UpstreamError(f"the {what} at {url} answers HTTP {status}")
+        return f"the {what} at {url} answers (HTTP {status})"
+
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # No total timeout: a multi-GB body may take minutes. Connecting and
@@ -271,6 +282,12 @@ class HttpUpstream(Upstream):
     async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
         headers = {"Accept-Encoding": "identity"}
         return await self._client.open_get(self.url(image_id), headers, image_id)
+
+    async def check_reachable(self) -> str:
+        # The origin's root, not an image: any answer means it is up.
+        parts = urlsplit(self.url_template)
+        root = f"{parts.scheme}://{parts.netloc}/"
+        return await self._client.reachable(root, "http origin")
 
     async def close(self) -> None:
         await self._client.close()
