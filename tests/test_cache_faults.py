@@ -218,3 +218,34 @@ async def test_a_cache_entry_deleted_during_its_fill_is_not_kept_and_its_client_
         assert await response.read() == data
     await settled(client)
     assert (cache_dir / "img").read_bytes() == data
+
+
+async def test_management_calls_on_a_read_only_cache_say_what_failed(
+    make_client: Any, http_origin: Any, small_ext4: Any
+) -> None:
+    cache_dir = small_ext4()
+    data = image_bytes(100_000, seed=13)
+    http_origin.add("img", data)
+    http_origin.add("other", data)
+    client = await make_client(cache_dir)
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == data
+    await settled(client)
+    break_into_read_only(cache_dir)
+    calls = [
+        ("PUT", "/v2/cache/other", {}),
+        ("DELETE", "/v2/cache/img", {}),
+        ("DELETE", "/v2/cache", {}),
+        ("POST", "/v2/cache/clean", {}),
+        ("POST", "/v2/cache/prune", {}),
+        ("PUT", "/v2/cache/img/pin", {}),
+    ]
+    for method, path, headers in calls:
+        async with client.request(method, path, headers=headers) as response:
+            text = await response.text()
+            assert response.status == 503, (method, path, response.status, text)
+            assert f"the cache directory {cache_dir} is on a read-only file system" in text, text
+    # Reading still works, and says what it has.
+    async with client.get("/v2/cache") as response:
+        assert response.status == 200
+        assert [image["image_id"] for image in (await response.json())["cached_images"]] == ["img"]

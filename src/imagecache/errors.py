@@ -13,6 +13,7 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      ├── ImageBeingCached              another writer holds the fill of this image
      ├── VerificationError             size or hash of the written bytes is wrong
      ├── CacheStoreError               the cache's own disk or metadata failed
+     │    └── CacheUnavailable         its filesystem refuses changes (read-only, full)
      └── UpstreamError                 the origin failed or refused
           ├── UpstreamNotFound         the origin does not know the image (404)
           ├── UpstreamForbidden        the origin refuses this caller (401/403)
@@ -102,6 +103,14 @@ class VerificationError(ImageCacheError):
 
 class CacheStoreError(ImageCacheError):
     """The cache's own storage (files or metadata database) failed."""
+
+
+class CacheUnavailable(CacheStoreError):
+    """The cache directory's filesystem refuses changes (read-only, full): HTTP 503.
+
+    A condition of the disk, not a bug: the message names the directory and
+    what the filesystem said, and a retry may succeed once it is fixed.
+    """
 
 
 class UpstreamError(ImageCacheError):

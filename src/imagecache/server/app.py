@@ -15,6 +15,7 @@ from aiohttp.abc import AbstractAccessLogger
 from imagecache import cluster
 from imagecache.cache import ImageCache
 from imagecache.errors import (
+    CacheUnavailable,
     ConfigurationError,
     ImageCacheError,
     InvalidImageId,
@@ -60,6 +61,8 @@ def error_status(exc: ImageCacheError) -> int:
         return exc.status if exc.status in (401, 403) else 403
     if isinstance(exc, UpstreamNotActive):
         return 400
+    if isinstance(exc, CacheUnavailable):
+        return 503
     if isinstance(exc, UpstreamError | VerificationError):
         return 502
     return 500

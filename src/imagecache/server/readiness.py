@@ -29,6 +29,7 @@ from aiohttp import web
 
 from imagecache.cluster import central_driver
 from imagecache.errors import ImageCacheError
+from imagecache.layout import write_probe
 from imagecache.server.state import STATE, ServiceState
 
 
@@ -74,17 +75,10 @@ async def _cache_dir(state: ServiceState) -> str:
 
 def _probe_write(state: ServiceState) -> str:
     layout = state.cache.driver.layout
-    # In .locks/ (hidden): never taken for an image, same filesystem as the images.
-    probe = layout.lock_dir / f"ready-probe.{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, b"ready\n")
-        finally:
-            os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise _Failed(f"cannot write in the cache directory {layout.base}: {exc.strerror}") from exc
+    # In .locks/: a hidden name, on the same filesystem as the images.
+    error = write_probe(layout.lock_dir)
+    if error is not None:
+        raise _Failed(f"cannot write in the cache directory {layout.base}: {error.strerror}")
     return f"the cache directory {layout.base} is writable"
 
 
