@@ -249,3 +249,24 @@ async def test_management_calls_on_a_read_only_cache_say_what_failed(
     async with client.get("/v2/cache") as response:
         assert response.status == 200
         assert [image["image_id"] for image in (await response.json())["cached_images"]] == ["img"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["sized", "unknown_size"])
+async def test_a_cache_turned_read_only_mid_fill_still_gives_its_client_every_byte(
+    make_client: Any, http_origin: Any, small_ext4: Any, chunked: bool
+) -> None:
+    """The fill's writes fail mid-body, and so does its rollback (a rename on a
+    read-only disk): neither is the client's problem."""
+    cache_dir = small_ext4()
+    data = image_bytes(3 * MiB + 1, seed=14)
+    http_origin.add("img", data, chunked=chunked)
+    gate = http_origin.gate("img", after=MiB)
+    client = await make_client(cache_dir)
+    async with client.get("/v2/images/img/file") as response:
+        first = await response.content.readany()
+        assert first
+        break_into_read_only(cache_dir)
+        gate.set()
+        assert first + await response.read() == data
+    await settled(client)
+    assert not (cache_dir / "img").exists()
