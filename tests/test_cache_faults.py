@@ -8,6 +8,7 @@ a fill it happens to strike.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -23,12 +24,24 @@ from aiohttp.test_utils import TestClient
 from driver_kinds import settings_for
 from imagecache.cache import ImageCache
 from imagecache.server.app import create_app
+from imagecache.server.state import STATE
 from imagecache.settings import load_settings
 from peers.mounts import break_into_read_only, fill_up
-from server_helpers import image_bytes, listdir, settled
+from server_helpers import image_bytes, listdir, poll, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 MiB = 1024 * 1024
+
+
+async def _fills_done(client: TestClient[Any, Any]) -> None:
+    """Wait until the app has no flight left (each ends with its task)."""
+    fills = client.app[STATE].fills
+    await poll(lambda: _no_flight(fills), "every fill has ended")
+    gc.collect()  # an unretrieved task error is reported when the task is collected
+
+
+async def _no_flight(fills: Any) -> bool:
+    return fills.current("img") is None
 
 
 @pytest.fixture
@@ -253,7 +266,11 @@ async def test_management_calls_on_a_read_only_cache_say_what_failed(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["sized", "unknown_size"])
 async def test_a_cache_turned_read_only_mid_fill_still_gives_its_client_every_byte(
-    make_client: Any, http_origin: Any, small_ext4: Any, chunked: bool
+    make_client: Any,
+    http_origin: Any,
+    small_ext4: Any,
+    chunked: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The fill's writes fail mid-body, and so does its rollback (a rename on a
     read-only disk): neither is the client's problem."""
@@ -270,3 +287,32 @@ async def test_a_cache_turned_read_only_mid_fill_still_gives_its_client_every_by
         assert first + await response.read() == data
     await settled(client)
     assert not (cache_dir / "img").exists()
+    # Ended cleanly: releasing its reservation on the read-only disk did not
+    # escape the fill's task either.
+    await _fills_done(client)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_commit_whose_fsync_fails_still_gives_its_client_every_byte(
+    make_client: Any, http_origin: Any, small_ext4: Any
+) -> None:
+    """Every byte is written, then the disk turns read-only before the fill ends:
+    the first step to fail is the commit's fsync."""
+    cache_dir = small_ext4()
+    data = image_bytes(MiB + 9, seed=15)
+    http_origin.add("img", data, chunked=True)
+    gate = http_origin.gate("img", after=len(data))  # holds only the terminating chunk
+    client = await make_client(cache_dir)
+    async with client.get("/v2/images/img/file") as response:
+        received = bytearray()
+        while len(received) < len(data):
+            chunk = await response.content.readany()
+            assert chunk
+            received += chunk
+        break_into_read_only(cache_dir)
+        gate.set()
+        assert bytes(received) + await response.read() == data
+    await settled(client)
+    assert not (cache_dir / "img").exists()
+    async with client.get("/v2/cache") as listing:
+        assert (await listing.json())["cached_images"] == []

@@ -317,7 +317,12 @@ class FillCoordinator:
             if self._flights.get(flight.image_id) is flight:
                 del self._flights[flight.image_id]
             if flight.reservation is not None and self.capacity is not None:
-                self.capacity.release(flight.reservation)
+                try:
+                    self.capacity.release(flight.reservation)
+                except OSError as exc:
+                    # A read-only disk keeps the ticket's file; its lock went with
+                    # its descriptor, so the next reader drops it as a dead one.
+                    log.warning("releasing the reservation of %s failed: %s", flight.image_id, exc)
 
     async def _decide_or_bypass(self, flight: Flight) -> FillWriter | None:
         """``_decide``, with a failure of the cache's disk there meaning "stream it uncached".

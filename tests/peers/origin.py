@@ -23,7 +23,8 @@ API (``origin = http_origin``)::
     origin.fail("img", None)        # back to healthy
     gate = origin.gate("img", after=0)
                                     # GETs send headers + `after` body bytes, then wait
-                                    # until `gate.set()` (an asyncio.Event in the test's loop)
+                                    # until `gate.set()` (an asyncio.Event in the test's loop);
+                                    # after=len(data) holds only the end of the body
     await origin.wait_for_reads("img", n, within=5.0)
                                     # poll until n body reads started (no sleeps in tests)
     origin.allow_head = False       # HEAD answers 405, as Glance's file route does
@@ -198,6 +199,10 @@ class Origin:
             await response.write(chunk)
             sent += len(chunk)
             state.bytes_sent += len(chunk)
+        if state.gate is not None and state.gate_after >= len(body) > 0:
+            # A gate at the very end holds the body's end (the terminating
+            # chunk of a chunked body) once every byte is out.
+            await state.gate.wait()
 
 
 def _chunks(body: bytes, state: OriginImage) -> list[bytes]:

@@ -444,12 +444,24 @@ class FileBackedDriver(Driver):
             # Moved away already: by _unpublish, or by reconciliation or clean.
             log.warning("fill of %s failed: %s", fill.image_id, reason)
             return
-        log.warning("fill of %s rolled back to invalid/: %s", fill.image_id, reason)
         try:
             self._meta_rollback(fill, reason)
         except Exception:
             log.exception("could not record why the fill of %s failed", fill.image_id)
-        rename_if_exists(fill.path, self.layout.invalid_path(fill.image_id))
+        try:
+            rename_if_exists(fill.path, self.layout.invalid_path(fill.image_id))
+        except OSError as exc:
+            # A read-only disk: the file stays in incomplete/, unlocked once we
+            # close it, so clean or the next fill takes it over. Never served.
+            log.error(
+                "fill of %s failed (%s) and could not be moved to invalid/: %s; it stays in"
+                " incomplete/ until clean or the next fill of the image takes it over",
+                fill.image_id,
+                reason,
+                exc,
+            )
+            return
+        log.warning("fill of %s rolled back to invalid/: %s", fill.image_id, reason)
 
     @contextlib.contextmanager
     def open_for_write(self, image_id: str) -> Iterator[Fill]:
