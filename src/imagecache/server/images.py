@@ -219,6 +219,10 @@ def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
         handle.close()
         raise
     if record is not None and record.size != st.st_size:
+        if locked_by_writer(handle.fileno()):
+            # A re-fill renamed its file over an older entry and has not yet
+            # recorded it: the caller waits for that commit, as for a new one.
+            return _Hit(handle, st.st_size, None)
         # Cut short (or grown) behind the cache's back: served, it would be a
         # 200 with the short length and the whole image's ETag. A miss instead:
         # the caller refills it from the origin.
