@@ -140,3 +140,33 @@ async def test_cluster_mode_checks_its_database(
     status, body = await _ready(client)
     assert status == 200
     assert body["checks"]["database"] == {"ok": True, "detail": "the central database answers"}
+
+
+@pytest.mark.postgres
+async def test_a_central_database_that_is_gone_is_not_ready(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    from central_db import central_settings, create_database, drop_database, postgres_url
+
+    (tmp_path / "images").mkdir()
+    name = create_database()  # skips loudly when PostgreSQL is down
+    try:
+        settings = central_settings(
+            tmp_path / "cache",
+            postgres_url(name),
+            upstream=f"directory:{tmp_path / 'images'}",
+            free_space_watermark=0,
+            node_heartbeat_interval=0.2,
+        )
+        client = await aiohttp_client(create_app(settings))
+        assert (await _ready(client))[0] == 200
+        # Dropped under the running service (its connections terminated): as a
+        # database server that went away.
+        drop_database(name)
+        status, body = await _ready(client)
+        assert status == 503
+        failing = _failing(body)
+        assert list(failing) == ["database"]
+        assert failing["database"].startswith("the central database does not answer")
+    finally:
+        drop_database(name)
