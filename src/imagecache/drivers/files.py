@@ -143,6 +143,9 @@ class Fill:
         self.fd = fd
         self.drop_behind = drop_behind
         self.inode = os.fstat(fd).st_ino
+        # When the fill began: a deletion recorded after it wins over its commit
+        # (the central driver refuses such a commit; see CentralDriver._meta_commit).
+        self.started_at = time.time()
         self.bytes_written = 0
         self._flushed_at = 0
         self._flusher: _Flusher | None = None
