@@ -227,11 +227,14 @@ def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
         # 200 with the short length and the whole image's ETag. A miss instead:
         # the caller refills it from the origin.
         handle.close()
-        state.cache.quarantine(
-            image_id,
-            f"its file has {st.st_size} bytes, its record {record.size}",
-            inode=st.st_ino,
-        )
+        try:
+            state.cache.quarantine(
+                image_id,
+                f"its file has {st.st_size} bytes, its record {record.size}",
+                inode=st.st_ino,
+            )
+        except (OSError, ImageCacheError) as exc:  # a read-only disk: still never served
+            log.error("could not quarantine the damaged cache file of %s: %s", image_id, exc)
         return None
     return _Hit(handle, st.st_size, record)
 
