@@ -24,7 +24,13 @@ import pytest
 from sqlalchemy import insert, update
 
 from central_db import central_settings
-from imagecache import BadDriverConfiguration, ImageCache, ImageInfo, create_driver
+from imagecache import (
+    BadDriverConfiguration,
+    CacheStoreError,
+    ImageCache,
+    ImageInfo,
+    create_driver,
+)
 from imagecache.drivers.central import CentralDriver, cached_images, node_instance_id, nodes
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.settings import Settings, load_settings
@@ -483,3 +489,23 @@ def test_racers_on_a_new_directory_all_get_the_same_node_id(tmp_path: Path, kind
         assert all(outcome.startswith("ok ") for outcome in outcomes), outcomes
         assert len(set(outcomes)) == 1, outcomes
         assert sorted(os.listdir(base)) == [".node-id"]  # no temporary file left behind
+
+
+def test_an_image_deleted_through_another_node_during_a_fill_is_not_kept(
+    make_node: NodeFactory,
+) -> None:
+    a, b = make_node("a"), make_node("b")
+
+    def fill_while_a_deletes() -> None:
+        with b.open_for_write("img") as target:
+            target.write(b"payload")
+            a.delete_everywhere("img")  # B's fill is under way on another node
+
+    with pytest.raises(CacheStoreError, match="deleted during its fill"):
+        fill_while_a_deletes()
+    assert not b.is_cached("img")
+    assert b.get_cached_images() == []
+    assert (b.layout.invalid_dir / "img").read_bytes() == b"payload"
+    # A fill that begins after the deletion is kept.
+    put(b, "img")
+    assert b.is_cached("img")

@@ -28,7 +28,8 @@ def test_a_crafted_inconsistent_directory(kind: str, cache_dir: Path, tmp_path: 
         assert cache.cache_image_iter("gone", [b"g" * 1000])
         assert cache.cache_image_iter("resized", [b"r" * 1000])
         # Rows the files no longer agree with: a file removed behind our back,
-        # one that grew, an orphan file, an empty orphan, and a dead fill.
+        # one that grew (its recorded hash no longer vouches for it), an
+        # orphan file, an empty orphan, and a dead fill.
         (cache_dir / "gone").unlink()
         (cache_dir / "resized").write_bytes(b"r" * 1500)
         if kind == "sqlite":
@@ -55,12 +56,13 @@ def test_a_crafted_inconsistent_directory(kind: str, cache_dir: Path, tmp_path: 
         assert report.rejected == 1
         assert (cache_dir / "invalid" / "empty").exists()
         images = {image.image_id: image for image in cache.get_cached_images()}
-        assert set(images) == {"kept", "orphan", "resized"}
+        assert set(images) == {"kept", "orphan"}
+        assert report.quarantined == 1
+        assert (cache_dir / "invalid" / "resized").stat().st_size == 1500
         assert images["orphan"].hits == 0
         assert images["orphan"].size == 700
         assert images["orphan"].last_accessed == pytest.approx(past)
-        assert images["resized"].size == 1500
-        assert cache.get_cache_size() == 1000 + 700 + 1500
+        assert cache.get_cache_size() == 1000 + 700
 
         # Consistent now: a second pass finds nothing.
         assert not reconcile(cache, started_at=time.time() - 1).changed

@@ -50,13 +50,23 @@ def test_a_flipped_byte_is_quarantined(kind: str, cache_dir: Path, tmp_path: Pat
         assert scrubber.quarantined == 3
 
 
-def test_entries_without_a_hash_and_missing_ones(make_settings: Callable[..., Settings]) -> None:
+def test_entries_without_a_hash_get_one_recorded_and_missing_ones(
+    make_settings: Callable[..., Settings],
+) -> None:
     with ImageCache(make_settings()) as cache:
         path = cache.driver.layout.active_path("bare")
         path.write_bytes(b"b" * 100)
-        cache.driver.record_image(CachedImage("bare", 100, 0, 1.0, 1.0))
+        cache.driver.record_image(CachedImage("bare", 100, 3, 1.0, 1.0))
         scrubber = Scrubber(cache, bytes_per_second=0)
-        assert scrubber.verify("bare") == (ScrubOutcome.NO_HASH, 0)
+        assert scrubber.verify("bare") == (ScrubOutcome.HASHED, 100)
+        record = cache.get_cached_image("bare")
+        assert record is not None
+        assert (record.hash_algo, record.hash_value, record.hits) == (
+            "sha256",
+            hashlib.sha256(b"b" * 100).hexdigest(),
+            3,
+        )
+        assert scrubber.verify("bare") == (ScrubOutcome.OK, 100)  # and checked from now on
         assert scrubber.verify("nothing") == (ScrubOutcome.MISSING, 0)
 
 

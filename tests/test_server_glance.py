@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -202,3 +203,76 @@ async def test_openstacksdk_downloads_through_the_proxy(
     assert process.returncode == 0, err.decode()[-2000:]
     assert out.decode().strip() == hashlib.sha256(DATA).hexdigest()
     assert (cache_dir / image_id).read_bytes() == DATA
+
+
+# Run by the real python-glanceclient of the peer's venv: what `glance
+# image-download` sees, for a caller given by its identity headers.
+_GLANCECLIENT_DOWNLOAD = """
+import hashlib, json, sys
+from glanceclient import Client, exc
+client = Client("2", endpoint=sys.argv[1], identity_headers=json.loads(sys.argv[3]))
+try:
+    body = client.images.data(sys.argv[2])
+except exc.HTTPException as error:
+    print(error.code)
+else:
+    wrapped = getattr(body, "wrapped", body)
+    if wrapped is None or (isinstance(wrapped, tuple) and wrapped[0] is None):
+        print("204 no data")
+    else:
+        print("200", hashlib.sha256(b"".join(body)).hexdigest())
+"""
+
+
+async def _glanceclient_download(url: str, image_id: str, headers: dict[str, str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        str(GLANCE_CLI.with_name("python")),
+        "-c",
+        _GLANCECLIENT_DOWNLOAD,
+        url,
+        image_id,
+        json.dumps(headers),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, err.decode()[-2000:]
+    return out.decode().strip()
+
+
+async def test_a_deactivated_image_answers_what_glance_answers_cold_or_warm(
+    aiohttp_client: ClientFactory,
+    make_settings: Callable[..., Settings],
+    glance_peer_headers: Any,
+    cache_dir: Path,
+) -> None:
+    """Glance gives a deactivated image's data to an admin (200) and refuses
+    everyone else (403); the proxy must too, whether the image is cached or not."""
+    _require_clients()
+    peer = glance_peer_headers
+    # One role each: glanceclient percent-encodes header values, so Glance
+    # would read "admin,member" as one role named "admin%2Cmember".
+    admin = {**peer.admin_headers, "X-Roles": "admin"}
+    member = peer.headers_for("project-a", roles="reader")
+    image_id = await asyncio.to_thread(peer.create_image, DATA, visibility="public")
+    status, body = await asyncio.to_thread(
+        peer.request, "POST", f"/v2/images/{image_id}/actions/deactivate"
+    )
+    assert status == 204, body
+    whole = f"200 {hashlib.sha256(DATA).hexdigest()}"
+    assert await _glanceclient_download(peer.url, image_id, admin) == whole
+    assert await _glanceclient_download(peer.url, image_id, member) == "403"
+
+    settings = make_settings(upstream=f"glance:{peer.url}", auth_cache_ttl=0)
+    proxy = await aiohttp_client(create_app(settings))
+    url = str(proxy.make_url("")).rstrip("/")
+    # Cold: nothing cached yet.
+    assert await _glanceclient_download(url, image_id, member) == "403"
+    assert not (cache_dir / image_id).exists()
+    assert await _glanceclient_download(url, image_id, admin) == whole
+    await settled(proxy)
+    # Warm: the admin's download cached it; the answers stay Glance's.
+    assert (cache_dir / image_id).exists()
+    assert await _glanceclient_download(url, image_id, member) == "403"
+    assert await _glanceclient_download(url, image_id, admin) == whole

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -124,20 +127,56 @@ def test_reconcile_adopts_orphans_drops_ghosts_and_fixes_sizes(
     cache_one(driver, "kept")
     cache_one(driver, "ghost")
     with driver.open_for_write("resized") as target:
+        target.write(b"data")  # no hash recorded: only the size can be wrong
+    with driver.open_for_write("grown") as target:
         target.write(b"data")
         target.hash_algo, target.hash_value = "sha256", "ab" * 32
     driver.record_hit("resized")
     driver.set_pinned("resized", True)
     (cache_dir / "ghost").unlink()
     (cache_dir / "resized").write_bytes(b"longer data")
+    (cache_dir / "grown").write_bytes(b"longer data")
     (cache_dir / "orphan").write_bytes(b"orphan")
     with sqlite3.connect(driver.db_path) as conn:
         conn.execute("INSERT INTO cached_images (image_id, size) VALUES ('../evil', 1)")
     report = reconcile_records(driver)
-    assert (report.adopted, report.dropped, report.resized) == (1, 2, 1)
+    assert (report.adopted, report.dropped, report.resized, report.quarantined) == (1, 2, 1, 1)
     images = {image.image_id: image for image in driver.get_cached_images()}
     assert {i: image.size for i, image in images.items()} == {"kept": 4, "orphan": 6, "resized": 11}
-    # Only the size is corrected: hits, pin and hash stay.
+    # Only the size is corrected: hits and pin stay.
     resized = images["resized"]
-    assert (resized.hits, resized.pinned, resized.hash_value) == (1, True, "ab" * 32)
+    assert (resized.hits, resized.pinned) == (1, True)
+    # A file whose recorded hash cannot match any more is not served: quarantined.
+    assert (cache_dir / "invalid" / "grown").read_bytes() == b"longer data"
     assert not reconcile_records(driver).changed
+
+
+def test_a_garbage_database_is_set_aside_and_rebuilt_from_the_files(
+    make_settings: Callable[..., Settings], cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from imagecache import ImageCache
+    from imagecache.scrub import Scrubber, ScrubOutcome
+
+    with ImageCache(make_settings()) as cache:
+        assert cache.cache_image_iter("kept", [b"k" * 5000])
+    garbage = random.Random(12).randbytes(64 * 1024)
+    (cache_dir / "cache.db").write_bytes(garbage)
+    with ImageCache(make_settings()) as cache:
+        # Started, and says so loudly; the bad file is kept aside, never an image.
+        assert any(
+            record.levelname == "ERROR" and "is damaged" in record.getMessage()
+            for record in caplog.records
+        )
+        aside = [name for name in os.listdir(cache_dir) if ".corrupt-" in name]
+        assert len(aside) == 1
+        assert aside[0].startswith(".cache.db.corrupt-")
+        assert (cache_dir / aside[0]).read_bytes() == garbage
+        images = cache.get_cached_images()
+        assert [(image.image_id, image.size, image.hash_value) for image in images] == [
+            ("kept", 5000, None)
+        ]
+        # The hash it lost comes back with the next scrub.
+        assert Scrubber(cache, bytes_per_second=0).verify("kept")[0] is ScrubOutcome.HASHED
+        record = cache.get_cached_image("kept")
+        assert record is not None
+        assert record.hash_value == hashlib.sha256(b"k" * 5000).hexdigest()

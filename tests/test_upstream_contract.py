@@ -161,6 +161,12 @@ async def test_unknown_image(kit: Kit) -> None:
         await collect(kit.upstream.stream(kit.missing_id))
 
 
+async def test_an_origin_that_answers_is_reachable(kit: Kit) -> None:
+    detail = await kit.upstream.check_reachable()
+    assert detail
+    assert "no check" not in detail  # every kind we ship says what it checked
+
+
 async def test_stream_closed_early_leaves_upstream_usable(kit: Kit, image: bytes) -> None:
     image_id = kit.put(image)
     chunks = kit.upstream.stream(image_id)

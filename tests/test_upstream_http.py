@@ -282,3 +282,51 @@ async def test_a_redirect_loop_is_an_upstream_error(aiohttp_server: Any) -> None
     server = await aiohttp_server(app)
     with pytest.raises(UpstreamError, match="redirects"):
         await asyncio.to_thread(open_get, str(server.make_url("/again")), {}, 5.0, "img")
+
+
+async def test_every_request_of_the_http_upstream_follows_a_redirect(
+    aiohttp_server: Any, http_origin: Origin, make_settings: Callable[..., Settings]
+) -> None:
+    """HEAD (the size), sidecars (the hash), whole and ranged GETs, and a download
+    through the service, all through a front that only redirects to the origin."""
+    http_origin.add("img", DATA, sidecars=("sha256",))
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(http_origin.image_url(request.match_info["name"]))
+
+    app = web.Application()
+    app.router.add_route("*", "/images/{name}", moved)
+    front = await aiohttp_server(app)
+    template = str(front.make_url("/images/")) + "{image_id}"
+    upstream = create_upstream("http:" + template, make_settings(http_checksum_sidecar=True))
+    try:
+        info = await upstream.info("img")
+        assert info.size == len(DATA)  # not the redirect's own Content-Length
+        assert (info.hash_algo, info.hash_value) == ("sha256", hashlib.sha256(DATA).hexdigest())
+        assert await collect(upstream.stream("img")) == DATA
+        assert await collect(upstream.stream("img", start=1000, end=5000)) == DATA[1000:5000]
+    finally:
+        await upstream.close()
+    methods = [method for method, path, _ in http_origin.requests if path == "/images/img"]
+    assert methods[:1] == ["HEAD"]
+
+
+async def test_a_download_through_a_redirecting_http_origin_is_served_whole(
+    aiohttp_server: Any, aiohttp_client: Any, http_origin: Origin, make_settings: Any
+) -> None:
+    from imagecache.server.app import create_app
+
+    http_origin.add("img", DATA)
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(http_origin.image_url(request.match_info["name"]))
+
+    app = web.Application()
+    app.router.add_route("*", "/images/{name}", moved)
+    front = await aiohttp_server(app)
+    template = str(front.make_url("/images/")) + "{image_id}"
+    client = await aiohttp_client(create_app(make_settings(upstream="http:" + template)))
+    async with client.get("/v2/images/img/file") as response:
+        assert response.status == 200
+        assert response.content_length == len(DATA)
+        assert await response.read() == DATA

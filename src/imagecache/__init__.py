@@ -5,6 +5,7 @@ from imagecache.drivers import Driver, create_driver
 from imagecache.errors import (
     BadDriverConfiguration,
     CacheStoreError,
+    CacheUnavailable,
     ConfigurationError,
     ImageBeingCached,
     ImageCacheError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BadDriverConfiguration",
     "CacheStoreError",
+    "CacheUnavailable",
     "CachedImage",
     "CleanResult",
     "ConfigurationError",

@@ -33,7 +33,9 @@ from typing import IO, BinaryIO, Protocol
 
 from imagecache.drivers import create_driver
 from imagecache.drivers.base import Driver, WriteTarget
+from imagecache.drivers.files import FileBackedDriver
 from imagecache.errors import ImageBeingCached, ImageCacheError, VerificationError
+from imagecache.layout import rename_if_exists
 from imagecache.records import (
     HASH_ALGORITHMS,
     CachedImage,
@@ -501,6 +503,18 @@ class ImageCache:
     def delete_cached_image(self, image_id: str) -> bool:
         return self.driver.delete_cached_image(self._id(image_id))
 
+    def cancel_fill(self, image_id: str) -> bool:
+        """End a fill of ``image_id`` in progress uncommitted (its readers still get their bytes).
+
+        For deletions (by an operator, or of the image at the origin), which
+        must win over a fill that started before them; see
+        ``FileBackedDriver.cancel_fill``. Call it before ``delete_cached_image``.
+        """
+        driver = self.driver
+        if isinstance(driver, FileBackedDriver):  # every driver we ship
+            return driver.cancel_fill(self._id(image_id))
+        return False
+
     def delete_all_cached_images(self) -> int:
         return self.driver.delete_all_cached_images()
 
@@ -515,6 +529,29 @@ class ImageCache:
 
     def unpin(self, image_id: str) -> bool:
         return self.driver.set_pinned(self._id(image_id), False)
+
+    def quarantine(self, image_id: str, why: str, *, inode: int | None = None) -> bool:
+        """Move a committed file that is not what its record says to ``invalid/``; drop the record.
+
+        The next request for the image fills it again from the origin; the
+        bytes stay in ``invalid/`` for inspection until ``clean``. With
+        ``inode``, only that file is moved: one a new fill has meanwhile
+        committed in its place is left alone (False). Moved first, then
+        forgotten: a crash in between leaves a record without a file, which
+        reconciliation drops.
+        """
+        layout = self.driver.layout
+        active = layout.active_path(self._id(image_id))
+        if inode is not None:
+            try:
+                if os.stat(active).st_ino != inode:
+                    return False
+            except FileNotFoundError:
+                return False
+        log.error("image %s is damaged in the cache: %s; moved to invalid/", image_id, why)
+        moved = rename_if_exists(active, layout.invalid_path(image_id))
+        self.driver.delete_cached_image(image_id)
+        return moved
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[None]:

@@ -96,11 +96,16 @@ def central_driver(cache: ImageCache) -> CentralDriver | None:
 
 
 def delete_everywhere(cache: ImageCache, image_id: str) -> bool:
-    """Delete the cached copy here and, in cluster mode, on every node (see ``ClusterTasks``)."""
+    """Delete the cached copy here and, in cluster mode, on every node (see ``ClusterTasks``).
+
+    A fill of the image in progress here is cancelled first: the deletion wins,
+    its clients still get their bytes, the cache does not keep them.
+    """
+    cancelled = cache.cancel_fill(image_id)
     driver = central_driver(cache)
     if driver is None:
-        return cache.delete_cached_image(image_id)
-    return driver.delete_everywhere(image_id)
+        return cache.delete_cached_image(image_id) or cancelled
+    return driver.delete_everywhere(image_id) or cancelled
 
 
 class SiblingUpstream(Upstream):
@@ -126,6 +131,9 @@ class SiblingUpstream(Upstream):
         # Counted for the metrics and the tests: where whole-image fills came from.
         self.reads_from_siblings = 0
         self.reads_from_origin = 0
+
+    async def check_reachable(self) -> str:
+        return await self.origin.check_reachable()
 
     async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
         return await self.origin.info(image_id, caller)

@@ -13,6 +13,7 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      ├── ImageBeingCached              another writer holds the fill of this image
      ├── VerificationError             size or hash of the written bytes is wrong
      ├── CacheStoreError               the cache's own disk or metadata failed
+     │    └── CacheUnavailable         its filesystem refuses changes (read-only, full)
      ├── IdentityError                 Keystone could not answer, or refused the cache
      │    ├── IdentityRejected         the cache's own credentials were refused
      │    └── IdentityUnavailable      Keystone unreachable or failing: refuse, never allow
@@ -27,6 +28,11 @@ what the operator can do about it.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imagecache.records import ImageInfo
 
 
 class ImageCacheError(Exception):
@@ -103,6 +109,14 @@ class CacheStoreError(ImageCacheError):
     """The cache's own storage (files or metadata database) failed."""
 
 
+class CacheUnavailable(CacheStoreError):
+    """The cache directory's filesystem refuses changes (read-only, full): HTTP 503.
+
+    A condition of the disk, not a bug: the message names the directory and
+    what the filesystem said, and a retry may succeed once it is fixed.
+    """
+
+
 class ServiceFailed(ImageCacheError):
     """The pre-fork service stopped: its workers kept dying faster than it restarts them."""
 
@@ -136,12 +150,17 @@ class UpstreamForbidden(UpstreamError):
 
 
 class UpstreamNotActive(UpstreamError):
-    """The image exists upstream but is not active, so it has no data to serve."""
+    """The image exists upstream but is not active, so it has no data to serve.
 
-    def __init__(self, image_id: str, status: str) -> None:
+    Except ``info``: set for an image that is not active yet still has data
+    (Glance's ``deactivated``, which its file route serves to admins only).
+    """
+
+    def __init__(self, image_id: str, status: str, info: ImageInfo | None = None) -> None:
         super().__init__(f"image {image_id!r} is {status!r} upstream, not 'active'")
         self.image_id = image_id
         self.status = status
+        self.info = info
 
 
 class IdentityError(ImageCacheError):

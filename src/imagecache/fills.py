@@ -308,7 +308,7 @@ class FillCoordinator:
                     flight.settle(FlightKind.NONE, NO_FILL)
                 writer = None
             else:
-                writer = await self._decided(flight)
+                writer = await self._decide_or_bypass(flight)
             flight.decided.set()
             if flight.kind is FlightKind.LOCAL:
                 assert writer is not None
@@ -327,7 +327,31 @@ class FillCoordinator:
             if self._flights.get(flight.image_id) is flight:
                 del self._flights[flight.image_id]
             if flight.reservation is not None and self.capacity is not None:
-                self.capacity.release(flight.reservation)
+                try:
+                    self.capacity.release(flight.reservation)
+                except OSError as exc:
+                    # A read-only disk keeps the ticket's file; its lock went with
+                    # its descriptor, so the next reader drops it as a dead one.
+                    log.warning("releasing the reservation of %s failed: %s", flight.image_id, exc)
+
+    async def _decide_or_bypass(self, flight: Flight) -> FillWriter | None:
+        """``_decided``, with a failure of the cache's disk there meaning "stream it uncached".
+
+        Everything ``_decide`` touches is the cache's own (its directory, the
+        ledger, the metadata): a read-only or broken disk there must cost the
+        clients nothing but the cache copy (DESIGN §4), not fail their download.
+        """
+        try:
+            return await self._decided(flight)
+        except (OSError, ImageCacheError) as exc:
+            log.error(
+                "cannot start caching image %s: %s; streaming it uncached", flight.image_id, exc
+            )
+            if flight.fd is not None:
+                os.close(flight.fd)
+                flight.fd = None
+            flight.settle(FlightKind.NONE, "cache_unavailable")
+            return None
 
     async def _decided(self, flight: Flight) -> FillWriter | None:
         """``_decide`` in the executor, its takings given back if this task is cancelled."""

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,27 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_probe(directory: Path) -> OSError | None:
+    """Create, write and remove a small hidden file in ``directory``: the error it met, or None.
+
+    Asking the filesystem by writing: an ext4 turned read-only by an error
+    (errors=remount-ro) still shows ``rw`` in its mount flags and statvfs.
+    """
+    probe = directory / f".write-probe.{os.getpid()}.{threading.get_native_id()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"probe\n")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        return exc
+    return None
 
 
 def unlink_if_exists(path: Path) -> bool:

@@ -7,7 +7,10 @@ drawn in ``drivers/files.py``):
 - a committed file without a row                -> adopted (size from the file,
   hits 0, ``last_accessed`` = mtime) if it passes a sanity check, else moved
   to ``invalid/``;
-- a row whose size is not the file's            -> the row takes the file's size;
+- a row whose size is not the file's            -> the row takes the file's size,
+  unless the row records a hash: then the file cannot be the bytes that were
+  verified (cut short, or grown), and it is quarantined to ``invalid/`` with
+  its row dropped, as the hit path does (a hit would serve it whole-looking);
 - a fill in ``incomplete/`` whose writer is dead -> moved to ``invalid/``.
 
 ``reconcile_records`` repairs the first three, without the sanity check; the
@@ -54,6 +57,7 @@ class ReconcileReport:
     dropped: int = 0  # rows without files
     adopted: int = 0  # files without rows
     resized: int = 0  # rows with the wrong size
+    quarantined: int = 0  # verified entries whose file has another size now
     rejected: int = 0  # files without rows that failed the sanity check
     stale_fills: int = 0  # dead writers' incomplete files moved to invalid/
 
@@ -117,6 +121,8 @@ def _committed_stat(layout: CacheLayout, image_id: str) -> os.stat_result | None
 def _repair_records(
     driver: FileBackedDriver, on_disk: dict[str, int], report: ReconcileReport
 ) -> None:
+    from imagecache.scrub import recorded_digest  # see _reject_empty_files for why here
+
     layout = driver.layout
     recorded = dict(driver.iter_sizes())
     suspects = [i for i, size in on_disk.items() if size != recorded.get(i)]
@@ -133,7 +139,18 @@ def _repair_records(
             continue
         record = driver.get_cached_image(image_id)  # a commit may have written it meanwhile
         if record is not None:
-            if record.size != st.st_size:
+            if record.size != st.st_size and recorded_digest(record) is not None:
+                log.error(
+                    "image %s is damaged in the cache: its file has %d bytes, its record %d;"
+                    " moved to invalid/",
+                    image_id,
+                    st.st_size,
+                    record.size,
+                )
+                rename_if_exists(layout.active_path(image_id), layout.invalid_path(image_id))
+                driver.forget_records([image_id])
+                report.quarantined += 1
+            elif record.size != st.st_size:
                 driver.record_image(dataclasses.replace(record, size=st.st_size), replace=True)
                 report.resized += 1
             continue

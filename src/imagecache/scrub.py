@@ -10,6 +10,7 @@ metadata is dropped, so the next request fills it again from the origin.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagecache.cache import CHUNK_SIZE, ImageCache
-from imagecache.layout import rename_if_exists
+from imagecache.errors import ImageCacheError
 from imagecache.records import HASH_ALGORITHMS, CachedImage
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,10 @@ log = logging.getLogger(__name__)
 class ScrubOutcome(enum.Enum):
     OK = "ok"
     CORRUPT = "corrupt"  # hash mismatch: quarantined
-    NO_HASH = "no_hash"  # nothing recorded to compare with
+    NO_HASH = "no_hash"  # nothing recorded to compare with (and none could be recorded)
+    # Nothing was recorded (adopted after a crash, or the database was rebuilt):
+    # the file's sha256 is recorded now, so later scrubs and the ETag have one.
+    HASHED = "hashed"
     MISSING = "missing"  # deleted meanwhile
 
     @property
@@ -106,9 +110,7 @@ class Scrubber:
         if image is None:
             return ScrubOutcome.MISSING, 0
         expected = recorded_digest(image)
-        if expected is None:
-            return ScrubOutcome.NO_HASH, 0
-        algo, value = expected
+        algo, value = expected if expected is not None else ("sha256", "")
         throttle = throttle or _Throttle(self.rate, self.stop_event)
         digest = hashlib.new(algo, usedforsecurity=False)
         read = 0
@@ -124,6 +126,8 @@ class Scrubber:
                         return ScrubOutcome.MISSING, read
         except FileNotFoundError:
             return ScrubOutcome.MISSING, read
+        if expected is None:
+            return self._record_hash(image, read, digest.hexdigest()), read
         if digest.hexdigest() == value:
             return ScrubOutcome.OK, read
         self._quarantine(image_id, algo, value, digest.hexdigest())
@@ -152,18 +156,34 @@ class Scrubber:
                 progress(image_id, outcome, read)
         return report
 
+    def _record_hash(self, image: CachedImage, size: int, actual: str) -> ScrubOutcome:
+        """Record the hash of an entry that had none (its bytes were verified at its fill).
+
+        Files reach ``<dir>`` only verified (drivers/files.py); an entry
+        without a hash lost it (a crash between rename and record, a database
+        rebuilt from the files), not its verification. A file whose size is no
+        longer its record's is not one of those: it is quarantined instead.
+        """
+        if size != image.size:
+            self.cache.quarantine(
+                image.image_id, f"its file has {size} bytes, its record {image.size}"
+            )
+            return ScrubOutcome.CORRUPT
+        current = self.cache.get_cached_image(image.image_id)
+        if current is None or recorded_digest(current) is not None:
+            return ScrubOutcome.MISSING if current is None else ScrubOutcome.OK
+        try:
+            self.cache.driver.record_image(
+                dataclasses.replace(current, hash_algo="sha256", hash_value=actual), replace=True
+            )
+        except (NotImplementedError, ImageCacheError) as exc:
+            log.warning("cannot record the hash of %s: %s", image.image_id, exc)
+            return ScrubOutcome.NO_HASH
+        log.info("recorded the sha256 of %s, which had no hash", image.image_id)
+        return ScrubOutcome.HASHED
+
     def _quarantine(self, image_id: str, algo: str, expected: str, actual: str) -> None:
-        log.error(
-            "image %s is corrupt at rest: %s expected %s, got %s; moved to invalid/",
-            image_id,
-            algo,
-            expected,
-            actual,
+        self.cache.quarantine(
+            image_id, f"{algo} expected {expected}, got {actual} (corrupt at rest)"
         )
-        layout = self.cache.driver.layout
-        # Move the bytes aside first (kept for inspection until clean), then drop
-        # the metadata; a crash in between leaves a row without a file, which
-        # reconciliation drops.
-        rename_if_exists(layout.active_path(image_id), layout.invalid_path(image_id))
-        self.cache.delete_cached_image(image_id)
         self.quarantined += 1

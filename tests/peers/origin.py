@@ -23,10 +23,14 @@ API (``origin = http_origin``)::
     origin.fail("img", None)        # back to healthy
     gate = origin.gate("img", after=0)
                                     # GETs send headers + `after` body bytes, then wait
-                                    # until `gate.set()` (an asyncio.Event in the test's loop)
+                                    # until `gate.set()` (an asyncio.Event in the test's loop);
+                                    # after=len(data) holds only the end of the body
     await origin.wait_for_reads("img", n, within=5.0)
                                     # poll until n body reads started (no sleeps in tests)
     origin.allow_head = False       # HEAD answers 405, as Glance's file route does
+    origin.add("img", data, chunked=True)
+                                    # no Content-Length, on HEAD or GET: the body is
+                                    #   chunked (ranges still answer 206 + Content-Range)
     origin.requests                 # [(method, path, headers)] in arrival order
 
 Images not registered with ``add`` but present in ``root`` are served too,
@@ -67,6 +71,7 @@ class OriginImage:
 
     content_md5: bool = True
     honour_range: bool = True
+    chunked: bool = False
     fault: Fault | None = None
     fault_after: int = 0
     gate: asyncio.Event | None = None
@@ -103,6 +108,7 @@ class Origin:
         sidecars: tuple[str, ...] = (),
         content_md5: bool = True,
         honour_range: bool = True,
+        chunked: bool = False,
     ) -> OriginImage:
         (self.root / name).write_bytes(data)
         for algo in sidecars:
@@ -111,6 +117,7 @@ class Origin:
         state = self.image(name)
         state.content_md5 = content_md5
         state.honour_range = honour_range
+        state.chunked = chunked
         return state
 
     def body_reads(self, name: str) -> int:
@@ -162,12 +169,15 @@ class Origin:
             start, end = bounds
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-        headers["Content-Length"] = str(end - start)
-        if request.method == "HEAD":
-            return web.Response(status=status, headers=headers)
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = end - start
+        if state.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = end - start
         await response.prepare(request)
+        if request.method == "HEAD":
+            await response.write_eof()
+            return response
         state.body_reads += 1
         await self._send(request, response, state, data[start:end])
         return response
@@ -189,6 +199,10 @@ class Origin:
             await response.write(chunk)
             sent += len(chunk)
             state.bytes_sent += len(chunk)
+        if state.gate is not None and state.gate_after >= len(body) > 0:
+            # A gate at the very end holds the body's end (the terminating
+            # chunk of a chunked body) once every byte is out.
+            await state.gate.wait()
 
 
 def _chunks(body: bytes, state: OriginImage) -> list[bytes]:

@@ -798,6 +798,20 @@ class CentralDriver(FileBackedDriver):
     def _meta_commit(self, fill: Fill, size: int, now: float) -> None:
         stamp = to_datetime(now)
         with self._write() as conn:
+            # An image deleted through any node after this fill began is not
+            # kept: the deletion wins (its local half is FileBackedDriver.cancel_fill;
+            # this is the other nodes'). Checked in the commit's own transaction.
+            # Two nodes' clocks are compared, as _deleted_since_made does.
+            deleted = conn.execute(
+                select(deleted_images.c.image_id).where(
+                    deleted_images.c.image_id == fill.image_id,
+                    deleted_images.c.deleted_at >= to_datetime(fill.started_at),
+                )
+            ).first()
+            if deleted is not None:
+                raise CacheStoreError(
+                    f"image {fill.image_id!r} was deleted during its fill; not kept"
+                )
             # A re-fill of an image keeps its hit count and pin.
             self._upsert_image(
                 conn,

@@ -143,6 +143,9 @@ class Fill:
         self.fd = fd
         self.drop_behind = drop_behind
         self.inode = os.fstat(fd).st_ino
+        # When the fill began: a deletion recorded after it wins over its commit
+        # (the central driver refuses such a commit; see CentralDriver._meta_commit).
+        self.started_at = time.time()
         self.bytes_written = 0
         self._flushed_at = 0
         self._flusher: _Flusher | None = None
@@ -291,6 +294,23 @@ class FileBackedDriver(Driver):
             self._meta_forget([image_id])
             return unlink_if_exists(path)
 
+    def cancel_fill(self, image_id: str) -> bool:
+        """Make a fill in progress (of any process) end uncommitted; True if there was one.
+
+        Its file moves to ``invalid/``. The writer keeps its descriptor and
+        lock and writes on, so the clients reading that file still get every
+        byte, but its commit finds the incomplete path no longer its own
+        (``Fill.still_ours``) and rolls back: a deletion made during a fill
+        wins over it. A commit already past that check has renamed its file
+        into place and holds the lock until its record is written; a
+        ``delete_cached_image`` after this call waits for that and removes it.
+        """
+        path = self.layout.incomplete_path(self.layout.validate(image_id))
+        cancelled = rename_if_exists(path, self.layout.invalid_path(image_id))
+        if cancelled:
+            log.info("cancelled the fill of %s: the image was deleted", image_id)
+        return cancelled
+
     def forget_records(self, image_ids: Iterable[str]) -> None:
         """Drop the metadata of these images and leave any file alone.
 
@@ -386,25 +406,65 @@ class FileBackedDriver(Driver):
         size = os.fstat(fill.fd).st_size
         active = self.layout.active_path(fill.image_id)
         if not fill.still_ours():
-            raise CacheStoreError(f"fill of {fill.image_id!r} was removed while being written")
-        os.rename(fill.path, active)
-        fsync_dir(self.layout.base)
+            raise CacheStoreError(
+                f"fill of {fill.image_id!r} was removed while being written"
+                " (the image was deleted, or its fill cleaned); not kept"
+            )
         try:
+            os.rename(fill.path, active)
+        except FileNotFoundError:
+            # Cancelled (cancel_fill) between the check and the rename.
+            raise CacheStoreError(
+                f"fill of {fill.image_id!r} was removed while being committed; not kept"
+            ) from None
+        try:
+            fsync_dir(self.layout.base)
             self._meta_commit(fill, size, time.time())
-        except BaseException:
-            unlink_if_exists(active)  # never a file the metadata does not know
+        except BaseException as exc:
+            # Never a committed-looking file the metadata does not know: it
+            # would be adopted without a hash and served without an ETag. Out
+            # of descriptors (the directory fsync opens one) this still works:
+            # a rename needs none.
+            self._unpublish(fill, active, exc)
             raise
         unlink_if_exists(self.layout.queue_path(fill.image_id))
 
+    def _unpublish(self, fill: Fill, active: Path, exc: BaseException) -> None:
+        """Move a file renamed into place, whose commit then failed, to ``invalid/``."""
+        try:
+            if os.stat(active).st_ino != fill.inode:
+                return  # another writer's commit has replaced it: that one is theirs
+            os.rename(active, self.layout.invalid_path(fill.image_id))
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            log.error("could not move the failed commit of %s away: %s", fill.image_id, error)
+            return
+        log.warning("fill of %s rolled back to invalid/: commit failed: %r", fill.image_id, exc)
+
     def _rollback(self, fill: Fill, reason: str) -> None:
-        log.warning("fill of %s rolled back to invalid/: %s", fill.image_id, reason)
         if not fill.still_ours():
+            # Moved away already: by _unpublish, or by reconciliation or clean.
+            log.warning("fill of %s failed: %s", fill.image_id, reason)
             return
         try:
             self._meta_rollback(fill, reason)
         except Exception:
             log.exception("could not record why the fill of %s failed", fill.image_id)
-        rename_if_exists(fill.path, self.layout.invalid_path(fill.image_id))
+        try:
+            rename_if_exists(fill.path, self.layout.invalid_path(fill.image_id))
+        except OSError as exc:
+            # A read-only disk: the file stays in incomplete/, unlocked once we
+            # close it, so clean or the next fill takes it over. Never served.
+            log.error(
+                "fill of %s failed (%s) and could not be moved to invalid/: %s; it stays in"
+                " incomplete/ until clean or the next fill of the image takes it over",
+                fill.image_id,
+                reason,
+                exc,
+            )
+            return
+        log.warning("fill of %s rolled back to invalid/: %s", fill.image_id, reason)
 
     @contextlib.contextmanager
     def open_for_write(self, image_id: str) -> Iterator[Fill]:

@@ -108,12 +108,45 @@ class SqliteDriver(FileBackedDriver):
             # locked" (a worker died at start-up, 1 run in ~10 with --workers 2).
             with open(self.layout.lock_path("sqlite-schema"), "a") as lock:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-                self._migrate()
+                try:
+                    self._migrate()
+                except (sqlite3.DatabaseError, CacheStoreError) as exc:
+                    if not _is_corrupt(exc):
+                        raise
+                    # The files are the truth and the metadata can be rebuilt
+                    # from them (reconcile_records adopts every committed
+                    # file), so a damaged database costs hit counts, pins and
+                    # recorded hashes, never the service.
+                    self._set_aside(exc)
+                    self._migrate()
                 reconcile_records(self)
         except (sqlite3.DatabaseError, CacheStoreError) as exc:
             raise BadDriverConfiguration(
                 self.name, f"cannot open or upgrade {self.db_path}: {exc}"
             ) from exc
+
+    def _set_aside(self, exc: BaseException) -> None:
+        """Move a damaged database (and its side files) aside, so a new one can be made.
+
+        Hidden (``.cache.db.corrupt-<UTC time>``): a hidden name is never taken
+        for an image, and ``clean`` leaves it alone, for the operator to
+        inspect or delete.
+        """
+        self._close_connections()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.db_path.with_name(f".{self.db_path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            source = self.db_path.with_name(self.db_path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                source.rename(aside.with_name(aside.name + suffix))
+        log.error(
+            "the cache database %s is damaged (%s); moved it to %s and rebuilding the"
+            " metadata from the cached files: hit counts and pins are lost, and images"
+            " without a recoverable hash are re-hashed by the next scrub",
+            self.db_path,
+            exc,
+            aside,
+        )
 
     def close(self) -> None:
         try:
@@ -331,6 +364,23 @@ class SqliteDriver(FileBackedDriver):
         )
         for image_id, size in rows:
             yield image_id, int(size or 0)
+
+
+# sqlite's result codes for a file that is not a database, or one whose pages are damaged.
+_CORRUPT_CODES = frozenset(
+    {getattr(sqlite3, "SQLITE_CORRUPT", 11), getattr(sqlite3, "SQLITE_NOTADB", 26)}
+)
+
+
+def _is_corrupt(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) says the database file itself is damaged."""
+    while exc is not None:
+        if isinstance(exc, sqlite3.DatabaseError) and (
+            getattr(exc, "sqlite_errorcode", None) in _CORRUPT_CODES
+        ):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 class _Connection:

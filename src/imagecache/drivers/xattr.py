@@ -50,7 +50,9 @@ def _read_image(path: Path, name: str) -> CachedImage:
     modified = float(attrs.get(PREFIX + "modified", st.st_mtime))
     return CachedImage(
         image_id=name,
-        size=st.st_size,
+        # The size recorded at commit, so a file cut short later does not
+        # agree with its record (an adopted Glance cache has none: the file's).
+        size=int(attrs.get(PREFIX + "size", st.st_size)),
         hits=int(hits),
         last_accessed=float(attrs.get(PREFIX + "accessed", modified)),
         last_modified=modified,
@@ -95,6 +97,7 @@ class XattrDriver(FileBackedDriver):
     def _meta_commit(self, fill: Fill, size: int, now: float) -> None:
         try:
             _set(fill.fd, "hits", "0")
+            _set(fill.fd, "size", str(size))
             _set(fill.fd, "modified", repr(now))
             _set(fill.fd, "accessed", repr(now))
             for key in ("checksum", "hash_algo", "hash_value"):

@@ -15,6 +15,7 @@ from aiohttp.abc import AbstractAccessLogger
 from imagecache import cluster
 from imagecache.cache import ImageCache
 from imagecache.errors import (
+    CacheUnavailable,
     ConfigurationError,
     IdentityError,
     ImageCacheError,
@@ -28,7 +29,7 @@ from imagecache.errors import (
 )
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
-from imagecache.server import cache_api, disconnects, images, operations, proxy
+from imagecache.server import cache_api, disconnects, images, operations, proxy, readiness
 from imagecache.server.auth import AccessCache
 from imagecache.server.metrics import Metrics
 from imagecache.server.queue_worker import QueueWorker
@@ -64,6 +65,8 @@ def error_status(exc: ImageCacheError) -> int:
         return exc.status if exc.status in (401, 403) else 403
     if isinstance(exc, UpstreamNotActive):
         return 400
+    if isinstance(exc, CacheUnavailable):
+        return 503
     if isinstance(exc, UpstreamError | VerificationError):
         return 502
     return 500
@@ -167,6 +170,7 @@ def create_app(
     app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency)
 
     app.router.add_get("/healthcheck", healthcheck)
+    app.router.add_get("/healthcheck/ready", readiness.ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("GET", "/v2/images/{image_id:[^/]+}/file", images.image_file)
     app.router.add_route("HEAD", "/v2/images/{image_id:[^/]+}/file", images.image_file)

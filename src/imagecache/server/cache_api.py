@@ -8,6 +8,7 @@ with ``Allow``), then the image id (400) and the image itself (404/400).
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -15,12 +16,15 @@ from aiohttp import hdrs, web
 
 from imagecache.cluster import central_driver, delete_everywhere
 from imagecache.errors import (
+    CacheStoreError,
+    CacheUnavailable,
     IdentityError,
     NotInClusterMode,
     UpstreamNotActive,
     UpstreamNotFound,
 )
 from imagecache.keystone import is_admin
+from imagecache.layout import write_probe
 from imagecache.prefetch import queued_details
 from imagecache.server.auth import AdminDecision, caller_from, decide_admin
 from imagecache.server.queue_worker import QueueWorker
@@ -54,7 +58,10 @@ def _admin_only(
         if method is None:
             raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
         await state.fills.settled()
-        return await method(request, state)
+        try:
+            return await method(request, state)
+        except (OSError, CacheStoreError) as exc:
+            raise await state.fills.run(_explained, state, exc) from exc
 
     return handler
 
@@ -82,6 +89,30 @@ async def _keystone_admin(state: ServiceState, request: web.Request) -> AdminDec
     if is_admin(info, state.settings.keystone.admin_roles):
         return AdminDecision.ROLE_OK
     return AdminDecision.NOT_ADMIN
+
+
+def _explained(state: ServiceState, exc: OSError | CacheStoreError) -> CacheStoreError:
+    """A failure of the cache's disk, said in words an operator can act on.
+
+    Without this a management call on a disk remounted read-only was a bare
+    500 "Internal Server Error" (an OSError) or a sqlite message ("attempt to
+    write a readonly database"). The filesystem itself is asked what is wrong.
+    """
+    base = state.cache.driver.layout.base
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    # The error itself may not say (sqlite reports "disk I/O error"); a write does.
+    probe = write_probe(state.cache.driver.layout.lock_dir)
+    errors = {getattr(exc, "errno", None), probe.errno if probe is not None else None}
+    if errno.EROFS in errors:
+        return CacheUnavailable(
+            f"the cache directory {base} is on a read-only file system: {detail}{where}"
+        )
+    if errors & {errno.ENOSPC, errno.EDQUOT}:
+        return CacheUnavailable(f"the cache directory {base} is full: {detail}{where}")
+    if isinstance(exc, CacheStoreError):
+        return exc
+    return CacheStoreError(f"the cache directory {base} failed: {detail}{where}")
 
 
 # --- /v2/cache --------------------------------------------------------------------------------
@@ -226,8 +257,13 @@ async def legacy_delete_all_queued(request: web.Request, state: ServiceState) ->
 
 
 async def legacy_delete_cached(request: web.Request, state: ServiceState) -> web.StreamResponse:
-    await state.fills.run(state.cache.delete_cached_image, state.image_id(request))
+    await state.fills.run(_delete_here, state, state.image_id(request))
     return web.json_response(None)
+
+
+def _delete_here(state: ServiceState, image_id: str) -> None:
+    state.cache.cancel_fill(image_id)  # the deletion wins over a fill in progress
+    state.cache.delete_cached_image(image_id)
 
 
 async def legacy_queue(request: web.Request, state: ServiceState) -> web.StreamResponse:

@@ -57,6 +57,10 @@ class Served(enum.Enum):
     """What a fill-backed response turned out to be."""
 
     RETRY = "retry"  # the fill ended without a file before any byte was sent
+    # The cache's own disk failed under the fill before any byte was sent:
+    # this client streams from the origin, uncached (DESIGN §4). A retry would
+    # start another fill on the same full or broken disk.
+    BYPASS = "bypass"
 
 
 @dataclass(frozen=True)
@@ -160,17 +164,33 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             return await _serve_hit(request, state, image_id, hit)
         if peer is PeerRequest.SIBLING:
             return await _serve_sibling(request, state, image_id)
-        try:
-            info = await state.upstream.info(image_id, caller)
-        except UpstreamNotActive:
+        info = await _info(state, image_id, caller)
+        if info is None:
             return web.Response(status=204)  # Glance: an image without data answers 204
         await check_access()
         response = await _serve_miss(request, state, image_id, info, caller)
         if isinstance(response, web.StreamResponse):
             return response
+        if response is Served.BYPASS:
+            return await _stream_through(request, state, info, caller, None, "cache_failed")
     # Fills kept ending uncommitted under us: give this client the upstream's bytes.
-    info = await state.upstream.info(image_id, caller)
+    info = await _info(state, image_id, caller)
+    if info is None:
+        return web.Response(status=204)
     return await _stream_through(request, state, info, caller, None, "fill_retries")
+
+
+async def _info(state: ServiceState, image_id: str, caller: Caller) -> ImageInfo | None:
+    """The image's info for a download; None for an image without data (Glance's 204).
+
+    A deactivated image has data: whether this caller gets it is the access
+    check's answer (Glance: 200 for an admin, 403 for others), the same on a
+    cold cache as on a warm one.
+    """
+    try:
+        return await state.upstream.info(image_id, caller)
+    except UpstreamNotActive as exc:
+        return exc.info
 
 
 async def _await_commit(hit: _Hit) -> None:
@@ -193,12 +213,30 @@ def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
     except FileNotFoundError:
         return None
     try:
-        size = os.fstat(handle.fileno()).st_size
+        st = os.fstat(handle.fileno())
         record = state.cache.get_cached_image(image_id)
     except BaseException:
         handle.close()
         raise
-    return _Hit(handle, size, record)
+    if record is not None and record.size != st.st_size:
+        if locked_by_writer(handle.fileno()):
+            # A re-fill renamed its file over an older entry and has not yet
+            # recorded it: the caller waits for that commit, as for a new one.
+            return _Hit(handle, st.st_size, None)
+        # Cut short (or grown) behind the cache's back: served, it would be a
+        # 200 with the short length and the whole image's ETag. A miss instead:
+        # the caller refills it from the origin.
+        handle.close()
+        try:
+            state.cache.quarantine(
+                image_id,
+                f"its file has {st.st_size} bytes, its record {record.size}",
+                inode=st.st_ino,
+            )
+        except (OSError, ImageCacheError) as exc:  # a read-only disk: still never served
+            log.error("could not quarantine the damaged cache file of %s: %s", image_id, exc)
+        return None
+    return _Hit(handle, st.st_size, record)
 
 
 async def _serve_hit(
@@ -404,8 +442,10 @@ async def _follow(
     With ``caller`` (not for a sibling node), a fill that ends unfinished
     after the client has had bytes (this process's cache disk failed, or the
     writing process died) does not cost the client its download: it goes on
-    from the origin (``_finish_from_origin``). Otherwise the response is
-    aborted; before any byte, the caller looks again (``Served.RETRY``).
+    from the origin (``_finish_from_origin``), whether its size is known or
+    not. Otherwise the response is aborted. Before any byte, the caller looks
+    again (``Served.RETRY``), or, if this process's cache disk failed, streams
+    from the origin (``Served.BYPASS``).
     """
     if flight.fd is None:
         # The flight ended, and closed its file, between being joined and being
@@ -427,6 +467,7 @@ async def _follow(
                     if not response.prepared:
                         await response.prepare(request)
                     await response.write(chunk)
+                    sent.offset += len(chunk)
             if not response.prepared:
                 await response.prepare(request)
             await response.write_eof()
@@ -436,6 +477,8 @@ async def _follow(
             await _finish_or_abort(request, response, state, flight, caller, sent.offset, exc)
         except ImageCacheError as exc:
             if not response.prepared:
+                if caller is not None and _ended_unfinished(flight, exc):
+                    return Served.BYPASS
                 raise
             if _ended_unfinished(flight, exc):
                 await _finish_or_abort(request, response, state, flight, caller, sent.offset, exc)
@@ -465,7 +508,9 @@ async def _finish_or_abort(
     sent: int,
     why: ImageCacheError,
 ) -> None:
-    if caller is None or flight.size is None:  # a sibling's request; a body of unknown size
+    # A body of unknown size goes on too: it is chunked, so the rest from the
+    # origin simply follows, and the client's framing never promised a length.
+    if caller is None or flight.info is None:  # a sibling's request: it finishes on its own
         abort(request, flight.image_id, str(why))
     else:
         await _finish_from_origin(request, response, state, flight, caller, sent)
@@ -497,7 +542,7 @@ async def _finish_from_origin(
     fill reads the origin on its own: single-flight ends with the cache copy.
     """
     info, fd = flight.info, flight.fd
-    assert info is not None, "a fill of known size has its info"
+    assert info is not None, "a fill started by a client's miss has its info"
     assert fd is not None, "a reader keeps the flight's file open"
     log.warning(
         "the fill of %s ended unfinished; continuing a download from the origin at byte %d",

@@ -126,5 +126,13 @@ class Upstream(abc.ABC):
         """
         return None
 
+    async def check_reachable(self) -> str:
+        """Whether the origin answers at all (for the readiness route); raises UpstreamError.
+
+        Returns what was checked, in words. Not a question about any image:
+        an origin that answers with an error status for its root still answers.
+        """
+        return f"{self.kind} origin: no check"
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release sessions and pools."""

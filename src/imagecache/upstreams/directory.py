@@ -31,6 +31,16 @@ class DirectoryUpstream(Upstream):
         self.root = Path(root)
         self.chunk_size = chunk_size
 
+    async def check_reachable(self) -> str:
+        # A root that does not exist (a typo, an unmounted share) answers every
+        # download with 404: the service runs, but serves nothing.
+        root = self.root
+        if not await asyncio.to_thread(root.is_dir):
+            raise UpstreamError(f"the directory origin {root} does not exist or is not a directory")
+        if not await asyncio.to_thread(os.access, root, os.R_OK | os.X_OK):
+            raise UpstreamError(f"the directory origin {root} is not readable")
+        return f"directory {root} is readable"
+
     def path_of(self, image_id: str) -> Path:
         """The file of ``image_id``; ids are validated at the edge, this is a second fence."""
         if not image_id or "/" in image_id or "\0" in image_id or image_id.startswith("."):

@@ -8,7 +8,8 @@ account when it has one (``identity``), and no identity otherwise.
 
 - ``info``: ``GET /v2/images/{id}`` → size, ``checksum`` (md5),
   ``os_hash_algo``/``os_hash_value``. A status other than ``active`` raises
-  ``UpstreamNotActive``.
+  ``UpstreamNotActive``; for ``deactivated`` it carries the image's info, as
+  Glance still serves its data to admins.
 - ``stream``: ``GET /v2/images/{id}/file`` (with ``Range`` for a part). Glance
   answers 204 for an image without data: ``UpstreamNotActive``.
   ``open_source`` is the same GET for a whole image, read with blocking calls
@@ -42,6 +43,7 @@ For the server's passthrough proxy:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from typing import Any
@@ -92,10 +94,8 @@ class GlanceUpstream(Upstream):
 
     async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
         try:
-            async with self._client.session().get(
-                self._image_url(image_id),
-                headers=await self._headers(caller),
-                timeout=self._client.short_timeout,
+            async with self._client.fetch(
+                "GET", self._image_url(image_id), await self._headers(caller), short=True
             ) as response:
                 raise_for_status(response, image_id, "image lookup")
                 document = await response.read()
@@ -103,9 +103,7 @@ class GlanceUpstream(Upstream):
             raise UpstreamError(f"image {image_id!r}: Glance lookup failed: {exc!r}") from exc
         image = _parse_image(image_id, document)
         status = str(image.get("status"))
-        if status != "active":
-            raise UpstreamNotActive(image_id, status)
-        return ImageInfo(
+        info = ImageInfo(
             image_id=image_id,
             size=_int_or_none(image.get("size")),
             checksum=_str_or_none(image.get("checksum")),
@@ -113,6 +111,13 @@ class GlanceUpstream(Upstream):
             hash_value=_str_or_none(image.get("os_hash_value")),
             status=status,
         )
+        if status == "deactivated":
+            # Its data is still there: Glance's file route gives it to admins
+            # and answers 403 to everyone else, so the download decides.
+            raise UpstreamNotActive(image_id, status, info)
+        if status != "active":
+            raise UpstreamNotActive(image_id, status)
+        return info
 
     async def stream(
         self,
@@ -124,14 +129,13 @@ class GlanceUpstream(Upstream):
         if end is not None and end <= start:
             return
         ranged = range_header(start, end)
-        try:
-            response = await self._client.session().get(
-                self._image_url(image_id, "/file"),
-                headers={**await self._headers(caller), **ranged},
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"image {image_id!r}: Glance download failed: {exc!r}") from exc
-        async with response:
+        url = self._image_url(image_id, "/file")
+        headers = {**await self._headers(caller), **ranged}
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                response = await stack.enter_async_context(self._client.fetch("GET", url, headers))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamError(f"image {image_id!r}: Glance download failed: {exc!r}") from exc
             raise_for_status(response, image_id, "download")
             if response.status == 204:
                 raise UpstreamNotActive(image_id, "without data")
@@ -146,13 +150,18 @@ class GlanceUpstream(Upstream):
             raise UpstreamNotActive(image_id, "without data")
         return source
 
+    async def check_reachable(self) -> str:
+        # Glance's version document needs no identity.
+        return await self._client.reachable(f"{self.base_url}/versions", "Glance API")
+
     async def check_access(self, image_id: str, caller: Caller) -> None:
         # See the module docstring for why the file route and not the metadata.
         try:
-            async with self._client.session().get(
+            async with self._client.fetch(
+                "GET",
                 self._image_url(image_id, "/file"),
-                headers={**await self._headers(caller), "Range": "bytes=0-0"},
-                timeout=self._client.short_timeout,
+                {**await self._headers(caller), "Range": "bytes=0-0"},
+                short=True,
             ) as response:
                 # 416: the image is empty, yet the policy check passed to get there.
                 if response.status != 416:

@@ -11,6 +11,11 @@ bytes comes from a HEAD (a GET of the first byte when HEAD is refused):
   ``http_checksum_sidecar`` is set, sidecar files ``<url>.sha512``,
   ``<url>.sha256``, ``<url>.md5`` (``sha256sum`` output format).
 
+Every request (HEAD, the ranged GET that stands in for it, sidecars, GETs
+of whole images and ranges) follows redirects the same way, through
+``HttpClient.fetch`` or, for the fill pump, ``http_source.open_get``; the
+glance upstream uses the same two.
+
 ``ETag`` is deliberately *not* read as an md5 even when it looks like one: a
 32-hex ETag that is something else (a content hash of another kind, a
 version id) would fail verification on every fill, aborting every download
@@ -22,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import re
-from collections.abc import AsyncGenerator, Mapping
-from urllib.parse import quote
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
@@ -32,7 +38,14 @@ from imagecache.errors import ConfigurationError, UpstreamError
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
 from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
-from imagecache.upstreams.http_source import HttpSource, check_status, open_get
+from imagecache.upstreams.http_source import (
+    MAX_REDIRECTS,
+    REDIRECTS,
+    HttpSource,
+    check_status,
+    open_get,
+    without_identity,
+)
 
 # Hex digest length per algorithm, to reject garbage before it becomes a promise.
 _HEX_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
@@ -63,6 +76,61 @@ class HttpClient:
     async def open_get(self, url: str, headers: Mapping[str, str], image_id: str) -> HttpSource:
         """A whole body for the fill pump (``http_source``), the GET sent off the loop."""
         return await asyncio.to_thread(open_get, url, headers, self._timeout, image_id)
+
+    @contextlib.asynccontextmanager
+    async def fetch(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        short: bool = False,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One ``GET`` or ``HEAD`` of an upstream, following redirects as the fill pump does.
+
+        Every request of an upstream goes through here, so all of them follow
+        the same redirects: aiohttp follows none for HEAD, and a redirecting
+        origin's ``Content-Length: 0`` was once taken for the image's size.
+        At most ``MAX_REDIRECTS`` hops; the caller's identity headers are not
+        sent to another origin than the one configured (``open_get`` does the
+        same). ``short``: a metadata call, the whole exchange within the
+        upstream timeout (``short_timeout``). aiohttp's errors are the
+        caller's to translate.
+        """
+        origin = urlsplit(url)[:2]
+        sent = dict(headers)
+        session = self.session()
+        for _ in range(MAX_REDIRECTS + 1):
+            if short:
+                response = await session.request(
+                    method, url, headers=sent, allow_redirects=False, timeout=self.short_timeout
+                )
+            else:
+                response = await session.request(method, url, headers=sent, allow_redirects=False)
+            location = response.headers.get("Location")
+            if response.status in REDIRECTS and location:
+                response.release()
+                url = urljoin(url, location)
+                if urlsplit(url)[:2] != origin:
+                    sent = without_identity(sent)
+                continue
+            try:
+                yield response
+            finally:
+                response.release()
+            return
+        raise UpstreamError(f"{method} {url}: more than {MAX_REDIRECTS} redirects upstream")
+
+    async def reachable(self, url: str, what: str) -> str:
+        """HEAD ``url``; any answer below 500 means the origin is up (raises UpstreamError)."""
+        try:
+            async with self.fetch("HEAD", url, {}, short=True) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(f"the {what} at {url} does not answer: {exc!r}") from exc
+        if status >= 500:
+            raise UpstreamError(f"the {what} at {url} answers HTTP {status}")
+        return f"the {what} at {url} answers (HTTP {status})"
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -198,36 +266,44 @@ class HttpUpstream(Upstream):
     ) -> AsyncGenerator[bytes, None]:
         if end is not None and end <= start:
             return
-        headers = {"Accept-Encoding": "identity", **range_header(start, end)}
-        try:
-            response = await self._client.session().get(self.url(image_id), headers=headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"image {image_id!r}: upstream GET failed: {exc!r}") from exc
-        async with response:
+        ranged = range_header(start, end)
+        headers = {"Accept-Encoding": "identity", **ranged}
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                response = await stack.enter_async_context(
+                    self._client.fetch("GET", self.url(image_id), headers)
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamError(f"image {image_id!r}: upstream GET failed: {exc!r}") from exc
             raise_for_status(response, image_id, "GET")
-            async for chunk in read_body(response, image_id, start, end, bool(headers)):
+            async for chunk in read_body(response, image_id, start, end, bool(ranged)):
                 yield chunk
 
     async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
         headers = {"Accept-Encoding": "identity"}
         return await self._client.open_get(self.url(image_id), headers, image_id)
 
+    async def check_reachable(self) -> str:
+        # The origin's root, not an image: any answer means it is up.
+        parts = urlsplit(self.url_template)
+        root = f"{parts.scheme}://{parts.netloc}/"
+        return await self._client.reachable(root, "http origin")
+
     async def close(self) -> None:
         await self._client.close()
 
     async def _head(self, image_id: str, url: str) -> Mapping[str, str]:
-        session = self._client.session()
-        timeout = self._client.short_timeout
+        fetch = self._client.fetch
         plain = {"Accept-Encoding": "identity"}
         try:
-            async with session.head(url, headers=plain, timeout=timeout) as response:
+            async with fetch("HEAD", url, plain, short=True) as response:
                 if response.status not in (405, 501):
                     raise_for_status(response, image_id, "HEAD")
                     return response.headers
             # Some origins (Glance's file route among them) refuse HEAD; the
             # first byte's headers carry the same promises.
             ranged = {**plain, "Range": "bytes=0-0"}
-            async with session.get(url, headers=ranged, timeout=timeout) as response:
+            async with fetch("GET", url, ranged, short=True) as response:
                 raise_for_status(response, image_id, "GET")
                 return response.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -240,13 +316,11 @@ class HttpUpstream(Upstream):
     async def _sidecar(self, url: str, algo: str) -> str | None:
         """The digest in ``<url>.<algo>``, or None if there is no usable one."""
         try:
-            async with self._client.session().get(
-                f"{url}.{algo}", timeout=self._client.short_timeout
-            ) as response:
+            async with self._client.fetch("GET", f"{url}.{algo}", {}, short=True) as response:
                 if response.status != 200:
                     return None
                 text = (await response.content.read(4096)).decode("ascii", "replace")
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError, UpstreamError):
             # A sidecar is an optional extra promise; without it we verify less.
             return None
         words = text.split()

@@ -31,9 +31,14 @@ from imagecache.errors import UpstreamError, UpstreamForbidden, UpstreamNotFound
 from imagecache.upstreams.base import IDENTITY_HEADERS
 
 MAX_REDIRECTS = 5
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _IDENTITY = frozenset(name.lower() for name in IDENTITY_HEADERS)
 _Failures = (OSError, http.client.HTTPException)
+
+
+def without_identity(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` without the caller's identity: for a redirect to another origin."""
+    return {k: v for k, v in headers.items() if k.lower() not in _IDENTITY}
 
 
 def check_status(status: int, image_id: str, what: str) -> None:
@@ -129,11 +134,11 @@ def open_get(url: str, headers: Mapping[str, str], timeout: float, image_id: str
     for _ in range(MAX_REDIRECTS + 1):
         connection, response = _get(url, sent, timeout, image_id)
         location = response.getheader("Location")
-        if response.status in _REDIRECTS and location:
+        if response.status in REDIRECTS and location:
             connection.close()
             url = urljoin(url, location)
             if urlsplit(url)[:2] != origin:
-                sent = {k: v for k, v in sent.items() if k.lower() not in _IDENTITY}
+                sent = without_identity(sent)
             continue
         try:
             check_status(response.status, image_id, "GET")

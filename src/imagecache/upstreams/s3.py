@@ -100,6 +100,14 @@ class S3Upstream(Upstream):
             config=self._config,
         )
 
+    async def check_reachable(self) -> str:
+        client = await self._s3()
+        try:
+            await asyncio.to_thread(client.head_bucket, Bucket=self.bucket)
+        except self._failures as exc:
+            raise UpstreamError(f"the s3 bucket {self.bucket!r} cannot be reached: {exc}") from exc
+        return f"s3 bucket {self.bucket!r} answers"
+
     async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
         client = await self._s3()
         try:
