@@ -326,7 +326,7 @@ class FillWriter:
         """Have ``copy_into(fd, count)`` put the next chunk into the cache file in the kernel.
 
         The hash thread then reads those bytes from the page cache, so they
-        never pass through a buffer of ours: measured in docs/benchmarks.md as
+        never pass through a buffer of ours: measured in docs/benchmarks-log.md as
         the cheapest way to fill from a local file. Returns the bytes copied,
         0 at the end, or None when there is no kernel copy to make (a verify-only
         fill, a source that cannot, a copy that failed): ``write_from`` then

@@ -489,7 +489,7 @@ class FillCoordinator:
         there); the event loop only hears of progress, at most one
         callback pending at a time, so readers wake as bytes land without the
         loop taking part in moving them. Measured against the per-chunk trips
-        through the loop and the disk executor in docs/benchmarks.md.
+        through the loop and the disk executor in docs/benchmarks-log.md.
         """
         loop = asyncio.get_running_loop()
         stop = threading.Event()

@@ -207,7 +207,7 @@ class Settings(BaseSettings):
     Worth turning on where images are far larger than memory, or on VMs that hand idle
     memory back to the hypervisor, where page cache made from fresh memory costs ten
     times more: there it made 1 GiB misses 1.43x faster (docs/service.md;
-    docs/benchmarks.md, "Miss path work, part 5")."""
+    docs/benchmarks-log.md, "Miss path work, part 5")."""
 
     # --- the service ----------------------------------------------------------------
     bind_host: str = "127.0.0.1"
@@ -237,7 +237,7 @@ class Settings(BaseSettings):
     """The nice value (-20..19) of the thread that hashes a fill; unset = the process's
     own. The hash bounds a fill; on a busy machine a priority above the rest of the
     process (negative: needs CAP_SYS_NICE or LimitNICE=) keeps it on a CPU. Measured +12%
-    on a 2-vCPU VM (docs/benchmarks.md)."""
+    on a 2-vCPU VM (docs/benchmarks-log.md)."""
     http_checksum_sidecar: bool = False
     """http upstream: also fetch `<url>.sha512` / `.sha256` / `.md5` files for checksums."""
     s3_endpoint_url: str | None = None

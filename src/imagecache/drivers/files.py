@@ -80,7 +80,7 @@ class _Flusher:
     ``sync_file_range`` had already written every page back: the time goes to
     the device flushing its own write cache, which only an fsync asks for.
     Flushing in step with the fill overlaps that with the copy and leaves the
-    commit ~10 ms (docs/benchmarks.md, "Miss path work").
+    commit ~10 ms (docs/benchmarks-log.md, "Miss path work").
 
     With ``drop_behind`` each flush is followed by dropping the clean pages
     more than ``DROP_BEHIND_LAG`` behind it from the page cache (see the

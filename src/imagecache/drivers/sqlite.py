@@ -5,7 +5,7 @@ mode, retries "database is locked" by hand and swallows database errors; here it
 manages ~300 recorded hits per second. This driver keeps one connection per
 thread in WAL mode, lets sqlite's busy handler wait for writers, and lets every
 error surface as ``CacheStoreError``: tens of thousands of hits per second (see
-docs/benchmarks.md).
+docs/benchmarks-log.md).
 
 The table is Glance's ``cached_images`` with columns added, so a Glance
 ``cache.db`` is upgraded in place on first open; ``PRAGMA user_version`` holds

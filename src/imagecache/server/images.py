@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 # A range starting at most this far past what a fill in progress has written
-# waits for the fill (about 50 ms at the fill rates in docs/benchmarks.md)
+# waits for the fill (about 50 ms at the fill rates in docs/benchmarks-log.md)
 # rather than reading the origin a second time.
 RANGE_FOLLOW_AHEAD = 32 * 1024 * 1024
 # A request whose fill ended uncommitted before it sent a byte starts over this many times.
@@ -336,7 +336,7 @@ def _corked(sock: socket.socket | None) -> Iterator[None]:
     plus a 53-byte one (the loopback MSS is 65,483), each costing the client a
     wake-up. One-client 1 GiB hits: 1,884 MiB/s uncorked, 2,528 corked, nginx
     (which corks: ``tcp_nopush on``) 2,267 in the same rounds
-    (docs/benchmarks.md, "The one-client hit: TCP_CORK"). Uncorking sends the
+    (docs/benchmarks-log.md, "The one-client hit: TCP_CORK"). Uncorking sends the
     last partial segment at once, not 200 ms later.
     """
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):

@@ -2,7 +2,7 @@
 
 Why not aiohttp, the project's HTTP client everywhere else: a fill moves every
 byte of an image, and on that path aiohttp cost more than the rest of the
-fill's plumbing. Measured (docs/benchmarks.md, "Miss path work"): reading
+fill's plumbing. Measured (docs/benchmarks-log.md, "Miss path work"): reading
 512 MiB from nginx on loopback took 0.21 s of CPU through aiohttp's
 ``iter_any`` (about 2,000 pieces, each one a trip through the event loop and
 then to the disk executor) and 0.085 s through ``http.client`` reading
