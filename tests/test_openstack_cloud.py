@@ -124,11 +124,12 @@ def _serve(
     identity: Mapping[str, str],
 ) -> subprocess.Popen[bytes]:
     """``imagecache serve`` in front of the cloud's Glance, as the given Keystone account."""
+    if identity:
+        identity = {**identity, "IMAGECACHE_KEYSTONE__TOKEN_CACHE_TTL": "2"}
     env = {
         **os.environ,
         "IMAGECACHE_LOG_LEVEL": "INFO",
         **identity,
-        "IMAGECACHE_KEYSTONE__TOKEN_CACHE_TTL": "2",
         "IMAGECACHE_QUEUE_INTERVAL": "0.5",
         "IMAGECACHE_AUTH_CACHE_TTL": "0",
     }
@@ -382,6 +383,24 @@ def test_the_same_with_an_application_credential(cloud: Cloud, tmp_path: Path) -
         data = (cache_dir / cloud.private).read_bytes()
         assert hashlib.sha256(data).hexdigest() == cloud.private_sha256
         assert values["KEYSTONE_PEER_APPCRED_IMAGECACHE_SECRET"] not in log_path.read_text()
+    finally:
+        _stop(process)
+
+
+def test_a_cache_without_an_account_says_why_it_cannot_prefetch_a_private_image(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    log_path = tmp_path / "serve.log"
+    process = _serve(cloud.ks, cloud.glance_port, free_port(), cache_dir, log_path, {})
+    try:
+        _queue_on_disk(cache_dir, cloud.private)
+        deadline = time.monotonic() + 60
+        while "needs a role that may download this image" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        assert not (cache_dir / cloud.private).exists()
     finally:
         _stop(process)
 

@@ -269,6 +269,15 @@ class Prefetcher:
                     await asyncio.sleep(delay)
                     continue
                 message = str(exc) or type(exc).__name__
+                refused = isinstance(exc, UpstreamNotFound | UpstreamForbidden)
+                if caller.service and refused and self.upstream.kind == "glance":
+                    # Glance answers 404 for a private image the asker may not
+                    # see: for the cache's own account that is a missing role.
+                    message += (
+                        " (the cache fetched it as itself: its Keystone account, or no "
+                        "identity without [keystone], needs a role that may download this "
+                        "image, admin for other projects' private images; docs/openstack.md)"
+                    )
                 log.warning("prefetch of %s failed after %d tries: %s", image_id, attempt, message)
                 await self._run(self._note_failure, image_id, message, attempt)
                 return PrefetchOutcome.FAILED, message
