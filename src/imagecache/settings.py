@@ -10,9 +10,10 @@ silently leaves a default in place.
 
 from __future__ import annotations
 
+import hmac
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -26,6 +27,13 @@ from imagecache.errors import ConfigurationError
 
 GiB = 1024**3
 MiB = 1024**2
+# The shortest secret accepted. A token is a bearer credential compared with
+# what any caller sends, so it must not be guessable: 16 characters of a
+# random token (``openssl rand -hex 16`` gives 32) is at least 64 bits even
+# when only hex digits are used, while an empty value (an unset shell
+# variable expanded to nothing), a word or a PIN is refused at start-up rather
+# than quietly making every caller match it.
+MIN_SECRET_LENGTH = 16
 
 DriverName = Literal["sqlite", "xattr", "central"]
 AbandonPolicy = Literal["finish", "abort"]
@@ -110,6 +118,26 @@ class Settings(BaseSettings):
     node_dead_after: float = Field(default=20.0, gt=0)
     cluster_token: SecretStr | None = None
 
+    @field_validator("*")
+    @classmethod
+    def _a_real_secret(cls, value: Any) -> Any:
+        # Every SecretStr setting, present and future, gets this check (not a
+        # list of names a new secret could be left out of). The message never
+        # contains the value: it ends up in logs and terminals.
+        if not isinstance(value, SecretStr):
+            return value
+        secret = value.get_secret_value()
+        if not secret.strip():
+            raise ValueError("is empty or only whitespace; leave it unset or give a real secret")
+        if secret != secret.strip():
+            raise ValueError("starts or ends with whitespace (a copy-and-paste slip?)")
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"is shorter than {MIN_SECRET_LENGTH} characters; "
+                "use a random token, e.g. `openssl rand -hex 16`"
+            )
+        return value
+
     @field_validator("image_cache_sqlite_db")
     @classmethod
     def _plain_file_name(cls, value: str) -> str:
@@ -155,10 +183,35 @@ class Settings(BaseSettings):
 
     def _explicit_values(self) -> dict[str, Any]:
         values = self.model_dump()
-        for key in ("admin_token", "cluster_token"):
+        for key in secret_settings():
             secret = getattr(self, key)
             values[key] = secret.get_secret_value() if secret is not None else None
         return values
+
+
+def secret_settings() -> tuple[str, ...]:
+    """The names of every secret setting (every ``SecretStr`` field), in declaration order."""
+    return tuple(
+        name
+        for name, field in Settings.model_fields.items()
+        if SecretStr in get_args(field.annotation) or field.annotation is SecretStr
+    )
+
+
+def secret_matches(secret: SecretStr | None, given: str | None) -> bool:
+    """Whether a request's ``given`` credential is ``secret``; the one comparison of secrets.
+
+    False when the secret is unset or empty and when nothing (or an empty
+    value) was given, whatever the other side: an unset secret matches no
+    header, so a missing setting can never let a caller in. Constant time in
+    the content (``hmac.compare_digest``).
+    """
+    if secret is None or given is None:
+        return False
+    expected = secret.get_secret_value()
+    if not expected or not given:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:

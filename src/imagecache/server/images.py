@@ -38,6 +38,7 @@ from imagecache.fills import (
 )
 from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import caller_from
+from imagecache.server.delivery import count_sent
 from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
 from imagecache.server.state import STATE, ServiceState
 from imagecache.upstreams.base import Caller
@@ -279,6 +280,7 @@ async def _send_span(
             # Content-Length forever; so send on, and fail loudly if nothing goes.
             if sent <= 0:
                 raise ImageCacheError(f"cached file ended at byte {offset} while being sent")
+            count_sent(request, sent)  # past aiohttp's writer: the access log counts it here
             offset += sent
             count -= sent
 

@@ -29,6 +29,8 @@ from types import FrameType
 
 from aiohttp import web
 
+from imagecache.errors import ConfigurationError
+from imagecache.logsafe import EscapingFilter
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
 from imagecache.settings import Settings
 
@@ -39,16 +41,6 @@ def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; returns when every worker has stopped."""
     _configure_logging()
     sock = _listen(settings.bind_host, settings.bind_port)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    log.info(
-        "imagecache serving on http://%s:%d with %d worker(s), upstream %s, cache %s",
-        shown,
-        port,
-        settings.workers,
-        settings.upstream,
-        settings.image_cache_dir,
-    )
     if settings.workers == 1:
         asyncio.run(_serve_socket(settings, sock))
         return
@@ -86,7 +78,15 @@ def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        # The bare "[Errno 98] Address already in use" names no address.
+        raise ConfigurationError(
+            f"bind_host/bind_port: cannot listen on {_shown(host)}:{port}: "
+            f"{exc.strerror or exc}"
+        ) from exc
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -116,6 +116,18 @@ async def _serve_socket(
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
+    # Only now: a start that fails (database missing, node URL taken) must not
+    # have said "serving" first.
+    host, port = sock.getsockname()[:2]
+    log.info(
+        "imagecache serving on http://%s:%d with %d worker(s), upstream %s, cache %s (pid %d)",
+        _shown(host),
+        port,
+        settings.workers,
+        settings.upstream,
+        settings.image_cache_dir,
+        os.getpid(),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +137,10 @@ async def _serve_socket(
     await runner.cleanup()
 
 
+def _shown(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _configure_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -132,3 +148,7 @@ def _configure_logging() -> None:
             format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+    for handler in logging.getLogger().handlers:
+        # Request paths, ids and origin messages reach these lines: escaped, they
+        # cannot forge one (logsafe).
+        handler.addFilter(EscapingFilter())
