@@ -27,10 +27,9 @@ from imagecache.errors import (
     VerificationError,
 )
 from imagecache.fills import FillCoordinator
-from imagecache.logsafe import escape
 from imagecache.server import cache_api, images, operations, proxy
 from imagecache.server.auth import AccessCache
-from imagecache.server.delivery import delivery_of, on_prepare, track
+from imagecache.server.delivery import on_prepare, track, write_access_line
 from imagecache.server.metrics import Metrics
 from imagecache.server.queue_worker import QueueWorker
 from imagecache.server.state import STATE, ServiceState
@@ -145,31 +144,12 @@ class AccessLogger(AbstractAccessLogger):
         remote=ADDR method=M path=PATH status=S bytes=SENT completed=yes|no
         request_id=req-UUID duration=SECONDS
 
-    ``bytes`` counts the body bytes actually handed to the socket and
-    ``completed`` says whether that was the whole response. Every field is
-    escaped (``logsafe.escape``): a path with ``%0a`` cannot start a new line.
+    Written by ``delivery.write_access_line``, which also writes it for a
+    response that broke after it started (aiohttp logs no access line then).
     """
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        delivery = delivery_of(request)
-        status = response.status
-        sent, completed, request_id = 0, False, "-"
-        if delivery is not None:
-            status = delivery.status if delivery.status is not None else status
-            sent, completed, request_id = delivery.sent, delivery.completed, delivery.request_id
-        self.logger.info(
-            "remote=%s method=%s path=%s status=%d bytes=%d completed=%s request_id=%s "
-            "duration=%.4f",
-            escape(request.remote or "-"),
-            escape(request.method),
-            escape(request.path),
-            status,
-            sent,
-            "yes" if completed else "no",
-            escape(request_id),
-            time,
-            extra={"escaped": True},
-        )
+        write_access_line(self.logger, request, response.status, time)
 
 
 async def healthcheck(request: web.Request) -> web.StreamResponse:

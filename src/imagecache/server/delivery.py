@@ -13,11 +13,15 @@ here, which is also what the access log line names.
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from imagecache.logsafe import escape
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -34,6 +38,8 @@ class Delivery:
     head_only: bool = False  # a response that has no body by definition
     sent: int = 0  # body bytes handed to the socket
     failed: bool = False  # the handler raised after the response had started
+    logged: bool = False  # its access line is written
+    started: float = field(default_factory=time.monotonic)
 
     def count(self, body_bytes: int, _output_size: int = 0) -> None:
         self.sent += body_bytes
@@ -79,7 +85,51 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
     except BaseException:
         if delivery.status is not None:
             delivery.failed = True
+            # aiohttp writes no access line for a response that broke after
+            # it started (it cannot send its own 500 then): write it here.
+            write_access_line(
+                ACCESS_LOG, request, delivery.status, time.monotonic() - delivery.started
+            )
         raise
+
+
+ACCESS_LOG = logging.getLogger("imagecache.access")
+
+
+def write_access_line(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    request: web.BaseRequest,
+    status: int,
+    duration: float,
+) -> None:
+    """The request's one access line (docs/service.md, "The access log"); once per request.
+
+    ``bytes`` counts the body bytes actually handed to the socket and
+    ``completed`` says whether that was the whole response. Every field is
+    escaped (``logsafe.escape``) and the path is logged still percent-encoded
+    (as in the request line), so a path with ``%0a`` or a space cannot start a
+    line or a field of its own.
+    """
+    delivery = delivery_of(request)
+    sent, completed, request_id = 0, False, "-"
+    if delivery is not None:
+        if delivery.logged:
+            return
+        delivery.logged = True
+        status = delivery.status if delivery.status is not None else status
+        sent, completed, request_id = delivery.sent, delivery.completed, delivery.request_id
+    logger.info(
+        "remote=%s method=%s path=%s status=%d bytes=%d completed=%s request_id=%s duration=%.4f",
+        escape(request.remote or "-"),
+        escape(request.method),
+        escape(request.rel_url.raw_path),
+        status,
+        sent,
+        "yes" if completed else "no",
+        escape(request_id),
+        duration,
+        extra={"escaped": True},
+    )
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

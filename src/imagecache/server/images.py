@@ -231,7 +231,7 @@ async def _serve_hit(
         if request.method == "HEAD" or count == 0:
             await response.write_eof()
         else:
-            await _send_span(request, response, state, hit.handle, offset, count)
+            await _send_span(request, response, state, hit.handle, offset, count, own_handle=True)
             await response.write_eof()
         state.metrics.bytes_from_cache.inc(0 if request.method == "HEAD" else count)
         if whole:
@@ -255,11 +255,17 @@ async def _send_span(
     handle: BinaryIO,
     offset: int,
     count: int,
+    *,
+    own_handle: bool = False,
 ) -> None:
     """Send ``count`` bytes of the file from ``offset``: zero-copy, else read/write (TLS).
 
     Only for a body with a Content-Length: ``loop.sendfile`` writes to the
     transport directly, past aiohttp's chunked framing.
+
+    ``own_handle``: the handle is this request's alone (a hit), so its file
+    position may be used to learn how much a failed ``sendfile`` had sent
+    (asyncio leaves it just past the last byte sent), for the access log.
     """
     transport = request.transport
     if transport is None:
@@ -267,6 +273,8 @@ async def _send_span(
     loop = asyncio.get_running_loop()
     with _corked(transport.get_extra_info("socket")):
         while count > 0:
+            if own_handle:
+                os.lseek(handle.fileno(), offset, os.SEEK_SET)  # no disk access
             try:
                 # fallback=False: asyncio's own fallback seeks and reads the file
                 # object, and readers of one fill share it; our pread path below is
@@ -275,6 +283,10 @@ async def _send_span(
             except (NotImplementedError, asyncio.SendfileNotAvailableError):
                 await _copy_span(response, state, handle, offset, count)  # TLS, odd files
                 return
+            except BaseException:
+                if own_handle:
+                    count_sent(request, os.lseek(handle.fileno(), 0, os.SEEK_CUR) - offset)
+                raise
             # asyncio returns a short count when os.sendfile meets the end of the
             # file. Ignoring it would leave the client waiting for the rest of its
             # Content-Length forever; so send on, and fail loudly if nothing goes.

@@ -84,8 +84,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         # The bare "[Errno 98] Address already in use" names no address.
         raise ConfigurationError(
-            f"bind_host/bind_port: cannot listen on {_shown(host)}:{port}: "
-            f"{exc.strerror or exc}"
+            f"bind_host/bind_port: cannot listen on {_shown(host)}:{port}: {exc.strerror or exc}"
         ) from exc
     sock.listen(1024)
     sock.setblocking(False)
