@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     # "KIND:TARGET", e.g. "directory:/srv/images" or "glance:http://127.0.0.1:9292".
     upstream: str | None = None
     upstream_timeout: float = Field(default=30.0, gt=0)
+    # The base URL clients reach this service at, e.g. "https://cache.edge1:9393",
+    # for the links of /versions and the redirect of GET /v2. None: each
+    # request's own scheme and Host header (right unless a TLS terminator or a
+    # load balancer stands in front).
+    public_url: str | None = None
     admin_token: SecretStr | None = None
     # Only behind a proxy that authenticates callers and sets X-Roles itself.
     trust_identity_headers: bool = False
@@ -143,6 +148,15 @@ class Settings(BaseSettings):
     def _plain_file_name(cls, value: str) -> str:
         if not value or "/" in value or value in {".", ".."}:
             raise ValueError("must be a plain file name inside image_cache_dir")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")) or "?" in value or "#" in value:
+            raise ValueError("must be an http:// or https:// base URL without query")
         return value
 
     @field_validator("upstream")

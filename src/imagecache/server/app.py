@@ -211,6 +211,7 @@ def create_app(
     cache_api.add_routes(app)
     app.router.add_get("/", proxy.versions)
     app.router.add_get("/versions", proxy.versions)
+    app.router.add_get("/v2", proxy.v2_root)
     app.router.add_route("*", "/v2/images/{image_id:[^/]+}", proxy.relay)
     app.router.add_route("*", "/v2/{tail:.*}", proxy.relay)
 

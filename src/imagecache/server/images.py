@@ -189,9 +189,8 @@ async def _await_commit(hit: _Hit) -> None:
 
 def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
     """In a thread: open the committed file and read its record (None on a miss)."""
-    try:
-        handle = open(state.cache.driver.layout.active_path(image_id), "rb")  # noqa: SIM115
-    except FileNotFoundError:
+    handle = state.cache.driver.layout.open_committed(image_id)  # never through a symlink
+    if handle is None:
         return None
     try:
         size = os.fstat(handle.fileno()).st_size

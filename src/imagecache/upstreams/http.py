@@ -31,7 +31,7 @@ import aiohttp
 from imagecache.errors import ConfigurationError, UpstreamError
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
-from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
+from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream, describe_failure
 from imagecache.upstreams.http_source import HttpSource, check_status, open_get
 
 # Hex digest length per algorithm, to reject garbage before it becomes a promise.
@@ -142,7 +142,8 @@ async def read_body(
             yield chunk
     except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
         raise UpstreamError(
-            f"image {image_id!r}: upstream body failed after {received} bytes: {exc!r}"
+            f"image {image_id!r}: upstream body failed after {received} bytes: "
+            f"{describe_failure(exc)}"
         ) from exc
     if expected is not None and received != expected:
         raise UpstreamError(
@@ -202,7 +203,9 @@ class HttpUpstream(Upstream):
         try:
             response = await self._client.session().get(self.url(image_id), headers=headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"image {image_id!r}: upstream GET failed: {exc!r}") from exc
+            raise UpstreamError(
+                f"image {image_id!r}: upstream GET failed: {describe_failure(exc)}"
+            ) from exc
         async with response:
             raise_for_status(response, image_id, "GET")
             async for chunk in read_body(response, image_id, start, end, bool(headers)):
@@ -231,7 +234,9 @@ class HttpUpstream(Upstream):
                 raise_for_status(response, image_id, "GET")
                 return response.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"image {image_id!r}: upstream HEAD failed: {exc!r}") from exc
+            raise UpstreamError(
+                f"image {image_id!r}: upstream HEAD failed: {describe_failure(exc)}"
+            ) from exc
 
     async def _read_sidecars(self, url: str) -> dict[str, str]:
         names = await asyncio.gather(*(self._sidecar(url, name) for name in _SIDECARS))
