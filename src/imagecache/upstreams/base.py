@@ -137,7 +137,7 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection before answering"
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return "the response body was cut off"
+        return "the response body was cut off (incomplete payload)"
     if isinstance(exc, aiohttp.ClientResponseError):
         return f"HTTP {exc.status} {exc.message}".rstrip()
     if isinstance(exc, TimeoutError):
