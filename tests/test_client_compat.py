@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from central_db import postgres_url, require_postgres
-from imagecache.server.app import create_app
+from imagecache.server.app import AccessLogger, create_app
 from imagecache.settings import Settings
 from server_helpers import directory_app, image_bytes, put_image
 
@@ -191,6 +193,38 @@ async def test_versions_and_the_v2_redirect_name_this_service(
     assert origin_base not in json.dumps(document)
     # Glance answers GET /v2 with 302 and an absolute Location of /v2/.
     assert (status, location) == (302, f"{expected}/v2/")
+
+
+async def test_a_relayed_response_keeps_the_origins_request_id(
+    aiohttp_server: Any, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    origin_id = "req-00000000-1111-2222-3333-444444444444"
+
+    async def images(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"images": []}, headers={"x-openstack-request-id": origin_id})
+
+    app = web.Application()
+    app.router.add_get("/v2/images", images)
+    origin = await aiohttp_server(app)
+    settings = make_settings(upstream=f"glance:{str(origin.make_url('')).rstrip('/')}")
+    proxy = TestServer(create_app(settings))
+    await proxy.start_server(
+        access_log_class=AccessLogger, access_log=logging.getLogger("imagecache.access")
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="imagecache.access"):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{_base(proxy)}/v2/images") as response,
+            ):
+                assert response.status == 200
+                assert response.headers.getall("x-openstack-request-id") == [origin_id]
+            deadline = time.monotonic() + 5
+            while not any(origin_id in message for message in caplog.messages):
+                assert time.monotonic() < deadline, caplog.messages
+                await asyncio.sleep(0.02)
+    finally:
+        await proxy.close()
 
 
 # --- failures said in words ------------------------------------------------------------------
