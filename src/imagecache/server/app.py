@@ -29,7 +29,7 @@ from imagecache.errors import (
 from imagecache.fills import FillCoordinator
 from imagecache.server import cache_api, images, operations, proxy
 from imagecache.server.auth import AccessCache
-from imagecache.server.delivery import on_prepare, track, write_access_line
+from imagecache.server.delivery import delivery_of, on_prepare, track, write_access_line
 from imagecache.server.metrics import Metrics
 from imagecache.server.queue_worker import QueueWorker
 from imagecache.server.state import STATE, ServiceState
@@ -77,6 +77,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = error_status(exc)
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.path, exc)
+        delivery = delivery_of(request)
+        if delivery is not None and delivery.status is not None:
+            # Headers (and maybe bytes) are out: a second response would be
+            # written into the first one's body. Let the connection be cut.
+            raise
         return glance_error(request, status, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
