@@ -43,6 +43,26 @@ def test_the_filter_escapes_arguments_and_keeps_numbers() -> None:
     assert record.getMessage() == "a\\nb got 7"
 
 
+def test_a_logged_exceptions_message_cannot_forge_a_line() -> None:
+    try:
+        try:
+            raise OSError("inner\n2026-01-01 INFO imagecache.access: forged")
+        except OSError as inner:
+            raise ValueError("outer\rforged too") from inner
+    except ValueError as exc:
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "failed", (), (type(exc), exc, exc.__traceback__)
+        )
+    assert EscapingFilter().filter(record)
+    text = logging.Formatter().format(record)
+    assert "OSError: inner\\n2026-01-01 INFO imagecache.access: forged" in text
+    assert "ValueError: outer\\rforged too" in text
+    assert "direct cause" in text
+    assert "Traceback (most recent call last):" in text
+    assert not [line for line in text.splitlines() if line.startswith("2026-01-01")]
+    assert "\r" not in text
+
+
 async def test_a_path_with_encoded_newlines_writes_exactly_one_line_per_request(
     tmp_path: Path,
 ) -> None:

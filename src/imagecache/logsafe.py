@@ -11,9 +11,10 @@ passes a handler, so a log call cannot forget it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import traceback
+from collections.abc import Iterator, Mapping
 
-__all__ = ["EscapingFilter", "escape"]
+__all__ = ["EscapingFilter", "escape", "escaped_traceback"]
 
 _NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -43,6 +44,30 @@ def _escaped_arg(value: object) -> object:
     return escape(value)
 
 
+def escaped_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as the logging module prints it, each message on one line.
+
+    The frames come from our own source files; the messages (``str(exc)``,
+    which may quote a path or an origin's answer) are what could carry a
+    newline, so each message line is escaped and the layout kept.
+    """
+    parts = list(_traceback_lines(traceback.TracebackException.from_exception(exc)))
+    return "".join(parts).rstrip("\n")
+
+
+def _traceback_lines(te: traceback.TracebackException) -> Iterator[str]:
+    if te.__cause__ is not None:
+        yield from _traceback_lines(te.__cause__)
+        yield "\nThe above exception was the direct cause of the following exception:\n\n"
+    elif te.__context__ is not None and not te.__suppress_context__:
+        yield from _traceback_lines(te.__context__)
+        yield "\nDuring handling of the above exception, another exception occurred:\n\n"
+    if te.stack:
+        yield "Traceback (most recent call last):\n"
+        yield from te.stack.format()
+    yield escape("".join(te.format_exception_only()).rstrip("\n")) + "\n"
+
+
 class EscapingFilter(logging.Filter):
     """A handler filter that escapes the arguments of every record it sees.
 
@@ -53,6 +78,9 @@ class EscapingFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            # Set here, the formatter uses it as is instead of formatting its own.
+            record.exc_text = escaped_traceback(record.exc_info[1])
         if getattr(record, "escaped", False) or not record.args:
             return True
         if isinstance(record.args, Mapping):
