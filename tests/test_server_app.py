@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -101,7 +102,11 @@ async def test_access_log_has_one_line_per_request_and_no_token(
             await asyncio.sleep(0.01)
     lines = access_lines(caplog)
     assert len(lines) == 2
-    assert lines[0].startswith("method=GET path=/v2/images/img/file status=200 bytes=100000 ")
+    assert re.fullmatch(
+        r"remote=127\.0\.0\.1 method=GET path=/v2/images/img/file status=200 bytes=100000 "
+        r"completed=yes request_id=req-[0-9a-f-]{36} duration=[0-9.]+",
+        lines[0],
+    ), lines[0]
     assert all(TOKEN not in line for line in caplog.messages)
 
 

@@ -134,7 +134,8 @@ class RemoteManager:
         return ServiceError(f"{method} {path} failed (HTTP {status}): {detail}", status)
 
     def _state(self) -> dict[str, Any]:
-        state = self._call("GET", "/v2/cache")
+        # details=true: our queue details beside Glance's document (a Glance ignores it).
+        state = self._call("GET", "/v2/cache?details=true")
         if not isinstance(state, dict):
             raise ServiceError("GET /v2/cache answered no cache state")
         return state

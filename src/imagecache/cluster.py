@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hmac
 import logging
 import random
 import time
@@ -43,7 +42,7 @@ from imagecache.cache import ImageCache
 from imagecache.drivers.central import CentralDriver
 from imagecache.records import ImageInfo
 from imagecache.server.metrics import Metrics
-from imagecache.settings import Settings
+from imagecache.settings import Settings, secret_matches
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 
 log = logging.getLogger(__name__)
@@ -67,12 +66,15 @@ class PeerRequest(enum.Enum):
 
 
 def peer_request(settings: Settings, headers: Mapping[str, str]) -> PeerRequest:
-    """Classify a request by its cluster token (compared in constant time)."""
+    """Classify a request by its cluster token (``secret_matches``: constant time).
+
+    A header that is present but empty is refused like a wrong one: it never
+    matches, even when no cluster token is configured.
+    """
     given = headers.get(CLUSTER_TOKEN_HEADER)
     if given is None:
         return PeerRequest.CLIENT
-    token = settings.cluster_token
-    if token is None or not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+    if not secret_matches(settings.cluster_token, given):
         return PeerRequest.REFUSED
     return PeerRequest.SIBLING
 

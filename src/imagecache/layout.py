@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from imagecache.errors import InvalidImageId
+
+log = logging.getLogger(__name__)
 
 MAX_ID_BYTES = 255  # NAME_MAX on every Linux filesystem we care about
 SUBDIRS = ("incomplete", "invalid", "queue")
@@ -116,6 +121,43 @@ class CacheLayout:
 
     def active_path(self, image_id: str) -> Path:
         return self.base / self.validate(image_id)
+
+    def open_committed(self, image_id: str) -> BinaryIO | None:
+        """Open the committed file of ``image_id`` for reading; None when there is none.
+
+        Never follows a symlink (``O_NOFOLLOW``) and accepts only a regular
+        file (``fstat``): an entry planted in the cache directory, such as a
+        link to ``/etc/passwd`` or to another image, would otherwise be served
+        as this image. Such an entry is quarantined, moved (the link itself,
+        not its target) to ``invalid/`` where ``clean`` removes it, and the
+        image counts as not cached, so the next fill puts a real file there.
+        """
+        path = self.active_path(image_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:  # ELOOP: the name is a symlink
+                raise
+            self._quarantine(path, image_id, "a symlink")
+            return None
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            if regular:
+                # O_NONBLOCK was only there so that opening a planted FIFO cannot hang.
+                os.set_blocking(fd, True)
+                return open(fd, "rb", closefd=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        self._quarantine(path, image_id, "not a regular file")
+        return None
+
+    def _quarantine(self, path: Path, image_id: str, what: str) -> None:
+        log.warning("cache entry %s is %s, never served: moved to %s", path, what, self.invalid_dir)
+        rename_if_exists(path, self.invalid_path(image_id))
 
     def incomplete_path(self, image_id: str) -> Path:
         return self.incomplete_dir / self.validate(image_id)

@@ -114,18 +114,18 @@ class Scrubber:
         throttle = throttle or _Throttle(self.rate, self.stop_event)
         digest = hashlib.new(algo, usedforsecurity=False)
         read = 0
-        path = self.cache.driver.layout.active_path(image_id)
-        try:
-            # Read the file directly, not via open_for_read: a scrub is not a hit.
-            with open(path, "rb") as handle:
-                while chunk := handle.read(CHUNK_SIZE):
-                    digest.update(chunk)
-                    read += len(chunk)
-                    throttle.spend(len(chunk))
-                    if self.stop_event.is_set():
-                        return ScrubOutcome.MISSING, read
-        except FileNotFoundError:
+        # Read the file directly, not via open_for_read: a scrub is not a hit.
+        # Never through a symlink either: a planted one is moved aside there.
+        opened = self.cache.driver.layout.open_committed(image_id)
+        if opened is None:
             return ScrubOutcome.MISSING, read
+        with opened as handle:
+            while chunk := handle.read(CHUNK_SIZE):
+                digest.update(chunk)
+                read += len(chunk)
+                throttle.spend(len(chunk))
+                if self.stop_event.is_set():
+                    return ScrubOutcome.MISSING, read
         if expected is None:
             return self._record_hash(image, read, digest.hexdigest()), read
         if digest.hexdigest() == value:

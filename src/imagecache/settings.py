@@ -14,10 +14,11 @@ docs/settings.md; after adding or changing one, regenerate that file with
 
 from __future__ import annotations
 
+import hmac
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -42,6 +43,13 @@ from imagecache.units import parse_duration, parse_size
 
 GiB = 1024**3
 MiB = 1024**2
+# The shortest secret accepted. A token is a bearer credential compared with
+# what any caller sends, so it must not be guessable: 16 characters of a
+# random token (``openssl rand -hex 16`` gives 32) is at least 64 bits even
+# when only hex digits are used, while an empty value (an unset shell
+# variable expanded to nothing), a word or a PIN is refused at start-up rather
+# than quietly making every caller match it.
+MIN_SECRET_LENGTH = 16
 
 DriverName = Literal["sqlite", "xattr", "central"]
 AbandonPolicy = Literal["finish", "abort"]
@@ -128,6 +136,13 @@ class KeystoneSettings(BaseModel):
     token_cache_size: int = Field(default=10_000, ge=1)
     """At most this many callers' tokens are remembered (least recently used go first)."""
 
+    @field_validator("*")
+    @classmethod
+    def _a_real_credential(cls, value: Any) -> Any:
+        # Empty or blank credentials are refused like every secret; their length
+        # is Keystone's policy, not ours (they are never compared with a header).
+        return _checked_secret(value, 1)
+
     @field_validator("admin_roles")
     @classmethod
     def _some_role(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -161,6 +176,23 @@ class KeystoneSettings(BaseModel):
         )
         auth.check()
         return auth
+
+
+def _checked_secret(value: Any, min_length: int) -> Any:
+    """``value`` if it is no secret or a usable one; ValueError (never showing it) if not."""
+    if not isinstance(value, SecretStr):
+        return value
+    secret = value.get_secret_value()
+    if not secret.strip():
+        raise ValueError("is empty or only whitespace; leave it unset or give a real secret")
+    if secret != secret.strip():
+        raise ValueError("starts or ends with whitespace (a copy-and-paste slip?)")
+    if len(secret) < min_length:
+        raise ValueError(
+            f"is shorter than {min_length} characters; "
+            "use a random token, e.g. `openssl rand -hex 16`"
+        )
+    return value
 
 
 def _revealed(secret: SecretStr | None) -> str | None:
@@ -223,6 +255,10 @@ class Settings(BaseSettings):
     `s3:bucket/prefix` (`serve --help` explains each)."""
     upstream_timeout: Seconds = Field(default=30.0, gt=0)
     """How long a read from the origin may wait for data before it fails."""
+    public_url: str | None = None
+    """The base URL clients reach this service at, e.g. `https://cache.edge1:9393`, for the
+    links of `/versions` and the redirect of `GET /v2`. Unset: each request's own scheme
+    and Host header (right unless a TLS terminator or a load balancer stands in front)."""
     admin_token: SecretStr | None = None
     """Token (`X-Auth-Token`) that makes a caller admin on the management routes."""
     trust_identity_headers: bool = False
@@ -303,11 +339,28 @@ class Settings(BaseSettings):
     worker_restart_window: Seconds = Field(default=60.0, gt=0)
     """The window over which worker restarts are counted."""
 
+    @field_validator("*")
+    @classmethod
+    def _a_real_secret(cls, value: Any) -> Any:
+        # Every SecretStr setting, present and future, gets this check (not a
+        # list of names a new secret could be left out of). The message never
+        # contains the value: it ends up in logs and terminals.
+        return _checked_secret(value, MIN_SECRET_LENGTH)
+
     @field_validator("image_cache_sqlite_db")
     @classmethod
     def _plain_file_name(cls, value: str) -> str:
         if not value or "/" in value or value in {".", ".."}:
             raise ValueError("must be a plain file name inside image_cache_dir")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")) or "?" in value or "#" in value:
+            raise ValueError("must be an http:// or https:// base URL without query")
         return value
 
     @field_validator("upstream")
@@ -362,7 +415,7 @@ class Settings(BaseSettings):
 
     def _explicit_values(self) -> dict[str, Any]:
         values = self.model_dump()
-        for key in ("admin_token", "cluster_token"):
+        for key in secret_settings():
             secret = getattr(self, key)
             values[key] = secret.get_secret_value() if secret is not None else None
         if self.keystone is not None:
@@ -370,6 +423,31 @@ class Settings(BaseSettings):
             for key in ("password", "application_credential_secret"):
                 table[key] = _revealed(getattr(self.keystone, key))
         return values
+
+
+def secret_settings() -> tuple[str, ...]:
+    """The names of every secret setting (every ``SecretStr`` field), in declaration order."""
+    return tuple(
+        name
+        for name, field in Settings.model_fields.items()
+        if SecretStr in get_args(field.annotation) or field.annotation is SecretStr
+    )
+
+
+def secret_matches(secret: SecretStr | None, given: str | None) -> bool:
+    """Whether a request's ``given`` credential is ``secret``; the one comparison of secrets.
+
+    False when the secret is unset or empty and when nothing (or an empty
+    value) was given, whatever the other side: an unset secret matches no
+    header, so a missing setting can never let a caller in. Constant time in
+    the content (``hmac.compare_digest``).
+    """
+    if secret is None or given is None:
+        return False
+    expected = secret.get_secret_value()
+    if not expected or not given:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:

@@ -490,10 +490,9 @@ class FileBackedDriver(Driver):
 
     @contextlib.contextmanager
     def open_for_read(self, image_id: str) -> Iterator[BinaryIO]:
-        try:
-            handle = open(self.layout.active_path(image_id), "rb")  # noqa: SIM115
-        except FileNotFoundError:
-            raise ImageNotCached(image_id) from None
+        handle = self.layout.open_committed(image_id)  # never through a symlink
+        if handle is None:
+            raise ImageNotCached(image_id)
         with handle:
             yield handle
         self.record_hit(image_id)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import html
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
 from imagecache import cluster
@@ -31,6 +33,7 @@ from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
 from imagecache.server import cache_api, disconnects, images, operations, proxy, readiness
 from imagecache.server.auth import AccessCache
+from imagecache.server.delivery import delivery_of, on_prepare, track, write_access_line
 from imagecache.server.metrics import Metrics
 from imagecache.server.queue_worker import QueueWorker
 from imagecache.server.state import STATE, ServiceState
@@ -74,7 +77,7 @@ def error_status(exc: ImageCacheError) -> int:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Translate library errors to statuses, in this one place."""
+    """Translate library errors to statuses, and every error answer to Glance's body, here."""
     try:
         return await handler(request)
     except ImageCacheError as exc:
@@ -83,30 +86,84 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             request.app[STATE].metrics.upstream_errors.inc()
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.path, exc)
-        return web.Response(status=status, text=str(exc))
+        delivery = delivery_of(request)
+        if delivery is not None and delivery.status is not None:
+            # Headers (and maybe bytes) are out: a second response would be
+            # written into the first one's body. Let the connection be cut.
+            raise
+        return glance_error(request, status, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return glance_error(request, exc.status, _message_of(exc), exc.headers)
+
+
+def _message_of(exc: web.HTTPException) -> str:
+    text = exc.text or ""
+    # aiohttp's own answers (no route, wrong method) say only "404: Not Found".
+    if text in ("", f"{exc.status}: {exc.reason}"):
+        return _DEFAULT_EXPLANATION.get(exc.status, exc.reason)
+    return text
+
+
+# webob's explanations, which Glance sends for errors that have no message of their own.
+_DEFAULT_EXPLANATION = {
+    404: "The resource could not be found.",
+    405: "The method is not allowed for this resource.",
+}
+
+
+def glance_error(
+    request: web.BaseRequest,
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """An error answer shaped as Glance (webob) shapes it, so clients show ``message``.
+
+    HTML by default, JSON ``{"message", "code", "title"}`` to a caller that
+    prefers JSON, as webob chooses. python-glanceclient and openstacksdk take
+    the text of the HTML body (tags stripped) or the JSON ``message`` as the
+    exception's details; a plain-text body left the SDK with the reason only.
+    """
+    reason = HTTPStatus(status).phrase if status in _KNOWN_STATUSES else "Error"
+    kept = {
+        name: value
+        for name, value in (headers or {}).items()
+        if name.lower() not in ("content-type", "content-length")
+    }
+    accept = request.headers.get(hdrs.ACCEPT, "")
+    if "application/json" in accept and "text/html" not in accept:
+        return web.json_response(
+            {"message": message, "code": f"{status} {reason}", "title": reason},
+            status=status,
+            headers=kept,
+        )
+    shown = html.escape(message, quote=False)
+    body = (
+        f"<html>\n <head>\n  <title>{status} {reason}</title>\n </head>\n <body>\n"
+        f"  <h1>{status} {reason}</h1>\n  {shown}<br /><br />\n\n\n\n </body>\n</html>"
+    )
+    return web.Response(status=status, text=body, content_type="text/html", headers=kept)
+
+
+_KNOWN_STATUSES = {member.value for member in HTTPStatus}
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request, after its response is sent. Headers are never logged: tokens."""
+    """One line per request, after its response is sent. Headers are never logged: tokens.
+
+    The format (docs/service.md, "The access log")::
+
+        remote=ADDR method=M path=PATH status=S bytes=SENT completed=yes|no
+        request_id=req-UUID duration=SECONDS
+
+    Written by ``delivery.write_access_line``, which also writes it for a
+    response that broke after it started (aiohttp logs no access line then).
+    """
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "method=%s path=%s status=%s bytes=%d duration=%.4f remote=%s",
-            request.method,
-            request.path,
-            response.status,
-            _body_bytes(response),
-            time,
-            request.remote,
-        )
-
-
-def _body_bytes(response: web.StreamResponse) -> int:
-    # body_length counts the headers and misses what sendfile sent; the
-    # declared length is what a completed response carried.
-    if response.content_length is not None:
-        return response.content_length
-    return response.body_length
+        write_access_line(self.logger, request, response.status, time)
 
 
 async def healthcheck(request: web.Request) -> web.StreamResponse:
@@ -146,8 +203,9 @@ def create_app(
         upstream = create_upstream(settings.upstream, settings, identity)
     if cache is None:
         cache = ImageCache(settings)
-    app = web.Application(middlewares=[_errors], client_max_size=1024**2)
-    disconnects.install(app)
+    app = web.Application(middlewares=[track, _errors], client_max_size=1024**2)
+    app.on_response_prepare.append(on_prepare)
+    disconnects.install(app)  # innermost: a client that left is one INFO line
     # Fills ask live siblings before the origin in cluster mode; everything else
     # (proxying, access checks, ranges) talks to the origin itself.
     metrics_ = Metrics(metrics_dir)
@@ -179,6 +237,7 @@ def create_app(
     cache_api.add_routes(app)
     app.router.add_get("/", proxy.versions)
     app.router.add_get("/versions", proxy.versions)
+    app.router.add_get("/v2", proxy.v2_root)
     app.router.add_route("*", "/v2/images/{image_id:[^/]+}", proxy.relay)
     app.router.add_route("*", "/v2/{tail:.*}", proxy.relay)
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import enum
-import hmac
 import ipaddress
 import time
 from collections.abc import Mapping
 
 from imagecache.errors import UpstreamForbidden, UpstreamNotFound
-from imagecache.settings import Settings
+from imagecache.settings import Settings, secret_matches
 from imagecache.upstreams.base import IDENTITY_HEADERS, Caller, Upstream
 
 
@@ -35,15 +34,14 @@ def decide_admin(
 ) -> AdminDecision:
     """Whether a caller is admin for the management API.
 
-    A configured ``admin_token`` wins (constant-time comparison); else, when
+    A configured ``admin_token`` wins (``secret_matches``: constant time, and
+    an empty header never matches); else, when
     ``trust_identity_headers`` is on, an ``admin`` role in ``X-Roles``; with
     neither configured only loopback callers are admin, so a fresh install is
     manageable from its own host and from nowhere else.
     """
     if settings.admin_token is not None:
-        given = headers.get("X-Auth-Token", "")
-        expected = settings.admin_token.get_secret_value()
-        if hmac.compare_digest(given.encode(), expected.encode()):
+        if secret_matches(settings.admin_token, headers.get("X-Auth-Token")):
             return AdminDecision.TOKEN_OK
         if not settings.trust_identity_headers:
             return AdminDecision.TOKEN_WRONG

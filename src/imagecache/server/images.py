@@ -38,6 +38,7 @@ from imagecache.fills import (
 )
 from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import caller_from
+from imagecache.server.delivery import count_sent
 from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
 from imagecache.server.state import STATE, ServiceState
 from imagecache.upstreams.base import Caller
@@ -208,9 +209,8 @@ async def _await_commit(hit: _Hit) -> None:
 
 def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
     """In a thread: open the committed file and read its record (None on a miss)."""
-    try:
-        handle = open(state.cache.driver.layout.active_path(image_id), "rb")  # noqa: SIM115
-    except FileNotFoundError:
+    handle = state.cache.driver.layout.open_committed(image_id)  # never through a symlink
+    if handle is None:
         return None
     try:
         st = os.fstat(handle.fileno())
@@ -268,7 +268,7 @@ async def _serve_hit(
         if request.method == "HEAD" or count == 0:
             await response.write_eof()
         else:
-            await _send_span(request, response, state, hit.handle, offset, count)
+            await _send_span(request, response, state, hit.handle, offset, count, own_handle=True)
             await response.write_eof()
         state.metrics.bytes_from_cache.inc(0 if request.method == "HEAD" else count)
         if whole:
@@ -292,11 +292,17 @@ async def _send_span(
     handle: BinaryIO,
     offset: int,
     count: int,
+    *,
+    own_handle: bool = False,
 ) -> None:
     """Send ``count`` bytes of the file from ``offset``: zero-copy, else read/write (TLS).
 
     Only for a body with a Content-Length: ``loop.sendfile`` writes to the
     transport directly, past aiohttp's chunked framing.
+
+    ``own_handle``: the handle is this request's alone (a hit), so its file
+    position may be used to learn how much a failed ``sendfile`` had sent
+    (asyncio leaves it just past the last byte sent), for the access log.
     """
     transport = request.transport
     if transport is None:
@@ -304,6 +310,8 @@ async def _send_span(
     loop = asyncio.get_running_loop()
     with _corked(transport.get_extra_info("socket")):
         while count > 0:
+            if own_handle:
+                os.lseek(handle.fileno(), offset, os.SEEK_SET)  # no disk access
             try:
                 # fallback=False: asyncio's own fallback seeks and reads the file
                 # object, and readers of one fill share it; our pread path below is
@@ -312,17 +320,21 @@ async def _send_span(
             except (NotImplementedError, asyncio.SendfileNotAvailableError):
                 await _copy_span(response, state, handle, offset, count)  # TLS, odd files
                 return
-            except ConnectionError:
-                # os.sendfile writes to the socket behind the transport's back, so
-                # the transport has not seen the client go; abort it so that what
-                # runs next (server/disconnects.py, aiohttp) sees a client that left.
-                transport.abort()
+            except BaseException as exc:
+                if own_handle:
+                    count_sent(request, os.lseek(handle.fileno(), 0, os.SEEK_CUR) - offset)
+                if isinstance(exc, ConnectionError):
+                    # os.sendfile writes to the socket behind the transport's back,
+                    # so the transport has not seen the client go; abort it so that
+                    # what runs next (server/disconnects.py, aiohttp) sees it left.
+                    transport.abort()
                 raise
             # asyncio returns a short count when os.sendfile meets the end of the
             # file. Ignoring it would leave the client waiting for the rest of its
             # Content-Length forever; so send on, and fail loudly if nothing goes.
             if sent <= 0:
                 raise ImageCacheError(f"cached file ended at byte {offset} while being sent")
+            count_sent(request, sent)  # past aiohttp's writer: the access log counts it here
             offset += sent
             count -= sent
 

@@ -194,6 +194,10 @@ async def _verify_target(request: web.Request, state: ServiceState) -> str | Non
         body = json.loads(raw)
     except ValueError as exc:
         raise web.HTTPBadRequest(text=f"the body must be JSON: {exc}") from exc
+    except RecursionError as exc:
+        # json's C parser recurses per nesting level: a body of a few thousand
+        # "[" ends here, and is the caller's mistake, not a 500.
+        raise web.HTTPBadRequest(text="the body is JSON nested too deeply") from exc
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text='the body must be a JSON object, e.g. {"image_id": "..."}')
     image_id = body.get("image_id")

@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from aiohttp import hdrs, web
 
@@ -73,8 +74,38 @@ async def _request_body(request: web.Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def checked_path(request: web.Request) -> None:
+    """Refuse (400) a path that would mean another one once normalised.
+
+    The routes match the path as received; a segment that is ``.`` or ``..``
+    (also spelt ``%2e``), an encoded ``/`` or ``\\`` inside a segment, or an
+    empty segment lets the origin's own normalisation move the request
+    elsewhere: ``/v2/%2e%2e/versions`` matched ``/v2/{tail}`` and reached the
+    origin's ``/versions``. Only a path that stays under ``/v2/`` as it is
+    goes out.
+    """
+    raw = request.raw_path.split("?", 1)[0]
+    segments = raw.split("/")[1:]
+    for index, segment in enumerate(segments):
+        decoded = unquote(segment)
+        if decoded in (".", ".."):
+            problem = f"the dot segment {segment!r}"
+        elif "/" in decoded or "\\" in decoded:
+            problem = f"an encoded slash in {segment!r}"
+        elif not segment and index < len(segments) - 1:
+            problem = "an empty segment (//)"
+        else:
+            continue
+        raise web.HTTPBadRequest(
+            text=f"path {raw!r} is not relayed: it has {problem}; send the normalised path"
+        )
+    if segments[:1] != ["v2"]:
+        raise web.HTTPBadRequest(text=f"path {raw!r} is not under /v2/")
+
+
 async def relay(request: web.Request) -> web.StreamResponse:
     """Send the request to the Glance origin and stream its answer back."""
+    checked_path(request)
     state = request.app[STATE]
     glance = state.upstream
     if not isinstance(glance, GlanceUpstream):
@@ -125,16 +156,51 @@ async def versions(request: web.Request) -> web.StreamResponse:
     try:
         document = json.loads(raw)
         listed = {entry["id"] for entry in document["versions"]}
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return web.Response(status=status, body=raw, content_type="application/json")
+    for entry in document["versions"]:
+        _name_this_service(request, entry)
     for version in CACHE_API_VERSIONS:
         if f"v{version}" not in listed:
             document["versions"].append(_version(request, version, "SUPPORTED"))
     return web.json_response(_mark_current(document), status=status)
 
 
+def public_base(request: web.Request) -> str:
+    """This service's base URL as its callers reach it, without a trailing slash.
+
+    ``public_url`` when set (behind a TLS terminator or a load balancer the
+    request's own scheme and Host are not what clients use); else the
+    request's scheme and ``Host``.
+    """
+    configured = request.app[STATE].settings.public_url
+    if configured:
+        return configured.rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
+def _name_this_service(request: web.Request, entry: Any) -> None:
+    # The origin's document names the origin ("http://glance:9292/v2/"); a
+    # client following those links would bypass the cache. Same path, our base.
+    if not isinstance(entry, dict) or not isinstance(entry.get("links"), list):
+        return
+    base = urlsplit(public_base(request))
+    for link in entry["links"]:
+        if isinstance(link, dict) and isinstance(link.get("href"), str):
+            href = urlsplit(link["href"])
+            prefix = base.path.rstrip("/")
+            link["href"] = urlunsplit(
+                (base.scheme, base.netloc, prefix + href.path, href.query, href.fragment)
+            )
+
+
+async def v2_root(request: web.Request) -> web.StreamResponse:
+    """``GET /v2``: a redirect to ``/v2/``, as Glance answers (302, Location absolute)."""
+    raise web.HTTPFound(f"{public_base(request)}/v2/")
+
+
 def _version(request: web.Request, version: str, status: str) -> dict[str, Any]:
-    base = f"{request.scheme}://{request.host}"
+    base = public_base(request)
     return {
         "id": f"v{version}",
         "status": status,

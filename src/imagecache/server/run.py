@@ -29,6 +29,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from imagecache.errors import ConfigurationError
+from imagecache.logsafe import EscapingFilter
 from imagecache.server import connections
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
 from imagecache.server.notify import Notifier
@@ -47,17 +49,10 @@ def serve(settings: Settings) -> None:
     connections.raise_open_file_limit()  # before forking: the workers inherit it
     sock = _listen(settings.bind_host, settings.bind_port)
     host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    log.info(
-        "imagecache serving on http://%s:%d with %d worker(s), upstream %s, cache %s",
-        shown,
-        port,
-        settings.workers,
-        settings.upstream,
-        settings.image_cache_dir,
-    )
+    # Each worker logs "serving on" once it accepts (_serve_socket); systemd hears
+    # READY=1 only when every first worker does.
     notifier = Notifier()
-    status = f"serving on http://{shown}:{port} with {settings.workers} worker(s)"
+    status = f"serving on http://{_shown(host)}:{port} with {settings.workers} worker(s)"
     if settings.workers == 1:
         asyncio.run(
             _serve_socket(settings, sock, ready=lambda: notifier.ready(status), notifier=notifier)
@@ -79,7 +74,14 @@ def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        # The bare "[Errno 98] Address already in use" names no address.
+        raise ConfigurationError(
+            f"bind_host/bind_port: cannot listen on {_shown(host)}:{port}: {exc.strerror or exc}"
+        ) from exc
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -121,6 +123,18 @@ async def _serve_socket(
         access_log=logging.getLogger("imagecache.access"),
         shutdown_timeout=shutdown_grace(settings),
     )
+    # Only now: a start that fails (database missing, node URL taken) must not
+    # have said "serving" first.
+    host, port = sock.getsockname()[:2]
+    log.info(
+        "imagecache serving on http://%s:%d with %d worker(s), upstream %s, cache %s (pid %d)",
+        _shown(host),
+        port,
+        settings.workers,
+        settings.upstream,
+        settings.image_cache_dir,
+        os.getpid(),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -145,6 +159,10 @@ async def _ping(notifier: Notifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+def _shown(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _configure_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -152,3 +170,7 @@ def _configure_logging() -> None:
             format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+    for handler in logging.getLogger().handlers:
+        # Request paths, ids and origin messages reach these lines: escaped, they
+        # cannot forge one (logsafe).
+        handler.addFilter(EscapingFilter())

@@ -136,3 +136,31 @@ class Upstream(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release sessions and pools."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What went wrong talking to an origin, in words (for 502 bodies and logs).
+
+    ``repr`` of a client library's exception (``ClientConnectorError(
+    ConnectionKey(host=..., ...))``) tells an operator little and a client
+    less; this names the address and the error instead.
+    """
+    # Imported here: the directory and s3 upstreams need no aiohttp, and this
+    # module is the protocol every upstream imports.
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or str(exc.os_error) or "refused"
+        return f"cannot connect to {exc.host}:{exc.port}: {reason}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection before answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the response body was cut off (incomplete payload)"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status} {exc.message}".rstrip()
+    if isinstance(exc, TimeoutError):
+        return "no answer within the timeout (upstream_timeout)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return text if text else type(exc).__name__

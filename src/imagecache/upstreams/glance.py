@@ -55,7 +55,7 @@ from imagecache.errors import ConfigurationError, IdentityError, UpstreamError, 
 from imagecache.keystone import ServiceIdentity
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
-from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
+from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream, describe_failure
 from imagecache.upstreams.http import HttpClient, raise_for_status, range_header, read_body
 
 Body = bytes | AsyncIterable[bytes] | None
@@ -100,7 +100,9 @@ class GlanceUpstream(Upstream):
                 raise_for_status(response, image_id, "image lookup")
                 document = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"image {image_id!r}: Glance lookup failed: {exc!r}") from exc
+            raise UpstreamError(
+                f"image {image_id!r}: Glance lookup failed: {describe_failure(exc)}"
+            ) from exc
         image = _parse_image(image_id, document)
         status = str(image.get("status"))
         info = ImageInfo(
@@ -135,7 +137,9 @@ class GlanceUpstream(Upstream):
             try:
                 response = await stack.enter_async_context(self._client.fetch("GET", url, headers))
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamError(f"image {image_id!r}: Glance download failed: {exc!r}") from exc
+                raise UpstreamError(
+                    f"image {image_id!r}: Glance download failed: {describe_failure(exc)}"
+                ) from exc
             raise_for_status(response, image_id, "download")
             if response.status == 204:
                 raise UpstreamNotActive(image_id, "without data")
@@ -167,7 +171,9 @@ class GlanceUpstream(Upstream):
                 if response.status != 416:
                     raise_for_status(response, image_id, "access check")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"image {image_id!r}: Glance access check failed: {exc!r}") from exc
+            raise UpstreamError(
+                f"image {image_id!r}: Glance access check failed: {describe_failure(exc)}"
+            ) from exc
 
     async def request(
         self, method: str, path_qs: str, headers: Mapping[str, str], body: Body = None
@@ -184,7 +190,9 @@ class GlanceUpstream(Upstream):
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"Glance {method} {path_qs.split('?')[0]} failed: {exc!r}") from exc
+            raise UpstreamError(
+                f"Glance {method} {path_qs.split('?')[0]} failed: {describe_failure(exc)}"
+            ) from exc
 
     async def close(self) -> None:
         await self._client.close()

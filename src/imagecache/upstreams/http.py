@@ -37,7 +37,13 @@ import aiohttp
 from imagecache.errors import ConfigurationError, UpstreamError
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
-from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
+from imagecache.upstreams.base import (
+    ANONYMOUS,
+    BlockingSource,
+    Caller,
+    Upstream,
+    describe_failure,
+)
 from imagecache.upstreams.http_source import (
     MAX_REDIRECTS,
     REDIRECTS,
@@ -127,7 +133,8 @@ class HttpClient:
             async with self.fetch("HEAD", url, {}, short=True) as response:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"the {what} at {url} does not answer: {exc!r}") from exc
+            detail = describe_failure(exc)
+            raise UpstreamError(f"the {what} at {url} does not answer: {detail}") from exc
         if status >= 500:
             raise UpstreamError(f"the {what} at {url} answers HTTP {status}")
         return f"the {what} at {url} answers (HTTP {status})"
@@ -210,7 +217,8 @@ async def read_body(
             yield chunk
     except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
         raise UpstreamError(
-            f"image {image_id!r}: upstream body failed after {received} bytes: {exc!r}"
+            f"image {image_id!r}: upstream body failed after {received} bytes: "
+            f"{describe_failure(exc)}"
         ) from exc
     if expected is not None and received != expected:
         raise UpstreamError(
@@ -274,7 +282,9 @@ class HttpUpstream(Upstream):
                     self._client.fetch("GET", self.url(image_id), headers)
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamError(f"image {image_id!r}: upstream GET failed: {exc!r}") from exc
+                raise UpstreamError(
+                    f"image {image_id!r}: upstream GET failed: {describe_failure(exc)}"
+                ) from exc
             raise_for_status(response, image_id, "GET")
             async for chunk in read_body(response, image_id, start, end, bool(ranged)):
                 yield chunk
@@ -307,7 +317,9 @@ class HttpUpstream(Upstream):
                 raise_for_status(response, image_id, "GET")
                 return response.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"image {image_id!r}: upstream HEAD failed: {exc!r}") from exc
+            raise UpstreamError(
+                f"image {image_id!r}: upstream HEAD failed: {describe_failure(exc)}"
+            ) from exc
 
     async def _read_sidecars(self, url: str) -> dict[str, str]:
         names = await asyncio.gather(*(self._sidecar(url, name) for name in _SIDECARS))

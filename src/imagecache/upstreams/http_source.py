@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
 
 from imagecache.errors import UpstreamError, UpstreamForbidden, UpstreamNotFound
-from imagecache.upstreams.base import IDENTITY_HEADERS
+from imagecache.upstreams.base import IDENTITY_HEADERS, describe_failure
 
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -98,7 +98,7 @@ class HttpSource:
         except _Failures as exc:
             raise UpstreamError(
                 f"image {self.image_id!r}: upstream body failed after {self.received} bytes:"
-                f" {exc!r}"
+                f" {describe_failure(exc)}"
             ) from exc
         self.received += count
         return count
@@ -168,4 +168,6 @@ def _get(
         return connection, connection.getresponse()
     except _Failures as exc:
         connection.close()
-        raise UpstreamError(f"image {image_id!r}: upstream GET failed: {exc!r}") from exc
+        raise UpstreamError(
+            f"image {image_id!r}: upstream GET failed: {describe_failure(exc)}"
+        ) from exc

@@ -31,7 +31,7 @@ from imagecache.errors import (
 )
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
-from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream
+from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream, describe_failure
 
 CHUNK_SIZE = 1024 * 1024
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
@@ -158,7 +158,8 @@ class S3Upstream(Upstream):
                     chunk = await asyncio.to_thread(body.read, CHUNK_SIZE)
                 except self._failures as exc:
                     raise UpstreamError(
-                        f"image {image_id!r}: S3 body failed after {received} bytes: {exc!r}"
+                        f"image {image_id!r}: S3 body failed after {received} bytes: "
+                        f"{describe_failure(exc)}"
                     ) from exc
                 if not chunk:
                     return
@@ -184,7 +185,7 @@ class S3Upstream(Upstream):
                 return UpstreamNotFound(image_id)
             if code in _FORBIDDEN:
                 return UpstreamForbidden(image_id, 403 if not code.isdigit() else int(code))
-        return UpstreamError(f"image {image_id!r}: S3 request failed: {exc!r}")
+        return UpstreamError(f"image {image_id!r}: S3 request failed: {describe_failure(exc)}")
 
     async def close(self) -> None:
         if self._client is not None:
@@ -207,7 +208,8 @@ class _BodySource:
             data = self.body.read(len(buffer))
         except self.failures as exc:
             raise UpstreamError(
-                f"image {self.image_id!r}: S3 body failed after {self.received} bytes: {exc!r}"
+                f"image {self.image_id!r}: S3 body failed after {self.received} bytes: "
+                f"{describe_failure(exc)}"
             ) from exc
         count = len(data)
         buffer[:count] = data
