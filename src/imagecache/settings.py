@@ -52,6 +52,12 @@ MiB = 1024**2
 MIN_SECRET_LENGTH = 16
 
 DriverName = Literal["sqlite", "xattr", "central"]
+LogFormat = Literal["text", "json"]
+# Validated upper-cased: IMAGECACHE_LOG_LEVEL=debug has always worked.
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
+]
 AbandonPolicy = Literal["finish", "abort"]
 
 
@@ -338,6 +344,16 @@ class Settings(BaseSettings):
     `worker_restart_window`."""
     worker_restart_window: Seconds = Field(default=60.0, gt=0)
     """The window over which worker restarts are counted."""
+
+    # --- logging (docs/service.md, "The access log") --------------------------------------
+    log_level: LogLevel = "INFO"
+    """The least severe level the service logs: `DEBUG`, `INFO`, `WARNING`, `ERROR` or
+    `CRITICAL` (any case). Access lines are `INFO`: above it, they are not written."""
+    log_format: LogFormat = "text"
+    """`text`: one escaped line per record (`TIME PID LEVEL LOGGER: MESSAGE`). `json`: one
+    JSON object per line with the same fields (`timestamp`, `pid`, `level`, `logger`,
+    `message`), and for an access line its fields as keys of their own (`remote`,
+    `method`, `path`, `status`, `bytes`, `completed`, `request_id`, `duration`, `cache`)."""
 
     @field_validator("*")
     @classmethod

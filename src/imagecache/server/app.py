@@ -156,7 +156,7 @@ class AccessLogger(AbstractAccessLogger):
     The format (docs/service.md, "The access log")::
 
         remote=ADDR method=M path=PATH status=S bytes=SENT completed=yes|no
-        request_id=req-UUID duration=SECONDS
+        request_id=req-UUID duration=SECONDS cache="CACHE-STATUS"|-
 
     Written by ``delivery.write_access_line``, which also writes it for a
     response that broke after it started (aiohttp logs no access line then).
