@@ -272,6 +272,12 @@ class Settings(BaseSettings):
     callers and sets those headers itself."""
     auth_cache_ttl: Seconds = Field(default=30.0, ge=0)
     """How long the origin's "this caller may download this image" is remembered."""
+    offline_grace: Seconds = Field(default=0.0, ge=0)
+    """A security trade-off, off by default (0): when a Glance origin cannot be reached
+    (refused, timed out, 5xx; never when it answers 401/403/404), a cached image is still
+    served to a caller whose access to it the origin confirmed at most this long ago.
+    Access revoked at the origin during that time is not seen (docs/service.md, "Offline
+    grace"). 0: every hit the origin cannot check is refused with 503."""
     abandoned_fill: AbandonPolicy = "finish"
     """What a fill does when the client that started it disconnects: `finish` it for the
     cache, or `abort` it."""

@@ -7,6 +7,7 @@ and nowhere else from the request's outcome:
 outcome                header value
 =====================  ==============================================================
 hit                    ``imagecache; hit``
+hit, origin away       ``imagecache; hit; detail=offline`` (``offline_grace``)
 miss, fill started     ``imagecache; fwd=miss; stored``
 miss, fill joined      ``imagecache; fwd=miss; collapsed`` (here or another worker)
 miss, nothing to fill  ``imagecache; fwd=miss`` (``HEAD`` or 304, not cached)
@@ -19,7 +20,12 @@ streamed uncached      ``imagecache; fwd=bypass; detail=REASON``
 
 §2.1: ``hit`` means the request was not forwarded for its content. Asking a
 Glance origin whether the caller may download (server/auth.py) is a
-separate request, not a forward of this one, so a hit stays ``hit``.
+separate request, not a forward of this one, so a hit stays ``hit``, also
+when under ``offline_grace`` that check could not be made. That hit is
+``hit; detail=offline``, not ``fwd=stale``: ``hit`` and ``fwd`` say opposite
+things (§2.1 "not forwarded", §2.2 "went forward"), the image's bytes never
+went forward, and nothing stale was revalidated; ``detail`` (§2.8) is the
+parameter left for such implementation-specific information.
 A range served from a fill in progress is ``collapsed`` like a whole
 download joining it; a range with no fill to follow is a bypass (``range``):
 a part of an image is never stored. A miss served through a sibling node in
@@ -42,6 +48,7 @@ class Outcome(enum.Enum):
     """How the cache answered an image-data request."""
 
     HIT = "hit"
+    OFFLINE_HIT = "offline_hit"  # a hit whose caller the origin could not check now
     STORED = "stored"  # a miss whose fill this request started, being cached
     COLLAPSED = "collapsed"  # a miss that joined a fill already in flight
     MISS = "miss"  # forwarded, and no body to store (HEAD, 304)
@@ -60,6 +67,8 @@ def cache_status(outcome: Outcome, detail: str | None = None) -> str:
         return f"{CACHE_NAME}; fwd=bypass; detail={detail}"
     if outcome is Outcome.HIT:
         return f"{CACHE_NAME}; hit"
+    if outcome is Outcome.OFFLINE_HIT:
+        return f"{CACHE_NAME}; hit; detail=offline"
     if outcome is Outcome.STORED:
         return f"{CACHE_NAME}; fwd=miss; stored"
     if outcome is Outcome.COLLAPSED:

@@ -37,7 +37,7 @@ from imagecache.fills import (
     locked_by_writer,
 )
 from imagecache.records import CachedImage, ImageInfo
-from imagecache.server.auth import caller_from
+from imagecache.server.auth import Access, caller_from
 from imagecache.server.cache_status import HEADER as CACHE_STATUS
 from imagecache.server.cache_status import Outcome, cache_status
 from imagecache.server.delivery import count_sent
@@ -140,13 +140,16 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="wrong or unexpected cluster token")
     checked = peer is not PeerRequest.CLIENT  # a sibling has asked about its own caller
 
-    async def check_access() -> None:
+    access = Access.CONFIRMED
+
+    async def check_access(*, hit: bool = False) -> None:
         # The origin decides who may read, hit or miss (a no-op for origins
         # without callers); asked once per request, and on a miss only after
         # ``info``, so an image without data still answers Glance's 204.
-        nonlocal checked
+        # ``hit``: the offline grace may answer for an origin that cannot.
+        nonlocal checked, access
         if not checked:
-            await state.access.check(image_id, caller)
+            access = await state.access.check(image_id, caller, hit=hit)
             checked = True
 
     for _ in range(ATTEMPTS):
@@ -162,11 +165,11 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             continue
         if hit is not None:
             try:
-                await check_access()
+                await check_access(hit=True)
             except BaseException:
                 await state.fills.run(hit.handle.close)
                 raise
-            return await _serve_hit(request, state, image_id, hit)
+            return await _serve_hit(request, state, image_id, hit, access)
         if peer is PeerRequest.SIBLING:
             return await _serve_sibling(request, state, image_id)
         info = await _info(state, image_id, caller)
@@ -251,15 +254,21 @@ def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
 
 
 async def _serve_hit(
-    request: web.Request, state: ServiceState, image_id: str, hit: _Hit
+    request: web.Request,
+    state: ServiceState,
+    image_id: str,
+    hit: _Hit,
+    access: Access = Access.CONFIRMED,
 ) -> web.StreamResponse:
     try:
+        if access is Access.OFFLINE:
+            state.metrics.offline_hits.inc()  # logged by the AccessCache that allowed it
         record = hit.record
         checksum = record.checksum if record else None
         etag = etag_for(
             checksum, *(record.hash_algo, record.hash_value) if record else (None, None)
         )
-        status = cache_status(Outcome.HIT)
+        status = cache_status(Outcome.OFFLINE_HIT if access is Access.OFFLINE else Outcome.HIT)
         headers = _headers(checksum, etag, status)
         if _none_match(request, etag):
             return _not_modified(etag, status)  # §2.1: a 304 made by the cache is a hit
