@@ -17,6 +17,7 @@ from aiohttp.abc import AbstractAccessLogger
 from imagecache import cluster
 from imagecache.cache import ImageCache
 from imagecache.errors import (
+    AccessUnconfirmed,
     CacheUnavailable,
     ConfigurationError,
     IdentityError,
@@ -68,7 +69,7 @@ def error_status(exc: ImageCacheError) -> int:
         return exc.status if exc.status in (401, 403) else 403
     if isinstance(exc, UpstreamNotActive):
         return 400
-    if isinstance(exc, CacheUnavailable):
+    if isinstance(exc, CacheUnavailable | AccessUnconfirmed):
         return 503
     if isinstance(exc, UpstreamError | VerificationError):
         return 502
@@ -156,7 +157,7 @@ class AccessLogger(AbstractAccessLogger):
     The format (docs/service.md, "The access log")::
 
         remote=ADDR method=M path=PATH status=S bytes=SENT completed=yes|no
-        request_id=req-UUID duration=SECONDS
+        request_id=req-UUID duration=SECONDS cache="CACHE-STATUS"|-
 
     Written by ``delivery.write_access_line``, which also writes it for a
     response that broke after it started (aiohttp logs no access line then).
@@ -220,7 +221,7 @@ def create_app(
         upstream=upstream,
         metrics=metrics_,
         fills=fills,
-        access=AccessCache(upstream, settings.auth_cache_ttl),
+        access=AccessCache(upstream, settings.auth_cache_ttl, offline_grace=settings.offline_grace),
         executor=executor,
         identity=identity,
         tokens=tokens,

@@ -51,7 +51,13 @@ from urllib.parse import quote
 
 import aiohttp
 
-from imagecache.errors import ConfigurationError, IdentityError, UpstreamError, UpstreamNotActive
+from imagecache.errors import (
+    ConfigurationError,
+    IdentityError,
+    UpstreamError,
+    UpstreamNotActive,
+    UpstreamUnreachable,
+)
 from imagecache.keystone import ServiceIdentity
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
@@ -171,7 +177,7 @@ class GlanceUpstream(Upstream):
                 if response.status != 416:
                     raise_for_status(response, image_id, "access check")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(
+            raise UpstreamUnreachable(
                 f"image {image_id!r}: Glance access check failed: {describe_failure(exc)}"
             ) from exc
 
