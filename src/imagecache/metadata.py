@@ -46,7 +46,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -226,7 +226,8 @@ class MetadataCache:
         # the monotonic clock, answer).
         self._shared: dict[str, tuple[float, Answer]] = {}
         self._own: dict[tuple[str, str], tuple[float, Answer]] = {}
-        self._flights: dict[str, asyncio.Task[_Lookup]] = {}
+        # Lookups running: (image, None) for everyone's, (image, caller key) for one caller's.
+        self._flights: dict[tuple[str, str | None], asyncio.Task[_Lookup]] = {}
         # Counted for the tests and the metrics: lookups that reached the origin.
         self.origin_reads = 0
 
@@ -239,30 +240,37 @@ class MetadataCache:
         remembered = self._remembered(image_id, asker)
         if remembered is not None:
             return remembered.result()
-        flight = self._flights.get(image_id)
-        if flight is None:
-            flight = asyncio.create_task(self._lookup(image_id, caller), name=f"info {image_id}")
-            self._flights[image_id] = flight
-            flight.add_done_callback(lambda done: self._landed(image_id, done))
-        # Shielded: a client that leaves must not cancel the lookup the others await.
-        lookup = await asyncio.shield(flight)
-        if self._applies(lookup, asker):
-            if lookup.error is not None:
-                raise lookup.error
-            assert lookup.answer is not None
-            return lookup.answer.result()
-        # Another caller's refusal or error, from an origin where who asks
-        # matters: this caller asks for itself. Not through a new shared
-        # lookup: behind an origin that times out, a herd would then wait
-        # out one timeout per caller in turn.
-        answer = await self._ask(image_id, caller)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer.result()
+        lookup = await self._join((image_id, None), lambda: self._lookup(image_id, caller))
+        if not self._applies(lookup, asker):
+            # Another caller's refusal or error, from an origin where who asks
+            # matters: this caller asks for itself, in a lookup shared only
+            # with requests of the same caller. Not in a new lookup for all:
+            # behind an origin that times out, a herd of different callers
+            # would then wait out one timeout per caller in turn.
+            lookup = await self._join((image_id, asker), lambda: self._alone(image_id, caller))
+        if lookup.error is not None:
+            raise lookup.error
+        assert lookup.answer is not None
+        return lookup.answer.result()
 
-    def _landed(self, image_id: str, done: asyncio.Task[_Lookup]) -> None:
-        if self._flights.get(image_id) is done:
-            del self._flights[image_id]
+    async def _join(
+        self, key: tuple[str, str | None], start: Callable[[], Coroutine[Any, Any, _Lookup]]
+    ) -> _Lookup:
+        """The result of the lookup under ``key``, started now if none is running."""
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.create_task(start(), name=f"info {key[0]}")
+            self._flights[key] = flight
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        # Shielded: a client that leaves must not cancel the lookup the others await.
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: tuple[str, str | None], done: asyncio.Task[_Lookup]) -> None:
+        if self._flights.get(key) is done:
+            del self._flights[key]
+
+    async def _alone(self, image_id: str, caller: Caller) -> _Lookup:
+        return _as_lookup(caller.cache_key(), await self._ask(image_id, caller))
 
     def _applies(self, lookup: _Lookup, asker: str) -> bool:
         if not self.caller_dependent or lookup.asker == asker:
