@@ -9,6 +9,7 @@ the one Glance upstream the service uses counts its own lookups.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -188,6 +189,26 @@ async def test_a_refusal_is_remembered_briefly_and_never_outlives_the_upload(
     async with client.get("/v2/images/later/file") as response:
         assert response.status == 200
         assert await response.read() == DATA
+
+
+async def test_an_image_replaced_at_the_origin_costs_one_failed_fill_not_a_ttl_of_them(
+    aiohttp_client: ClientFactory, http_app: Callable[..., web.Application], http_origin: Any
+) -> None:
+    """A fill that fails verification forgets the answer it was checked against."""
+    http_origin.add("img", DATA, sidecars=("sha256",))
+    client = await aiohttp_client(http_app(metadata_cache_ttl=60))
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == DATA
+    await _forget_copy(client, "img")
+    newer = image_bytes(len(DATA), seed=16)  # same size: only the checksums tell
+    http_origin.add("img", newer, sidecars=("sha256",))
+    with contextlib.suppress(aiohttp.ClientPayloadError):
+        async with client.get("/v2/images/img/file") as response:
+            assert await response.read() != DATA  # the stale answer's fill fails, is aborted
+    async with client.get("/v2/images/img/file") as response:
+        assert response.status == 200
+        assert await response.read() == newer
+    assert metadata_reads(http_origin, "img")[0] == 2
 
 
 async def test_an_unreachable_origin_is_not_remembered(

@@ -224,6 +224,7 @@ def create_app(
         wait_limit=2 * settings.upstream_timeout + 1,
         executor=executor,
     )
+    fills.metadata = metadata
     app[STATE] = ServiceState(
         settings=settings,
         cache=cache,
