@@ -283,9 +283,12 @@ class MetadataCache:
         for key in [key for key in self._own if key[1] == image_id]:
             del self._own[key]
         if self.dir is not None:
-            path = self.dir / image_id
-            with contextlib.suppress(FileNotFoundError):
-                await self._run(os.unlink, path)
+            try:
+                await self._run(os.unlink, self.dir / image_id)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the other processes' memory ends with the TTL anyway
+                log.warning("cannot drop the shared metadata of %s: %s", image_id, exc)
 
     # --- memory ----------------------------------------------------------------------------------
 
@@ -345,8 +348,10 @@ class MetadataCache:
                     age = time.time() - written
                     left = answer.lifetime(self.ttl) - age
                     # A clock stepped back makes an answer look written in the
-                    # future: not trusted, asked again.
-                    if age >= 0 and left > 0:
+                    # future: not trusted, asked again. Only shareable answers
+                    # are written, but the file may be from another upstream
+                    # setting of the same cache: checked again.
+                    if age >= 0 and left > 0 and answer.shareable(self.caller_dependent):
                         self._remember(answer, asker, left)
                         return _Lookup(asker, answer)
             result = await self._ask(image_id, caller)
