@@ -278,6 +278,15 @@ class Settings(BaseSettings):
     served to a caller whose access to it the origin confirmed at most this long ago.
     Access revoked at the origin during that time is not seen (docs/service.md, "Offline
     grace"). 0: every hit the origin cannot check is refused with 503."""
+    metadata_cache_ttl: Seconds = Field(default=10.0, ge=0)
+    """How long the origin's answer about an image (size, checksums, status) is remembered
+    and shared by every request and worker process, so a herd of clients on one cold image
+    costs the origin one metadata read, not one per client. Answers that refuse (not
+    found, forbidden, not active) are remembered for at most 2 s of it, so an image
+    uploaded or activated just after a refusal is served soon. Errors are never
+    remembered. A Glance origin's answers depend on who asks: only an answer that
+    describes the image's data is shared, and every caller still passes its own access
+    check (`auth_cache_ttl`). 0: every miss asks the origin itself."""
     abandoned_fill: AbandonPolicy = "finish"
     """What a fill does when the client that started it disconnects: `finish` it for the
     cache, or `abort` it."""

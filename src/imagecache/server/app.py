@@ -32,6 +32,7 @@ from imagecache.errors import (
 )
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
+from imagecache.metadata import MetadataCache
 from imagecache.server import cache_api, disconnects, images, operations, proxy, readiness
 from imagecache.server.auth import AccessCache
 from imagecache.server.delivery import delivery_of, on_prepare, track, write_access_line
@@ -215,6 +216,16 @@ def create_app(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
     fills = FillCoordinator(settings, cache, fill_source, metrics_, executor)
+    metadata = MetadataCache(
+        upstream,
+        settings.metadata_cache_ttl,
+        cache.driver.layout.lock_dir,
+        caller_dependent=upstream.caller_dependent,
+        # An http origin's info is a HEAD, then sidecars: two timeouts at most.
+        wait_limit=2 * settings.upstream_timeout + 1,
+        executor=executor,
+    )
+    fills.metadata = metadata
     app[STATE] = ServiceState(
         settings=settings,
         cache=cache,
@@ -222,11 +233,12 @@ def create_app(
         metrics=metrics_,
         fills=fills,
         access=AccessCache(upstream, settings.auth_cache_ttl, offline_grace=settings.offline_grace),
+        metadata=metadata,
         executor=executor,
         identity=identity,
         tokens=tokens,
     )
-    app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency)
+    app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency, metadata)
 
     app.router.add_get("/healthcheck", healthcheck)
     app.router.add_get("/healthcheck/ready", readiness.ready)

@@ -185,6 +185,9 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     info = await _info(state, image_id, caller)
     if info is None:
         return web.Response(status=204)
+    # The info may be another caller's (metadata.py): the access check decides,
+    # here too (a HEAD streamed through would otherwise answer without it).
+    await check_access()
     return await _stream_through(request, state, info, caller, None, "fill_retries")
 
 
@@ -203,7 +206,7 @@ async def _info(state: ServiceState, image_id: str, caller: Caller) -> ImageInfo
     cold cache as on a warm one.
     """
     try:
-        return await state.upstream.info(image_id, caller)
+        return await state.metadata.info(image_id, caller)
     except UpstreamNotActive as exc:
         return exc.info
 

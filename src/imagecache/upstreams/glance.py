@@ -71,6 +71,7 @@ class GlanceUpstream(Upstream):
     """A Glance v2 API as the origin."""
 
     kind = "glance"
+    caller_dependent = True
 
     def __init__(
         self, base_url: str, settings: Settings, identity: ServiceIdentity | None = None
