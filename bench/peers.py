@@ -207,6 +207,15 @@ def full_body_gets(access_log: Path, path: str) -> int:
         return sum(pattern.search(line) is not None for line in lines)
 
 
+def head_requests(access_log: Path, path: str) -> int:
+    """Lines of a combined-format access log for ``HEAD path``: the http upstream's info."""
+    if not access_log.exists():
+        return 0
+    pattern = re.compile(rf'"HEAD {re.escape(path)} HTTP/[\d.]+" ')
+    with access_log.open() as lines:
+        return sum(pattern.search(line) is not None for line in lines)
+
+
 # ---------------------------------------------------------------- nginx ---
 
 
@@ -320,6 +329,10 @@ http {{
     def requests_for(self, path: str) -> int:
         """How many full-body GETs of ``path`` (status 200) the access log shows."""
         return full_body_gets(self.access_log_path, path)
+
+    def heads_for(self, path: str) -> int:
+        """How many ``HEAD``s of ``path`` (an http upstream's metadata reads) the log shows."""
+        return head_requests(self.access_log_path, path)
 
     def pids(self) -> list[int]:
         return process_tree(self.proc.pid) if self.proc is not None else []

@@ -450,10 +450,17 @@ def scenario_herd(
     url: str,
     evict: Callable[[], None],
     body_reads: Callable[[], int],
+    metadata_reads: Callable[[], int] | None = None,
 ) -> None:
-    """c. many clients on one cold image: one origin read, aggregate throughput."""
+    """c. many clients on one cold image: one origin read, aggregate throughput.
+
+    ``metadata_reads``, where the origin's log shows them: the herd's metadata
+    reads too, at most 1 (0 when an earlier scenario's answer is still
+    remembered, ``metadata_cache_ttl``).
+    """
     evict()
     before = body_reads()
+    heads_before = metadata_reads() if metadata_reads is not None else 0
     sample = fetch_all([url] * cfg.herd, cfg.size)
     # The origin logs a request when its response ends, which precedes the
     # fill's commit; poll briefly in case the log line lands a moment later.
@@ -462,6 +469,17 @@ def scenario_herd(
     reads = body_reads() - before
     rep.row("herd", f"{subject}: {cfg.herd} cold clients, aggregate", Throughput([sample]))
     rep.row("herd", f"{subject}: origin body reads (must be 1)", float(reads), "reads")
+    if metadata_reads is not None:
+        heads = metadata_reads() - heads_before
+        rep.row("herd", f"{subject}: origin metadata reads (at most 1)", float(heads), "reads")
+        rep.ratios.append(
+            dict(
+                name=f"herd {subject}: origin metadata reads",
+                ratio=heads,
+                target=1,
+                verdict="ok" if heads <= 1 else "MISSED",
+            )
+        )
     rep.ratios.append(
         dict(
             name=f"herd {subject}: origin body reads",
@@ -717,6 +735,7 @@ def run(cfg: Config) -> Report:
                 ic_http.file_url(image.image_id),
                 lambda: ic_http.evict(image.image_id),
                 lambda: origin.requests_for(file_path),
+                lambda: origin.heads_for(file_path),
             )
             if ic_glance is not None and glance_origin is not None:
                 scenario_herd(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -18,12 +19,19 @@ from yarl import URL
 from imagecache.logsafe import EscapingFilter, escape
 from imagecache.server.app import AccessLogger
 from imagecache.settings import Settings
-from server_helpers import directory_app, image_bytes, put_image, settled, start_serve
+from server_helpers import (
+    ServeProcess,
+    directory_app,
+    image_bytes,
+    put_image,
+    settled,
+    start_serve,
+)
 
 ACCESS = re.compile(
     r"remote=(?P<remote>\S+) method=(?P<method>\S+) path=(?P<path>\S+) status=(?P<status>\d+) "
     r"bytes=(?P<bytes>\d+) completed=(?P<completed>yes|no) request_id=(?P<request_id>\S+) "
-    r"duration=[0-9.]+"
+    r'duration=(?P<duration>[0-9.]+) cache=(?P<cache>-|"[^"]*")'
 )
 
 
@@ -110,10 +118,12 @@ async def test_a_path_with_encoded_newlines_writes_exactly_one_line_per_request(
 
 
 def _access_lines(log: str) -> list[str]:
+    """The access lines of a text or JSON log, but for ``start_serve``'s health checks."""
     return [
         line
         for line in log.splitlines()
-        if " imagecache.access: " in line and "path=/healthcheck " not in line
+        if (" imagecache.access: " in line or '"logger": "imagecache.access"' in line)
+        and "path=/healthcheck " not in line
     ]
 
 
@@ -194,3 +204,77 @@ async def test_every_response_carries_a_request_id_and_the_access_log_names_it(
     assert len(set(seen)) == len(seen)
     assert [line["request_id"] for line in lines] == seen
     assert [line["completed"] for line in lines] == ["yes"] * len(seen)
+
+
+async def test_json_log_lines_parse_and_carry_the_text_lines_fields(tmp_path: Path) -> None:
+    """Two real services, text and JSON, answer the same requests; their access lines agree."""
+    origin = tmp_path / "origin"
+    put_image(origin, "img", image_bytes(5000))
+    text, json_service = await asyncio.gather(
+        start_serve(tmp_path / "text-cache", f"directory:{origin}"),
+        start_serve(
+            tmp_path / "json-cache",
+            f"directory:{origin}",
+            env={"IMAGECACHE_LOG_FORMAT": "json", "IMAGECACHE_LOG_LEVEL": "info"},
+        ),
+    )
+    paths = ("/v2/images/img/file", "/v2/images/absent/file", "/v2/images/x%0a%E2%80%A8y/file")
+    seen: dict[str, list[dict[str, str]]] = {}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for name, service in (("text", text), ("json", json_service)):
+                seen[name] = []
+                for path in paths:
+                    async with session.get(URL(service.url + path, encoded=True)) as response:
+                        await response.read()
+                        seen[name].append(dict(response.headers))
+
+            async def logged(service: ServeProcess) -> bool:
+                return len(_access_lines(service.log())) >= len(paths)
+
+            deadline = time.monotonic() + 10
+            while not (await logged(text) and await logged(json_service)):
+                assert time.monotonic() < deadline, (text.log(), json_service.log())
+                await asyncio.sleep(0.05)
+    finally:
+        await asyncio.gather(text.stop(), json_service.stop())
+    documents = [json.loads(line) for line in json_service.log().splitlines()]
+    assert documents, "the JSON service logged nothing"
+    for document in documents:
+        assert {"timestamp", "pid", "level", "logger", "message"} <= document.keys(), document
+    assert any("serving on http://" in document["message"] for document in documents)
+    json_access = [
+        d
+        for d in documents
+        if d["logger"] == "imagecache.access" and "/healthcheck" not in d["path"]
+    ]
+    text_access = [ACCESS.search(line) for line in _access_lines(text.log())]
+    assert len(json_access) == len(text_access) == len(paths)
+    for document, text_match, json_headers in zip(
+        json_access, text_access, seen["json"], strict=True
+    ):
+        assert text_match is not None
+        # The JSON record's message is the text format's line for the same request.
+        own = ACCESS.fullmatch(document["message"])
+        assert own is not None, document
+        assert {key: document[key] for key in own.groupdict()} == {
+            "remote": own["remote"],
+            "method": own["method"],
+            "path": own["path"],
+            "status": int(own["status"]),
+            "bytes": int(own["bytes"]),
+            "completed": own["completed"] == "yes",
+            "request_id": own["request_id"],
+            "duration": float(own["duration"]),
+            "cache": None if own["cache"] == "-" else own["cache"].strip('"'),
+        }
+        assert document["request_id"] == json_headers["x-openstack-request-id"]
+        assert document["cache"] == json_headers.get("Cache-Status")
+        assert (document["level"], document["pid"]) == ("INFO", json_service.process.pid)
+        # The text service's line for the same request: the same fields and values
+        # but for those unique to each request.
+        unique = {"request_id", "duration"}
+        assert {k: v for k, v in own.groupdict().items() if k not in unique} == {
+            k: v for k, v in text_match.groupdict().items() if k not in unique
+        }
+    assert json_access[0]["cache"] == "imagecache; fwd=miss; stored"

@@ -104,7 +104,8 @@ async def test_access_log_has_one_line_per_request_and_no_token(
     assert len(lines) == 2
     assert re.fullmatch(
         r"remote=127\.0\.0\.1 method=GET path=/v2/images/img/file status=200 bytes=100000 "
-        r"completed=yes request_id=req-[0-9a-f-]{36} duration=[0-9.]+",
+        r"completed=yes request_id=req-[0-9a-f-]{36} duration=[0-9.]+"
+        r' cache="imagecache; fwd=miss; stored"',
         lines[0],
     ), lines[0]
     assert all(TOKEN not in line for line in caplog.messages)

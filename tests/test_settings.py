@@ -106,6 +106,21 @@ def test_bad_value_in_the_environment_names_the_key(monkeypatch: pytest.MonkeyPa
         load_settings()
 
 
+def test_the_log_level_variable_of_old_still_sets_the_level_in_any_case(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert (load_settings().log_level, load_settings().log_format) == ("INFO", "text")
+    monkeypatch.setenv("IMAGECACHE_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "DEBUG"
+    monkeypatch.setenv("IMAGECACHE_LOG_LEVEL", "loud")
+    with pytest.raises(ConfigurationError, match=r"log_level: .*'DEBUG'"):
+        load_settings()
+    monkeypatch.delenv("IMAGECACHE_LOG_LEVEL")
+    monkeypatch.setenv("IMAGECACHE_LOG_FORMAT", "xml")
+    with pytest.raises(ConfigurationError, match=r"log_format: .*'text' or 'json'"):
+        load_settings()
+
+
 def test_bad_value_in_the_file_names_the_key(tmp_path: Path) -> None:
     config = write_toml(tmp_path, "image_cache_stall_time = -5\n")
     with pytest.raises(ConfigurationError, match="image_cache_stall_time"):

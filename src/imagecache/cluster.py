@@ -123,6 +123,7 @@ class SiblingUpstream(Upstream):
         metrics: Metrics | None = None,
     ) -> None:
         self.origin = origin
+        self.caller_dependent = origin.caller_dependent
         self.driver = driver
         self.settings = settings
         self.metrics = metrics

@@ -21,7 +21,9 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      └── UpstreamError                 the origin failed or refused
           ├── UpstreamNotFound         the origin does not know the image (404)
           ├── UpstreamForbidden        the origin refuses this caller (401/403)
-          └── UpstreamNotActive        the image exists but has no data to serve
+          ├── UpstreamNotActive        the image exists but has no data to serve
+          └── UpstreamUnreachable      no answer (refused, timed out) or a 5xx
+               └── AccessUnconfirmed   a hit whose caller the origin cannot vouch for now
 
 Each class carries the offending value in its message and, where one exists,
 what the operator can do about it.
@@ -161,6 +163,35 @@ class UpstreamNotActive(UpstreamError):
         self.image_id = image_id
         self.status = status
         self.info = info
+
+
+class UpstreamUnreachable(UpstreamError):
+    """The origin could not be asked: connection refused or reset, a timeout, or a 5xx.
+
+    Never a refusal (401/403) or an unknown image (404): those are answers.
+    """
+
+
+class AccessUnconfirmed(UpstreamUnreachable):
+    """A cached image is not served: the origin, which decides who may read it, cannot be asked.
+
+    Served anyway only under ``offline_grace`` to a caller the origin let read
+    this image within that many seconds (server/auth.py).
+    """
+
+    def __init__(self, image_id: str, why: UpstreamError, offline_grace: float) -> None:
+        if offline_grace > 0:
+            hint = (
+                f"and this caller's access was not confirmed by it in the last"
+                f" {offline_grace:g} s (offline_grace)"
+            )
+        else:
+            hint = "and offline_grace is 0"
+        super().__init__(
+            f"image {image_id!r} is cached but cannot be served: the origin cannot check"
+            f" this caller's access ({why}) {hint}; retry when the origin is back"
+        )
+        self.image_id = image_id
 
 
 class IdentityError(ImageCacheError):

@@ -44,6 +44,7 @@ from imagecache.errors import (
     VerificationError,
     is_origin_failure,
 )
+from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings
@@ -232,6 +233,10 @@ class FillCoordinator:
         self._closing = False
         # Set by the operations layer (server/operations.py): the hard size limit.
         self.capacity: Capacity | None = None
+        # Set by the service (server/app.py): where the fills' infos come from.
+        # A fill that fails verification makes it forget the image's answer, so
+        # an image replaced at the origin is asked for again, not failed for a TTL.
+        self.metadata: MetadataCache | None = None
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run a blocking call in the disk executor."""
@@ -450,6 +455,8 @@ class FillCoordinator:
         except BaseException as exc:
             if isinstance(exc, VerificationError):
                 self.metrics.verification_failures.inc()
+                if self.metadata is not None:
+                    await asyncio.shield(self.metadata.forget(flight.image_id))
             if is_origin_failure(exc):
                 self.metrics.upstream_errors.inc()
             await asyncio.shield(self.run(writer.abort, exc))

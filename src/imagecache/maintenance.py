@@ -38,6 +38,7 @@ from aiohttp import web
 
 from imagecache.cache import ImageCache
 from imagecache.errors import ImageCacheError
+from imagecache.metadata import sweep_answers
 from imagecache.prefetch import Prefetcher, forget_stale_errors
 from imagecache.reconcile import ReconcileReport, reconcile
 from imagecache.records import PruneResult
@@ -136,6 +137,7 @@ class Maintenance:
     async def clean(self) -> Any:
         result = await self._in_thread(self.cache.clean)
         await self._in_thread(forget_stale_errors, self.cache)
+        await self._in_thread(sweep_answers, self.cache.driver.layout.lock_dir)
         return result
 
     async def redrive_queue(self) -> Any:

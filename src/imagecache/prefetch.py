@@ -36,6 +36,7 @@ from imagecache.errors import (
     UpstreamNotFound,
 )
 from imagecache.layout import CacheLayout, unlink_if_exists
+from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
 from imagecache.upstreams.base import SERVICE, Caller, Upstream
 
@@ -187,9 +188,23 @@ class Prefetcher:
         backoff: float = 0.5,
         attempt: Attempt | None = None,
         executor: concurrent.futures.Executor | None = None,
+        metadata: MetadataCache | None = None,
     ) -> None:
         self.cache = cache
         self.upstream = upstream
+        # The origin's answers about images, shared with a service on the same
+        # cache directory (the CLI's prefetch builds its own over the same files).
+        if metadata is None:
+            settings = cache.settings
+            metadata = MetadataCache(
+                upstream,
+                settings.metadata_cache_ttl,
+                cache.driver.layout.lock_dir,
+                caller_dependent=upstream.caller_dependent,
+                wait_limit=2 * settings.upstream_timeout + 1,
+                executor=executor,
+            )
+        self.metadata = metadata
         self.capacity = capacity
         self.backoff = backoff
         # The service passes its own single-try fetch (through the single-flight
@@ -306,7 +321,7 @@ class Prefetcher:
             await self.attempt(image_id, caller)
             cached = await self._run(self.cache.is_cached, image_id)
             return PrefetchOutcome.CACHED if cached else PrefetchOutcome.NOT_CACHEABLE
-        info = await self.upstream.info(image_id, caller)
+        info = await self.metadata.info(image_id, caller)
         if info.status != "active":
             raise UpstreamNotActive(image_id, info.status)
         if not await self._run(self.cache.should_cache, image_id, info):

@@ -52,6 +52,12 @@ MiB = 1024**2
 MIN_SECRET_LENGTH = 16
 
 DriverName = Literal["sqlite", "xattr", "central"]
+LogFormat = Literal["text", "json"]
+# Validated upper-cased: IMAGECACHE_LOG_LEVEL=debug has always worked.
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
+]
 AbandonPolicy = Literal["finish", "abort"]
 
 
@@ -266,6 +272,21 @@ class Settings(BaseSettings):
     callers and sets those headers itself."""
     auth_cache_ttl: Seconds = Field(default=30.0, ge=0)
     """How long the origin's "this caller may download this image" is remembered."""
+    offline_grace: Seconds = Field(default=0.0, ge=0)
+    """A security trade-off, off by default (0): when a Glance origin cannot be reached
+    (refused, timed out, 5xx; never when it answers 401/403/404), a cached image is still
+    served to a caller whose access to it the origin confirmed at most this long ago.
+    Access revoked at the origin during that time is not seen (docs/service.md, "Offline
+    grace"). 0: every hit the origin cannot check is refused with 503."""
+    metadata_cache_ttl: Seconds = Field(default=10.0, ge=0)
+    """How long the origin's answer about an image (size, checksums, status) is remembered
+    and shared by every request and worker process, so a herd of clients on one cold image
+    costs the origin one metadata read, not one per client. Answers that refuse (not
+    found, forbidden, not active) are remembered for at most 2 s of it, so an image
+    uploaded or activated just after a refusal is served soon. Errors are never
+    remembered. A Glance origin's answers depend on who asks: only an answer that
+    describes the image's data is shared, and every caller still passes its own access
+    check (`auth_cache_ttl`). 0: every miss asks the origin itself."""
     abandoned_fill: AbandonPolicy = "finish"
     """What a fill does when the client that started it disconnects: `finish` it for the
     cache, or `abort` it."""
@@ -338,6 +359,16 @@ class Settings(BaseSettings):
     `worker_restart_window`."""
     worker_restart_window: Seconds = Field(default=60.0, gt=0)
     """The window over which worker restarts are counted."""
+
+    # --- logging (docs/service.md, "The access log") --------------------------------------
+    log_level: LogLevel = "INFO"
+    """The least severe level the service logs: `DEBUG`, `INFO`, `WARNING`, `ERROR` or
+    `CRITICAL` (any case). Access lines are `INFO`: above it, they are not written."""
+    log_format: LogFormat = "text"
+    """`text`: one escaped line per record (`TIME PID LEVEL LOGGER: MESSAGE`). `json`: one
+    JSON object per line with the same fields (`timestamp`, `pid`, `level`, `logger`,
+    `message`), and for an access line its fields as keys of their own (`remote`,
+    `method`, `path`, `status`, `bytes`, `completed`, `request_id`, `duration`, `cache`)."""
 
     @field_validator("*")
     @classmethod

@@ -17,6 +17,7 @@ from aiohttp.abc import AbstractAccessLogger
 from imagecache import cluster
 from imagecache.cache import ImageCache
 from imagecache.errors import (
+    AccessUnconfirmed,
     CacheUnavailable,
     ConfigurationError,
     IdentityError,
@@ -31,6 +32,7 @@ from imagecache.errors import (
 )
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
+from imagecache.metadata import MetadataCache
 from imagecache.server import cache_api, disconnects, images, operations, proxy, readiness
 from imagecache.server.auth import AccessCache
 from imagecache.server.delivery import delivery_of, on_prepare, track, write_access_line
@@ -68,7 +70,7 @@ def error_status(exc: ImageCacheError) -> int:
         return exc.status if exc.status in (401, 403) else 403
     if isinstance(exc, UpstreamNotActive):
         return 400
-    if isinstance(exc, CacheUnavailable):
+    if isinstance(exc, CacheUnavailable | AccessUnconfirmed):
         return 503
     if isinstance(exc, UpstreamError | VerificationError):
         return 502
@@ -156,7 +158,7 @@ class AccessLogger(AbstractAccessLogger):
     The format (docs/service.md, "The access log")::
 
         remote=ADDR method=M path=PATH status=S bytes=SENT completed=yes|no
-        request_id=req-UUID duration=SECONDS
+        request_id=req-UUID duration=SECONDS cache="CACHE-STATUS"|-
 
     Written by ``delivery.write_access_line``, which also writes it for a
     response that broke after it started (aiohttp logs no access line then).
@@ -214,18 +216,29 @@ def create_app(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
     fills = FillCoordinator(settings, cache, fill_source, metrics_, executor)
+    metadata = MetadataCache(
+        upstream,
+        settings.metadata_cache_ttl,
+        cache.driver.layout.lock_dir,
+        caller_dependent=upstream.caller_dependent,
+        # An http origin's info is a HEAD, then sidecars: two timeouts at most.
+        wait_limit=2 * settings.upstream_timeout + 1,
+        executor=executor,
+    )
+    fills.metadata = metadata
     app[STATE] = ServiceState(
         settings=settings,
         cache=cache,
         upstream=upstream,
         metrics=metrics_,
         fills=fills,
-        access=AccessCache(upstream, settings.auth_cache_ttl),
+        access=AccessCache(upstream, settings.auth_cache_ttl, offline_grace=settings.offline_grace),
+        metadata=metadata,
         executor=executor,
         identity=identity,
         tokens=tokens,
     )
-    app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency)
+    app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency, metadata)
 
     app.router.add_get("/healthcheck", healthcheck)
     app.router.add_get("/healthcheck/ready", readiness.ready)

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
-from imagecache.errors import UpstreamForbidden, UpstreamNotFound
+from imagecache.errors import (
+    AccessUnconfirmed,
+    UpstreamForbidden,
+    UpstreamNotFound,
+    UpstreamUnreachable,
+)
 from imagecache.settings import Settings, secret_matches
 from imagecache.upstreams.base import IDENTITY_HEADERS, Caller, Upstream
+
+V = TypeVar("V")
+log = logging.getLogger(__name__)
+# Offline hits come in bursts (every instance booting at a cut-off site): one
+# log line per this many seconds says how many there were.
+OFFLINE_LOG_INTERVAL = 1.0
 
 
 class AdminDecision(enum.Enum):
@@ -65,40 +78,110 @@ def caller_from(headers: Mapping[str, str]) -> Caller:
     return Caller({name: headers[name] for name in IDENTITY_HEADERS if name in headers})
 
 
+class Access(enum.Enum):
+    """How a download was let through."""
+
+    CONFIRMED = "confirmed"  # the origin said yes (now, or within auth_cache_ttl)
+    # The origin could not be asked; it said yes to this caller within offline_grace.
+    OFFLINE = "offline"
+
+
 class AccessCache:
     """Remembers the origin's "may download" answer per (caller, image) for ``ttl`` seconds.
 
     Refusals are remembered too (as the exception to raise again): a refused
     caller hammering a cached image must not hammer the origin as well.
     Bounded: at most ``max_entries``; the oldest half is dropped when full.
+
+    Offline grace (``offline_grace`` seconds, 0: off): when the origin cannot
+    be asked (``UpstreamUnreachable``: refused, timed out, 5xx; never a
+    401/403/404, which are answers), a hit goes to a caller whose access to
+    that image the origin confirmed at most that long ago, and to nobody else
+    (``AccessUnconfirmed``, a 503). A caller the origin never saw has no
+    confirmation; a refusal deletes the caller's confirmation, so a caller
+    refused before the cut stays refused. An offline answer is not
+    remembered: the next hit asks the origin again. ``clock`` is injectable
+    for tests (monotonic seconds).
     """
 
-    def __init__(self, upstream: Upstream, ttl: float, max_entries: int = 10_000) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        ttl: float,
+        max_entries: int = 10_000,
+        *,
+        offline_grace: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.upstream = upstream
         self.ttl = ttl
         self.max_entries = max_entries
+        self.offline_grace = offline_grace
+        self.clock = clock
         self._answers: dict[tuple[str, str], tuple[float, Exception | None]] = {}
+        # When the origin last said yes, per (caller, image): kept only with a grace.
+        self._confirmed: dict[tuple[str, str], float] = {}
+        self._last_offline_line = -OFFLINE_LOG_INTERVAL
+        self._unlogged_offline = 0
 
-    async def check(self, image_id: str, caller: Caller) -> None:
-        """Raise UpstreamForbidden/UpstreamNotFound unless the origin lets ``caller`` read."""
-        if self.ttl <= 0:
-            await self.upstream.check_access(image_id, caller)
-            return
+    async def check(self, image_id: str, caller: Caller, *, hit: bool = False) -> Access:
+        """Raise UpstreamForbidden/UpstreamNotFound unless the origin lets ``caller`` read.
+
+        ``hit``: the image is cached, so the offline grace applies; a miss
+        needs the origin anyway. Raises ``AccessUnconfirmed`` for a hit that
+        the origin cannot vouch for.
+        """
         key = (caller.cache_key(), image_id)
-        now = time.monotonic()
-        remembered = self._answers.get(key)
+        now = self.clock()
+        remembered = self._answers.get(key) if self.ttl > 0 else None
         if remembered is not None and remembered[0] > now:
             if remembered[1] is not None:
                 raise remembered[1]
-            return
+            return Access.CONFIRMED
         refusal: Exception | None = None
         try:
             await self.upstream.check_access(image_id, caller)
         except (UpstreamForbidden, UpstreamNotFound) as exc:
             refusal = exc
-        if len(self._answers) >= self.max_entries:
-            for old in list(self._answers)[: self.max_entries // 2]:
-                del self._answers[old]
-        self._answers[key] = (now + self.ttl, refusal)
+        except UpstreamUnreachable as exc:
+            if not hit:
+                raise
+            confirmed = self._confirmed.get(key)
+            if confirmed is not None and now - confirmed <= self.offline_grace:
+                self._log_offline(image_id, now - confirmed, exc, now)
+                return Access.OFFLINE
+            raise AccessUnconfirmed(image_id, exc, self.offline_grace) from exc
+        if self.offline_grace > 0:
+            if refusal is None:
+                _remember(self._confirmed, key, now, self.max_entries)
+            else:
+                self._confirmed.pop(key, None)
+        if self.ttl > 0:
+            _remember(self._answers, key, (now + self.ttl, refusal), self.max_entries)
         if refusal is not None:
             raise refusal
+        return Access.CONFIRMED
+
+    def _log_offline(self, image_id: str, age: float, why: Exception, now: float) -> None:
+        """One WARNING per offline hit, at most one line per ``OFFLINE_LOG_INTERVAL``."""
+        if now - self._last_offline_line < OFFLINE_LOG_INTERVAL:
+            self._unlogged_offline += 1
+            return
+        log.warning(
+            "serving cached image %s without the origin's check (offline_grace): the caller"
+            " was confirmed %.0f s ago; %s (%d more such hits since the last line)",
+            image_id,
+            age,
+            why,
+            self._unlogged_offline,
+        )
+        self._last_offline_line = now
+        self._unlogged_offline = 0
+
+
+def _remember(table: dict[tuple[str, str], V], key: tuple[str, str], value: V, most: int) -> None:
+    table.pop(key, None)  # re-inserted last: the oldest-first trim keeps recent ones
+    if len(table) >= most:
+        for old in list(table)[: most // 2]:
+            del table[old]
+    table[key] = value

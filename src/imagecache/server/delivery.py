@@ -9,6 +9,10 @@ sendfile path of a hit reports its own), never taken from the declared
 Every response carries ``x-openstack-request-id`` as Glance's do: the origin's
 when the response is a relayed one that had it, else ``req-<uuid4>`` made
 here, which is also what the access log line names.
+
+An image-data response's ``Cache-Status`` (server/cache_status.py) is
+recorded here as the response is prepared, read from the header itself, so
+the access log names exactly what the client was told.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from imagecache.logsafe import escape
+from imagecache.server.cache_status import HEADER as CACHE_STATUS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -39,6 +44,7 @@ class Delivery:
     sent: int = 0  # body bytes handed to the socket
     failed: bool = False  # the handler raised after the response had started
     logged: bool = False  # its access line is written
+    cache_status: str | None = None  # its Cache-Status header, if it had one
     started: float = field(default_factory=time.monotonic)
 
     def count(self, body_bytes: int, _output_size: int = 0) -> None:
@@ -105,30 +111,49 @@ def write_access_line(
     """The request's one access line (docs/service.md, "The access log"); once per request.
 
     ``bytes`` counts the body bytes actually handed to the socket and
-    ``completed`` says whether that was the whole response. Every field is
-    escaped (``logsafe.escape``) and the path is logged still percent-encoded
-    (as in the request line), so a path with ``%0a`` or a space cannot start a
-    line or a field of its own.
+    ``completed`` says whether that was the whole response; ``cache`` is the
+    response's ``Cache-Status``, quoted (it holds spaces), ``-`` without one.
+    Every field is escaped (``logsafe.escape``) and the path is logged still
+    percent-encoded (as in the request line), so a path with ``%0a`` or a
+    space cannot start a line or a field of its own.
+
+    The fields also go on the record as ``access`` (unescaped, typed), which
+    the JSON log format writes as keys of their own (server/logs.py).
     """
     delivery = delivery_of(request)
-    sent, completed, request_id = 0, False, "-"
+    sent, completed, request_id, cache = 0, False, "-", None
     if delivery is not None:
         if delivery.logged:
             return
         delivery.logged = True
         status = delivery.status if delivery.status is not None else status
         sent, completed, request_id = delivery.sent, delivery.completed, delivery.request_id
+        cache = delivery.cache_status
+    fields = {
+        "remote": request.remote or "-",
+        "method": request.method,
+        "path": request.rel_url.raw_path,
+        "status": status,
+        "bytes": sent,
+        "completed": completed,
+        "request_id": request_id,
+        "duration": round(duration, 4),
+        "cache": cache,
+    }
     logger.info(
-        "remote=%s method=%s path=%s status=%d bytes=%d completed=%s request_id=%s duration=%.4f",
-        escape(request.remote or "-"),
-        escape(request.method),
-        escape(request.rel_url.raw_path),
+        "remote=%s method=%s path=%s status=%d bytes=%d completed=%s request_id=%s"
+        " duration=%.4f cache=%s",
+        escape(fields["remote"]),
+        escape(fields["method"]),
+        escape(fields["path"]),
         status,
         sent,
         "yes" if completed else "no",
         escape(request_id),
         duration,
-        extra={"escaped": True},
+        # Ours, never a caller's: quoted because it holds spaces, escaped anyway.
+        f'"{escape(cache)}"' if cache else "-",
+        extra={"escaped": True, "access": fields},
     )
 
 
@@ -146,6 +171,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     if delivery.status is not None:
         return  # a second response after the first failed: the first one is what was sent
     delivery.status = response.status
+    delivery.cache_status = response.headers.get(CACHE_STATUS)
     delivery.declared = response.content_length
     delivery.head_only = request.method == "HEAD" or response.status in (204, 304)
     writer = request.writer

@@ -37,7 +37,9 @@ from imagecache.fills import (
     locked_by_writer,
 )
 from imagecache.records import CachedImage, ImageInfo
-from imagecache.server.auth import caller_from
+from imagecache.server.auth import Access, caller_from
+from imagecache.server.cache_status import HEADER as CACHE_STATUS
+from imagecache.server.cache_status import Outcome, cache_status
 from imagecache.server.delivery import count_sent
 from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
 from imagecache.server.state import STATE, ServiceState
@@ -115,10 +117,12 @@ def _wanted_range(request: web.Request, size: int | None, etag: str | None) -> B
         ) from exc
 
 
-def _headers(checksum: str | None, etag: str | None) -> dict[str, str]:
+def _headers(checksum: str | None, etag: str | None, status: str) -> dict[str, str]:
+    """An image-data response's headers; ``status`` is its ``Cache-Status`` (cache_status)."""
     headers: dict[str, str] = {
         hdrs.CONTENT_TYPE: "application/octet-stream",
         hdrs.ACCEPT_RANGES: "bytes",
+        CACHE_STATUS: status,
     }
     if checksum:
         headers["Content-MD5"] = checksum
@@ -136,13 +140,16 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="wrong or unexpected cluster token")
     checked = peer is not PeerRequest.CLIENT  # a sibling has asked about its own caller
 
-    async def check_access() -> None:
+    access = Access.CONFIRMED
+
+    async def check_access(*, hit: bool = False) -> None:
         # The origin decides who may read, hit or miss (a no-op for origins
         # without callers); asked once per request, and on a miss only after
         # ``info``, so an image without data still answers Glance's 204.
-        nonlocal checked
+        # ``hit``: the offline grace may answer for an origin that cannot.
+        nonlocal checked, access
         if not checked:
-            await state.access.check(image_id, caller)
+            access = await state.access.check(image_id, caller, hit=hit)
             checked = True
 
     for _ in range(ATTEMPTS):
@@ -158,11 +165,11 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             continue
         if hit is not None:
             try:
-                await check_access()
+                await check_access(hit=True)
             except BaseException:
                 await state.fills.run(hit.handle.close)
                 raise
-            return await _serve_hit(request, state, image_id, hit)
+            return await _serve_hit(request, state, image_id, hit, access)
         if peer is PeerRequest.SIBLING:
             return await _serve_sibling(request, state, image_id)
         info = await _info(state, image_id, caller)
@@ -178,7 +185,17 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     info = await _info(state, image_id, caller)
     if info is None:
         return web.Response(status=204)
+    # The info may be another caller's (metadata.py): the access check decides,
+    # here too (a HEAD streamed through would otherwise answer without it).
+    await check_access()
     return await _stream_through(request, state, info, caller, None, "fill_retries")
+
+
+def _not_modified(etag: str | None, status: str) -> web.Response:
+    headers = {CACHE_STATUS: status}
+    if etag:
+        headers[hdrs.ETAG] = etag
+    return web.Response(status=304, headers=headers)
 
 
 async def _info(state: ServiceState, image_id: str, caller: Caller) -> ImageInfo | None:
@@ -189,7 +206,7 @@ async def _info(state: ServiceState, image_id: str, caller: Caller) -> ImageInfo
     cold cache as on a warm one.
     """
     try:
-        return await state.upstream.info(image_id, caller)
+        return await state.metadata.info(image_id, caller)
     except UpstreamNotActive as exc:
         return exc.info
 
@@ -240,17 +257,24 @@ def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
 
 
 async def _serve_hit(
-    request: web.Request, state: ServiceState, image_id: str, hit: _Hit
+    request: web.Request,
+    state: ServiceState,
+    image_id: str,
+    hit: _Hit,
+    access: Access = Access.CONFIRMED,
 ) -> web.StreamResponse:
     try:
+        if access is Access.OFFLINE:
+            state.metrics.offline_hits.inc()  # logged by the AccessCache that allowed it
         record = hit.record
         checksum = record.checksum if record else None
         etag = etag_for(
             checksum, *(record.hash_algo, record.hash_value) if record else (None, None)
         )
-        headers = _headers(checksum, etag)
+        status = cache_status(Outcome.OFFLINE_HIT if access is Access.OFFLINE else Outcome.HIT)
+        headers = _headers(checksum, etag, status)
         if _none_match(request, etag):
-            return web.Response(status=304, headers={hdrs.ETAG: etag} if etag else None)
+            return _not_modified(etag, status)  # §2.1: a 304 made by the cache is a hit
         wanted = _wanted_range(request, hit.size, etag)
         offset, count = (wanted.start, wanted.length) if wanted else (0, hit.size)
         response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
@@ -380,7 +404,7 @@ async def _serve_miss(
 ) -> web.StreamResponse | Served:
     etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
     if _none_match(request, etag):
-        return web.Response(status=304, headers={hdrs.ETAG: etag} if etag else None)
+        return _not_modified(etag, cache_status(Outcome.MISS))
     wanted = _wanted_range(request, info.size, etag)
     if wanted is not None:
         if request.method == "GET":
@@ -396,7 +420,9 @@ async def _serve_miss(
         # A part of an image is not worth a fill (and could not be verified).
         return await _stream_through(request, state, info, caller, wanted, "range")
     if request.method == "HEAD":
-        response = web.StreamResponse(status=200, headers=_headers(info.checksum, etag))
+        response = web.StreamResponse(
+            status=200, headers=_headers(info.checksum, etag, cache_status(Outcome.MISS))
+        )
         if info.size is not None:
             response.content_length = info.size
         return response
@@ -415,9 +441,11 @@ async def _serve_miss(
         return await _stream_through(request, state, info, caller, None, flight.reason)
     if joined is flight or flight.kind is FlightKind.REMOTE:
         state.metrics.followers.inc()
+        outcome = Outcome.COLLAPSED
     else:
         state.metrics.misses.inc()
-    return await _follow(request, state, flight, etag, caller)
+        outcome = Outcome.STORED
+    return await _follow(request, state, flight, etag, cache_status(outcome), caller)
 
 
 async def _serve_sibling(
@@ -432,7 +460,7 @@ async def _serve_sibling(
             etag = etag_for(
                 *(info.checksum, info.hash_algo, info.hash_value) if info else (None,) * 3
             )
-            response = await _follow(request, state, flight, etag)
+            response = await _follow(request, state, flight, etag, cache_status(Outcome.COLLAPSED))
             if isinstance(response, web.StreamResponse):
                 return response
     # The fill may have committed (and its flight ended) since the caller looked.
@@ -447,9 +475,10 @@ async def _follow(
     state: ServiceState,
     flight: Flight,
     etag: str | None,
+    status: str,
     caller: Caller | None = None,
 ) -> web.StreamResponse | Served:
-    """Stream the flight's file to the client as it grows.
+    """Stream the flight's file to the client as it grows; ``status`` is its Cache-Status.
 
     With ``caller`` (not for a sibling node), a fill that ends unfinished
     after the client has had bytes (this process's cache disk failed, or the
@@ -466,7 +495,7 @@ async def _follow(
         # the next attempt starts a fill of its own. (Seen under bench/load.py.)
         return Served.RETRY
     info = flight.info
-    response = web.StreamResponse(headers=_headers(info.checksum if info else None, etag))
+    response = web.StreamResponse(headers=_headers(info.checksum if info else None, etag, status))
     if flight.size is not None:
         response.content_length = flight.size
     sent = _Sent()
@@ -628,7 +657,8 @@ async def _follow_range(
         return None
     info = flight.info
     response = web.StreamResponse(
-        status=206, headers=_headers(info.checksum if info else None, etag)
+        status=206,
+        headers=_headers(info.checksum if info else None, etag, cache_status(Outcome.COLLAPSED)),
     )
     response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
     response.content_length = wanted.length
@@ -752,9 +782,8 @@ async def _stream_through(
     """Serve from the upstream without caching; a whole image is still verified."""
     state.metrics.bypasses.labels(reason).inc()
     etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
-    response = web.StreamResponse(
-        status=206 if wanted else 200, headers=_headers(info.checksum, etag)
-    )
+    headers = _headers(info.checksum, etag, cache_status(Outcome.BYPASS, reason))
+    response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
     if wanted is not None:
         response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
         response.content_length = wanted.length

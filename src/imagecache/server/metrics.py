@@ -74,6 +74,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.offline_hits = Counter(
+            "imagecache_offline_hits",
+            "Hits served under offline_grace: the origin could not check the caller",
+            registry=r,
+        )
         self.bytes_from_cache = Counter(
             "imagecache_bytes_from_cache", "Bytes sent to clients from cached files", registry=r
         )

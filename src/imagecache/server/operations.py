@@ -45,7 +45,12 @@ def install(app: web.Application) -> None:
     state.fills.capacity = capacity
     worker = app[WORKER]
     prefetcher = Prefetcher(
-        state.cache, state.upstream, capacity, attempt=worker.fetch, executor=state.executor
+        state.cache,
+        state.upstream,
+        capacity,
+        attempt=worker.fetch,
+        executor=state.executor,
+        metadata=state.metadata,
     )
     worker.prefetcher = prefetcher
     maintenance = Maintenance(state.cache, prefetcher)

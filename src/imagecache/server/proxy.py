@@ -127,6 +127,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
             image_id = request.match_info.get("image_id")
             if image_id is not None and state.cache.driver.layout.is_valid(image_id):
                 await state.fills.run(_evict, state, image_id)
+                await state.metadata.forget(image_id)  # its size and checksums are gone too
         await response.prepare(request)
         if request.method != "HEAD":
             async for chunk in upstream.content.iter_chunked(RELAY_CHUNK):

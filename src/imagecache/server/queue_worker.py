@@ -14,6 +14,7 @@ import logging
 
 from imagecache.errors import ImageCacheError
 from imagecache.fills import FillCoordinator, FlightKind
+from imagecache.metadata import MetadataCache
 from imagecache.prefetch import Prefetcher
 from imagecache.upstreams.base import SERVICE, Caller
 
@@ -23,8 +24,13 @@ log = logging.getLogger(__name__)
 class QueueWorker:
     """A bounded pool of fetch tasks fed by ``submit``."""
 
-    def __init__(self, fills: FillCoordinator, concurrency: int) -> None:
+    def __init__(
+        self, fills: FillCoordinator, concurrency: int, metadata: MetadataCache | None = None
+    ) -> None:
         self.fills = fills
+        # Shared with the downloads: a queued image that clients are missing
+        # right now costs the origin no second metadata read.
+        self.metadata = metadata
         self.concurrency = concurrency
         self._queue: asyncio.Queue[tuple[str, Caller]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -73,7 +79,10 @@ class QueueWorker:
         if await self.fills.run(cache.is_cached, image_id):
             await self.fills.run(cache.delete_queued_image, image_id)
             return
-        info = await self.fills.upstream.info(image_id, caller)
+        if self.metadata is not None:
+            info = await self.metadata.info(image_id, caller)
+        else:
+            info = await self.fills.upstream.info(image_id, caller)
         flight = await self.fills.join(image_id, info, caller, detached=True)
         if flight.kind is FlightKind.NONE:
             log.info("queued image %s not fetched: %s", image_id, flight.reason or "not cacheable")

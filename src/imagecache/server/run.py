@@ -30,8 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imagecache.errors import ConfigurationError
-from imagecache.logsafe import EscapingFilter
-from imagecache.server import connections
+from imagecache.server import connections, logs
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
 from imagecache.server.notify import Notifier
 from imagecache.server.supervisor import Supervisor
@@ -45,7 +44,7 @@ def serve(settings: Settings) -> None:
 
     Raises ``ServiceFailed`` when the workers of a pre-forked service keep dying.
     """
-    _configure_logging()
+    _configure_logging(settings)
     connections.raise_open_file_limit()  # before forking: the workers inherit it
     sock = _listen(settings.bind_host, settings.bind_port)
     host, port = sock.getsockname()[:2]
@@ -163,14 +162,6 @@ def _shown(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=os.environ.get("IMAGECACHE_LOG_LEVEL", "INFO").upper(),
-            format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-    for handler in logging.getLogger().handlers:
-        # Request paths, ids and origin messages reach these lines: escaped, they
-        # cannot forge one (logsafe).
-        handler.addFilter(EscapingFilter())
+def _configure_logging(settings: Settings) -> None:
+    # IMAGECACHE_LOG_LEVEL, read here before, is now the setting's own variable.
+    logs.configure(settings.log_level, settings.log_format)

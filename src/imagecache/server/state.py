@@ -11,6 +11,7 @@ from imagecache.cache import ImageCache
 from imagecache.errors import InvalidImageId
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
+from imagecache.metadata import MetadataCache
 from imagecache.server.auth import AccessCache
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings
@@ -25,6 +26,8 @@ class ServiceState:
     metrics: Metrics
     fills: FillCoordinator
     access: AccessCache
+    # The origin's answers about images, one lookup per image (metadata.py).
+    metadata: MetadataCache
     # Blocking disk work (sqlite, reads of growing files, writes, fsync) runs here.
     executor: concurrent.futures.ThreadPoolExecutor
     # With a [keystone] table: the cache's own account, and callers' tokens.

@@ -90,6 +90,9 @@ class Upstream(abc.ABC):
     """One image origin."""
 
     kind: str = "base"
+    # Whether ``info`` answers differently depending on who asks (Glance: a
+    # private image is 404 to other projects); metadata.py shares less then.
+    caller_dependent: bool = False
 
     @abc.abstractmethod
     async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:

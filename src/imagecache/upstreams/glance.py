@@ -51,7 +51,13 @@ from urllib.parse import quote
 
 import aiohttp
 
-from imagecache.errors import ConfigurationError, IdentityError, UpstreamError, UpstreamNotActive
+from imagecache.errors import (
+    ConfigurationError,
+    IdentityError,
+    UpstreamError,
+    UpstreamNotActive,
+    UpstreamUnreachable,
+)
 from imagecache.keystone import ServiceIdentity
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
@@ -65,6 +71,7 @@ class GlanceUpstream(Upstream):
     """A Glance v2 API as the origin."""
 
     kind = "glance"
+    caller_dependent = True
 
     def __init__(
         self, base_url: str, settings: Settings, identity: ServiceIdentity | None = None
@@ -171,7 +178,7 @@ class GlanceUpstream(Upstream):
                 if response.status != 416:
                     raise_for_status(response, image_id, "access check")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(
+            raise UpstreamUnreachable(
                 f"image {image_id!r}: Glance access check failed: {describe_failure(exc)}"
             ) from exc
 

@@ -27,7 +27,12 @@ import ssl
 from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
 
-from imagecache.errors import UpstreamError, UpstreamForbidden, UpstreamNotFound
+from imagecache.errors import (
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotFound,
+    UpstreamUnreachable,
+)
 from imagecache.upstreams.base import IDENTITY_HEADERS, describe_failure
 
 MAX_REDIRECTS = 5
@@ -49,6 +54,8 @@ def check_status(status: int, image_id: str, what: str) -> None:
         raise UpstreamNotFound(image_id)
     if status in (401, 403):
         raise UpstreamForbidden(image_id, status)
+    if status >= 500:
+        raise UpstreamUnreachable(f"{what} for image {image_id!r} failed upstream: HTTP {status}")
     raise UpstreamError(f"{what} for image {image_id!r} failed upstream: HTTP {status}")
 
 
