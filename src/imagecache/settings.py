@@ -14,6 +14,7 @@ docs/settings.md; after adding or changing one, regenerate that file with
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 from dataclasses import dataclass
@@ -163,23 +164,14 @@ class KeystoneSettings(BaseModel):
             return load_cloud(self.cloud)
         if self.auth_url is None:
             raise ConfigurationError("keystone.auth_url: set it, or keystone.cloud")
-        auth = KeystoneAuth(
-            auth_url=self.auth_url,
-            username=self.username,
-            user_id=self.user_id,
-            password=_revealed(self.password),
-            project_name=self.project_name,
-            project_id=self.project_id,
-            user_domain_name=self.user_domain_name,
-            user_domain_id=self.user_domain_id,
-            project_domain_name=self.project_domain_name,
-            project_domain_id=self.project_domain_id,
-            application_credential_id=self.application_credential_id,
-            application_credential_name=self.application_credential_name,
-            application_credential_secret=_revealed(self.application_credential_secret),
-            region_name=self.region_name,
-            interface=self.interface,
-        )
+        # Every credential field has the same name in both; secrets are revealed
+        # only here, on their way to keystoneauth.
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(KeystoneAuth):
+            if field.name in type(self).model_fields:
+                value = getattr(self, field.name)
+                values[field.name] = _revealed(value) if isinstance(value, SecretStr) else value
+        auth = KeystoneAuth(**values)
         auth.check()
         return auth
 
