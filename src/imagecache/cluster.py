@@ -42,6 +42,7 @@ from aiohttp import web
 
 from imagecache.cache import ImageCache
 from imagecache.records import ImageInfo
+from imagecache.server import background
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings, secret_matches
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
@@ -359,7 +360,7 @@ def enable(
     tasks = ClusterTasks(cache, driver, settings.node_heartbeat_interval, metrics)
     app[CLUSTER_TASKS] = tasks
 
-    async def on_startup(_app: web.Application) -> None:
+    async def start() -> None:
         tasks.start()
 
     siblings = SiblingUpstream(origin, driver, settings, metrics)
@@ -368,7 +369,7 @@ def enable(
         await tasks.stop()
         await siblings.close()
 
-    app.on_startup.append(on_startup)
+    background.add(app, start)  # the heartbeat starts once the socket accepts
     app.on_cleanup.append(on_cleanup)
     if settings.cluster_token is None:
         log.warning(
