@@ -32,18 +32,27 @@ import contextlib
 import enum
 import logging
 import random
+import sys
 import time
 from collections.abc import AsyncGenerator, Mapping
+from typing import TYPE_CHECKING, cast
 
 import aiohttp
 from aiohttp import web
 
 from imagecache.cache import ImageCache
-from imagecache.drivers.central import CentralDriver
 from imagecache.records import ImageInfo
+from imagecache.server import background
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings, secret_matches
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+
+if TYPE_CHECKING:
+    # Only a type here: the central driver pulls in SQLAlchemy and alembic, about
+    # 0.4 s of the 1.2 s a service spent importing before it served (min of 5
+    # runs, python -X importtime; docs/benchmarks-log.md), which a node of the
+    # sqlite or xattr driver never uses.
+    from imagecache.drivers.central import CentralDriver
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +102,12 @@ class SiblingFailed(Exception):
 
 def central_driver(cache: ImageCache) -> CentralDriver | None:
     """The cache's driver if it is the cluster one."""
-    driver = cache.driver
-    return driver if isinstance(driver, CentralDriver) else None
+    # A central driver can exist only once create_driver has imported its module:
+    # looked up there, so that asking never imports it.
+    central = sys.modules.get("imagecache.drivers.central")
+    if central is None or not isinstance(cache.driver, central.CentralDriver):
+        return None
+    return cast("CentralDriver", cache.driver)
 
 
 def delete_everywhere(cache: ImageCache, image_id: str) -> bool:
@@ -348,7 +361,7 @@ def enable(
     tasks = ClusterTasks(cache, driver, settings.node_heartbeat_interval, metrics)
     app[CLUSTER_TASKS] = tasks
 
-    async def on_startup(_app: web.Application) -> None:
+    async def start() -> None:
         tasks.start()
 
     siblings = SiblingUpstream(origin, driver, settings, metrics)
@@ -357,7 +370,7 @@ def enable(
         await tasks.stop()
         await siblings.close()
 
-    app.on_startup.append(on_startup)
+    background.add(app, start)  # the heartbeat starts once the socket accepts
     app.on_cleanup.append(on_cleanup)
     if settings.cluster_token is None:
         log.warning(

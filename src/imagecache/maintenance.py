@@ -227,8 +227,8 @@ class Maintenance:
         async with self._changed:
             await self._changed.wait_for(lambda: self.runs[name] >= runs)
 
-    def attach(self, app: web.Application) -> None:
-        """Start with ``app`` and stop with it."""
+    def attach(self, app: web.Application, *, start: bool = True) -> None:
+        """Stop with ``app``, and start with it unless ``start`` is False (the caller starts)."""
         app[MAINTENANCE_KEY] = self
 
         async def on_startup(_app: web.Application) -> None:
@@ -238,7 +238,8 @@ class Maintenance:
             # Before the fills are drained: a re-drive must not start new ones.
             await self.stop()
 
-        app.on_startup.append(on_startup)
+        if start:
+            app.on_startup.append(on_startup)
         app.on_shutdown.append(on_shutdown)
 
     async def _every(self, name: str, interval: float, job: Callable[[], Awaitable[Any]]) -> None:

@@ -9,7 +9,12 @@ silently leaves a default in place.
 
 Each setting's docstring (the string under it) is its description in
 docs/settings.md; after adding or changing one, regenerate that file with
-``make settings-doc`` (``python -m imagecache.settings_doc``).
+``make settings-doc`` (``python -m imagecache.settings_doc``). The generator
+reads the docstrings from this file itself: pydantic's
+``use_attribute_docstrings`` finds a class's source through ``inspect`` and
+tokenizes it at import, about 60 of the 100 ms this module cost every process
+at start-up (cProfile and ``python -X importtime``, docs/benchmarks-log.md),
+for descriptions only the generator reads.
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ class KeystoneSettings(BaseModel):
     `IMAGECACHE_KEYSTONE__AUTH_URL`. See docs/openstack.md.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cloud: str | None = None
     """A cloud named in clouds.yaml (searched as openstacksdk does); replaces the
@@ -210,7 +215,6 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         validate_default=True,
-        use_attribute_docstrings=True,
     )
 
     # --- Glance's own option names -------------------------------------------------

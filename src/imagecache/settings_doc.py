@@ -3,13 +3,18 @@
 The reference is generated, not written, so it cannot drift from
 ``settings.py``: each setting's name, type, default, unit, environment variable
 and description come from the model (the description is the docstring under
-the field). ``make settings-doc`` regenerates the file; a test fails when the
+the field, read from the class's source here: the model itself does not keep
+it, see settings.py). ``make settings-doc`` regenerates the file; a test fails when the
 committed one is out of date.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -61,7 +66,10 @@ _TABLE_HEAD = """\
 def render() -> str:
     """The whole of docs/settings.md: the top-level settings, then each table."""
     prefix = str(Settings.model_config.get("env_prefix", ""))
-    rows = [_row(name, field, prefix) for name, field in Settings.model_fields.items()]
+    docs = docstrings(Settings)
+    rows = [
+        _row(name, field, prefix, docs.get(name)) for name, field in Settings.model_fields.items()
+    ]
     out = _HEADER + "".join(rows)
     delimiter = str(Settings.model_config.get("env_nested_delimiter") or "__")
     for name, field in Settings.model_fields.items():
@@ -70,8 +78,35 @@ def render() -> str:
             continue
         nested = f"{prefix}{name}{delimiter}"
         out += f"\n## The `[{name}]` table\n\n{_paragraph(table.__doc__)}\n\n{_TABLE_HEAD}"
-        out += "".join(_row(key, sub, nested) for key, sub in table.model_fields.items())
+        table_docs = docstrings(table)
+        out += "".join(
+            _row(key, sub, nested, table_docs.get(key)) for key, sub in table.model_fields.items()
+        )
     return out
+
+
+def docstrings(cls: type) -> dict[str, str]:
+    """Each field's docstring: the string literal right under its annotated assignment.
+
+    The rule pydantic's ``use_attribute_docstrings`` follows, applied to the
+    class's own body (a field inherited from a base is looked up in the base).
+    """
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__ != cls.__module__:
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
+        for statement, following in itertools.pairwise(body):
+            if (
+                isinstance(statement, ast.AnnAssign)
+                and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                found[statement.target.id] = inspect.cleandoc(following.value.value)
+    return found
 
 
 def _table_model(field: FieldInfo) -> type[BaseModel] | None:
@@ -85,8 +120,9 @@ def _paragraph(doc: str | None) -> str:
     return " ".join((doc or "").split())
 
 
-def _row(name: str, field: FieldInfo, prefix: str) -> str:
-    if not field.description:
+def _row(name: str, field: FieldInfo, prefix: str, description: str | None = None) -> str:
+    description = description or field.description
+    if not description:
         raise ValueError(f"setting {name!r} has no description: give it a docstring")
     unit = next((m.name for m in field.metadata if isinstance(m, Unit)), "")
     cells = [
@@ -95,7 +131,7 @@ def _row(name: str, field: FieldInfo, prefix: str) -> str:
         _default(field.default, unit),
         unit,
         f"`{(prefix + name).upper()}`",
-        " ".join(field.description.split()),
+        " ".join(description.split()),
     ]
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |\n"
 

@@ -33,7 +33,15 @@ from imagecache.errors import (
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
 from imagecache.metadata import MetadataCache
-from imagecache.server import cache_api, disconnects, images, operations, proxy, readiness
+from imagecache.server import (
+    background,
+    cache_api,
+    disconnects,
+    images,
+    operations,
+    proxy,
+    readiness,
+)
 from imagecache.server.auth import AccessCache
 from imagecache.server.delivery import delivery_of, on_prepare, track, write_access_line
 from imagecache.server.metrics import Metrics
@@ -45,8 +53,8 @@ from imagecache.upstreams.base import Upstream
 
 log = logging.getLogger(__name__)
 
-_PUBLISHER = web.AppKey("metrics_publisher", asyncio.Task[None])
-_ROLE_CHECK = web.AppKey("service_role_check", asyncio.Task[None])
+# The metrics publisher and the Keystone role check, cancelled on cleanup.
+_TASKS = web.AppKey("background_tasks", list[asyncio.Task[None]])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -208,6 +216,8 @@ def create_app(
     app = web.Application(middlewares=[track, _errors], client_max_size=1024**2)
     app.on_response_prepare.append(on_prepare)
     disconnects.install(app)  # innermost: a client that left is one INFO line
+    background.install(app)  # before anything adds work to it (cluster, operations)
+    app[_TASKS] = []
     # Fills ask live siblings before the origin in cluster mode; everything else
     # (proxying, access checks, ranges) talks to the origin itself.
     metrics_ = Metrics(metrics_dir)
@@ -254,6 +264,10 @@ def create_app(
     app.router.add_route("*", "/v2/images/{image_id:[^/]+}", proxy.relay)
     app.router.add_route("*", "/v2/{tail:.*}", proxy.relay)
 
+    async def start_tasks() -> None:
+        _start_tasks(app)
+
+    background.add(app, start_tasks)
     app.on_startup.append(_start)
     app.on_shutdown.append(_stop_fills)
     app.on_cleanup.append(_close)
@@ -262,11 +276,14 @@ def create_app(
 
 async def _start(app: web.Application) -> None:
     app[cache_api.WORKER].start()
-    if app[STATE].identity is not None:
-        app[_ROLE_CHECK] = asyncio.create_task(_check_service_roles(app[STATE]))
-    metrics_ = app[STATE].metrics
-    if metrics_.share_dir is not None:
-        app[_PUBLISHER] = asyncio.create_task(metrics_.publish_periodically())
+
+
+def _start_tasks(app: web.Application) -> None:
+    state = app[STATE]
+    if state.identity is not None:
+        app[_TASKS].append(asyncio.create_task(_check_service_roles(state)))
+    if state.metrics.share_dir is not None:
+        app[_TASKS].append(asyncio.create_task(state.metrics.publish_periodically()))
 
 
 async def _stop_fills(app: web.Application) -> None:
@@ -304,16 +321,10 @@ async def _check_service_roles(state: ServiceState) -> None:
 
 
 async def _close(app: web.Application) -> None:
-    task = app.get(_ROLE_CHECK)
-    if task is not None:
+    for task in app[_TASKS]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    publisher = app.get(_PUBLISHER)
-    if publisher is not None:
-        publisher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await publisher
     state = app[STATE]
     await state.fills.shutdown(0)
     await state.upstream.close()

@@ -32,6 +32,7 @@ from imagecache.maintenance import MAINTENANCE_KEY, Maintenance
 from imagecache.manage import local_stats
 from imagecache.prefetch import Prefetcher
 from imagecache.scrub import Scrubber
+from imagecache.server import background
 from imagecache.server.cache_api import WORKER, _admin_only
 from imagecache.server.state import STATE, ServiceState
 
@@ -54,7 +55,9 @@ def install(app: web.Application) -> None:
     )
     worker.prefetcher = prefetcher
     maintenance = Maintenance(state.cache, prefetcher)
-    maintenance.attach(app)
+    # Reconciliation and the schedule start once the socket accepts (server/background.py).
+    maintenance.attach(app, start=False)
+    background.add(app, maintenance.start)
     state.metrics.registry.register(_OperationsCollector(state, capacity, maintenance))
     app.router.add_route("*", "/v2/cache/stats", _admin_only({"GET": stats}))
     app.router.add_route("*", "/v2/cache/verify", _admin_only({"POST": verify}))

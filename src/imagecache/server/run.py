@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imagecache.errors import ConfigurationError
-from imagecache.server import connections, logs
+from imagecache.server import background, connections, logs
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
 from imagecache.server.notify import Notifier
 from imagecache.server.supervisor import Supervisor
@@ -114,6 +114,7 @@ async def _serve_socket(
     stops the pings and systemd restarts the service.
     """
     app = create_app(settings, metrics_dir=metrics_dir)
+    background.defer(app)  # started below, once the socket accepts
     runner, _ = await connections.start_site(
         app,
         settings,
@@ -140,6 +141,9 @@ async def _serve_socket(
         loop.add_signal_handler(signum, stop.set)
     if ready is not None:
         ready()  # after the handlers: a stop from here on is a clean one
+    # Reconciliation, the schedule, the metrics publisher, the heartbeat and the
+    # Keystone role check: none of them is needed to serve, so they come after.
+    await background.start(app)
     pinger = None
     if notifier is not None and notifier.watchdog_interval is not None:
         pinger = asyncio.create_task(_ping(notifier, notifier.watchdog_interval))
