@@ -316,7 +316,9 @@ def test_verify_detects_and_quarantines(filled: Path) -> None:
     assert report["images"]["alpha"] == "ok"
     assert (filled / "invalid" / "beta").exists()
     assert not (filled / "beta").exists()
-    assert run(filled, "verify", "alpha").exit_code == 0
+    one = run(filled, "verify", "alpha")
+    assert one.exit_code == 0
+    assert "Verified 1 image (" in one.output  # one image, not "1 images"
 
 
 def test_prefetch_with_progress(cache_dir: Path, tmp_path: Path) -> None:

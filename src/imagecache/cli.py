@@ -622,7 +622,9 @@ def verify(ctx: click.Context, image_id: str | None) -> None:
         for outcome in report.outcomes.values():
             counts[outcome.value] = counts.get(outcome.value, 0) + 1
         summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing"
-        lines = [f"Verified {len(report.outcomes)} images ({iec(report.bytes_read)}): {summary}."]
+        count = len(report.outcomes)
+        noun = "image" if count == 1 else "images"
+        lines = [f"Verified {count} {noun} ({iec(report.bytes_read)}): {summary}."]
         lines += [f"{i}: corrupt, moved to invalid/" for i in report.corrupt]
         return "\n".join(lines)
 

@@ -61,6 +61,9 @@ def configure(level: str, log_format: LogFormat) -> None:
     # Python's warnings become records too: printed on their own they would be
     # lines of neither format (a JSON reader would choke on them).
     logging.captureWarnings(True)
+    # Alembic announces each of its plugins at INFO on every start of a central
+    # node (seven lines that say nothing to an operator); its warnings still show.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     root = logging.getLogger()
     if not root.handlers:
         stderr = logging.StreamHandler(sys.stderr)
