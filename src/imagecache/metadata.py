@@ -449,3 +449,25 @@ def sweep_answers(lock_dir: Path, older_than: float = SWEEP_AGE) -> int:
 
 
 __all__ = ["NEGATIVE_TTL", "Answer", "MetadataCache", "Outcome", "sweep_answers"]
+
+
+def metadata_for(
+    layout_lock_dir: Path,
+    upstream: Upstream,
+    ttl: float,
+    upstream_timeout: float,
+    executor: concurrent.futures.Executor | None = None,
+) -> MetadataCache:
+    """The ``MetadataCache`` of one cache directory, built the same way by the service and CLI.
+
+    The wait for another process's lookup is bounded by what that lookup may
+    take: an http origin's info is a HEAD, then sidecars, two timeouts at most.
+    """
+    return MetadataCache(
+        upstream,
+        ttl,
+        layout_lock_dir,
+        caller_dependent=upstream.caller_dependent,
+        wait_limit=2 * upstream_timeout + 1,
+        executor=executor,
+    )

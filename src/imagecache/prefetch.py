@@ -36,7 +36,7 @@ from imagecache.errors import (
     UpstreamNotFound,
 )
 from imagecache.layout import CacheLayout, unlink_if_exists
-from imagecache.metadata import MetadataCache
+from imagecache.metadata import MetadataCache, metadata_for
 from imagecache.records import ImageInfo
 from imagecache.upstreams.base import SERVICE, Caller, Upstream
 
@@ -196,13 +196,12 @@ class Prefetcher:
         # cache directory (the CLI's prefetch builds its own over the same files).
         if metadata is None:
             settings = cache.settings
-            metadata = MetadataCache(
+            metadata = metadata_for(
+                cache.driver.layout.lock_dir,
                 upstream,
                 settings.metadata_cache_ttl,
-                cache.driver.layout.lock_dir,
-                caller_dependent=upstream.caller_dependent,
-                wait_limit=2 * settings.upstream_timeout + 1,
-                executor=executor,
+                settings.upstream_timeout,
+                executor,
             )
         self.metadata = metadata
         self.capacity = capacity

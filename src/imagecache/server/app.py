@@ -32,7 +32,7 @@ from imagecache.errors import (
 )
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
-from imagecache.metadata import MetadataCache
+from imagecache.metadata import metadata_for
 from imagecache.server import (
     background,
     cache_api,
@@ -226,14 +226,12 @@ def create_app(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
     fills = FillCoordinator(settings, cache, fill_source, metrics_, executor)
-    metadata = MetadataCache(
+    metadata = metadata_for(
+        cache.driver.layout.lock_dir,
         upstream,
         settings.metadata_cache_ttl,
-        cache.driver.layout.lock_dir,
-        caller_dependent=upstream.caller_dependent,
-        # An http origin's info is a HEAD, then sidecars: two timeouts at most.
-        wait_limit=2 * settings.upstream_timeout + 1,
-        executor=executor,
+        settings.upstream_timeout,
+        executor,
     )
     fills.metadata = metadata
     app[STATE] = ServiceState(
