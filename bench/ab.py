@@ -3,6 +3,7 @@
     git worktree add /tmp/ic-base HEAD          # the "before" tree
     .venv/bin/python bench/ab.py --base /tmp/ic-base/src --size-mib 512 --rounds 6
     .venv/bin/python bench/ab.py --base /tmp/ic-base/src --clients 32   # fill + 31 followers
+    .venv/bin/python bench/ab.py --base /tmp/ic-base/src --mode hit      # cached GETs
     git worktree remove /tmp/ic-base
 
 Both services run at once (``imagecache serve``, directory upstream, their own
@@ -11,7 +12,11 @@ cache dirs), started from this venv with ``PYTHONPATH`` naming each tree's
 in alternating order; a ratio is the median of the per-round ratios (new/base),
 which cancels most of a shared machine's drift. Also reported per round: the
 CPU seconds the service's processes used (``/proc/<pid>/stat``) and their peak
-RSS growth (sampled every 0.1 s).
+RSS growth (sampled every 0.1 s); with ``--upstream http``, the body reads the
+origin served in the round (its access log: 1 per round whatever ``--clients``).
+
+``--mode hit`` measures cached GETs instead: each round fills the image once
+(not measured), then downloads it from the cache with ``--clients`` clients.
 """
 
 from __future__ import annotations
@@ -102,15 +107,31 @@ class Round:
     sample: Sample
     cpu: float
     rss_growth_mib: float
+    origin_reads: int | None = None
 
 
 def cold_round(
-    service: Service, image_id: str, size: int, clients: int, scratch: Path | None
+    service: Service,
+    image_id: str,
+    size: int,
+    clients: int,
+    scratch: Path | None,
+    *,
+    hit: bool = False,
+    origin: Nginx | None = None,
 ) -> Round:
     service.evict(image_id)
+    if hit:
+        # The fill is the set-up, not the measurement; settle its commit so
+        # every measured GET is a hit.
+        warm = fetch_all([f"{service.url}/v2/images/{image_id}/file"], size)
+        if warm.errors:
+            raise PeerError(f"{service.name}: the warm-up download failed")
+        settle_fill(service.cache_dir, image_id)
     subprocess.run(["sync"], check=True)  # the last round's dirty pages are not this round's cost
-    if scratch is not None:
+    if scratch is not None and not hit:
         recycle_memory(scratch, size)
+    reads_before = origin.requests_for(f"/{image_id}") if origin is not None else 0
     peak = start_rss = service.rss_kib()
     done = threading.Event()
 
@@ -127,7 +148,10 @@ def cold_round(
     finally:
         done.set()
         sampler.join()
-    return Round(sample, service.cpu_seconds() - cpu, (peak - start_rss) / 1024)
+    reads = None
+    if origin is not None:
+        reads = origin.requests_for(f"/{image_id}") - reads_before
+    return Round(sample, service.cpu_seconds() - cpu, (peak - start_rss) / 1024, reads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--mode", choices=("miss", "hit"), default="miss")
     parser.add_argument(
         "--upstream",
         choices=("directory", "http"),
@@ -186,17 +211,28 @@ def main(argv: list[str] | None = None) -> int:
                 service.start()
             for service in order:
                 scratch = None if args.cold_memory else args.workdir / "scratch"
-                got = cold_round(service, image_id, size, args.clients, scratch)
+                got = cold_round(
+                    service,
+                    image_id,
+                    size,
+                    args.clients,
+                    scratch,
+                    hit=args.mode == "hit",
+                    origin=origin,
+                )
                 if got.sample.errors:
                     raise PeerError(f"{service.name}: {got.sample.errors} failed downloads")
                 rounds[service.name].append(got)
             for service in services:
                 service.stop()
             base, new = rounds["base"][-1], rounds["new"][-1]
+            reads = ""
+            if base.origin_reads is not None:
+                reads = f" | origin reads base {base.origin_reads} new {new.origin_reads}"
             print(
                 f"round {r + 1}: base {base.sample.mib_s:7.1f} MiB/s {base.cpu:5.2f} cpu-s"
                 f" +{base.rss_growth_mib:5.1f} MiB | new {new.sample.mib_s:7.1f} MiB/s"
-                f" {new.cpu:5.2f} cpu-s +{new.rss_growth_mib:5.1f} MiB",
+                f" {new.cpu:5.2f} cpu-s +{new.rss_growth_mib:5.1f} MiB{reads}",
                 flush=True,
             )
     finally:
@@ -213,14 +249,28 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [
         n.sample.mib_s / b.sample.mib_s for b, n in zip(rounds["base"], rounds["new"], strict=True)
     ]
+    cpu_ratios = [
+        n.cpu / b.cpu for b, n in zip(rounds["base"], rounds["new"], strict=True) if b.cpu > 0
+    ]
+    reads = {
+        name: sorted({r.origin_reads for r in rounds[name] if r.origin_reads is not None})
+        for name in rounds
+    }
     print(
-        f"{args.upstream}, {args.size_mib} MiB, {args.clients} client(s),"
+        f"{args.mode}, {args.upstream}, {args.size_mib} MiB, {args.clients} client(s),"
         f" {args.rounds} rounds, median:"
         f" base {med('base', 'rate'):.0f} MiB/s, {med('base', 'cpu'):.2f} cpu-s,"
         f" +{med('base', 'rss_growth_mib'):.0f} MiB;"
         f" new {med('new', 'rate'):.0f} MiB/s, {med('new', 'cpu'):.2f} cpu-s,"
         f" +{med('new', 'rss_growth_mib'):.0f} MiB;"
-        f" new/base {statistics.median(ratios):.2f} (per round {min(ratios):.2f}-{max(ratios):.2f})"
+        f" new/base {statistics.median(ratios):.2f}"
+        f" (per round {min(ratios):.2f}-{max(ratios):.2f}),"
+        f" cpu new/base {statistics.median(cpu_ratios) if cpu_ratios else float('nan'):.2f}"
+        + (
+            f"; origin reads per round base {reads['base']} new {reads['new']}"
+            if reads["base"]
+            else ""
+        )
     )
     return 0
 
