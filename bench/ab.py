@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     origin = None
     upstream = f"directory:{images}"
     if args.upstream == "http":
-        origin = Nginx(args.workdir / "origin", root=images, md5_headers={image_id: md5})
+        origin = Nginx(
+            args.workdir / "origin", root=images, md5_headers={image_id: md5}, access_log=True
+        )
         origin.__enter__()
         upstream = f"http:{origin.url}/{{image_id}}"
     services = [
