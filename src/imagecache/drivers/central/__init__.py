@@ -1,0 +1,40 @@
+"""The cluster driver (``CentralDriver``) and what its callers use.
+
+Importing this package imports SQLAlchemy: only ``create_driver`` does, when
+the settings name the central driver, so a node of the sqlite or xattr driver
+never pays for it (docs/benchmarks-log.md).
+"""
+
+from __future__ import annotations
+
+from imagecache.drivers.central.claims import OriginClaim
+from imagecache.drivers.central.driver import CentralDriver
+from imagecache.drivers.central.importer import ImportResult
+from imagecache.drivers.central.nodes import NodeInfo, NodeListing, node_instance_id
+from imagecache.drivers.central.schema import (
+    cached_images,
+    deleted_images,
+    make_engine,
+    metadata,
+    nodes,
+    origin_fills,
+    to_datetime,
+    to_epoch,
+)
+
+__all__ = [
+    "CentralDriver",
+    "ImportResult",
+    "NodeInfo",
+    "NodeListing",
+    "OriginClaim",
+    "cached_images",
+    "deleted_images",
+    "make_engine",
+    "metadata",
+    "node_instance_id",
+    "nodes",
+    "origin_fills",
+    "to_datetime",
+    "to_epoch",
+]
