@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from imagecache import ImageCache
-from imagecache import cache as cache_module
-from imagecache.cache import FillWriter
 from imagecache.drivers import files
 from imagecache.drivers.files import FLUSH_STEP, Fill
 from imagecache.errors import VerificationError
+from imagecache.fill import hashing as hashing_module
+from imagecache.fill.writer import FillWriter
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
 from imagecache.upstreams.directory import _FileSource
@@ -291,8 +291,8 @@ def test_a_span_the_file_no_longer_holds_fails_the_hash_instead_of_the_process(
     fd = os.open(path, os.O_RDWR)
     try:
         os.truncate(fd, 4096)
-        hasher = cache_module._Hasher(hashlib.sha256())
-        hasher.submit(cache_module._FileSpan(fd, 4096, 4096))
+        hasher = hashing_module.Hasher(hashlib.sha256())
+        hasher.submit(hashing_module.FileSpan(fd, 4096, 4096))
         with pytest.raises((OSError, ValueError)):
             hasher.join()
     finally:
@@ -335,7 +335,7 @@ def test_an_origin_on_another_filesystem_is_read_instead(
         origin.write_bytes(data)
         writer = _promised_sha512(cache, data)
         source = _LocalSource(origin)
-        with caplog.at_level(logging.DEBUG, logger="imagecache.cache"):
+        with caplog.at_level(logging.DEBUG, logger="imagecache.fill.writer"):
             first = writer.copy_from(source.copy_into)
         if first is not None:
             pytest.skip(
@@ -376,7 +376,7 @@ def test_fill_hash_nice_applies_to_the_hash_thread_alone(
 
 _UNPRIVILEGED_NICE = """
 import os, resource, sys
-from imagecache.cache import usable_nice
+from imagecache.fill.hashing import usable_nice
 resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
 if os.getuid() == 0:  # drop root and with it CAP_SYS_NICE
     os.setgroups([])

@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from imagecache.cache import FillWriter
 from imagecache.errors import CacheStoreError
+from imagecache.fill.writer import FillWriter
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from server_helpers import directory_app, image_bytes, listdir, put_image, settled

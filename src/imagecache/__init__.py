@@ -1,6 +1,6 @@
 """imagecache: a standalone, Glance-compatible disk cache and edge proxy for VM images."""
 
-from imagecache.cache import FillWriter, ImageCache
+from imagecache.cache import ImageCache
 from imagecache.drivers import Driver, create_driver
 from imagecache.errors import (
     BadDriverConfiguration,
@@ -18,6 +18,7 @@ from imagecache.errors import (
     UpstreamNotFound,
     VerificationError,
 )
+from imagecache.fill.writer import FillWriter
 from imagecache.records import CachedImage, CleanResult, ImageInfo, PruneResult, QueueResult
 from imagecache.settings import Settings, load_settings
 

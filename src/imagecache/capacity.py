@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagecache.cache import ImageCache
+from imagecache.fill.locks import locked_by_writer
 from imagecache.layout import file_size
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,8 @@ class Ledger:
         except FileNotFoundError:
             return False  # released meanwhile
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
+            if locked_by_writer(fd):
+                return True
             log.info("dropping reservation %s: the process that made it is gone", ticket)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -13,7 +13,8 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      ├── ImageBeingCached              another writer holds the fill of this image
      ├── VerificationError             size or hash of the written bytes is wrong
      ├── CacheStoreError               the cache's own disk or metadata failed
-     │    └── CacheUnavailable         its filesystem refuses changes (read-only, full)
+     │    ├── CacheUnavailable         its filesystem refuses changes (read-only, full)
+     │    └── WriterGone               a followed fill ended without a committed file
      ├── IdentityError                 Keystone could not answer, or refused the cache
      │    ├── IdentityRejected         the cache's own credentials were refused
      │    └── IdentityUnavailable      Keystone unreachable or failing: refuse, never allow
@@ -109,6 +110,10 @@ class VerificationError(ImageCacheError):
 
 class CacheStoreError(ImageCacheError):
     """The cache's own storage (files or metadata database) failed."""
+
+
+class WriterGone(CacheStoreError):
+    """The fill a reader followed ended without a committed file (its writer died or stalled)."""
 
 
 class CacheUnavailable(CacheStoreError):

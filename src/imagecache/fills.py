@@ -28,7 +28,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
-import fcntl
 import logging
 import os
 import threading
@@ -36,14 +35,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from imagecache.cache import FillWriter, ImageCache
+from imagecache.cache import ImageCache
 from imagecache.capacity import Capacity, Reservation
 from imagecache.errors import (
     CacheStoreError,
     ImageCacheError,
     VerificationError,
+    WriterGone,
     is_origin_failure,
 )
+from imagecache.fill.locks import locked_by_writer
+from imagecache.fill.writer import FillWriter
 from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
 from imagecache.server.metrics import Metrics
@@ -78,10 +80,6 @@ class FlightState(enum.Enum):
     RUNNING = "running"
     COMPLETE = "complete"  # every byte is in the file and verified
     FAILED = "failed"
-
-
-class WriterGone(CacheStoreError):
-    """The fill this reader followed ended without a committed file (retry from scratch)."""
 
 
 class Flight:
@@ -637,18 +635,6 @@ async def aclose(stream: AsyncIterator[bytes]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
-
-
-def locked_by_writer(fd: int) -> bool:
-    """Whether a writer holds the exclusive fill lock on the file open as ``fd``."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    # We got a shared lock: nobody writes. Drop it at once, or a takeover
-    # writer's LOCK_EX would fail because of us.
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return False
 
 
 def _inode_of(path: os.PathLike[str]) -> int | None:

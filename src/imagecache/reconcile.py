@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from imagecache.drivers.base import Driver
 from imagecache.drivers.files import FileBackedDriver
+from imagecache.fill.locks import take_if_unlocked
 from imagecache.layout import CacheLayout, rename_if_exists
 from imagecache.records import CachedImage
 
@@ -207,9 +207,7 @@ def _move_if_unlocked(path: Path, target: Path) -> bool:
     """Move ``path`` to ``target`` if no live writer holds its lock (we hold it meanwhile)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not take_if_unlocked(fd):
             return False  # a live writer: not stale
         if os.fstat(fd).st_ino != os.stat(path).st_ino:
             return False  # replaced meanwhile

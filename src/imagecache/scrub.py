@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagecache.cache import CHUNK_SIZE, ImageCache
+from imagecache.cache import ImageCache
 from imagecache.errors import ImageCacheError
-from imagecache.records import HASH_ALGORITHMS, CachedImage
+from imagecache.fill.hashing import strongest_hash
+from imagecache.fill.writer import CHUNK_SIZE
+from imagecache.records import CachedImage
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,7 @@ class ScrubReport:
 
 def recorded_digest(image: CachedImage) -> tuple[str, str] | None:
     """The strongest ``(algorithm, hex value)`` recorded for an entry, or None."""
-    algo = (image.hash_algo or "").lower()
-    if image.hash_value and algo in HASH_ALGORITHMS:
-        return algo, image.hash_value.lower()
-    if image.checksum:
-        return "md5", image.checksum.lower()
-    return None
+    return strongest_hash(image.checksum, image.hash_algo, image.hash_value)
 
 
 class _Throttle:

@@ -46,6 +46,7 @@ from typing import BinaryIO
 
 from imagecache.drivers.base import Driver
 from imagecache.errors import CacheStoreError, ImageBeingCached, ImageNotCached
+from imagecache.fill.locks import locked_by_writer, take_if_unlocked
 from imagecache.layout import fsync_dir, rename_if_exists, unlink_if_exists
 from imagecache.records import Chunk, CleanResult, QueueResult
 
@@ -209,12 +210,9 @@ def writer_alive(path: Path) -> bool:
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return locked_by_writer(fd)
     finally:
-        os.close(fd)  # closing drops a lock we may have taken
-    return False
+        os.close(fd)
 
 
 class FileBackedDriver(Driver):
@@ -372,11 +370,9 @@ class FileBackedDriver(Driver):
                 fd, took_over = existing, True
             else:
                 took_over = False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not take_if_unlocked(fd):
                 os.close(fd)
-                raise ImageBeingCached(image_id) from None
+                raise ImageBeingCached(image_id)
             fill = Fill(image_id, path, fd, drop_behind=self.settings.fill_drop_behind)
             if not fill.still_ours():  # committed, rolled back or cleaned meanwhile
                 os.close(fd)

@@ -23,18 +23,18 @@ from typing import BinaryIO
 
 from aiohttp import hdrs, web
 
-from imagecache.cache import FillWriter
 from imagecache.cluster import PeerRequest, peer_request
-from imagecache.errors import CacheStoreError, ImageCacheError, UpstreamNotActive
+from imagecache.errors import CacheStoreError, ImageCacheError, UpstreamNotActive, WriterGone
+from imagecache.fill.hashing import strongest_hash
+from imagecache.fill.locks import locked_by_writer
+from imagecache.fill.writer import FillWriter
 from imagecache.fills import (
     CACHED,
     COMMIT_WAIT,
     REMOTE_POLL_INTERVAL,
     Flight,
     FlightKind,
-    WriterGone,
     aclose,
-    locked_by_writer,
 )
 from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import Access, caller_from
@@ -75,11 +75,8 @@ class _Hit:
 
 def etag_for(checksum: str | None, hash_algo: str | None, hash_value: str | None) -> str | None:
     """A strong entity tag from the image's hash (the same for a hit and a miss)."""
-    if hash_algo and hash_value:
-        return f'"{hash_algo.lower()}-{hash_value.lower()}"'
-    if checksum:
-        return f'"md5-{checksum.lower()}"'
-    return None
+    known = strongest_hash(checksum, hash_algo, hash_value)
+    return f'"{known[0]}-{known[1]}"' if known is not None else None
 
 
 def _none_match(request: web.Request, etag: str | None) -> bool:

@@ -1,0 +1,18 @@
+"""The miss path, with no HTTP in it: one home for every fill of the cache.
+
+Every front end fills through here: the service's downloads (server/images.py),
+its queue worker, the CLI's ``prefetch`` (which builds a coordinator of its
+own over the same directory) and, for the synchronous library API, the tee in
+cache.py over the same writer.
+
+- ``locks``: the one ``flock`` probe (is a writer still at it?).
+- ``hashing``: the hash thread, its priority, the one "strongest known hash" picker.
+- ``writer``: ``FillWriter`` (hash, write, verify, commit) and ``Verifier`` (hash only).
+- ``flight``: one image's fill as its readers see it, and ``BypassReason``.
+- ``events``: the sink a fill reports to (the service's metrics implement it).
+- ``coordinator``: single flight across coroutines and processes.
+
+This package must not import ``imagecache.server`` nor aiohttp's server: the
+layers above it pass in what it needs. The package imports nothing at its
+top, so ``drivers`` may use ``fill.locks`` without a cycle.
+"""
