@@ -46,7 +46,7 @@ def test_a_crafted_inconsistent_directory(kind: str, cache_dir: Path, tmp_path: 
         os.utime(live, (past, past))
         with open(live, "rb") as holder:
             fcntl.flock(holder, fcntl.LOCK_EX)  # a writer that is alive
-            report = reconcile(cache, started_at=time.time() - 1)
+            report = reconcile(cache.driver, started_at=time.time() - 1)
             assert live.exists()
         live.unlink()
 
@@ -65,7 +65,7 @@ def test_a_crafted_inconsistent_directory(kind: str, cache_dir: Path, tmp_path: 
         assert cache.get_cache_size() == 1000 + 700
 
         # Consistent now: a second pass finds nothing.
-        assert not reconcile(cache, started_at=time.time() - 1).changed
+        assert not reconcile(cache.driver, started_at=time.time() - 1).changed
 
 
 # --- a real crash of the service ---------------------------------------------------------------

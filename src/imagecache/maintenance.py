@@ -176,7 +176,7 @@ class Maintenance:
     async def reconcile(self) -> ReconcileReport:
         def run() -> ReconcileReport:
             with self.cache.exclusive("reconcile"):  # one worker at a time
-                return reconcile(self.cache, self._started_at)
+                return reconcile(self.cache.driver, self._started_at)
 
         self.reconciled = await self._in_thread(run)
         return self.reconciled

@@ -37,17 +37,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from imagecache.drivers.base import Driver
 from imagecache.drivers.files import FileBackedDriver
+from imagecache.fill.hashing import strongest_hash
 from imagecache.fill.locks import take_if_unlocked
 from imagecache.layout import CacheLayout, rename_if_exists
 from imagecache.records import CachedImage
-
-if TYPE_CHECKING:
-    # Only a type here: the drivers import this module, and must not import cache.py.
-    from imagecache.cache import ImageCache
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +62,14 @@ class ReconcileReport:
         return any(dataclasses.astuple(self))
 
 
-def reconcile(cache: ImageCache, started_at: float | None = None) -> ReconcileReport:
-    """Repair the disagreements listed in the module docstring; blocking."""
+def reconcile(driver: Driver, started_at: float | None = None) -> ReconcileReport:
+    """Repair the disagreements listed in the module docstring; blocking.
+
+    Takes the driver, not the ``ImageCache``: the drivers import this module,
+    so it must not depend on the facade above them (that was an import cycle,
+    cache -> drivers -> reconcile -> scrub -> cache).
+    """
     report = ReconcileReport()
-    driver = cache.driver
     on_disk = _committed_sizes(driver.layout)
     _reject_empty_files(driver, on_disk, report)
     if isinstance(driver, FileBackedDriver):  # every driver we ship: they can forget a row alone
@@ -78,6 +78,11 @@ def reconcile(cache: ImageCache, started_at: float | None = None) -> ReconcileRe
     if report.changed:
         log.warning("reconciled %s: %s", driver.layout.base, report)
     return report
+
+
+def _vouched(record: CachedImage) -> bool:
+    """Whether a record carries a hash that vouches for its file's bytes."""
+    return strongest_hash(record.checksum, record.hash_algo, record.hash_value) is not None
 
 
 def reconcile_records(driver: FileBackedDriver) -> ReconcileReport:
@@ -121,8 +126,6 @@ def _committed_stat(layout: CacheLayout, image_id: str) -> os.stat_result | None
 def _repair_records(
     driver: FileBackedDriver, on_disk: dict[str, int], report: ReconcileReport
 ) -> None:
-    from imagecache.scrub import recorded_digest  # see _reject_empty_files for why here
-
     layout = driver.layout
     recorded = dict(driver.iter_sizes())
     suspects = [i for i, size in on_disk.items() if size != recorded.get(i)]
@@ -139,7 +142,7 @@ def _repair_records(
             continue
         record = driver.get_cached_image(image_id)  # a commit may have written it meanwhile
         if record is not None:
-            if record.size != st.st_size and recorded_digest(record) is not None:
+            if record.size != st.st_size and _vouched(record):
                 log.error(
                     "image %s is damaged in the cache: its file has %d bytes, its record %d;"
                     " moved to invalid/",
@@ -175,17 +178,13 @@ def _reject_empty_files(driver: Driver, on_disk: dict[str, int], report: Reconci
     A fill never commits zero bytes unless the origin promised an empty image,
     and then it records the hash of nothing; an empty file without one is debris.
     """
-    # Imported here: scrub.py needs cache.py, which the drivers importing this
-    # module must not pull in.
-    from imagecache.scrub import recorded_digest
-
     layout = driver.layout
     for image_id in sorted(i for i, size in on_disk.items() if size == 0):
         st = _committed_stat(layout, image_id)
         if st is None or st.st_size:
             continue  # deleted, or committed anew, since the scan
         record = driver.get_cached_image(image_id)
-        if record is not None and recorded_digest(record) is not None:
+        if record is not None and _vouched(record):
             continue
         log.warning("moving the empty, unverifiable file %s to invalid/", image_id)
         rename_if_exists(layout.active_path(image_id), layout.invalid_path(image_id))

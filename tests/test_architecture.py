@@ -1,0 +1,168 @@
+"""The layering rules of docs/architecture.md, checked on the source (static, no imports run).
+
+- The library (every module but the front ends: ``imagecache.server``, the
+  CLI and the demo, which start the service) never imports
+  ``imagecache.server`` nor aiohttp's server side (``aiohttp.web``): data flows
+  one way, and the CLI or another program can use the library without the
+  service. aiohttp as an HTTP client (``aiohttp.ClientSession`` in upstreams) is
+  allowed.
+- No import cycle among modules, counting imports inside functions (the old
+  way to dodge one) but not those under ``if TYPE_CHECKING:``, which are types
+  only and never run.
+- No module over ``MAX_LINES`` lines unless it is listed with its reason.
+
+``PENDING`` names the known breaches that issue 13 (the one-fill-path
+redesign) still has to remove, each with the module that causes it. The test
+fails when a breach appears that is not listed, and also when a listed one
+has gone (so the list only shrinks).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "imagecache"
+MAX_LINES = 400
+
+# (importing module, imported module) pairs that break the one-way rule today.
+PENDING_LAYERING = {
+    ("imagecache.fills", "imagecache.server.metrics"),
+    ("imagecache.cluster", "imagecache.server"),
+    ("imagecache.cluster", "imagecache.server.background"),
+    ("imagecache.cluster", "imagecache.server.metrics"),
+    ("imagecache.cluster", "aiohttp.web"),
+    ("imagecache.maintenance", "aiohttp.web"),
+}
+# Modules longer than MAX_LINES, each one concept or pending its split (issue 13).
+LONG_MODULES = {
+    "imagecache.fills": "pending: fill/flight.py, fill/coordinator.py (issue 13)",
+    "imagecache.server.images": "pending: fill/follow.py and server/send.py (issue 13)",
+    "imagecache.cli": "one click group; each verb a short function over the library",
+    "imagecache.settings": "one settings model; the fields are the documentation",
+    "imagecache.client": "the REST client of the remote CLI, one method per route",
+    "imagecache.keystone": "one concept: the cache's identity and token validation",
+    "imagecache.metadata": "one concept: single-flighted, remembered origin answers",
+    "imagecache.drivers.files": "the file side of every driver: fills, commit, drop-behind",
+    "imagecache.drivers.sqlite": "one driver",
+}
+
+
+def modules() -> Iterator[tuple[str, Path]]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        if "migrations" in parts:
+            continue  # alembic's scripts, loaded by alembic, not imported
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        yield name, path
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports(name: str, path: Path, *, types: bool) -> set[str]:
+    """Modules imported by ``path``, in functions too; ``types``: also TYPE_CHECKING ones."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and _is_type_checking(node.test):
+                if types:
+                    visit(node.body)
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt):
+                    visit(inner)
+                elif isinstance(inner, list):
+                    for handler in inner:
+                        if isinstance(handler, ast.ExceptHandler):
+                            visit(handler.body)
+
+    visit(tree.body)
+    return found
+
+
+FRONT_ENDS = ("imagecache.server", "imagecache.cli", "imagecache.demo")
+
+
+def _module_of(imported: str, known: set[str]) -> str:
+    """``imported`` cut to the module it names (``from m import Name`` gives ``m.Name``)."""
+    while imported not in known and "." in imported:
+        imported = imported.rpartition(".")[0]
+    return imported
+
+
+def test_the_library_never_imports_the_service() -> None:
+    known = {name for name, _ in modules()}
+    breaches = set()
+    for name, path in modules():
+        if any(name == end or name.startswith(end + ".") for end in FRONT_ENDS):
+            continue
+        for imported in imports(name, path, types=True):
+            if imported.startswith("imagecache.server"):
+                breaches.add((name, _module_of(imported, known)))
+            elif imported == "aiohttp.web" or imported.startswith("aiohttp.web."):
+                breaches.add((name, "aiohttp.web"))
+    assert breaches - PENDING_LAYERING == set(), "library modules importing the service"
+    assert PENDING_LAYERING - breaches == set(), "fixed: remove these from PENDING_LAYERING"
+
+
+def test_no_import_cycle() -> None:
+    known = dict(modules())
+    graph = {
+        name: {i for i in imports(name, path, types=False) if i in known and i != name}
+        for name, path in known.items()
+    }
+    # The root package's __init__ re-exports the public API (it imports nearly
+    # everything by design), and every ``imagecache.x`` import runs it first:
+    # counting it would make every module a cycle and hide the real ones.
+    graph.pop("imagecache")
+    for name in graph:
+        graph[name].discard("imagecache")
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                walk(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name)
+    assert cycles == []
+
+
+def test_modules_stay_small_or_say_why() -> None:
+    long = {
+        name: len(path.read_text().splitlines())
+        for name, path in modules()
+        if len(path.read_text().splitlines()) > MAX_LINES
+    }
+    assert set(long) - set(LONG_MODULES) == set(), f"over {MAX_LINES} lines: {long}"
+    assert set(LONG_MODULES) - set(long) == set(), "now short: remove from LONG_MODULES"
