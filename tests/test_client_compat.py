@@ -51,12 +51,18 @@ def _base(server: TestServer) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
-async def _run(*command: str) -> tuple[int, str, str]:
+async def _run(*command: str, home: Path | None = None) -> tuple[int, str, str]:
+    # ``home``: a user's first run. glanceclient keeps the schemas it downloads
+    # in ~/.glanceclient and never asks again, so a shared HOME hides what a
+    # new user's first command does.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if home is not None:
+        env["HOME"] = str(home)  # need not exist: glanceclient makes ~/.glanceclient
     process = await asyncio.create_subprocess_exec(
         *command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env=env,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
@@ -70,7 +76,9 @@ def _require(module: str) -> None:
         pytest.skip(f"CLIENT MISSING: {module} is not installed; `make install` (dev extra)")
 
 
-async def test_glance_cache_list_shows_each_queued_image_once(service: TestServer) -> None:
+async def test_glance_cache_list_shows_each_queued_image_once(
+    service: TestServer, tmp_path: Path
+) -> None:
     _require("glanceclient")
     if not GLANCE_CLI.exists():
         pytest.skip(f"CLIENT MISSING: no glance command at {GLANCE_CLI}")
@@ -86,12 +94,69 @@ async def test_glance_cache_list_shows_each_queued_image_once(service: TestServe
     assert document["queued_images"] == ["img"]
     assert [entry["image_id"] for entry in detailed["queued_details"]] == ["img"]
     code, out, err = await _run(
-        str(GLANCE_CLI), "--os-image-url", _base(service), "--os-auth-token", "x", "cache-list"
+        str(GLANCE_CLI),
+        "--os-image-url",
+        _base(service),
+        "--os-auth-token",
+        "x",
+        "cache-list",
+        home=tmp_path / "home",
     )
     assert code == 0, err
     rows = [line for line in out.splitlines() if line.startswith("|") and "queued" in line]
     assert len(rows) == 1, out
     assert rows[0].split("|")[1].strip() == "img"
+    assert "falling back to v1" not in err
+    # What the client kept for its next runs: this service's schemas.
+    kept = json.loads((tmp_path / "home" / ".glanceclient" / "image_schema.json").read_text())
+    assert kept["name"] == "image"
+    assert "os_hash_value" in kept["properties"]
+
+
+async def test_glance_image_download_on_a_first_run(service: TestServer, tmp_path: Path) -> None:
+    _require("glanceclient")
+    if not GLANCE_CLI.exists():
+        pytest.skip(f"CLIENT MISSING: no glance command at {GLANCE_CLI}")
+    target = tmp_path / "img.raw"
+    code, _, err = await _run(
+        str(GLANCE_CLI),
+        "--os-image-url",
+        _base(service),
+        "--os-auth-token",
+        "x",
+        "image-download",
+        "img",
+        "--file",
+        str(target),
+        home=tmp_path / "home",
+    )
+    assert code == 0, err
+    assert target.read_bytes() == DATA
+
+
+@pytest.mark.parametrize(
+    "name", ["image", "images", "metadefs/namespace", "metadefs/resource_type"]
+)
+async def test_schemas_of_a_non_glance_origin(service: TestServer, name: str) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{_base(service)}/v2/schemas/{name}") as response,
+    ):
+        assert response.status == 200
+        document = await response.json()
+    assert document["name"] == name.rsplit("/", 1)[-1]
+    assert isinstance(document["properties"], dict)
+
+
+async def test_unknown_schema_is_404_naming_the_known_ones(service: TestServer) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{_base(service)}/v2/schemas/nosuch") as response,
+    ):
+        assert response.status == 404
+        text = await response.text()
+    assert "nosuch" in text
+    assert "metadefs/namespace" in text
 
 
 _SDK_ERROR = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import threading
 import time
@@ -291,3 +292,43 @@ async def test_the_client_has_its_bytes_before_the_commit_and_a_request_meanwhil
     assert registry.get_sample_value("imagecache_misses_total") == 1
     assert registry.get_sample_value("imagecache_hits_total") == 1
     assert registry.get_sample_value("imagecache_fill_followers_total") in (None, 0)
+
+
+async def test_a_commit_ending_between_lock_and_record_reads_keeps_the_etag(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hit path reads the lock before the record: a writer records, then unlocks.
+
+    The interleaving is forced: a "writer" holds the committed file's lock,
+    and the hit's first record read sees no record (read before the commit
+    wrote it) while the writer finishes at that moment. Read in the other
+    order, the hit found no record and no lock and went out without its ETag.
+    """
+    _, headers, _ = await get(client, "/v2/images/img-1/file")
+    etag = headers["ETag"]
+    state = client.app[STATE]
+    await settled(client)
+    committed = state.cache.driver.layout.active_path("img-1")
+    writer = committed.open("rb")  # its lock stands for a writer's
+    fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
+    real = state.cache.get_cached_image
+    calls = 0
+
+    def record_then_commit_ends(image_id: str) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            writer.close()  # the writer has recorded and unlocked, just after this read
+            return None
+        return real(image_id)
+
+    monkeypatch.setattr(state.cache, "get_cached_image", record_then_commit_ends)
+    try:
+        status, headers, body = await get(
+            client, "/v2/images/img-1/file", **{"If-None-Match": etag}
+        )
+    finally:
+        writer.close()
+    assert calls >= 2, "the hit must look at the record again once the writer is gone"
+    assert (status, body) == (304, b"")
+    assert headers["ETag"] == etag

@@ -41,6 +41,7 @@ from imagecache.server import (
     operations,
     proxy,
     readiness,
+    schemas,
 )
 from imagecache.server.auth import AccessCache
 from imagecache.server.delivery import delivery_of, on_prepare, track, write_access_line
@@ -260,6 +261,7 @@ def create_app(
     app.router.add_get("/versions", proxy.versions)
     app.router.add_get("/v2", proxy.v2_root)
     app.router.add_route("*", "/v2/images/{image_id:[^/]+}", proxy.relay)
+    app.router.add_get("/v2/schemas/{name:.+}", schemas.schema)
     app.router.add_route("*", "/v2/{tail:.*}", proxy.relay)
 
     async def start_tasks() -> None:

@@ -71,6 +71,7 @@ class _Hit:
     handle: BinaryIO
     size: int
     record: CachedImage | None
+    committing: bool = False  # a writer holds the file's lock: wait for its record
 
 
 def etag_for(checksum: str | None, hash_algo: str | None, hash_value: str | None) -> str | None:
@@ -151,7 +152,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
 
     for _ in range(ATTEMPTS):
         hit = await state.fills.run(_open_hit, state, image_id)
-        if hit is not None and hit.record is None and locked_by_writer(hit.handle.fileno()):
+        if hit is not None and hit.committing:
             # A commit (of this process or another) has renamed the file and
             # not yet recorded it; its writer holds the lock until it has. A
             # hit served now would lack its Content-MD5 and ETag: wait, look again.
@@ -228,15 +229,25 @@ def _open_hit(state: ServiceState, image_id: str) -> _Hit | None:
         return None
     try:
         st = os.fstat(handle.fileno())
+        # The lock first, then the record: a writer records before it unlocks,
+        # so a lock found free means the record read next is the file's. Read
+        # the other way round, a commit finishing between the two reads left
+        # no record and no lock, and the hit went out without its ETag or
+        # Content-MD5 (a 200 instead of a 304 for If-None-Match).
+        committing = locked_by_writer(handle.fileno())
         record = state.cache.get_cached_image(image_id)
     except BaseException:
         handle.close()
         raise
-    if record is not None and record.size != st.st_size:
-        if locked_by_writer(handle.fileno()):
-            # A re-fill renamed its file over an older entry and has not yet
-            # recorded it: the caller waits for that commit, as for a new one.
-            return _Hit(handle, st.st_size, None)
+    if record is None:
+        # Committing: the caller waits for the record. Else a file without a
+        # record (adopted, or the driver lost it): served without ETag.
+        return _Hit(handle, st.st_size, None, committing=committing)
+    if record.size != st.st_size:
+        if committing:
+            # A fill renamed its file (a new one, or over an older entry) and
+            # has not yet recorded it: the caller waits for that commit.
+            return _Hit(handle, st.st_size, None, committing=True)
         # Cut short (or grown) behind the cache's back: served, it would be a
         # 200 with the short length and the whole image's ETag. A miss instead:
         # the caller refills it from the origin.
