@@ -20,9 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from imagecache.cluster import CLUSTER_TOKEN_HEADER, PeerRequest, peer_request
+from imagecache.cluster import CLUSTER_TOKEN_HEADER
 from imagecache.errors import ConfigurationError
 from imagecache.server.auth import decide_admin
+from imagecache.server.cluster import PeerRequest, peer_request
 from imagecache.settings import (
     MIN_SECRET_LENGTH,
     Settings,

@@ -44,11 +44,11 @@ from imagecache.errors import (
     WriterGone,
     is_origin_failure,
 )
+from imagecache.fill.events import FillEvents, FillOutcome
 from imagecache.fill.locks import locked_by_writer
 from imagecache.fill.writer import FillWriter
 from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
-from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings
 from imagecache.upstreams.base import BlockingSource, Caller, Upstream
 
@@ -219,13 +219,13 @@ class FillCoordinator:
         settings: Settings,
         cache: ImageCache,
         upstream: Upstream,
-        metrics: Metrics,
+        events: FillEvents,
         executor: concurrent.futures.ThreadPoolExecutor,
     ) -> None:
         self.settings = settings
         self.cache = cache
         self.upstream = upstream
-        self.metrics = metrics
+        self.events = events
         self.executor = executor
         self._flights: dict[str, Flight] = {}
         self._closing = False
@@ -435,8 +435,8 @@ class FillCoordinator:
     async def _fill(
         self, flight: Flight, writer: FillWriter, caller: Caller, detached: bool
     ) -> None:
-        self.metrics.fills_in_flight.inc()
-        outcome = "failed"
+        self.events.fill_started()
+        outcome: FillOutcome = "failed"
         try:
             source = await self.upstream.open_source(flight.image_id, caller)
             if source is None:
@@ -452,19 +452,18 @@ class FillCoordinator:
             flight.finish(writer.received)
         except BaseException as exc:
             if isinstance(exc, VerificationError):
-                self.metrics.verification_failures.inc()
+                self.events.fill_unverified()
                 if self.metadata is not None:
                     await asyncio.shield(self.metadata.forget(flight.image_id))
             if is_origin_failure(exc):
-                self.metrics.upstream_errors.inc()
+                self.events.origin_failed()
             await asyncio.shield(self.run(writer.abort, exc))
             flight.fail(exc)
             if not isinstance(exc, ImageCacheError | OSError):
                 raise
             log.warning("fill of %s failed: %s", flight.image_id, exc)
         finally:
-            self.metrics.fills_in_flight.dec()
-            self.metrics.fill_seconds.labels(outcome).observe(time.monotonic() - flight.started)
+            self.events.fill_ended(outcome, time.monotonic() - flight.started)
 
     async def _copy_stream(
         self, flight: Flight, writer: FillWriter, caller: Caller, detached: bool
@@ -477,7 +476,7 @@ class FillCoordinator:
                     continue
                 self._check_going(flight, writer, detached)
                 await self.run(writer.write, chunk)
-                self.metrics.bytes_from_upstream.inc(len(chunk))
+                self.events.upstream_read(len(chunk))
                 self._check_going(flight, writer, detached)
                 flight.advance(writer.received)
         finally:
@@ -508,7 +507,7 @@ class FillCoordinator:
             nonlocal reported
             pending.clear()  # before reading: a write after this schedules a new report
             now = written[0]
-            self.metrics.bytes_from_upstream.inc(now - reported)
+            self.events.upstream_read(now - reported)
             reported = now
             flight.advance(now)
 

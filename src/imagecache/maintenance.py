@@ -17,8 +17,8 @@ at once. Every job's blocking work runs in a thread, under the same
 cross-process lock (``ImageCache.exclusive``) as the manual API calls, so a
 manual prune and a scheduled one never run at once, in any worker.
 
-``Maintenance.attach(app)`` ties the jobs to an aiohttp application's
-start-up and shutdown.
+``start()`` and ``stop()`` are all a front end calls: the service ties them to
+its app's start and shutdown (``server/operations.py``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-from aiohttp import web
 
 from imagecache.cache import ImageCache
 from imagecache.errors import ImageCacheError
@@ -227,21 +225,6 @@ class Maintenance:
         async with self._changed:
             await self._changed.wait_for(lambda: self.runs[name] >= runs)
 
-    def attach(self, app: web.Application, *, start: bool = True) -> None:
-        """Stop with ``app``, and start with it unless ``start`` is False (the caller starts)."""
-        app[MAINTENANCE_KEY] = self
-
-        async def on_startup(_app: web.Application) -> None:
-            await self.start()
-
-        async def on_shutdown(_app: web.Application) -> None:
-            # Before the fills are drained: a re-drive must not start new ones.
-            await self.stop()
-
-        if start:
-            app.on_startup.append(on_startup)
-        app.on_shutdown.append(on_shutdown)
-
     async def _every(self, name: str, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -259,6 +242,3 @@ class Maintenance:
         async with self._changed:
             self.runs[name] += 1
             self._changed.notify_all()
-
-
-MAINTENANCE_KEY = web.AppKey("imagecache.maintenance", Maintenance)

@@ -14,7 +14,6 @@ from pathlib import Path
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
-from imagecache import cluster
 from imagecache.cache import ImageCache
 from imagecache.errors import (
     AccessUnconfirmed,
@@ -36,6 +35,7 @@ from imagecache.metadata import metadata_for
 from imagecache.server import (
     background,
     cache_api,
+    cluster,
     disconnects,
     images,
     operations,

@@ -208,7 +208,7 @@ async def delete_entry(request: web.Request, state: ServiceState) -> web.StreamR
 
 
 def _forget(state: ServiceState, image_id: str) -> bool:
-    # In cluster mode the copies on every other node go too (cluster.ClusterTasks).
+    # In cluster mode the copies on every other node go too (server/cluster.py's ClusterTasks).
     cached = delete_everywhere(state.cache, image_id)
     queued = state.cache.delete_queued_image(image_id)
     return cached or queued

@@ -23,7 +23,6 @@ from typing import BinaryIO
 
 from aiohttp import hdrs, web
 
-from imagecache.cluster import PeerRequest, peer_request
 from imagecache.errors import CacheStoreError, ImageCacheError, UpstreamNotActive, WriterGone
 from imagecache.fill.hashing import strongest_hash
 from imagecache.fill.locks import locked_by_writer
@@ -40,6 +39,7 @@ from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import Access, caller_from
 from imagecache.server.cache_status import HEADER as CACHE_STATUS
 from imagecache.server.cache_status import Outcome, cache_status
+from imagecache.server.cluster import PeerRequest, peer_request
 from imagecache.server.delivery import count_sent
 from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
 from imagecache.server.state import STATE, ServiceState

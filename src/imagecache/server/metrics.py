@@ -20,6 +20,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
@@ -31,6 +32,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+from imagecache.fill.events import FillOutcome
+
+if TYPE_CHECKING:
+    from imagecache.upstreams.sibling import FillSource
 
 # Gauges that state a setting: every worker reports the same value.
 # Gauges that state a setting or a fact of the shared cache directory: every
@@ -51,7 +57,11 @@ PUBLISH_INTERVAL = 1.0
 
 
 class Metrics:
-    """The counters the service updates; ``render()`` gives the exposition text."""
+    """The counters the service updates; ``render()`` gives the exposition text.
+
+    It is also the sink the library reports to (``fill.events.FillEvents``,
+    ``upstreams.sibling.SiblingEvents``), by the methods after the counters.
+    """
 
     content_type = CONTENT_TYPE
 
@@ -114,7 +124,8 @@ class Metrics:
             registry=r,
         )
 
-        # Cluster mode only (cluster.py sets them); outside it they stay at 0.
+        # Cluster mode only (server/cluster.py, upstreams/sibling.py set them);
+        # outside it they stay at 0.
         self.cluster_fills = Counter(
             "imagecache_cluster_fills",
             "Whole-image upstream reads in cluster mode, by where the bytes came from: "
@@ -127,6 +138,29 @@ class Metrics:
             "Live nodes in the cluster (this one included) at this node's last heartbeat",
             registry=r,
         )
+
+    # --- fill.events.FillEvents -----------------------------------------------------------------
+
+    def fill_started(self) -> None:
+        self.fills_in_flight.inc()
+
+    def fill_ended(self, outcome: FillOutcome, seconds: float) -> None:
+        self.fills_in_flight.dec()
+        self.fill_seconds.labels(outcome).observe(seconds)
+
+    def fill_unverified(self) -> None:
+        self.verification_failures.inc()
+
+    def origin_failed(self) -> None:
+        self.upstream_errors.inc()
+
+    def upstream_read(self, count: int) -> None:
+        self.bytes_from_upstream.inc(count)
+
+    # --- upstreams.sibling.SiblingEvents ---------------------------------------------------------
+
+    def filled_from(self, source: FillSource) -> None:
+        self.cluster_fills.labels(source.value).inc()
 
     def render(self) -> bytes:
         """The exposition text: this process's, or the whole service's with workers."""

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from imagecache.capacity import Capacity
-from imagecache.maintenance import MAINTENANCE_KEY, Maintenance
+from imagecache.maintenance import Maintenance
 from imagecache.manage import local_stats
 from imagecache.prefetch import Prefetcher
 from imagecache.scrub import Scrubber
@@ -37,6 +37,7 @@ from imagecache.server.cache_api import WORKER, _admin_only
 from imagecache.server.state import STATE, ServiceState
 
 CAPACITY = web.AppKey("capacity", Capacity)
+MAINTENANCE_KEY = web.AppKey("imagecache.maintenance", Maintenance)
 
 
 def install(app: web.Application) -> None:
@@ -55,15 +56,26 @@ def install(app: web.Application) -> None:
     )
     worker.prefetcher = prefetcher
     maintenance = Maintenance(state.cache, prefetcher)
-    # Reconciliation and the schedule start once the socket accepts (server/background.py).
-    maintenance.attach(app, start=False)
-    background.add(app, maintenance.start)
+    _attach(app, maintenance)
     state.metrics.registry.register(_OperationsCollector(state, capacity, maintenance))
     app.router.add_route("*", "/v2/cache/stats", _admin_only({"GET": stats}))
     app.router.add_route("*", "/v2/cache/verify", _admin_only({"POST": verify}))
     app.router.add_route(
         "*", "/v2/cache/{image_id}/pin", _admin_only({"PUT": pin, "DELETE": unpin})
     )
+
+
+def _attach(app: web.Application, maintenance: Maintenance) -> None:
+    """Run ``maintenance`` while ``app`` serves."""
+    app[MAINTENANCE_KEY] = maintenance
+
+    async def on_shutdown(_app: web.Application) -> None:
+        # Before the fills are drained: a re-drive must not start new ones.
+        await maintenance.stop()
+
+    app.on_shutdown.append(on_shutdown)
+    # Reconciliation and the schedule start once the socket accepts (server/background.py).
+    background.add(app, maintenance.start)
 
 
 class _OperationsCollector(Collector):
