@@ -195,9 +195,8 @@ def test_reset_after_n_bytes_cuts_the_next_connection_only(origin: tuple[Host, P
         relay.reset_after(300_000, times=1)
         response, error = http_get(relay.port, "/img")
         assert isinstance(error, ConnectionResetError), error
-        # Exactly 300 000 bytes left the relay before the RST; the client may
-        # lose the tail it had not read yet when the RST arrived.
-        assert 200_000 <= len(response) <= 300_000, len(response)
+        # The relay sends the RST once the client has acknowledged all 300 000.
+        assert len(response) == 300_000
         assert data.startswith(body(response))
         response, error = http_get(relay.port, "/img")  # `times=1`: the next one passes
         assert error is None
@@ -285,7 +284,6 @@ def test_sweep_removes_what_a_dead_run_left() -> None:
         ["ip", "link", "add", f"{name}-r", "type", "veth", "peer", "name", f"{name}-x"], check=True
     )
     assert sorted(leftovers(dead.pid)) == [name, f"{name}-r"]
-    removed = sweep_stale()
-    assert name in removed
-    assert f"{name}-r" in removed
+    sweep_stale()
+    # Not `name in sweep_stale()`: a concurrent run's rig may sweep them first.
     assert leftovers(dead.pid) == []

@@ -57,7 +57,7 @@ import pytest
 
 PREFIX = "ic"
 NETWORK = ipaddress.IPv4Network("10.201.0.0/16")
-LOCK_PATH = "/run/lock/imagecache-wan.lock"
+LOCK_PATH = ("/run/lock" if os.path.isdir("/run/lock") else "/tmp") + "/imagecache-wan.lock"
 CLONE_NEWNET = 0x40000000
 _NAMESPACE = re.compile(rf"^{PREFIX}(\d+)[a-z]{{1,3}}$")
 _LINK = re.compile(rf"^{PREFIX}(\d+)[a-z]{{1,3}}-[rn]$")
