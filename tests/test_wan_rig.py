@@ -287,3 +287,31 @@ def test_sweep_removes_what_a_dead_run_left() -> None:
     sweep_stale()
     # Not `name in sweep_stale()`: a concurrent run's rig may sweep them first.
     assert leftovers(dead.pid) == []
+
+
+def test_relay_runs_inside_a_namespace(wan_rig: WanRig, tmp_path: Path) -> None:
+    host = wan_rig.add_host("o")
+    (tmp_path / "img").write_bytes(data := os.urandom(100_000))
+    # The origin on the namespace's own loopback: only the relay beside it reaches it.
+    argv = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1"]
+    argv += ["--directory", str(tmp_path), str(ORIGIN_PORT)]
+    origin = host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with RelayProcess(
+            ("127.0.0.1", ORIGIN_PORT), listen=host.address, netns=host.name
+        ) as relay:
+            assert relay.url == f"http://{host.address}:{relay.port}"
+
+            def fetched() -> bool:
+                try:
+                    with socket.create_connection((host.address, relay.port), timeout=5) as sock:
+                        sock.sendall(b"GET /img HTTP/1.0\r\n\r\n")
+                        received = b"".join(iter(lambda: sock.recv(65536), b""))
+                except ConnectionResetError:
+                    return False  # the relay's answer while http.server is not listening yet
+                return received.endswith(data)
+
+            wait_for(fetched, 10, "the origin through the relay in its namespace")
+    finally:
+        origin.terminate()
+        origin.wait(timeout=10)
