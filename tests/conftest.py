@@ -20,6 +20,9 @@ pytest_plugins: list[str] = ["driver_kinds"]
 pytest_plugins += ["peers.cutter", "peers.glance", "peers.keystone", "peers.moto", "peers.origin"]
 pytest_plugins += ["central_db"]  # fresh PostgreSQL/SQLite databases for the central driver
 pytest_plugins += ["peers.mounts"]  # tiny tmpfs filesystems for disk-full and read-only faults
+pytest_plugins += [
+    "peers.wan"
+]  # network namespaces, shaped veth links (tests/peers/relay.py: delay)
 
 
 @pytest.fixture
