@@ -86,7 +86,12 @@ class OriginClaims(NodeRegistry):
         its node stopped beating, is this node, or is in ``unreachable`` (the
         caller could not fetch from it: it died before its heartbeat went stale).
         None too when a live node other than this one, and not in ``unreachable``,
-        holds a copy: the caller should fetch it from there.
+        holds a copy at a site this node fetches from: the caller should fetch it
+        from there.
+
+        The claim is cluster-wide, sites or not: a node whose only rival is
+        reading the image at another site waits for that read as any follower
+        does (at most ``CLAIM_WAIT_LIMIT``, cluster.py), then reads the origin.
         """
         self.layout.validate(image_id)
         now = datetime.now(UTC)
@@ -125,8 +130,13 @@ class OriginClaims(NodeRegistry):
                     conn.execute(delete(origin_fills).where(origin_fills.c.image_id == image_id))
                 # Another node may have read and committed the image since the caller
                 # last looked (its row went with its commit): fetch from it instead.
-                holders = conn.execute(self._holders(image_id)).scalars()
-                if any(url not in unreachable and url != self.self_url for url in holders):
+                # Only a holder this node would fetch from counts: one at another
+                # site (sibling_cross_site off) leaves the origin read to this node.
+                holders = conn.execute(self._holders(image_id)).all()
+                if any(
+                    url not in unreachable and url != self.self_url and self.in_reach(site)
+                    for url, site in holders
+                ):
                     return None
                 conn.execute(
                     insert(origin_fills).values(
@@ -140,9 +150,12 @@ class OriginClaims(NodeRegistry):
         return OriginClaim(self, image_id, lock_conn)
 
     def origin_filler(self, image_id: str) -> str | None:
-        """URL of the live node (not this one) reading ``image_id`` from the origin now."""
+        """URL of the live node (not this one) reading ``image_id`` from the origin now.
+
+        None too when that node is at a site this node does not fetch from.
+        """
         query = (
-            select(nodes.c.url)
+            select(nodes.c.url, nodes.c.site)
             .select_from(origin_fills.join(nodes, nodes.c.id == origin_fills.c.node_id))
             .where(
                 origin_fills.c.image_id == image_id,
@@ -151,8 +164,8 @@ class OriginClaims(NodeRegistry):
             )
         )
         with self._read() as conn:
-            url = conn.execute(query).scalar_one_or_none()
-        return str(url) if url is not None else None
+            row = conn.execute(query).first()
+        return str(row[0]) if row is not None and self.in_reach(row[1]) else None
 
     def _forget_origin_fill(self, image_id: str) -> Any:
         """This node's ``origin_fills`` row of ``image_id`` (a statement): it no longer fills it."""

@@ -55,6 +55,7 @@ nodes = Table(
     Column("instance_id", String(64), nullable=False),
     Column("heartbeat", DateTime(timezone=True), nullable=False),
     Column("started", DateTime(timezone=True), nullable=False),
+    Column("site", String(63), nullable=False, server_default=""),
 )
 
 cached_images = Table(
