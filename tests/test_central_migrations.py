@@ -24,12 +24,14 @@ def test_fresh_database_is_migrated_to_head(central_db_url: str, tmp_path: Path)
     driver = create_driver(central_settings(tmp_path / "cache", central_db_url))
     try:
         with driver.engine.connect() as conn:  # type: ignore[attr-defined]
-            assert current_revision(conn) == head_revision() == "r0003"
+            assert current_revision(conn) == head_revision() == "r0004"
             tables = set(inspect(conn).get_table_names())
             columns = {c["name"] for c in inspect(conn).get_columns("cached_images")}
+            node_columns = {c["name"] for c in inspect(conn).get_columns("nodes")}
     finally:
         driver.close()
-    assert {"nodes", "cached_images", "deleted_images"} <= tables
+    assert {"nodes", "cached_images", "deleted_images", "origin_fills"} <= tables
+    assert "site" in node_columns
     assert {"image_id", "node_id", "hits", "pinned", "hash_algo", "hash_value"} <= columns
 
 
@@ -82,6 +84,58 @@ def test_upgrade_from_revision_1_keeps_rows(central_db_url: str, tmp_path: Path)
     assert image.last_modified == pytest.approx(modified.timestamp(), abs=1e-3)
     assert image.pinned is False
     assert image.hash_algo is None
+
+
+def test_upgrade_from_revision_3_keeps_rows_and_gives_nodes_no_site(
+    central_db_url: str, tmp_path: Path
+) -> None:
+    """r0004 adds ``nodes.site``: existing nodes get '' (no site), their copies stay."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "kept").write_bytes(b"y" * 10)
+    node_url = unique_node_url()
+    other_url = unique_node_url()
+    beat = datetime(2025, 6, 1, tzinfo=UTC)
+
+    engine = make_engine(central_db_url)
+    with engine.begin() as conn:
+        upgrade(conn, "r0003")
+    with engine.begin() as conn:
+        assert "site" not in {c["name"] for c in inspect(conn).get_columns("nodes")}
+        for url, instance in ((node_url, node_instance_id(cache_dir)), (other_url, "other")):
+            conn.execute(
+                text(
+                    "INSERT INTO nodes (url, instance_id, heartbeat, started)"
+                    " VALUES (:url, :instance, :beat, :beat)"
+                ),
+                {"url": url, "instance": instance, "beat": beat},
+            )
+        node_id = conn.execute(
+            text("SELECT id FROM nodes WHERE url = :url"), {"url": node_url}
+        ).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO cached_images (image_id, node_id, size, hits, last_accessed,"
+                " last_modified, pinned) VALUES ('kept', :node, 10, 3, :t, :t, true)"
+            ),
+            {"node": node_id, "t": beat},
+        )
+    engine.dispose()
+
+    # The node comes back with the new release, now labelled: its row takes the label.
+    driver = create_driver(central_settings(cache_dir, central_db_url, node_url, site="dc-2"))
+    try:
+        assert isinstance(driver, CentralDriver)
+        with driver.engine.connect() as conn:
+            assert current_revision(conn) == head_revision()
+            sites = {url: site for url, site in conn.execute(text("SELECT url, site FROM nodes"))}
+        [image] = driver.get_cached_images()
+        assert driver.get_cached_nodes("kept") == [node_url]
+        assert {n.url: n.site for n in driver.list_nodes()} == sites
+    finally:
+        driver.close()
+    assert sites == {node_url: "dc-2", other_url: ""}  # the node not restarted: no site
+    assert (image.image_id, image.hits, image.size, image.pinned) == ("kept", 3, 10, True)
 
 
 def test_rerunning_the_upgrade_changes_nothing(central_db_url: str, tmp_path: Path) -> None:

@@ -155,7 +155,9 @@ async def test_cli_all_nodes_local_and_remote(
     assert remote.exit_code == 0, remote.output
     lines = remote.output.splitlines()
     assert lines[0].split()[:4] == ["Node", "Site", "State", "ID"]
-    assert any(line.split()[:4] == ["http://127.0.0.1:9/one", "dc-1", "live", "a"] for line in lines)
+    assert any(
+        line.split()[:4] == ["http://127.0.0.1:9/one", "dc-1", "live", "a"] for line in lines
+    )
     # No site label: a "-" of its own, so the columns stay aligned.
     assert any(line.split()[:4] == ["http://127.0.0.1:9/two", "-", "live", "b"] for line in lines)
 

@@ -21,7 +21,10 @@ from imagecache.errors import ConfigurationError
 from imagecache.settings import load_settings
 from imagecache.sites import Sibling, choose_sibling
 from server_helpers import ServeProcess, start_serve
+from test_central_nodes import NodeFactory, make_node, put
 from test_cluster_multinode import DATA, TOKEN, download, free_port, holders
+
+__all__ = ["make_node"]  # a fixture, used by name
 
 # --- the choice itself ------------------------------------------------------------------
 
@@ -74,6 +77,35 @@ def test_a_bad_site_label_is_a_settings_error(bad: str) -> None:
 def test_good_site_labels_are_kept() -> None:
     for good in ("", "edge-paris-1", "DC2", "x" * 63, "a.b_c-d"):
         assert load_settings(None, site=good).site == good
+
+
+# --- the driver: holders with sites, origin claims ---------------------------------------
+
+
+def test_holders_carry_their_sites_and_claims_skip_other_sites(make_node: NodeFactory) -> None:
+    """A holder at another site does not stop this node claiming the origin read."""
+    b1 = make_node("b1", site="site-b")
+    a1 = make_node("a1", site="site-a")
+    near = make_node("a2", site="site-a")
+    far_ok = make_node("c1", site="site-c", sibling_cross_site=True)
+    put(b1, "img")
+    assert a1.get_cached_siblings("img") == [Sibling(b1.self_url, "site-b")]
+    assert {n.url: n.site for n in a1.list_nodes()}[b1.self_url] == "site-b"
+
+    claim = a1.claim_origin_fill("img")
+    assert claim is not None  # the only holder is at site B: read the origin
+    try:
+        # a1 is now reading the origin: its site-mate follows it, the cross-site node too...
+        assert near.origin_filler("img") == a1.self_url
+        assert far_ok.origin_filler("img") == a1.self_url
+        # ...but site B's nodes do not (without sibling_cross_site they never fetch from A).
+        assert b1.origin_filler("img") is None
+    finally:
+        claim.release()
+    with a1._write() as conn:  # not filled after all: forget the claim row
+        conn.execute(a1._forget_origin_fill("img"))
+    # Allowed to cross sites, c1 fetches from B's copy instead of claiming the origin.
+    assert far_ok.claim_origin_fill("img") is None
 
 
 # --- real nodes -------------------------------------------------------------------------

@@ -235,7 +235,7 @@ class SiblingUpstream(Upstream):
             self.metrics.cluster_fills.labels(source.value).inc()
 
     async def _pick_sibling(self, image_id: str, received: int, failed: set[str]) -> str | None:
-        """A live sibling holding the image, by site (sites.py); else (from byte 0) one filling it."""
+        """A live sibling holding the image, by site; else (from byte 0) one filling it now."""
 
         def look() -> str | None:
             holder = choose_sibling(
