@@ -8,6 +8,7 @@ whose nodes are allowed to fill from each other.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +23,7 @@ from imagecache.settings import load_settings
 from imagecache.sites import Sibling, choose_sibling
 from server_helpers import ServeProcess, start_serve
 from test_central_nodes import NodeFactory, make_node, put
-from test_cluster_multinode import DATA, TOKEN, download, free_port, holders
+from test_cluster_multinode import DATA, DEADLINE, HALF, TOKEN, download, free_port, holders
 
 __all__ = ["make_node"]  # a fixture, used by name
 
@@ -106,6 +107,25 @@ def test_holders_carry_their_sites_and_claims_skip_other_sites(make_node: NodeFa
         conn.execute(a1._forget_origin_fill("img"))
     # Allowed to cross sites, c1 fetches from B's copy instead of claiming the origin.
     assert far_ok.claim_origin_fill("img") is None
+
+
+def test_each_site_claims_the_origin_read_of_an_image_once(make_node: NodeFactory) -> None:
+    """Nodes do not follow a fill at another site, so each site has a claim of its own."""
+    a1, a2 = make_node("a1", site="site-a"), make_node("a2", site="site-a")
+    b1, b2 = make_node("b1", site="site-b"), make_node("b2", site="site-b")
+    far_ok = make_node("c1", site="site-c", sibling_cross_site=True)
+    claims = [a1.claim_origin_fill("img"), b1.claim_origin_fill("img")]
+    try:
+        assert None not in claims  # one per site, both at once
+        assert a2.claim_origin_fill("img") is None  # a1 has site A's
+        assert b2.claim_origin_fill("img") is None
+        assert a2.origin_filler("img") == a1.self_url  # each follows its own site's read
+        assert b2.origin_filler("img") == b1.self_url
+        assert far_ok.origin_filler("img") in {a1.self_url, b1.self_url}
+    finally:
+        for claim in claims:
+            if claim is not None:
+                claim.release()
 
 
 # --- real nodes -------------------------------------------------------------------------
@@ -203,3 +223,32 @@ async def test_cross_site_fills_from_another_site_before_the_origin(
         assert filled_from_sibling(a1, "img") == b1.url
         assert http_origin.body_reads("img") == 1
         assert (a1.cache_dir / "img").read_bytes() == DATA
+
+
+async def test_a_fill_in_progress_at_another_site_neither_stalls_nor_feeds_this_site(
+    node: StartNode, http_origin: Any
+) -> None:
+    """Claims are per site: A reads the origin while B does, and A's second node follows A."""
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=HALF)  # every origin read stops half way
+    b1 = await node("b1", "site-b")
+    a1, a2 = await node("a1", "site-a"), await node("a2", "site-a")
+    async with aiohttp.ClientSession() as session:
+        at_b = asyncio.create_task(download(session, b1, "img"))
+        tasks = [at_b]
+        try:
+            await http_origin.wait_for_reads("img", 1, within=DEADLINE)
+            tasks.append(asyncio.create_task(download(session, a1, "img")))
+            # Well within the 15 s a follower waits for a claim (CLAIM_WAIT_LIMIT):
+            # a1 does not wait for site B's read, it claims site A's own at once.
+            await http_origin.wait_for_reads("img", 2, within=5.0)
+            # a2 misses while both reads are held: it follows a1 (its fill in
+            # progress, or its copy once committed), never b1 and never the origin.
+            tasks.append(asyncio.create_task(download(session, a2, "img")))
+        finally:
+            gate.set()
+            bodies = await asyncio.gather(*tasks, return_exceptions=True)
+        assert bodies == [DATA, DATA, DATA]
+    assert http_origin.body_reads("img") == 2  # one per site
+    assert filled_from_sibling(a2, "img") == a1.url
+    assert filled_from_sibling(a1, "img") is None
