@@ -158,8 +158,8 @@ class OriginClaims(NodeRegistry):
                 # site (sibling_cross_site off) leaves the origin read to this node.
                 holders = conn.execute(self._holders(image_id)).all()
                 if any(
-                    url not in unreachable and url != self.self_url and self.in_reach(site)
-                    for url, site in holders
+                    url not in unreachable and url != self.self_url and self.in_reach(theirs)
+                    for url, theirs in holders
                 ):
                     return None
                 conn.execute(
