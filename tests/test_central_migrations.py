@@ -12,24 +12,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from alembic import command
 from sqlalchemy import inspect, text
 
 from central_db import central_settings, unique_node_url
 from imagecache import create_driver
 from imagecache.drivers.central import CentralDriver, make_engine, node_instance_id
-from imagecache.migrations import current_revision, head_revision, upgrade
+from imagecache.migrations import alembic_config, current_revision, head_revision, upgrade
 
 
 def test_fresh_database_is_migrated_to_head(central_db_url: str, tmp_path: Path) -> None:
     driver = create_driver(central_settings(tmp_path / "cache", central_db_url))
     try:
         with driver.engine.connect() as conn:  # type: ignore[attr-defined]
-            assert current_revision(conn) == head_revision() == "r0003"
+            assert current_revision(conn) == head_revision() == "r0004"
             tables = set(inspect(conn).get_table_names())
             columns = {c["name"] for c in inspect(conn).get_columns("cached_images")}
+            node_columns = {c["name"] for c in inspect(conn).get_columns("nodes")}
     finally:
         driver.close()
-    assert {"nodes", "cached_images", "deleted_images"} <= tables
+    assert {"nodes", "cached_images", "deleted_images", "origin_fills"} <= tables
+    assert "site" in node_columns
     assert {"image_id", "node_id", "hits", "pinned", "hash_algo", "hash_value"} <= columns
 
 
@@ -84,6 +87,73 @@ def test_upgrade_from_revision_1_keeps_rows(central_db_url: str, tmp_path: Path)
     assert image.hash_algo is None
 
 
+def test_upgrade_from_revision_3_keeps_rows_and_gives_nodes_no_site(
+    central_db_url: str, tmp_path: Path
+) -> None:
+    """r0004 adds ``nodes.site`` and keys claims by site: existing rows get '' (no site)."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "kept").write_bytes(b"y" * 10)
+    node_url = unique_node_url()
+    other_url = unique_node_url()
+    beat = datetime(2025, 6, 1, tzinfo=UTC)
+
+    engine = make_engine(central_db_url)
+    with engine.begin() as conn:
+        upgrade(conn, "r0003")
+    with engine.begin() as conn:
+        assert "site" not in {c["name"] for c in inspect(conn).get_columns("nodes")}
+        for url, instance in ((node_url, node_instance_id(cache_dir)), (other_url, "other")):
+            conn.execute(
+                text(
+                    "INSERT INTO nodes (url, instance_id, heartbeat, started)"
+                    " VALUES (:url, :instance, :beat, :beat)"
+                ),
+                {"url": url, "instance": instance, "beat": beat},
+            )
+        node_id = conn.execute(
+            text("SELECT id FROM nodes WHERE url = :url"), {"url": node_url}
+        ).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO cached_images (image_id, node_id, size, hits, last_accessed,"
+                " last_modified, pinned) VALUES ('kept', :node, 10, 3, :t, :t, true)"
+            ),
+            {"node": node_id, "t": beat},
+        )
+        # A claim in flight (of the other node) while the upgrade runs.
+        conn.execute(
+            text(
+                "INSERT INTO origin_fills (image_id, node_id, started)"
+                " SELECT 'inflight', id, :t FROM nodes WHERE url = :url"
+            ),
+            {"t": beat, "url": other_url},
+        )
+    engine.dispose()
+
+    # The node comes back with the new release, now labelled: its row takes the label.
+    driver = create_driver(central_settings(cache_dir, central_db_url, node_url, site="dc-2"))
+    try:
+        assert isinstance(driver, CentralDriver)
+        with driver.engine.connect() as conn:
+            assert current_revision(conn) == head_revision()
+            sites = {url: site for url, site in conn.execute(text("SELECT url, site FROM nodes"))}
+            claims = conn.execute(
+                text(
+                    "SELECT f.image_id, f.site, n.url FROM origin_fills AS f"
+                    " JOIN nodes AS n ON n.id = f.node_id"
+                )
+            ).all()
+        [image] = driver.get_cached_images()
+        assert driver.get_cached_nodes("kept") == [node_url]
+        assert {n.url: n.site for n in driver.list_nodes()} == sites
+    finally:
+        driver.close()
+    assert sites == {node_url: "dc-2", other_url: ""}  # the node not restarted: no site
+    assert [tuple(row) for row in claims] == [("inflight", "", other_url)]  # claims: no site
+    assert (image.image_id, image.hits, image.size, image.pinned) == ("kept", 3, 10, True)
+
+
 def test_rerunning_the_upgrade_changes_nothing(central_db_url: str, tmp_path: Path) -> None:
     settings = central_settings(tmp_path / "cache", central_db_url)
     driver = create_driver(settings)
@@ -134,3 +204,45 @@ def test_nodes_starting_together_migrate_once(fresh_postgres_url: str, tmp_path:
     finally:
         for driver in drivers:
             driver.close()
+
+
+def test_r0004_downgrades_to_r0003_and_back(central_db_url: str) -> None:
+    """Back to one claim per image (the oldest), nodes without sites; then up again."""
+    engine = make_engine(central_db_url)
+    try:
+        with engine.begin() as conn:
+            upgrade(conn)
+            beat = datetime(2025, 6, 1, tzinfo=UTC)
+            for n, site in enumerate(("a", "b")):
+                conn.execute(
+                    text(
+                        "INSERT INTO nodes (url, instance_id, heartbeat, started, site)"
+                        " VALUES (:url, 'i', :t, :t, :site)"
+                    ),
+                    {"url": f"http://127.0.0.1:9/{site}", "t": beat, "site": site},
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO origin_fills (image_id, site, node_id, started)"
+                        " SELECT 'img', site, id, :t FROM nodes WHERE site = :site"
+                    ),
+                    {"site": site, "t": beat.replace(second=n)},
+                )
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "r0003")
+        with engine.begin() as conn:
+            assert current_revision(conn) == "r0003"
+            assert "site" not in {c["name"] for c in inspect(conn).get_columns("nodes")}
+            kept = conn.execute(
+                text(
+                    "SELECT f.image_id, n.url FROM origin_fills AS f"
+                    " JOIN nodes AS n ON n.id = f.node_id"
+                )
+            ).all()
+            assert [tuple(row) for row in kept] == [("img", "http://127.0.0.1:9/a")]
+        with engine.begin() as conn:
+            upgrade(conn)
+        with engine.begin() as conn:
+            assert current_revision(conn) == head_revision()
+    finally:
+        engine.dispose()

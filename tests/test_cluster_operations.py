@@ -44,9 +44,9 @@ def origin(tmp_path: Path) -> Path:
     return root
 
 
-def node_settings(tmp_path: Path, db_url: str, name: str) -> Settings:
+def node_settings(tmp_path: Path, db_url: str, name: str, **overrides: object) -> Settings:
     return central_settings(
-        tmp_path / name, db_url, f"http://127.0.0.1:9/{name}", admin_token=TOKEN
+        tmp_path / name, db_url, f"http://127.0.0.1:9/{name}", admin_token=TOKEN, **overrides
     )
 
 
@@ -138,7 +138,7 @@ def _settings_file(path: Path, settings: Settings) -> Path:
 async def test_cli_all_nodes_local_and_remote(
     aiohttp_client: ClientFactory, central_db_url: str, tmp_path: Path, origin: Path
 ) -> None:
-    one_settings = node_settings(tmp_path, central_db_url, "one")
+    one_settings = node_settings(tmp_path, central_db_url, "one", site="dc-1")
     one = await aiohttp_client(directory_app(one_settings, origin))
     two = await aiohttp_client(
         directory_app(node_settings(tmp_path, central_db_url, "two"), origin)
@@ -154,9 +154,12 @@ async def test_cli_all_nodes_local_and_remote(
     )
     assert remote.exit_code == 0, remote.output
     lines = remote.output.splitlines()
-    assert lines[0].split()[:3] == ["Node", "State", "ID"]
-    assert any(line.split()[:3] == ["http://127.0.0.1:9/one", "live", "a"] for line in lines)
-    assert any(line.split()[:3] == ["http://127.0.0.1:9/two", "live", "b"] for line in lines)
+    assert lines[0].split()[:4] == ["Node", "Site", "State", "ID"]
+    assert any(
+        line.split()[:4] == ["http://127.0.0.1:9/one", "dc-1", "live", "a"] for line in lines
+    )
+    # No site label: a "-" of its own, so the columns stay aligned.
+    assert any(line.split()[:4] == ["http://127.0.0.1:9/two", "-", "live", "b"] for line in lines)
 
     remote_json = await asyncio.to_thread(
         runner.invoke,
@@ -168,6 +171,10 @@ async def test_cli_all_nodes_local_and_remote(
     assert {u: [i["image_id"] for i in n["cached_images"]] for u, n in answer.items()} == {
         "http://127.0.0.1:9/one": ["a"],
         "http://127.0.0.1:9/two": ["b"],
+    }
+    assert {u: n["site"] for u, n in answer.items()} == {
+        "http://127.0.0.1:9/one": "dc-1",
+        "http://127.0.0.1:9/two": "",
     }
 
     # Local: straight from the database, with node one's own settings (run on

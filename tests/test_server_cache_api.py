@@ -162,6 +162,10 @@ async def test_prune_evicts_above_the_limit(
 async def test_nodes_is_409_without_cluster_mode(client: TestClient[Any, Any]) -> None:
     async with client.get("/v2/cache/nodes/a", headers=ADMIN) as response:
         assert response.status == 409
+    async with client.get("/v2/cache/nodes/a?details=true", headers=ADMIN) as response:
+        assert response.status == 409
+    async with client.get("/v2/cache/nodes/a?details=maybe", headers=ADMIN) as response:
+        assert response.status == 400
 
 
 @pytest.mark.parametrize(

@@ -363,12 +363,14 @@ def _list_cluster(ctx: click.Context) -> None:
     rows: list[list[str]] = []
     for entry in listing:
         state = "live" if entry.node.alive else "dead"
+        site = entry.node.site or "-"  # a cell of its own even for no site
         if not entry.images:
-            rows.append([entry.node.url, state, "-", "", "", "", ""])
+            rows.append([entry.node.url, site, state, "-", "", "", "", ""])
         for image in entry.images:
             rows.append(
                 [
                     entry.node.url,
+                    site,
                     state,
                     image.image_id,
                     iec(image.size),
@@ -377,7 +379,7 @@ def _list_cluster(ctx: click.Context) -> None:
                     "yes" if image.pinned else "",
                 ]
             )
-    headers = ["Node", "State", "ID", "Size", "Hits", "Last accessed (UTC)", "Pinned"]
+    headers = ["Node", "Site", "State", "ID", "Size", "Hits", "Last accessed (UTC)", "Pinned"]
     _emit(
         ctx,
         {entry.node.url: entry.as_dict() for entry in listing},

@@ -166,6 +166,7 @@ class RemoteManager:
                     heartbeat=float(node.get("heartbeat") or 0.0),
                     started=float(node.get("started") or 0.0),
                     alive=bool(node.get("alive")),
+                    site=str(node.get("site") or ""),  # a service older than sites has none
                 ),
                 [_cached(entry) for entry in node.get("cached_images", [])],
             )

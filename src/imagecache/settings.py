@@ -45,6 +45,7 @@ from pydantic_settings import (
 
 from imagecache.errors import ConfigurationError
 from imagecache.keystone import KeystoneAuth, load_cloud
+from imagecache.sites import check_site
 from imagecache.units import parse_duration, parse_size
 
 GiB = 1024**3
@@ -335,6 +336,15 @@ class Settings(BaseSettings):
     cluster_token: SecretStr | None = None
     """Shared secret nodes send each other (`X-Imagecache-Cluster-Token`) to fetch images
     from a sibling."""
+    site: str = ""
+    """This node's site (data centre, edge site), e.g. `edge-paris-1`: up to 63 letters,
+    digits, `.`, `_` or `-`. A miss fills from a live sibling at the same site, else from
+    the origin (docs/cluster.md, "Sites"). Empty (the default): no site; nodes without one
+    are all at the same site, as before sites existed."""
+    sibling_cross_site: bool = False
+    """Also fill from a sibling at another site when none at this node's site holds the
+    image, before the origin. For sites whose link to each other is better than their
+    link to the origin."""
 
     # --- OpenStack identity -------------------------------------------------------------
     keystone: KeystoneSettings | None = None
@@ -380,6 +390,11 @@ class Settings(BaseSettings):
         if not value or "/" in value or value in {".", ".."}:
             raise ValueError("must be a plain file name inside image_cache_dir")
         return value
+
+    @field_validator("site")
+    @classmethod
+    def _site_label(cls, value: str) -> str:
+        return check_site(value)
 
     @field_validator("public_url")
     @classmethod

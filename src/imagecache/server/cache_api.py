@@ -215,8 +215,14 @@ def _forget(state: ServiceState, image_id: str) -> bool:
 
 
 async def cached_nodes(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    """The holders' URLs (Glance's list); ``?details=true``: ``[{"url", "site"}]`` each."""
     image_id = state.image_id(request)
+    details = _flag(request, DETAILS)
+    driver = central_driver(state.cache)
     try:
+        if details and driver is not None:
+            siblings = await state.fills.run(driver.get_cached_siblings, image_id)
+            return web.json_response([{"url": s.url, "site": s.site} for s in siblings])
         nodes = await state.fills.run(state.cache.get_cached_nodes, image_id)
     except NotInClusterMode as exc:
         raise web.HTTPConflict(text=f"centralized caching is not enabled: {exc}") from exc

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol
@@ -32,6 +31,7 @@ import aiohttp
 from imagecache.cluster import CLUSTER_TOKEN_HEADER
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
+from imagecache.sites import choose_sibling
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 
 if TYPE_CHECKING:
@@ -186,16 +186,17 @@ class SiblingUpstream(Upstream):
         self.events.filled_from(source)
 
     async def _pick_sibling(self, image_id: str, received: int, failed: set[str]) -> str | None:
-        """A live sibling holding the image; else (from byte 0 only) one filling it now."""
+        """A live sibling holding the image, by site; else (from byte 0) one filling it now."""
 
         def look() -> str | None:
-            holders = [
-                url
-                for url in self.driver.get_cached_nodes(image_id)
-                if url != self.driver.self_url and url not in failed
-            ]
-            if holders:
-                return random.choice(holders)  # spread the load over the holders
+            holder = choose_sibling(
+                self.driver.get_cached_siblings(image_id),
+                self.settings.site,
+                self.settings.sibling_cross_site,
+                skip={*failed, self.driver.self_url},
+            )
+            if holder is not None:
+                return holder
             if received:
                 # A fill in progress serves only from byte 0 (a ranged miss would
                 # make the sibling read the origin): continue from the origin.

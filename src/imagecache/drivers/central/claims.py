@@ -43,20 +43,38 @@ class OriginClaim:
     would leave a gap, between the last byte and the commit, in which the
     image is neither being filled nor cached as far as the cluster can see,
     and a node asking then would read the origin a second time.
+
+    A claim is per site (``lock_name``): nodes do not follow a fill at
+    another site, so each site reads an image from the origin once.
     """
 
-    def __init__(self, driver: OriginClaims, image_id: str, conn: Connection | None) -> None:
+    def __init__(
+        self, driver: OriginClaims, image_id: str, site: str, conn: Connection | None
+    ) -> None:
         self.driver = driver
         self.image_id = image_id
+        self.site = site
         self._conn = conn
 
     def release(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            unlock_origin(conn, self.image_id)
+            unlock_origin(conn, self.image_id, self.site)
 
 
-def unlock_origin(conn: Connection, image_id: str) -> None:
+def lock_name(image_id: str, site: str) -> str:
+    """What the advisory lock of an image's origin read at ``site`` hashes.
+
+    The bare image id for no site, as before sites existed: a node of the
+    previous release and a new one without a site still exclude each other
+    during a rolling upgrade. Image ids never contain '/' (``Layout.validate``),
+    so a site's name is never another image's bare id. (Two names that hash
+    alike only make two reads wait for each other, as before.)
+    """
+    return f"{site}/{image_id}" if site else image_id
+
+
+def unlock_origin(conn: Connection, image_id: str, site: str = "") -> None:
     """Drop the advisory lock of ``image_id`` held by ``conn``'s session, and the connection.
 
     A pooled connection keeps its session, and a session keeps its advisory
@@ -64,7 +82,8 @@ def unlock_origin(conn: Connection, image_id: str) -> None:
     server ends the session (and the lock) rather than pooling it.
     """
     try:
-        conn.execute(select(func.pg_advisory_unlock(ORIGIN_LOCK_SPACE, func.hashtext(image_id))))
+        key = func.hashtext(lock_name(image_id, site))
+        conn.execute(select(func.pg_advisory_unlock(ORIGIN_LOCK_SPACE, key)))
         conn.commit()
     except SQLAlchemyError as exc:
         log.warning("could not unlock the origin read of %s: %s", image_id, brief(exc))
@@ -86,16 +105,22 @@ class OriginClaims(NodeRegistry):
         its node stopped beating, is this node, or is in ``unreachable`` (the
         caller could not fetch from it: it died before its heartbeat went stale).
         None too when a live node other than this one, and not in ``unreachable``,
-        holds a copy: the caller should fetch it from there.
+        holds a copy at a site this node fetches from: the caller should fetch it
+        from there.
+
+        The claim is this node's site's (``OriginClaim``): a node reading the
+        image at another site does not stop this one.
         """
         self.layout.validate(image_id)
         now = datetime.now(UTC)
+        site = self.settings.site
+        key = func.hashtext(lock_name(image_id, site))
         lock_conn: Connection | None = None
         if self.engine.dialect.name == "postgresql":
             try:
                 lock_conn = self.engine.connect()
                 got = lock_conn.execute(
-                    select(func.pg_try_advisory_lock(ORIGIN_LOCK_SPACE, func.hashtext(image_id)))
+                    select(func.pg_try_advisory_lock(ORIGIN_LOCK_SPACE, key))
                 ).scalar_one()
                 lock_conn.commit()  # the session lock outlives the transaction
             except SQLAlchemyError as exc:
@@ -111,7 +136,7 @@ class OriginClaims(NodeRegistry):
                 row = conn.execute(
                     select(origin_fills.c.node_id, nodes.c.url, nodes.c.heartbeat)
                     .select_from(origin_fills.join(nodes, nodes.c.id == origin_fills.c.node_id))
-                    .where(origin_fills.c.image_id == image_id)
+                    .where(origin_fills.c.image_id == image_id, origin_fills.c.site == site)
                 ).first()
                 if row is not None:
                     holder, url, beat = row
@@ -122,27 +147,40 @@ class OriginClaims(NodeRegistry):
                     )
                     if not void:
                         return None
-                    conn.execute(delete(origin_fills).where(origin_fills.c.image_id == image_id))
+                    conn.execute(
+                        delete(origin_fills).where(
+                            origin_fills.c.image_id == image_id, origin_fills.c.site == site
+                        )
+                    )
                 # Another node may have read and committed the image since the caller
                 # last looked (its row went with its commit): fetch from it instead.
-                holders = conn.execute(self._holders(image_id)).scalars()
-                if any(url not in unreachable and url != self.self_url for url in holders):
+                # Only a holder this node would fetch from counts: one at another
+                # site (sibling_cross_site off) leaves the origin read to this node.
+                holders = conn.execute(self._holders(image_id)).all()
+                if any(
+                    url not in unreachable and url != self.self_url and self.in_reach(theirs)
+                    for url, theirs in holders
+                ):
                     return None
                 conn.execute(
                     insert(origin_fills).values(
-                        image_id=image_id, node_id=self.node_id, started=now
+                        image_id=image_id, site=site, node_id=self.node_id, started=now
                     )
                 )
                 claimed = True
         finally:
             if not claimed and lock_conn is not None:
-                unlock_origin(lock_conn, image_id)
-        return OriginClaim(self, image_id, lock_conn)
+                unlock_origin(lock_conn, image_id, site)
+        return OriginClaim(self, image_id, site, lock_conn)
 
     def origin_filler(self, image_id: str) -> str | None:
-        """URL of the live node (not this one) reading ``image_id`` from the origin now."""
+        """URL of a live node (not this one) reading ``image_id`` from the origin now.
+
+        One at this node's site first; at another site only if this node
+        fetches from there (``sibling_cross_site``).
+        """
         query = (
-            select(nodes.c.url)
+            select(nodes.c.url, origin_fills.c.site)
             .select_from(origin_fills.join(nodes, nodes.c.id == origin_fills.c.node_id))
             .where(
                 origin_fills.c.image_id == image_id,
@@ -151,8 +189,11 @@ class OriginClaims(NodeRegistry):
             )
         )
         with self._read() as conn:
-            url = conn.execute(query).scalar_one_or_none()
-        return str(url) if url is not None else None
+            fillers = conn.execute(query.order_by(origin_fills.c.site)).all()
+        near = [url for url, site in fillers if site == self.settings.site]
+        far = [url for url, site in fillers if self.in_reach(site)]
+        found = near or far
+        return str(found[0]) if found else None
 
     def _forget_origin_fill(self, image_id: str) -> Any:
         """This node's ``origin_fills`` row of ``image_id`` (a statement): it no longer fills it."""

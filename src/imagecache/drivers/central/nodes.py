@@ -47,6 +47,7 @@ from imagecache.drivers.central.schema import (
 from imagecache.errors import BadDriverConfiguration, CacheStoreError
 from imagecache.layout import fsync_dir
 from imagecache.records import CachedImage
+from imagecache.sites import Sibling, in_reach
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class NodeInfo:
     heartbeat: float
     started: float
     alive: bool
+    site: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,7 @@ class NodeListing:
     def as_dict(self) -> dict[str, Any]:
         return {
             "alive": self.node.alive,
+            "site": self.node.site,
             "heartbeat": self.node.heartbeat,
             "started": self.node.started,
             "cached_images": [image.as_dict() for image in self.images],
@@ -148,6 +151,7 @@ class NodeRegistry(CentralStore):
                                     instance_id=self.instance_id,
                                     heartbeat=now,
                                     started=now,
+                                    site=self.settings.site,
                                 )
                                 .returning(nodes.c.id)
                             ).scalar_one()
@@ -176,7 +180,12 @@ class NodeRegistry(CentralStore):
                     conn.execute(
                         update(nodes)
                         .where(nodes.c.id == node_id)
-                        .values(instance_id=self.instance_id, heartbeat=now, started=now)
+                        .values(
+                            instance_id=self.instance_id,
+                            heartbeat=now,
+                            started=now,
+                            site=self.settings.site,  # relabelled at a restart: the new one
+                        )
                     )
                     return int(node_id)
             except CacheStoreError as exc:
@@ -234,7 +243,9 @@ class NodeRegistry(CentralStore):
         cutoff = self._alive_cutoff()
         with self._read() as conn:
             rows = conn.execute(
-                select(nodes.c.url, nodes.c.heartbeat, nodes.c.started).order_by(nodes.c.url)
+                select(nodes.c.url, nodes.c.heartbeat, nodes.c.started, nodes.c.site).order_by(
+                    nodes.c.url
+                )
             ).all()
         return [
             NodeInfo(
@@ -242,8 +253,9 @@ class NodeRegistry(CentralStore):
                 heartbeat=to_epoch(beat),
                 started=to_epoch(started),
                 alive=to_epoch(beat) > cutoff.timestamp(),
+                site=site,
             )
-            for url, beat, started in rows
+            for url, beat, started, site in rows
         ]
 
     def get_cluster_images(self) -> list[tuple[str, CachedImage]]:
@@ -270,14 +282,23 @@ class NodeRegistry(CentralStore):
 
     def get_cached_nodes(self, image_id: str) -> list[str]:
         """URLs of the live nodes holding a copy not marked deleted since it was made."""
+        return [sibling.url for sibling in self.get_cached_siblings(image_id)]
+
+    def get_cached_siblings(self, image_id: str) -> list[Sibling]:
+        """The live nodes holding a copy not marked deleted since it was made, with their sites."""
         self.layout.validate(image_id)
         with self._read() as conn:
-            return [url for (url,) in conn.execute(self._holders(image_id).order_by(nodes.c.url))]
+            rows = conn.execute(self._holders(image_id).order_by(nodes.c.url))
+            return [Sibling(url, site) for url, site in rows]
+
+    def in_reach(self, site: str) -> bool:
+        """Whether this node fills from a sibling at ``site`` (its own, or any if cross-site)."""
+        return in_reach(site, self.settings.site, self.settings.sibling_cross_site)
 
     def _holders(self, image_id: str) -> Any:
-        """URLs of the live nodes whose copy of ``image_id`` is not condemned (a query)."""
+        """URL and site of the live nodes whose copy of ``image_id`` is not condemned (a query)."""
         return (
-            select(nodes.c.url)
+            select(nodes.c.url, nodes.c.site)
             .select_from(cached_images.join(nodes, nodes.c.id == cached_images.c.node_id))
             .where(
                 cached_images.c.image_id == image_id,

@@ -55,6 +55,7 @@ nodes = Table(
     Column("instance_id", String(64), nullable=False),
     Column("heartbeat", DateTime(timezone=True), nullable=False),
     Column("started", DateTime(timezone=True), nullable=False),
+    Column("site", String(63), nullable=False, server_default=""),
 )
 
 cached_images = Table(
@@ -79,11 +80,13 @@ deleted_images = Table(
     Column("deleted_at", DateTime(timezone=True), nullable=False),
 )
 
-# One row per image some node is reading from the origin now (see OriginClaim).
+# One row per image and site some node of that site is reading from the origin
+# now (see OriginClaim); site '' is "no site".
 origin_fills = Table(
     "origin_fills",
     metadata,
     Column("image_id", String(255), primary_key=True),
+    Column("site", String(63), primary_key=True, server_default=""),
     Column("node_id", Integer, ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
     Column("started", DateTime(timezone=True), nullable=False),
 )
