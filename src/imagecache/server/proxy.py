@@ -197,9 +197,9 @@ async def v2_root(request: web.Request) -> web.StreamResponse:
     Returned, not raised: a redirect is an answer, not an error (the body is
     the one aiohttp's ``HTTPFound`` had, so clients see what they saw).
     """
-    return web.Response(
-        status=302, text="302: Found", headers={hdrs.LOCATION: f"{public_base(request)}/v2/"}
-    )
+    location = f"{public_base(request)}/v2/"
+    headers = {hdrs.CONTENT_TYPE: "text/plain; charset=utf-8", hdrs.LOCATION: location}
+    return web.Response(status=302, body=b"302: Found", headers=headers)
 
 
 def _version(request: web.Request, version: str, status: str) -> dict[str, Any]:
