@@ -10,6 +10,8 @@
   way to dodge one) but not those under ``if TYPE_CHECKING:``, which are types
   only and never run.
 - No module over ``MAX_LINES`` lines unless it is listed with its reason.
+- aiohttp's ``web.HTTP*`` is built or raised nowhere in src/: handlers raise
+  ``imagecache.errors`` classes, mapped to statuses by app.py's ``_errors`` alone.
 
 ``PENDING`` names the known breaches that issue 13 (the one-fill-path
 redesign) still has to remove, each with the module that causes it. The test
