@@ -10,6 +10,8 @@
   way to dodge one) but not those under ``if TYPE_CHECKING:``, which are types
   only and never run.
 - No module over ``MAX_LINES`` lines unless it is listed with its reason.
+- aiohttp's ``web.HTTP*`` is built or raised nowhere in src/: handlers raise
+  ``imagecache.errors`` classes, mapped to statuses by app.py's ``_errors`` alone.
 
 ``PENDING_LAYERING`` names the known breaches that issue 13 (the one-fill-path
 redesign) still has to remove, each with the module that causes it (none
@@ -161,3 +163,89 @@ def test_modules_stay_small_or_say_why() -> None:
     }
     assert set(long) - set(LONG_MODULES) == set(), f"over {MAX_LINES} lines: {long}"
     assert set(LONG_MODULES) - set(long) == set(), "now short: remove from LONG_MODULES"
+
+
+# Where aiohttp's ``web.HTTP*`` may be made: (module, function). Nowhere today.
+# The rule (docs: imagecache/errors.py): a handler raises the library's errors
+# (``RequestError`` and the rest), and app.py's ``_errors`` middleware alone
+# turns them into a status and Glance's body (``app.STATUS``). What counts as
+# breaking it: calling or raising a ``web.HTTP*`` class anywhere in src/
+# (``raise web.HTTPNotFound(...)``, ``return web.HTTPFound(...)``, a helper that
+# builds one), named as ``web.HTTPx``, ``aiohttp.web.HTTPx`` or imported
+# ``HTTPx``. Allowed: ``except web.HTTPException`` and a bare ``raise`` passing
+# on aiohttp's own answers (no route, a body too large), and building a plain
+# ``web.Response``/``StreamResponse`` with any status (302, 304, 206) to return.
+HTTP_EXCEPTIONS_ALLOWED_IN = {("imagecache.server.app", "_errors")}
+
+
+def _http_exception_names(tree: ast.Module) -> set[str]:
+    """Names bound by ``from aiohttp.web import HTTPx`` (or ``from aiohttp import web``'s)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in ("aiohttp.web", "aiohttp"):
+            names.update(
+                alias.asname or alias.name for alias in node.names if alias.name.startswith("HTTP")
+            )
+    return names
+
+
+def _names_http_exception(node: ast.expr, imported: set[str]) -> bool:
+    if isinstance(node, ast.Call):
+        node = node.func
+    if isinstance(node, ast.Name):
+        return node.id in imported
+    if isinstance(node, ast.Attribute) and node.attr.startswith("HTTP"):
+        base = node.value
+        return (isinstance(base, ast.Name) and base.id == "web") or (
+            isinstance(base, ast.Attribute) and base.attr == "web"
+        )
+    return False
+
+
+def http_exceptions_made(name: str, path: Path) -> list[str]:
+    """``module:function:line`` of each ``web.HTTP*`` built or raised in ``path``."""
+    tree = ast.parse(path.read_text())
+    imported = _http_exception_names(tree)
+    found: list[str] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            function = node.name
+        made = (isinstance(node, ast.Call) and _names_http_exception(node, imported)) or (
+            isinstance(node, ast.Raise)
+            and node.exc is not None
+            and not isinstance(node.exc, ast.Call)
+            and _names_http_exception(node.exc, imported)
+        )
+        if made and (name, function) not in HTTP_EXCEPTIONS_ALLOWED_IN:
+            found.append(f"{name}:{function}:{getattr(node, 'lineno', '?')}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, "<module>")
+    return found
+
+
+def test_http_errors_are_made_only_by_the_error_middleware() -> None:
+    made = [where for name, path in modules() for where in http_exceptions_made(name, path)]
+    assert made == [], "raise an imagecache.errors class; app.STATUS gives its status"
+
+
+def test_the_http_error_check_sees_the_forms_it_forbids(tmp_path: Path) -> None:
+    """The walk above is only as good as what it recognises: each forbidden form is caught."""
+    source = tmp_path / "handler.py"
+    source.write_text(
+        "from aiohttp import web\n"
+        "from aiohttp.web import HTTPNotFound as Gone\n"
+        "import aiohttp\n"
+        "def a():\n    raise web.HTTPBadRequest(text='x')\n"
+        "def b():\n    raise Gone\n"
+        "def c():\n    return aiohttp.web.HTTPFound('/v2/')\n"
+        "def d():\n    try:\n        pass\n    except web.HTTPException:\n        raise\n"
+        "def e():\n    return web.Response(status=302)\n"
+    )
+    assert http_exceptions_made("imagecache.server.x", source) == [
+        "imagecache.server.x:a:5",
+        "imagecache.server.x:b:7",
+        "imagecache.server.x:c:9",
+    ]

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
+from imagecache.errors import MalformedRange, RangeNotSatisfiable
+from imagecache.server.ranges import ByteRange, parse_range
 
 
 @pytest.mark.parametrize(

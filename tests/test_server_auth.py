@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from imagecache.errors import UpstreamForbidden
+from imagecache.errors import UpstreamError, UpstreamForbidden, UpstreamNotFound
 from imagecache.server.auth import AccessCache, caller_from
 from imagecache.upstreams.base import Caller
 from imagecache.upstreams.directory import DirectoryUpstream
@@ -27,8 +27,13 @@ class CountingPolicy(DirectoryUpstream):
 
     async def check_access(self, image_id: str, caller: Caller) -> None:
         self.asked += 1
-        if caller.headers.get("X-Auth-Token") == "refused":
+        token = caller.headers.get("X-Auth-Token")
+        if token == "refused":
             raise UpstreamForbidden(image_id)
+        if token == "expired":
+            raise UpstreamForbidden(image_id, 401)
+        if token == "hidden":
+            raise UpstreamNotFound(image_id)
 
 
 async def test_answers_are_remembered_per_caller_and_image(tmp_path: Path) -> None:
@@ -45,6 +50,39 @@ async def test_answers_are_remembered_per_caller_and_image(tmp_path: Path) -> No
         with pytest.raises(UpstreamForbidden):
             await access.check("img", refused)
     assert upstream.asked == 3, "a refusal is remembered too"
+
+
+@pytest.mark.parametrize(
+    ("token", "kind", "status"),
+    [
+        ("refused", UpstreamForbidden, 403),
+        ("expired", UpstreamForbidden, 401),
+        ("hidden", UpstreamNotFound, None),
+    ],
+)
+async def test_a_remembered_refusal_is_a_new_exception_per_request(
+    tmp_path: Path, token: str, kind: type[UpstreamError], status: int | None
+) -> None:
+    """The decision is kept, not the exception: one instance re-raised would pile up tracebacks."""
+    upstream = CountingPolicy(tmp_path)
+    access = AccessCache(upstream, ttl=60)
+    caller = caller_from({"X-Auth-Token": token})
+    raised: list[UpstreamError] = []
+    for _ in range(3):
+        with pytest.raises(kind) as caught:
+            await access.check("img", caller)
+        raised.append(caught.value)
+    assert upstream.asked == 1, "the refusal is remembered"
+    assert len({id(exc) for exc in raised}) == 3, "each refused request gets its own exception"
+    assert len({str(exc) for exc in raised}) == 1
+    expected = (
+        "image 'img' not found upstream"
+        if status is None
+        else f"access to image 'img' refused upstream (HTTP {status})"
+    )
+    assert str(raised[0]) == expected
+    if status is not None:
+        assert {exc.status for exc in raised if isinstance(exc, UpstreamForbidden)} == {status}
 
 
 async def test_ttl_zero_asks_every_time_and_answers_expire(tmp_path: Path) -> None:

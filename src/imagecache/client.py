@@ -25,8 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagecache.adopt import AdoptReport
-from imagecache.errors import ConfigurationError, ImageCacheError, ImageNotCached
-from imagecache.manage import ImageNotQueued, Progress
+from imagecache.errors import (
+    ConfigurationError,
+    ImageCacheError,
+    ImageNotCached,
+    ImageNotQueued,
+    ServiceError,
+)
+from imagecache.manage import Progress
 from imagecache.prefetch import PrefetchOutcome, PrefetchReport, QueuedImage
 from imagecache.records import CachedImage, CleanResult, PruneResult, QueueResult
 from imagecache.scrub import ScrubOutcome, ScrubReport
@@ -37,14 +43,6 @@ if TYPE_CHECKING:
 _TAGS = re.compile(r"<[^>]*>")
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
-
-
-class ServiceError(ImageCacheError):
-    """The service could not be reached, refused us, or answered an error."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class RemoteManager:

@@ -10,6 +10,7 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      │    └── NotInClusterMode         a cluster-only call on a single-node driver
      ├── InvalidImageId                an id that is not safe to use as a file name
      ├── ImageNotCached                the image has no committed file here
+     ├── ImageNotQueued                the image has no queue marker here
      ├── ImageBeingCached              another writer holds the fill of this image
      ├── VerificationError             size or hash of the written bytes is wrong
      ├── CacheStoreError               the cache's own disk or metadata failed
@@ -18,13 +19,30 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      ├── IdentityError                 Keystone could not answer, or refused the cache
      │    ├── IdentityRejected         the cache's own credentials were refused
      │    └── IdentityUnavailable      Keystone unreachable or failing: refuse, never allow
+     │         └── AuthorisationUnavailable  a management caller cannot be checked now
+     ├── RequestError                  a request to the service that cannot be done as asked
+     │    ├── BadRequest               a malformed path, parameter, header or body
+     │    │    └── MalformedRange      a Range header that is not one valid bytes range
+     │    ├── RangeNotSatisfiable      a valid range that selects no byte of the image
+     │    ├── NotPermitted             this caller may not make this call
+     │    ├── ResourceNotFound         nothing here answers this path (not cached, not relayed)
+     │    ├── MethodNotAllowed         the route has no such method (``allowed`` lists its own)
+     │    └── NeedsClusterMode         the call needs centralized caching, which is off
+     ├── ServiceError                  the remote CLI: the service failed or refused (client.py)
      ├── ServiceFailed                 the service gave up restarting its workers
      └── UpstreamError                 the origin failed or refused
           ├── UpstreamNotFound         the origin does not know the image (404)
           ├── UpstreamForbidden        the origin refuses this caller (401/403)
           ├── UpstreamNotActive        the image exists but has no data to serve
           └── UpstreamUnreachable      no answer (refused, timed out) or a 5xx
-               └── AccessUnconfirmed   a hit whose caller the origin cannot vouch for now
+               ├── AccessUnconfirmed   a hit whose caller the origin cannot vouch for now
+               └── SiblingFailed       a cluster sibling could not serve a fill
+
+``RequestError`` and its subclasses are what the service's handlers raise for
+an answer that is not the image or the document asked for; the one place that
+turns any of these errors into an HTTP status and a Glance-shaped body is the
+``_errors`` middleware in ``server/app.py`` (its ``STATUS`` table). Handlers
+never raise aiohttp's ``web.HTTP*`` (tests/test_architecture.py checks).
 
 Each class carries the offending value in its message and, where one exists,
 what the operator can do about it.
@@ -35,6 +53,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from imagecache.records import ImageInfo
 
 
@@ -87,6 +107,14 @@ class ImageNotCached(ImageCacheError, LookupError):
         self.image_id = image_id
 
 
+class ImageNotQueued(ImageCacheError, LookupError):
+    """The image has no queue marker (a 404 for the queue verbs)."""
+
+    def __init__(self, image_id: str) -> None:
+        super().__init__(f"image {image_id!r} is not queued")
+        self.image_id = image_id
+
+
 class ImageBeingCached(ImageCacheError):
     """Another live writer holds the fill of this image."""
 
@@ -126,6 +154,17 @@ class CacheUnavailable(CacheStoreError):
 
 class ServiceFailed(ImageCacheError):
     """The pre-fork service stopped: its workers kept dying faster than it restarts them."""
+
+
+class ServiceError(ImageCacheError):
+    """The remote CLI's service could not be reached, refused us, or answered an error.
+
+    ``status`` is the HTTP status it answered, None when there was no answer.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UpstreamError(ImageCacheError):
@@ -209,3 +248,84 @@ class IdentityRejected(IdentityError):
 
 class IdentityUnavailable(IdentityError):
     """Keystone cannot be asked now; whatever needed its answer is refused."""
+
+
+class AuthorisationUnavailable(IdentityUnavailable):
+    """Keystone cannot say now whether a management caller is admin: refused (503), never let in."""
+
+    def __init__(self, why: IdentityError) -> None:
+        super().__init__(f"cannot authorise management calls now: {why}")
+        self.why = why
+
+
+class RequestError(ImageCacheError):
+    """A request to the service cannot be done as asked; the message says what to change.
+
+    The service's handlers raise these (never aiohttp's ``web.HTTP*``); each
+    class has one status in ``server/app.py``'s ``STATUS`` table. The message
+    is the body the caller reads, so it names the offending value.
+    """
+
+
+class BadRequest(RequestError, ValueError):
+    """A malformed path, query parameter, header or body (400)."""
+
+
+class MalformedRange(BadRequest):
+    """The Range header is not a single valid ``bytes`` range (400); see ``server/ranges.py``."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"bad Range header: {problem}")
+        self.problem = problem
+
+
+class RangeNotSatisfiable(RequestError):
+    """A valid range selects no byte of an image of ``size`` bytes (416, ``Content-Range``)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"range not satisfiable: the image has {size} bytes")
+        self.size = size
+
+
+class NotPermitted(RequestError):
+    """This caller may not make this call: not an admin, or a wrong cluster token (403)."""
+
+
+class ResourceNotFound(RequestError, LookupError):
+    """Nothing here answers this path: the image is not cached, or the route needs Glance (404)."""
+
+
+class MethodNotAllowed(RequestError):
+    """The route exists but has no such method (405, ``Allow`` lists ``allowed``).
+
+    The message is webob's, as Glance answers, so clients show the same text.
+    """
+
+    def __init__(self, method: str, allowed: Iterable[str]) -> None:
+        super().__init__("The method is not allowed for this resource.")
+        self.method = method
+        self.allowed = sorted(allowed)
+
+
+class NeedsClusterMode(RequestError):
+    """A cluster-only call to a service without centralized caching (409, as Glance answers)."""
+
+    def __init__(self, cause: NotInClusterMode) -> None:
+        super().__init__(f"centralized caching is not enabled: {cause}")
+        self.cause = cause
+
+
+class SiblingFailed(UpstreamUnreachable):
+    """A cluster sibling could not serve an image (absent, refused, cut off mid-stream).
+
+    Raised and caught inside ``upstreams/sibling.py``. Unreachable, not
+    refused: the fill goes on from another sibling or the origin.
+    """
+
+    def __init__(self, sibling: str, why: str) -> None:
+        super().__init__(
+            f"sibling {sibling} could not serve the image: {why};"
+            " the fill goes on from another sibling or the origin"
+        )
+        self.sibling = sibling
+        self.why = why

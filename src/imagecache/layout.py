@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from imagecache.errors import InvalidImageId
+from imagecache.errors import CacheStoreError, CacheUnavailable, InvalidImageId
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,30 @@ def write_probe(directory: Path) -> OSError | None:
             os.unlink(probe)
         return exc
     return None
+
+
+def explain_store_failure(layout: CacheLayout, exc: OSError | CacheStoreError) -> CacheStoreError:
+    """A failure of the cache's disk, said in words an operator can act on.
+
+    Without this a management call on a disk remounted read-only was a bare
+    500 "Internal Server Error" (an OSError) or a sqlite message ("attempt to
+    write a readonly database"). The filesystem itself is asked what is wrong.
+    """
+    base = layout.base
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    # The error itself may not say (sqlite reports "disk I/O error"); a write does.
+    probe = write_probe(layout.lock_dir)
+    errors = {getattr(exc, "errno", None), probe.errno if probe is not None else None}
+    if errno.EROFS in errors:
+        return CacheUnavailable(
+            f"the cache directory {base} is on a read-only file system: {detail}{where}"
+        )
+    if errors & {errno.ENOSPC, errno.EDQUOT}:
+        return CacheUnavailable(f"the cache directory {base} is full: {detail}{where}")
+    if isinstance(exc, CacheStoreError):
+        return exc
+    return CacheStoreError(f"the cache directory {base} failed: {detail}{where}")
 
 
 def unlink_if_exists(path: Path) -> bool:

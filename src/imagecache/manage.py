@@ -20,8 +20,8 @@ from imagecache.cache import ImageCache
 from imagecache.capacity import Capacity
 from imagecache.errors import (
     ConfigurationError,
-    ImageCacheError,
     ImageNotCached,
+    ImageNotQueued,
     NotInClusterMode,
 )
 from imagecache.prefetch import (
@@ -176,14 +176,6 @@ class LocalManager:
 
     def import_glance_cache(self, source: Path, keep_source: bool) -> AdoptReport:
         return import_glance_cache(self.cache, source, keep_source=keep_source)
-
-
-class ImageNotQueued(ImageCacheError, LookupError):
-    """The image has no queue marker (a 404 for the queue verbs)."""
-
-    def __init__(self, image_id: str) -> None:
-        super().__init__(f"image {image_id!r} is not queued")
-        self.image_id = image_id
 
 
 def local_stats(cache: ImageCache) -> dict[str, Any]:

@@ -17,11 +17,18 @@ from aiohttp.abc import AbstractAccessLogger
 from imagecache.cache import ImageCache
 from imagecache.errors import (
     AccessUnconfirmed,
+    AuthorisationUnavailable,
+    BadRequest,
     CacheUnavailable,
     ConfigurationError,
     IdentityError,
     ImageCacheError,
     InvalidImageId,
+    MethodNotAllowed,
+    NeedsClusterMode,
+    NotPermitted,
+    RangeNotSatisfiable,
+    ResourceNotFound,
     UpstreamError,
     UpstreamForbidden,
     UpstreamNotActive,
@@ -69,26 +76,58 @@ def shutdown_grace(settings: Settings) -> float:
     return settings.upstream_timeout
 
 
+# The HTTP status of each error the library and the handlers raise on purpose:
+# the one place errors become statuses. Looked up along the class's MRO, so
+# the most specific entry wins (AccessUnconfirmed is an UpstreamError but 503);
+# an ImageCacheError with no entry on its way up is a 500.
+STATUS: dict[type[ImageCacheError], int] = {
+    BadRequest: 400,  # MalformedRange too
+    InvalidImageId: 400,
+    UpstreamNotActive: 400,  # Glance's answer for an image with no data
+    NotPermitted: 403,
+    UpstreamForbidden: 403,  # or 401 when the origin said 401 (error_status)
+    ResourceNotFound: 404,
+    UpstreamNotFound: 404,
+    MethodNotAllowed: 405,
+    NeedsClusterMode: 409,
+    RangeNotSatisfiable: 416,
+    VerificationError: 502,
+    UpstreamError: 502,
+    AccessUnconfirmed: 503,
+    AuthorisationUnavailable: 503,
+    CacheUnavailable: 503,
+}
+
+
 def error_status(exc: ImageCacheError) -> int:
-    """The HTTP status of an error the library raised on purpose."""
-    if isinstance(exc, InvalidImageId):
-        return 400
-    if isinstance(exc, UpstreamNotFound):
-        return 404
-    if isinstance(exc, UpstreamForbidden):
-        return exc.status if exc.status in (401, 403) else 403
-    if isinstance(exc, UpstreamNotActive):
-        return 400
-    if isinstance(exc, CacheUnavailable | AccessUnconfirmed):
-        return 503
-    if isinstance(exc, UpstreamError | VerificationError):
-        return 502
+    """The HTTP status of an error the library or a handler raised on purpose (``STATUS``)."""
+    if isinstance(exc, UpstreamForbidden) and exc.status == 401:
+        return 401
+    for cls in type(exc).__mro__:
+        status = STATUS.get(cls)
+        if status is not None:
+            return status
     return 500
+
+
+def error_headers(exc: ImageCacheError) -> dict[str, str]:
+    """Headers an error answer carries besides the body: what the caller needs to retry right."""
+    match exc:
+        case MethodNotAllowed(allowed=allowed):
+            return {hdrs.ALLOW: ",".join(allowed)}
+        case RangeNotSatisfiable(size=size):
+            return {hdrs.CONTENT_RANGE: f"bytes */{size}"}
+    return {}
 
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Translate library errors to statuses, and every error answer to Glance's body, here."""
+    """Translate errors to statuses, and every error answer to Glance's body, here only.
+
+    Handlers raise ``imagecache.errors`` classes (``RequestError`` for answers
+    like 400/403/404/405/409/416); aiohttp's own ``web.HTTP*`` reach here only
+    from aiohttp itself (no route, a body over ``client_max_size``).
+    """
     try:
         return await handler(request)
     except ImageCacheError as exc:
@@ -102,7 +141,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             # Headers (and maybe bytes) are out: a second response would be
             # written into the first one's body. Let the connection be cut.
             raise
-        return glance_error(request, status, str(exc))
+        return glance_error(request, status, str(exc), error_headers(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

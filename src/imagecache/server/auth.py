@@ -1,4 +1,8 @@
-"""Who may do what: the admin check for management, the origin's word for downloads."""
+"""Who may do what: the admin check for management, the origin's word for downloads.
+
+``admin_only`` wraps every management route (``cache_api``, ``operations``):
+the admin check first, then the method, then the handler.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,32 @@ import enum
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
+
+from aiohttp import web
 
 from imagecache.errors import (
     AccessUnconfirmed,
+    AuthorisationUnavailable,
+    CacheStoreError,
+    IdentityError,
+    MethodNotAllowed,
+    NotPermitted,
+    UpstreamError,
     UpstreamForbidden,
     UpstreamNotFound,
     UpstreamUnreachable,
 )
+from imagecache.keystone import is_admin
+from imagecache.layout import explain_store_failure
+from imagecache.server.state import STATE, ServiceState
 from imagecache.settings import Settings, secret_matches
 from imagecache.upstreams.base import IDENTITY_HEADERS, Caller, Upstream
+
+# A management handler: the request and the process's shared state.
+Handler = Callable[[web.Request, ServiceState], Awaitable[web.StreamResponse]]
 
 V = TypeVar("V")
 log = logging.getLogger(__name__)
@@ -64,6 +83,63 @@ def decide_admin(
     return AdminDecision.LOOPBACK_OK if is_loopback(remote) else AdminDecision.NOT_LOOPBACK
 
 
+def admin_only(
+    methods: Mapping[str, Handler],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """One management route's handler: the admin check first, then the method dispatch.
+
+    Every management route goes through this one function, so no route can
+    forget the check. A failure of the cache's disk is said in an operator's
+    words (``layout.explain_store_failure``) rather than as a bare 500.
+    """
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        if state.tokens is not None:
+            decision = await _keystone_admin(state, request)
+        else:
+            decision = decide_admin(state.settings, request.headers, request.remote)
+        if not decision.allowed:
+            log.info(
+                "management call %s %s refused: %s", request.method, request.path, decision.value
+            )
+            raise NotPermitted("the cache API needs an admin caller")
+        method = methods.get(request.method)
+        if method is None:
+            raise MethodNotAllowed(request.method, methods)
+        await state.fills.settled()
+        try:
+            return await method(request, state)
+        except (OSError, CacheStoreError) as exc:
+            layout = state.cache.driver.layout
+            raise await state.fills.run(explain_store_failure, layout, exc) from exc
+
+    return handler
+
+
+async def _keystone_admin(state: ServiceState, request: web.Request) -> AdminDecision:
+    """Keystone's word on the caller's token: admin when it has one of the admin roles.
+
+    Keystone unreachable is 503 (``AuthorisationUnavailable``, logged by the
+    error middleware), never a pass: management must not open up because the
+    identity service is down.
+    """
+    assert state.tokens is not None
+    assert state.settings.keystone is not None
+    token = request.headers.get("X-Auth-Token", "")
+    if not token.strip():
+        return AdminDecision.NO_TOKEN
+    try:
+        info = await state.fills.run(state.tokens.validate, token)
+    except IdentityError as exc:
+        raise AuthorisationUnavailable(exc) from exc
+    if info is None:
+        return AdminDecision.TOKEN_INVALID
+    if is_admin(info, state.settings.keystone.admin_roles):
+        return AdminDecision.ROLE_OK
+    return AdminDecision.NOT_ADMIN
+
+
 def is_loopback(remote: str | None) -> bool:
     if not remote:
         return False
@@ -86,11 +162,47 @@ class Access(enum.Enum):
     OFFLINE = "offline"
 
 
+@dataclass(frozen=True, slots=True)
+class AccessDecision:
+    """The origin's answer for one (caller, image), remembered as a value.
+
+    ``status`` is what the origin said: 200 (may read), 401 or 403 (refused),
+    404 (does not know the image, or hides it from this caller); ``reason`` is
+    the refusal's message ("" when allowed). A remembered refusal is raised as
+    a new exception per request (``refusal``): one stored instance raised
+    again would grow its traceback and keep every request's frames alive.
+    """
+
+    status: int
+    reason: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.status == 200
+
+    def refusal(self, image_id: str) -> UpstreamError:
+        """A fresh exception for this refusal, as the origin's check raised it."""
+        if self.status == 404:
+            return UpstreamNotFound(image_id)
+        return UpstreamForbidden(image_id, self.status)
+
+    @classmethod
+    def of(cls, refusal: UpstreamForbidden | UpstreamNotFound | None) -> AccessDecision:
+        if refusal is None:
+            return ALLOWED
+        status = 404 if isinstance(refusal, UpstreamNotFound) else refusal.status
+        return cls(status, str(refusal))
+
+
+ALLOWED = AccessDecision(200)
+
+
 class AccessCache:
     """Remembers the origin's "may download" answer per (caller, image) for ``ttl`` seconds.
 
-    Refusals are remembered too (as the exception to raise again): a refused
-    caller hammering a cached image must not hammer the origin as well.
+    Refusals are remembered too (an ``AccessDecision``, raised afresh each
+    time): a refused caller hammering a cached image must not hammer the
+    origin as well.
     Bounded: at most ``max_entries``; the oldest half is dropped when full.
 
     Offline grace (``offline_grace`` seconds, 0: off): when the origin cannot
@@ -118,7 +230,8 @@ class AccessCache:
         self.max_entries = max_entries
         self.offline_grace = offline_grace
         self.clock = clock
-        self._answers: dict[tuple[str, str], tuple[float, Exception | None]] = {}
+        # (caller, image) -> (until when, the origin's answer).
+        self._answers: dict[tuple[str, str], tuple[float, AccessDecision]] = {}
         # When the origin last said yes, per (caller, image): kept only with a grace.
         self._confirmed: dict[tuple[str, str], float] = {}
         self._last_offline_line = -OFFLINE_LOG_INTERVAL
@@ -135,10 +248,10 @@ class AccessCache:
         now = self.clock()
         remembered = self._answers.get(key) if self.ttl > 0 else None
         if remembered is not None and remembered[0] > now:
-            if remembered[1] is not None:
-                raise remembered[1]
+            if not remembered[1].allowed:
+                raise remembered[1].refusal(image_id)
             return Access.CONFIRMED
-        refusal: Exception | None = None
+        refusal: UpstreamForbidden | UpstreamNotFound | None = None
         try:
             await self.upstream.check_access(image_id, caller)
         except (UpstreamForbidden, UpstreamNotFound) as exc:
@@ -157,7 +270,8 @@ class AccessCache:
             else:
                 self._confirmed.pop(key, None)
         if self.ttl > 0:
-            _remember(self._answers, key, (now + self.ttl, refusal), self.max_entries)
+            decision = AccessDecision.of(refusal)
+            _remember(self._answers, key, (now + self.ttl, decision), self.max_entries)
         if refusal is not None:
             raise refusal
         return Access.CONFIRMED

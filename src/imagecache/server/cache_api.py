@@ -4,117 +4,33 @@ Status codes and bodies are Glance's (see ``reference/glance-cache.md`` §6).
 As in Glance the policy is checked before anything else, so a caller who is
 not admin gets 403 whatever the method or the image; then the method (405
 with ``Allow``), then the image id (400) and the image itself (404/400).
+The admin check and the method dispatch are ``auth.admin_only``; statuses
+come from the errors raised here, through ``app.STATUS``.
 """
 
 from __future__ import annotations
-
-import errno
-import logging
-from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import hdrs, web
 
 from imagecache.cluster import central_driver, delete_everywhere
 from imagecache.errors import (
-    CacheStoreError,
-    CacheUnavailable,
-    IdentityError,
+    BadRequest,
+    NeedsClusterMode,
     NotInClusterMode,
+    ResourceNotFound,
     UpstreamNotActive,
     UpstreamNotFound,
 )
-from imagecache.keystone import is_admin
-from imagecache.layout import write_probe
 from imagecache.prefetch import queued_details
-from imagecache.server.auth import AdminDecision, caller_from, decide_admin
+from imagecache.server.auth import Handler, admin_only, caller_from
 from imagecache.server.queue_worker import QueueWorker
-from imagecache.server.state import STATE, ServiceState
+from imagecache.server.state import ServiceState
 from imagecache.upstreams.base import SERVICE
 
-log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request, ServiceState], Awaitable[web.StreamResponse]]
 WORKER = web.AppKey("queue_worker", QueueWorker)
 CLEAR_TARGET = "x-image-cache-clear-target"
 # GET /v2/cache?details=true adds "queued_details"; no Glance client sends it.
 DETAILS = "details"
-
-
-def _admin_only(
-    methods: Mapping[str, Handler],
-) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """One route's handler: the admin check first, then the method dispatch."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        state = request.app[STATE]
-        if state.tokens is not None:
-            decision = await _keystone_admin(state, request)
-        else:
-            decision = decide_admin(state.settings, request.headers, request.remote)
-        if not decision.allowed:
-            log.info(
-                "management call %s %s refused: %s", request.method, request.path, decision.value
-            )
-            raise web.HTTPForbidden(text="the cache API needs an admin caller")
-        method = methods.get(request.method)
-        if method is None:
-            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
-        await state.fills.settled()
-        try:
-            return await method(request, state)
-        except (OSError, CacheStoreError) as exc:
-            raise await state.fills.run(_explained, state, exc) from exc
-
-    return handler
-
-
-async def _keystone_admin(state: ServiceState, request: web.Request) -> AdminDecision:
-    """Keystone's word on the caller's token: admin when it has one of the admin roles.
-
-    Keystone unreachable is 503, never a pass: management must not open up
-    because the identity service is down.
-    """
-    assert state.tokens is not None
-    assert state.settings.keystone is not None
-    token = request.headers.get("X-Auth-Token", "")
-    if not token.strip():
-        return AdminDecision.NO_TOKEN
-    try:
-        info = await state.fills.run(state.tokens.validate, token)
-    except IdentityError as exc:
-        log.warning("management call %s %s refused: %s", request.method, request.path, exc)
-        raise web.HTTPServiceUnavailable(
-            text=f"cannot authorise management calls now: {exc}"
-        ) from exc
-    if info is None:
-        return AdminDecision.TOKEN_INVALID
-    if is_admin(info, state.settings.keystone.admin_roles):
-        return AdminDecision.ROLE_OK
-    return AdminDecision.NOT_ADMIN
-
-
-def _explained(state: ServiceState, exc: OSError | CacheStoreError) -> CacheStoreError:
-    """A failure of the cache's disk, said in words an operator can act on.
-
-    Without this a management call on a disk remounted read-only was a bare
-    500 "Internal Server Error" (an OSError) or a sqlite message ("attempt to
-    write a readonly database"). The filesystem itself is asked what is wrong.
-    """
-    base = state.cache.driver.layout.base
-    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
-    # The error itself may not say (sqlite reports "disk I/O error"); a write does.
-    probe = write_probe(state.cache.driver.layout.lock_dir)
-    errors = {getattr(exc, "errno", None), probe.errno if probe is not None else None}
-    if errno.EROFS in errors:
-        return CacheUnavailable(
-            f"the cache directory {base} is on a read-only file system: {detail}{where}"
-        )
-    if errors & {errno.ENOSPC, errno.EDQUOT}:
-        return CacheUnavailable(f"the cache directory {base} is full: {detail}{where}")
-    if isinstance(exc, CacheStoreError):
-        return exc
-    return CacheStoreError(f"the cache directory {base} failed: {detail}{where}")
 
 
 # --- /v2/cache --------------------------------------------------------------------------------
@@ -124,10 +40,7 @@ async def get_cache(request: web.Request, state: ServiceState) -> web.StreamResp
     all_nodes = _flag(request, "all_nodes")
     driver = central_driver(state.cache)
     if all_nodes and driver is None:
-        raise web.HTTPConflict(
-            text="centralized caching is not enabled: "
-            + str(NotInClusterMode("listing every node's cache (all_nodes=true)"))
-        )
+        raise NeedsClusterMode(NotInClusterMode("listing every node's cache (all_nodes=true)"))
     details = _flag(request, DETAILS)
     cached, queued = await state.fills.run(_listing, state)
     # Exactly Glance's document unless asked for more: glanceclient's
@@ -154,7 +67,7 @@ def _flag(request: web.Request, name: str) -> bool:
         return True
     if value in ("false", "0", "no", ""):
         return False
-    raise web.HTTPBadRequest(text=f"{name} must be true or false, not {raw!r}")
+    raise BadRequest(f"{name} must be true or false, not {raw!r}")
 
 
 def _listing(state: ServiceState) -> tuple[list[dict[str, object]], list[str]]:
@@ -165,9 +78,7 @@ def _listing(state: ServiceState) -> tuple[list[dict[str, object]], list[str]]:
 async def clear_cache(request: web.Request, state: ServiceState) -> web.StreamResponse:
     target = request.headers.get(CLEAR_TARGET, "").strip().lower()
     if target not in ("", "cache", "queue"):
-        raise web.HTTPBadRequest(
-            text=f"{CLEAR_TARGET} must be 'cache', 'queue' or empty, not {target!r}"
-        )
+        raise BadRequest(f"{CLEAR_TARGET} must be 'cache', 'queue' or empty, not {target!r}")
     if target in ("", "cache"):
         await state.fills.run(state.cache.delete_all_cached_images)
     if target in ("", "queue"):
@@ -179,13 +90,9 @@ async def queue_image(request: web.Request, state: ServiceState) -> web.StreamRe
     image_id = state.image_id(request)
     caller = caller_from(request.headers)
     try:
-        await state.upstream.info(image_id, caller)
-    except UpstreamNotFound as exc:
-        raise web.HTTPNotFound(text=str(exc)) from exc
+        await state.upstream.info(image_id, caller)  # UpstreamNotFound: 404 with its message
     except UpstreamNotActive as exc:
-        raise web.HTTPBadRequest(
-            text=f"only active images can be queued; {image_id} is {exc.status}"
-        ) from exc
+        raise BadRequest(f"only active images can be queued; {image_id} is {exc.status}") from exc
     await state.fills.run(state.cache.queue_image, image_id)
     # The fetch runs later, when the caller's token may have expired: the cache's
     # own account fetches it where there is one, else the caller's identity.
@@ -201,7 +108,7 @@ async def delete_entry(request: web.Request, state: ServiceState) -> web.StreamR
         try:
             await state.upstream.info(image_id, caller_from(request.headers))
         except UpstreamNotFound as exc:
-            raise web.HTTPNotFound(text=f"image {image_id} is not cached, queued or known") from exc
+            raise ResourceNotFound(f"image {image_id} is not cached, queued or known") from exc
         except UpstreamNotActive:
             pass  # it exists; there was simply nothing here to delete
     return web.Response(status=204)
@@ -225,7 +132,7 @@ async def cached_nodes(request: web.Request, state: ServiceState) -> web.StreamR
             return web.json_response([{"url": s.url, "site": s.site} for s in siblings])
         nodes = await state.fills.run(state.cache.get_cached_nodes, image_id)
     except NotInClusterMode as exc:
-        raise web.HTTPConflict(text=f"centralized caching is not enabled: {exc}") from exc
+        raise NeedsClusterMode(exc) from exc
     return web.json_response(nodes)
 
 
@@ -307,4 +214,4 @@ def add_routes(app: web.Application) -> None:
         ),
     ]
     for path, methods in table:
-        app.router.add_route(hdrs.METH_ANY, path, _admin_only(methods))
+        app.router.add_route(hdrs.METH_ANY, path, admin_only(methods))

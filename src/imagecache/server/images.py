@@ -23,7 +23,14 @@ from typing import BinaryIO
 
 from aiohttp import hdrs, web
 
-from imagecache.errors import CacheStoreError, ImageCacheError, UpstreamNotActive, WriterGone
+from imagecache.errors import (
+    CacheStoreError,
+    ImageCacheError,
+    NotPermitted,
+    ResourceNotFound,
+    UpstreamNotActive,
+    WriterGone,
+)
 from imagecache.fill.hashing import strongest_hash
 from imagecache.fill.locks import locked_by_writer
 from imagecache.fill.writer import FillWriter
@@ -41,7 +48,7 @@ from imagecache.server.cache_status import HEADER as CACHE_STATUS
 from imagecache.server.cache_status import Outcome, cache_status
 from imagecache.server.cluster import PeerRequest, peer_request
 from imagecache.server.delivery import count_sent
-from imagecache.server.ranges import ByteRange, MalformedRange, RangeNotSatisfiable, parse_range
+from imagecache.server.ranges import ByteRange, parse_range
 from imagecache.server.state import STATE, ServiceState
 from imagecache.upstreams.base import Caller
 
@@ -93,7 +100,11 @@ def _none_match(request: web.Request, etag: str | None) -> bool:
 
 
 def _wanted_range(request: web.Request, size: int | None, etag: str | None) -> ByteRange | None:
-    """The single range to serve, or None for the whole image (raises the HTTP error)."""
+    """The single range to serve, or None for the whole image.
+
+    A bad header raises ``MalformedRange`` (400) or ``RangeNotSatisfiable``
+    (416 with ``Content-Range``), straight from the parser (app.STATUS).
+    """
     header = request.headers.get(hdrs.RANGE)
     if header is None or request.method not in ("GET", "HEAD"):
         return None
@@ -104,15 +115,7 @@ def _wanted_range(request: web.Request, size: int | None, etag: str | None) -> B
         return None
     if size is None:
         return None  # §14.2: a server MAY ignore Range; without a size we cannot check it
-    try:
-        return parse_range(header, size)
-    except MalformedRange as exc:
-        raise web.HTTPBadRequest(text=f"bad Range header: {exc}") from exc
-    except RangeNotSatisfiable as exc:
-        raise web.HTTPRequestRangeNotSatisfiable(
-            headers={hdrs.CONTENT_RANGE: f"bytes */{exc.size}"},
-            text=f"range not satisfiable: the image has {exc.size} bytes",
-        ) from exc
+    return parse_range(header, size)
 
 
 def _headers(checksum: str | None, etag: str | None, status: str) -> dict[str, str]:
@@ -135,7 +138,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     caller = caller_from(request.headers)
     peer = peer_request(state.settings, request.headers)
     if peer is PeerRequest.REFUSED:
-        raise web.HTTPForbidden(text="wrong or unexpected cluster token")
+        raise NotPermitted("wrong or unexpected cluster token")
     checked = peer is not PeerRequest.CLIENT  # a sibling has asked about its own caller
 
     access = Access.CONFIRMED
@@ -475,7 +478,7 @@ async def _serve_sibling(
     hit = await state.fills.run(_open_hit, state, image_id)
     if hit is not None:
         return await _serve_hit(request, state, image_id, hit)
-    raise web.HTTPNotFound(text=f"image {image_id} is not cached on this node")
+    raise ResourceNotFound(f"image {image_id} is not cached on this node")
 
 
 async def _follow(

@@ -28,12 +28,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from imagecache.capacity import Capacity
+from imagecache.errors import BadRequest, ResourceNotFound
 from imagecache.maintenance import Maintenance
 from imagecache.manage import local_stats
 from imagecache.prefetch import Prefetcher
 from imagecache.scrub import Scrubber
 from imagecache.server import background
-from imagecache.server.cache_api import WORKER, _admin_only
+from imagecache.server.auth import admin_only
+from imagecache.server.cache_api import WORKER
 from imagecache.server.state import STATE, ServiceState
 
 CAPACITY = web.AppKey("capacity", Capacity)
@@ -58,11 +60,9 @@ def install(app: web.Application) -> None:
     maintenance = Maintenance(state.cache, prefetcher)
     _attach(app, maintenance)
     state.metrics.registry.register(_OperationsCollector(state, capacity, maintenance))
-    app.router.add_route("*", "/v2/cache/stats", _admin_only({"GET": stats}))
-    app.router.add_route("*", "/v2/cache/verify", _admin_only({"POST": verify}))
-    app.router.add_route(
-        "*", "/v2/cache/{image_id}/pin", _admin_only({"PUT": pin, "DELETE": unpin})
-    )
+    app.router.add_route("*", "/v2/cache/stats", admin_only({"GET": stats}))
+    app.router.add_route("*", "/v2/cache/verify", admin_only({"POST": verify}))
+    app.router.add_route("*", "/v2/cache/{image_id}/pin", admin_only({"PUT": pin, "DELETE": unpin}))
 
 
 def _attach(app: web.Application, maintenance: Maintenance) -> None:
@@ -195,7 +195,7 @@ async def verify(request: web.Request, state: ServiceState) -> web.StreamRespons
         image_id is not None
         and await state.fills.run(state.cache.get_cached_image, image_id) is None
     ):
-        raise web.HTTPNotFound(text=f"image {image_id} is not cached")
+        raise ResourceNotFound(f"image {image_id} is not cached")
 
     def run() -> dict[str, Any]:
         # An operator's verify runs at full speed; the scheduled scrub is the polite one.
@@ -213,20 +213,17 @@ async def _verify_target(request: web.Request, state: ServiceState) -> str | Non
     try:
         body = json.loads(raw)
     except ValueError as exc:
-        raise web.HTTPBadRequest(text=f"the body must be JSON: {exc}") from exc
+        raise BadRequest(f"the body must be JSON: {exc}") from exc
     except RecursionError as exc:
         # json's C parser recurses per nesting level: a body of a few thousand
         # "[" ends here, and is the caller's mistake, not a 500.
-        raise web.HTTPBadRequest(text="the body is JSON nested too deeply") from exc
+        raise BadRequest("the body is JSON nested too deeply") from exc
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text='the body must be a JSON object, e.g. {"image_id": "..."}')
+        raise BadRequest('the body must be a JSON object, e.g. {"image_id": "..."}')
     image_id = body.get("image_id")
     if image_id is None:
         return None
-    try:
-        return state.cache.driver.layout.validate(image_id)
-    except ValueError as exc:
-        raise web.HTTPBadRequest(text=str(exc)) from exc
+    return state.cache.driver.layout.validate(image_id)  # InvalidImageId: 400
 
 
 async def pin(request: web.Request, state: ServiceState) -> web.StreamResponse:
@@ -243,5 +240,5 @@ async def _set_pinned(
     image_id = state.image_id(request)
     method = state.cache.pin if pinned else state.cache.unpin
     if not await state.fills.run(method, image_id):
-        raise web.HTTPNotFound(text=f"image {image_id} is not cached")
+        raise ResourceNotFound(f"image {image_id} is not cached")
     return web.Response(status=204)

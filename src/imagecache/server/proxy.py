@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from aiohttp import hdrs, web
 
 from imagecache.cluster import delete_everywhere
-from imagecache.errors import UpstreamNotActive
+from imagecache.errors import BadRequest, ResourceNotFound, UpstreamNotActive
 from imagecache.server.auth import caller_from
 from imagecache.server.state import STATE, ServiceState
 from imagecache.upstreams.glance import GlanceUpstream
@@ -96,11 +96,9 @@ def checked_path(request: web.Request) -> None:
             problem = "an empty segment (//)"
         else:
             continue
-        raise web.HTTPBadRequest(
-            text=f"path {raw!r} is not relayed: it has {problem}; send the normalised path"
-        )
+        raise BadRequest(f"path {raw!r} is not relayed: it has {problem}; send the normalised path")
     if segments[:1] != ["v2"]:
-        raise web.HTTPBadRequest(text=f"path {raw!r} is not under /v2/")
+        raise BadRequest(f"path {raw!r} is not under /v2/")
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
@@ -111,9 +109,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     if not isinstance(glance, GlanceUpstream):
         if request.method == "GET" and request.match_info.get("image_id"):
             return await _synthesised_image(request, state)
-        raise web.HTTPNotFound(
-            text=f"{request.path} needs a glance upstream; this one is {glance.kind}"
-        )
+        raise ResourceNotFound(f"{request.path} needs a glance upstream; this one is {glance.kind}")
     body = _request_body(request) if request.body_exists else None
     headers = _forward_headers(request.headers)
     async with await glance.request(request.method, request.path_qs, headers, body) as upstream:
@@ -196,8 +192,14 @@ def _name_this_service(request: web.Request, entry: Any) -> None:
 
 
 async def v2_root(request: web.Request) -> web.StreamResponse:
-    """``GET /v2``: a redirect to ``/v2/``, as Glance answers (302, Location absolute)."""
-    raise web.HTTPFound(f"{public_base(request)}/v2/")
+    """``GET /v2``: a redirect to ``/v2/``, as Glance answers (302, Location absolute).
+
+    Returned, not raised: a redirect is an answer, not an error (the body is
+    the one aiohttp's ``HTTPFound`` had, so clients see what they saw).
+    """
+    location = f"{public_base(request)}/v2/"
+    headers = {hdrs.CONTENT_TYPE: "text/plain; charset=utf-8", hdrs.LOCATION: location}
+    return web.Response(status=302, body=b"302: Found", headers=headers)
 
 
 def _version(request: web.Request, version: str, status: str) -> dict[str, Any]:

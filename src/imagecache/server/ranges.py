@@ -15,6 +15,9 @@ Decisions, with the sections they rest on:
   the end, a zero suffix, any range of an empty image) is 416 with
   ``Content-Range: bytes */size`` (§14.1.1, §15.5.17; ``RangeNotSatisfiable``).
 - A last-byte-pos past the end is clipped to the end (§14.1.2).
+
+The two errors are the library's (``imagecache.errors``); the service's error
+middleware gives them their statuses and the 416's ``Content-Range``.
 """
 
 from __future__ import annotations
@@ -22,21 +25,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from imagecache.errors import MalformedRange, RangeNotSatisfiable
+
 # Absurdly long headers are malformed, not something to run regexes over.
 _MAX_HEADER = 200
 _SPEC_RE = re.compile(r"([0-9]*)-([0-9]*)")
-
-
-class MalformedRange(ValueError):
-    """The Range header is not a single valid ``bytes`` range (answer 400)."""
-
-
-class RangeNotSatisfiable(ValueError):
-    """The range selects no byte of a representation of ``size`` bytes (answer 416)."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(f"range not satisfiable for {size} bytes")
-        self.size = size
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,13 +28,9 @@ from typing import Any
 from aiohttp import web
 
 from imagecache.cluster import central_driver
-from imagecache.errors import ImageCacheError
+from imagecache.errors import CacheStoreError, CacheUnavailable, ImageCacheError
 from imagecache.layout import write_probe
 from imagecache.server.state import STATE, ServiceState
-
-
-class _Failed(Exception):
-    """A check that did not pass; its message says why."""
 
 
 async def ready(request: web.Request) -> web.StreamResponse:
@@ -61,7 +57,7 @@ async def _run(
         return True, await asyncio.wait_for(check(state), timeout)
     except TimeoutError:
         return False, f"no answer within {timeout:g} s"
-    except (_Failed, ImageCacheError, OSError) as exc:
+    except (ImageCacheError, OSError) as exc:  # a check that fails says why in its message
         return False, str(exc)
 
 
@@ -78,7 +74,9 @@ def _probe_write(state: ServiceState) -> str:
     # In .locks/: a hidden name, on the same filesystem as the images.
     error = write_probe(layout.lock_dir)
     if error is not None:
-        raise _Failed(f"cannot write in the cache directory {layout.base}: {error.strerror}")
+        raise CacheUnavailable(
+            f"cannot write in the cache directory {layout.base}: {error.strerror}"
+        )
     return f"the cache directory {layout.base} is writable"
 
 
@@ -88,7 +86,7 @@ async def _free_space(state: ServiceState) -> str:
     free = st.f_bavail * st.f_frsize
     watermark = state.settings.free_space_watermark
     if free < watermark:
-        raise _Failed(
+        raise CacheUnavailable(
             f"{free} bytes free on the filesystem of {base}, below free_space_watermark"
             f" ({watermark}): new images are streamed, not cached"
         )
@@ -108,5 +106,5 @@ def _ping(driver: Any) -> str:
         with driver.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # any driver error: psycopg, sqlite, SQLAlchemy's own
-        raise _Failed(f"the central database does not answer: {exc}") from exc
+        raise CacheStoreError(f"the central database does not answer: {exc}") from exc
     return "the central database answers"

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from imagecache.errors import ResourceNotFound
 from imagecache.server import proxy
 from imagecache.server.state import STATE
 from imagecache.upstreams.glance import GlanceUpstream
@@ -114,7 +115,5 @@ async def schema(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     build = _OWN.get(name)
     if build is None:
-        raise web.HTTPNotFound(
-            text=f"no schema {name!r}: this origin has {', '.join(sorted(_OWN))}"
-        )
+        raise ResourceNotFound(f"no schema {name!r}: this origin has {', '.join(sorted(_OWN))}")
     return web.json_response(build())

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from imagecache.cache import ImageCache
-from imagecache.errors import InvalidImageId
 from imagecache.fills import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
 from imagecache.metadata import MetadataCache
-from imagecache.server.auth import AccessCache
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings
 from imagecache.upstreams.base import Upstream
+
+if TYPE_CHECKING:
+    # Types only: auth.py's admin check reads STATE from here at run time.
+    from imagecache.server.auth import AccessCache
 
 
 @dataclass
@@ -35,12 +38,11 @@ class ServiceState:
     tokens: TokenValidator | None = None
 
     def image_id(self, request: web.Request) -> str:
-        """The ``{image_id}`` of the route, validated once, here at the edge (400 if bad)."""
-        raw = request.match_info["image_id"]
-        try:
-            return self.cache.driver.layout.validate(raw)
-        except InvalidImageId as exc:
-            raise web.HTTPBadRequest(text=str(exc)) from exc
+        """The ``{image_id}`` of the route, validated once, here at the edge.
+
+        A bad one raises ``InvalidImageId``, a 400 with its message (app.STATUS).
+        """
+        return self.cache.driver.layout.validate(request.match_info["image_id"])
 
 
 STATE = web.AppKey("state", ServiceState)

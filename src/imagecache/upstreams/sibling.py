@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 
 from imagecache.cluster import CLUSTER_TOKEN_HEADER
+from imagecache.errors import SiblingFailed
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
 from imagecache.sites import choose_sibling
@@ -57,10 +58,6 @@ class FillSource(enum.Enum):
     SIBLING = "sibling"
     ORIGIN = "origin"
     SIBLING_THEN_ORIGIN = "sibling_then_origin"  # a sibling failed part-way; the origin went on
-
-
-class SiblingFailed(Exception):
-    """A sibling could not serve the image (absent, refused, or cut off mid-stream)."""
 
 
 class SiblingEvents(Protocol):
@@ -146,7 +143,7 @@ class SiblingUpstream(Upstream):
                         received += len(chunk)
                         yield chunk
                 except SiblingFailed as exc:
-                    log.warning("sibling %s failed to serve %s: %s", source, image_id, exc)
+                    log.warning("sibling %s failed to serve %s: %s", source, image_id, exc.why)
                     failed.add(source)
                     continue
                 self.reads_from_siblings += 1
@@ -219,23 +216,22 @@ class SiblingUpstream(Upstream):
             async with self._client().get(url, headers=headers) as response:
                 expected = 206 if start else 200
                 if response.status != expected:
-                    raise SiblingFailed(f"HTTP {response.status}")
+                    raise SiblingFailed(base, f"HTTP {response.status}")
                 if start and not response.headers.get("Content-Range", "").startswith(
                     f"bytes {start}-"
                 ):
-                    raise SiblingFailed("answered another range than asked")
+                    raise SiblingFailed(base, "answered another range than asked")
                 async for chunk in response.content.iter_chunked(SIBLING_CHUNK):
                     yield chunk
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # Includes a body cut short (ClientPayloadError): the sibling died or
             # aborted a fill that failed verification.
-            raise SiblingFailed(f"{type(exc).__name__}: {exc}") from exc
+            raise SiblingFailed(base, f"{type(exc).__name__}: {exc}") from exc
 
 
 __all__ = [
     "NO_SIBLING_EVENTS",
     "FillSource",
     "SiblingEvents",
-    "SiblingFailed",
     "SiblingUpstream",
 ]
