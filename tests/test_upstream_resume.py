@@ -59,6 +59,7 @@ class VersionedOrigin:
     send_md5: bool = True
     honour_range: bool = True
     honour_if_range: bool = True
+    chunked_whole: bool = False  # a 200 sent chunked, as Glance sends whole images
     cuts: list[int] = field(default_factory=list)  # body bytes before a reset, per request
     cut_forever: int | None = None  # once cuts run out: reset every request after this
     replace_on_cut: bytes | None = None  # the next version, put in place at the first cut
@@ -100,7 +101,10 @@ class VersionedOrigin:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = end - start
+        if status == 200 and self.chunked_whole:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = end - start
         await response.prepare(request)
         if request.method == "HEAD":
             return response
@@ -225,8 +229,10 @@ async def test_two_resets_are_resumed_byte_exact(
     origin: VersionedOrigin, make_upstream: Any, kind: str, path: str
 ) -> None:
     if kind == "glance":
-        # Glance's data route: no ETag, no Last-Modified; the md5 of the whole image.
+        # Glance's data route: no ETag, no Last-Modified, the whole image chunked;
+        # the md5 of the whole image on every answer.
         origin.send_etag = origin.send_last_modified = False
+        origin.chunked_whole = True
     origin.cuts = [300_000, 400_000]
     upstream = make_upstream(kind)
     assert (await upstream.info(image_id_for(kind))).size == SIZE
@@ -236,10 +242,12 @@ async def test_two_resets_are_resumed_byte_exact(
     # About one image: what a reset threw away in flight, not a restart from zero.
     assert SIZE <= origin.body_bytes < SIZE + 2 * 256 * 1024
     first_resume = origin.gets[1]
-    assert re.fullmatch(r"bytes=\d+-" + str(SIZE - 1), first_resume["Range"])
     if kind == "http":
+        assert re.fullmatch(r"bytes=\d+-" + str(SIZE - 1), first_resume["Range"])
         assert first_resume["If-Range"] == '"v1"'
     else:
+        # No length on the chunked first answer: to the end, whatever it is.
+        assert re.fullmatch(r"bytes=\d+-", first_resume["Range"])
         assert "If-Range" not in first_resume
 
 
@@ -294,6 +302,7 @@ async def test_glance_image_changed_is_refused_by_its_md5(
     origin: VersionedOrigin, make_upstream: Any, path: str
 ) -> None:
     origin.send_etag = origin.send_last_modified = False
+    origin.chunked_whole = True
     origin.cuts = [300_000]
     origin.replace_on_cut = OTHER
     upstream = make_upstream("glance")
@@ -492,7 +501,8 @@ def test_backoff_doubles_up_to_its_cap() -> None:
 
 def test_validator_needs_a_length_and_something_that_names_the_version() -> None:
     assert Validator.of("i", 200, {"Content-Length": "10"}, None) is None
-    assert Validator.of("i", 200, {"ETag": '"a"', "Transfer-Encoding": "chunked"}, None) is None
+    chunked = {"Transfer-Encoding": "chunked", "Last-Modified": "Wed, 02 Dec 2026 10:00:00 GMT"}
+    assert Validator.of("i", 200, chunked, None) is None  # no length, and only a date
     gzipped = {"ETag": '"a"', "Content-Length": "10", "Content-Encoding": "gzip"}
     assert Validator.of("i", 200, gzipped, None) is None
     weak = Validator.of("i", 200, {"ETag": 'W/"a"', "Content-Length": "10"}, None)
@@ -501,6 +511,19 @@ def test_validator_needs_a_length_and_something_that_names_the_version() -> None
     ranged = Validator.of("i", 206, {"ETag": '"a"', "Content-Range": "bytes 2-5/10"}, 6)
     assert ranged is not None
     assert ranged.http_headers(4) == {"Range": "bytes=4-5", "If-Range": '"a"'}
+
+
+def test_a_chunked_body_named_by_its_md5_resumes_to_the_end() -> None:
+    # Glance's whole-image download: chunked, no ETag, the image's md5.
+    headers = {"Transfer-Encoding": "chunked", "Content-MD5": "0" * 32}
+    validator = Validator.of("i", 200, headers, None)
+    assert validator is not None
+    assert validator.http_headers(4) == {"Range": "bytes=4-"}
+    validator.check(206, {"Content-MD5": "0" * 32, "Content-Range": "bytes 4-9/10"}, 4)
+    with pytest.raises(ResumeRefused, match="content-md5"):
+        validator.check(206, {"Content-MD5": "1" * 32, "Content-Range": "bytes 4-9/10"}, 4)
+    with pytest.raises(ResumeRefused, match="bytes 4-8"):
+        validator.check(206, {"Content-MD5": "0" * 32, "Content-Range": "bytes 4-8/10"}, 4)
 
 
 def test_validator_checks_start_end_total_and_etag() -> None:

@@ -23,12 +23,13 @@ image as the bytes before it. So the first response's identity is kept
   (``Content-MD5``, ``Digest``, ``x-amz-meta-sha256``, ...) must be equal.
 
 Anything else raises ``ResumeRefused``: the body fails, so the fill fails and
-nothing is cached. A first response with no length, or with nothing that
-identifies its version (no ETag, Last-Modified or checksum header), is not
-resumed at all. Glance sends no ETag but sends the image's md5 as
-``Content-MD5`` on every download, ranged or not, and never changes an active
-image's data; the fill's verification against the promised hashes stays the
-last word either way.
+nothing is cached. A first response with nothing that identifies its version
+(no ETag, Last-Modified or checksum header) is not resumed at all, nor one
+without a length (chunked) unless a strong ETag or a hash of the whole image
+names it. Glance sends its whole-image downloads chunked, with no ETag, but
+sends the image's md5 as ``Content-MD5`` on every download, ranged or not, and
+never changes an active image's data; the fill's verification against the
+promised hashes stays the last word either way.
 
 Decisions, for an operator: the attempts bound a body's resumes in total, not
 per stall, so a flapping origin cannot keep a fill (and its clients) going for
@@ -73,6 +74,8 @@ _IDENTIFYING = (
     "x-amz-meta-checksum",
     "x-amz-meta-md5",
 )
+# Those of them that hash the whole image's bytes.
+_HASHES = frozenset(_IDENTIFYING) - {"last-modified", "x-amz-version-id"}
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,8 @@ class Validator:
     """What the first response said about the image, for checking every resumed one."""
 
     image_id: str
-    total: int
-    end: int  # one past the last byte the body should deliver
+    total: int | None  # None: a chunked 200 (Glance's whole-image download)
+    end: int | None  # one past the last byte the body should deliver; None: to the end
     etag: str | None  # strong only: a weak one cannot go into If-Range
     last_modified: str | None
     etag_sent: str | None  # the ETag header as sent, weak or strong
@@ -118,17 +121,21 @@ class Validator:
         elif status == 200 and "chunked" not in found.get("transfer-encoding", "").lower():
             length = found.get("content-length", "")
             total = int(length) if length.isdigit() else None
-        if total is None:
+        elif status != 200:
             return None
         etag_sent = found.get("etag")
         etag = etag_sent if etag_sent and not etag_sent.startswith("W/") else None
         identifying = tuple((name, found[name]) for name in _IDENTIFYING if name in found)
         if etag_sent is None and not identifying:
             return None  # nothing would tell a changed image from this one
+        if total is None and etag is None and not any(n in _HASHES for n, _ in identifying):
+            # No length to compare either: only a strong ETag or a hash of the
+            # whole image names the bytes; a date does not.
+            return None
         return cls(
             image_id=image_id,
             total=total,
-            end=total if end is None else min(end, total),
+            end=end if total is None else total if end is None else min(end, total),
             etag=etag,
             last_modified=found.get("last-modified"),
             etag_sent=etag_sent,
@@ -136,7 +143,11 @@ class Validator:
         )
 
     def range_value(self, offset: int) -> str:
-        return f"bytes={offset}-{self.end - 1}"
+        return f"bytes={offset}-{'' if self.end is None else self.end - 1}"
+
+    def done(self, offset: int) -> bool:
+        """Whether ``offset`` is past the last byte wanted (nothing left to resume)."""
+        return self.end is not None and offset >= self.end
 
     def http_headers(self, offset: int) -> dict[str, str]:
         """``Range`` and, when there is a validator to put in it, ``If-Range``."""
@@ -167,13 +178,14 @@ class Validator:
         if match is None:
             raise ResumeRefused(image_id, offset, f"Content-Range {content_range!r} is not usable")
         first, last, total = (int(group) for group in match.groups())
-        if total != self.total:
+        if self.total is not None and total != self.total:
             raise ResumeRefused(
                 image_id, offset, f"the image is now {total} bytes, it was {self.total}"
             )
-        if first != offset or last != self.end - 1:
+        wanted = (total if self.end is None else self.end) - 1
+        if first != offset or last != wanted:
             raise ResumeRefused(
-                image_id, offset, f"it sent bytes {first}-{last}, not {offset}-{self.end - 1}"
+                image_id, offset, f"it sent bytes {first}-{last}, not {offset}-{wanted}"
             )
         if self.etag_sent is not None and found.get("etag") != self.etag_sent:
             raise ResumeRefused(
@@ -253,7 +265,7 @@ async def resumable_stream(
         except UpstreamError as exc:
             if validator is None or not _retryable(exc) or attempt >= policy.attempts:
                 raise
-            if offset >= validator.end:
+            if validator.done(offset):
                 raise  # every byte is here; a failure after them is not a break
             attempt += 1
             _log_resume(image_id, offset, attempt, policy, exc)
@@ -330,7 +342,7 @@ class ResumingSource:
             self._stopped.is_set()
             or not _retryable(exc)
             or self._attempt >= self._policy.attempts
-            or self._offset >= validator.end
+            or validator.done(self._offset)
         ):
             raise exc
         while True:
