@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import socket
 import struct
@@ -251,13 +252,20 @@ async def test_two_resets_are_resumed_byte_exact(
         assert "If-Range" not in first_resume
 
 
-async def test_a_range_is_resumed_within_the_range(
-    origin: VersionedOrigin, make_upstream: Any
+async def test_a_range_is_resumed_within_the_range_and_logged(
+    origin: VersionedOrigin, make_upstream: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     origin.cuts = [100_000]
     upstream = make_upstream()
-    assert await collect(upstream, "img", start=5000, end=700_000) == DATA[5000:700_000]
-    assert origin.gets[1]["Range"].endswith("-699999")
+    with caplog.at_level(logging.WARNING, logger="imagecache.upstreams.resume"):
+        assert await collect(upstream, "img", start=5000, end=700_000) == DATA[5000:700_000]
+    asked = origin.gets[1]["Range"]
+    assert asked.endswith("-699999")
+    offset = int(asked.removeprefix("bytes=").split("-")[0])
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.args is not None
+    assert record.args[:4] == ("img", offset, 1, 5)  # image, offset, attempt, of
 
 
 async def test_only_last_modified_goes_into_if_range(

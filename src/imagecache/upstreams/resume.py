@@ -49,7 +49,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from imagecache.errors import ResumeRefused, UpstreamError, UpstreamUnreachable, is_origin_failure
-from imagecache.logsafe import escape
 from imagecache.settings import Settings
 from imagecache.upstreams.base import BlockingSource
 
@@ -210,13 +209,15 @@ def _retryable(exc: UpstreamError) -> bool:
 def _log_resume(
     image_id: str, offset: int, attempt: int, policy: ResumePolicy, exc: Exception
 ) -> None:
+    # Arguments, not an f-string: the service's handlers escape every argument
+    # (logsafe.EscapingFilter), as for every other log call of the library.
     log.warning(
         "resuming the upstream body of %s at byte %d (attempt %d of %d): %s",
-        escape(image_id),
+        image_id,
         offset,
         attempt,
         policy.attempts,
-        escape(exc),
+        exc,
     )
 
 
