@@ -169,7 +169,7 @@ class Validator:
                 f" to a resume at byte {offset}"
             )
         if status != 206:
-            why = "the image changed or Range is not supported" if status == 200 else "an error"
+            why = "the image changed, or Range is not supported" if status == 200 else "no range"
             raise ResumeRefused(image_id, offset, f"the origin answered HTTP {status} ({why})")
         found = _lower(headers)
         content_range = found.get("content-range", "")
