@@ -32,7 +32,10 @@ async def collect(chunks: AsyncIterator[bytes]) -> bytes:
 async def upstream(
     http_origin: Origin, make_settings: Callable[..., Settings]
 ) -> AsyncIterator[HttpUpstream]:
-    built = create_upstream("http:" + http_origin.template, make_settings())
+    # Resume off: these tests see each fault as it is (test_upstream_resume.py resumes).
+    built = create_upstream(
+        "http:" + http_origin.template, make_settings(upstream_resume_attempts=0)
+    )
     assert isinstance(built, HttpUpstream)
     yield built
     await built.close()

@@ -34,6 +34,7 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
           ├── UpstreamNotFound         the origin does not know the image (404)
           ├── UpstreamForbidden        the origin refuses this caller (401/403)
           ├── UpstreamNotActive        the image exists but has no data to serve
+          ├── ResumeRefused            a broken body cannot be resumed with the same image
           └── UpstreamUnreachable      no answer (refused, timed out) or a 5xx
                ├── AccessUnconfirmed   a hit whose caller the origin cannot vouch for now
                └── SiblingFailed       a cluster sibling could not serve a fill
@@ -207,6 +208,25 @@ class UpstreamNotActive(UpstreamError):
         self.image_id = image_id
         self.status = status
         self.info = info
+
+
+class ResumeRefused(UpstreamError):
+    """A body broke mid-way and the origin's answer to resuming it does not continue the same image.
+
+    The image changed between the break and the resume (another ETag,
+    length or checksum), or the origin ignored the ``Range`` (a 200): the
+    fill fails rather than cache two versions spliced together
+    (upstreams/resume.py). A retry of the download starts afresh.
+    """
+
+    def __init__(self, image_id: str, offset: int, reason: str) -> None:
+        super().__init__(
+            f"image {image_id!r}: the upstream body broke at byte {offset} and was not resumed:"
+            f" {reason}; nothing is cached from two versions of an image"
+        )
+        self.image_id = image_id
+        self.offset = offset
+        self.reason = reason
 
 
 class UpstreamUnreachable(UpstreamError):

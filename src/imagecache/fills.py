@@ -40,6 +40,7 @@ from imagecache.capacity import Capacity, Reservation
 from imagecache.errors import (
     CacheStoreError,
     ImageCacheError,
+    ResumeRefused,
     VerificationError,
     WriterGone,
     is_origin_failure,
@@ -453,8 +454,9 @@ class FillCoordinator:
         except BaseException as exc:
             if isinstance(exc, VerificationError):
                 self.events.fill_unverified()
-                if self.metadata is not None:
-                    await asyncio.shield(self.metadata.forget(flight.image_id))
+            # Either way what the origin promised is stale: the next miss asks again.
+            if isinstance(exc, VerificationError | ResumeRefused) and self.metadata is not None:
+                await asyncio.shield(self.metadata.forget(flight.image_id))
             if is_origin_failure(exc):
                 self.events.origin_failed()
             await asyncio.shield(self.run(writer.abort, exc))

@@ -258,6 +258,14 @@ class Settings(BaseSettings):
     `s3:bucket/prefix` (`serve --help` explains each)."""
     upstream_timeout: Seconds = Field(default=30.0, gt=0)
     """How long a read from the origin may wait for data before it fails."""
+    upstream_resume_attempts: int = Field(default=5, ge=0, le=100)
+    """How many times one image body whose connection to the origin broke (reset, timeout,
+    short read) is resumed with a `Range` request from the last byte received, in total.
+    Each resume must continue the same image (ETag, length, checksums), else the fill fails
+    and nothing is cached. 0: never resume; a break fails the fill at once."""
+    upstream_resume_backoff: Seconds = Field(default=0.5, ge=0)
+    """Seconds before the first resume of a broken body; doubled for each further one, at
+    most 30 s."""
     public_url: str | None = None
     """The base URL clients reach this service at, e.g. `https://cache.edge1:9393`, for the
     links of `/versions` and the redirect of `GET /v2`. Unset: each request's own scheme

@@ -11,7 +11,12 @@ API::
     cutter.cut_after = 100_000  # each connection: forward this many response bytes
                                 # (headers included), then send a TCP reset
     cutter.cut_after = None     # pass everything through (the default)
-    cutter.cuts                 # how many connections were reset so far
+    cutter.reset = False        # cut with a clean close (FIN) instead: a short body
+    cutter.cuts                 # how many connections were cut so far
+
+A reset discards whatever the client's kernel had received but the client had
+not read yet, so how far a slow reader got before it depends on timing; a
+clean close delivers every byte forwarded.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class Cutter:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.cut_after: int | None = None
+        self.reset = True
         self.cuts = 0
         self.url = ""
         self._server: asyncio.Server | None = None
@@ -88,7 +94,10 @@ class Cutter:
                     client.write(chunk[: limit - sent])
                     await client.drain()
                     self.cuts += 1
-                    _reset(client)
+                    if self.reset:
+                        _reset(client)
+                    else:
+                        client.close()
                     return
                 client.write(chunk)
                 await client.drain()

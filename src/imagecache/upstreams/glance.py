@@ -62,7 +62,7 @@ from imagecache.keystone import ServiceIdentity
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
 from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream, describe_failure
-from imagecache.upstreams.http import HttpClient, raise_for_status, range_header, read_body
+from imagecache.upstreams.http_client import HttpClient, raise_for_status
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -137,29 +137,23 @@ class GlanceUpstream(Upstream):
     ) -> AsyncGenerator[bytes, None]:
         if end is not None and end <= start:
             return
-        ranged = range_header(start, end)
         url = self._image_url(image_id, "/file")
-        headers = {**await self._headers(caller), **ranged}
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                response = await stack.enter_async_context(self._client.fetch("GET", url, headers))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamError(
-                    f"image {image_id!r}: Glance download failed: {describe_failure(exc)}"
-                ) from exc
-            raise_for_status(response, image_id, "download")
-            if response.status == 204:
-                raise UpstreamNotActive(image_id, "without data")
-            async for chunk in read_body(response, image_id, start, end, bool(ranged)):
+        headers = await self._headers(caller)
+        body = self._client.stream(
+            url, headers, image_id, (start, end), ("Glance download", "download"), _has_data
+        )
+        async with contextlib.aclosing(body):
+            async for chunk in body:
                 yield chunk
 
     async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
         headers = {**await self._headers(caller), "Accept-Encoding": "identity"}
-        source = await self._client.open_get(self._image_url(image_id, "/file"), headers, image_id)
+        url = self._image_url(image_id, "/file")
+        source = await self._client.open_get(url, headers, image_id)
         if source.status == 204:
             source.close()
             raise UpstreamNotActive(image_id, "without data")
-        return source
+        return self._client.resuming(source, url, headers, image_id)
 
     async def check_reachable(self) -> str:
         # Glance's version document needs no identity.
@@ -203,6 +197,12 @@ class GlanceUpstream(Upstream):
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _has_data(image_id: str, status: int) -> None:
+    # Glance answers 204 for an image without data.
+    if status == 204:
+        raise UpstreamNotActive(image_id, "without data")
 
 
 def _parse_image(image_id: str, document: bytes) -> dict[str, Any]:

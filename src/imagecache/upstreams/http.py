@@ -1,4 +1,4 @@
-"""The ``http`` upstream: images behind a URL template, plus the HTTP plumbing shared with glance.
+"""The ``http`` upstream: images behind a URL template.
 
 ``http:https://origin.example/images/{image_id}`` fetches
 ``https://origin.example/images/<id>``. What the origin promises about the
@@ -14,7 +14,7 @@ bytes comes from a HEAD (a GET of the first byte when HEAD is refused):
 Every request (HEAD, the ranged GET that stands in for it, sidecars, GETs
 of whole images and ranges) follows redirects the same way, through
 ``HttpClient.fetch`` or, for the fill pump, ``http_source.open_get``; the
-glance upstream uses the same two.
+glance upstream uses the same two (``http_client``).
 
 ``ETag`` is deliberately *not* read as an md5 even when it looks like one: a
 32-hex ETag that is something else (a content hash of another kind, a
@@ -29,8 +29,8 @@ import base64
 import binascii
 import contextlib
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from urllib.parse import quote, urljoin, urlsplit
+from collections.abc import AsyncGenerator, Mapping
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
@@ -44,14 +44,7 @@ from imagecache.upstreams.base import (
     Upstream,
     describe_failure,
 )
-from imagecache.upstreams.http_source import (
-    MAX_REDIRECTS,
-    REDIRECTS,
-    HttpSource,
-    check_status,
-    open_get,
-    without_identity,
-)
+from imagecache.upstreams.http_client import HttpClient, raise_for_status
 
 # Hex digest length per algorithm, to reject garbage before it becomes a promise.
 _HEX_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
@@ -61,169 +54,6 @@ _SIDECARS = ("sha512", "sha256", "md5")
 _DIGEST_ALGOS = {"sha-512": "sha512", "sha-256": "sha256", "sha512": "sha512", "sha256": "sha256"}
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 _CONTENT_RANGE_TOTAL = re.compile(r"^bytes\s+(?:\d+-\d+|\*)/(\d+)$")
-
-
-class HttpClient:
-    """One aiohttp session per upstream, created in the running loop on first use.
-
-    The session is made lazily because an upstream is often built before the
-    event loop runs (by the CLI), and an aiohttp session belongs to one loop.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self._timeout = settings.upstream_timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def timeout(self) -> float:
-        """The upstream timeout: for connecting and for each read."""
-        return self._timeout
-
-    async def open_get(self, url: str, headers: Mapping[str, str], image_id: str) -> HttpSource:
-        """A whole body for the fill pump (``http_source``), the GET sent off the loop."""
-        return await asyncio.to_thread(open_get, url, headers, self._timeout, image_id)
-
-    @contextlib.asynccontextmanager
-    async def fetch(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        *,
-        short: bool = False,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One ``GET`` or ``HEAD`` of an upstream, following redirects as the fill pump does.
-
-        Every request of an upstream goes through here, so all of them follow
-        the same redirects: aiohttp follows none for HEAD, and a redirecting
-        origin's ``Content-Length: 0`` was once taken for the image's size.
-        At most ``MAX_REDIRECTS`` hops; the caller's identity headers are not
-        sent to another origin than the one configured (``open_get`` does the
-        same). ``short``: a metadata call, the whole exchange within the
-        upstream timeout (``short_timeout``). aiohttp's errors are the
-        caller's to translate.
-        """
-        origin = urlsplit(url)[:2]
-        sent = dict(headers)
-        session = self.session()
-        for _ in range(MAX_REDIRECTS + 1):
-            if short:
-                response = await session.request(
-                    method, url, headers=sent, allow_redirects=False, timeout=self.short_timeout
-                )
-            else:
-                response = await session.request(method, url, headers=sent, allow_redirects=False)
-            location = response.headers.get("Location")
-            if response.status in REDIRECTS and location:
-                response.release()
-                url = urljoin(url, location)
-                if urlsplit(url)[:2] != origin:
-                    sent = without_identity(sent)
-                continue
-            try:
-                yield response
-            finally:
-                response.release()
-            return
-        raise UpstreamError(f"{method} {url}: more than {MAX_REDIRECTS} redirects upstream")
-
-    async def reachable(self, url: str, what: str) -> str:
-        """HEAD ``url``; any answer below 500 means the origin is up (raises UpstreamError)."""
-        try:
-            async with self.fetch("HEAD", url, {}, short=True) as response:
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            detail = describe_failure(exc)
-            raise UpstreamError(f"the {what} at {url} does not answer: {detail}") from exc
-        if status >= 500:
-            raise UpstreamError(f"the {what} at {url} answers HTTP {status}")
-        return f"the {what} at {url} answers (HTTP {status})"
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            # No total timeout: a multi-GB body may take minutes. Connecting and
-            # each read are bounded instead, so a stalled origin still fails.
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self._timeout, sock_read=self._timeout
-            )
-            # auto_decompress off: we cache the origin's bytes exactly, and a
-            # Content-Length only describes them if nothing re-encodes them.
-            self._session = aiohttp.ClientSession(
-                timeout=timeout, auto_decompress=False, raise_for_status=False
-            )
-        return self._session
-
-    @property
-    def short_timeout(self) -> aiohttp.ClientTimeout:
-        """For metadata calls, whose whole exchange must fit the upstream timeout."""
-        return aiohttp.ClientTimeout(total=self._timeout)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-def raise_for_status(response: aiohttp.ClientResponse, image_id: str, what: str) -> None:
-    """Translate an origin's error status into our exception tree."""
-    check_status(response.status, image_id, what)
-
-
-def range_header(start: int, end: int | None) -> dict[str, str]:
-    """The ``Range`` header for ``[start, end)``; empty for the whole body."""
-    if start == 0 and end is None:
-        return {}
-    last = "" if end is None else str(end - 1)
-    return {"Range": f"bytes={start}-{last}"}
-
-
-async def read_body(
-    response: aiohttp.ClientResponse,
-    image_id: str,
-    start: int,
-    end: int | None,
-    ranged: bool,
-) -> AsyncGenerator[bytes, None]:
-    """Yield the body of ``response`` as bytes ``[start, end)`` of the image.
-
-    ``ranged`` says a Range was asked for. An origin may ignore it and answer
-    200 with the whole image; then the unwanted bytes are skipped here, which
-    is slower but correct. A body shorter than its Content-Length, a reset or
-    a read timeout raises ``UpstreamError``: a quiet short stream would be
-    cached as a truncated image.
-    """
-    whole = response.status == 200
-    skip = start if ranged and whole else 0
-    limit = None if end is None else end - start
-    expected = response.content_length
-    received = 0
-    sent = 0
-    try:
-        async for chunk in response.content.iter_any():
-            received += len(chunk)
-            if skip:
-                if len(chunk) <= skip:
-                    skip -= len(chunk)
-                    continue
-                chunk = chunk[skip:]
-                skip = 0
-            if limit is not None and sent + len(chunk) >= limit:
-                chunk = chunk[: limit - sent]
-                sent += len(chunk)
-                if chunk:
-                    yield chunk
-                return
-            sent += len(chunk)
-            yield chunk
-    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-        raise UpstreamError(
-            f"image {image_id!r}: upstream body failed after {received} bytes: "
-            f"{describe_failure(exc)}"
-        ) from exc
-    if expected is not None and received != expected:
-        raise UpstreamError(
-            f"image {image_id!r}: upstream body ended after {received} of {expected} bytes"
-        )
 
 
 class HttpUpstream(Upstream):
@@ -274,24 +104,19 @@ class HttpUpstream(Upstream):
     ) -> AsyncGenerator[bytes, None]:
         if end is not None and end <= start:
             return
-        ranged = range_header(start, end)
-        headers = {"Accept-Encoding": "identity", **ranged}
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                response = await stack.enter_async_context(
-                    self._client.fetch("GET", self.url(image_id), headers)
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamError(
-                    f"image {image_id!r}: upstream GET failed: {describe_failure(exc)}"
-                ) from exc
-            raise_for_status(response, image_id, "GET")
-            async for chunk in read_body(response, image_id, start, end, bool(ranged)):
+        headers = {"Accept-Encoding": "identity"}
+        body = self._client.stream(
+            self.url(image_id), headers, image_id, (start, end), ("upstream GET", "GET")
+        )
+        async with contextlib.aclosing(body):
+            async for chunk in body:
                 yield chunk
 
     async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
         headers = {"Accept-Encoding": "identity"}
-        return await self._client.open_get(self.url(image_id), headers, image_id)
+        url = self.url(image_id)
+        source = await self._client.open_get(url, headers, image_id)
+        return self._client.resuming(source, url, headers, image_id)
 
     async def check_reachable(self) -> str:
         # The origin's root, not an image: any answer means it is up.

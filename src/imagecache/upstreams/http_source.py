@@ -70,6 +70,8 @@ class HttpSource:
     ) -> None:
         self.image_id = image_id
         self.status = response.status
+        # HTTPMessage is a case-insensitive mapping of str; typeshed types it as Message.
+        self.headers: Mapping[str, str] = dict(response.headers.items())
         self._connection = connection
         self._response = response
         self.received = 0
@@ -131,10 +133,13 @@ class HttpSource:
         self._connection.close()
 
 
-def open_get(url: str, headers: Mapping[str, str], timeout: float, image_id: str) -> HttpSource:
+def open_get(
+    url: str, headers: Mapping[str, str], timeout: float, image_id: str, *, check: bool = True
+) -> HttpSource:
     """GET ``url`` (blocking), following redirects; raise for an error status.
 
-    The returned source holds the connection until ``close``.
+    The returned source holds the connection until ``close``. ``check=False``
+    (a resume, whose answer ``resume.Validator`` judges): any status is returned.
     """
     origin = urlsplit(url)[:2]
     sent = dict(headers)
@@ -148,7 +153,8 @@ def open_get(url: str, headers: Mapping[str, str], timeout: float, image_id: str
                 sent = without_identity(sent)
             continue
         try:
-            check_status(response.status, image_id, "GET")
+            if check:
+                check_status(response.status, image_id, "GET")
         except UpstreamError:
             connection.close()
             raise

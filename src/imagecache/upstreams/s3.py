@@ -19,8 +19,9 @@ them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from imagecache.errors import (
@@ -32,6 +33,13 @@ from imagecache.errors import (
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
 from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream, describe_failure
+from imagecache.upstreams.resume import (
+    Reply,
+    ResumePolicy,
+    ResumingSource,
+    Validator,
+    resumable_stream,
+)
 
 CHUNK_SIZE = 1024 * 1024
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
@@ -74,6 +82,7 @@ class S3Upstream(Upstream):
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=32,
         )
+        self._resume = ResumePolicy.from_settings(settings)
         self._endpoint_url = settings.s3_endpoint_url
         self._region = settings.s3_region
         self._client: Any = None
@@ -141,42 +150,81 @@ class S3Upstream(Upstream):
         if end is not None and end <= start:
             return
         client = await self._s3()
-        request = {"Bucket": self.bucket, "Key": self.key(image_id)}
-        if start or end is not None:
-            request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        try:
-            answer = await asyncio.to_thread(lambda: client.get_object(**request))
-        except self._failures as exc:
-            raise self._translate(image_id, exc) from exc
-        body = answer["Body"]
-        received = 0
-        try:
-            while True:
-                try:
-                    # StreamingBody.read checks Content-Length at the end and
-                    # raises IncompleteReadError on a short body.
-                    chunk = await asyncio.to_thread(body.read, CHUNK_SIZE)
-                except self._failures as exc:
-                    raise UpstreamError(
-                        f"image {image_id!r}: S3 body failed after {received} bytes: "
-                        f"{describe_failure(exc)}"
-                    ) from exc
-                if not chunk:
-                    return
-                received += len(chunk)
+
+        @contextlib.asynccontextmanager
+        async def open_part(offset: int, validator: Validator | None) -> AsyncIterator[Reply]:
+            answer = await asyncio.to_thread(self._get, client, image_id, offset, end, validator)
+            body = answer["Body"]
+            try:
+                status, headers = _status_headers(answer)
+                yield Reply(status, headers, self._chunks(image_id, body))
+            finally:
+                body.close()
+
+        chunks = resumable_stream(image_id, self._resume, open_part, start, end)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
                 yield chunk
-        finally:
-            body.close()
+
+    async def _chunks(self, image_id: str, body: Any) -> AsyncGenerator[bytes, None]:
+        received = 0
+        while True:
+            try:
+                # StreamingBody.read checks Content-Length at the end and
+                # raises IncompleteReadError on a short body.
+                chunk = await asyncio.to_thread(body.read, CHUNK_SIZE)
+            except self._failures as exc:
+                raise UpstreamError(
+                    f"image {image_id!r}: S3 body failed after {received} bytes: "
+                    f"{describe_failure(exc)}"
+                ) from exc
+            if not chunk:
+                return
+            received += len(chunk)
+            yield chunk
 
     async def open_source(self, image_id: str, caller: Caller = ANONYMOUS) -> BlockingSource:
         """The whole object, read by the fill pump in its thread (boto3 blocks anyway)."""
         client = await self._s3()
+        answer = await asyncio.to_thread(self._get, client, image_id, 0, None, None)
+        first = _BodySource(image_id, answer["Body"], self._failures)
+
+        def reopen(offset: int, validator: Validator) -> tuple[int, Mapping[str, str], _BodySource]:
+            again = self._get(client, image_id, offset, None, validator)
+            source = _BodySource(image_id, again["Body"], self._failures)
+            return (*_status_headers(again), source)
+
+        status, headers = _status_headers(answer)
+        return ResumingSource.wrap(image_id, self._resume, first, status, headers, reopen)
+
+    def _get(
+        self, client: Any, image_id: str, offset: int, end: int | None, validator: Validator | None
+    ) -> Any:
+        """GET (blocking) the object from ``offset``; a resume when ``validator`` is given.
+
+        S3 takes ``IfMatch`` where HTTP origins take ``If-Range``: an object
+        replaced since the first GET answers 412, which the validator refuses.
+        """
         request = {"Bucket": self.bucket, "Key": self.key(image_id)}
+        if validator is not None:
+            request["Range"] = validator.range_value(offset)
+            if validator.etag:
+                request["IfMatch"] = validator.etag
+        elif offset or end is not None:
+            request["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
         try:
-            answer = await asyncio.to_thread(lambda: client.get_object(**request))
+            return client.get_object(**request)
         except self._failures as exc:
+            if validator is None or not isinstance(exc, self._client_error):
+                raise self._translate(image_id, exc) from exc
+            # An answer, not a failure to get one: the validator judges it
+            # (412: the object changed; 5xx: worth another attempt).
+            status, headers = _status_headers(exc.response)
+            try:
+                validator.check(status, headers, offset)
+            except UpstreamError as judged:
+                raise judged from exc
             raise self._translate(image_id, exc) from exc
-        return _BodySource(image_id, answer["Body"], self._failures)
 
     def _translate(self, image_id: str, exc: BaseException) -> UpstreamError:
         if isinstance(exc, self._client_error):
@@ -225,6 +273,12 @@ class _BodySource:
 
     def close(self) -> None:
         self.body.close()
+
+
+def _status_headers(answer: Any) -> tuple[int, Mapping[str, str]]:
+    """The HTTP status and (lower-case) headers boto3 keeps of a response."""
+    meta = answer.get("ResponseMetadata") or {}
+    return int(meta.get("HTTPStatusCode") or 0), meta.get("HTTPHeaders") or {}
 
 
 def _md5_of(head: dict[str, Any], metadata: dict[str, str]) -> str | None:

@@ -1,0 +1,382 @@
+"""Resuming an image body whose connection broke, without ever splicing two versions.
+
+When the origin's connection fails mid-body (a reset, a read timeout, a body
+shorter than its length), the body is asked for again from the first byte not
+yet received, with a ``Range`` request, at most ``upstream_resume_attempts``
+times per body, waiting ``upstream_resume_backoff`` seconds (doubling, capped
+at ``BACKOFF_CAP``) before each. The consumer (a fill's hash, a client's
+stream) sees one continuous body; only when the attempts run out does it get
+the error it would have got without resuming.
+
+A resume is only worth having if the bytes after the break belong to the same
+image as the bytes before it. So the first response's identity is kept
+(``Validator``) and every resumed one is checked against it:
+
+- the request carries ``If-Range`` with the first response's strong ETag, or
+  its ``Last-Modified`` if it had no strong ETag (RFC 9110 §13.1.5): an origin
+  whose image changed answers 200 with the whole new image, which is refused;
+  S3 takes ``IfMatch`` instead and answers 412;
+- the answer must be ``206`` with a ``Content-Range`` starting at the byte
+  asked for, ending where the body should, and of the same total length;
+- its ETag must be the first one (RFC 9110 §15.3.7: a 206 carries the ETag a
+  200 would), and each checksum or version header both responses carry
+  (``Content-MD5``, ``Digest``, ``x-amz-meta-sha256``, ...) must be equal.
+
+Anything else raises ``ResumeRefused``: the body fails, so the fill fails and
+nothing is cached. A first response with nothing that identifies its version
+(no ETag, Last-Modified or checksum header) is not resumed at all, nor one
+without a length (chunked) unless a strong ETag or a hash of the whole image
+names it. Glance sends its whole-image downloads chunked, with no ETag, but
+sends the image's md5 as ``Content-MD5`` on every download, ranged or not, and
+never changes an active image's data; the fill's verification against the
+promised hashes stays the last word either way.
+
+Decisions, for an operator: the attempts bound a body's resumes in total, not
+per stall, so a flapping origin cannot keep a fill (and its clients) going for
+ever; the first request is not retried here (failing to connect at all is
+today's error, raised at once); a 5xx or a failed connection on a resume uses
+up an attempt and is retried, any other answer is a refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from imagecache.errors import ResumeRefused, UpstreamError, UpstreamUnreachable, is_origin_failure
+from imagecache.settings import Settings
+from imagecache.upstreams.base import BlockingSource
+
+log = logging.getLogger(__name__)
+
+# The longest wait before one resume: past this, doubling only delays a fill
+# whose clients are waiting.
+BACKOFF_CAP = 30.0
+_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+)$")
+# Headers that identify the whole image's version, compared on every resume
+# when both responses carry them. Not Content-Digest or Content-Length: those
+# describe one response's body, which a range changes.
+_IDENTIFYING = (
+    "content-md5",
+    "x-image-meta-checksum",
+    "repr-digest",
+    "digest",
+    "last-modified",
+    "x-amz-version-id",
+    "x-amz-meta-sha512",
+    "x-amz-meta-sha256",
+    "x-amz-meta-checksum",
+    "x-amz-meta-md5",
+)
+# Those of them that hash the whole image's bytes.
+_HASHES = frozenset(_IDENTIFYING) - {"last-modified", "x-amz-version-id"}
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """How often and how patiently a broken body is resumed (``attempts=0``: never)."""
+
+    attempts: int
+    backoff: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ResumePolicy:
+        return cls(settings.upstream_resume_attempts, settings.upstream_resume_backoff)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before resume number ``attempt`` (1-based)."""
+        return float(min(BACKOFF_CAP, self.backoff * 2 ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class Validator:
+    """What the first response said about the image, for checking every resumed one."""
+
+    image_id: str
+    total: int | None  # None: a chunked 200 (Glance's whole-image download)
+    end: int | None  # one past the last byte the body should deliver; None: to the end
+    etag: str | None  # strong only: a weak one cannot go into If-Range
+    last_modified: str | None
+    etag_sent: str | None  # the ETag header as sent, weak or strong
+    identifying: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(
+        cls, image_id: str, status: int, headers: Mapping[str, str], end: int | None
+    ) -> Validator | None:
+        """The identity of a first response, or None if it cannot be resumed safely."""
+        found = _lower(headers)
+        if found.get("content-encoding", "identity").lower() != "identity":
+            return None  # a re-encoded body's offsets are not the image's
+        total: int | None = None
+        if status == 206:
+            match = _CONTENT_RANGE.match(found.get("content-range", "").strip())
+            total = int(match.group(3)) if match else None
+        elif status == 200 and "chunked" not in found.get("transfer-encoding", "").lower():
+            length = found.get("content-length", "")
+            total = int(length) if length.isdigit() else None
+        elif status != 200:
+            return None
+        etag_sent = found.get("etag")
+        etag = etag_sent if etag_sent and not etag_sent.startswith("W/") else None
+        identifying = tuple((name, found[name]) for name in _IDENTIFYING if name in found)
+        if etag_sent is None and not identifying:
+            return None  # nothing would tell a changed image from this one
+        if total is None and etag is None and not any(n in _HASHES for n, _ in identifying):
+            # No length to compare either: only a strong ETag or a hash of the
+            # whole image names the bytes; a date does not.
+            return None
+        return cls(
+            image_id=image_id,
+            total=total,
+            end=end if total is None else total if end is None else min(end, total),
+            etag=etag,
+            last_modified=found.get("last-modified"),
+            etag_sent=etag_sent,
+            identifying=identifying,
+        )
+
+    def range_value(self, offset: int) -> str:
+        return f"bytes={offset}-{'' if self.end is None else self.end - 1}"
+
+    def done(self, offset: int) -> bool:
+        """Whether ``offset`` is past the last byte wanted (nothing left to resume)."""
+        return self.end is not None and offset >= self.end
+
+    def http_headers(self, offset: int) -> dict[str, str]:
+        """``Range`` and, when there is a validator to put in it, ``If-Range``."""
+        headers = {"Range": self.range_value(offset)}
+        if_range = self.etag or self.last_modified
+        if if_range:
+            headers["If-Range"] = if_range
+        return headers
+
+    def check(self, status: int, headers: Mapping[str, str], offset: int) -> None:
+        """Raise unless the answer to a resume at ``offset`` continues the same image.
+
+        A 5xx raises ``UpstreamUnreachable`` (worth another attempt); anything
+        else that does not fit raises ``ResumeRefused``.
+        """
+        image_id = self.image_id
+        if status >= 500:
+            raise UpstreamUnreachable(
+                f"image {image_id!r}: the origin answered HTTP {status}"
+                f" to a resume at byte {offset}"
+            )
+        if status != 206:
+            why = "the image changed, or Range is not supported" if status == 200 else "no range"
+            raise ResumeRefused(image_id, offset, f"the origin answered HTTP {status} ({why})")
+        found = _lower(headers)
+        content_range = found.get("content-range", "")
+        match = _CONTENT_RANGE.match(content_range.strip())
+        if match is None:
+            raise ResumeRefused(image_id, offset, f"Content-Range {content_range!r} is not usable")
+        first, last, total = (int(group) for group in match.groups())
+        if self.total is not None and total != self.total:
+            raise ResumeRefused(
+                image_id, offset, f"the image is now {total} bytes, it was {self.total}"
+            )
+        wanted = (total if self.end is None else self.end) - 1
+        if first != offset or last != wanted:
+            raise ResumeRefused(
+                image_id, offset, f"it sent bytes {first}-{last}, not {offset}-{wanted}"
+            )
+        if self.etag_sent is not None and found.get("etag") != self.etag_sent:
+            raise ResumeRefused(
+                image_id, offset, f"ETag {found.get('etag')!r} is not {self.etag_sent!r}"
+            )
+        for name, value in self.identifying:
+            now = found.get(name)
+            if now is not None and now != value:
+                raise ResumeRefused(image_id, offset, f"{name} {now!r} is not {value!r}")
+
+
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def _retryable(exc: UpstreamError) -> bool:
+    # Not found, forbidden, not active, refused: answers, which another try
+    # would only repeat.
+    return is_origin_failure(exc) and not isinstance(exc, ResumeRefused)
+
+
+def _log_resume(
+    image_id: str, offset: int, attempt: int, policy: ResumePolicy, exc: Exception
+) -> None:
+    # Arguments, not an f-string: the service's handlers escape every argument
+    # (logsafe.EscapingFilter), as for every other log call of the library.
+    log.warning(
+        "resuming the upstream body of %s at byte %d (attempt %d of %d): %s",
+        image_id,
+        offset,
+        attempt,
+        policy.attempts,
+        exc,
+    )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer of the origin: its status, headers and body (an async iterator)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: AsyncIterator[bytes]
+
+
+# ``open_part(offset, None)`` sends the first request (for ``[start, end)``)
+# and translates its error statuses; ``open_part(offset, validator)`` a resume
+# (with the validator's headers), returning whatever status the origin gave.
+AsyncOpener = Callable[[int, "Validator | None"], AbstractAsyncContextManager[Reply]]
+
+
+async def resumable_stream(
+    image_id: str,
+    policy: ResumePolicy,
+    open_part: AsyncOpener,
+    start: int,
+    end: int | None,
+) -> AsyncGenerator[bytes, None]:
+    """The body ``[start, end)`` as one stream, resumed across broken connections."""
+    offset = start
+    validator: Validator | None = None
+    attempt = 0
+    while True:
+        try:
+            async with open_part(offset, validator) as reply:
+                if validator is None:
+                    validator = Validator.of(image_id, reply.status, reply.headers, end)
+                    if validator is None or policy.attempts == 0:
+                        # Not resumable: read it exactly as without this module.
+                        async for chunk in reply.body:
+                            yield chunk
+                        return
+                else:
+                    validator.check(reply.status, reply.headers, offset)
+                async for chunk in reply.body:
+                    offset += len(chunk)
+                    yield chunk
+            return
+        except UpstreamError as exc:
+            if validator is None or not _retryable(exc) or attempt >= policy.attempts:
+                raise
+            if validator.done(offset):
+                raise  # every byte is here; a failure after them is not a break
+            attempt += 1
+            _log_resume(image_id, offset, attempt, policy, exc)
+            await asyncio.sleep(policy.delay(attempt))
+
+
+# ``reopen(offset, validator)``: a resume for the fill pump, in its thread;
+# returns the origin's status and headers and the body as a source.
+SyncOpener = Callable[[int, Validator], tuple[int, Mapping[str, str], BlockingSource]]
+
+
+class ResumingSource:
+    """A ``BlockingSource`` that resumes its body across broken connections."""
+
+    def __init__(
+        self,
+        image_id: str,
+        policy: ResumePolicy,
+        first: BlockingSource,
+        validator: Validator,
+        reopen: SyncOpener,
+    ) -> None:
+        self.image_id = image_id
+        self._policy = policy
+        self._source = first
+        self._validator = validator
+        self._reopen = reopen
+        self._offset = 0  # the fill pump reads whole images
+        self._attempt = 0
+        self._stopped = threading.Event()
+        # Guards _source against interrupt() from another thread during a reopen.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def wrap(
+        cls,
+        image_id: str,
+        policy: ResumePolicy,
+        first: BlockingSource,
+        status: int,
+        headers: Mapping[str, str],
+        reopen: SyncOpener,
+    ) -> BlockingSource:
+        """``first`` resuming across breaks, or ``first`` itself when it cannot be resumed."""
+        if policy.attempts == 0:
+            return first
+        validator = Validator.of(image_id, status, headers, None)
+        if validator is None:
+            return first
+        return cls(image_id, policy, first, validator, reopen)
+
+    @property
+    def received(self) -> int:
+        return self._offset
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        while True:
+            try:
+                count = self._source.readinto(buffer)
+            except UpstreamError as exc:
+                self._resume(exc)
+                continue
+            self._offset += count
+            return count
+
+    def copy_into(self, fd: int, count: int, /) -> int | None:
+        # A source that can copy in the kernel has nothing to resume (a local
+        # file); an error here sends the fill to readinto, which resumes.
+        return self._source.copy_into(fd, count)
+
+    def _resume(self, exc: UpstreamError) -> None:
+        validator = self._validator
+        if (
+            self._stopped.is_set()
+            or not _retryable(exc)
+            or self._attempt >= self._policy.attempts
+            or validator.done(self._offset)
+        ):
+            raise exc
+        while True:
+            self._attempt += 1
+            _log_resume(self.image_id, self._offset, self._attempt, self._policy, exc)
+            if self._stopped.wait(self._policy.delay(self._attempt)):
+                raise exc
+            self._source.close()
+            try:
+                status, headers, source = self._reopen(self._offset, validator)
+            except UpstreamError as failed:
+                if not _retryable(failed) or self._attempt >= self._policy.attempts:
+                    raise
+                exc = failed
+                continue
+            try:
+                validator.check(status, headers, self._offset)
+            except UpstreamError as failed:
+                source.close()
+                if not _retryable(failed) or self._attempt >= self._policy.attempts:
+                    raise
+                exc = failed
+                continue
+            with self._lock:
+                self._source = source
+                if self._stopped.is_set():
+                    raise exc
+            return
+
+    def interrupt(self) -> None:
+        with self._lock:
+            self._stopped.set()
+            self._source.interrupt()
+
+    def close(self) -> None:
+        self._source.close()
