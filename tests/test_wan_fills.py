@@ -202,6 +202,9 @@ async def test_a_herd_across_two_workers_costs_the_origin_one_metadata_read_and_
     ], asked
     bodies_read = body_reads(asked, "cold")
     assert [(r.status, r.body_bytes) for r in bodies_read] == [(200, SIZE)], asked
+    # Over the link: the one body, plus the metadata's headers and sidecars.
+    link = site.relay.stats()
+    assert SIZE <= link.down_bytes <= SIZE + 16 * 1024, link
     assert (cache_dir / "cold").read_bytes() == DATA
     digest = hashlib.sha256(DATA).hexdigest()
     assert (site.root / "images" / "cold.sha256").read_text().startswith(digest)
