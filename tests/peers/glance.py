@@ -22,7 +22,12 @@ API (``peer = glance_peer``)::
     peer.create_image(None)                      # an image left 'queued' (no data)
     peer.seed(3, 1 << 20) -> [(image_id, data)]  # random images
     peer.request("GET", "/v2/images/ID", headers=None) -> (status, body bytes)
-    peer.stop()
+    peer.stop(); peer.start()                    # cut the origin, bring it back
+    peer.logged_requests("GET /v2/images/ID/file")  # lines of its access log
+
+``_start(tmp_path_factory, "headers", netns=host.name)`` starts one inside a
+WAN rig namespace (tests/peers/wan.py), reached through a relay started there
+(tests/test_wan_offline.py).
 
 The helpers are synchronous (``http.client``): Glance runs in another
 process, so a short blocking call from a test does not stall anything that
@@ -61,6 +66,18 @@ class GlancePeer:
     url: str
     env: dict[str, str]
     admin_headers: dict[str, str] = field(default_factory=lambda: dict(ADMIN_HEADERS))
+    netns: str | None = None  # the network namespace it runs in (None: the root one)
+
+    @property
+    def access_log(self) -> Path:
+        """gunicorn's access log: one line per request Glance answered."""
+        return Path(self.env["GLANCE_PEER_DATA"]) / "log" / "access.log"
+
+    def logged_requests(self, needle: str) -> int:
+        """How many access log lines contain ``needle`` (e.g. ``"GET /v2/images/ID/file"``)."""
+        if not self.access_log.exists():
+            return 0
+        return sum(needle in line for line in self.access_log.read_text().splitlines())
 
     @staticmethod
     def headers_for(project: str, roles: str = "member,reader") -> dict[str, str]:
@@ -121,12 +138,20 @@ class GlancePeer:
         return images
 
     def stop(self) -> None:
-        _run("stop", self.env, timeout=60)
+        _run("stop", self.env, timeout=60, netns=self.netns)
+
+    def start(self) -> None:
+        """Start it again after ``stop`` (same data, port and namespace)."""
+        started = _run("start", self.env, timeout=300, netns=self.netns)
+        assert started.returncode == 0, started.stderr[-1500:]
 
 
-def _run(command: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(
+    command: str, env: dict[str, str], timeout: float, netns: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    prefix = [] if netns is None else ["ip", "netns", "exec", netns]
     return subprocess.run(
-        [str(SCRIPT), command],
+        [*prefix, str(SCRIPT), command],
         env=env,
         capture_output=True,
         text=True,
@@ -135,7 +160,15 @@ def _run(command: str, env: dict[str, str], timeout: float) -> subprocess.Comple
     )
 
 
-def _start(tmp_path_factory: pytest.TempPathFactory, auth: str) -> GlancePeer:
+def _start(
+    tmp_path_factory: pytest.TempPathFactory, auth: str, *, netns: str | None = None
+) -> GlancePeer:
+    """Install (once) and start a Glance; ``netns``: inside that network namespace.
+
+    In a namespace it listens on the namespace's own loopback (the script
+    binds loopback only) on 9292, which no other process there can hold;
+    the caller reaches it through a relay started in the same namespace.
+    """
     if not SCRIPT.is_file():
         pytest.skip(f"GLANCE PEER UNAVAILABLE: {SCRIPT} not found (shared/ beside the checkout)")
     env = dict(os.environ)
@@ -145,20 +178,20 @@ def _start(tmp_path_factory: pytest.TempPathFactory, auth: str) -> GlancePeer:
             "GLANCE PEER UNAVAILABLE: `glance-peer.sh install` failed (no PyPI?): "
             + installed.stderr[-800:]
         )
-    port = free_port()
+    port = 9292 if netns is not None else free_port()
     env.update(
         GLANCE_PEER_HOST="127.0.0.1",
         GLANCE_PEER_DATA=str(tmp_path_factory.mktemp(f"glance-{auth}")),
         GLANCE_PEER_PORT=str(port),
         GLANCE_PEER_AUTH=auth,
     )
-    started = _run("start", env, timeout=300)
+    started = _run("start", env, timeout=300, netns=netns)
     if started.returncode != 0:
         # The script leaves nothing running on failure except in the rare
         # "not healthy after 120s" case; stop() covers that.
-        _run("stop", env, timeout=60)
+        _run("stop", env, timeout=60, netns=netns)
         pytest.fail(f"Glance peer installed but failed to start: {started.stderr[-1500:]}")
-    return GlancePeer(url=f"http://127.0.0.1:{port}", env=env)
+    return GlancePeer(url=f"http://127.0.0.1:{port}", env=env, netns=netns)
 
 
 @pytest.fixture(scope="session")
