@@ -123,6 +123,7 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing (bench/setup.sh installs it)")
     root = Path(tempfile.mkdtemp(prefix="hit-cost-"))
+    root.chmod(0o755)  # nginx's worker runs as another user
     origin = root / "origin"
     origin.mkdir()
     with (origin / "img").open("wb") as f:
@@ -141,7 +142,7 @@ def main() -> None:
             "9496",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(root / "service.log").open("wb"),
     )
     nginx = subprocess.Popen(["nginx", "-c", str(root / "nginx.conf")])
     subjects = {
@@ -149,7 +150,10 @@ def main() -> None:
         "nginx": (0, "http://127.0.0.1:9497/img"),
     }
     try:
-        wait_http("http://127.0.0.1:9496/healthcheck")
+        try:
+            wait_http("http://127.0.0.1:9496/healthcheck")
+        except OSError:
+            sys.exit("imagecache did not start:\n" + (root / "service.log").read_text()[-2000:])
         wait_http("http://127.0.0.1:9497/")
         nginx_worker = int(subprocess.check_output(["pgrep", "-P", str(nginx.pid)]).split()[0])
         subjects["nginx"] = (nginx_worker, subjects["nginx"][1])
