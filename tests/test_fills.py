@@ -24,7 +24,8 @@ from aiohttp.test_utils import TestClient
 
 from imagecache.drivers.files import Fill
 from imagecache.drivers.sqlite import SqliteDriver
-from imagecache.fills import FillCoordinator, FlightKind
+from imagecache.fill.coordinator import FillCoordinator
+from imagecache.fill.flight import FlightKind
 from imagecache.records import Chunk
 from imagecache.server import images as images_module
 from imagecache.server.app import create_app

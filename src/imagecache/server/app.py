@@ -29,7 +29,7 @@ from imagecache.errors import (
     VerificationError,
     is_origin_failure,
 )
-from imagecache.fills import FillCoordinator
+from imagecache.fill.coordinator import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
 from imagecache.metadata import metadata_for
 from imagecache.server import (

@@ -13,7 +13,8 @@ import asyncio
 import logging
 
 from imagecache.errors import ImageCacheError
-from imagecache.fills import FillCoordinator, FlightKind
+from imagecache.fill.coordinator import FillCoordinator
+from imagecache.fill.flight import FlightKind
 from imagecache.metadata import MetadataCache
 from imagecache.prefetch import Prefetcher
 from imagecache.upstreams.base import SERVICE, Caller
