@@ -4,9 +4,10 @@ Every download of an uncached image goes through a ``Flight`` (fill/flight.py),
 one per image per process, kept here. The first request creates it and its
 task decides, in the disk executor, who writes: this process (``LOCAL``: it
 won the fill lock and drives the fill, moving the bytes with fill/pump.py),
-another process (``REMOTE``: this process polls that fill's file and lock), or
-nobody (``NONE``: cached meanwhile, too large, no room, or the cache's disk
-failed, and the readers stream the image uncached).
+another process (``REMOTE``: this process polls that fill's file and lock,
+fill/remote.py), or nobody (``NONE``: cached meanwhile, too large, no room, or the cache's disk
+failed, and the readers stream the image uncached). Tests hold or watch a
+fill at the named points of ``hooks`` (fill/hooks.py), not by patching it.
 """
 
 from __future__ import annotations
@@ -25,19 +26,12 @@ from imagecache.errors import (
     CacheStoreError,
     ImageCacheError,
     VerificationError,
-    WriterGone,
     is_origin_failure,
 )
+from imagecache.fill import remote
 from imagecache.fill.events import FillEvents, FillOutcome
-from imagecache.fill.flight import (
-    CACHED,
-    COMMIT_WAIT,
-    NO_FILL,
-    REMOTE_POLL_INTERVAL,
-    Flight,
-    FlightKind,
-)
-from imagecache.fill.locks import locked_by_writer
+from imagecache.fill.flight import CACHED, COMMIT_WAIT, NO_FILL, Flight, FlightKind
+from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.fill.pump import copy_stream, pump
 from imagecache.fill.writer import FillWriter
 from imagecache.metadata import MetadataCache
@@ -60,8 +54,11 @@ class FillCoordinator:
         upstream: Upstream,
         events: FillEvents,
         executor: concurrent.futures.ThreadPoolExecutor,
+        hooks: FillHooks = NO_HOOKS,
     ) -> None:
         self.settings = settings
+        # Where tests hold or watch a fill (fill/hooks.py); no-ops in production.
+        self.hooks = hooks
         self.cache = cache
         self.upstream = upstream
         self.events = events
@@ -96,6 +93,7 @@ class FillCoordinator:
         committed meanwhile (look again) or cannot be cached (stream it through).
         ``detached`` fills (prefetch) never count as abandoned.
         """
+        self.hooks.joining(image_id)
         while True:
             flight = self._flights.get(image_id)
             if flight is None:
@@ -106,6 +104,7 @@ class FillCoordinator:
             # A watch (see ``watch``) that found no fill to share is not a
             # reason to skip ours; it is gone from the table by now.
             if flight.reason != NO_FILL:
+                self.hooks.joined(flight)
                 return flight
 
     async def watch(self, image_id: str, info: ImageInfo | None) -> Flight | None:
@@ -119,6 +118,7 @@ class FillCoordinator:
         that was being decided found the image committed). None while the
         service shuts down.
         """
+        self.hooks.watching(image_id)
         flight = self._flights.get(image_id)
         if flight is None:
             if self._closing:
@@ -157,7 +157,10 @@ class FillCoordinator:
                 assert caller is not None
                 await self._fill(flight, writer, caller, detached)
             elif flight.kind is FlightKind.REMOTE:
-                await self._watch(flight)
+                # A fill that makes no progress for this long is given up on.
+                stall_limit = max(60.0, 2 * self.settings.upstream_timeout)
+                active = self.cache.driver.layout.active_path(flight.image_id)
+                await remote.watch(flight, active, stall_limit)
         except BaseException as exc:
             if not flight.done:
                 flight.fail(exc)
@@ -221,6 +224,7 @@ class FillCoordinator:
     def _decide(self, flight: Flight) -> FillWriter | None:
         """In a thread: take the fill (LOCAL), follow another process's (REMOTE), or neither."""
         image_id = flight.image_id
+        self.hooks.deciding(image_id)
         if self.cache.is_cached(image_id):
             flight.settle(FlightKind.NONE, CACHED)
             return None
@@ -259,17 +263,14 @@ class FillCoordinator:
         return None
 
     def _follow_remote(self, flight: Flight) -> bool:
-        path = self.cache.driver.layout.incomplete_path(flight.image_id)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        if not locked_by_writer(fd):
-            os.close(fd)
-            return False
-        flight.fd = fd
-        flight.settle(FlightKind.REMOTE, "")
-        return True
+        """In a thread: make ``flight`` follow another process's fill if one runs now."""
+        self.hooks.looking_for_remote(flight.image_id)
+        fd = remote.open_fill(self.cache.driver.layout.incomplete_path(flight.image_id))
+        if fd is not None:
+            flight.fd = fd
+            flight.settle(FlightKind.REMOTE, "")
+        self.hooks.looked_for_remote(flight.image_id, fd is not None)
+        return fd is not None
 
     async def _fill(
         self, flight: Flight, writer: FillWriter, caller: Caller, detached: bool
@@ -291,7 +292,7 @@ class FillCoordinator:
             # Readers may complete their bodies now; the commit (fsync, rename,
             # metadata) is the cache's business, not their clients'.
             flight.verified()
-            await self.run(writer.commit)
+            await self.run(self._commit, flight, writer)
             outcome = "committed" if writer.committed else "verified"
             flight.finish(writer.received)
         except BaseException as exc:
@@ -308,6 +309,10 @@ class FillCoordinator:
             log.warning("fill of %s failed: %s", flight.image_id, exc)
         finally:
             self.events.fill_ended(outcome, time.monotonic() - flight.started)
+
+    def _commit(self, flight: Flight, writer: FillWriter) -> None:
+        self.hooks.before_commit(flight.image_id)
+        writer.commit()
 
     def _check_going(self, flight: Flight, writer: FillWriter, detached: bool) -> None:
         """Raise if the fill should stop: its clients left (and we abort), or the disk failed."""
@@ -327,33 +332,6 @@ class FillCoordinator:
             and flight.had_reader
             and flight.readers == 0
         )
-
-    async def _watch(self, flight: Flight) -> None:
-        """Follow another process's fill by polling its size and its lock."""
-        fd = flight.fd
-        assert fd is not None
-        active = self.cache.driver.layout.active_path(flight.image_id)
-        inode = os.fstat(fd).st_ino
-        # A fill that makes no progress for this long is given up on (readers retry).
-        stall_limit = max(60.0, 2 * self.settings.upstream_timeout)
-        last_progress = time.monotonic()
-        while True:
-            # fstat and a non-blocking flock on an open fd never wait on the disk.
-            size = os.fstat(fd).st_size
-            if size > flight.available:
-                flight.advance(size)
-                last_progress = time.monotonic()
-            if not locked_by_writer(fd):
-                flight.advance(os.fstat(fd).st_size)
-                if _inode_of(active) == inode:
-                    flight.finish(flight.available)
-                else:
-                    flight.fail(WriterGone(f"the fill of {flight.image_id!r} was not committed"))
-                return
-            if time.monotonic() - last_progress > stall_limit:
-                flight.fail(WriterGone(f"the fill of {flight.image_id!r} stalled"))
-                return
-            await asyncio.sleep(REMOTE_POLL_INTERVAL)
 
     async def settled(self, flight: Flight | None = None) -> None:
         """Wait (a bounded time) for fills whose bytes are all delivered but not yet committed.
@@ -384,10 +362,3 @@ class FillCoordinator:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-
-
-def _inode_of(path: os.PathLike[str]) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None
