@@ -53,7 +53,7 @@ class FillCoordinator:
         cache: ImageCache,
         upstream: Upstream,
         events: FillEvents,
-        executor: concurrent.futures.ThreadPoolExecutor,
+        executor: concurrent.futures.Executor | None,
         hooks: FillHooks = NO_HOOKS,
     ) -> None:
         self.settings = settings
@@ -73,7 +73,7 @@ class FillCoordinator:
         self.metadata: MetadataCache | None = None
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        """Run a blocking call in the disk executor."""
+        """Run a blocking call in the disk executor (None: asyncio's default one)."""
         return asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     def current(self, image_id: str) -> Flight | None:
@@ -106,6 +106,20 @@ class FillCoordinator:
             if flight.reason != NO_FILL:
                 self.hooks.joined(flight)
                 return flight
+
+    async def fill_detached(self, image_id: str, info: ImageInfo | None, caller: Caller) -> Flight:
+        """Fill ``image_id`` for no client (a prefetch) and wait until the fill is over.
+
+        Shares a fill already running here or in another process. The flight
+        returned is over; one of kind ``NONE`` says why nothing was filled
+        (``reason``). Raises the error of the fill it waited for.
+        """
+        flight = await self.join(image_id, info, caller, detached=True)
+        if flight.kind is not FlightKind.NONE and flight.task is not None:
+            await asyncio.shield(flight.task)
+        if flight.error is not None:
+            raise flight.error
+        return flight
 
     async def watch(self, image_id: str, info: ImageInfo | None) -> Flight | None:
         """The decided flight of ``image_id`` in this process, made to watch if need be.
@@ -214,7 +228,7 @@ class FillCoordinator:
         writer = None if done.cancelled() or done.exception() else done.result()
         if writer is not None:
             gone = CacheStoreError(f"the fill of {flight.image_id!r} was cancelled")
-            self.executor.submit(writer.abort, gone)
+            self.run(writer.abort, gone)
         if flight.readers == 0 and flight.fd is not None:
             os.close(flight.fd)
             flight.fd = None

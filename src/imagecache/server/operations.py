@@ -50,7 +50,7 @@ def install(app: web.Application) -> None:
         state.cache,
         state.upstream,
         capacity,
-        attempt=worker.fetch,
+        fills=state.fills,
         executor=state.executor,
         metadata=state.metadata,
     )
