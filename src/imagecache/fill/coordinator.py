@@ -5,9 +5,10 @@ one per image per process, kept here. The first request creates it and its
 task decides, in the disk executor, who writes: this process (``LOCAL``: it
 won the fill lock and drives the fill, moving the bytes with fill/pump.py),
 another process (``REMOTE``: this process polls that fill's file and lock,
-fill/remote.py), or nobody (``NONE``: cached meanwhile, too large, no room, or the cache's disk
-failed, and the readers stream the image uncached). Tests hold or watch a
-fill at the named points of ``hooks`` (fill/hooks.py), not by patching it.
+fill/remote.py), or nobody (``NONE``: cached meanwhile, too large, no room, or
+the cache's disk failed, and the readers stream the image uncached). Tests
+hold or watch a fill at the named points of ``hooks`` (fill/hooks.py), not by
+patching it. A prefetch is a detached flight (``fill_detached``).
 """
 
 from __future__ import annotations
@@ -228,7 +229,10 @@ class FillCoordinator:
         writer = None if done.cancelled() or done.exception() else done.result()
         if writer is not None:
             gone = CacheStoreError(f"the fill of {flight.image_id!r} was cancelled")
-            self.run(writer.abort, gone)
+            if self.executor is not None:
+                self.executor.submit(writer.abort, gone)
+            else:  # asyncio's default executor, reached through the loop we are on
+                self.run(writer.abort, gone)
         if flight.readers == 0 and flight.fd is not None:
             os.close(flight.fd)
             flight.fd = None
