@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
+import itertools
 import os
 import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from imagecache.fill.flight import Flight
+from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.server.app import create_app
 from imagecache.server.connections import GuardedSite, start_site
 from imagecache.server.run import _listen
@@ -47,8 +52,53 @@ def put_image(root: Path, image_id: str, data: bytes, *, sidecar: str | None = "
         (root / f"{image_id}.{sidecar}").write_text(f"{digest}  {image_id}\n")
 
 
-def directory_app(settings: Settings, root: Path) -> web.Application:
-    return create_app(settings, upstream=DirectoryUpstream(root))
+def directory_app(
+    settings: Settings, root: Path, *, fill_hooks: FillHooks = NO_HOOKS
+) -> web.Application:
+    return create_app(settings, upstream=DirectoryUpstream(root), fill_hooks=fill_hooks)
+
+
+class HeldHooks(FillHooks):
+    """Fill hooks that hold one blocking point and note the points on the loop.
+
+    ``hold`` names a blocking point (``deciding``, ``looking_for_remote``,
+    ``before_commit``): its first call sets ``entered`` and waits until the test
+    sets ``release``; later calls go on at once. ``noted[point]`` is an event
+    set whenever the loop point (``joining``, ``joined``, ``watching``) is
+    reached; a test waits on it, or clears it to wait for the next time.
+    """
+
+    def __init__(self, hold: str = "") -> None:
+        self.hold = hold
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._calls = itertools.count()  # next() is atomic: one first call across threads
+        self.noted: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(
+            asyncio.Event
+        )
+
+    def _blocking(self, point: str) -> None:
+        if point == self.hold and next(self._calls) == 0:
+            self.entered.set()
+            assert self.release.wait(10), f"the test never released {point}"
+
+    def deciding(self, image_id: str) -> None:
+        self._blocking("deciding")
+
+    def looking_for_remote(self, image_id: str) -> None:
+        self._blocking("looking_for_remote")
+
+    def before_commit(self, image_id: str) -> None:
+        self._blocking("before_commit")
+
+    def joining(self, image_id: str) -> None:
+        self.noted["joining"].set()
+
+    def joined(self, flight: Flight) -> None:
+        self.noted["joined"].set()
+
+    def watching(self, image_id: str) -> None:
+        self.noted["watching"].set()
 
 
 @contextlib.asynccontextmanager

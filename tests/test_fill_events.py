@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from imagecache.cache import ImageCache
+from imagecache.fill.coordinator import FillCoordinator
 from imagecache.fill.events import NO_EVENTS, FillEvents, FillOutcome
-from imagecache.fills import FillCoordinator, FlightKind
+from imagecache.fill.flight import FlightKind
 from imagecache.records import ImageInfo
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings

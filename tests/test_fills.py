@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,14 @@ from aiohttp.test_utils import TestClient
 
 from imagecache.drivers.files import Fill
 from imagecache.drivers.sqlite import SqliteDriver
-from imagecache.fills import FillCoordinator, FlightKind
+from imagecache.fill.flight import FlightKind
+from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.records import Chunk
 from imagecache.server import images as images_module
 from imagecache.server.app import create_app
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
-from server_helpers import image_bytes, listdir, settled
+from server_helpers import HeldHooks, image_bytes, listdir, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 SIZE = 2 * 1024 * 1024 + 5
@@ -49,9 +50,9 @@ async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
 def make_client(
     aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], http_origin: Any
 ) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
-    async def make(**overrides: Any) -> TestClient[Any, Any]:
+    async def make(fill_hooks: FillHooks = NO_HOOKS, **overrides: Any) -> TestClient[Any, Any]:
         settings = make_settings(upstream="http:" + http_origin.template, **overrides)
-        return await aiohttp_client(create_app(settings))
+        return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
 
     return make
 
@@ -485,6 +486,9 @@ def _hold_first_call(
 ) -> tuple[threading.Event, threading.Event]:
     """Make the first call of the blocking method ``owner.name`` wait until released.
 
+    Only for points outside the coordinator, which has named hooks for its own
+    (``HeldHooks``): the driver's record and images.py's wait for a commit.
+
     Returns (entered, release): ``entered`` is set once that call has begun;
     it goes on, into the original, once the test sets ``release``.
     """
@@ -520,22 +524,21 @@ def _note_entry(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> as
 
 
 async def test_a_range_that_finds_no_fill_does_not_keep_a_download_from_filling(
-    make_client: Any, http_origin: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, http_origin: Any, cache_dir: Path
 ) -> None:
     """A download that arrives while a range looks for a fill to share starts its own."""
     http_origin.add("img", DATA)
-    client = await make_client()
     # The range's look for a fill is held until the download has joined it.
-    looking, release = _hold_first_call(monkeypatch, FillCoordinator, "_follow_remote")
-    joined = _note_entry(monkeypatch, FillCoordinator, "join")
+    hooks = HeldHooks(hold="looking_for_remote")
+    client = await make_client(fill_hooks=hooks)
     ranged = asyncio.create_task(client.get("/v2/images/img/file", headers={"Range": "bytes=0-9"}))
-    await until(looking.is_set)
+    await until(hooks.entered.is_set)
     whole = asyncio.create_task(client.get("/v2/images/img/file"))
-    await asyncio.wait_for(joined.wait(), 10)
+    await asyncio.wait_for(hooks.noted["joining"].wait(), 10)
     flight = client.app[STATE].fills.current("img")
     assert flight is not None
     assert flight.kind is FlightKind.PENDING  # the range's, still looking
-    release.set()
+    hooks.release.set()
     part, full = await asyncio.wait_for(asyncio.gather(ranged, whole), 20)
     assert (part.status, await part.read()) == (206, DATA[:10])
     assert (full.status, await full.read()) == (200, DATA)
@@ -544,21 +547,20 @@ async def test_a_range_that_finds_no_fill_does_not_keep_a_download_from_filling(
 
 
 async def test_a_range_waiting_on_a_fill_that_finds_the_image_committed_is_a_hit(
-    make_client: Any, http_origin: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, http_origin: Any, cache_dir: Path
 ) -> None:
     """While a download's fill is being decided, another process commits the image."""
     http_origin.add("img", DATA)
-    client = await make_client()
-    deciding, release = _hold_first_call(monkeypatch, FillCoordinator, "_decide")
-    watching = _note_entry(monkeypatch, FillCoordinator, "watch")
+    hooks = HeldHooks(hold="deciding")
+    client = await make_client(fill_hooks=hooks)
     whole = asyncio.create_task(client.get("/v2/images/img/file"))
-    await until(deciding.is_set)
+    await until(hooks.entered.is_set)
     part = asyncio.create_task(client.get("/v2/images/img/file", headers={"Range": "bytes=5-9"}))
     # Both requests wait on the one flight still deciding...
-    await asyncio.wait_for(watching.wait(), 10)
+    await asyncio.wait_for(hooks.noted["watching"].wait(), 10)
     # ...when a writer elsewhere commits the image (the file is what counts).
     (cache_dir / "img").write_bytes(DATA)
-    release.set()
+    hooks.release.set()
     full, ranged = await asyncio.wait_for(asyncio.gather(whole, part), 20)
     assert (full.status, await full.read()) == (200, DATA)
     assert (ranged.status, await ranged.read()) == (206, DATA[5:10])
@@ -632,12 +634,21 @@ async def test_a_download_waits_for_another_process_to_finish_its_commit(
     assert http_origin.body_reads("img") == 0
 
 
+class LetItCommit(FillHooks):
+    """After each look for another process's fill, has that process commit (``commit``)."""
+
+    commit: Callable[[], Coroutine[Any, Any, bytes]]
+    loop: asyncio.AbstractEventLoop
+
+    def looked_for_remote(self, image_id: str, found: bool) -> None:
+        # In the executor thread, after this process saw the lock: the other
+        # writer commits before the decision reaches the event loop.
+        line = asyncio.run_coroutine_threadsafe(self.commit(), self.loop).result(10)
+        assert line.strip() == b"committed"
+
+
 async def test_a_fill_in_another_process_ending_before_the_first_look_is_a_hit(
-    make_client: Any,
-    http_origin: Any,
-    cache_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    make_client: Any, http_origin: Any, cache_dir: Path, tmp_path: Path
 ) -> None:
     """The watched fill commits while this process decides to follow it: no 500, a hit.
 
@@ -645,7 +656,8 @@ async def test_a_fill_in_another_process_ending_before_the_first_look_is_a_hit(
     and closes its file; the reader must look again rather than trip on it.
     """
     http_origin.add("img", DATA)
-    client = await make_client()
+    hooks = LetItCommit()
+    client = await make_client(fill_hooks=hooks)
     (cache_dir / "incomplete").mkdir(exist_ok=True)
     source = tmp_path / "data"
     source.write_bytes(DATA)
@@ -656,24 +668,13 @@ async def test_a_fill_in_another_process_ending_before_the_first_look_is_a_hit(
     assert writer.stdout is not None
     stdin, stdout = writer.stdin, writer.stdout
     assert (await stdout.readline()).strip() == b"locked"
-    coordinator = client.app[STATE].fills
-    real = coordinator._follow_remote
-    loop = asyncio.get_running_loop()
 
     async def commit_now() -> bytes:
         stdin.write(b"go\n")
         await stdin.drain()
         return await stdout.readline()
 
-    def follow_then_let_it_commit(flight: Any) -> bool:
-        # In the executor thread, after this process saw the lock: the other
-        # writer commits before the decision reaches the event loop.
-        following = real(flight)
-        line = asyncio.run_coroutine_threadsafe(commit_now(), loop).result(10)
-        assert line.strip() == b"committed"
-        return following
-
-    monkeypatch.setattr(coordinator, "_follow_remote", follow_then_let_it_commit)
+    hooks.commit, hooks.loop = commit_now, asyncio.get_running_loop()
     async with client.get("/v2/images/img/file") as response:
         assert response.status == 200
         assert await response.read() == DATA

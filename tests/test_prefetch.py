@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from imagecache import ImageCache, ImageInfo, Settings
 from imagecache.cli import main
 from imagecache.errors import UpstreamError, UpstreamNotFound
+from imagecache.fill.flight import FlightKind
 from imagecache.prefetch import Prefetcher, PrefetchOutcome, queued_details
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 
@@ -195,3 +197,43 @@ async def test_with_the_directory_upstream(
         assert set(errors) == {"bad", "absent"}
         assert "sha256" in (errors["bad"] or "")
         assert "not found" in (errors["absent"] or "")
+
+
+async def _until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_standalone_prefetch_shares_a_fill_running_on_the_same_directory(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The CLI's prefetch follows a service's fill of the image (through its lock), not skips it.
+
+    The other writer is a second ``ImageCache`` over the same directory; its
+    fill lock is on a file description of its own, as another process's is.
+    """
+    upstream = ScriptedUpstream(_images(1))
+    data = upstream.images["img-0"]
+    with ImageCache(make_settings()) as cache, ImageCache(make_settings()) as other:
+        cache.queue_image("img-0")
+        writer = other.writer("img-0", await upstream.info("img-0"))
+        assert writer.open()
+        await asyncio.to_thread(writer.write, data[:1000])
+        prefetcher = Prefetcher(cache, upstream)
+        run = asyncio.create_task(prefetcher.run())
+
+        def following() -> bool:
+            flight = prefetcher.fills.current("img-0")
+            return flight is not None and flight.kind is FlightKind.REMOTE
+
+        await _until(following)
+        await asyncio.to_thread(writer.write, data[1000:])
+        await asyncio.to_thread(writer.finish)
+        report = await asyncio.wait_for(run, 10)
+        assert report.outcomes["img-0"] is PrefetchOutcome.CACHED
+        assert upstream.streams["img-0"] == 0, "the origin is read once, by the other writer"
+        assert cache.get_queued_images() == []
+        with cache.open_for_read("img-0") as handle:
+            assert handle.read() == data

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,10 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imagecache.errors import CacheStoreError
-from imagecache.fill.writer import FillWriter
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
-from server_helpers import directory_app, image_bytes, listdir, put_image, settled
+from server_helpers import HeldHooks, directory_app, image_bytes, listdir, put_image, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
@@ -254,38 +252,26 @@ async def test_checksum_mismatch_aborts_the_response_and_quarantines(
 
 
 async def test_the_client_has_its_bytes_before_the_commit_and_a_request_meanwhile_is_a_hit(
-    client: TestClient[Any, Any], cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: ClientFactory,
+    make_settings: Callable[..., Settings],
+    origin_root: Path,
+    cache_dir: Path,
 ) -> None:
     """The last byte goes out once verified; a request arriving during the commit waits for it."""
-    committing, release = threading.Event(), threading.Event()
-    real_commit = FillWriter.commit
-
-    def held_commit(writer: FillWriter) -> None:
-        committing.set()
-        assert release.wait(10), "the test never released the commit"
-        real_commit(writer)
-
-    monkeypatch.setattr(FillWriter, "commit", held_commit)
+    hooks = HeldHooks(hold="before_commit")
+    client = await aiohttp_client(directory_app(make_settings(), origin_root, fill_hooks=hooks))
     state = client.app[STATE]
-    joined = asyncio.Event()
-    real_join = state.fills.join
-
-    async def spy_join(*args: Any, **kwargs: Any) -> Any:
-        flight = await real_join(*args, **kwargs)
-        joined.set()
-        return flight
-
     try:
         # The whole body, verified, while the commit is held back.
         status, _, body = await get(client, "/v2/images/img-1/file")
         assert (status, body) == (200, DATA)
-        assert committing.is_set()
+        assert hooks.entered.is_set()
         assert not (cache_dir / "img-1").exists()
-        monkeypatch.setattr(state.fills, "join", spy_join)
+        hooks.noted["joined"].clear()  # the first download's join; wait for the next
         again = asyncio.create_task(get(client, "/v2/images/img-1/file"))
-        await asyncio.wait_for(joined.wait(), timeout=10)  # it found the committing fill
+        await asyncio.wait_for(hooks.noted["joined"].wait(), timeout=10)  # the committing fill
     finally:
-        release.set()
+        hooks.release.set()
     status, _, body = await again
     assert (status, body) == (200, DATA)
     registry = state.metrics.registry

@@ -7,6 +7,18 @@ retries transient upstream failures with exponential backoff
 queue marker and its last error is recorded beside it, in a hidden sidecar
 ``queue/.<id>.error`` (JSON). Hidden names are never image ids, so the driver's
 queue listing never sees the sidecars; ``queued_details`` joins the two.
+
+Every prefetch fills through a ``FillCoordinator`` (fill/coordinator.py) as a
+detached flight, the one miss path of the cache: inside the service the
+prefetcher is given the service's coordinator (server/operations.py), so a
+queued image that clients are downloading right now is read from the origin
+once; run standalone (the CLI's ``prefetch``, a program's own) it builds a
+coordinator of its own over the same cache directory, which shares a fill of a
+service on that directory through the fill lock instead of skipping the image.
+Why not a plain ``FillWriter`` loop for the CLI: it was a second copy of the
+decide, reserve, write, verify and commit steps, without the coordinator's
+following of another process's fill, its bypass on a broken disk or its pump
+thread, and the two had drifted apart.
 """
 
 from __future__ import annotations
@@ -20,32 +32,30 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from imagecache.cache import ImageCache
-from imagecache.capacity import Admission, Capacity
+from imagecache.capacity import Capacity
 from imagecache.errors import (
-    CacheStoreError,
     ImageCacheError,
     UpstreamError,
     UpstreamForbidden,
     UpstreamNotActive,
     UpstreamNotFound,
 )
+from imagecache.fill.coordinator import FillCoordinator
+from imagecache.fill.events import NO_EVENTS
+from imagecache.fill.flight import CACHED, FlightKind
 from imagecache.layout import CacheLayout, unlink_if_exists
 from imagecache.metadata import MetadataCache, metadata_for
-from imagecache.records import ImageInfo
 from imagecache.upstreams.base import SERVICE, Caller, Upstream
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# One try at caching an image; raises what went wrong.
-Attempt = Callable[[str, Caller], Awaitable[None]]
 
 # Refusals that another try will not change.
 _PERMANENT = (UpstreamNotFound, UpstreamForbidden, UpstreamNotActive)
@@ -186,7 +196,7 @@ class Prefetcher:
         capacity: Capacity | None = None,
         *,
         backoff: float = 0.5,
-        attempt: Attempt | None = None,
+        fills: FillCoordinator | None = None,
         executor: concurrent.futures.Executor | None = None,
         metadata: MetadataCache | None = None,
     ) -> None:
@@ -204,16 +214,18 @@ class Prefetcher:
                 executor,
             )
         self.metadata = metadata
-        self.capacity = capacity
         self.backoff = backoff
-        # The service passes its own single-try fetch (through the single-flight
-        # fill coordinator, so a prefetch and a download never read the origin
-        # twice); this class adds retries, error records and the bound around it.
-        self.attempt = attempt
         # Where blocking calls run (None: asyncio's default). The service passes
         # its disk executor, which it drains before closing the cache, so no
         # thread of ours is left using a closed database.
         self.executor = executor
+        # The one miss path (see the module's docstring): the service's
+        # coordinator, whose capacity and metadata the service sets, or our own.
+        if fills is None:
+            fills = FillCoordinator(cache.settings, cache, upstream, NO_EVENTS, executor)
+            fills.capacity = capacity
+            fills.metadata = metadata
+        self.fills = fills
         self._slots = asyncio.Semaphore(cache.settings.prefetch_concurrency)
         self._in_flight: set[str] = set()
 
@@ -314,66 +326,21 @@ class Prefetcher:
         clear_error(self.cache.driver.layout, image_id)
 
     async def _fill(self, image_id: str, caller: Caller) -> PrefetchOutcome:
+        """One try at caching ``image_id``, as a detached flight; raises what went wrong."""
         if await self._run(self.cache.is_cached, image_id):
             return PrefetchOutcome.ALREADY_CACHED
-        if self.attempt is not None:
-            await self.attempt(image_id, caller)
-            cached = await self._run(self.cache.is_cached, image_id)
-            return PrefetchOutcome.CACHED if cached else PrefetchOutcome.NOT_CACHEABLE
         info = await self.metadata.info(image_id, caller)
         if info.status != "active":
             raise UpstreamNotActive(image_id, info.status)
-        if not await self._run(self.cache.should_cache, image_id, info):
-            if await self._run(self.cache.is_cached, image_id):
-                return PrefetchOutcome.ALREADY_CACHED
-            return PrefetchOutcome.NOT_CACHEABLE
-        if self.capacity is None:
-            return await self._write(image_id, info, caller)
-        capacity = self.capacity
-        reserving = self._run(capacity.reserve, image_id, info.size)
-        try:
-            reservation = await asyncio.shield(reserving)
-        except asyncio.CancelledError:
-            # The reserving thread runs on; what it takes must still be given back.
-            reserving.add_done_callback(
-                lambda done: (
-                    None
-                    if done.cancelled() or done.exception()
-                    else capacity.release(done.result())
-                )
-            )
-            raise
-        try:
-            if reservation.admission is not Admission.ADMITTED:
-                return PrefetchOutcome.NOT_CACHEABLE
-            return await self._write(image_id, info, caller)
-        finally:
-            self.capacity.release(reservation)
-
-    async def _write(self, image_id: str, info: ImageInfo, caller: Caller) -> PrefetchOutcome:
-        writer = self.cache.writer(image_id, info)
-        if not await self._run(writer.open):
-            if await self._run(self.cache.is_cached, image_id):
-                return PrefetchOutcome.ALREADY_CACHED
-            return PrefetchOutcome.BEING_CACHED
-        try:
-            stream = self.upstream.stream(image_id, caller)
-            try:
-                async for chunk in stream:
-                    if chunk:
-                        await self._run(writer.write, chunk)
-            finally:
-                # Releases the upstream connection even when we stop early.
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            await self._run(writer.finish)
-        except BaseException as exc:
-            await self._run(writer.abort, exc)
-            raise
-        if not writer.committed:
-            raise CacheStoreError(f"the cache copy of {image_id!r} could not be committed")
-        return PrefetchOutcome.CACHED
+        flight = await self.fills.fill_detached(image_id, info, caller)
+        if flight.kind is FlightKind.NONE and flight.reason == CACHED:
+            return PrefetchOutcome.ALREADY_CACHED
+        if flight.kind is FlightKind.NONE:
+            # Too large, no room under the size limit, or the cache's disk failed.
+            log.info("queued image %s not fetched: %s", image_id, flight.reason)
+        # A fill that verified but could not commit leaves nothing cached.
+        cached = await self._run(self.cache.is_cached, image_id)
+        return PrefetchOutcome.CACHED if cached else PrefetchOutcome.NOT_CACHEABLE
 
 
 __all__ = [

@@ -8,9 +8,12 @@ cache.py over the same writer.
 - ``locks``: the one ``flock`` probe (is a writer still at it?).
 - ``hashing``: the hash thread, its priority, the one "strongest known hash" picker.
 - ``writer``: ``FillWriter`` (hash, write, verify, commit) and ``Verifier`` (hash only).
-- ``flight``: one image's fill as its readers see it, and ``BypassReason``.
+- ``flight``: one image's fill as its readers see it (progress, spans, outcome).
 - ``events``: the sink a fill reports to (the service's metrics implement it).
 - ``coordinator``: single flight across coroutines and processes.
+- ``pump``: moving the origin's bytes into the writer (a stream, or a thread).
+- ``remote``: another process's fill, followed through its file and lock.
+- ``hooks``: named points where tests hold or watch a fill (no-ops otherwise).
 
 This package must not import ``imagecache.server`` nor aiohttp's server: the
 layers above it pass in what it needs. The package imports nothing at its

@@ -36,7 +36,8 @@ from imagecache.errors import (
     VerificationError,
     is_origin_failure,
 )
-from imagecache.fills import FillCoordinator
+from imagecache.fill.coordinator import FillCoordinator
+from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.keystone import ServiceIdentity, TokenValidator
 from imagecache.metadata import metadata_for
 from imagecache.server import (
@@ -233,11 +234,13 @@ def create_app(
     upstream: Upstream | None = None,
     cache: ImageCache | None = None,
     metrics_dir: Path | None = None,
+    fill_hooks: FillHooks = NO_HOOKS,
 ) -> web.Application:
     """The service over ``settings``; ``upstream``/``cache`` default to what the settings name.
 
     ``metrics_dir`` is given to every worker of a pre-forked service, so that
-    ``/metrics`` shows all of them whichever one is scraped.
+    ``/metrics`` shows all of them whichever one is scraped. ``fill_hooks``:
+    where tests hold or watch the fills (fill/hooks.py).
     """
     identity = tokens = None
     if settings.keystone is not None:
@@ -265,7 +268,7 @@ def create_app(
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
-    fills = FillCoordinator(settings, cache, fill_source, metrics_, executor)
+    fills = FillCoordinator(settings, cache, fill_source, metrics_, executor, fill_hooks)
     metadata = metadata_for(
         cache.driver.layout.lock_dir,
         upstream,

@@ -31,17 +31,11 @@ from imagecache.errors import (
     UpstreamNotActive,
     WriterGone,
 )
+from imagecache.fill.flight import CACHED, COMMIT_WAIT, REMOTE_POLL_INTERVAL, Flight, FlightKind
 from imagecache.fill.hashing import strongest_hash
 from imagecache.fill.locks import locked_by_writer
+from imagecache.fill.pump import aclose
 from imagecache.fill.writer import FillWriter
-from imagecache.fills import (
-    CACHED,
-    COMMIT_WAIT,
-    REMOTE_POLL_INTERVAL,
-    Flight,
-    FlightKind,
-    aclose,
-)
 from imagecache.records import CachedImage, ImageInfo
 from imagecache.server.auth import Access, caller_from
 from imagecache.server.cache_status import HEADER as CACHE_STATUS

@@ -52,7 +52,7 @@ def install(app: web.Application) -> None:
         state.cache,
         state.upstream,
         capacity,
-        attempt=worker.fetch,
+        fills=state.fills,
         executor=state.executor,
         metadata=state.metadata,
     )

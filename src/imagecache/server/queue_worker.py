@@ -13,7 +13,8 @@ import asyncio
 import logging
 
 from imagecache.errors import ImageCacheError
-from imagecache.fills import FillCoordinator, FlightKind
+from imagecache.fill.coordinator import FillCoordinator
+from imagecache.fill.flight import FlightKind
 from imagecache.metadata import MetadataCache
 from imagecache.prefetch import Prefetcher
 from imagecache.upstreams.base import SERVICE, Caller
@@ -83,11 +84,6 @@ class QueueWorker:
             info = await self.metadata.info(image_id, caller)
         else:
             info = await self.fills.upstream.info(image_id, caller)
-        flight = await self.fills.join(image_id, info, caller, detached=True)
+        flight = await self.fills.fill_detached(image_id, info, caller)
         if flight.kind is FlightKind.NONE:
             log.info("queued image %s not fetched: %s", image_id, flight.reason or "not cacheable")
-            return
-        if flight.task is not None:
-            await asyncio.shield(flight.task)
-        if flight.error is not None:
-            raise flight.error

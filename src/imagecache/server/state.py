@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from imagecache.cache import ImageCache
-from imagecache.fills import FillCoordinator
+from imagecache.fill.coordinator import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
 from imagecache.metadata import MetadataCache
 from imagecache.server.metrics import Metrics

@@ -1,215 +1,49 @@
 """Single-flight fills: one upstream read per image, any number of readers of the growing file.
 
-Every download of an uncached image goes through a ``Flight``, one per image
-per process, kept in ``FillCoordinator``. The first request creates it; every
-request (the first one included) then reads the bytes from ``incomplete/<id>``
-as they land, so a client that disconnects never takes the fill down with it.
-
-A flight is one of two kinds:
-
-- ``LOCAL``: this process won the ``O_EXCL`` + ``flock`` race and runs the fill
-  in a background task (upstream → ``FillWriter`` → file). Readers wake on an
-  event the task sets after every write.
-- ``REMOTE``: another process holds the fill lock. One task per process polls
-  the file's size and the lock (the kernel drops it if the writer dies); when
-  the lock is free the fill is over, and it succeeded exactly when
-  ``<dir>/<id>`` is now the inode we have been reading.
-
-Readers never send the bytes that complete a body before the fill is known to
-be verified: with a known size the last byte is held back, with an unknown
-size the response is chunked and the terminating chunk is held back. So a
-fill that fails verification (or whose writer dies) leaves every reader with
-a body its client sees as broken, never a complete wrong one.
+Every download of an uncached image goes through a ``Flight`` (fill/flight.py),
+one per image per process, kept here. The first request creates it and its
+task decides, in the disk executor, who writes: this process (``LOCAL``: it
+won the fill lock and drives the fill, moving the bytes with fill/pump.py),
+another process (``REMOTE``: this process polls that fill's file and lock,
+fill/remote.py), or nobody (``NONE``: cached meanwhile, too large, no room, or
+the cache's disk failed, and the readers stream the image uncached). Tests
+hold or watch a fill at the named points of ``hooks`` (fill/hooks.py), not by
+patching it. A prefetch is a detached flight (``fill_detached``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import enum
 import logging
 import os
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 from imagecache.cache import ImageCache
-from imagecache.capacity import Capacity, Reservation
+from imagecache.capacity import Capacity
 from imagecache.errors import (
     CacheStoreError,
     ImageCacheError,
     ResumeRefused,
     VerificationError,
-    WriterGone,
     is_origin_failure,
 )
+from imagecache.fill import remote
 from imagecache.fill.events import FillEvents, FillOutcome
-from imagecache.fill.locks import locked_by_writer
+from imagecache.fill.flight import CACHED, COMMIT_WAIT, NO_FILL, Flight, FlightKind
+from imagecache.fill.hooks import NO_HOOKS, FillHooks
+from imagecache.fill.pump import copy_stream, pump
 from imagecache.fill.writer import FillWriter
 from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
-from imagecache.upstreams.base import BlockingSource, Caller, Upstream
+from imagecache.upstreams.base import Caller, Upstream
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1024 * 1024
-# How often a reader in another process looks at a fill it does not own.
-REMOTE_POLL_INTERVAL = 0.02
-# The longest the management API waits for verified fills to commit (settled()).
-COMMIT_WAIT = 30.0
-
 T = TypeVar("T")
-
-
-# The reason of a flight that only watched for a fill (``watch``) and found none.
-NO_FILL = "no_fill"
-# The reason of a flight that found the image committed: look again, it is a hit.
-CACHED = "cached"
-
-
-class FlightKind(enum.Enum):
-    PENDING = "pending"  # deciding who writes
-    LOCAL = "local"  # this process writes the file
-    REMOTE = "remote"  # another process writes the file; we watch it
-    NONE = "none"  # no file to follow: cached meanwhile, or not cacheable
-
-
-class FlightState(enum.Enum):
-    RUNNING = "running"
-    COMPLETE = "complete"  # every byte is in the file and verified
-    FAILED = "failed"
-
-
-class Flight:
-    """One image's fill as seen by the readers of this process."""
-
-    def __init__(self, image_id: str, info: ImageInfo | None) -> None:
-        self.image_id = image_id
-        self.info = info
-        self.kind = FlightKind.PENDING
-        # Why there is nothing to follow (kind NONE): "cached", "too_large", ...
-        self.reason = ""
-        self.state = FlightState.RUNNING
-        # The local fill verified every byte (its commit may still run).
-        self.is_verified = False
-        self.error: BaseException | None = None
-        self.available = 0
-        self.readers = 0
-        self.had_reader = False
-        self.started = time.monotonic()
-        self.decided = asyncio.Event()
-        self._changed = asyncio.Event()
-        self.fd: int | None = None
-        self.task: asyncio.Task[None] | None = None
-        # Room held under the size limit while this process fills (capacity.py).
-        self.reservation: Reservation | None = None
-
-    def settle(self, kind: FlightKind, reason: str) -> None:
-        self.kind = kind
-        self.reason = reason
-
-    @property
-    def size(self) -> int | None:
-        return self.info.size if self.info is not None else None
-
-    @property
-    def done(self) -> bool:
-        return self.state is not FlightState.RUNNING
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    def advance(self, available: int) -> None:
-        if available != self.available:
-            self.available = available
-            self._notify()
-
-    def finish(self, available: int) -> None:
-        self.available = available
-        self.state = FlightState.COMPLETE
-        self._notify()
-        self._maybe_close()
-
-    def verified(self) -> None:
-        """Every byte is in the file and verified; the commit is still to come."""
-        self.is_verified = True
-        self._notify()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.state = FlightState.FAILED
-        self._notify()
-        self._maybe_close()
-
-    def _sendable(self) -> int:
-        """Bytes a reader may send while the outcome is unknown."""
-        size = self.size
-        if size is not None:
-            return min(self.available, size - 1)  # hold back the byte that completes the body
-        return self.available  # chunked: the terminating chunk is what is held back
-
-    def _maybe_close(self) -> None:
-        if self.done and self.readers == 0 and self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[None]:
-        """Count a reader while in the block: keeps the file open, tells the writer who listens."""
-        self.readers += 1
-        self.had_reader = True
-        try:
-            yield
-        finally:
-            self.readers -= 1
-            self._maybe_close()
-
-    async def spans(self, start: int = 0) -> AsyncIterator[tuple[int, int]]:
-        """``(offset, count)`` of the file's bytes a reader may send next, as they land.
-
-        Raises the fill's error if it fails. Use inside ``reading()`` (which keeps
-        ``fd`` open); a reader that sends a span with ``sendfile`` never copies
-        the bytes through Python.
-        """
-        offset = start
-        while True:
-            state = self.state
-            whole = state is FlightState.COMPLETE or (
-                self.is_verified and state is FlightState.RUNNING
-            )
-            limit = self.available if whole else self._sendable()
-            if offset < limit:
-                yield offset, limit - offset
-                offset = limit
-                continue
-            if whole:
-                return
-            if state is FlightState.FAILED:
-                assert self.error is not None
-                raise self.error
-            await self._changed.wait()
-
-    async def chunks(
-        self, run: Callable[..., asyncio.Future[bytes]], start: int = 0
-    ) -> AsyncIterator[bytes]:
-        """The image's bytes from ``start`` in pieces of at most ``READ_CHUNK``, as they land.
-
-        Use inside ``reading()``. ``run(func, *args)`` runs a blocking call off the loop.
-        """
-        async for offset, count in self.spans(start):
-            fd = self.fd
-            assert fd is not None, "a decided flight with readers keeps its file open"
-            end = offset + count
-            while offset < end:
-                data = await run(os.pread, fd, min(READ_CHUNK, end - offset), offset)
-                if not data:
-                    raise CacheStoreError(f"the cache file of {self.image_id!r} shrank")
-                offset += len(data)
-                yield data
 
 
 class FillCoordinator:
@@ -221,9 +55,12 @@ class FillCoordinator:
         cache: ImageCache,
         upstream: Upstream,
         events: FillEvents,
-        executor: concurrent.futures.ThreadPoolExecutor,
+        executor: concurrent.futures.Executor | None,
+        hooks: FillHooks = NO_HOOKS,
     ) -> None:
         self.settings = settings
+        # Where tests hold or watch a fill (fill/hooks.py); no-ops in production.
+        self.hooks = hooks
         self.cache = cache
         self.upstream = upstream
         self.events = events
@@ -238,7 +75,7 @@ class FillCoordinator:
         self.metadata: MetadataCache | None = None
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        """Run a blocking call in the disk executor."""
+        """Run a blocking call in the disk executor (None: asyncio's default one)."""
         return asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     def current(self, image_id: str) -> Flight | None:
@@ -258,6 +95,7 @@ class FillCoordinator:
         committed meanwhile (look again) or cannot be cached (stream it through).
         ``detached`` fills (prefetch) never count as abandoned.
         """
+        self.hooks.joining(image_id)
         while True:
             flight = self._flights.get(image_id)
             if flight is None:
@@ -268,7 +106,22 @@ class FillCoordinator:
             # A watch (see ``watch``) that found no fill to share is not a
             # reason to skip ours; it is gone from the table by now.
             if flight.reason != NO_FILL:
+                self.hooks.joined(flight)
                 return flight
+
+    async def fill_detached(self, image_id: str, info: ImageInfo | None, caller: Caller) -> Flight:
+        """Fill ``image_id`` for no client (a prefetch) and wait until the fill is over.
+
+        Shares a fill already running here or in another process. The flight
+        returned is over; one of kind ``NONE`` says why nothing was filled
+        (``reason``). Raises the error of the fill it waited for.
+        """
+        flight = await self.join(image_id, info, caller, detached=True)
+        if flight.kind is not FlightKind.NONE and flight.task is not None:
+            await asyncio.shield(flight.task)
+        if flight.error is not None:
+            raise flight.error
+        return flight
 
     async def watch(self, image_id: str, info: ImageInfo | None) -> Flight | None:
         """The decided flight of ``image_id`` in this process, made to watch if need be.
@@ -281,6 +134,7 @@ class FillCoordinator:
         that was being decided found the image committed). None while the
         service shuts down.
         """
+        self.hooks.watching(image_id)
         flight = self._flights.get(image_id)
         if flight is None:
             if self._closing:
@@ -319,7 +173,10 @@ class FillCoordinator:
                 assert caller is not None
                 await self._fill(flight, writer, caller, detached)
             elif flight.kind is FlightKind.REMOTE:
-                await self._watch(flight)
+                # A fill that makes no progress for this long is given up on.
+                stall_limit = max(60.0, 2 * self.settings.upstream_timeout)
+                active = self.cache.driver.layout.active_path(flight.image_id)
+                await remote.watch(flight, active, stall_limit)
         except BaseException as exc:
             if not flight.done:
                 flight.fail(exc)
@@ -373,7 +230,10 @@ class FillCoordinator:
         writer = None if done.cancelled() or done.exception() else done.result()
         if writer is not None:
             gone = CacheStoreError(f"the fill of {flight.image_id!r} was cancelled")
-            self.executor.submit(writer.abort, gone)
+            if self.executor is not None:
+                self.executor.submit(writer.abort, gone)
+            else:  # asyncio's default executor, reached through the loop we are on
+                self.run(writer.abort, gone)
         if flight.readers == 0 and flight.fd is not None:
             os.close(flight.fd)
             flight.fd = None
@@ -383,6 +243,7 @@ class FillCoordinator:
     def _decide(self, flight: Flight) -> FillWriter | None:
         """In a thread: take the fill (LOCAL), follow another process's (REMOTE), or neither."""
         image_id = flight.image_id
+        self.hooks.deciding(image_id)
         if self.cache.is_cached(image_id):
             flight.settle(FlightKind.NONE, CACHED)
             return None
@@ -421,17 +282,14 @@ class FillCoordinator:
         return None
 
     def _follow_remote(self, flight: Flight) -> bool:
-        path = self.cache.driver.layout.incomplete_path(flight.image_id)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        if not locked_by_writer(fd):
-            os.close(fd)
-            return False
-        flight.fd = fd
-        flight.settle(FlightKind.REMOTE, "")
-        return True
+        """In a thread: make ``flight`` follow another process's fill if one runs now."""
+        self.hooks.looking_for_remote(flight.image_id)
+        fd = remote.open_fill(self.cache.driver.layout.incomplete_path(flight.image_id))
+        if fd is not None:
+            flight.fd = fd
+            flight.settle(FlightKind.REMOTE, "")
+        self.hooks.looked_for_remote(flight.image_id, fd is not None)
+        return fd is not None
 
     async def _fill(
         self, flight: Flight, writer: FillWriter, caller: Caller, detached: bool
@@ -440,15 +298,20 @@ class FillCoordinator:
         outcome: FillOutcome = "failed"
         try:
             source = await self.upstream.open_source(flight.image_id, caller)
+
+            def check() -> None:
+                self._check_going(flight, writer, detached)
+
             if source is None:
-                await self._copy_stream(flight, writer, caller, detached)
+                stream = self.upstream.stream(flight.image_id, caller)
+                await copy_stream(flight, writer, stream, self.run, self.events, check)
             else:
-                await self._pump(flight, writer, source, detached)
+                await pump(flight, writer, source, self.events, check)
             await self.run(writer.verify)
             # Readers may complete their bodies now; the commit (fsync, rename,
             # metadata) is the cache's business, not their clients'.
             flight.verified()
-            await self.run(writer.commit)
+            await self.run(self._commit, flight, writer)
             outcome = "committed" if writer.committed else "verified"
             flight.finish(writer.received)
         except BaseException as exc:
@@ -467,92 +330,9 @@ class FillCoordinator:
         finally:
             self.events.fill_ended(outcome, time.monotonic() - flight.started)
 
-    async def _copy_stream(
-        self, flight: Flight, writer: FillWriter, caller: Caller, detached: bool
-    ) -> None:
-        """Fill from the upstream's async stream: each chunk goes to the disk executor."""
-        stream = self.upstream.stream(flight.image_id, caller)
-        try:
-            async for chunk in stream:
-                if not chunk:
-                    continue
-                self._check_going(flight, writer, detached)
-                await self.run(writer.write, chunk)
-                self.events.upstream_read(len(chunk))
-                self._check_going(flight, writer, detached)
-                flight.advance(writer.received)
-        finally:
-            await aclose(stream)
-
-    async def _pump(
-        self, flight: Flight, writer: FillWriter, source: BlockingSource, detached: bool
-    ) -> None:
-        """Fill from a blocking source in a thread of its own, until the end of the image.
-
-        The thread reads into the writer's buffers, writes and queues each chunk
-        for the hash thread (or, from a source that can, has the kernel copy
-        the chunk into the cache file and the hash thread read it from
-        there); the event loop only hears of progress, at most one
-        callback pending at a time, so readers wake as bytes land without the
-        loop taking part in moving them. Measured against the per-chunk trips
-        through the loop and the disk executor in docs/benchmarks-log.md.
-        """
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        # Written by the pump thread after each write, read by report() on the loop.
-        written = [0]
-        reported = 0
-        pending = threading.Event()
-
-        def report() -> None:
-            nonlocal reported
-            pending.clear()  # before reading: a write after this schedules a new report
-            now = written[0]
-            self.events.upstream_read(now - reported)
-            reported = now
-            flight.advance(now)
-
-        def pump() -> None:
-            copying = True
-            try:
-                while not stop.is_set():
-                    self._check_going(flight, writer, detached)
-                    count = writer.copy_from(source.copy_into) if copying else None
-                    if count is None:
-                        copying = False
-                        count = writer.write_from(source.readinto)
-                    if not count:
-                        break
-                    self._check_going(flight, writer, detached)
-                    written[0] += count
-                    if not pending.is_set():
-                        pending.set()
-                        loop.call_soon_threadsafe(report)
-                else:
-                    raise CacheStoreError(f"fill of {flight.image_id!r} stopped")
-            except BaseException as exc:
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
-            finally:
-                source.close()
-
-        threading.Thread(target=pump, name=f"imagecache-fill-{flight.image_id}").start()
-        waiting = asyncio.wrap_future(done)
-        try:
-            await asyncio.shield(waiting)
-        except asyncio.CancelledError:
-            # The writer must be idle before the caller rolls it back; a read
-            # waiting on a stalled origin is woken rather than waited out.
-            # Awaiting the same future also collects its error, which would
-            # otherwise be reported "never retrieved" whenever it is collected.
-            stop.set()
-            source.interrupt()
-            with contextlib.suppress(Exception):
-                await waiting
-            raise
-        report()
+    def _commit(self, flight: Flight, writer: FillWriter) -> None:
+        self.hooks.before_commit(flight.image_id)
+        writer.commit()
 
     def _check_going(self, flight: Flight, writer: FillWriter, detached: bool) -> None:
         """Raise if the fill should stop: its clients left (and we abort), or the disk failed."""
@@ -572,33 +352,6 @@ class FillCoordinator:
             and flight.had_reader
             and flight.readers == 0
         )
-
-    async def _watch(self, flight: Flight) -> None:
-        """Follow another process's fill by polling its size and its lock."""
-        fd = flight.fd
-        assert fd is not None
-        active = self.cache.driver.layout.active_path(flight.image_id)
-        inode = os.fstat(fd).st_ino
-        # A fill that makes no progress for this long is given up on (readers retry).
-        stall_limit = max(60.0, 2 * self.settings.upstream_timeout)
-        last_progress = time.monotonic()
-        while True:
-            # fstat and a non-blocking flock on an open fd never wait on the disk.
-            size = os.fstat(fd).st_size
-            if size > flight.available:
-                flight.advance(size)
-                last_progress = time.monotonic()
-            if not locked_by_writer(fd):
-                flight.advance(os.fstat(fd).st_size)
-                if _inode_of(active) == inode:
-                    flight.finish(flight.available)
-                else:
-                    flight.fail(WriterGone(f"the fill of {flight.image_id!r} was not committed"))
-                return
-            if time.monotonic() - last_progress > stall_limit:
-                flight.fail(WriterGone(f"the fill of {flight.image_id!r} stalled"))
-                return
-            await asyncio.sleep(REMOTE_POLL_INTERVAL)
 
     async def settled(self, flight: Flight | None = None) -> None:
         """Wait (a bounded time) for fills whose bytes are all delivered but not yet committed.
@@ -629,17 +382,3 @@ class FillCoordinator:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-
-
-async def aclose(stream: AsyncIterator[bytes]) -> None:
-    """Close an upstream's async generator now (releasing its connection), not at GC."""
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        await close()
-
-
-def _inode_of(path: os.PathLike[str]) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None
