@@ -308,6 +308,12 @@ class Cluster:
     def miss(self, node: NodeState) -> None:
         """A miss of an image this node does not hold; the node's next miss is scheduled."""
         try:
+            if self.rng.random() < self.args.new_images:
+                # An image uploaded since: nobody holds it, the miss claims the origin read.
+                image_id = str(uuid.UUID(int=self.rng.getrandbits(128)))
+                self.images.append(image_id)
+                self.look(node, image_id, time.monotonic())
+                return
             with node.lock:
                 free = [i for i in self.images if i not in node.held]
             if free:
@@ -756,6 +762,7 @@ def assumed_rates(args: argparse.Namespace) -> dict[str, Any]:
         "prune_interval_s": PRUNE_INTERVAL,
         "deletes_per_minute_cluster": args.deletes_per_minute,
         "images_in_catalogue": args.images,
+        "misses_of_new_images": args.new_images,
         "images_held_per_node_at_start": args.held,
         "probe_interval_s": args.probe_interval,
     }
@@ -782,6 +789,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--miss-interval", type=float, default=60.0, help="mean seconds between misses")
     p.add_argument("--fill-seconds", type=float, default=2.0, help="how long a fill takes")
     p.add_argument("--deletes-per-minute", type=float, default=2.0, help="cluster-wide")
+    p.add_argument(
+        "--new-images",
+        type=float,
+        default=0.2,
+        help="fraction of misses that are of an image nobody holds yet (an origin claim)",
+    )
     p.add_argument("--images", type=int, default=200, help="images in the catalogue")
     p.add_argument("--held", type=int, default=10, help="images each node holds at the start")
     p.add_argument("--probe-interval", type=float, default=0.05, help="seconds between lookups")
