@@ -414,6 +414,25 @@ def proc_cpu(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def runqueue_wait(path: str) -> float:
+    """Seconds a task spent runnable but waiting for a CPU (``schedstat``); 0 if unknown.
+
+    On a machine shared with other work this says who was starved: a bench or a
+    backend that waits for a CPU as long as it runs is limited by the machine,
+    not by its own work.
+    """
+    try:
+        return int(Path(path).read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def bench_runqueue_wait() -> float:
+    return sum(
+        runqueue_wait(f"/proc/self/task/{tid}/schedstat") for tid in os.listdir("/proc/self/task")
+    )
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -437,6 +456,8 @@ class ServerCpu:
         self._thread = threading.Thread(target=self._run, name="pg-cpu", daemon=True)
         self._lock = threading.Lock()
         self._started = False
+        self.wait_first: dict[int, float] = {}
+        self.wait_last: dict[int, float] = {}
 
     def _sample(self) -> None:
         with self._lock:
@@ -451,6 +472,9 @@ class ServerCpu:
                 # A backend born during the run: its whole life is the run's.
                 self.first.setdefault(pid, 0.0 if self._started else cpu)
                 self.last[pid] = cpu
+                wait = runqueue_wait(f"/proc/{pid}/schedstat")
+                self.wait_first.setdefault(pid, 0.0 if self._started else wait)
+                self.wait_last[pid] = wait
             elif backend_type in self.BACKGROUND or backend_type == "autovacuum worker":
                 self.background_first.setdefault(pid, cpu)
                 self.background_last[pid] = cpu
@@ -464,13 +488,15 @@ class ServerCpu:
         self._started = True
         self._thread.start()
 
-    def stop(self) -> tuple[float, float]:
+    def stop(self) -> tuple[float, float, float]:
+        """(backends' CPU, shared processes' CPU, backends' wait for a CPU), in seconds."""
         self._stop.set()
         self._thread.join()
         self._sample()
         ours = sum(self.last[p] - self.first[p] for p in self.last if p in self.first)
         rest = sum(self.background_last[p] - self.background_first[p] for p in self.background_last)
-        return ours, rest
+        wait = sum(self.wait_last[p] - self.wait_first[p] for p in self.wait_last)
+        return ours, rest, wait
 
 
 def db_counters(admin: psycopg.Connection[Any], database: str) -> dict[str, int]:
@@ -622,6 +648,7 @@ def _measure(
     transactions_before = cluster.transactions
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     busy_before = machine_busy()
+    bench_wait_before = bench_runqueue_wait()
     cpu.start()
     start = time.monotonic()
     cluster.sched.measuring = True
@@ -636,7 +663,8 @@ def _measure(
     measuring.clear()
     cluster.sched.measuring = False
     wall = time.monotonic() - start
-    ours, background = cpu.stop()
+    ours, background, backend_wait = cpu.stop()
+    bench_wait = bench_runqueue_wait() - bench_wait_before
     usage_after = resource.getrusage(resource.RUSAGE_SELF)
     busy_after = machine_busy()
     after = db_counters(admin, name)
@@ -702,6 +730,7 @@ def _measure(
             ),
             "backend_cpu_cores": round(ours / wall, 4),
             "server_background_cpu_cores": round(background / wall, 4),
+            "backend_runqueue_wait_cores": round(backend_wait / wall, 4),
         },
         "lookup_ms": {
             "count": len(lookups),
@@ -713,6 +742,8 @@ def _measure(
             "server_samples": len(server_lookups),
         },
         "bench_cpu_cores": round(bench_cpu / wall, 3),
+        # Threads come and go a little (the executor's); counted while they lived.
+        "bench_runqueue_wait_cores": round(max(0.0, bench_wait) / wall, 3),
         "machine_busy_cores": round(os.cpu_count() * busy / total, 2) if total else None,  # type: ignore[operator]
         "connections": {
             "pool_cap": args.connections,
