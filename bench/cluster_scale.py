@@ -59,6 +59,7 @@ own, as one real node would see it.
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import itertools
 import json
@@ -386,13 +387,17 @@ class Cluster:
             self.sched.at(
                 now + r.uniform(0, self.args.heartbeat_interval),
                 "beat",
-                lambda n=node: self.beat(n),
+                functools.partial(self.beat, node),
             )
             flush = self.args.hit_flush_interval
-            self.sched.at(now + r.uniform(0, flush), "hit_flush", lambda n=node: self.flush_hits(n))
+            self.sched.at(
+                now + r.uniform(0, flush), "hit_flush", functools.partial(self.flush_hits, node)
+            )
             first_miss = now + r.expovariate(1 / self.args.miss_interval)
-            self.sched.at(first_miss, "miss", lambda n=node: self.miss(n))
-            self.sched.at(now + r.uniform(0, PRUNE_INTERVAL), "prune", lambda n=node: self.prune(n))
+            self.sched.at(first_miss, "miss", functools.partial(self.miss, node))
+            self.sched.at(
+                now + r.uniform(0, PRUNE_INTERVAL), "prune", functools.partial(self.prune, node)
+            )
         if self.args.deletes_per_minute > 0:
             self.sched.at(
                 now + r.expovariate(self.args.deletes_per_minute / 60), "delete", self.delete
@@ -564,7 +569,8 @@ def probe(
                 sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
                 with node.engine.connect() as conn:
                     plan = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}").scalar()
-                server.append(float(plan[0]["Execution Time"]) / 1000)
+                if plan is not None:
+                    server.append(float(plan[0]["Execution Time"]) / 1000)
         stop.wait(interval)
 
 
