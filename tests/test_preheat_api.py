@@ -8,6 +8,9 @@ The whole cluster, with real processes, is in ``test_cluster_preheat``.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
 from central_db import central_settings
 from imagecache import create_driver
+from imagecache.cli import main
 from imagecache.drivers.central import CentralDriver
+from imagecache.preheating import NodeBars
 from imagecache.settings import Settings
 from server_helpers import directory_app, image_bytes, poll, put_image
 
@@ -206,3 +212,52 @@ async def test_a_dead_nodes_items_read_as_failed_until_it_returns(
     body = await job(client, answer["id"])
     assert body["state"] == "done"
     assert body["ok"]
+
+
+async def test_the_cli_times_out_with_4_while_a_live_node_has_not_run_its_items(
+    client: TestClient[Any, Any], other_node: CentralDriver
+) -> None:
+    """The other node is live but runs nothing here: the job stays running past --timeout."""
+    url = str(client.make_url("")).rstrip("/")
+    argv = ["--url", url, "--token", TOKEN, "--json", "preheat", "a", "--nodes", "far"]
+    argv += ["--timeout", "0.3", "--interval", "0.1"]
+    result = await asyncio.to_thread(CliRunner().invoke, main, argv)
+    assert result.exit_code == 4, result.output
+    job = json.loads(result.stdout)
+    assert job["finished"] is False
+    assert job["state"] == "running"
+    assert list(job["nodes"]) == [other_node.self_url]
+    # Followed again once the node has done its part: exit 0, from the same job.
+    other_node.finish_preheat_item(job["id"], "a", "cached", size=len(DATA))
+    argv = ["--url", url, "--token", TOKEN, "preheat", "--job", str(job["id"])]
+    again = await asyncio.to_thread(CliRunner().invoke, main, argv)
+    assert again.exit_code == 0, again.output
+    assert "every node has every image" in again.stdout
+    refused = await asyncio.to_thread(CliRunner().invoke, main, argv[:2] + argv[4:])
+    assert refused.exit_code == 1
+    assert "not authorized" in refused.output
+
+
+def test_node_bars_redraw_in_place_on_a_terminal_and_add_lines_elsewhere() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def job(finished: int) -> dict[str, Any]:
+        node = {"total": 2, "finished": finished, "alive": True, "images": {}}
+        return {"nodes": {"http://n1": node, "http://n2": {**node, "finished": 0}}}
+
+    screen = Terminal()
+    bars = NodeBars(screen)
+    bars(job(0))
+    bars(job(1))
+    drawn = screen.getvalue()
+    assert drawn.count("\x1b[2F") == 1  # the second drawing goes back over the first
+    assert "http://n1  [##########----------]  1/2" in drawn
+    log = io.StringIO()
+    bars = NodeBars(log)
+    for finished in (0, 1, 1, 2):
+        bars(job(finished))
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4  # n1 at 0, 1, 2 and n2 once: only changes are written
+    assert "\x1b" not in log.getvalue()
