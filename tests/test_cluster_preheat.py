@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import select
 
 from imagecache.cli import main
+from imagecache.drivers.central import make_engine, preheat_items
 from server_helpers import ServeProcess, image_bytes, start_serve
 from test_cluster_multinode import TOKEN, free_port
 
@@ -27,7 +29,7 @@ IMAGES = {
     "img-b": image_bytes(700_001, seed=22),
 }
 
-StartNode = Callable[[str], Awaitable[ServeProcess]]
+StartNode = Callable[..., Awaitable[ServeProcess]]
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ async def node(
     ports: dict[str, int] = {}
     running: list[ServeProcess] = []
 
-    async def start(name: str) -> ServeProcess:
+    async def start(name: str, **extra: str) -> ServeProcess:
         port = ports.setdefault(name, free_port())
         cache_dir = tmp_path / name
         cache_dir.mkdir(exist_ok=True)
@@ -49,6 +51,7 @@ async def node(
             "IMAGECACHE_CLUSTER_TOKEN": TOKEN,
             "IMAGECACHE_NODE_HEARTBEAT_INTERVAL": "0.2",
             "IMAGECACHE_NODE_DEAD_AFTER": "5",
+            **extra,
         }
         served = await start_serve(cache_dir, "http:" + http_origin.template, port=port, env=env)
         running.append(served)
@@ -59,8 +62,8 @@ async def node(
         await served.stop(grace=40)
 
 
-async def preheat(url: str, *args: str) -> Result:
-    argv = ["--url", url, "preheat", *args, "--timeout", "60", "--interval", "0.1"]
+async def preheat(url: str, *args: str, follow_for: float = 60) -> Result:
+    argv = ["--url", url, "preheat", *args, "--timeout", str(follow_for), "--interval", "0.1"]
     return await asyncio.to_thread(CliRunner().invoke, main, argv)
 
 
@@ -152,3 +155,32 @@ async def test_all_and_sites_and_cli_usage(node: StartNode, http_origin: Any) ->
     )
     assert local.exit_code == 2
     assert "give --url" in local.output
+
+
+async def test_a_node_stopped_mid_item_hands_it_back_and_runs_it_when_it_returns(
+    node: StartNode, http_origin: Any, fresh_postgres_url: str
+) -> None:
+    data = IMAGES["img-a"]
+    http_origin.add("img-a", data)
+    gate = http_origin.gate("img-a", after=len(data) // 2)  # the read stops half way
+    # A short upstream_timeout: the stopping node's grace for its fill (shutdown_grace).
+    one = await node("one", IMAGECACHE_UPSTREAM_TIMEOUT="5")
+    started = await preheat(one.url, "--json", "img-a", "--nodes", one.url, follow_for=0)
+    assert started.exit_code == 4, started.output  # not done at once: the read is held
+    job_id = str(json.loads(started.stdout)["id"])
+    await http_origin.wait_for_reads("img-a", 1, within=20)
+    assert await one.stop() == 0
+
+    engine = make_engine(fresh_postgres_url)
+    try:
+        with engine.connect() as conn:
+            states = conn.execute(select(preheat_items.c.state)).scalars().all()
+    finally:
+        engine.dispose()
+    assert states == ["pending"]  # handed back, not left "running" until a lease lapses
+
+    gate.set()
+    one = await node("one")
+    done = await preheat(one.url, "--job", job_id)
+    assert done.exit_code == 0, done.output
+    assert (one.cache_dir / "img-a").read_bytes() == data

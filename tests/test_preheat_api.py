@@ -173,6 +173,7 @@ async def test_a_job_runs_here_and_waits_for_the_other_node(
     assert other_node.claim_preheat_items(10) == []  # claimed once
     other_node.finish_preheat_item(job_id, "a", "skipped", "already cached", 1)
     other_node.finish_preheat_item(job_id, "b", "failed", "origin said no")
+    other_node.finish_preheat_item(job_id, "a", "pending")  # a late hand-back: ignored
     body = await job(client, job_id)
     assert body["state"] == "done"
     assert not body["ok"]
@@ -228,6 +229,7 @@ async def test_the_cli_times_out_with_4_while_a_live_node_has_not_run_its_items(
     assert job["state"] == "running"
     assert list(job["nodes"]) == [other_node.self_url]
     # Followed again once the node has done its part: exit 0, from the same job.
+    assert other_node.claim_preheat_items(5) == [(job["id"], "a")]
     other_node.finish_preheat_item(job["id"], "a", "cached", size=len(DATA))
     argv = ["--url", url, "--token", TOKEN, "preheat", "--job", str(job["id"])]
     again = await asyncio.to_thread(CliRunner().invoke, main, argv)
@@ -261,3 +263,35 @@ def test_node_bars_redraw_in_place_on_a_terminal_and_add_lines_elsewhere() -> No
     lines = log.getvalue().splitlines()
     assert len(lines) == 4  # n1 at 0, 1, 2 and n2 once: only changes are written
     assert "\x1b" not in log.getvalue()
+
+
+async def test_a_claim_not_renewed_is_taken_again_and_a_renewed_one_is_not(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """A process that died mid-item stops renewing it; the node takes it again after the lease."""
+    settings = central_settings(
+        tmp_path / "quick",
+        fresh_postgres_url,
+        "http://127.0.0.1:9/quick",
+        node_dead_after=0.5,
+        node_heartbeat_interval=0.1,
+    )
+    driver = create_driver(settings)
+    assert isinstance(driver, CentralDriver)
+    try:
+        job_id = driver.create_preheat_job(["a", "b"], ["all"])
+        assert driver.claim_preheat_items(1) == [(job_id, "a")]
+        assert driver.claim_preheat_items(5) == [(job_id, "b")]
+        held = [(job_id, "b")]  # "b" is renewed, as a running process does; "a" is not
+        taken: list[tuple[int, str]] = []
+
+        async def a_taken_again() -> bool:
+            driver.heartbeat()
+            driver.touch_preheat_items(held)
+            taken.extend(driver.claim_preheat_items(5))
+            return bool(taken)
+
+        await poll(a_taken_again, "the lapsed claim is taken again", within=10)
+        assert taken == [(job_id, "a")]
+    finally:
+        driver.close()

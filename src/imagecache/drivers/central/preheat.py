@@ -255,8 +255,12 @@ class PreheatJobs(NodeRegistry):
         now = datetime.now(UTC)
         reason = reason[:2000] if reason else None
         with self._write() as conn:
+            # Only a claimed item: a hand-back racing the item's own outcome (a
+            # shutdown as it ends) must not turn "cached" back into "pending".
             conn.execute(
-                self._item_update(state=state, reason=reason, bytes=size, updated_at=now),
+                self._item_update(state=state, reason=reason, bytes=size, updated_at=now).where(
+                    preheat_items.c.state == RUNNING
+                ),
                 self._keys([(job_id, image_id)]),
             )
             left = conn.execute(
