@@ -110,7 +110,8 @@ async def test_a_preheat_with_a_node_down_fails_it_and_completes_when_it_returns
     assert "node not live" in table.stdout
     assert f"{one.url}  img-b  cached" in table.stdout
     assert "some nodes lack some images" in table.stdout
-    assert "[####################]  2/2" in table.stderr  # the finished nodes' bars
+    assert f"{one.url}  [####################]  2/2  cached" in table.stderr
+    assert f"{three.url}  [xxxxxxxxxxxxxxxxxxxx]  2/2  node not live" in table.stderr
     assert not (three.cache_dir / "img-a").exists()
 
     # Started again, the node runs the items it missed: the first job completes by itself...

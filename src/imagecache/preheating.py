@@ -86,7 +86,8 @@ def exit_code(job: dict[str, Any], done: bool) -> int:
 class NodeBars:
     """One progress line per node on a terminal, redrawn in place; elsewhere, one line per change.
 
-    A line is ``URL [#####-----] finished/total`` and the node's last news.
+    A line is ``URL [###xx-----] finished/total`` and the states of its items:
+    ``#`` an image the node has, ``x`` one it ended without, ``-`` one to come.
     Off a terminal (a log, a CI job) redrawing would only garble the output,
     so each node's line is written again only when its count moves.
     """
@@ -120,9 +121,13 @@ class NodeBars:
 def _bar_line(url: str, node: dict[str, Any]) -> str:
     total = max(int(node.get("total", 0)), 1)
     finished = int(node.get("finished", 0))
-    filled = BAR_WIDTH * finished // total
-    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
     images = node.get("images", {})
+    # '#' the node has the image, 'x' it ended without, '-' not yet.
+    good = sum(1 for entry in images.values() if entry.get("state") in ("cached", "skipped"))
+    good = min(good, finished) if images else finished
+    ended = BAR_WIDTH * finished // total
+    filled = BAR_WIDTH * good // total
+    bar = "#" * filled + "x" * (ended - filled) + "-" * (BAR_WIDTH - ended)
     states = sorted({entry.get("state", "?") for entry in images.values()})
     news = ",".join(states)
     if not node.get("alive", True):
