@@ -238,6 +238,9 @@ async def test_the_cli_times_out_with_4_while_a_live_node_has_not_run_its_items(
     refused = await asyncio.to_thread(CliRunner().invoke, main, argv[:2] + argv[4:])
     assert refused.exit_code == 1
     assert "not authorized" in refused.output
+    unknown = await asyncio.to_thread(CliRunner().invoke, main, [*argv[:-1], "999"])
+    assert unknown.exit_code == 1
+    assert unknown.output == f"Error: no preheat job 999 at {url}\n"
 
 
 def test_node_bars_redraw_in_place_on_a_terminal_and_add_lines_elsewhere() -> None:

@@ -644,7 +644,7 @@ def preheat(
     4 when --timeout passed first (docs/cluster.md, "Preheat jobs").
     """
     from imagecache import preheating
-    from imagecache.client import RemoteManager
+    from imagecache.client import RemoteManager, ServiceError
 
     options = _options(ctx)
     if not options.url:
@@ -660,14 +660,23 @@ def preheat(
     with _library_logging(options.debug):
         if job_id is None:
             job_id = preheating.start_job(manager, list(images), targets)
-        if not options.as_json:
-            click.echo(f"Preheat job {job_id}", err=True)
-        job, done = preheating.follow(
-            lambda: preheating.read_job(manager, job_id),
-            timeout=timeout,
-            interval=interval,
-            on_change=None if options.as_json else preheating.NodeBars(),
-        )
+            if not options.as_json:
+                click.echo(f"Preheat job {job_id}", err=True)  # for --job ID later
+        try:
+            job, done = preheating.follow(
+                lambda: preheating.read_job(manager, job_id),
+                timeout=timeout,
+                interval=interval,
+                on_change=None if options.as_json else preheating.NodeBars(),
+            )
+        except ServiceError as exc:
+            if exc.status is not None and exc.status < 500:
+                raise  # refused or no such job: nothing to follow again
+            # The service went away or failed: the nodes go on with the job.
+            raise ServiceError(
+                f"{exc}; job {job_id} goes on: follow it with 'imagecache preheat --job {job_id}'",
+                exc.status,
+            ) from exc
     if options.as_json:
         click.echo(preheating.as_json(job, done))
     else:

@@ -48,7 +48,9 @@ def read_job(manager: RemoteManager, job_id: int) -> dict[str, Any]:
     def missing() -> ServiceError:
         return ServiceError(f"no preheat job {job_id} at {manager.base}", 404)
 
-    job = manager._call("GET", f"/v2/cache/preheat/{job_id}", not_found=missing, extension=True)
+    # Not an "extension" call: its 404 is an unknown job (a Glance, which has no
+    # such route, never gave out a job id; start_job says so).
+    job = manager._call("GET", f"/v2/cache/preheat/{job_id}", not_found=missing)
     if not isinstance(job, dict) or "nodes" not in job:
         raise ServiceError(f"GET /v2/cache/preheat/{job_id} answered no job")
     return job
