@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -269,12 +270,15 @@ def test_node_bars_redraw_in_place_on_a_terminal_and_add_lines_elsewhere() -> No
 
 
 async def test_a_claim_not_renewed_is_taken_again_and_a_renewed_one_is_not(
-    fresh_postgres_url: str, tmp_path: Path
+    central_db_url: str, tmp_path: Path
 ) -> None:
-    """A process that died mid-item stops renewing it; the node takes it again after the lease."""
+    """A process that died mid-item stops renewing it; the node takes it again after the lease.
+
+    On SQLite too (no FOR UPDATE there: its write transactions take the lock up front).
+    """
     settings = central_settings(
         tmp_path / "quick",
-        fresh_postgres_url,
+        central_db_url,
         "http://127.0.0.1:9/quick",
         node_dead_after=0.5,
         node_heartbeat_interval=0.1,
@@ -298,3 +302,36 @@ async def test_a_claim_not_renewed_is_taken_again_and_a_renewed_one_is_not(
         assert taken == [(job_id, "a")]
     finally:
         driver.close()
+
+
+def test_two_worker_processes_of_a_node_never_claim_the_same_item(
+    central_db_url: str, tmp_path: Path
+) -> None:
+    """Workers of one node share its row; claims racing from both take disjoint items."""
+    settings = central_settings(tmp_path / "node", central_db_url, "http://127.0.0.1:9/node")
+    workers = [create_driver(settings), create_driver(settings)]
+    try:
+        first = workers[0]
+        assert isinstance(first, CentralDriver)
+        images = [f"img-{n:02d}" for n in range(40)]
+        job_id = first.create_preheat_job(images, ["all"])
+        claimed: list[list[tuple[int, str]]] = [[], []]
+        start = threading.Barrier(2)
+
+        def claim_all(n: int) -> None:
+            worker = workers[n]
+            assert isinstance(worker, CentralDriver)
+            start.wait()
+            while taken := worker.claim_preheat_items(3):
+                claimed[n].extend(taken)
+
+        threads = [threading.Thread(target=claim_all, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not set(claimed[0]) & set(claimed[1])
+        assert sorted(claimed[0] + claimed[1]) == [(job_id, image) for image in images]
+    finally:
+        for worker in workers:
+            worker.close()
