@@ -13,6 +13,7 @@ import io
 import json
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
+from sqlalchemy import select, update
 
 from central_db import central_settings
 from imagecache import create_driver
 from imagecache.cli import main
-from imagecache.drivers.central import CentralDriver
+from imagecache.drivers.central import CentralDriver, preheat_items, preheat_jobs
 from imagecache.preheating import NodeBars
 from imagecache.settings import Settings
 from server_helpers import directory_app, image_bytes, poll, put_image
@@ -335,3 +337,28 @@ def test_two_worker_processes_of_a_node_never_claim_the_same_item(
     finally:
         for worker in workers:
             worker.close()
+
+
+def test_jobs_older_than_30_days_go_with_their_items_when_a_job_is_made(
+    central_db_url: str, tmp_path: Path
+) -> None:
+    settings = central_settings(tmp_path / "node", central_db_url, "http://127.0.0.1:9/node")
+    driver = create_driver(settings)
+    assert isinstance(driver, CentralDriver)
+    try:
+        old, recent = (driver.create_preheat_job(["a"], ["all"]) for _ in range(2))
+        with driver._write() as conn:
+            for job_id, days in ((old, 31), (recent, 29)):
+                conn.execute(
+                    update(preheat_jobs)
+                    .where(preheat_jobs.c.id == job_id)
+                    .values(created_at=datetime.now(UTC) - timedelta(days=days))
+                )
+        new = driver.create_preheat_job(["a"], ["all"])
+        assert driver.get_preheat_job(old) is None
+        assert driver.get_preheat_job(recent) is not None
+        with driver._read() as conn:
+            jobs = conn.execute(select(preheat_items.c.job_id).distinct()).scalars().all()
+        assert sorted(jobs) == [recent, new]
+    finally:
+        driver.close()

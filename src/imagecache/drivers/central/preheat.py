@@ -11,7 +11,8 @@ node answers for a job (``get_preheat_job``) because all of it is here.
 A node that is down leaves its items pending. They are *reported* failed,
 "node not live", while its heartbeat is older than ``node_dead_after``; that
 is computed when the job is read, never written, so the node still runs them
-when it comes back and the job completes then without being asked again.
+when it comes back and the job completes then without being asked again
+(within ``KEEP_JOBS``, after which a job and its items are dropped).
 
 An item a node claimed stays ``running`` while that node's process keeps
 touching it (``touch_preheat_items``, every heartbeat). A process that died
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 
 from imagecache.drivers.central.nodes import NodeRegistry
 from imagecache.drivers.central.schema import (
@@ -46,6 +47,10 @@ ALL_NODES = "all"
 # Bounds on one job, so one request cannot write an unbounded number of rows.
 MAX_IMAGES = 100
 MAX_ITEMS = 10_000
+# Jobs are kept this long, then dropped with their items when a new job is made
+# (no periodic task, no setting: a record of a month is what an operator looks
+# back at). A node away longer than that no longer runs its items of them.
+KEEP_JOBS = 30 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +140,11 @@ class PreheatJobs(NodeRegistry):
             raise BadPreheatRequest(f"too many images ({len(wanted)}); at most {MAX_IMAGES}")
         now = datetime.now(UTC)
         with self._write() as conn:
+            conn.execute(
+                delete(preheat_jobs).where(
+                    preheat_jobs.c.created_at < to_datetime(now.timestamp() - KEEP_JOBS)
+                )
+            )
             chosen = self._resolve(conn, target)
             if len(chosen) * len(wanted) > MAX_ITEMS:
                 raise BadPreheatRequest(
