@@ -89,6 +89,10 @@ class NotInClusterMode(ConfigurationError):
         )
 
 
+class BadPreheatRequest(ImageCacheError, ValueError):
+    """A preheat job that cannot be made as asked: no images, an unknown node or site."""
+
+
 class InvalidImageId(ImageCacheError, ValueError):
     """An image id that would be unsafe or ambiguous as a cache file name."""
 

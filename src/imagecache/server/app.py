@@ -47,6 +47,7 @@ from imagecache.server import (
     disconnects,
     images,
     operations,
+    preheat,
     proxy,
     readiness,
     schemas,
@@ -298,6 +299,7 @@ def create_app(
     app.router.add_route("HEAD", "/v2/images/{image_id:[^/]+}/file", images.image_file)
     # Size limit, prefetch retries, maintenance and their routes (before /v2/cache/{id}).
     operations.install(app)
+    preheat.install(app)  # its routes too, and it runs this node's items through the prefetcher
     cache_api.add_routes(app)
     app.router.add_get("/", proxy.versions)
     app.router.add_get("/versions", proxy.versions)
