@@ -644,7 +644,8 @@ def preheat(
     4 when --timeout passed first (docs/cluster.md, "Preheat jobs").
     """
     from imagecache import preheating
-    from imagecache.client import RemoteManager, ServiceError
+    from imagecache.client import RemoteManager
+    from imagecache.errors import ServiceError
 
     options = _options(ctx)
     if not options.url:

@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from imagecache.client import RemoteManager, ServiceError
+from imagecache.client import RemoteManager
+from imagecache.errors import ServiceError
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 3

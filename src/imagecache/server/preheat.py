@@ -6,7 +6,7 @@
                                       202 {"id": N, "href": "/v2/cache/preheat/N"}
     GET  /v2/cache/preheat/{job_id}   200 the job: per node, per image, its state and reason
 
-Both are admin only (``cache_api._admin_only``, as every management route),
+Both are admin only (``auth.admin_only``, as every management route),
 and need the central driver (409 otherwise): a job's state is in the cluster
 database (``drivers/central/preheat.py``) so that any node answers for it.
 
@@ -36,9 +36,17 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from imagecache.cluster import central_driver
-from imagecache.errors import BadPreheatRequest, ImageCacheError, NotInClusterMode
+from imagecache.errors import (
+    BadPreheatRequest,
+    BadRequest,
+    ImageCacheError,
+    NeedsClusterMode,
+    NotInClusterMode,
+    ResourceNotFound,
+)
 from imagecache.prefetch import Prefetcher, PrefetchOutcome
-from imagecache.server.cache_api import WORKER, _admin_only
+from imagecache.server.auth import admin_only
+from imagecache.server.cache_api import WORKER
 from imagecache.server.cluster import CLUSTER_TASKS
 from imagecache.server.state import STATE, ServiceState
 from imagecache.upstreams.base import SERVICE
@@ -165,16 +173,15 @@ def install(app: web.Application) -> None:
             await runner.stop()
 
         app.on_shutdown.append(on_shutdown)
-    app.router.add_route("*", PREHEAT_PATH, _admin_only({"POST": create_job}))
-    app.router.add_route("*", PREHEAT_PATH + "/{job_id}", _admin_only({"GET": get_job}))
+    app.router.add_route("*", PREHEAT_PATH, admin_only({"POST": create_job}))
+    app.router.add_route("*", PREHEAT_PATH + "/{job_id}", admin_only({"GET": get_job}))
 
 
 def _central(state: ServiceState) -> CentralDriver:
     driver = central_driver(state.cache)
     if driver is None:
-        raise web.HTTPConflict(
-            text="centralized caching is not enabled: "
-            + str(NotInClusterMode("a preheat job (its state is in the cluster database)"))
+        raise NeedsClusterMode(
+            NotInClusterMode("a preheat job (its state is in the cluster database)")
         )
     return driver
 
@@ -185,7 +192,7 @@ async def create_job(request: web.Request, state: ServiceState) -> web.StreamRes
     try:
         job_id = await asyncio.to_thread(driver.create_preheat_job, images, target)
     except (BadPreheatRequest, ValueError) as exc:  # InvalidImageId is a ValueError
-        raise web.HTTPBadRequest(text=str(exc)) from exc
+        raise BadRequest(str(exc)) from exc
     log.info("preheat job %d: %d images on %s", job_id, len(images), ",".join(target))
     runner = request.app.get(RUNNER)
     if runner is not None:
@@ -199,24 +206,24 @@ def _parse(raw: bytes) -> tuple[list[str], list[str]]:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise web.HTTPBadRequest(text=f"the body must be JSON: {exc}") from exc
+        raise BadRequest(f"the body must be JSON: {exc}") from exc
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(
-            text='the body must be a JSON object, e.g. {"images": ["ID"], "nodes": ["all"]}'
+        raise BadRequest(
+            'the body must be a JSON object, e.g. {"images": ["ID"], "nodes": ["all"]}'
         )
     images = body.get("images")
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise web.HTTPBadRequest(text="images must be a list of image ids")
+        raise BadRequest("images must be a list of image ids")
     if not images:
-        raise web.HTTPBadRequest(text="images is empty: name at least one image to preheat")
+        raise BadRequest("images is empty: name at least one image to preheat")
     # No default: "every node" is a choice to make, not to fall into.
     nodes: Any = body.get("nodes")
     if nodes is None:
-        raise web.HTTPBadRequest(text="nodes is missing: 'all', a site, or a list of node URLs")
+        raise BadRequest("nodes is missing: 'all', a site, or a list of node URLs")
     if isinstance(nodes, str):
         nodes = [nodes]
     if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
-        raise web.HTTPBadRequest(text="nodes must be 'all', a site, or a list of node URLs")
+        raise BadRequest("nodes must be 'all', a site, or a list of node URLs")
     return images, nodes
 
 
@@ -224,10 +231,10 @@ async def get_job(request: web.Request, state: ServiceState) -> web.StreamRespon
     driver = _central(state)
     raw = request.match_info["job_id"]
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        raise web.HTTPBadRequest(text=f"job id must be a number, not {raw[:40]!r}")
+        raise BadRequest(f"job id must be a number, not {raw[:40]!r}")
     job = await asyncio.to_thread(driver.get_preheat_job, int(raw))
     if job is None:
-        raise web.HTTPNotFound(text=f"no preheat job {raw}")
+        raise ResourceNotFound(f"no preheat job {raw}")
     return web.json_response(job.as_dict())
 
 
