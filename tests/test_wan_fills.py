@@ -418,3 +418,103 @@ async def test_resets_at_a_half_and_three_quarters_are_resumed_for_a_herd_on_two
     assert sum(r.body_bytes for r in gets) - SIZE <= 2 * 2 * MIB, gets
     counted = await wait_for_resumes(server, resumed=2)
     assert counted == {"resumed": 2, "refused": 0, "exhausted": 0}, counted
+
+
+def spliced_at(got: bytes, old: bytes, new: bytes) -> str:
+    """Where ``got`` leaves ``old``, and whether it goes on with ``new`` there (a splice)."""
+    at = next((i for i, (a, b) in enumerate(zip(got, old, strict=False)) if a != b), len(got))
+    where = "the new version" if got[at:] == new[at : len(got)] else "neither version"
+    return f"{len(got)} bytes received, the old version's up to byte {at}, then {where}"
+
+
+async def test_an_image_changed_between_the_reset_and_the_resume_is_never_spliced(
+    site: Site, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    images = site.root / "images"
+    write_image(images, "moving", DATA, mtime=1_700_000_000)
+    old_etag = nginx_etag(images / "moving")
+    new = image_bytes(SIZE, seed=16)  # the same size: only the ETag tells the versions apart
+    cache_dir = tmp_path / "cache"
+    server = await start_serve(cache_dir, site.upstream, workers=2, env=serve_env(**RESUME_ENV))
+    servers.append(server)
+    sessions, _ = await sessions_on_both_workers(server, 2)
+    partial = cache_dir / "incomplete" / "moving"
+    site.relay.reset_at(SIZE // 2)
+    received: list[bytearray] = [bytearray() for _ in sessions]
+
+    async def download(session: aiohttp.ClientSession, got: bytearray) -> BaseException | None:
+        try:
+            async with session.get(server.url + "/v2/images/moving/file") as response:
+                assert response.status == 200
+                async for chunk in response.content.iter_any():
+                    got += chunk
+        except aiohttp.ClientError as exc:
+            return exc
+        return None
+
+    try:
+        clients = [
+            asyncio.create_task(download(*pair)) for pair in zip(sessions, received, strict=True)
+        ]
+
+        async def body_flowing() -> bool:
+            return partial.exists() and partial.stat().st_size >= SIZE // 8
+
+        # nginx is sending the old file now. Hold the link, so that the cut at
+        # half and the resume come after the new version is in place, whatever
+        # the timing: the black hole's answer says whether the cut is still ahead.
+        await poll(body_flowing, "the body is flowing", within=10)
+        held = site.relay.blackhole()
+        assert held.reset_at == [SIZE // 2], f"the cut came before the black hole: {held}"
+        write_image(images, "moving", new, mtime=1_700_000_600)
+        assert nginx_etag(images / "moving") != old_etag
+        site.relay.restore()
+        errors = await asyncio.wait_for(asyncio.gather(*clients), timeout=20)
+    finally:
+        for session in sessions:
+            await session.close()
+
+    # Every client was cut off with a prefix of the old version, never the new bytes.
+    assert all(isinstance(error, aiohttp.ClientPayloadError) for error in errors), errors
+    for got in received:
+        assert len(got) < SIZE
+        assert DATA.startswith(bytes(got)), spliced_at(bytes(got), DATA, new)
+
+    async def failed() -> bool:
+        return (
+            listdir(cache_dir / "invalid") == ["moving"] and listdir(cache_dir / "incomplete") == []
+        )
+
+    await poll(failed, "the refused fill is moved to invalid/")
+    assert not (cache_dir / "moving").exists(), "nothing committed"
+    assert "was not resumed: the origin answered HTTP 200" in server.log()
+    # The resume asked for the old version (If-Range) and nginx answered with the new one.
+    await asyncio.to_thread(
+        site.nginx.wait_for,
+        lambda logged: len(body_reads(logged, "moving")) == 2,
+        10,
+        "the body GET and the refused resume",
+    )
+    first, resume = body_reads(site.image_requests("moving"), "moving")
+    assert (first.status, first.range) == (200, None)
+    assert resume.status == 200, resume
+    assert resume.range is not None, resume
+    assert resume.range.endswith(f"-{SIZE - 1}"), resume
+    assert resume.if_range == old_etag, resume
+    counted = await wait_for_resumes(server, refused=1)
+    assert counted == {"resumed": 0, "refused": 1, "exhausted": 0}, counted
+
+    # The next GET gets the new version whole, and caches it: the refusal made
+    # the service forget what the origin had promised about the old one.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.url + "/v2/images/moving/file") as response,
+    ):
+        assert response.status == 200
+        assert await response.read() == new
+
+    async def committed() -> bool:
+        return (cache_dir / "moving").exists()
+
+    await poll(committed, "the new version is committed")
+    assert (cache_dir / "moving").read_bytes() == new
