@@ -275,6 +275,9 @@ async def test_a_partition_longer_than_the_retry_budget_fails_the_fill_into_inva
 
     await poll(committed, "the fill after the partition is committed")
     assert (cache_dir / "cut").read_bytes() == DATA
+    # Both resumes went into the black hole and timed out: the attempts ran out, once.
+    counted = await wait_for_resumes(server, exhausted=1)
+    assert counted == {"resumed": 0, "refused": 0, "exhausted": 1}, counted
 
 
 # --- resumable fills on the rig (issue 15, "What it must show") ---------------------------
