@@ -4,6 +4,10 @@ The origin is a real nginx in its own network namespace, behind a veth link
 shaped by ``tc`` and the project's relay (delay, black hole); the edge is a
 real ``imagecache serve`` process in the root namespace. Origin reads are
 counted from nginx's own access log: what the edge really asked for.
+Resumable fills (resets at a half and three quarters; an image replaced
+between a reset and its resume) are cut by the relay's ``reset_at``, which
+counts bytes over all connections, and checked from nginx's log of each
+request's ``Range`` and ``If-Range`` and from ``/metrics``.
 Timings here are wide correctness bounds, never measurements (bench/ does those).
 """
 
