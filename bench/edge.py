@@ -84,9 +84,6 @@ from peers import (
     Nginx,
     PeerError,
     Varnish,
-    http_json,
-    settle_fill,
-    wait_until,
     write_random_file,
 )
 
@@ -112,7 +109,8 @@ def _load(name: str, path: Path) -> ModuleType:
     their own (neither imports the rest of its package).
     """
     spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

@@ -191,9 +191,9 @@ def table(rows: Sequence[dict[str, object]]) -> list[str]:
     ]
     for r in rows:
         last = _fmt(r["last_client_s"], ".2f")
-        ratio = _fmt(r["last_ratio"], ".2f", "×")
+        ratio = _fmt(r["last_ratio"], ".2f", "x")
         out.append(
-            f"| {r['scenario']} | {r['subject']} | {_fmt(r['link_ratio'], '.3f', '×')} "
+            f"| {r['scenario']} | {r['subject']} | {_fmt(r['link_ratio'], '.3f', 'x')} "
             f"| {last} ({ratio} of {_fmt(r['bound_s'], '.2f')}) "
             f"| {_fmt(r['rate_mbit'], '.0f')} "
             f"| {_fmt(r['ttfb_median_s'], '.3f')} / {_fmt(r['ttfb_worst_s'], '.3f')} "
@@ -222,7 +222,7 @@ def verdicts(rows: Sequence[dict[str, object]], subject: str) -> list[str]:
             link = float(str(r["link_ratio"]))
             held = "holds" if link <= LINK_TARGET and everyone else "MISSED"
             lines.append(
-                f"{scenario}: link bytes {link:.3f}× the image (≤ {LINK_TARGET}×, "
+                f"{scenario}: link bytes {link:.3f}x the image (≤ {LINK_TARGET}x, "
                 f"{ok_clients}): {held}"
             )
         if scenario == "storm":
@@ -230,7 +230,7 @@ def verdicts(rows: Sequence[dict[str, object]], subject: str) -> list[str]:
             held = "holds" if last is not None and float(str(last)) <= LAST_TARGET else "MISSED"
             lines.append(
                 f"{scenario}: last client {_fmt(r['last_client_s'], '.2f')} s = "
-                f"{_fmt(last, '.2f')}× the bound {r['bound_s']} s (≤ {LAST_TARGET}×): {held}"
+                f"{_fmt(last, '.2f')}x the bound {r['bound_s']} s (≤ {LAST_TARGET}x): {held}"
             )
         if scenario == "per-connection-limit":
             share = r["rate_of_link"]
