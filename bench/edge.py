@@ -507,7 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WAN RIG UNAVAILABLE: {reason}", file=sys.stderr)
         return 2
     # SIGTERM unwinds like Ctrl-C: every `with` above stops what it started.
+    # SIGINT too, explicitly: a run started in the background of a script
+    # inherits SIGINT ignored, and then Ctrl-C's stand-in would do nothing.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(
         f"edge boot storm: {args.size_mib} MiB image, {args.clients} clients, "
         f"{args.rounds} round(s), link {LINK_MBIT:g} Mbit/s, RTT {2 * DELAY_S * 1000:g} ms, "
