@@ -334,6 +334,16 @@ def start_subject(name: str, work: Path, upstream: str, size: int, workers: int)
         raise ValueError(name)
 
 
+def wire_bytes(host: Any) -> int:
+    """Bytes the root side of ``host``'s veth has received: everything the origin site sent.
+
+    Counted by the kernel with the packets' headers, and including what the
+    relay read but threw away when it reset a connection (which its own
+    counters, bytes forwarded to the edge, leave out).
+    """
+    return int(Path(f"/sys/class/net/{host.link}/statistics/rx_bytes").read_text())
+
+
 def settle_link(relay: Any, within: float = 30.0) -> Any:
     """The relay's counters once they stop moving for a second (a fetch may outlive its clients)."""
     deadline = time.monotonic() + within
@@ -373,6 +383,7 @@ def one_subject(
             image_id = origin.fresh()
             log_start = len(origin.log_lines())
             before = relay.stats()
+            wire_before = wire_bytes(origin.host)
             if scenario == "storm-reset":
                 relay.reset_after(run.size // 2, times=1)
             print(
@@ -383,6 +394,7 @@ def one_subject(
             notes = edge.after(image_id)
             after = settle_link(relay)
             relay.reset_after(None)
+            wire = wire_bytes(origin.host) - wire_before
             counts = er.origin_counts(
                 origin.log_lines()[log_start:],
                 origin.body_path(image_id),
@@ -397,6 +409,7 @@ def one_subject(
                 clients=clients,
                 link_down=after.down_bytes - before.down_bytes,
                 link_up=after.up_bytes - before.up_bytes,
+                wire_down=wire,
                 resets=after.resets - before.resets,
                 origin=counts,
                 notes=notes,

@@ -132,6 +132,7 @@ def summarise(
     clients: Sequence[ClientResult],
     link_down: int,
     link_up: int,
+    wire_down: int | None,
     resets: int,
     origin: OriginCounts,
     notes: Sequence[str] = (),
@@ -161,6 +162,8 @@ def summarise(
         link_down_bytes=link_down,
         link_up_bytes=link_up,
         link_ratio=round(link_down / size, 4),
+        wire_down_bytes=wire_down,
+        wire_ratio=None if wire_down is None else round(wire_down / size, 4),
         bound_s=round(bound, 3),
         last_client_s=None if last_ok is None else round(last_ok, 3),
         last_client_any_s=None if last_any is None else round(last_any, 3),
@@ -174,6 +177,7 @@ def summarise(
         origin_range_gets=origin.range_gets,
         origin_metadata=origin.metadata,
         origin_body_bytes=origin.body_bytes,
+        origin_body_statuses=dict(origin.statuses),  # GETs of the image's bytes, by status
         notes=list(notes),
     )
 
@@ -185,7 +189,7 @@ def _fmt(value: object, spec: str, suffix: str = "") -> str:
 def table(rows: Sequence[dict[str, object]]) -> list[str]:
     """The rounds as a Markdown table (readable as plain text too)."""
     out = [
-        "| scenario | subject | link bytes / image | last client s (/ bound) | rate Mbit/s "
+        "| scenario | subject | link bytes / image (wire) | last client s (/ bound) | rate Mbit/s "
         "| TTFB median / worst s | clients ok | origin GET 200/206, metadata | resets |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -194,6 +198,7 @@ def table(rows: Sequence[dict[str, object]]) -> list[str]:
         ratio = _fmt(r["last_ratio"], ".2f", "x")
         out.append(
             f"| {r['scenario']} | {r['subject']} | {_fmt(r['link_ratio'], '.3f', 'x')} "
+            f"({_fmt(r.get('wire_ratio'), '.3f', 'x')}) "
             f"| {last} ({ratio} of {_fmt(r['bound_s'], '.2f')}) "
             f"| {_fmt(r['rate_mbit'], '.0f')} "
             f"| {_fmt(r['ttfb_median_s'], '.3f')} / {_fmt(r['ttfb_worst_s'], '.3f')} "
@@ -221,9 +226,10 @@ def verdicts(rows: Sequence[dict[str, object]], subject: str) -> list[str]:
         if scenario in ("storm", "storm-reset"):
             link = float(str(r["link_ratio"]))
             held = "holds" if link <= LINK_TARGET and everyone else "MISSED"
+            wire = _fmt(r.get("wire_ratio"), ".3f", "x")
             lines.append(
                 f"{scenario}: link bytes {link:.3f}x the image (≤ {LINK_TARGET}x, "
-                f"{ok_clients}): {held}"
+                f"{ok_clients}; on the wire {wire}): {held}"
             )
         if scenario == "storm":
             last = r["last_ratio"]
