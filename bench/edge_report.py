@@ -220,7 +220,8 @@ def verdicts(rows: Sequence[dict[str, object]], subject: str) -> list[str]:
     for r in rows:
         if r["subject"] != subject:
             continue
-        scenario = r["scenario"]
+        scenario = str(r["scenario"])
+        label = scenario if r.get("round", 1) == 1 else f"{scenario} (round {r['round']})"
         everyone = r["clients_ok"] == r["clients"]
         ok_clients = f"{r['clients_ok']}/{r['clients']} clients ok"
         if scenario in ("storm", "storm-reset"):
@@ -228,20 +229,20 @@ def verdicts(rows: Sequence[dict[str, object]], subject: str) -> list[str]:
             held = "holds" if link <= LINK_TARGET and everyone else "MISSED"
             wire = _fmt(r.get("wire_ratio"), ".3f", "x")
             lines.append(
-                f"{scenario}: link bytes {link:.3f}x the image (≤ {LINK_TARGET}x, "
+                f"{label}: link bytes {link:.3f}x the image (≤ {LINK_TARGET}x, "
                 f"{ok_clients}; on the wire {wire}): {held}"
             )
         if scenario == "storm":
             last = r["last_ratio"]
             held = "holds" if last is not None and float(str(last)) <= LAST_TARGET else "MISSED"
             lines.append(
-                f"{scenario}: last client {_fmt(r['last_client_s'], '.2f')} s = "
+                f"{label}: last client {_fmt(r['last_client_s'], '.2f')} s = "
                 f"{_fmt(last, '.2f')}x the bound {r['bound_s']} s (≤ {LAST_TARGET}x): {held}"
             )
         if scenario == "per-connection-limit":
             share = r["rate_of_link"]
             lines.append(
-                f"{scenario}: segmented fills are not implemented; the one-connection fill "
+                f"{label}: segmented fills are not implemented; the one-connection fill "
                 f"reached {_fmt(r['rate_mbit'], '.0f')} Mbit/s = {_fmt(share, '.2f')} of the "
                 f"link (segmented target ≥ {SEGMENTED_TARGET}): not met"
             )
