@@ -17,8 +17,10 @@ Assumed per-node rates (the settings' defaults; printed with every run):
 - every ``node_heartbeat_interval`` = 5 s, sequentially as ``ClusterTasks.tick``
   does: ``heartbeat`` (one UPDATE), ``list_nodes`` (all N rows: the service
   does it at every beat to publish ``imagecache_cluster_nodes_live`` when
-  metrics are on; ``--no-list-nodes`` leaves it out), ``apply_deletions``;
-  the next beat is 5 s after this one ends;
+  metrics are on; ``--no-list-nodes`` leaves it out), ``apply_deletions``,
+  then ``claim_preheat_items`` (``after_beat``: the preheat runner looks for
+  this node's items; none are queued, so it finds none); the next beat is 5 s
+  after this one ends;
 - every ``--hit-flush-interval`` (default 5 s, the outbox drains with the
   heartbeat): one upsert of ``--hot-images`` (4) rows;
 - a miss every ``--miss-interval`` seconds on average (default 60, Poisson):
@@ -277,6 +279,9 @@ class Cluster:
             for image_id in node.driver.apply_deletions():
                 with node.lock:
                     node.held.pop(image_id, None)
+            # ClusterTasks.after_beat: PreheatRunner.tick claims this node's preheat
+            # items (none are queued here: the claim finds nothing and commits).
+            node.driver.claim_preheat_items(SETTINGS_DEFAULTS.prefetch_concurrency)
         finally:
             self.sched.at(
                 time.monotonic() + self.args.heartbeat_interval, "beat", lambda: self.beat(node)
@@ -788,7 +793,7 @@ def assumed_rates(args: argparse.Namespace) -> dict[str, Any]:
         "heartbeat_interval_s": args.heartbeat_interval,
         "per_beat": ["heartbeat"]
         + ([] if args.no_list_nodes else ["list_nodes"])
-        + ["apply_deletions"],
+        + ["apply_deletions", "claim_preheat_items"],
         "node_dead_after_s": SETTINGS_DEFAULTS.node_dead_after,
         "hit_flush_interval_s": args.hit_flush_interval,
         "hit_rows_per_flush": args.hot_images,

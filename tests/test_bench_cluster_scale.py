@@ -68,7 +68,12 @@ def test_two_nodes_for_two_seconds(tmp_path: Path) -> None:
     )
     assert json.loads(out.read_text()) == report
     assert report["assumed_per_node"]["heartbeat_interval_s"] == 0.5
-    assert report["assumed_per_node"]["per_beat"] == ["heartbeat", "list_nodes", "apply_deletions"]
+    assert report["assumed_per_node"]["per_beat"] == [
+        "heartbeat",
+        "list_nodes",
+        "apply_deletions",
+        "claim_preheat_items",
+    ]
     (run,) = report["runs"]
     assert run["nodes"] == 2
     assert run["error_count"] == 0, run["errors"]

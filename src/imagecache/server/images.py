@@ -558,8 +558,33 @@ async def _finish_or_abort(
     # origin simply follows, and the client's framing never promised a length.
     if caller is None or flight.info is None:  # a sibling's request: it finishes on its own
         abort(request, flight.image_id, str(why))
+    elif await _failed_elsewhere(state, flight):
+        abort(request, flight.image_id, f"the fill failed in another worker process ({why})")
     else:
         await _finish_from_origin(request, response, state, flight, caller, sent)
+
+
+async def _failed_elsewhere(state: ServiceState, flight: Flight) -> bool:
+    """Whether the other process's fill that ``flight`` followed failed, rather than died.
+
+    A writer moves a failed fill's file to ``invalid/`` before it lets go of
+    its lock; one that died leaves it in ``incomplete/``. Only a dead writer's
+    readers go on from the origin: a fill may fail because the origin changed
+    the image (a refused resume, upstreams/resume.py), and the rest read from
+    the origin from the reader's byte, with no version to hold it to, would be
+    the new version's spliced onto the old (seen on the WAN rig,
+    tests/test_wan_fills.py; the final hash caught it only where the origin
+    promised one).
+    """
+    fd = flight.fd
+    if flight.kind is not FlightKind.REMOTE or fd is None:
+        return False
+    invalid = state.cache.driver.layout.invalid_path(flight.image_id)
+    try:
+        moved, ours = await state.fills.run(lambda: (os.stat(invalid), os.fstat(fd)))
+    except FileNotFoundError:
+        return False
+    return (moved.st_dev, moved.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 @dataclass
