@@ -117,7 +117,8 @@ class WriteBehind(CentralStore):
                 f"the central database does not answer: {brief(exc)}; {depth} images have"
                 " changes queued locally (outbox)"
             )
-        return True, f"the central database answers; {depth} images queued (outbox)"
+        queued = f"; {depth} images have changes not yet written to it (outbox)" if depth else ""
+        return True, f"the central database answers{queued}"
 
     # --- writing -----------------------------------------------------------------------
 
@@ -175,10 +176,13 @@ class WriteBehind(CentralStore):
         records = self.mirror.rows(image_ids)
         unchecked = self.mirror.unchecked(image_ids)
         doomed: list[str] = []
-        if unchecked:
+        # Only a copy still here can be condemned (once dropped, it is simply gone;
+        # checking it again from within its own deletion would wait on its lock).
+        present = [i for i in unchecked if i in records]
+        if present:
             marks = conn.execute(
                 select(deleted_images.c.image_id, deleted_images.c.deleted_at).where(
-                    deleted_images.c.image_id.in_(list(unchecked))
+                    deleted_images.c.image_id.in_(present)
                 )
             ).all()
             doomed = [i for i, at in marks if to_epoch(at) >= unchecked[i]]
