@@ -276,7 +276,8 @@ def test_a_deletion_during_an_offline_fill_wins_when_the_database_returns(
 ) -> None:
     driver = create_driver(node_settings(tmp_path, through(relay, fresh_postgres_url), "one"))
     other = create_driver(node_settings(tmp_path, fresh_postgres_url, "two"))
-    assert isinstance(driver, CentralDriver) and isinstance(other, CentralDriver)
+    assert isinstance(driver, CentralDriver)
+    assert isinstance(other, CentralDriver)
     try:
         cut(relay)
         with driver.open_for_write("d") as target:
