@@ -312,3 +312,49 @@ async def test_claims_are_skipped_while_the_database_is_away(
         assert driver.offline
     finally:
         driver.close()
+
+
+def test_the_first_start_with_a_mirror_keeps_the_databases_records(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """Upgrading from a release without the mirror: the database's rows seed it."""
+    settings = node_settings(tmp_path, fresh_postgres_url, "one")
+    driver = create_driver(settings)
+    assert isinstance(driver, CentralDriver)
+    put(driver, "a")
+    for _ in range(3):
+        with driver.open_for_read("a") as handle:
+            handle.read()
+    assert driver.set_pinned("a", True)
+    driver.close()
+    before = central_rows(fresh_postgres_url, driver.node_id)
+    for side in (tmp_path / "one").glob(".central.db*"):
+        side.unlink()  # as a directory of the previous release has none
+
+    again = create_driver(settings)
+    try:
+        image = again.get_cached_image("a")
+        assert image is not None
+        assert (image.hits, image.pinned) == (3, True)
+        assert central_rows(fresh_postgres_url, driver.node_id) == before == {"a": (200_000, 3)}
+    finally:
+        again.close()
+
+
+def test_clearing_many_images_reaches_the_database_in_batches(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    driver = create_driver(node_settings(tmp_path, fresh_postgres_url, "one"))
+    assert isinstance(driver, CentralDriver)
+    try:
+        for i in range(1200):
+            (tmp_path / "one" / f"img-{i}").write_bytes(b"x")
+        driver.close()
+        driver = create_driver(node_settings(tmp_path, fresh_postgres_url, "one"))  # adopts them
+        assert isinstance(driver, CentralDriver)
+        assert len(central_rows(fresh_postgres_url, driver.node_id)) == 1200
+        assert driver.delete_all_cached_images() == 1200
+        assert central_rows(fresh_postgres_url, driver.node_id) == {}
+        assert driver.mirror.depth() == 0
+    finally:
+        driver.close()

@@ -130,22 +130,24 @@ class WriteBehind(CentralStore):
 
     def push(self, image_ids: list[str]) -> None:
         """Write these images' rows now if the database is there; else leave them queued."""
-        if not image_ids or not self._worth_trying():
-            return
-        try:
-            with self._pushing():
-                entries = [(self.mirror.pending_seq(i), i) for i in image_ids]
-                queued = [(seq, i) for seq, i in entries if seq is not None]
-                with self._write() as conn:
-                    doomed = self._write_rows(conn, [i for _, i in queued])
-                self.mirror.pushed(queued)
-        except CacheStoreError as exc:
-            if not is_database_error(exc):
-                raise
-            self._went_offline(exc)
-            return
-        self._came_back()
-        self._condemn(doomed)
+        for start in range(0, len(image_ids), DRAIN_BATCH):  # a clear of 100k images, too
+            if not self._worth_trying():
+                return
+            batch = image_ids[start : start + DRAIN_BATCH]
+            try:
+                with self._pushing():
+                    entries = [(self.mirror.pending_seq(i), i) for i in batch]
+                    queued = [(seq, i) for seq, i in entries if seq is not None]
+                    with self._write() as conn:
+                        doomed = self._write_rows(conn, [i for _, i in queued])
+                    self.mirror.pushed(queued)
+            except CacheStoreError as exc:
+                if not is_database_error(exc):
+                    raise
+                self._went_offline(exc)
+                return
+            self._came_back()
+            self._condemn(doomed)
 
     def drain(self) -> int:
         """Write the whole outbox to the database; how many images were written."""
