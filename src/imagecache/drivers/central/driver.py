@@ -238,7 +238,7 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport):
             self.mirror._meta_commit(fill, size, now)
 
     def _commit_online(self, fill: Fill, size: int, now: float, local: list[bool]) -> None:
-        with self._pushing(), self._write() as conn:
+        with self._pushing(self.settings.database_timeout), self._write() as conn:
             # An image deleted through any node after this fill began is not
             # kept: the deletion wins (its local half is FileBackedDriver.cancel_fill;
             # this is the other nodes'). Checked in the commit's own transaction.

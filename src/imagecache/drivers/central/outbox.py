@@ -123,10 +123,34 @@ class WriteBehind(CentralStore):
     # --- writing -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _pushing(self) -> Iterator[None]:
-        with self._push_lock, open(self.layout.lock_path("central-outbox"), "a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            yield
+    def _pushing(self, wait: float | None = None) -> Iterator[None]:
+        """Hold the node's push lock; with ``wait``, give up (CentralUnavailable) after it.
+
+        A commit or a deletion waits at most ``database_timeout``: if a push
+        of another thread or worker is stuck on the database that long, the
+        change stays queued and the request goes on (the drain has no hurry).
+        """
+        deadline = None if wait is None else time.monotonic() + wait
+        if not self._push_lock.acquire(timeout=-1 if wait is None else wait):
+            raise CentralUnavailable("central metadata: the database is busy with another push")
+        try:
+            with open(self.layout.lock_path("central-outbox"), "a") as lock:
+                if deadline is None:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                else:
+                    while True:
+                        try:
+                            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            if time.monotonic() >= deadline:
+                                raise CentralUnavailable(
+                                    "central metadata: another process's push holds the lock"
+                                ) from None
+                            time.sleep(0.01)  # a lock poll, bounded by the deadline
+                yield
+        finally:
+            self._push_lock.release()
 
     def push(self, image_ids: list[str]) -> None:
         """Write these images' rows now if the database is there; else leave them queued."""
@@ -135,7 +159,7 @@ class WriteBehind(CentralStore):
                 return
             batch = image_ids[start : start + DRAIN_BATCH]
             try:
-                with self._pushing():
+                with self._pushing(self.settings.database_timeout):
                     entries = [(self.mirror.pending_seq(i), i) for i in batch]
                     queued = [(seq, i) for seq, i in entries if seq is not None]
                     with self._write() as conn:
