@@ -87,9 +87,13 @@ class ClusterTasks:
         """One beat: announce this node alive, write its queued changes, drop images deleted
         elsewhere (``CentralDriver.sync``; with the database away, nothing but a log line)."""
         dropped = await asyncio.to_thread(self.driver.sync)
-        if self.metrics is not None and not self.driver.offline:
-            live = await asyncio.to_thread(self.driver.list_nodes)
-            self.metrics.cluster_nodes_live.set(sum(1 for node in live if node.alive))
+        if self.metrics is not None:
+            self.metrics.cluster_database_up.set(0 if self.driver.offline else 1)
+            depth = await asyncio.to_thread(self.driver.mirror.depth)
+            self.metrics.cluster_outbox_images.set(depth)
+            if not self.driver.offline:
+                live = await asyncio.to_thread(self.driver.list_nodes)
+                self.metrics.cluster_nodes_live.set(sum(1 for node in live if node.alive))
         for image_id in dropped:
             await asyncio.to_thread(self.cache.delete_queued_image, image_id)
         self.beats += 1

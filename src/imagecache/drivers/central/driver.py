@@ -182,7 +182,10 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport):
         try:
             if not self._registered:
                 self._join()
-            self.heartbeat()
+            if not self.heartbeat():
+                # Left, or another directory took this URL (logged by heartbeat):
+                # the node's rows are not this directory's to write any more.
+                return []
             self._came_back()
             self.drain()
             if self._resync_due:
