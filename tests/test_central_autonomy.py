@@ -110,6 +110,13 @@ async def download(client: TestClient[Any, Any], image_id: str) -> None:
         assert await response.read() == DATA[image_id]
 
 
+async def gauge(client: TestClient[Any, Any], name: str) -> float:
+    async with client.get("/metrics") as response:
+        text = await response.text()
+    [value] = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
 def node_driver(client: TestClient[Any, Any]) -> CentralDriver:
     driver = central_driver(client.app[STATE].cache)
     assert driver is not None
@@ -181,6 +188,14 @@ async def test_a_node_cut_from_its_database_serves_fills_and_rejoins(
         assert "does not answer" in checks["database"]["detail"]
         assert "queued locally (outbox)" in checks["database"]["detail"]
         assert driver.mirror.depth() >= 1  # b, and a's hit
+
+        async def metrics_say_away() -> bool:
+            return (
+                await gauge(client, "imagecache_cluster_database_up") == 0
+                and await gauge(client, "imagecache_cluster_outbox_images") >= 1
+            )
+
+        await poll(metrics_say_away, "the metrics show the database away and the queue")
         other.delete_everywhere("c")  # through the other node (it holds none), during the cut
         await download(client, "a")  # still served
 
@@ -192,6 +207,14 @@ async def test_a_node_cut_from_its_database_serves_fills_and_rejoins(
         await poll(lambda: _true(not driver.is_cached("c")), "the deletion made meanwhile applied")
         async with client.get("/healthcheck/ready") as response:
             assert response.status == 200, await response.text()
+
+        async def metrics_say_back() -> bool:
+            return (
+                await gauge(client, "imagecache_cluster_database_up") == 1
+                and await gauge(client, "imagecache_cluster_outbox_images") == 0
+            )
+
+        await poll(metrics_say_back, "the metrics show the database back and the queue empty")
 
         disk = on_disk(tmp_path / "one")
         assert disk == {"a": len(DATA["a"]), "b": len(DATA["b"])}

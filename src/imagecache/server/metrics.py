@@ -137,8 +137,6 @@ class Metrics:
         )
         self.cluster_nodes_live = Gauge(
             "imagecache_cluster_nodes_live",
-            "imagecache_cluster_database_up",
-            "imagecache_cluster_outbox_images",
             "Live nodes in the cluster (this one included) at this node's last heartbeat",
             registry=r,
         )

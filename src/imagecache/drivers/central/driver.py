@@ -260,6 +260,8 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport):
             # and the outbox still holds it, for the drain to check and write.
             self.mirror._meta_commit(fill, size, now)
             local[0] = True
+            # This fill's check supersedes one left by an offline commit before it.
+            self.mirror.checked([fill.image_id])
             seq = self.mirror.pending_seq(fill.image_id)
             self._write_rows(conn, [fill.image_id])
             # Filler becomes holder in one step: no moment when the cluster sees neither.

@@ -109,14 +109,14 @@ class WriteBehind(CentralStore):
     def database_state(self) -> tuple[bool, str]:
         """For readiness: whether the cluster database answers, and what is queued for it."""
         depth = self.mirror.depth()
+        queued = f"{depth} images have changes queued locally (outbox)"
+        if not self._worth_trying():  # failed within the last heartbeat interval: say so now
+            return False, f"the central database does not answer: {self._offline_reason}; {queued}"
         try:
             with self._read() as conn:
                 conn.execute(select(1))
         except CacheStoreError as exc:
-            return False, (
-                f"the central database does not answer: {brief(exc)}; {depth} images have"
-                " changes queued locally (outbox)"
-            )
+            return False, f"the central database does not answer: {brief(exc)}; {queued}"
         queued = f"; {depth} images have changes not yet written to it (outbox)" if depth else ""
         return True, f"the central database answers{queued}"
 
