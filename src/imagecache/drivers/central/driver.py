@@ -37,6 +37,26 @@ with a database needs it: the node's id comes from registering. A directory
 that has joined that database under that URL before remembers its id (in the
 mirror), so it starts and serves what it holds, and registers when the
 database answers; otherwise start-up fails as before (BadDriverConfiguration).
+
+**Decisions, and why.**
+
+- Hit counts travel as the local absolute count, not as increments: the
+  local row is authoritative for this node's row, and an absolute value can
+  be written twice (a retry after a commit whose answer was lost) without
+  counting hits twice.
+- Commits, deletions and pins are written through at once when the database
+  answers, rather than only at the next heartbeat: siblings should find a new
+  copy (and stop asking for a deleted one) within milliseconds, as before.
+  Hits alone wait for the heartbeat; they are the request path.
+- The outbox is a table keyed by image id, filled by triggers on the local
+  table: bounded by the number of images, and no code path can change a row
+  without queueing it.
+- What "away" means: the database failed (an error, or ``database_timeout``
+  to connect) within the last ``node_heartbeat_interval``; requests then do
+  not wait on it again until that much later. A partition that drops packets
+  is detected by ``tcp_user_timeout``; a middlebox that keeps acknowledging
+  while forwarding nothing (the test relay's black hole alone) is not, on a
+  connection already open: cut tests reset those connections too.
 """
 
 from __future__ import annotations
@@ -291,12 +311,14 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport):
         self.push(doomed)
 
     def record_hit(self, image_id: str) -> None:
+        self.layout.validate(image_id)  # this directory's rules (the mirror's name differs)
         self.mirror.record_hit(image_id)  # local, batched; the heartbeat's drain writes it
 
     def flush_hits(self) -> None:
         self.mirror.flush_hits()
 
     def set_pinned(self, image_id: str, pinned: bool) -> bool:
+        self.layout.validate(image_id)
         changed = self.mirror.set_pinned(image_id, pinned)
         if changed:
             self.push([image_id])
@@ -314,9 +336,11 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport):
         return self.mirror.iter_sizes()
 
     def get_cached_image(self, image_id: str) -> CachedImage | None:
+        self.layout.validate(image_id)
         return self.mirror.get_cached_image(image_id)
 
     def get_hit_count(self, image_id: str) -> int:
+        self.layout.validate(image_id)
         return self.mirror.get_hit_count(image_id)
 
     def get_least_recently_accessed(self) -> tuple[str, int] | None:
