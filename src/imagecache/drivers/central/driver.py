@@ -282,12 +282,12 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport):
             local[0] = True
             # This fill's check supersedes one left by an offline commit before it.
             self.mirror.checked([fill.image_id])
-            seq = self.mirror.pending_seq(fill.image_id)
+            version = self.mirror.pending_version(fill.image_id)
             self._write_rows(conn, [fill.image_id])
             # Filler becomes holder in one step: no moment when the cluster sees neither.
             conn.execute(self._forget_origin_fill(fill.image_id))
-        if seq is not None:
-            self.mirror.pushed([(seq, fill.image_id)])
+        if version is not None:
+            self.mirror.pushed([(version, fill.image_id)])
         self._came_back()
 
     def _meta_rollback(self, fill: Fill, reason: str) -> None:

@@ -13,9 +13,9 @@ Three tables are added beside ``cached_images``:
   images, however long the database is away). Triggers on ``cached_images``
   fill it in the same transaction as the change, whoever makes it (a commit, a
   hit batch, a pin, reconciliation), so no change can be forgotten, not even
-  by a crash. ``seq`` grows with every change: a drain removes an entry only if
-  its ``seq`` is still the one it pushed, so a change made while it pushed is
-  pushed again.
+  by a crash. ``version`` grows with every change: a drain removes an entry
+  only if its ``version`` is still the one it pushed, so a change made while
+  it pushed is pushed again.
 - ``unchecked_fills``: images committed while the database was away, with
   the time their fill began; the drain checks them against the cluster's
   deletions ("a deletion during the fill wins") before it publishes them.
@@ -38,18 +38,26 @@ from imagecache.settings import Settings
 
 MIRROR_DB = ".central.db"
 
+_MARK = (
+    " INSERT INTO outbox (image_id) VALUES ({row}.image_id)"
+    " ON CONFLICT (image_id) DO UPDATE SET version = version + 1;"
+)
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS outbox ("
-    " seq INTEGER PRIMARY KEY AUTOINCREMENT, image_id TEXT NOT NULL UNIQUE)",
+    " image_id TEXT PRIMARY KEY, version INTEGER NOT NULL DEFAULT 1)",
     "CREATE TABLE IF NOT EXISTS unchecked_fills (image_id TEXT PRIMARY KEY, started_at REAL)",
     "CREATE TABLE IF NOT EXISTS identity (database TEXT PRIMARY KEY, url TEXT, node_id INTEGER)",
-    # INSERT OR REPLACE gives the entry a new seq (AUTOINCREMENT never reuses one).
+    # An upsert, not INSERT OR REPLACE: a hit batch touches one small row in
+    # place (the hit path's flush pays for it, about 20 us with a replace).
     "CREATE TRIGGER IF NOT EXISTS outbox_on_insert AFTER INSERT ON cached_images BEGIN"
-    " INSERT OR REPLACE INTO outbox (image_id) VALUES (new.image_id); END",
+    + _MARK.format(row="new")
+    + " END",
     "CREATE TRIGGER IF NOT EXISTS outbox_on_update AFTER UPDATE ON cached_images BEGIN"
-    " INSERT OR REPLACE INTO outbox (image_id) VALUES (new.image_id); END",
+    + _MARK.format(row="new")
+    + " END",
     "CREATE TRIGGER IF NOT EXISTS outbox_on_delete AFTER DELETE ON cached_images BEGIN"
-    " INSERT OR REPLACE INTO outbox (image_id) VALUES (old.image_id); END",
+    + _MARK.format(row="old")
+    + " END",
 )
 
 
@@ -81,12 +89,13 @@ class Mirror(SqliteDriver):
     # --- the outbox ------------------------------------------------------------------------
 
     def pending(self, limit: int) -> list[tuple[int, str]]:
-        """Up to ``limit`` ``(seq, image_id)`` of the outbox, oldest change first."""
-        rows = self._query("SELECT seq, image_id FROM outbox ORDER BY seq LIMIT ?", (limit,))
-        return [(int(seq), str(image_id)) for seq, image_id in rows]
+        """Up to ``limit`` ``(version, image_id)`` of the outbox."""
+        rows = self._query("SELECT version, image_id FROM outbox LIMIT ?", (limit,))
+        return [(int(version), str(image_id)) for version, image_id in rows]
 
-    def pending_seq(self, image_id: str) -> int | None:
-        rows = self._query("SELECT seq FROM outbox WHERE image_id = ?", (image_id,))
+    def pending_version(self, image_id: str) -> int | None:
+        """The version of the image's outbox entry (None: nothing queued)."""
+        rows = self._query("SELECT version FROM outbox WHERE image_id = ?", (image_id,))
         return int(rows[0][0]) if rows else None
 
     def pushed(self, entries: list[tuple[int, str]]) -> None:
@@ -94,7 +103,9 @@ class Mirror(SqliteDriver):
         if not entries:
             return
         with self._tx() as conn:
-            conn.executemany("DELETE FROM outbox WHERE seq = ?", ((seq,) for seq, _ in entries))
+            conn.executemany("DELETE FROM outbox WHERE image_id = ? AND version = ?", (
+                (image_id, version) for version, image_id in entries
+            ))  # fmt: skip
 
     def depth(self) -> int:
         """How many images have changes the cluster database has not seen."""
@@ -104,7 +115,9 @@ class Mirror(SqliteDriver):
         """Queue these images for the cluster database (their rows, or their absence)."""
         with self._tx() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO outbox (image_id) VALUES (?)", ((i,) for i in image_ids)
+                "INSERT INTO outbox (image_id) VALUES (?)"
+                " ON CONFLICT (image_id) DO UPDATE SET version = version + 1",
+                ((i,) for i in image_ids),
             )
 
     def rows(self, image_ids: list[str]) -> dict[str, CachedImage]:

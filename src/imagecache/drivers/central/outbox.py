@@ -160,8 +160,8 @@ class WriteBehind(CentralStore):
             batch = image_ids[start : start + DRAIN_BATCH]
             try:
                 with self._pushing(self.settings.database_timeout):
-                    entries = [(self.mirror.pending_seq(i), i) for i in batch]
-                    queued = [(seq, i) for seq, i in entries if seq is not None]
+                    entries = [(self.mirror.pending_version(i), i) for i in batch]
+                    queued = [(version, i) for version, i in entries if version is not None]
                     with self._write() as conn:
                         doomed = self._write_rows(conn, [i for _, i in queued])
                     self.mirror.pushed(queued)
