@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 
 from imagecache.drivers.files import FileBackedDriver
 from imagecache.errors import BadDriverConfiguration, CacheStoreError
@@ -264,7 +264,8 @@ class CentralStore(FileBackedDriver):
                 with conn.begin():
                     yield conn
         except SQLAlchemyError as exc:
-            self._went_offline(exc)
+            if not isinstance(exc, IntegrityError):  # a lost race is an answer, not an absence
+                self._went_offline(exc)
             raise CacheStoreError(f"central metadata: {brief(exc)}") from exc
 
     @contextlib.contextmanager
@@ -273,7 +274,8 @@ class CentralStore(FileBackedDriver):
             with self.engine.connect() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            self._went_offline(exc)
+            if not isinstance(exc, IntegrityError):  # a lost race is an answer, not an absence
+                self._went_offline(exc)
             raise CacheStoreError(f"central metadata: {brief(exc)}") from exc
 
     def _upsert_image(self, conn: Connection, values: dict[str, Any], keep: Iterable[str]) -> None:
