@@ -337,6 +337,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """The central driver's database, e.g.
     `postgresql+psycopg://postgres@127.0.0.1:5432/imagecache`."""
+    database_timeout: Seconds = Field(default=5.0, gt=0)
+    """How long the central driver waits to connect to its database (and for sent data to be
+    acknowledged) before it counts the database as away and serves from its local records."""
     node_heartbeat_interval: Seconds = Field(default=5.0, gt=0)
     """How often a node records that it is alive."""
     node_dead_after: Seconds = Field(default=20.0, gt=0)

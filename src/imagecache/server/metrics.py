@@ -48,6 +48,8 @@ _SAME_IN_EVERY_WORKER = frozenset(
         "imagecache_max_size_bytes",
         "imagecache_free_space_watermark_bytes",
         "imagecache_cluster_nodes_live",
+        "imagecache_cluster_database_up",
+        "imagecache_cluster_outbox_images",
         "imagecache_cached_bytes",
         "imagecache_disk_free_bytes",
         "imagecache_database_up",
@@ -149,6 +151,18 @@ class Metrics:
         self.cluster_nodes_live = Gauge(
             "imagecache_cluster_nodes_live",
             "Live nodes in the cluster (this one included) at this node's last heartbeat",
+            registry=r,
+        )
+        self.cluster_database_up = Gauge(
+            "imagecache_cluster_database_up",
+            "1 if the cluster database answered this node's last heartbeat, else 0 (the node "
+            "then serves from its local records and queues its changes)",
+            registry=r,
+        )
+        self.cluster_outbox_images = Gauge(
+            "imagecache_cluster_outbox_images",
+            "Images whose local changes the cluster database has not received yet, after "
+            "this node's last heartbeat",
             registry=r,
         )
 

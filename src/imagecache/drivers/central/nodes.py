@@ -240,6 +240,7 @@ class NodeRegistry(CentralStore):
 
     def list_nodes(self) -> list[NodeInfo]:
         """Every registered node, dead or alive, by URL."""
+        self._require_online("listing the nodes")
         cutoff = self._alive_cutoff()
         with self._read() as conn:
             rows = conn.execute(
@@ -260,6 +261,7 @@ class NodeRegistry(CentralStore):
 
     def get_cluster_images(self) -> list[tuple[str, CachedImage]]:
         """``(node URL, record)`` of every copy on every live node, by image id then URL."""
+        self._require_online("listing the cluster's copies")
         query = (
             select(nodes.c.url, *IMAGE_COLUMNS)
             .select_from(cached_images.join(nodes, nodes.c.id == cached_images.c.node_id))
@@ -287,6 +289,7 @@ class NodeRegistry(CentralStore):
     def get_cached_siblings(self, image_id: str) -> list[Sibling]:
         """The live nodes holding a copy not marked deleted since it was made, with their sites."""
         self.layout.validate(image_id)
+        self._require_online("finding the nodes holding an image")
         with self._read() as conn:
             rows = conn.execute(self._holders(image_id).order_by(nodes.c.url))
             return [Sibling(url, site) for url, site in rows]
