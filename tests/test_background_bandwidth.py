@@ -222,3 +222,50 @@ async def test_the_new_metrics_pass_promtool(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_client_waiting_in_another_worker_pauses_this_ones_background_fill(
+    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], origin: Path
+) -> None:
+    # Two services over one cache directory stand for two worker processes: the
+    # mark is a file locked through its own open file description, as between
+    # processes (flock locks belong to the description, not the process).
+    settings = make_settings(
+        admin_token=TOKEN, background_bandwidth="2MiB/s", background_bandwidth_while_busy=0
+    )
+    hooks = HoldDecision("user")
+    busy_one = await aiohttp_client(
+        create_app(settings, upstream=DirectoryUpstream(origin), fill_hooks=hooks)
+    )
+    other = await aiohttp_client(create_app(settings, upstream=DirectoryUpstream(origin)))
+    async with other.put("/v2/cache/background", headers=ADMIN) as response:
+        assert response.status == 202
+    await poll(
+        lambda: _true(sample(other, "imagecache_background_bytes_total") > 0),
+        "the background fill reads",
+    )
+    user = asyncio.create_task(get(busy_one, "user"))
+    await poll(lambda: _true(hooks.entered.is_set()), "the client's fill is being decided")
+    bandwidth = other.app[STATE].fills.bandwidth
+    await poll(lambda: _true(bandwidth.others_busy), "the other worker sees the waiting client")
+    assert not bandwidth.busy
+    assert bandwidth.rate == 0
+    await poll(
+        lambda: _true(sample(other, "imagecache_background_rate_limit_bytes_per_second") == 0),
+        "the gauge shows the pause",
+    )
+    flight = other.app[STATE].fills.current("background")
+    assert flight is not None
+    throttled = "imagecache_background_throttled_seconds_total"
+    paused_at = sample(other, throttled)
+    await poll(lambda: _true(sample(other, throttled) >= paused_at + 0.3), "the fill waits")
+    held_at = flight.available
+    waited = sample(other, throttled)
+    await poll(lambda: _true(sample(other, throttled) >= waited + 1.0), "the fill waits on")
+    assert flight.available == held_at < len(BACKGROUND)
+
+    hooks.release.set()
+    assert await user == USER
+    await poll(lambda: _true(not bandwidth.others_busy), "the client's worker is idle again")
+    await other.app[WORKER].join()
+    assert await get(other, "background") == BACKGROUND

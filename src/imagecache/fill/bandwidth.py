@@ -26,11 +26,10 @@ chunk plus the burst (``BURST_SECONDS`` of the rate). A paused or indebted
 fill asks again at least every ``RECHECK`` seconds, which is how it notices
 that the last client went or the rate changed without a wake-up of its own.
 
-Busy is per process: a client's fill in another worker process does not slow
-this one's background fills. A shared signal across the workers (a locked
-file per busy process in the lock directory) was considered; per process
-keeps the hot path free of file I/O, and the per-worker budget still caps
-what the background of the whole service can take.
+Busy is first this process's state, which the coordinator knows exactly; a
+background fill also asks, at most every few hundred milliseconds, whether
+another worker process (or a CLI prefetch on the same directory) is busy,
+through a locked file per busy process (fill/busy.py, best effort).
 
 Pure: the clock is injected (tests pass a fake one), no I/O. Thread-safe: the
 pump's threads and the event loop share one bucket.
@@ -147,7 +146,10 @@ class BackgroundBandwidth:
         # when a client arrives.
         self.busy_rate = min(busy, idle)
         self.clock = clock
+        # This process is busy; another one is (fill/busy.py tells).
         self.busy = False
+        self.others_busy = False
+        self._lock = threading.Lock()
         self.bucket = TokenBucket(idle, clock)
         self._on_rate = on_rate
         if on_rate is not None:
@@ -170,11 +172,26 @@ class BackgroundBandwidth:
         return self.bucket.rate
 
     def set_busy(self, busy: bool) -> None:
-        if busy == self.busy:
-            return
-        self.busy = busy
-        rate = self.busy_rate if busy else self.idle
-        if rate != self.bucket.rate:
-            self.bucket.set_rate(rate)
-            if self._on_rate is not None:
-                self._on_rate(rate)
+        """This process has an on-demand fill or a waiting client (on the event loop)."""
+        with self._lock:
+            self.busy = busy
+            rate = self._apply()
+        self._tell(rate)
+
+    def set_others_busy(self, busy: bool) -> None:
+        """Another process has (in any thread)."""
+        with self._lock:
+            self.others_busy = busy
+            rate = self._apply()
+        self._tell(rate)
+
+    def _apply(self) -> float | None:
+        rate = self.busy_rate if self.busy or self.others_busy else self.idle
+        if rate == self.bucket.rate:
+            return None
+        self.bucket.set_rate(rate)
+        return rate
+
+    def _tell(self, rate: float | None) -> None:
+        if rate is not None and self._on_rate is not None:
+            self._on_rate(rate)

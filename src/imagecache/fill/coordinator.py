@@ -34,11 +34,11 @@ from imagecache.errors import (
     is_origin_failure,
 )
 from imagecache.fill import remote
-from imagecache.fill.bandwidth import BackgroundBandwidth
+from imagecache.fill.busy import SUBDIR, Precedence
 from imagecache.fill.events import FillEvents, FillOutcome
 from imagecache.fill.flight import CACHED, COMMIT_WAIT, NO_FILL, Flight, FlightKind
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
-from imagecache.fill.pump import Throttle, copy_stream, pump
+from imagecache.fill.pump import copy_stream, pump
 from imagecache.fill.writer import FillWriter
 from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
@@ -77,7 +77,9 @@ class FillCoordinator:
         # A fill that fails verification makes it forget the image's answer, so
         # an image replaced at the origin is asked for again, not failed for a TTL.
         self.metadata: MetadataCache | None = None
-        self.bandwidth = BackgroundBandwidth.of(settings, on_rate=events.background_rate_limit)
+        lock_dir = cache.driver.layout.lock_dir
+        self.precedence = Precedence(settings, lock_dir / SUBDIR, events, executor)
+        self.bandwidth = self.precedence.bandwidth
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run a blocking call in the disk executor (None: asyncio's default one)."""
@@ -311,7 +313,7 @@ class FillCoordinator:
             def check() -> None:
                 self._check_going(flight, writer, detached)
 
-            throttle = Throttle(self.bandwidth.bucket, lambda: not flight.on_demand)
+            throttle = self.precedence.throttle(flight)
             if source is None:
                 stream = self.upstream.stream(flight.image_id, caller)
                 await copy_stream(flight, writer, stream, self.run, self.events, check, throttle)
@@ -342,7 +344,7 @@ class FillCoordinator:
 
     def _update_busy(self) -> None:
         """Background fills give way while any flight here is on demand (fill/bandwidth.py)."""
-        self.bandwidth.set_busy(any(f.on_demand for f in self._flights.values()))
+        self.precedence.update(any(f.on_demand for f in self._flights.values()))
 
     def _commit(self, flight: Flight, writer: FillWriter) -> None:
         self.hooks.before_commit(flight.image_id)

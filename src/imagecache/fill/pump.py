@@ -40,6 +40,8 @@ class Throttle:
     bucket: TokenBucket
     # Asked before every chunk, from the pump's thread too: reads plain attributes only.
     applies: Callable[[], bool]
+    # Blocking (a thread): looks whether another process is busy (fill/busy.py).
+    refresh: Callable[[], None] = lambda: None
 
     def pending(self) -> float:
         """Seconds this fill must still wait before its next chunk (0: go)."""
@@ -59,7 +61,7 @@ async def copy_stream(
     try:
         while True:
             if throttle is not None:
-                await _wait_async(throttle, events)
+                await _wait_async(throttle, run, events)
             background = throttle is not None and throttle.applies()
             try:
                 chunk = await anext(stream)
@@ -126,11 +128,14 @@ async def pump(
     def wait_turn() -> None:
         # Sleeps on ``stop`` so that a cancelled fill is not held by its throttle.
         assert throttle is not None
+        if throttle.applies():
+            throttle.refresh()
         while (delay := throttle.pending()) > 0 and not stop.is_set():
             started = time.monotonic()
             stop.wait(min(delay, RECHECK))
             written[2] += time.monotonic() - started
             schedule_report()
+            throttle.refresh()
 
     def move() -> None:
         copying = True
@@ -181,13 +186,16 @@ async def pump(
     report()
 
 
-async def _wait_async(throttle: Throttle, events: FillEvents) -> None:
+async def _wait_async(throttle: Throttle, run: Run, events: FillEvents) -> None:
+    if throttle.applies():
+        await run(throttle.refresh)
     while (delay := throttle.pending()) > 0:
         started = time.monotonic()
         try:
             await asyncio.sleep(min(delay, RECHECK))
         finally:
             events.background_throttled(time.monotonic() - started)
+        await run(throttle.refresh)
 
 
 async def aclose(stream: AsyncIterator[bytes]) -> None:
