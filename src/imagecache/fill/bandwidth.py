@@ -12,13 +12,23 @@ Background fills of one process share one ``TokenBucket``, whose rate the
 
 - ``background_bandwidth`` (bytes/s for the whole service; 0 = unlimited)
   while nothing else runs;
-- ``background_bandwidth_while_busy`` while this process has an on-demand
-  fill running or a client waiting on a fill (0 = pause the background fills
-  until the last such client is served).
+- ``background_bandwidth_while_busy`` while this or another process has an
+  on-demand fill running or a client waiting on a fill (0 = pause the
+  background fills until the last such client is served). Its default is a
+  trickle (1 MiB/s), not a pause, so that a background fill's origin
+  connection is not left idle for as long as clients keep coming.
 
 Both budgets are divided by ``workers``: each worker process gets its share
 and does not lend an idle share to a sibling, so the service errs below the
-cap, never above it. The pump (fill/pump.py) asks the bucket before each
+cap, never above it. A CLI ``prefetch`` beside the service takes one more
+share. A client's download streamed uncached (too large, no room) has no
+flight and does not make a process busy.
+
+A pause stops the background fill's reads at once, but frees the link only
+once the TCP buffers along the path are full (measured on the WAN rig,
+docs/operations.md); a cap below the link's rate keeps them full.
+
+The pump (fill/pump.py) asks the bucket before each
 chunk of a background fill and spends the chunk's bytes after reading it; a
 chunk may overdraw the bucket (a chunk's size is known only once it is read)
 and the next one waits the debt off, so the average rate holds to within one
@@ -27,7 +37,7 @@ fill asks again at least every ``RECHECK`` seconds, which is how it notices
 that the last client went or the rate changed without a wake-up of its own.
 
 Busy is first this process's state, which the coordinator knows exactly; a
-background fill also asks, at most every few hundred milliseconds, whether
+background fill also asks, at most every ``busy.LOOK_INTERVAL`` (0.1 s), whether
 another worker process (or a CLI prefetch on the same directory) is busy,
 through a locked file per busy process (fill/busy.py, best effort).
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 SUBDIR = "on-demand"
 # How long one look at the other processes' marks is believed.
-LOOK_INTERVAL = 0.25
+LOOK_INTERVAL = 0.1
 
 
 class BusyMarks:
