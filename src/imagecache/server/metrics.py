@@ -138,6 +138,25 @@ class Metrics:
         )
         for outcome in RESUME_OUTCOMES:
             self.upstream_resumes.labels(outcome)  # shown at 0 from the start
+        # Background fills (fill/bandwidth.py): the queue worker's and prefetch's.
+        self.background_bytes = Counter(
+            "imagecache_background_bytes",
+            "Bytes read from the upstream by background fills (queue, prefetch, fills whose "
+            "clients left); also counted in imagecache_bytes_from_upstream",
+            registry=r,
+        )
+        self.background_throttled_seconds = Counter(
+            "imagecache_background_throttled_seconds",
+            "Seconds background fills waited for their bandwidth (background_bandwidth, or "
+            "background_bandwidth_while_busy while on-demand fills run), summed over the fills",
+            registry=r,
+        )
+        self.background_rate_gauge = Gauge(
+            "imagecache_background_rate_limit_bytes_per_second",
+            "The rate background fills may read from the upstream now, summed over the worker "
+            "processes (+Inf: no limit; 0: paused for on-demand fills)",
+            registry=r,
+        )
 
         # Cluster mode only (server/cluster.py, upstreams/sibling.py set them);
         # outside it they stay at 0.
@@ -183,6 +202,15 @@ class Metrics:
 
     def upstream_read(self, count: int) -> None:
         self.bytes_from_upstream.inc(count)
+
+    def background_read(self, count: int) -> None:
+        self.background_bytes.inc(count)
+
+    def background_throttled(self, seconds: float) -> None:
+        self.background_throttled_seconds.inc(seconds)
+
+    def background_rate_limit(self, bytes_per_second: float) -> None:
+        self.background_rate_gauge.set(bytes_per_second)
 
     # --- upstreams.sibling.SiblingEvents ---------------------------------------------------------
 
