@@ -95,8 +95,8 @@ class ClusterTasks:
             depth = await asyncio.to_thread(self.driver.mirror.depth)
             self.metrics.cluster_outbox_images.set(depth)
             if not self.driver.offline:
-                live = await asyncio.to_thread(self.driver.list_nodes)
-                self.metrics.cluster_nodes_live.set(sum(1 for node in live if node.alive))
+                live = await asyncio.to_thread(self.driver.count_live_nodes)
+                self.metrics.cluster_nodes_live.set(live)
         for image_id in dropped:
             await asyncio.to_thread(self.cache.delete_queued_image, image_id)
         self.beats += 1

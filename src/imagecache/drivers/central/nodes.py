@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import (
     delete,
+    func,
     insert,
     select,
     update,
@@ -258,6 +259,20 @@ class NodeRegistry(CentralStore):
             )
             for url, beat, started, site in rows
         ]
+
+    def count_live_nodes(self) -> int:
+        """How many nodes beat within ``node_dead_after``: one row, whatever the cluster's size.
+
+        For the heartbeat's gauge: listing every node at every beat made each
+        beat cost O(nodes) rows, O(nodes²) for the cluster (bench/cluster_scale.py,
+        docs/cluster.md "Scale").
+        """
+        self._require_online("counting the live nodes")
+        query = (
+            select(func.count()).select_from(nodes).where(nodes.c.heartbeat > self._alive_cutoff())
+        )
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def get_cluster_images(self) -> list[tuple[str, CachedImage]]:
         """``(node URL, record)`` of every copy on every live node, by image id then URL."""
