@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from imagecache.errors import ImageCacheError
-from imagecache.server import images
+from imagecache.server.send import send_file_span
 
 SIZE = 256 * 1024
 
@@ -43,8 +43,7 @@ async def test_a_span_past_the_end_of_the_file_aborts_the_response(
         response = web.StreamResponse(headers={"Content-Length": str(2 * SIZE)})
         await response.prepare(request)
         try:
-            # The state is only used by the copy path (TLS), not on plain TCP.
-            await images._send_span(request, response, None, handle, 0, 2 * SIZE)  # type: ignore[arg-type]
+            await send_file_span(request, response, handle, 0, 2 * SIZE)
         except ImageCacheError as exc:
             raised.append(exc)
             raise
@@ -72,7 +71,7 @@ async def test_a_span_the_file_holds_is_sent_whole(aiohttp_server: Any, tmp_path
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Length": str(SIZE - 1000)})
         await response.prepare(request)
-        await images._send_span(request, response, None, handle, 1000, SIZE - 1000)  # type: ignore[arg-type]
+        await send_file_span(request, response, handle, 1000, SIZE - 1000)
         await response.write_eof()
         return response
 
@@ -116,7 +115,7 @@ async def test_a_span_is_sent_corked_and_the_socket_uncorked_after(
         response = web.StreamResponse(headers={"Content-Length": str(promised)})
         await response.prepare(request)
         try:
-            await images._send_span(request, response, None, handle, 0, promised)  # type: ignore[arg-type]
+            await send_file_span(request, response, handle, 0, promised)
         finally:
             corked["after"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
         await response.write_eof()
