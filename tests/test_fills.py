@@ -22,12 +22,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from imagecache import hits
 from imagecache.drivers.files import Fill
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.fill.flight import FlightKind
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.records import Chunk
-from imagecache import hits
 from imagecache.server.app import create_app
 from imagecache.server.state import STATE
 from imagecache.settings import Settings

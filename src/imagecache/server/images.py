@@ -1,16 +1,11 @@
 """``GET``/``HEAD /v2/images/{id}/file``: the route and its decisions (hit, miss, sibling, bypass).
 
-Headers follow Glance, which image clients check: ``Content-MD5`` carries the
-image's hex md5 ``checksum`` (not the base64 of RFC 1864), on full and ranged
-responses alike. Beyond Glance: a strong ``ETag`` made from the image's
-recorded hash, so a hit and a miss of one image carry the same tag,
-``If-None-Match`` (304), ``If-Range``, single-range requests served from the
-cache (see ``ranges`` for the decisions) and ``HEAD``.
-
-Here: which answer a request gets and with which headers. Opening a hit is
-``imagecache.hits``; what a follower of a fill may send, and the rest from
-the origin when the fill dies, ``fill.follow``; putting bytes on the socket
-(sendfile, the cork, aborting a body), ``server.send``.
+Headers follow Glance, which image clients check; beyond Glance, ``ETag``,
+``If-None-Match``, ``If-Range``, single ranges and ``HEAD`` (``server.conditional``
+gives the headers, the route the answers: 304, 206, 200). Elsewhere: opening a
+hit (``imagecache.hits``), what a follower of a fill may send and the rest from
+the origin when the fill dies (``fill.follow``), putting bytes on the socket
+(``server.send``).
 """
 
 from __future__ import annotations
@@ -24,13 +19,18 @@ from imagecache import hits
 from imagecache.errors import NotPermitted, ResourceNotFound, UpstreamNotActive
 from imagecache.fill.flight import CACHED, Flight, FlightKind
 from imagecache.fill.follow import End, follow, relay, rest_of_body, rest_of_range
-from imagecache.fill.hashing import strongest_hash
 from imagecache.records import ImageInfo
 from imagecache.server.auth import Access, caller_from
-from imagecache.server.cache_status import HEADER as CACHE_STATUS
 from imagecache.server.cache_status import Outcome, cache_status
 from imagecache.server.cluster import PeerRequest, peer_request
-from imagecache.server.ranges import ByteRange, parse_range
+from imagecache.server.conditional import (
+    data_headers,
+    etag_for,
+    none_match,
+    not_modified,
+    wanted_range,
+)
+from imagecache.server.ranges import ByteRange
 from imagecache.server.send import (
     abort,
     complete,
@@ -60,64 +60,6 @@ class Served(enum.Enum):
     # this client streams from the origin, uncached (DESIGN §4). A retry would
     # start another fill on the same full or broken disk.
     BYPASS = "bypass"
-
-
-def etag_for(checksum: str | None, hash_algo: str | None, hash_value: str | None) -> str | None:
-    """A strong entity tag from the image's hash (the same for a hit and a miss)."""
-    known = strongest_hash(checksum, hash_algo, hash_value)
-    return f'"{known[0]}-{known[1]}"' if known is not None else None
-
-
-def _none_match(request: web.Request, etag: str | None) -> bool:
-    """RFC 9110 §13.1.2: If-None-Match uses the weak comparison; ``*`` matches any."""
-    header = request.headers.get(hdrs.IF_NONE_MATCH)
-    if header is None or etag is None:
-        return False
-    for tag in header.split(","):
-        tag = tag.strip()
-        if tag == "*" or tag.removeprefix("W/") == etag:
-            return True
-    return False
-
-
-def _wanted_range(request: web.Request, size: int | None, etag: str | None) -> ByteRange | None:
-    """The single range to serve, or None for the whole image.
-
-    A bad header raises ``MalformedRange`` (400) or ``RangeNotSatisfiable``
-    (416 with ``Content-Range``), straight from the parser (app.STATUS).
-    """
-    header = request.headers.get(hdrs.RANGE)
-    if header is None or request.method not in ("GET", "HEAD"):
-        return None
-    if_range = request.headers.get(hdrs.IF_RANGE)
-    # §13.1.5: a range is honoured only if If-Range names the current entity
-    # (strong comparison); we never compare dates, so a date means "send all".
-    if if_range is not None and (etag is None or if_range.strip() != etag):
-        return None
-    if size is None:
-        return None  # §14.2: a server MAY ignore Range; without a size we cannot check it
-    return parse_range(header, size)
-
-
-def _headers(checksum: str | None, etag: str | None, status: str) -> dict[str, str]:
-    """An image-data response's headers; ``status`` is its ``Cache-Status`` (cache_status)."""
-    headers: dict[str, str] = {
-        hdrs.CONTENT_TYPE: "application/octet-stream",
-        hdrs.ACCEPT_RANGES: "bytes",
-        CACHE_STATUS: status,
-    }
-    if checksum:
-        headers["Content-MD5"] = checksum
-    if etag:
-        headers[hdrs.ETAG] = etag
-    return headers
-
-
-def _not_modified(etag: str | None, status: str) -> web.Response:
-    headers = {CACHE_STATUS: status}
-    if etag:
-        headers[hdrs.ETAG] = etag
-    return web.Response(status=304, headers=headers)
 
 
 async def image_file(request: web.Request) -> web.StreamResponse:
@@ -209,10 +151,10 @@ async def _serve_hit(
             checksum, *(record.hash_algo, record.hash_value) if record else (None, None)
         )
         status = cache_status(Outcome.OFFLINE_HIT if access is Access.OFFLINE else Outcome.HIT)
-        headers = _headers(checksum, etag, status)
-        if _none_match(request, etag):
-            return _not_modified(etag, status)  # §2.1: a 304 made by the cache is a hit
-        wanted = _wanted_range(request, hit.size, etag)
+        headers = data_headers(checksum, etag, status)
+        if none_match(request, etag):
+            return not_modified(etag, status)  # §2.1: a 304 made by the cache is a hit
+        wanted = wanted_range(request, hit.size, etag)
         offset, count = (wanted.start, wanted.length) if wanted else (0, hit.size)
         response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
         if wanted:
@@ -250,9 +192,9 @@ async def _serve_miss(
     request: web.Request, state: ServiceState, image_id: str, info: ImageInfo, caller: Caller
 ) -> web.StreamResponse | Served:
     etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
-    if _none_match(request, etag):
-        return _not_modified(etag, cache_status(Outcome.MISS))
-    wanted = _wanted_range(request, info.size, etag)
+    if none_match(request, etag):
+        return not_modified(etag, cache_status(Outcome.MISS))
+    wanted = wanted_range(request, info.size, etag)
     if wanted is not None:
         if request.method == "GET":
             # A fill under way, here or in a sibling worker process, serves
@@ -268,7 +210,7 @@ async def _serve_miss(
         return await _stream_through(request, state, info, caller, wanted, "range")
     if request.method == "HEAD":
         response = web.StreamResponse(
-            status=200, headers=_headers(info.checksum, etag, cache_status(Outcome.MISS))
+            status=200, headers=data_headers(info.checksum, etag, cache_status(Outcome.MISS))
         )
         if info.size is not None:
             response.content_length = info.size
@@ -346,7 +288,7 @@ async def _follow(
         # the next attempt starts a fill of its own. (Seen under bench/load.py.)
         return Served.RETRY
     info, run = flight.info, state.fills.run
-    headers = _headers(info.checksum if info else None, etag, status)
+    headers = data_headers(info.checksum if info else None, etag, status)
     response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
     if wanted is not None:
         response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
@@ -430,7 +372,7 @@ async def _stream_through(
     """Serve from the upstream without caching; a whole image is still verified."""
     state.metrics.bypasses.labels(reason).inc()
     etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
-    headers = _headers(info.checksum, etag, cache_status(Outcome.BYPASS, reason))
+    headers = data_headers(info.checksum, etag, cache_status(Outcome.BYPASS, reason))
     response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
     if wanted is not None:
         response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
