@@ -25,13 +25,14 @@ def test_fresh_database_is_migrated_to_head(central_db_url: str, tmp_path: Path)
     driver = create_driver(central_settings(tmp_path / "cache", central_db_url))
     try:
         with driver.engine.connect() as conn:  # type: ignore[attr-defined]
-            assert current_revision(conn) == head_revision() == "r0004"
+            assert current_revision(conn) == head_revision() == "r0005"
             tables = set(inspect(conn).get_table_names())
             columns = {c["name"] for c in inspect(conn).get_columns("cached_images")}
             node_columns = {c["name"] for c in inspect(conn).get_columns("nodes")}
     finally:
         driver.close()
     assert {"nodes", "cached_images", "deleted_images", "origin_fills"} <= tables
+    assert {"preheat_jobs", "preheat_items"} <= tables
     assert "site" in node_columns
     assert {"image_id", "node_id", "hits", "pinned", "hash_algo", "hash_value"} <= columns
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -21,10 +22,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from imagecache.metadata import NEGATIVE_TTL, sweep_answers
+from imagecache.metadata import NEGATIVE_TTL, MetadataCache, sweep_answers
 from imagecache.records import ImageInfo
 from imagecache.server.app import create_app
 from imagecache.settings import Settings
+from imagecache.upstreams import create_upstream
 from imagecache.upstreams.base import ANONYMOUS, Caller
 from imagecache.upstreams.glance import GlanceUpstream
 from server_helpers import ServeProcess, image_bytes, start_serve
@@ -117,6 +119,39 @@ async def test_a_herd_split_over_two_processes_of_one_cache_costs_one_metadata_r
     assert http_origin.body_reads("cold") == 1
     # The shared answer is a file under the lock directory, not a secret.
     assert (cache_dir / ".locks" / "metadata" / "cold").is_file()
+
+
+async def test_an_answer_one_process_forgets_is_dropped_by_the_others(
+    http_origin: Any, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """Two memories over one lock directory, as two worker processes of one cache have.
+
+    A fill that met a new version (a refused resume, a failed verification)
+    forgets the answer in its process and unlinks the shared file; another
+    process that had read that file used to keep its copy for the whole TTL,
+    so its next misses filled against the old version's promises and failed.
+    """
+    http_origin.add("img", DATA, sidecars=("sha256",))
+    settings = make_settings(http_checksum_sidecar=True)
+    upstream = create_upstream("http:" + http_origin.template, settings)
+    try:
+        first, second = (
+            MetadataCache(upstream, 60, tmp_path, caller_dependent=False, wait_limit=5)
+            for _ in range(2)
+        )
+        assert (await first.info("img")).hash_value == hashlib.sha256(DATA).hexdigest()
+        assert (await second.info("img")).hash_value == hashlib.sha256(DATA).hexdigest()
+        assert metadata_reads(http_origin, "img")[0] == 1, "the second read the shared file"
+        newer = image_bytes(len(DATA), seed=16)
+        http_origin.add("img", newer, sidecars=("sha256",))
+        await first.forget("img")
+        assert (await second.info("img")).hash_value == hashlib.sha256(newer).hexdigest()
+        assert metadata_reads(http_origin, "img")[0] == 2
+        # The answer the second process asked for is shared again: the first reads it.
+        assert (await first.info("img")).hash_value == hashlib.sha256(newer).hexdigest()
+        assert metadata_reads(http_origin, "img")[0] == 2
+    finally:
+        await upstream.close()
 
 
 # --- in one process ------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from imagecache.settings import Settings
 from imagecache.upstreams import Upstream, create_upstream
 from imagecache.upstreams.base import BlockingSource
 from imagecache.upstreams.resume import BACKOFF_CAP, ResumePolicy, Validator
+from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents, ResumeOutcome
 from peers.cutter import Cutter
 from server_helpers import image_bytes, listdir, settled
 
@@ -182,10 +183,15 @@ async def upstreams() -> AsyncIterator[list[Upstream]]:
 def make_upstream(
     origin: VersionedOrigin, make_settings: Callable[..., Settings], upstreams: list[Upstream]
 ) -> Callable[..., Upstream]:
-    def make(kind: str = "http", attempts: int = 5, backoff: float = 0) -> Upstream:
+    def make(
+        kind: str = "http",
+        attempts: int = 5,
+        backoff: float = 0,
+        events: ResumeEvents = NO_RESUME_EVENTS,
+    ) -> Upstream:
         target = f"{origin.url}/images/{{image_id}}" if kind == "http" else origin.url
         settings = make_settings(upstream_resume_attempts=attempts, upstream_resume_backoff=backoff)
-        upstream = create_upstream(f"{kind}:{target}", settings)
+        upstream = create_upstream(f"{kind}:{target}", settings, resume_events=events)
         upstreams.append(upstream)
         return upstream
 
@@ -408,6 +414,51 @@ async def test_interrupt_wakes_a_source_waiting_out_its_backoff(
     assert len(origin.gets) == 1  # woken in its backoff, before any resume
 
 
+# --- every resume's outcome goes to the events sink ----------------------------------------
+
+
+@dataclass
+class RecordedResumes:
+    """A ``ResumeEvents`` sink that keeps what it heard (the pump calls it from its thread)."""
+
+    heard: list[ResumeOutcome] = field(default_factory=list)
+
+    def resume_outcome(self, outcome: ResumeOutcome) -> None:
+        self.heard.append(outcome)
+
+
+@pytest.mark.parametrize("path", ["stream", "open_source"])
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("two breaks", ["resumed", "resumed"]),
+        ("changed", ["refused"]),
+        # Every connection carries 100 000 bytes: three resumes, then the attempts run out.
+        ("always cut", ["resumed", "resumed", "resumed", "exhausted"]),
+        ("resume off", []),
+        ("no break", []),
+    ],
+)
+async def test_each_resume_outcome_is_reported_to_the_sink(
+    origin: VersionedOrigin, make_upstream: Any, path: str, scenario: str, expected: list[str]
+) -> None:
+    events = RecordedResumes()
+    if scenario == "two breaks":
+        origin.cuts = [300_000, 400_000]
+    elif scenario == "changed":
+        origin.cuts, origin.replace_on_cut = [300_000], OTHER
+    elif scenario in ("always cut", "resume off"):
+        origin.cut_forever = 100_000
+    attempts = 0 if scenario == "resume off" else 3
+    upstream = make_upstream(attempts=attempts, events=events)
+    if scenario in ("two breaks", "no break"):
+        assert await READERS[path](upstream, "img") == DATA
+    else:
+        with pytest.raises(UpstreamError):
+            await READERS[path](upstream, "img")
+    assert events.heard == expected
+
+
 # --- through a whole fill of the service ---------------------------------------------------
 
 
@@ -428,6 +479,14 @@ def make_client(
     return make
 
 
+async def resumes_counted(client: TestClient[Any, Any]) -> dict[str, float]:
+    """``imagecache_upstream_resumes_total`` by outcome, from the service's /metrics."""
+    async with client.get("/metrics") as response:
+        text = await response.text()
+    found = re.findall(r'^imagecache_upstream_resumes_total\{outcome="(\w+)"\} (\S+)$', text, re.M)
+    return {outcome: float(value) for outcome, value in found}
+
+
 async def test_fill_resumes_and_commits_one_image(
     origin: VersionedOrigin, make_client: Any, cache_dir: Path
 ) -> None:
@@ -439,6 +498,7 @@ async def test_fill_resumes_and_commits_one_image(
     await settled(client)
     assert (cache_dir / "img").read_bytes() == DATA
     assert SIZE <= origin.body_bytes < SIZE + 2 * 256 * 1024
+    assert await resumes_counted(client) == {"resumed": 2, "refused": 0, "exhausted": 0}
 
 
 async def test_fill_of_an_image_changed_mid_way_caches_nothing(
@@ -454,6 +514,7 @@ async def test_fill_of_an_image_changed_mid_way_caches_nothing(
     await settled(client)
     assert not (cache_dir / "img").exists()
     assert listdir(cache_dir / "incomplete") == []
+    assert await resumes_counted(client) == {"resumed": 0, "refused": 1, "exhausted": 0}
     # The next request fills the new version afresh, whole: the refusal made the
     # cache forget what the origin had promised about the old one.
     async with client.get("/v2/images/img/file") as response:

@@ -207,6 +207,29 @@ def test_reset_after_n_bytes_cuts_the_next_connection_only(origin: tuple[Host, P
     assert stats.down_bytes == 300_000 + len(response)
 
 
+def test_reset_at_counts_bytes_over_all_connections(origin: tuple[Host, Path]) -> None:
+    host, root = origin
+    data = os.urandom(MIB)
+    (root / "img").write_bytes(data)
+    with RelayProcess((host.address, ORIGIN_PORT)) as relay:
+        relay.reset_at(300_000, 500_000)
+        first, error = http_get(relay.port, "/img")
+        assert isinstance(error, ConnectionResetError), error
+        assert len(first) == 300_000
+        # The second connection is cut at the 500 000th byte of both: after 200 000.
+        second, error = http_get(relay.port, "/img")
+        assert isinstance(error, ConnectionResetError), error
+        assert len(second) == 200_000
+        assert data.startswith(body(second))
+        assert relay.stats().reset_at == []
+        third, error = http_get(relay.port, "/img")  # no threshold left: it passes
+        assert error is None
+        assert body(third) == data
+        stats = relay.stats()
+    assert stats.resets == 2
+    assert stats.down_bytes == 500_000 + len(third)
+
+
 async def test_reset_and_blackhole_on_command(wan_rig: WanRig) -> None:
     host = wan_rig.add_host("o")
     listener = host.listen()

@@ -612,6 +612,82 @@ def prefetch(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.argument("images", nargs=-1)
+@click.option(
+    "--nodes",
+    multiple=True,
+    help="'all' (every live node), a site, or node URLs; comma-separated or repeated.",
+)
+@click.option("--job", "job_id", type=click.IntRange(min=1), help="Follow this job instead.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    help="Stop following after this many seconds (exit code 4; the job goes on).",
+)
+@click.option(
+    "--interval", type=click.FloatRange(min=0.05), default=1.0, help="Seconds between polls."
+)
+@click.pass_context
+def preheat(
+    ctx: click.Context,
+    images: tuple[str, ...],
+    nodes: tuple[str, ...],
+    job_id: int | None,
+    timeout: float,
+    interval: float,
+) -> None:
+    """Cache images on many nodes of a cluster and follow the job (needs --url).
+
+    Exit code 0 when every node has every image, 3 when the job ended without,
+    4 when --timeout passed first (docs/cluster.md, "Preheat jobs").
+    """
+    from imagecache import preheating
+    from imagecache.client import RemoteManager
+    from imagecache.errors import ServiceError
+
+    options = _options(ctx)
+    if not options.url:
+        raise click.UsageError(
+            f"preheat asks a node of the cluster: give --url URL (or set {_ENV_URL})"
+        )
+    targets = [t.strip() for value in nodes for t in value.split(",") if t.strip()]
+    if job_id is None and not (images and targets):
+        raise click.UsageError("preheat needs images and --nodes, or --job ID")
+    if job_id is not None and (images or targets):
+        raise click.UsageError("--job follows an existing job: give no images or --nodes")
+    manager = RemoteManager(options.url, options.token)
+    with _library_logging(options.debug):
+        if job_id is None:
+            job_id = preheating.start_job(manager, list(images), targets)
+            if not options.as_json:
+                click.echo(f"Preheat job {job_id}", err=True)  # for --job ID later
+        try:
+            job, done = preheating.follow(
+                lambda: preheating.read_job(manager, job_id),
+                timeout=timeout,
+                interval=interval,
+                on_change=None if options.as_json else preheating.NodeBars(),
+            )
+        except ServiceError as exc:
+            if exc.status is not None and exc.status < 500:
+                raise  # refused or no such job: nothing to follow again
+            # The service went away or failed: the nodes go on with the job.
+            raise ServiceError(
+                f"{exc}; job {job_id} goes on: follow it with 'imagecache preheat --job {job_id}'",
+                exc.status,
+            ) from exc
+    if options.as_json:
+        click.echo(preheating.as_json(job, done))
+    else:
+        headers = ["Node", "Image", "Result", "Bytes", "Reason"]
+        click.echo(_table(headers, preheating.result_rows(job)))
+        click.echo(preheating.summary(job, done))
+    ctx.exit(preheating.exit_code(job, done))
+
+
+@main.command()
 @click.argument("image_id", required=False)
 @click.pass_context
 def verify(ctx: click.Context, image_id: str | None) -> None:

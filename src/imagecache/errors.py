@@ -22,6 +22,7 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      │         └── AuthorisationUnavailable  a management caller cannot be checked now
      ├── RequestError                  a request to the service that cannot be done as asked
      │    ├── BadRequest               a malformed path, parameter, header or body
+     │    │    ├── BadPreheatRequest   a preheat job with no images, an unknown node or site
      │    │    └── MalformedRange      a Range header that is not one valid bytes range
      │    ├── RangeNotSatisfiable      a valid range that selects no byte of the image
      │    ├── NotPermitted             this caller may not make this call
@@ -289,6 +290,10 @@ class RequestError(ImageCacheError):
 
 class BadRequest(RequestError, ValueError):
     """A malformed path, query parameter, header or body (400)."""
+
+
+class BadPreheatRequest(BadRequest):
+    """A preheat job that cannot be made as asked: no images, an unknown node or site (400)."""
 
 
 class MalformedRange(BadRequest):

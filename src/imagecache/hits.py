@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -86,3 +87,13 @@ async def await_commit(hit: Hit) -> None:
     # nothing but its lock.
     while locked_by_writer(hit.handle.fileno()) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(REMOTE_POLL_INTERVAL)
+
+
+async def record_hit(
+    cache: ImageCache, image_id: str, run: Callable[..., asyncio.Future[None]]
+) -> None:
+    """Count a hit of ``image_id`` (its LRU order and hit count); ``run``: off the loop."""
+    try:
+        await run(cache.driver.record_hit, image_id)
+    except Exception as exc:  # a hit counter must never cost the client its image
+        log.warning("recording a hit of %s failed: %s", image_id, exc)

@@ -226,6 +226,11 @@ class MetadataCache:
         # the monotonic clock, answer).
         self._shared: dict[str, tuple[float, Answer]] = {}
         self._own: dict[tuple[str, str], tuple[float, Answer]] = {}
+        # The inode of the shared file each shared answer was read from or
+        # written to: a process that forgets an answer (a fill refused or
+        # failed verification against it) unlinks that file, and the other
+        # processes must stop using their copy in memory too.
+        self._shared_file: dict[str, int] = {}
         # Lookups running: (image, None) for everyone's, (image, caller key) for one caller's.
         self._flights: dict[tuple[str, str | None], asyncio.Task[_Lookup]] = {}
         # Counted for the tests and the metrics: lookups that reached the origin.
@@ -238,7 +243,7 @@ class MetadataCache:
             return await self.upstream.info(image_id, caller)
         asker = caller.cache_key()
         remembered = self._remembered(image_id, asker)
-        if remembered is not None:
+        if remembered is not None and not await self._forgotten_elsewhere(image_id):
             return remembered.result()
         lookup = await self._join((image_id, None), lambda: self._lookup(image_id, caller))
         if not self._applies(lookup, asker):
@@ -280,6 +285,7 @@ class MetadataCache:
     async def forget(self, image_id: str) -> None:
         """Drop what is remembered of ``image_id`` here and for the other processes."""
         self._shared.pop(image_id, None)
+        self._shared_file.pop(image_id, None)
         for key in [key for key in self._own if key[1] == image_id]:
             del self._own[key]
         if self.dir is not None:
@@ -289,6 +295,28 @@ class MetadataCache:
                 pass
             except OSError as exc:  # the other processes' memory ends with the TTL anyway
                 log.warning("cannot drop the shared metadata of %s: %s", image_id, exc)
+
+    async def _forgotten_elsewhere(self, image_id: str) -> bool:
+        """Whether another process forgot the shared answer this one remembers (then dropped).
+
+        One ``stat`` in the executor per use of a remembered shared answer, that
+        is per miss: without it, a worker went on filling against the old
+        version's promises for the rest of the TTL after another worker's fill
+        met a new version (tests/test_wan_fills.py), failing every such fill.
+        """
+        inode = self._shared_file.get(image_id)
+        if inode is None or self.dir is None:
+            return False
+        try:
+            gone = (await self._run(os.stat, self.dir / image_id)).st_ino != inode
+        except FileNotFoundError:
+            gone = True
+        except OSError:
+            return False  # the lock directory's trouble: the TTL still bounds the memory
+        if gone:
+            self._shared.pop(image_id, None)
+            self._shared_file.pop(image_id, None)
+        return gone
 
     # --- memory ----------------------------------------------------------------------------------
 
@@ -353,16 +381,22 @@ class MetadataCache:
                     # setting of the same cache: checked again.
                     if age >= 0 and left > 0 and answer.shareable(self.caller_dependent):
                         self._remember(answer, asker, left)
+                        self._note_file(image_id, fd)
                         return _Lookup(asker, answer)
             result = await self._ask(image_id, caller)
             if isinstance(result, Answer) and result.shareable(self.caller_dependent):
                 try:
                     await self._run(_write, fd, result.to_json(time.time()))
+                    self._note_file(image_id, fd)
                 except OSError as exc:
                     log.warning("cannot share the metadata of %s: %s", image_id, exc)
             return _as_lookup(asker, result)
         finally:
             os.close(fd)  # releases the lock: the next process reads what we wrote
+
+    def _note_file(self, image_id: str, fd: int) -> None:
+        # fstat of an open descriptor never waits on the disk.
+        _bounded_put(self._shared_file, image_id, os.fstat(fd).st_ino, self.max_entries)
 
     async def _locked(self, fd: int) -> bool:
         """Take the file's lock, waiting at most ``wait_limit``; False if it stayed taken.

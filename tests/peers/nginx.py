@@ -9,7 +9,8 @@ API::
 
     origin = start_nginx(host, root, log_dir)   # nginx in host's namespace, serving root
     origin.url                                  # "http://10.201.x.2:8080"
-    origin.requests()                           # [LoggedRequest(method, path, status, body_bytes)]
+    origin.requests()                           # [LoggedRequest(method, path, status,
+                                                #                body_bytes, range, if_range)]
     origin.wait_for(lambda reqs: ..., within=10, what="...")
     origin.stop()
 
@@ -33,7 +34,10 @@ from peers.wan import Host
 PORT = 8080  # inside the host's own namespace: nothing else there to clash with
 
 # One line per request, written when the request ends (also when the client
-# broke it off): "$request_method $uri $status $body_bytes_sent".
+# broke it off): method, path, status, body bytes sent, and the request's
+# Range and If-Range headers ("-" when absent). Tab-separated: an If-Range
+# date has spaces, and nginx escapes control characters in logged values
+# (\xXX), so a tab inside a field cannot be mistaken for a separator.
 _CONFIG = """\
 worker_processes 1;
 daemon off;
@@ -42,7 +46,8 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
-    log_format origin '$request_method $uri $status $body_bytes_sent';
+    log_format origin '$request_method\t$uri\t$status\t$body_bytes_sent'
+                      '\t$http_range\t$http_if_range';
     access_log {prefix}/access.log origin;
     client_body_temp_path {prefix}/client_body;
     proxy_temp_path {prefix}/proxy;
@@ -66,6 +71,8 @@ class LoggedRequest:
     path: str
     status: int
     body_bytes: int
+    range: str | None = None  # the Range header asked, if any
+    if_range: str | None = None  # the If-Range header sent, if any
 
 
 @dataclass
@@ -79,8 +86,12 @@ class Nginx:
         lines = log.read_text().splitlines() if log.exists() else []
         found = []
         for line in lines:
-            method, path, status, sent = line.split(" ")
-            found.append(LoggedRequest(method, path, int(status), int(sent)))
+            method, path, status, sent, asked, if_range = line.split("\t")
+            found.append(
+                LoggedRequest(
+                    method, path, int(status), int(sent), _header(asked), _header(if_range)
+                )
+            )
         return found
 
     def wait_for(
@@ -103,6 +114,11 @@ class Nginx:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _header(logged: str) -> str | None:
+    """A header as nginx logged it: "-" is absent; quotes come escaped (\\x22)."""
+    return None if logged == "-" else logged.replace("\\x22", '"')
 
 
 def _answers(address: str, port: int) -> bool:

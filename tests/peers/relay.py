@@ -21,6 +21,12 @@ What it does, per connection and per direction:
   gets exactly ``n`` of them, then (once the edge has acknowledged them, or
   after 5 s: an RST discards what its sender holds) an RST; only the next ``k`` such
   connections when ``times`` is given, every one otherwise.
+  ``reset_at(n1, n2, ...)``: the same, counted over all connections together:
+  the connection that forwards the ``n1``-th origin->edge byte since the
+  command (headers included) is cut right after it, then the one that
+  forwards the ``n2``-th, and so on. A body resumed on a new connection is
+  cut at a point of the whole transfer (half, then three quarters), whatever
+  offset the resume started from.
 - **Black hole.** ``blackhole()`` stops all forwarding, reading included:
   open connections hang, new ones are accepted by the kernel (the listening
   socket stays) but get no byte and reach no origin. ``restore()`` lets
@@ -28,7 +34,8 @@ What it does, per connection and per direction:
 
 Control: line commands on a unix socket (the reply is one JSON line of the
 counters): ``stats``, ``delay SECONDS``, ``reset``, ``reset_after N [K]``,
-``reset_after off``, ``blackhole``, ``restore``, ``quit``. The relay exits
+``reset_after off``, ``reset_at N1 [N2 ...]``, ``reset_at off``, ``blackhole``,
+``restore``, ``quit``. The relay exits
 when that connection closes (``quit`` or its controller gone).
 """
 
@@ -55,11 +62,13 @@ class RelayStats:
     open: int
     up_bytes: int  # edge->origin bytes forwarded
     down_bytes: int  # origin->edge bytes forwarded
+    origin_bytes: int  # origin->edge bytes read from the origin (a cut throws some away)
     resets: int
     delay: float
     blackhole: bool
     reset_after: int | None
     reset_times: int | None
+    reset_at: list[int]  # the reset_at thresholds still ahead, as given
 
 
 class RelayProcess:
@@ -124,6 +133,10 @@ class RelayProcess:
         if nbytes is None:
             return self._send("reset_after off")
         return self._send(f"reset_after {nbytes}" + ("" if times is None else f" {times}"))
+
+    def reset_at(self, *totals: int) -> RelayStats:
+        """Cut the connections carrying these origin->edge bytes of all (none given: off)."""
+        return self._send("reset_at " + (" ".join(map(str, totals)) if totals else "off"))
 
     def blackhole(self) -> RelayStats:
         return self._send("blackhole")

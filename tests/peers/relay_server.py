@@ -76,14 +76,23 @@ class Relay:
         self.accepted = 0
         self.up_bytes = 0
         self.down_bytes = 0
+        self.origin_bytes = 0  # origin->edge bytes read from the origin: what crossed its link
         self.resets = 0
         self.reset_after: int | None = None
         self.reset_times: int | None = None
         self.rule_generation = 0
+        # ``reset_at``: origin->edge byte counts over all connections (in terms of
+        # down_planned) at which the connection carrying that byte is cut, in order.
+        self.reset_at: list[int] = []
+        self.reset_at_base = 0
+        # origin->edge bytes decided on (counted before the write, unlike down_bytes),
+        # so two connections' chunks in flight at once cannot both miss a threshold.
+        self.down_planned = 0
 
     def stats(self) -> dict[str, Any]:
-        names = ("accepted", "up_bytes", "down_bytes", "resets", "delay", "reset_after")
-        counters = {name: getattr(self, name) for name in (*names, "reset_times")}
+        names = ("accepted", "up_bytes", "down_bytes", "origin_bytes", "resets", "delay")
+        counters = {name: getattr(self, name) for name in (*names, "reset_after", "reset_times")}
+        counters["reset_at"] = [total - self.reset_at_base for total in self.reset_at]
         return {**counters, "open": len(self.connections), "blackhole": not self.flowing.is_set()}
 
     async def serve(self, edge_r: asyncio.StreamReader, edge_w: asyncio.StreamWriter) -> None:
@@ -144,6 +153,8 @@ class Relay:
                     chunk = None
                 line.append((loop.time() + self.delay, chunk))
                 held += len(chunk or b"")
+                if down:
+                    self.origin_bytes += len(chunk or b"")
                 queued.set()
                 if not chunk:
                     return
@@ -170,6 +181,10 @@ class Relay:
                 held -= len(chunk)
                 room.set()
                 if down and (cut := self._cut(conn, len(chunk))) is not None:
+                    # Read no more from the origin while the edge acknowledges:
+                    # what a cut connection wastes is what was in flight at the
+                    # cut (the line, the socket buffers), as on a real link.
+                    filler.cancel()
                     await self._forward(writer, chunk[:cut], conn, down)
                     await _delivered(writer)
                     self.resets += 1
@@ -196,6 +211,15 @@ class Relay:
 
     def _cut(self, conn: Connection, size: int) -> int | None:
         """How many bytes of the next ``size`` to send before a reset, or None: send them all."""
+        cut = self._cut_per_connection(conn, size)
+        limit = size if cut is None else cut
+        if self.reset_at and (left := self.reset_at[0] - self.down_planned) <= limit:
+            self.reset_at.pop(0)
+            cut = max(left, 0)
+        self.down_planned += size if cut is None else cut
+        return cut
+
+    def _cut_per_connection(self, conn: Connection, size: int) -> int | None:
         if self.reset_after is None or self.reset_times == 0:
             return None
         if conn.rule_generation != self.rule_generation:
@@ -222,6 +246,14 @@ class Relay:
             self.reset_after = int(args[0])
             self.reset_times = int(args[1]) if len(args) == 2 else None
             self.rule_generation += 1
+        elif verb == "reset_at" and args == ["off"]:
+            self.reset_at = []
+        elif verb == "reset_at" and args:
+            totals = [int(arg) for arg in args]
+            if totals != sorted(totals) or totals[0] < 0:
+                return {"error": f"reset_at needs ascending byte counts, not {args}"}
+            self.reset_at_base = self.down_planned
+            self.reset_at = [self.reset_at_base + total for total in totals]
         elif verb == "blackhole" and not args:
             self.flowing.clear()
         elif verb == "restore" and not args:

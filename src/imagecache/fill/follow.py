@@ -29,6 +29,7 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from imagecache.errors import CacheStoreError, ImageCacheError, WriterGone
@@ -163,6 +164,28 @@ async def relay(
     yield Ended(End.COMPLETE, sent, sent)
 
 
+async def failed_elsewhere(flight: Flight, invalid: Path, run: Run) -> bool:
+    """Whether the other process's fill that ``flight`` followed failed, rather than died.
+
+    ``invalid`` is where a failed fill's file goes: a writer moves it there
+    before it lets go of its lock; one that died leaves it in ``incomplete/``.
+    Only a dead writer's readers go on from the origin: a fill may fail because
+    the origin changed the image (a refused resume, upstreams/resume.py), and
+    the rest read from the origin from the reader's byte, with no version to
+    hold it to, would be the new version's spliced onto the old (seen on the
+    WAN rig, tests/test_wan_fills.py; the final hash caught it only where the
+    origin promised one).
+    """
+    fd = flight.fd
+    if flight.kind is not FlightKind.REMOTE or fd is None:
+        return False
+    try:
+        moved, ours = await run(lambda: (os.stat(invalid), os.fstat(fd)))
+    except FileNotFoundError:
+        return False
+    return bool((moved.st_dev, moved.st_ino) == (ours.st_dev, ours.st_ino))
+
+
 def rest_of_body(
     flight: Flight,
     upstream: Upstream,
@@ -264,4 +287,14 @@ def rest_of_range(
     return relay(past_matching(), None, run, events)
 
 
-__all__ = ["End", "Ended", "Follow", "Span", "follow", "relay", "rest_of_body", "rest_of_range"]
+__all__ = [
+    "End",
+    "Ended",
+    "Follow",
+    "Span",
+    "failed_elsewhere",
+    "follow",
+    "relay",
+    "rest_of_body",
+    "rest_of_range",
+]

@@ -47,6 +47,7 @@ from imagecache.server import (
     disconnects,
     images,
     operations,
+    preheat,
     proxy,
     readiness,
     schemas,
@@ -250,10 +251,12 @@ def create_app(
             settings.keystone.token_cache_ttl,
             max_entries=settings.keystone.token_cache_size,
         )
+    metrics_ = Metrics(metrics_dir)
     if upstream is None:
         if settings.upstream is None:
             raise ConfigurationError("upstream: the service needs one, e.g. directory:/srv/images")
-        upstream = create_upstream(settings.upstream, settings, identity)
+        # An upstream passed in was built without the metrics: its resumes count nowhere.
+        upstream = create_upstream(settings.upstream, settings, identity, resume_events=metrics_)
     if cache is None:
         cache = ImageCache(settings)
     app = web.Application(middlewares=[track, _errors], client_max_size=1024**2)
@@ -263,7 +266,6 @@ def create_app(
     app[_TASKS] = []
     # Fills ask live siblings before the origin in cluster mode; everything else
     # (proxying, access checks, ranges) talks to the origin itself.
-    metrics_ = Metrics(metrics_dir)
     fill_source = cluster.enable(app, settings, cache, upstream, metrics_)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
@@ -298,6 +300,7 @@ def create_app(
     app.router.add_route("HEAD", "/v2/images/{image_id:[^/]+}/file", images.image_file)
     # Size limit, prefetch retries, maintenance and their routes (before /v2/cache/{id}).
     operations.install(app)
+    preheat.install(app)  # its routes too, and it runs this node's items through the prefetcher
     cache_api.add_routes(app)
     app.router.add_get("/", proxy.versions)
     app.router.add_get("/versions", proxy.versions)

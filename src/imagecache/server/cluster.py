@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -81,6 +81,9 @@ class ClusterTasks:
         self.interval = interval
         self.metrics = metrics
         self.beats = 0
+        # More work of each beat, added by other parts of the service (server/preheat.py
+        # runs this node's preheat items): after the beat itself, which must not wait.
+        self.after_beat: list[Callable[[], Awaitable[object]]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def tick(self) -> list[str]:
@@ -93,6 +96,8 @@ class ClusterTasks:
         for image_id in dropped:
             await asyncio.to_thread(self.cache.delete_queued_image, image_id)
         self.beats += 1
+        for work in self.after_beat:
+            await work()
         return dropped
 
     async def _run(self) -> None:

@@ -11,14 +11,20 @@ the origin when the fill dies (``fill.follow``), putting bytes on the socket
 from __future__ import annotations
 
 import enum
-import logging
 
 from aiohttp import hdrs, web
 
 from imagecache import hits
 from imagecache.errors import NotPermitted, ResourceNotFound, UpstreamNotActive
 from imagecache.fill.flight import CACHED, Flight, FlightKind
-from imagecache.fill.follow import End, follow, relay, rest_of_body, rest_of_range
+from imagecache.fill.follow import (
+    End,
+    failed_elsewhere,
+    follow,
+    relay,
+    rest_of_body,
+    rest_of_range,
+)
 from imagecache.records import ImageInfo
 from imagecache.server.auth import Access, caller_from
 from imagecache.server.cache_status import Outcome, cache_status
@@ -41,8 +47,6 @@ from imagecache.server.send import (
 )
 from imagecache.server.state import STATE, ServiceState
 from imagecache.upstreams.base import Caller
-
-log = logging.getLogger(__name__)
 
 # A range starting at most this far past what a fill in progress has written
 # waits for the fill (about 50 ms at the fill rates in docs/benchmarks-log.md)
@@ -166,7 +170,7 @@ async def _serve_hit(
             # byte finds the hit in a listing made right after (counted after
             # the send, it raced that listing). A client that leaves midway
             # still counts, as in Glance, whose driver counts when the file closes.
-            await _record_hit(state, image_id)
+            await hits.record_hit(state.cache, image_id, state.fills.run)
         await response.prepare(request)
         if request.method != "HEAD" and count > 0:
             await send_file_span(
@@ -179,13 +183,6 @@ async def _serve_hit(
         return response
     finally:
         await state.fills.run(hit.handle.close)
-
-
-async def _record_hit(state: ServiceState, image_id: str) -> None:
-    try:
-        await state.fills.run(state.cache.driver.record_hit, image_id)
-    except Exception as exc:  # a hit counter must never cost the client its image
-        log.warning("recording a hit of %s failed: %s", image_id, exc)
 
 
 async def _serve_miss(
@@ -315,6 +312,11 @@ async def _follow(
             raise ended.error
         if not ended.end.resumable or caller is None or info is None:
             abort(request, flight.image_id, str(ended.error))
+            return response
+        invalid = state.cache.driver.layout.invalid_path(flight.image_id)
+        if wanted is None and await failed_elsewhere(flight, invalid, run):
+            why = f"the fill failed in another worker process ({ended.error})"
+            abort(request, flight.image_id, why)
             return response
         state.metrics.bypasses.labels("fill_failed").inc()
         if wanted is None:

@@ -34,6 +34,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from imagecache.fill.events import FillOutcome
+from imagecache.upstreams.resume_events import RESUME_OUTCOMES, ResumeOutcome
 
 if TYPE_CHECKING:
     from imagecache.upstreams.sibling import FillSource
@@ -60,7 +61,8 @@ class Metrics:
     """The counters the service updates; ``render()`` gives the exposition text.
 
     It is also the sink the library reports to (``fill.events.FillEvents``,
-    ``upstreams.sibling.SiblingEvents``), by the methods after the counters.
+    ``upstreams.sibling.SiblingEvents``, ``upstreams.resume_events.ResumeEvents``),
+    by the methods after the counters.
     """
 
     content_type = CONTENT_TYPE
@@ -123,6 +125,17 @@ class Metrics:
             "Fills whose bytes did not match the size or hash the origin promised",
             registry=r,
         )
+        # No kind label: a service has one origin, whose kind its settings name.
+        self.upstream_resumes = Counter(
+            "imagecache_upstream_resumes",
+            "Resumes of origin bodies broken mid-way, by outcome: resumed (the same image "
+            "continued), refused (the origin's answer was another version: the body failed, "
+            "nothing spliced), exhausted (upstream_resume_attempts ran out)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in RESUME_OUTCOMES:
+            self.upstream_resumes.labels(outcome)  # shown at 0 from the start
 
         # Cluster mode only (server/cluster.py, upstreams/sibling.py set them);
         # outside it they stay at 0.
@@ -161,6 +174,11 @@ class Metrics:
 
     def filled_from(self, source: FillSource) -> None:
         self.cluster_fills.labels(source.value).inc()
+
+    # --- upstreams.resume_events.ResumeEvents (also from the fill pump's threads) ---------------
+
+    def resume_outcome(self, outcome: ResumeOutcome) -> None:
+        self.upstream_resumes.labels(outcome).inc()
 
     def render(self) -> bytes:
         """The exposition text: this process's, or the whole service's with workers."""

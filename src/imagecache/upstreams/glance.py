@@ -63,6 +63,7 @@ from imagecache.records import ImageInfo
 from imagecache.settings import Settings
 from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream, describe_failure
 from imagecache.upstreams.http_client import HttpClient, raise_for_status
+from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -74,14 +75,18 @@ class GlanceUpstream(Upstream):
     caller_dependent = True
 
     def __init__(
-        self, base_url: str, settings: Settings, identity: ServiceIdentity | None = None
+        self,
+        base_url: str,
+        settings: Settings,
+        identity: ServiceIdentity | None = None,
+        resume_events: ResumeEvents = NO_RESUME_EVENTS,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigurationError(
                 f"glance upstream URL {base_url!r} must start with http:// or https://"
             )
         self.base_url = base_url.rstrip("/")
-        self._client = HttpClient(settings)
+        self._client = HttpClient(settings, resume_events)
         self.identity = identity
 
     async def _headers(self, caller: Caller) -> dict[str, str]:

@@ -45,6 +45,7 @@ from imagecache.upstreams.base import (
     describe_failure,
 )
 from imagecache.upstreams.http_client import HttpClient, raise_for_status
+from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
 # Hex digest length per algorithm, to reject garbage before it becomes a promise.
 _HEX_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
@@ -61,7 +62,12 @@ class HttpUpstream(Upstream):
 
     kind = "http"
 
-    def __init__(self, url_template: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        url_template: str,
+        settings: Settings,
+        resume_events: ResumeEvents = NO_RESUME_EVENTS,
+    ) -> None:
         if "{image_id}" not in url_template:
             raise ConfigurationError(
                 f"http upstream URL {url_template!r} must contain '{{image_id}}', "
@@ -73,7 +79,7 @@ class HttpUpstream(Upstream):
             )
         self.url_template = url_template
         self._sidecars = settings.http_checksum_sidecar
-        self._client = HttpClient(settings)
+        self._client = HttpClient(settings, resume_events)
 
     def url(self, image_id: str) -> str:
         # Ids are validated at the edge; quoting anyway keeps a URL a URL.

@@ -33,6 +33,7 @@ from imagecache.upstreams.resume import (
     Validator,
     resumable_stream,
 )
+from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
 
 class HttpClient:
@@ -42,9 +43,9 @@ class HttpClient:
     event loop runs (by the CLI), and an aiohttp session belongs to one loop.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, resume_events: ResumeEvents = NO_RESUME_EVENTS) -> None:
         self._timeout = settings.upstream_timeout
-        self._resume = ResumePolicy.from_settings(settings)
+        self._resume = ResumePolicy.from_settings(settings, resume_events)
         self._session: aiohttp.ClientSession | None = None
 
     @property

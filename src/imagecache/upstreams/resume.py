@@ -46,11 +46,12 @@ import re
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imagecache.errors import ResumeRefused, UpstreamError, UpstreamUnreachable, is_origin_failure
 from imagecache.settings import Settings
 from imagecache.upstreams.base import BlockingSource
+from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,13 @@ class ResumePolicy:
 
     attempts: int
     backoff: float
+    events: ResumeEvents = field(default=NO_RESUME_EVENTS, compare=False)  # hears each outcome
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ResumePolicy:
-        return cls(settings.upstream_resume_attempts, settings.upstream_resume_backoff)
+    def from_settings(
+        cls, settings: Settings, events: ResumeEvents = NO_RESUME_EVENTS
+    ) -> ResumePolicy:
+        return cls(settings.upstream_resume_attempts, settings.upstream_resume_backoff, events)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before resume number ``attempt`` (1-based)."""
@@ -247,6 +251,7 @@ async def resumable_stream(
     offset = start
     validator: Validator | None = None
     attempt = 0
+    events = policy.events
     while True:
         try:
             async with open_part(offset, validator) as reply:
@@ -259,15 +264,22 @@ async def resumable_stream(
                         return
                 else:
                     validator.check(reply.status, reply.headers, offset)
+                    events.resume_outcome("resumed")
                 async for chunk in reply.body:
                     offset += len(chunk)
                     yield chunk
             return
         except UpstreamError as exc:
-            if validator is None or not _retryable(exc) or attempt >= policy.attempts:
+            if validator is None:
                 raise
-            if validator.done(offset):
+            if isinstance(exc, ResumeRefused):  # only a resume's answer is refused
+                events.resume_outcome("refused")
+            if not _retryable(exc) or validator.done(offset):
                 raise  # every byte is here; a failure after them is not a break
+            if attempt >= policy.attempts:
+                if policy.attempts:
+                    events.resume_outcome("exhausted")
+                raise
             attempt += 1
             _log_resume(image_id, offset, attempt, policy, exc)
             await asyncio.sleep(policy.delay(attempt))
@@ -339,31 +351,22 @@ class ResumingSource:
 
     def _resume(self, exc: UpstreamError) -> None:
         validator = self._validator
-        if (
-            self._stopped.is_set()
-            or not _retryable(exc)
-            or self._attempt >= self._policy.attempts
-            or validator.done(self._offset)
-        ):
+        if self._stopped.is_set() or not _retryable(exc) or validator.done(self._offset):
             raise exc
-        while True:
+        events = self._policy.events
+        while self._attempt < self._policy.attempts:
             self._attempt += 1
             _log_resume(self.image_id, self._offset, self._attempt, self._policy, exc)
             if self._stopped.wait(self._policy.delay(self._attempt)):
                 raise exc
             self._source.close()
             try:
-                status, headers, source = self._reopen(self._offset, validator)
+                source = self._reopen_checked(validator)
+            except ResumeRefused:
+                events.resume_outcome("refused")
+                raise
             except UpstreamError as failed:
-                if not _retryable(failed) or self._attempt >= self._policy.attempts:
-                    raise
-                exc = failed
-                continue
-            try:
-                validator.check(status, headers, self._offset)
-            except UpstreamError as failed:
-                source.close()
-                if not _retryable(failed) or self._attempt >= self._policy.attempts:
+                if not _retryable(failed):
                     raise
                 exc = failed
                 continue
@@ -371,7 +374,20 @@ class ResumingSource:
                 self._source = source
                 if self._stopped.is_set():
                     raise exc
+            events.resume_outcome("resumed")
             return
+        events.resume_outcome("exhausted")
+        raise exc
+
+    def _reopen_checked(self, validator: Validator) -> BlockingSource:
+        """The resume's source, once its answer continues the same image; else raise."""
+        status, headers, source = self._reopen(self._offset, validator)
+        try:
+            validator.check(status, headers, self._offset)
+        except BaseException:
+            source.close()
+            raise
+        return source
 
     def interrupt(self) -> None:
         with self._lock:

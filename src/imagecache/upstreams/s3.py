@@ -40,6 +40,7 @@ from imagecache.upstreams.resume import (
     Validator,
     resumable_stream,
 )
+from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
 CHUNK_SIZE = 1024 * 1024
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
@@ -53,7 +54,9 @@ class S3Upstream(Upstream):
 
     kind = "s3"
 
-    def __init__(self, target: str, settings: Settings) -> None:
+    def __init__(
+        self, target: str, settings: Settings, resume_events: ResumeEvents = NO_RESUME_EVENTS
+    ) -> None:
         bucket, _, prefix = target.partition("/")
         if not bucket:
             raise ConfigurationError(f"s3 upstream {target!r} must look like bucket[/prefix]")
@@ -82,7 +85,7 @@ class S3Upstream(Upstream):
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=32,
         )
-        self._resume = ResumePolicy.from_settings(settings)
+        self._resume = ResumePolicy.from_settings(settings, resume_events)
         self._endpoint_url = settings.s3_endpoint_url
         self._region = settings.s3_region
         self._client: Any = None

@@ -11,6 +11,7 @@ from imagecache.drivers.central.claims import OriginClaim
 from imagecache.drivers.central.driver import CentralDriver
 from imagecache.drivers.central.importer import ImportResult
 from imagecache.drivers.central.nodes import NodeInfo, NodeListing, node_instance_id
+from imagecache.drivers.central.preheat import PreheatItem, PreheatJob
 from imagecache.drivers.central.schema import (
     cached_images,
     deleted_images,
@@ -18,6 +19,8 @@ from imagecache.drivers.central.schema import (
     metadata,
     nodes,
     origin_fills,
+    preheat_items,
+    preheat_jobs,
     to_datetime,
     to_epoch,
 )
@@ -28,6 +31,8 @@ __all__ = [
     "NodeInfo",
     "NodeListing",
     "OriginClaim",
+    "PreheatItem",
+    "PreheatJob",
     "cached_images",
     "deleted_images",
     "make_engine",
@@ -35,6 +40,8 @@ __all__ = [
     "node_instance_id",
     "nodes",
     "origin_fills",
+    "preheat_items",
+    "preheat_jobs",
     "to_datetime",
     "to_epoch",
 ]

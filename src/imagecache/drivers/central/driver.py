@@ -32,6 +32,7 @@ from imagecache.drivers.central.claims import OriginClaims
 from imagecache.drivers.central.deletions import ClusterDeletions
 from imagecache.drivers.central.importer import SqliteImport
 from imagecache.drivers.central.nodes import node_instance_id, normalise_self_url
+from imagecache.drivers.central.preheat import PreheatJobs
 from imagecache.drivers.central.schema import (
     IMAGE_COLUMNS,
     brief,
@@ -49,7 +50,7 @@ from imagecache.records import CachedImage
 log = logging.getLogger(__name__)
 
 
-class CentralDriver(OriginClaims, ClusterDeletions, SqliteImport):
+class CentralDriver(OriginClaims, ClusterDeletions, SqliteImport, PreheatJobs):
     """Files in the local cache directory, metadata in a database shared by the cluster."""
 
     name = "central"

@@ -27,10 +27,12 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
+    Text,
     create_engine,
     event,
     exists,
@@ -89,6 +91,37 @@ origin_fills = Table(
     Column("site", String(63), primary_key=True, server_default=""),
     Column("node_id", Integer, ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
     Column("started", DateTime(timezone=True), nullable=False),
+)
+
+# Preheat jobs (drivers/central/preheat.py): what was asked, and one item per
+# node and image that the node runs itself and writes the outcome of.
+preheat_jobs = Table(
+    "preheat_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(2048), nullable=False),
+    Column("images", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+)
+
+preheat_items = Table(
+    "preheat_items",
+    metadata,
+    Column(
+        "job_id",
+        Integer,
+        ForeignKey("preheat_jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("node_id", Integer, ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("image_id", String(255), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text),
+    Column("bytes", BigInteger),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_preheat_items_node_state", "node_id", "state"),
 )
 
 # First key of the two-key advisory locks that guard origin reads, one lock per
