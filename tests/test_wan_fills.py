@@ -538,7 +538,8 @@ async def _changed_between_reset_and_resume(
     [filled_by] = {
         int(str(x["pid"]))
         for x in json_lines(server)
-        if x.get("logger") == "imagecache.fills" and "fill of moving failed" in str(x["message"])
+        if x.get("logger") == "imagecache.fill.coordinator"
+        and "fill of moving failed" in str(x["message"])
     }
     [other] = [pid for pid in pids if pid != filled_by]
     session = sessions[pids.index(other) * 2]
