@@ -294,9 +294,8 @@ async def _follow(
         response.content_length = flight.size
     start, stop = (wanted.start, wanted.end) if wanted else (0, None)
     async with flight.reading():
-        ended = await send_followed(
-            request, response, flight.image_id, follow(flight, run, start, stop)
-        )
+        pieces = follow(flight, run, start, stop)
+        ended = await send_followed(request, response, flight.image_id, pieces, run)
         if ended is None or ended.end is End.COMPLETE:
             if ended is not None and wanted is not None:
                 state.metrics.bytes_from_cache.inc(wanted.length)

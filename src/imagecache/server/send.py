@@ -194,11 +194,11 @@ async def _copy_span(
 
 
 async def send_followed(
-    request: web.Request, response: web.StreamResponse, image_id: str, pieces: Follow
+    request: web.Request, response: web.StreamResponse, image_id: str, pieces: Follow, run: Run
 ) -> Ended | None:
     """Send a follow, completing the body if it ends ``COMPLETE``; None: a send failed, aborted."""
     try:
-        ended = await send_growing(request, response, pieces)
+        ended = await send_growing(request, response, pieces, run=run)
     except ImageCacheError as exc:  # the file was short of a span
         abort(request, image_id, str(exc))
         return None
