@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +136,60 @@ async def test_a_span_is_sent_corked_and_the_socket_uncorked_after(
     finally:
         handle.close()
     assert corked == {"during": 1, "after": 0}
+
+
+@pytest.fixture
+def tls_context(tmp_path: Path) -> ssl.SSLContext:
+    """A server context over a self-signed certificate made by openssl for this test."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def test_over_tls_a_span_is_copied_through_the_executor_it_is_given(
+    aiohttp_server: Any, tmp_path: Path, tls_context: ssl.SSLContext
+) -> None:
+    """The kernel cannot sendfile into TLS: the span is read with ``run`` and written.
+
+    Before, ``loop.sendfile(..., fallback=False)`` raised RuntimeError on a TLS
+    transport, which the copy path did not catch: the response broke.
+    """
+    data = bytes(range(256)) * (3 * SIZE // 256)
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    handle = path.open("rb")
+    reads: list[int] = []
+
+    def run(func: Any, *args: Any) -> asyncio.Future[Any]:
+        reads.append(args[1])
+        return asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(len(data) - 7)})
+        await response.prepare(request)
+        await send_file_span(request, response, handle, 7, len(data) - 7, run=run)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/span", handler)
+    server = await aiohttp_server(app, ssl=tls_context)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.make_url("/span"), ssl=False) as response,
+        ):
+            assert await response.read() == data[7:]
+    finally:
+        handle.close()
+    assert reads, "the copy path read through the executor it was given"
+    assert sum(reads) >= len(data) - 7

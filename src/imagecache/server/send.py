@@ -59,6 +59,12 @@ async def send_file_span(
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
+    if transport.get_extra_info("sslcontext") is not None:
+        # asyncio's sendfile over TLS is its own read/write fallback, and with
+        # fallback=False it raises RuntimeError rather than SendfileNotAvailableError:
+        # a TLS transport never reaches it (tests/test_server_sendfile.py).
+        await _copy_span(response, run, handle, offset, count)
+        return
     loop = asyncio.get_running_loop()
     with _corked(transport.get_extra_info("socket")):
         while count > 0:
