@@ -22,12 +22,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from imagecache import hits
 from imagecache.drivers.files import Fill
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.fill.flight import FlightKind
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.records import Chunk
-from imagecache.server import images as images_module
 from imagecache.server.app import create_app
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
@@ -487,7 +487,7 @@ def _hold_first_call(
     """Make the first call of the blocking method ``owner.name`` wait until released.
 
     Only for points outside the coordinator, which has named hooks for its own
-    (``HeldHooks``): the driver's record and images.py's wait for a commit.
+    (``HeldHooks``): the driver's record and hits.py's wait for a commit.
 
     Returns (entered, release): ``entered`` is set once that call has begun;
     it goes on, into the original, once the test sets ``release``.
@@ -574,7 +574,7 @@ async def test_a_download_between_the_rename_and_the_record_waits_for_the_record
     http_origin.add("img", DATA)
     client = await make_client()
     recording, release = _hold_first_call(monkeypatch, SqliteDriver, "_meta_commit")
-    waiting = _note_entry(monkeypatch, images_module, "_await_commit")
+    waiting = _note_entry(monkeypatch, hits, "await_commit")
     async with client.get("/v2/images/img/file") as first:
         assert await first.read() == DATA
     await until(recording.is_set)  # renamed, record held
@@ -613,7 +613,7 @@ async def test_a_download_waits_for_another_process_to_finish_its_commit(
 ) -> None:
     http_origin.add("img", DATA)
     client = await make_client()
-    waiting = _note_entry(monkeypatch, images_module, "_await_commit")
+    waiting = _note_entry(monkeypatch, hits, "await_commit")
     writer = await _writer_of_all_data(_RENAMED_BEFORE_RECORDED, cache_dir, tmp_path)
     assert writer.stdin is not None
     assert writer.stdout is not None

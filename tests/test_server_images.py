@@ -265,7 +265,12 @@ async def test_the_client_has_its_bytes_before_the_commit_and_a_request_meanwhil
         # The whole body, verified, while the commit is held back.
         status, _, body = await get(client, "/v2/images/img-1/file")
         assert (status, body) == (200, DATA)
-        assert hooks.entered.is_set()
+        # The commit's thread may start after the client has read its last
+        # byte (seen under load): wait for it to reach the held point.
+        deadline = time.monotonic() + 10
+        while not hooks.entered.is_set():
+            assert time.monotonic() < deadline, "the commit never reached its held point"
+            await asyncio.sleep(0.01)
         assert not (cache_dir / "img-1").exists()
         hooks.noted["joined"].clear()  # the first download's join; wait for the next
         again = asyncio.create_task(get(client, "/v2/images/img-1/file"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from imagecache.errors import ImageCacheError
-from imagecache.server import images
+from imagecache.server.send import send_file_span
 
 SIZE = 256 * 1024
 
@@ -43,8 +45,7 @@ async def test_a_span_past_the_end_of_the_file_aborts_the_response(
         response = web.StreamResponse(headers={"Content-Length": str(2 * SIZE)})
         await response.prepare(request)
         try:
-            # The state is only used by the copy path (TLS), not on plain TCP.
-            await images._send_span(request, response, None, handle, 0, 2 * SIZE)  # type: ignore[arg-type]
+            await send_file_span(request, response, handle, 0, 2 * SIZE)
         except ImageCacheError as exc:
             raised.append(exc)
             raise
@@ -72,7 +73,7 @@ async def test_a_span_the_file_holds_is_sent_whole(aiohttp_server: Any, tmp_path
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Length": str(SIZE - 1000)})
         await response.prepare(request)
-        await images._send_span(request, response, None, handle, 1000, SIZE - 1000)  # type: ignore[arg-type]
+        await send_file_span(request, response, handle, 1000, SIZE - 1000)
         await response.write_eof()
         return response
 
@@ -116,7 +117,7 @@ async def test_a_span_is_sent_corked_and_the_socket_uncorked_after(
         response = web.StreamResponse(headers={"Content-Length": str(promised)})
         await response.prepare(request)
         try:
-            await images._send_span(request, response, None, handle, 0, promised)  # type: ignore[arg-type]
+            await send_file_span(request, response, handle, 0, promised)
         finally:
             corked["after"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
         await response.write_eof()
@@ -135,3 +136,60 @@ async def test_a_span_is_sent_corked_and_the_socket_uncorked_after(
     finally:
         handle.close()
     assert corked == {"during": 1, "after": 0}
+
+
+@pytest.fixture
+def tls_context(tmp_path: Path) -> ssl.SSLContext:
+    """A server context over a self-signed certificate made by openssl for this test."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def test_over_tls_a_span_is_copied_through_the_executor_it_is_given(
+    aiohttp_server: Any, tmp_path: Path, tls_context: ssl.SSLContext
+) -> None:
+    """The kernel cannot sendfile into TLS: the span is read with ``run`` and written.
+
+    Before, ``loop.sendfile(..., fallback=False)`` raised RuntimeError on a TLS
+    transport, which the copy path did not catch: the response broke.
+    """
+    data = bytes(range(256)) * (3 * SIZE // 256)
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    handle = path.open("rb")
+    reads: list[int] = []
+
+    def run(func: Any, *args: Any) -> asyncio.Future[Any]:
+        reads.append(args[1])
+        return asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(len(data) - 7)})
+        await response.prepare(request)
+        await send_file_span(request, response, handle, 7, len(data) - 7, run=run)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/span", handler)
+    server = await aiohttp_server(app, ssl=tls_context)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.make_url("/span"), ssl=False) as response,
+        ):
+            assert await response.read() == data[7:]
+    finally:
+        handle.close()
+    assert reads, "the copy path read through the executor it was given"
+    assert sum(reads) >= len(data) - 7

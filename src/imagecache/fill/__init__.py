@@ -15,6 +15,8 @@ cache.py over the same writer.
 - ``remote``: another process's fill, followed through its file and lock.
 - ``bandwidth``: the background fills' token bucket, at the idle or busy rate.
 - ``busy``: which processes have clients waiting (a locked mark each); the governor's glue.
+- ``follow``: what a follower of a flight may send (spans or bytes, then how it
+  ended), and the rest from the origin when the fill dies.
 - ``hooks``: named points where tests hold or watch a fill (no-ops otherwise).
 
 This package must not import ``imagecache.server`` nor aiohttp's server: the

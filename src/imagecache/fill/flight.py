@@ -29,7 +29,7 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from imagecache.capacity import Reservation
 from imagecache.errors import CacheStoreError
@@ -172,7 +172,7 @@ class Flight:
             self._maybe_close()
             self._demand_changed()
 
-    async def spans(self, start: int = 0) -> AsyncIterator[tuple[int, int]]:
+    async def spans(self, start: int = 0) -> AsyncGenerator[tuple[int, int], None]:
         """``(offset, count)`` of the file's bytes a reader may send next, as they land.
 
         Raises the fill's error if it fails. Use inside ``reading()`` (which keeps
