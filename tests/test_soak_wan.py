@@ -42,13 +42,15 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from central_db import PG_HOST, PG_PORT, create_database, drop_database
+from peers import free_port
 from peers.nginx import start_nginx
 from peers.relay import RelayProcess
 from peers.wan import WanRig
@@ -140,6 +142,48 @@ def site(wan_rig: WanRig, tmp_path: Path) -> Iterator[Site]:
 
 
 @dataclass
+class Database:
+    """The driver's settings, and the relay in front of its database if it has one."""
+
+    env: dict[str, str]
+    relay: RelayProcess | None = None
+    port: int = 0  # the service's (0: any free one)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        # Issue 16 item 2 (hits and fills go on while PostgreSQL is away) is not
+        # built yet: today a hit reads and writes the central database before
+        # its first byte, so a cut answers 500. Not strict: it passes once the
+        # item lands.
+        pytest.param(
+            "central", marks=pytest.mark.xfail(reason="needs issue 16 item 2", strict=False)
+        ),
+    ]
+)
+def database(request: pytest.FixtureRequest) -> Iterator[Database]:
+    """sqlite in the cache directory, or the central driver on PostgreSQL through a relay
+    that the waves cut with the origin's link (skips loudly without PostgreSQL)."""
+    if request.param == "sqlite":
+        yield Database({"IMAGECACHE_IMAGE_CACHE_DRIVER": "sqlite"})
+        return
+    name = create_database()
+    try:
+        with RelayProcess((PG_HOST, PG_PORT), delay=DELAY) as relay:
+            port = free_port()
+            env = {
+                "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
+                "IMAGECACHE_DATABASE_URL": f"postgresql+psycopg://127.0.0.1:{relay.port}/{name}",
+                # A central node is its URL: one service, two workers, one port.
+                "IMAGECACHE_WORKER_SELF_REFERENCE_URL": f"http://127.0.0.1:{port}",
+            }
+            yield Database(env, relay, port)
+    finally:
+        drop_database(name)
+
+
+@dataclass
 class Clients:
     """What the clients met: outcomes by kind, and the problems, reported at the end."""
 
@@ -216,20 +260,25 @@ class Clients:
         self.outcomes["206 range"] += 1
 
 
-async def _cut(relay: RelayProcess, kind: str) -> None:
-    """One cut of the link, then the link restored (the relay's calls block: a thread)."""
+async def _cut(relays: list[RelayProcess], kind: str) -> None:
+    """One cut of every link, then the links restored (the relay's calls block: a thread)."""
+
+    async def each(command: Callable[[RelayProcess], object]) -> None:
+        for relay in relays:
+            await asyncio.to_thread(command, relay)
+
     if kind == "blackhole":
-        await asyncio.to_thread(relay.blackhole)
+        await each(RelayProcess.blackhole)
         await asyncio.sleep(BLACKHOLE)  # the partition's length
     elif kind == "reset":
-        await asyncio.to_thread(relay.reset)
+        await each(RelayProcess.reset)
         await asyncio.sleep(0.5)
-        await asyncio.to_thread(relay.reset)  # the fills' resumes and the new misses, again
+        await each(RelayProcess.reset)  # the fills' resumes and the new misses, again
     else:
-        await asyncio.to_thread(relay.reset_at, *RESET_AT)
+        await each(lambda relay: relay.reset_at(*RESET_AT))
         await asyncio.sleep(BLACKHOLE)
-        await asyncio.to_thread(relay.reset_at)  # thresholds not reached are dropped
-    await asyncio.to_thread(relay.restore)
+        await each(lambda relay: relay.reset_at())  # thresholds not reached are dropped
+    await each(RelayProcess.restore)
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str, name: str) -> bytes:
@@ -256,11 +305,14 @@ def _verify(cache_dir: Path, env: dict[str, str]) -> dict[str, object]:
 
 
 async def test_soak_with_the_link_cut_in_waves_serves_only_right_bytes(
-    site: Site, tmp_path: Path, servers: list[ServeProcess]
+    site: Site, database: Database, tmp_path: Path, servers: list[ServeProcess]
 ) -> None:
     cache_dir = tmp_path / "cache"
-    env = {**os.environ, **SOAK_ENV}
-    server = await start_serve(cache_dir, site.upstream, workers=2, env=SOAK_ENV)
+    served_env = {**SOAK_ENV, **database.env}
+    env = {**os.environ, **served_env}
+    server = await start_serve(
+        cache_dir, site.upstream, workers=2, port=database.port, env=served_env
+    )
     servers.append(server)
 
     async def no_fill_in_flight() -> bool:
@@ -281,6 +333,7 @@ async def test_soak_with_the_link_cut_in_waves_serves_only_right_bytes(
             await asyncio.gather(*burst)
         threads = [len(os.listdir(f"/proc/{pid}/task")) for pid in service_pids(servers)]
         clients = Clients(server.url, session)
+        relays = [site.relay] + ([database.relay] if database.relay is not None else [])
         cuts: Counter[str] = Counter()
         warm: tuple[Descriptors, int] | None = None
         samples: list[Descriptors] = []
@@ -293,7 +346,7 @@ async def test_soak_with_the_link_cut_in_waves_serves_only_right_bytes(
             ]
             await asyncio.sleep(CALM)  # load on a working link
             kind = CUTS[wave % len(CUTS)]
-            await _cut(site.relay, kind)
+            await _cut(relays, kind)
             cuts[kind] += 1
             await asyncio.sleep(CALM)  # load on the restored link
             stop.set()
