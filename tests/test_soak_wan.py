@@ -26,6 +26,10 @@ What must hold under that:
 - open descriptors and RSS are flat after the warm-up waves, by the bounds
   tests/test_soak.py uses (tests/soak_helpers.py).
 
+The ``[central]`` variant runs the same waves with the central driver, its
+PostgreSQL reached through a second relay that each cut cuts too (issue 16
+item 2, not built yet: expected to fail, not strictly).
+
 The waves' phases are load durations (how long the link stays up or cut),
 not synchronisation: what a check waits for is polled with a deadline.
 Run with ``-s`` for the numbers.
@@ -154,9 +158,10 @@ class Database:
     params=[
         "sqlite",
         # Issue 16 item 2 (hits and fills go on while PostgreSQL is away) is not
-        # built yet: today a hit reads and writes the central database before
-        # its first byte, so a cut answers 500. Not strict: it passes once the
-        # item lands.
+        # built yet. Seen on 2026-12-02: the clients met only the expected
+        # kinds (these cuts are short, and a reset connection is replaced), but
+        # the log has a traceback: "cluster heartbeat failed" when a reset cut
+        # the heartbeat's statement. Not strict: it passes once the item lands.
         pytest.param(
             "central", marks=pytest.mark.xfail(reason="needs issue 16 item 2", strict=False)
         ),
