@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,14 @@ import pytest
 from central_db import create_database, drop_database, postgres_url
 from peers.origin import Fault
 from server_helpers import ServeProcess, image_bytes, listdir, poll, start_serve
+from soak_helpers import (
+    RSS_SLACK_MIB,
+    Descriptors,
+    check_database_descriptors,
+    check_descriptors,
+    stop_cleanly,
+    usage,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -60,9 +66,6 @@ WAVES = 60
 CLIENTS = 32
 WARM_WAVES = 10  # descriptors and RSS are compared from here on
 KILL_EVERY = 10  # the crash soak kills a server in every tenth wave
-OTHER_FD_SLACK = 4  # fills in flight as the sample is taken (see _check_descriptors)
-SOCKET_SLACK = 40
-RSS_SLACK_MIB = 24  # allocator arenas settle within it (the load run in bench/ shows the same)
 
 
 def _free_port() -> int:
@@ -70,108 +73,6 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-@dataclass(frozen=True)
-class Descriptors:
-    """Open descriptors of a process (or several, added up), by what they are."""
-
-    database: int = 0  # the sqlite database and its WAL
-    sockets: int = 0
-    other: int = 0  # cache files, pipes, eventfds
-
-    def __add__(self, more: Descriptors) -> Descriptors:
-        return Descriptors(
-            self.database + more.database, self.sockets + more.sockets, self.other + more.other
-        )
-
-
-def _descriptors(pid: int) -> Descriptors:
-    database = sockets = other = 0
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-        except FileNotFoundError:
-            continue  # closed while we looked
-        if os.path.basename(target).startswith("cache.db"):
-            database += 1
-        elif target.startswith("socket:"):
-            sockets += 1
-        else:
-            other += 1
-    return Descriptors(database, sockets, other)
-
-
-def _exit_status(pid: int) -> int | None:
-    """A dead but unreaped process's exit status (waitpid's form decoded), else None.
-
-    The status is field 52 of ``/proc/PID/stat`` (Linux 3.5+); the fields after
-    the command name, which may hold spaces, start at field 3.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except FileNotFoundError:
-        return None
-    if fields[0] != "Z":
-        return None
-    return os.waitstatus_to_exitcode(int(fields[52 - 3]))
-
-
-def _pids(servers: list[ServeProcess]) -> list[int]:
-    """The server processes and their forked workers (``--workers N``), all alive."""
-    pids = []
-    for server in servers:
-        pid = server.process.pid
-        with open(f"/proc/{pid}/task/{pid}/children") as children:
-            pids += [pid, *map(int, children.read().split())]
-    for pid in pids:
-        status = _exit_status(pid)
-        # A zombie has no VmRSS; say what happened instead of "no VmRSS".
-        assert status is None, f"worker {pid} exited with status {status}"
-    return pids
-
-
-def _usage(servers: list[ServeProcess]) -> tuple[Descriptors, int]:
-    """(open descriptors, RSS in KiB) of the server processes together."""
-    pids = _pids(servers)
-    return sum(map(_descriptors, pids), Descriptors()), sum(map(_rss_kib, pids))
-
-
-def _check_descriptors(samples: list[Descriptors]) -> None:
-    """No kind of descriptor grows with the waves (``samples``: one after each).
-
-    The lowest of the last five samples against the highest of the first
-    half: what comes and goes with load has its bursts in both, a leak raises
-    the floor for good. Sockets get more room, being mostly kept-alive
-    connections (aiohttp pools up to 100 to the origin, and to siblings in a
-    cluster; the database's pool), whose number ratchets up to the most
-    requests that ever overlapped. A leak of one descriptor per failed fill
-    would add ~60 by the end. Database descriptors follow threads, which the
-    disk executor starts as load needs them: those are checked per thread
-    (``_check_database_descriptors``).
-    """
-    half = len(samples) // 2
-    for kind, slack in (("other", OTHER_FD_SLACK), ("sockets", SOCKET_SLACK)):
-        series = [getattr(sample, kind) for sample in samples]
-        peak, floor = max(series[:half]), min(series[-5:])
-        assert floor <= peak + slack, f"{kind}: {series}"
-
-
-def _check_database_descriptors(servers: list[ServeProcess]) -> None:
-    """At most one sqlite connection per live thread: none outlives its thread."""
-    for pid in _pids(servers):
-        threads = len(os.listdir(f"/proc/{pid}/task"))
-        database = _descriptors(pid).database
-        assert database <= 2 * threads, f"{database} database descriptors for {threads} threads"
 
 
 class Soak:
@@ -397,11 +298,11 @@ async def _soak(
             await requests
             if restart is None and wave + 1 == WARM_WAVES:
                 await poll(no_fill_in_flight, "the warm-up's fills have ended")
-                warm = _usage(servers)
+                warm = usage(servers)
             if restart is None and wave + 1 >= WARM_WAVES:
-                descriptors.append(_usage(servers)[0])
+                descriptors.append(usage(servers)[0])
         await poll(no_fill_in_flight, "every fill has committed, rolled back or been cleaned")
-        end = _usage(servers)
+        end = usage(servers)
 
     assert not soak.problems, f"{len(soak.problems)} problems, first ones: {soak.problems[:10]}"
     # Every kind of request happened, and the bad images failed as bad images must.
@@ -414,8 +315,8 @@ async def _soak(
         return
 
     assert warm is not None
-    _check_descriptors(descriptors)
-    _check_database_descriptors(servers)
+    check_descriptors(descriptors)
+    check_database_descriptors(servers)
     growth_mib = (end[1] - warm[1]) / 1024
     assert growth_mib <= RSS_SLACK_MIB, f"RSS grew {growth_mib:.1f} MiB after the warm-up"
 
@@ -430,17 +331,6 @@ def _cached(cache_dir: Path) -> list[str]:
     cached_bytes = sum(len(GOOD[name]) for name in images)
     assert cached_bytes <= MAX_SIZE, f"{cached_bytes} bytes cached, limit {MAX_SIZE}"
     return images
-
-
-async def _stop_cleanly(servers: list[ServeProcess]) -> None:
-    for server in servers:
-        assert await server.stop() == 0, server.log()[-3000:]
-        log = server.log()
-        assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
-        # The parent replaces a dead worker (server/supervisor.py), so a death
-        # no longer shows as a missing process: it shows in the log.
-        died = [line for line in log.splitlines() if "starting a replacement" in line]
-        assert not died, f"a worker died during the soak: {died[0]}"
 
 
 async def test_soak_under_eviction_pressure_stays_consistent(
@@ -464,7 +354,7 @@ async def test_soak_under_eviction_pressure_stays_consistent(
     await _soak(servers, [cache_dir], http_origin)
     assert _cached(cache_dir), "the soak left at least one image cached"
     assert http_origin.body_reads(CORRUPT) > 0  # the corrupt image was fetched, never kept
-    await _stop_cleanly(servers)
+    await stop_cleanly(servers)
 
 
 async def test_soak_of_a_two_node_cluster_keeps_the_map_true(
@@ -511,7 +401,7 @@ async def test_soak_of_a_two_node_cluster_keeps_the_map_true(
         return True
 
     await poll(map_is_true, "the database's map matches every node's disk")
-    await _stop_cleanly(servers)
+    await stop_cleanly(servers)
 
 
 async def test_soak_with_servers_killed_mid_fill_stays_consistent(
@@ -542,7 +432,7 @@ async def test_soak_with_servers_killed_mid_fill_stays_consistent(
 
     await _soak(servers, [cache_dir], http_origin, restart)
     assert _cached(cache_dir), "the soak left at least one image cached"
-    await _stop_cleanly(servers)
+    await stop_cleanly(servers)
     for server in every:
         log = server.log()
         assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
@@ -640,4 +530,4 @@ async def test_soak_of_a_glance_origin_never_serves_a_caller_it_refuses(
     for name in listdir(cache_dir):
         if name in images:
             assert (cache_dir / name).read_bytes() == images[name], f"{name} differs from Glance's"
-    await _stop_cleanly(servers)
+    await stop_cleanly(servers)
