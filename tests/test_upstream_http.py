@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from imagecache.errors import ConfigurationError, UpstreamError, UpstreamNotFound
 from imagecache.settings import Settings
@@ -333,3 +334,56 @@ async def test_a_download_through_a_redirecting_http_origin_is_served_whole(
         assert response.status == 200
         assert response.content_length == len(DATA)
         assert await response.read() == DATA
+
+
+async def test_sidecars_are_asked_beside_the_head_not_after_it(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The HEAD is answered only once a sidecar request has arrived: asked one
+    after the other (a round trip each across a WAN), the HEAD never answers."""
+    sidecar_asked = asyncio.Event()
+
+    async def head(request: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(sidecar_asked.wait(), 5)
+        except TimeoutError:
+            return web.Response(status=503, text="no sidecar request came while the HEAD waited")
+        return web.Response(headers={"Content-Length": str(len(DATA))})
+
+    async def sidecar(request: web.Request) -> web.Response:
+        sidecar_asked.set()
+        if request.match_info["algo"] != "sha256":
+            return web.Response(status=404)
+        return web.Response(text=hashlib.sha256(DATA).hexdigest())
+
+    app = web.Application()
+    app.router.add_route("HEAD", "/img", head)
+    app.router.add_get("/img.{algo}", sidecar)
+    server = TestServer(app)
+    await server.start_server()
+    upstream = create_upstream(
+        f"http:{str(server.make_url('')).rstrip('/')}/{{image_id}}",
+        make_settings(http_checksum_sidecar=True),
+    )
+    try:
+        info = await upstream.info("img")
+    finally:
+        await upstream.close()
+        await server.close()
+    assert info.size == len(DATA)
+    assert (info.hash_algo, info.hash_value) == ("sha256", hashlib.sha256(DATA).hexdigest())
+
+
+async def test_a_failed_head_cancels_the_sidecar_requests(
+    http_origin: Origin, make_settings: Callable[..., Settings]
+) -> None:
+    upstream = create_upstream(
+        "http:" + http_origin.template, make_settings(http_checksum_sidecar=True)
+    )
+    try:
+        with pytest.raises(UpstreamNotFound):
+            await upstream.info("nosuch")
+    finally:
+        await upstream.close()
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    assert not [t for t in pending if "_read_sidecars" in repr(t.get_coro())], pending

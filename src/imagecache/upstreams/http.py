@@ -87,12 +87,23 @@ class HttpUpstream(Upstream):
 
     async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
         url = self.url(image_id)
-        headers = await self._head(image_id, url)
+        # The sidecars are asked beside the HEAD, not after it: across a WAN
+        # each sequential request is another round trip (and a connection's
+        # handshake) before a miss's first byte; the edge bench measured
+        # 0.2-0.3 s to the first byte at 40 ms a round trip.
+        sidecars = asyncio.ensure_future(self._read_sidecars(url)) if self._sidecars else None
+        try:
+            headers = await self._head(image_id, url)
+        except BaseException:
+            if sidecars is not None:
+                sidecars.cancel()
+                await asyncio.gather(sidecars, return_exceptions=True)
+            raise
         size = _size_from(headers)
         checksum = _md5_from(headers)
         algo, value = _digest_from(headers)
-        if self._sidecars:
-            found = await self._read_sidecars(url)
+        if sidecars is not None:
+            found = await sidecars
             checksum = checksum or found.get("md5")
             for name in _SIDECARS:
                 if name != "md5" and name in found and algo is None:
