@@ -12,6 +12,8 @@
 - No module over ``MAX_LINES`` lines unless it is listed with its reason.
 - aiohttp's ``web.HTTP*`` is built or raised nowhere in src/: handlers raise
   ``imagecache.errors`` classes, mapped to statuses by app.py's ``_errors`` alone.
+- One door to the driver: outside cache.py and drivers/, nothing reaches
+  through the facade with ``cache.driver`` (the rule is by ``DRIVER_ALLOWED_IN``).
 
 ``PENDING_LAYERING`` names the known breaches that issue 13 (the one-fill-path
 redesign) still has to remove, each with the module that causes it (none
@@ -247,3 +249,117 @@ def test_the_http_error_check_sees_the_forms_it_forbids(tmp_path: Path) -> None:
         "imagecache.server.x:b:7",
         "imagecache.server.x:c:9",
     ]
+
+
+# One door to the driver (docs/architecture.md): outside the facade (cache.py)
+# and the drivers themselves, code asks ``ImageCache`` what it wants and never
+# reaches through it with ``cache.driver``. What counts as reaching through
+# (a static rule, no types run): an attribute ``.driver`` read on an expression
+# that is an ImageCache by name or by annotation:
+#
+# - its last name ends with ``cache`` (any case): ``cache.driver``,
+#   ``self.cache.driver``, ``state.cache.driver``, ``app[STATE].cache.driver``,
+#   ``self._image_cache.driver``; or
+# - it is a name the module annotates as ``ImageCache`` anywhere (a parameter,
+#   ``x: ImageCache = ...``), whatever it is called: ``ic.driver``.
+#
+# Not counted: a module's own ``self.driver`` holding a ``CentralDriver`` it was
+# given (server/cluster.py, server/preheat.py, upstreams/sibling.py, which got it
+# once from ``ImageCache.central``): holding a driver as a collaborator is fine.
+# Not seen: ``getattr(cache, "driver")`` and aliases (``c = cache; c.driver``);
+# review keeps those out.
+DRIVER_ALLOWED_IN = ("imagecache.cache", "imagecache.drivers")
+# (module, function, expression) reaching through today: modules another change
+# owns at the moment (issue 13); the facade already has what they need
+# (``ImageCache.layout``), except ``record_hit``, which hits.py will bring.
+PENDING_DRIVER_DOOR: set[tuple[str, str, str]] = {
+    ("imagecache.hits", "open_hit", "cache.driver"),
+    ("imagecache.hits", "record_hit", "cache.driver"),
+    ("imagecache.server.images", "_follow", "state.cache.driver"),
+}
+
+
+def _last_name(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return None
+
+
+def _names_annotated_image_cache(tree: ast.Module) -> set[str]:
+    def is_image_cache(annotation: ast.expr | None) -> bool:
+        if annotation is None:
+            return False
+        text = ast.unparse(annotation).strip("'\"")
+        return any(part.strip() in ("ImageCache", "cache.ImageCache") for part in text.split("|"))
+
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg) and is_image_cache(node.annotation):
+            names.add(node.arg)
+        elif (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and is_image_cache(node.annotation)
+        ):
+            names.add(node.target.id)
+    return names
+
+
+def driver_reached_through(name: str, path: Path) -> set[tuple[str, str, str]]:
+    """(module, function, expression) of each ``<an ImageCache>.driver`` in ``path``."""
+    tree = ast.parse(path.read_text())
+    annotated = _names_annotated_image_cache(tree)
+    found: set[tuple[str, str, str]] = set()
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            function = node.name
+        if isinstance(node, ast.Attribute) and node.attr == "driver":
+            last = _last_name(node.value)
+            if last is not None and (
+                last.lower().endswith("cache")
+                or (isinstance(node.value, ast.Name) and last in annotated)
+            ):
+                found.add((name, function, ast.unparse(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, "<module>")
+    return found
+
+
+def test_the_driver_is_reached_only_through_the_facade() -> None:
+    found = {
+        where
+        for name, path in modules()
+        if not any(name == ok or name.startswith(ok + ".") for ok in DRIVER_ALLOWED_IN)
+        for where in driver_reached_through(name, path)
+    }
+    assert found - PENDING_DRIVER_DOOR == set(), "ask ImageCache (cache.py), not cache.driver"
+    assert PENDING_DRIVER_DOOR - found == set(), "fixed: remove from PENDING_DRIVER_DOOR"
+
+
+def test_the_driver_door_check_sees_the_forms_it_forbids(tmp_path: Path) -> None:
+    """Each way of reaching through the facade is caught; a held driver is not."""
+    source = tmp_path / "user.py"
+    source.write_text(
+        "from imagecache.cache import ImageCache\n"
+        "def a(cache):\n    return cache.driver.layout\n"
+        "def b(state):\n    return state.cache.driver\n"
+        "def c(app):\n    return app['s'].image_cache.driver.record_hit\n"
+        "def d(ic: ImageCache):\n    return ic.driver\n"
+        "def e(ic: 'ImageCache | None'):\n    return ic.driver\n"
+        "class F:\n    def g(self):\n        return self._cache.driver\n"
+        "    def h(self):\n        return self.driver.sync()\n"
+        "def i(other):\n    return other.driver\n"
+    )
+    assert driver_reached_through("imagecache.x", source) == {
+        ("imagecache.x", "a", "cache.driver"),
+        ("imagecache.x", "b", "state.cache.driver"),
+        ("imagecache.x", "c", "app['s'].image_cache.driver"),
+        ("imagecache.x", "d", "ic.driver"),
+        ("imagecache.x", "e", "ic.driver"),
+        ("imagecache.x", "g", "self._cache.driver"),
+    }

@@ -24,7 +24,6 @@ from sqlalchemy import event, select
 
 from central_db import PG_HOST, PG_PORT, central_settings
 from imagecache import BadDriverConfiguration, create_driver
-from imagecache.cluster import central_driver
 from imagecache.drivers.central import CentralDriver, cached_images
 from imagecache.server.cluster import CLUSTER_TASKS
 from imagecache.server.state import STATE
@@ -118,7 +117,7 @@ async def gauge(client: TestClient[Any, Any], name: str) -> float:
 
 
 def node_driver(client: TestClient[Any, Any]) -> CentralDriver:
-    driver = central_driver(client.app[STATE].cache)
+    driver = client.app[STATE].cache.central
     assert driver is not None
     return driver
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from imagecache.cache import ImageCache
-from imagecache.drivers.base import Driver
 from imagecache.errors import ConfigurationError
 from imagecache.layout import CacheLayout, fsync_dir, sqlite_side_files
 from imagecache.records import CachedImage
@@ -113,10 +112,10 @@ def import_glance_cache(
     source = Path(source)
     if not source.is_dir():
         raise ConfigurationError(f"Glance cache directory {source} does not exist")
-    layout = cache.driver.layout
-    if type(cache.driver).record_image is Driver.record_image:
+    layout = cache.layout
+    if not cache.can_record:
         raise ConfigurationError(
-            f"the {cache.driver.name} driver cannot adopt files; import into a cache "
+            f"the {cache.driver_name} driver cannot adopt files; import into a cache "
             "directory using the sqlite or xattr driver"
         )
     if source.resolve() == layout.base.resolve():
@@ -169,8 +168,8 @@ def _adopt_one(
         modified, accessed = st.st_mtime, max(st.st_atime, st.st_mtime)
         hits = _xattr_hits(src) or 0
         checksum = None
-    _move(src, cache.driver.layout.active_path(image_id), keep_source)
-    cache.driver.record_image(
+    _move(src, cache.layout.active_path(image_id), keep_source)
+    cache.record_image(
         CachedImage(
             image_id=image_id,
             size=st.st_size,

@@ -28,15 +28,17 @@ import contextlib
 import fcntl
 import logging
 import os
+import sys
 from collections.abc import Generator, Iterable, Iterator
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO, cast
 
 from imagecache.drivers import create_driver
 from imagecache.drivers.base import Driver
 from imagecache.drivers.files import FileBackedDriver
 from imagecache.fill.hashing import usable_nice
 from imagecache.fill.writer import CHUNK_SIZE, FillWriter
-from imagecache.layout import rename_if_exists
+from imagecache.layout import CacheLayout, rename_if_exists
+from imagecache.reconcile import ReconcileReport, reconcile
 from imagecache.records import (
     CachedImage,
     CleanResult,
@@ -45,6 +47,12 @@ from imagecache.records import (
     QueueResult,
 )
 from imagecache.settings import Settings
+
+if TYPE_CHECKING:
+    # Only a type: the central driver pulls in SQLAlchemy and alembic, about 0.4 s
+    # of a service's start (docs/benchmarks-log.md), which a node of the sqlite or
+    # xattr driver never uses.
+    from imagecache.drivers.central import CentralDriver
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,35 @@ class ImageCache:
         # any driver sees it; drivers check again, but no driver can forget.
         return self.driver.layout.validate(image_id)
 
+    # --- the directory and the driver behind it -------------------------------------------------
+    # The one door to the driver (docs/architecture.md): callers outside cache.py
+    # and drivers/ ask here, never through ``cache.driver`` (tests/test_architecture.py).
+
+    @property
+    def layout(self) -> CacheLayout:
+        """The cache directory: its paths, its image-id rule, its committed files."""
+        return self.driver.layout
+
+    @property
+    def driver_name(self) -> str:
+        """The driver's name (``sqlite``, ``xattr``, ``central``), for messages."""
+        return self.driver.name
+
+    @property
+    def central(self) -> CentralDriver | None:
+        """The driver if it is the cluster's (central) one, else None."""
+        # A central driver can exist only once create_driver has imported its
+        # module: looked up there, so that asking never imports it.
+        module = sys.modules.get("imagecache.drivers.central")
+        if module is None or not isinstance(self.driver, module.CentralDriver):
+            return None
+        return cast("CentralDriver", self.driver)
+
+    @property
+    def can_record(self) -> bool:
+        """Whether the driver can record a committed file it did not fill (adopt, scrub)."""
+        return type(self.driver).record_image is not Driver.record_image
+
     # --- state and listings (the driver's answers) ----------------------------------------------
 
     def is_cached(self, image_id: str) -> bool:
@@ -97,6 +134,10 @@ class ImageCache:
 
     def get_cached_image(self, image_id: str) -> CachedImage | None:
         return self.driver.get_cached_image(self._id(image_id))
+
+    def iter_lru(self) -> Iterator[tuple[str, int]]:
+        """Unpinned committed images with their sizes, least recently accessed first."""
+        return self.driver.iter_lru()
 
     def get_queued_images(self) -> list[str]:
         return self.driver.get_queued_images()
@@ -129,6 +170,14 @@ class ImageCache:
         if isinstance(driver, FileBackedDriver):  # every driver we ship
             return driver.cancel_fill(self._id(image_id))
         return False
+
+    def record_image(self, image: CachedImage, *, replace: bool = False) -> bool:
+        """Record a committed file the cache did not fill; see ``Driver.record_image``."""
+        return self.driver.record_image(image, replace=replace)
+
+    def reconcile(self, started_at: float | None = None) -> ReconcileReport:
+        """Make the records and the files agree (``reconcile.py``)."""
+        return reconcile(self.driver, started_at)
 
     def delete_all_cached_images(self) -> int:
         return self.driver.delete_all_cached_images()

@@ -166,7 +166,7 @@ class Capacity:
 
     def __init__(self, cache: ImageCache) -> None:
         self.cache = cache
-        self.ledger = Ledger(cache.driver.layout.reservation_dir)
+        self.ledger = Ledger(cache.layout.reservation_dir)
         self.evictions = 0
 
     @property
@@ -194,7 +194,7 @@ class Capacity:
             shortfall = self._shortfall(image_id, size, pending, reserved)
             evicted: list[str] = []
             if shortfall > 0:
-                candidates = [e for e in self.cache.driver.iter_lru() if e[0] not in pending]
+                candidates = [e for e in self.cache.iter_lru() if e[0] not in pending]
                 # Evict only when it can succeed: a disk filled by something else
                 # must not cost us the whole cache and still end in a bypass.
                 if sum(entry_size for _, entry_size in candidates) < shortfall:
@@ -209,7 +209,7 @@ class Capacity:
                 for victim, victim_size in candidates:
                     if freed >= shortfall:
                         break
-                    if self.cache.driver.delete_cached_image(victim):
+                    if self.cache.delete_cached_image(victim):
                         evicted.append(victim)
                         self.evictions += 1
                     freed += victim_size
@@ -251,7 +251,7 @@ class Capacity:
         reservation, or for one that reserved nothing (size unknown, or a
         writer without a Capacity) at its file so far.
         """
-        layout = self.cache.driver.layout
+        layout = self.cache.layout
         reserved = self.ledger.entries()
         pending = dict(reserved)
         for entry in layout.iter_images(layout.incomplete_dir):
@@ -273,12 +273,12 @@ class Capacity:
         """
         in_flight = sum(n for other, n in pending.items() if other != image_id)
         still_to_write = sum(n for other, n in reserved.items() if other != image_id)
-        committed = self.cache.driver.get_cache_size()
+        committed = self.cache.get_cache_size()
         over_limit = committed + in_flight + size - self.limit
         under_watermark = 0
         watermark = self.cache.settings.free_space_watermark
         if watermark:
-            st = os.statvfs(self.cache.driver.layout.base)
+            st = os.statvfs(self.cache.layout.base)
             free = st.f_bavail * st.f_frsize
             # Fills in flight will still take what they have not written yet;
             # counting their full size errs on the safe side.

@@ -38,7 +38,7 @@ from imagecache.cache import ImageCache
 from imagecache.errors import ImageCacheError
 from imagecache.metadata import sweep_answers
 from imagecache.prefetch import Prefetcher, forget_stale_errors
-from imagecache.reconcile import ReconcileReport, reconcile
+from imagecache.reconcile import ReconcileReport
 from imagecache.records import PruneResult
 from imagecache.scrub import Scrubber
 
@@ -67,7 +67,7 @@ def sample_usage(cache: ImageCache) -> Usage:
     except ImageCacheError:
         cached, up = None, False
     try:
-        st = os.statvfs(cache.driver.layout.base)
+        st = os.statvfs(cache.layout.base)
         free: int | None = st.f_bavail * st.f_frsize
     except OSError:
         free = None
@@ -135,7 +135,7 @@ class Maintenance:
     async def clean(self) -> Any:
         result = await self._in_thread(self.cache.clean)
         await self._in_thread(forget_stale_errors, self.cache)
-        await self._in_thread(sweep_answers, self.cache.driver.layout.lock_dir)
+        await self._in_thread(sweep_answers, self.cache.layout.lock_dir)
         return result
 
     async def redrive_queue(self) -> Any:
@@ -149,7 +149,7 @@ class Maintenance:
 
     async def scrub(self) -> Any:
         interval = self.cache.settings.scrub_interval
-        stamp = self.cache.driver.layout.lock_path("scrub.done")
+        stamp = self.cache.layout.lock_path("scrub.done")
 
         def run() -> Any:
             with self.cache.exclusive("scrub"):
@@ -174,7 +174,7 @@ class Maintenance:
     async def reconcile(self) -> ReconcileReport:
         def run() -> ReconcileReport:
             with self.cache.exclusive("reconcile"):  # one worker at a time
-                return reconcile(self.cache.driver, self._started_at)
+                return self.cache.reconcile(self._started_at)
 
         self.reconciled = await self._in_thread(run)
         return self.reconciled

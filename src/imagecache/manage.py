@@ -79,10 +79,8 @@ class LocalManager:
         return self.cache.get_cached_images()
 
     def list_cluster(self) -> list[NodeListing]:
-        from imagecache.drivers.central import CentralDriver
-
-        driver = self.cache.driver
-        if not isinstance(driver, CentralDriver):
+        driver = self.cache.central
+        if driver is None:
             raise NotInClusterMode("listing every node's cache (--all-nodes)")
         return driver.cluster_listing()
 
@@ -180,7 +178,7 @@ class LocalManager:
 
 def local_stats(cache: ImageCache) -> dict[str, Any]:
     """Counts and sizes an operator watches; the service's ``/v2/cache/stats`` too."""
-    layout = cache.driver.layout
+    layout = cache.layout
     images = cache.get_cached_images()
     queued = queued_details(cache)
     size = sum(image.size for image in images)

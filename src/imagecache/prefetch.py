@@ -148,7 +148,7 @@ def read_error(layout: CacheLayout, image_id: str) -> dict[str, Any] | None:
 
 def queued_details(cache: ImageCache) -> list[QueuedImage]:
     """The queue in order, each entry with its last prefetch error (if any)."""
-    layout = cache.driver.layout
+    layout = cache.layout
     found = []
     for image_id in cache.get_queued_images():
         try:
@@ -170,7 +170,7 @@ def queued_details(cache: ImageCache) -> list[QueuedImage]:
 
 def forget_stale_errors(cache: ImageCache) -> int:
     """Remove sidecars whose marker is gone (the queue entry was deleted or cached)."""
-    layout = cache.driver.layout
+    layout = cache.layout
     removed = 0
     with contextlib.suppress(FileNotFoundError), os.scandir(layout.queue_dir) as entries:
         for entry in list(entries):
@@ -207,7 +207,7 @@ class Prefetcher:
         if metadata is None:
             settings = cache.settings
             metadata = metadata_for(
-                cache.driver.layout.lock_dir,
+                cache.layout.lock_dir,
                 upstream,
                 settings.metadata_cache_ttl,
                 settings.upstream_timeout,
@@ -317,13 +317,13 @@ class Prefetcher:
 
     def _note_failure(self, image_id: str, message: str, attempts: int) -> None:
         if self.cache.is_queued(image_id):
-            record_error(self.cache.driver.layout, image_id, message, attempts)
+            record_error(self.cache.layout, image_id, message, attempts)
 
     def _done(self, image_id: str) -> None:
         # The commit removes the marker of a fill we made; an image found
         # already cached still has its marker, which is now pointless.
         self.cache.delete_queued_image(image_id)
-        clear_error(self.cache.driver.layout, image_id)
+        clear_error(self.cache.layout, image_id)
 
     async def _fill(self, image_id: str, caller: Caller) -> PrefetchOutcome:
         """One try at caching ``image_id``, as a detached flight; raises what went wrong."""

@@ -103,7 +103,7 @@ class Scrubber:
 
     def verify(self, image_id: str, throttle: _Throttle | None = None) -> tuple[ScrubOutcome, int]:
         """Re-hash one entry; quarantine it if it does not match. Returns outcome and bytes."""
-        image = self.cache.get_cached_image(self.cache.driver.layout.validate(image_id))
+        image = self.cache.get_cached_image(image_id)  # InvalidImageId for a bad id
         if image is None:
             return ScrubOutcome.MISSING, 0
         expected = recorded_digest(image)
@@ -113,7 +113,7 @@ class Scrubber:
         read = 0
         # Read the file directly, not via open_for_read: a scrub is not a hit.
         # Never through a symlink either: a planted one is moved aside there.
-        opened = self.cache.driver.layout.open_committed(image_id)
+        opened = self.cache.layout.open_committed(image_id)
         if opened is None:
             return ScrubOutcome.MISSING, read
         with opened as handle:
@@ -170,7 +170,7 @@ class Scrubber:
         if current is None or recorded_digest(current) is not None:
             return ScrubOutcome.MISSING if current is None else ScrubOutcome.OK
         try:
-            self.cache.driver.record_image(
+            self.cache.record_image(
                 dataclasses.replace(current, hash_algo="sha256", hash_value=actual), replace=True
             )
         except (NotImplementedError, ImageCacheError) as exc:

@@ -77,7 +77,7 @@ class FillCoordinator:
         # A fill that fails verification makes it forget the image's answer, so
         # an image replaced at the origin is asked for again, not failed for a TTL.
         self.metadata: MetadataCache | None = None
-        lock_dir = cache.driver.layout.lock_dir
+        lock_dir = cache.layout.lock_dir
         self.precedence = Precedence(settings, lock_dir / SUBDIR, events, executor)
         self.bandwidth = self.precedence.bandwidth
 
@@ -185,7 +185,7 @@ class FillCoordinator:
             elif flight.kind is FlightKind.REMOTE:
                 # A fill that makes no progress for this long is given up on.
                 stall_limit = max(60.0, 2 * self.settings.upstream_timeout)
-                active = self.cache.driver.layout.active_path(flight.image_id)
+                active = self.cache.layout.active_path(flight.image_id)
                 await remote.watch(flight, active, stall_limit)
         except BaseException as exc:
             if not flight.done:
@@ -275,7 +275,7 @@ class FillCoordinator:
         writer = self.cache.writer(image_id, flight.info)
         # open() takes over an incomplete file whose writer died (its lock is free).
         if writer.open():
-            path = self.cache.driver.layout.incomplete_path(image_id)
+            path = self.cache.layout.incomplete_path(image_id)
             try:
                 flight.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
@@ -295,7 +295,7 @@ class FillCoordinator:
     def _follow_remote(self, flight: Flight) -> bool:
         """In a thread: make ``flight`` follow another process's fill if one runs now."""
         self.hooks.looking_for_remote(flight.image_id)
-        fd = remote.open_fill(self.cache.driver.layout.incomplete_path(flight.image_id))
+        fd = remote.open_fill(self.cache.layout.incomplete_path(flight.image_id))
         if fd is not None:
             flight.fd = fd
             flight.settle(FlightKind.REMOTE, "")

@@ -272,7 +272,7 @@ def create_app(
     )
     fills = FillCoordinator(settings, cache, fill_source, metrics_, executor, fill_hooks)
     metadata = metadata_for(
-        cache.driver.layout.lock_dir,
+        cache.layout.lock_dir,
         upstream,
         settings.metadata_cache_ttl,
         settings.upstream_timeout,

@@ -111,7 +111,7 @@ def admin_only(
         try:
             return await method(request, state)
         except (OSError, CacheStoreError) as exc:
-            layout = state.cache.driver.layout
+            layout = state.cache.layout
             raise await state.fills.run(explain_store_failure, layout, exc) from exc
 
     return handler

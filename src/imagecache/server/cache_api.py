@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from aiohttp import hdrs, web
 
-from imagecache.cluster import central_driver, delete_everywhere
+from imagecache.cluster import delete_everywhere
 from imagecache.errors import (
     BadRequest,
     NeedsClusterMode,
@@ -38,7 +38,7 @@ DETAILS = "details"
 
 async def get_cache(request: web.Request, state: ServiceState) -> web.StreamResponse:
     all_nodes = _flag(request, "all_nodes")
-    driver = central_driver(state.cache)
+    driver = state.cache.central
     if all_nodes and driver is None:
         raise NeedsClusterMode(NotInClusterMode("listing every node's cache (all_nodes=true)"))
     details = _flag(request, DETAILS)
@@ -125,7 +125,7 @@ async def cached_nodes(request: web.Request, state: ServiceState) -> web.StreamR
     """The holders' URLs (Glance's list); ``?details=true``: ``[{"url", "site"}]`` each."""
     image_id = state.image_id(request)
     details = _flag(request, DETAILS)
-    driver = central_driver(state.cache)
+    driver = state.cache.central
     try:
         if details and driver is not None:
             siblings = await state.fills.run(driver.get_cached_siblings, image_id)

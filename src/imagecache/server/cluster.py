@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from imagecache.cache import ImageCache
-from imagecache.cluster import CLUSTER_TOKEN_HEADER, central_driver
+from imagecache.cluster import CLUSTER_TOKEN_HEADER
 from imagecache.server import background
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings, secret_matches
@@ -150,7 +150,7 @@ def enable(
     needs the Glance upstream itself). In cluster mode the app also beats and
     applies deletions while it runs.
     """
-    driver = central_driver(cache)
+    driver = cache.central
     if driver is None:
         return origin
     tasks = ClusterTasks(cache, driver, settings.node_heartbeat_interval, metrics)

@@ -224,7 +224,7 @@ async def _verify_target(request: web.Request, state: ServiceState) -> str | Non
     image_id = body.get("image_id")
     if image_id is None:
         return None
-    return state.cache.driver.layout.validate(image_id)  # InvalidImageId: 400
+    return state.cache.layout.validate(image_id)  # InvalidImageId: 400
 
 
 async def pin(request: web.Request, state: ServiceState) -> web.StreamResponse:

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from imagecache.cluster import central_driver
 from imagecache.errors import (
     BadPreheatRequest,
     BadRequest,
@@ -161,7 +160,7 @@ RUNNER = web.AppKey("preheat_runner", PreheatRunner)
 def install(app: web.Application) -> None:
     """The preheat routes (before ``/v2/cache/{image_id}``) and, in cluster mode, the runner."""
     state = app[STATE]
-    driver = central_driver(state.cache)
+    driver = state.cache.central
     prefetcher = app[WORKER].prefetcher
     if driver is not None and prefetcher is not None and CLUSTER_TASKS in app:
         runner = PreheatRunner(driver, prefetcher, state.settings.prefetch_concurrency)
@@ -178,7 +177,7 @@ def install(app: web.Application) -> None:
 
 
 def _central(state: ServiceState) -> CentralDriver:
-    driver = central_driver(state.cache)
+    driver = state.cache.central
     if driver is None:
         raise NeedsClusterMode(
             NotInClusterMode("a preheat job (its state is in the cluster database)")

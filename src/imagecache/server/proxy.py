@@ -121,7 +121,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         if request.method == "DELETE" and 200 <= upstream.status < 300:
             # Before the client hears "deleted", so nothing it does next can get the old copy.
             image_id = request.match_info.get("image_id")
-            if image_id is not None and state.cache.driver.layout.is_valid(image_id):
+            if image_id is not None and state.cache.layout.is_valid(image_id):
                 await state.fills.run(_evict, state, image_id)
                 await state.metadata.forget(image_id)  # its size and checksums are gone too
         await response.prepare(request)

@@ -29,7 +29,6 @@ from typing import Any
 
 from aiohttp import web
 
-from imagecache.cluster import central_driver
 from imagecache.errors import CacheStoreError, CacheUnavailable, ImageCacheError
 from imagecache.layout import write_probe
 from imagecache.server.state import STATE, ServiceState
@@ -42,7 +41,7 @@ async def ready(request: web.Request) -> web.StreamResponse:
         "cache_dir": _cache_dir,
         "free_space": _free_space,
     }
-    if central_driver(state.cache) is not None:
+    if state.cache.central is not None:
         checks["database"] = _database
     results = await asyncio.gather(*(_run(check, state) for check in checks.values()))
     body: dict[str, Any] = {"ready": all(ok for ok, _ in results), "checks": {}}
@@ -72,7 +71,7 @@ async def _cache_dir(state: ServiceState) -> str:
 
 
 def _probe_write(state: ServiceState) -> str:
-    layout = state.cache.driver.layout
+    layout = state.cache.layout
     # In .locks/: a hidden name, on the same filesystem as the images.
     error = write_probe(layout.lock_dir)
     if error is not None:
@@ -83,7 +82,7 @@ def _probe_write(state: ServiceState) -> str:
 
 
 async def _free_space(state: ServiceState) -> str:
-    base = state.cache.driver.layout.base
+    base = state.cache.layout.base
     st = await state.fills.run(os.statvfs, base)
     free = st.f_bavail * st.f_frsize
     watermark = state.settings.free_space_watermark
@@ -96,7 +95,7 @@ async def _free_space(state: ServiceState) -> str:
 
 
 async def _database(state: ServiceState) -> str:
-    driver = central_driver(state.cache)
+    driver = state.cache.central
     assert driver is not None
     return await state.fills.run(_ping, driver)
 

@@ -42,7 +42,7 @@ class ServiceState:
 
         A bad one raises ``InvalidImageId``, a 400 with its message (app.STATUS).
         """
-        return self.cache.driver.layout.validate(request.match_info["image_id"])
+        return self.cache.layout.validate(request.match_info["image_id"])
 
 
 STATE = web.AppKey("state", ServiceState)
