@@ -14,8 +14,9 @@ from click.testing import CliRunner
 
 from driver_kinds import settings_for
 from imagecache import ImageCache
-from imagecache.adopt import AdoptOutcome, import_glance_cache
+from imagecache.adopt import import_glance_cache
 from imagecache.cli import main
+from imagecache.records import AdoptOutcome
 from server_helpers import directory_app
 
 # Glance's sqlite driver's table, exactly.

@@ -17,7 +17,8 @@ from imagecache import ImageCache, ImageInfo, Settings
 from imagecache.cli import main
 from imagecache.errors import UpstreamError, UpstreamNotFound
 from imagecache.fill.flight import FlightKind
-from imagecache.prefetch import Prefetcher, PrefetchOutcome, queued_details
+from imagecache.prefetch import Prefetcher, queued_details
+from imagecache.records import PrefetchOutcome
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from imagecache import CachedImage, ImageCache, ImageInfo, Settings
-from imagecache.scrub import Scrubber, ScrubOutcome
+from imagecache.records import ScrubOutcome
+from imagecache.scrub import Scrubber
 
 MiB = 1024 * 1024
 

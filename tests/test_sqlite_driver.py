@@ -155,7 +155,8 @@ def test_a_garbage_database_is_set_aside_and_rebuilt_from_the_files(
     make_settings: Callable[..., Settings], cache_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from imagecache import ImageCache
-    from imagecache.scrub import Scrubber, ScrubOutcome
+    from imagecache.records import ScrubOutcome
+    from imagecache.scrub import Scrubber
 
     with ImageCache(make_settings()) as cache:
         assert cache.cache_image_iter("kept", [b"k" * 5000])

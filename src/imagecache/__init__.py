@@ -1,7 +1,11 @@
 """imagecache: a standalone, Glance-compatible disk cache and edge proxy for VM images."""
 
-from imagecache.cache import ImageCache
-from imagecache.drivers import Driver, create_driver
+import importlib as _importlib
+import typing as _typing
+
+# Errors and records are eager: they are stdlib-only leaves that every front end
+# needs anyway (the remote CLI included), and exception classes are best real
+# attributes from the start.
 from imagecache.errors import (
     BadDriverConfiguration,
     CacheStoreError,
@@ -18,9 +22,13 @@ from imagecache.errors import (
     UpstreamNotFound,
     VerificationError,
 )
-from imagecache.fill.writer import FillWriter
 from imagecache.records import CachedImage, CleanResult, ImageInfo, PruneResult, QueueResult
-from imagecache.settings import Settings, load_settings
+
+if _typing.TYPE_CHECKING:
+    from imagecache.cache import ImageCache
+    from imagecache.drivers import Driver, create_driver
+    from imagecache.fill.writer import FillWriter
+    from imagecache.settings import Settings, load_settings
 
 __version__ = "0.1.0"
 
@@ -58,3 +66,29 @@ __all__ = [
     "create_driver",
     "load_settings",
 ]
+
+# The engine's exports are loaded on first use (PEP 562): every ``imagecache.x``
+# import runs this file first, and the remote CLI's client must not pay for the
+# cache, the drivers (SQLAlchemy) and the settings model (pydantic) it never
+# uses. ``from imagecache import ImageCache`` works as before.
+_LAZY = {
+    "Driver": "imagecache.drivers",
+    "FillWriter": "imagecache.fill.writer",
+    "ImageCache": "imagecache.cache",
+    "Settings": "imagecache.settings",
+    "create_driver": "imagecache.drivers",
+    "load_settings": "imagecache.settings",
+}
+
+
+def __getattr__(name: str) -> object:
+    home = _LAZY.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(home), name)
+    globals()[name] = value  # once loaded, a plain attribute (no second lookup)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

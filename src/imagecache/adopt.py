@@ -12,47 +12,23 @@ is left with whatever could not be adopted, so nothing is ever lost.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import logging
 import os
 import shutil
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imagecache.cache import ImageCache
 from imagecache.errors import ConfigurationError
 from imagecache.layout import CacheLayout, fsync_dir, sqlite_side_files
-from imagecache.records import CachedImage
+from imagecache.records import AdoptOutcome, AdoptReport, CachedImage
 
 log = logging.getLogger(__name__)
 
 GLANCE_HITS_XATTR = "user.hits"
-
-
-class AdoptOutcome(enum.Enum):
-    ADOPTED = "adopted"
-    ALREADY_CACHED = "already_cached"
-    SKIPPED = "skipped"  # not an image we can take (bad name, empty, unreadable)
-
-
-@dataclass
-class AdoptReport:
-    outcomes: dict[str, AdoptOutcome] = field(default_factory=dict)
-    bytes: int = 0
-    queued: int = 0
-    metadata_source: str = "none"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "metadata_source": self.metadata_source,
-            "bytes": self.bytes,
-            "queued": self.queued,
-            "images": {i: o.value for i, o in self.outcomes.items()},
-        }
 
 
 def _read_glance_db(db_path: Path) -> dict[str, dict[str, Any]]:

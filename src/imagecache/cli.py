@@ -19,13 +19,18 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from imagecache import __version__
 from imagecache.errors import ConfigurationError, ImageCacheError, NotInClusterMode
-from imagecache.manage import CacheManager, Progress
+
+if TYPE_CHECKING:
+    # Types only: manage.py imports the whole engine (cache, drivers, fills), which
+    # a remote verb (--url) never runs; LocalManager is imported where it is built.
+    from imagecache.manage import CacheManager
+    from imagecache.records import Progress
 
 _ENV_URL = "IMAGECACHE_URL"
 _ENV_TOKEN = "IMAGECACHE_TOKEN"  # noqa: S105 - the name of a variable, not a secret

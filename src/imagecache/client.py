@@ -22,9 +22,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from imagecache.adopt import AdoptReport
 from imagecache.errors import (
     ConfigurationError,
     ImageCacheError,
@@ -32,13 +31,24 @@ from imagecache.errors import (
     ImageNotQueued,
     ServiceError,
 )
-from imagecache.manage import Progress
-from imagecache.prefetch import PrefetchOutcome, PrefetchReport, QueuedImage
-from imagecache.records import CachedImage, CleanResult, PruneResult, QueueResult
-from imagecache.scrub import ScrubOutcome, ScrubReport
 
-if TYPE_CHECKING:
-    from imagecache.drivers.central import NodeListing
+# Only records (stdlib-only values) and errors: a remote call must not load the
+# engine, the drivers or the settings model (tests/test_architecture.py).
+from imagecache.records import (
+    AdoptReport,
+    CachedImage,
+    CleanResult,
+    NodeInfo,
+    NodeListing,
+    PrefetchOutcome,
+    PrefetchReport,
+    Progress,
+    PruneResult,
+    QueuedImage,
+    QueueResult,
+    ScrubOutcome,
+    ScrubReport,
+)
 
 _TAGS = re.compile(r"<[^>]*>")
 _Item = TypeVar("_Item")
@@ -148,7 +158,6 @@ class RemoteManager:
         return [_cached(entry) for entry in self._state().get("cached_images", [])]
 
     def list_cluster(self) -> list[NodeListing]:
-        from imagecache.drivers.central import NodeInfo, NodeListing
 
         state = self._call("GET", "/v2/cache?all_nodes=true")
         cluster = state.get("cluster") if isinstance(state, dict) else None

@@ -13,9 +13,9 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from imagecache.adopt import AdoptReport, import_glance_cache
+from imagecache.adopt import import_glance_cache
 from imagecache.cache import ImageCache
 from imagecache.capacity import Capacity
 from imagecache.errors import (
@@ -26,20 +26,23 @@ from imagecache.errors import (
 )
 from imagecache.prefetch import (
     Prefetcher,
-    PrefetchReport,
-    QueuedImage,
     forget_stale_errors,
     queued_details,
 )
-from imagecache.records import CachedImage, CleanResult, PruneResult, QueueResult
-from imagecache.scrub import Scrubber, ScrubOutcome, ScrubReport
-
-if TYPE_CHECKING:
-    # Only for types: the central driver pulls in SQLAlchemy, which most verbs never need.
-    from imagecache.drivers.central import NodeListing
-
-# progress(item, advance): ``advance`` is in the unit the total was given in.
-Progress = Callable[[str, int], None]
+from imagecache.records import (
+    AdoptReport,
+    CachedImage,
+    CleanResult,
+    NodeListing,
+    PrefetchReport,
+    Progress,
+    PruneResult,
+    QueuedImage,
+    QueueResult,
+    ScrubOutcome,
+    ScrubReport,
+)
+from imagecache.scrub import Scrubber
 
 
 class CacheManager(Protocol):

@@ -26,14 +26,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import enum
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +49,7 @@ from imagecache.fill.events import NO_EVENTS
 from imagecache.fill.flight import CACHED, FlightKind
 from imagecache.layout import CacheLayout, unlink_if_exists
 from imagecache.metadata import MetadataCache, metadata_for
+from imagecache.records import PrefetchOutcome, PrefetchReport, QueuedImage
 from imagecache.upstreams.base import SERVICE, Caller, Upstream
 
 log = logging.getLogger(__name__)
@@ -59,61 +58,6 @@ T = TypeVar("T")
 
 # Refusals that another try will not change.
 _PERMANENT = (UpstreamNotFound, UpstreamForbidden, UpstreamNotActive)
-
-
-class PrefetchOutcome(enum.Enum):
-    """What one queued image's prefetch came to."""
-
-    CACHED = "cached"
-    ALREADY_CACHED = "already_cached"
-    BEING_CACHED = "being_cached"
-    NOT_CACHEABLE = "not_cacheable"
-    FAILED = "failed"
-
-    @property
-    def ok(self) -> bool:
-        return self is not PrefetchOutcome.FAILED and self is not PrefetchOutcome.NOT_CACHEABLE
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedImage:
-    """A queue entry as the listings show it: Glance's id plus when and why it last failed."""
-
-    image_id: str
-    queued_at: float
-    error: str | None = None
-    attempts: int = 0
-    failed_at: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "image_id": self.image_id,
-            "queued_at": self.queued_at,
-            "error": self.error,
-            "attempts": self.attempts,
-            "failed_at": self.failed_at,
-        }
-
-
-@dataclass
-class PrefetchReport:
-    """Outcome per image of one prefetch run."""
-
-    outcomes: dict[str, PrefetchOutcome] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return all(outcome.ok for outcome in self.outcomes.values())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "images": {
-                image_id: {"outcome": outcome.value, "error": self.errors.get(image_id)}
-                for image_id, outcome in self.outcomes.items()
-            },
-        }
 
 
 # --- the error sidecars -------------------------------------------------------------------

@@ -11,58 +11,19 @@ metadata is dropped, so the next request fills it again from the origin.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
 from imagecache.cache import ImageCache
 from imagecache.errors import ImageCacheError
 from imagecache.fill.hashing import strongest_hash
 from imagecache.fill.writer import CHUNK_SIZE
-from imagecache.records import CachedImage
+from imagecache.records import CachedImage, ScrubOutcome, ScrubReport
 
 log = logging.getLogger(__name__)
-
-
-class ScrubOutcome(enum.Enum):
-    OK = "ok"
-    CORRUPT = "corrupt"  # hash mismatch: quarantined
-    NO_HASH = "no_hash"  # nothing recorded to compare with (and none could be recorded)
-    # Nothing was recorded (adopted after a crash, or the database was rebuilt):
-    # the file's sha256 is recorded now, so later scrubs and the ETag have one.
-    HASHED = "hashed"
-    MISSING = "missing"  # deleted meanwhile
-
-    @property
-    def ok(self) -> bool:
-        return self is not ScrubOutcome.CORRUPT
-
-
-@dataclass
-class ScrubReport:
-    outcomes: dict[str, ScrubOutcome] = field(default_factory=dict)
-    bytes_read: int = 0
-
-    @property
-    def corrupt(self) -> list[str]:
-        return [i for i, o in self.outcomes.items() if o is ScrubOutcome.CORRUPT]
-
-    @property
-    def ok(self) -> bool:
-        return not self.corrupt
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "bytes_read": self.bytes_read,
-            "corrupt": self.corrupt,
-            "images": {i: o.value for i, o in self.outcomes.items()},
-        }
 
 
 def recorded_digest(image: CachedImage) -> tuple[str, str] | None:

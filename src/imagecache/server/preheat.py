@@ -43,7 +43,8 @@ from imagecache.errors import (
     NotInClusterMode,
     ResourceNotFound,
 )
-from imagecache.prefetch import Prefetcher, PrefetchOutcome
+from imagecache.prefetch import Prefetcher
+from imagecache.records import PrefetchOutcome
 from imagecache.server.auth import admin_only
 from imagecache.server.cache_api import WORKER
 from imagecache.server.cluster import CLUSTER_TASKS

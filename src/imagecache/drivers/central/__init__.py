@@ -10,7 +10,7 @@ from __future__ import annotations
 from imagecache.drivers.central.claims import OriginClaim
 from imagecache.drivers.central.driver import CentralDriver
 from imagecache.drivers.central.importer import ImportResult
-from imagecache.drivers.central.nodes import NodeInfo, NodeListing, node_instance_id
+from imagecache.drivers.central.nodes import node_instance_id
 from imagecache.drivers.central.preheat import PreheatItem, PreheatJob
 from imagecache.drivers.central.schema import (
     cached_images,
@@ -24,6 +24,10 @@ from imagecache.drivers.central.schema import (
     to_datetime,
     to_epoch,
 )
+
+# The cluster listing's records live in imagecache.records (the remote CLI builds
+# them without SQLAlchemy); re-exported here, where the driver's API is.
+from imagecache.records import NodeInfo, NodeListing
 
 __all__ = [
     "CentralDriver",

@@ -21,7 +21,6 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,40 +46,12 @@ from imagecache.drivers.central.schema import (
 )
 from imagecache.errors import BadDriverConfiguration, CacheStoreError
 from imagecache.layout import fsync_dir
-from imagecache.records import CachedImage
+from imagecache.records import CachedImage, NodeInfo, NodeListing
 from imagecache.sites import Sibling, in_reach
 
 log = logging.getLogger(__name__)
 
 NODE_ID_FILE = ".node-id"
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    """One registered node, as ``list_nodes`` shows it."""
-
-    url: str
-    heartbeat: float
-    started: float
-    alive: bool
-    site: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class NodeListing:
-    """One node of ``cluster_listing``: its state and the copies it is offered with."""
-
-    node: NodeInfo
-    images: list[CachedImage]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "alive": self.node.alive,
-            "site": self.node.site,
-            "heartbeat": self.node.heartbeat,
-            "started": self.node.started,
-            "cached_images": [image.as_dict() for image in self.images],
-        }
 
 
 def node_instance_id(base: Path) -> str:
