@@ -224,7 +224,15 @@ class Nginx:
     """nginx in the foreground with its own prefix, pid, logs and temp dirs.
 
     ``root`` serves files from a directory with sendfile; ``proxy_to`` makes it a
-    plain pass-through (no buffering, no caching) to another server.
+    plain pass-through (no buffering, no caching) to another server, or with
+    ``proxy_cache`` a caching proxy of it (bench/edge.py): ``proxy_cache_lock``
+    on, so a herd's misses wait for one origin fetch, with the lock's timeout
+    and age raised to an hour (at the 5 s defaults every waiter of a fill
+    longer than 5 s goes to the origin itself, uncached).
+
+    ``listen_host`` and ``netns`` put an origin inside a WAN-rig namespace
+    (tests/peers/wan.py), started by ``ip netns exec``; ``limit_rate`` caps
+    each connection's response rate (nginx's ``limit_rate``, bytes/s).
     """
 
     workdir: Path
@@ -237,20 +245,38 @@ class Nginx:
     sendfile: bool = True
     # file name -> md5 hex, sent as Content-MD5 (what the http upstream verifies against)
     md5_headers: dict[str, str] = field(default_factory=dict)
+    proxy_cache: bool = False
+    listen_host: str = "127.0.0.1"
+    netns: str | None = None
+    limit_rate: int | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen_host}:{self.port}"
 
     @property
     def access_log_path(self) -> Path:
         return self.workdir / "access.log"
 
     def config(self) -> str:
+        d = self.workdir
+        cache_path = ""
         if self.root is not None:
             location = f"root {self.root};"
+        elif self.proxy_to is not None and self.proxy_cache:
+            cache_path = (
+                f"proxy_cache_path {d}/cache levels=1:2 keys_zone=edge:16m "
+                "max_size=100g inactive=1d use_temp_path=off;"
+            )
+            location = (
+                f"proxy_pass {self.proxy_to}; proxy_http_version 1.1; "
+                'proxy_set_header Connection ""; proxy_buffer_size 1m; proxy_buffers 4 1m; '
+                "proxy_cache edge; proxy_cache_valid 200 1d; proxy_cache_lock on; "
+                "proxy_cache_lock_timeout 1h; proxy_cache_lock_age 1h; "
+                "proxy_read_timeout 60s;"
+            )
         elif self.proxy_to is not None:
             # Stream straight through, as a pass-through should: no temp files.
             location = (
@@ -266,7 +292,7 @@ class Nginx:
             f"location = /{name} {{ {location} add_header Content-MD5 {md5}; }}\n"
             for name, md5 in self.md5_headers.items()
         )
-        d = self.workdir
+        limit = "" if self.limit_rate is None else f"limit_rate {self.limit_rate};"
         log = f"access_log {d}/access.log;" if self.access_log else "access_log off;"
         # As root, nginx workers would drop to "nobody" and could not read the
         # private temp dirs the images live in; keep them as the invoking user.
@@ -289,10 +315,12 @@ http {{
     default_type application/octet-stream;
     {"sendfile on;" if self.sendfile else "sendfile off; output_buffers 2 1m;"}
     tcp_nopush on;
+    {cache_path}
     keepalive_timeout 65;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{self.port} reuseport;
+        listen {self.listen_host}:{self.port} reuseport;
+        {limit}
         location / {{ {location} }}
         {exact}
     }}
@@ -306,6 +334,8 @@ http {{
         # The child keeps its own copy of the log descriptor; ours closes at once.
         cmd = [NGINX, "-p", str(self.workdir), "-c", str(conf)]
         cmd += ["-e", str(self.workdir / "error.log")]
+        if self.netns is not None:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]  # execs nginx: the pid stays its
         with open(self.workdir / "stderr.log", "wb") as errors:
             self.proc = subprocess.Popen(cmd, stdout=errors, stderr=errors, start_new_session=True)
         try:
@@ -354,10 +384,15 @@ class GlancePeer:
     workers: int = 1
     port: int = field(default_factory=free_port)
     started: bool = False
+    # Inside a WAN-rig namespace (bench/edge.py): the script runs there, Glance
+    # listens on that namespace's loopback, and ``reach_url`` (a relay into the
+    # namespace) is how this process reaches it.
+    netns: str | None = None
+    reach_url: str | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.reach_url or f"http://127.0.0.1:{self.port}"
 
     @staticmethod
     def available() -> bool:
@@ -371,9 +406,10 @@ class GlancePeer:
             GLANCE_PEER_CACHE="1" if self.cache else "0",
             GLANCE_PEER_WORKERS=str(self.workers),
         )
-        done = subprocess.run(
-            ["bash", str(GLANCE_PEER), *args], env=env, capture_output=True, text=True, check=False
-        )
+        argv = ["bash", str(GLANCE_PEER), *args]
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise PeerError(f"glance-peer.sh {' '.join(args)} failed: {done.stderr[-2000:]}")
         return done.stdout

@@ -95,8 +95,10 @@ def test_dead_node_is_not_offered_until_it_beats_again(make_node: NodeFactory) -
     age_heartbeat(a, a.settings.node_dead_after + 1)
     assert b.get_cached_nodes("img") == []
     assert [n.alive for n in b.list_nodes()] == [False, True]
+    assert b.count_live_nodes() == 1
     assert a.heartbeat()
     assert b.get_cached_nodes("img") == [a.self_url]
+    assert b.count_live_nodes() == 2
 
 
 def test_a_second_live_node_with_the_same_url_is_refused(make_node: NodeFactory) -> None:

@@ -36,6 +36,8 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
         self.bytes = 0
+        self.background_bytes = 0
+        self.rates: list[float] = []
 
     def fill_started(self) -> None:
         self.events.append(("started", None))
@@ -52,6 +54,15 @@ class Recorder:
 
     def upstream_read(self, count: int) -> None:
         self.bytes += count
+
+    def background_read(self, count: int) -> None:
+        self.background_bytes += count
+
+    def background_throttled(self, seconds: float) -> None:
+        assert seconds >= 0
+
+    def background_rate_limit(self, bytes_per_second: float) -> None:
+        self.rates.append(bytes_per_second)
 
 
 @pytest.fixture

@@ -160,6 +160,7 @@ async def test_stop_waits_for_a_job_still_in_its_thread(
 
 def test_the_usage_sample_reports_the_cache_and_a_lost_database(tmp_path: Path) -> None:
     from central_db import central_settings, create_database, drop_database, postgres_url
+    from imagecache.drivers.central import CentralDriver
     from imagecache.maintenance import sample_usage
 
     name = create_database()
@@ -172,9 +173,17 @@ def test_the_usage_sample_reports_the_cache_and_a_lost_database(tmp_path: Path) 
             assert up.disk_free_bytes is not None
             assert up.disk_free_bytes > 0
             drop_database(name)  # FORCE: the driver's connections are cut
+            # The central driver reads its own rows locally (drivers/central/mirror.py):
+            # the sample still knows the cache; the database's loss is the cluster's
+            # gauge and readiness check (imagecache_cluster_database_up), asked here.
             down = sample_usage(cache)
-            assert not down.metadata_up
-            assert down.cached_bytes is None
+            assert down.metadata_up
+            assert down.cached_bytes == 1000
             assert down.disk_free_bytes is not None
+            driver = cache.driver
+            assert isinstance(driver, CentralDriver)
+            ok, detail = driver.database_state()
+            assert not ok
+            assert detail.startswith("the central database does not answer")
     finally:
         drop_database(name)

@@ -538,7 +538,7 @@ async def _changed_between_reset_and_resume(
     [filled_by] = {
         int(str(x["pid"]))
         for x in json_lines(server)
-        if x.get("logger") == "imagecache.fill.coordinator"
+        if str(x.get("logger", "")).startswith("imagecache.fill")
         and "fill of moving failed" in str(x["message"])
     }
     [other] = [pid for pid in pids if pid != filled_by]

@@ -15,6 +15,8 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      ├── VerificationError             size or hash of the written bytes is wrong
      ├── CacheStoreError               the cache's own disk or metadata failed
      │    ├── CacheUnavailable         its filesystem refuses changes (read-only, full)
+     │    ├── CentralUnavailable       the cluster database is known away: refused at once
+     │    ├── DeletedDuringFill        deleted through another node while this fill ran
      │    └── WriterGone               a followed fill ended without a committed file
      ├── IdentityError                 Keystone could not answer, or refused the cache
      │    ├── IdentityRejected         the cache's own credentials were refused
@@ -140,6 +142,23 @@ class VerificationError(ImageCacheError):
 
 class CacheStoreError(ImageCacheError):
     """The cache's own storage (files or metadata database) failed."""
+
+
+class CentralUnavailable(CacheStoreError):
+    """The cluster database is known to be away: refused at once, without trying it again.
+
+    Raised by the central driver for cluster-wide calls (holder lookups,
+    listings, cluster deletion) while its heartbeat says the database is gone;
+    this node's own images are answered from its local mirror meanwhile.
+    """
+
+
+class DeletedDuringFill(CacheStoreError):
+    """The image was deleted through another node after this fill began: not kept."""
+
+    def __init__(self, image_id: str) -> None:
+        super().__init__(f"image {image_id!r} was deleted during its fill; not kept")
+        self.image_id = image_id
 
 
 class WriterGone(CacheStoreError):

@@ -85,12 +85,21 @@ def _whole_seconds(value: object) -> int:
     return int(seconds)
 
 
+def _per_second(value: object) -> int:
+    # "50MiB/s" reads as a rate; the bare size ("50MiB") means the same, as for
+    # scrub_bytes_per_second.
+    if isinstance(value, str) and value.strip().lower().endswith("/s"):
+        value = value.strip()[:-2]
+    return parse_size(value)
+
+
 # Every size and duration setting takes the spellings of units.py (10GiB, 1h30m)
 # in the file, the environment and the CLI's overrides alike: the values reach
 # pydantic the same way, and these validators run before the number check.
 ByteSize = Annotated[int, BeforeValidator(parse_size), Unit("bytes")]
 Seconds = Annotated[float, BeforeValidator(parse_duration), Unit("seconds")]
 WholeSeconds = Annotated[int, BeforeValidator(_whole_seconds), Unit("seconds")]
+BytesPerSecond = Annotated[int, BeforeValidator(_per_second), Unit("bytes per second")]
 
 
 class KeystoneSettings(BaseModel):
@@ -333,10 +342,27 @@ class Settings(BaseSettings):
     prefetch_retries: int = Field(default=3, ge=0, le=20)
     """Retries of a transient origin failure, with exponential backoff."""
 
+    # --- origin bandwidth for users first (fill/bandwidth.py) ---------------------------
+    background_bandwidth: BytesPerSecond = Field(default=0, ge=0)
+    """The most origin bandwidth background fills (the queue worker's and prefetch's, and
+    fills whose clients all left) may take together, e.g. `100MiB/s` (or `100MiB`); each
+    worker process gets an equal share and does not lend it. 0 (the default): no cap, since
+    the cache cannot know its link; clients still come first by
+    `background_bandwidth_while_busy`."""
+    background_bandwidth_while_busy: BytesPerSecond = Field(default=1 * MiB, ge=0)
+    """What background fills of a worker process may take, at most, while that process
+    has an on-demand fill running or a client waiting on a fill (shared by the workers as
+    `background_bandwidth` is). The default, 1 MiB/s, leaves nearly all of an edge link to
+    the clients while keeping the background fills' connections alive (an origin or proxy
+    drops an idle one). 0: pause background fills until those clients are served."""
+
     # --- cluster ------------------------------------------------------------------------
     database_url: str | None = None
     """The central driver's database, e.g.
     `postgresql+psycopg://postgres@127.0.0.1:5432/imagecache`."""
+    database_timeout: Seconds = Field(default=5.0, gt=0)
+    """How long the central driver waits to connect to its database (and for sent data to be
+    acknowledged) before it counts the database as away and serves from its local records."""
     node_heartbeat_interval: Seconds = Field(default=5.0, gt=0)
     """How often a node records that it is alive."""
     node_dead_after: Seconds = Field(default=20.0, gt=0)

@@ -140,6 +140,8 @@ def _type(field: FieldInfo, unit: str) -> str:
     annotation, optional = _strip_none(field.annotation)
     if unit == "bytes":
         kind = "size"
+    elif unit == "bytes per second":
+        kind = "size per second (`/s` optional)"
     elif unit == "seconds":
         kind = "duration" if annotation is float else "duration in whole seconds"
     elif typing.get_origin(annotation) is Literal:
@@ -192,7 +194,7 @@ def _default(value: Any, unit: str) -> str:
         return "unset"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
-    if unit == "bytes" and isinstance(value, int):
+    if unit in {"bytes", "bytes per second"} and isinstance(value, int):
         return f"`{format_size(value)}`"
     if unit == "seconds" and isinstance(value, int | float):
         return f"`{format_duration(value)}`"

@@ -90,6 +90,8 @@ class SqliteDriver(FileBackedDriver):
     """Committed-image metadata in a local sqlite database."""
 
     name = "sqlite"
+    # The central driver's local mirror reconciles later, once it has its cluster rows.
+    reconcile_on_open = True
 
     def configure(self) -> None:
         super().configure()
@@ -119,7 +121,8 @@ class SqliteDriver(FileBackedDriver):
                     # recorded hashes, never the service.
                     self._set_aside(exc)
                     self._migrate()
-                reconcile_records(self)
+                if self.reconcile_on_open:
+                    reconcile_records(self)
         except (sqlite3.DatabaseError, CacheStoreError) as exc:
             raise BadDriverConfiguration(
                 self.name, f"cannot open or upgrade {self.db_path}: {exc}"

@@ -8,7 +8,10 @@ another process (``REMOTE``: this process polls that fill's file and lock,
 fill/remote.py), or nobody (``NONE``: cached meanwhile, too large, no room, or
 the cache's disk failed, and the readers stream the image uncached). Tests
 hold or watch a fill at the named points of ``hooks`` (fill/hooks.py), not by
-patching it. A prefetch is a detached flight (``fill_detached``).
+patching it. A prefetch is a detached flight (``fill_detached``). Detached
+fills, and fills whose clients left, are background fills: they read the
+origin within ``bandwidth`` (fill/bandwidth.py), which the coordinator keeps
+busy while any flight of this process is on demand.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from imagecache.errors import (
     is_origin_failure,
 )
 from imagecache.fill import remote
+from imagecache.fill.busy import SUBDIR, Precedence
 from imagecache.fill.events import FillEvents, FillOutcome
 from imagecache.fill.flight import CACHED, COMMIT_WAIT, NO_FILL, Flight, FlightKind
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
@@ -73,6 +77,9 @@ class FillCoordinator:
         # A fill that fails verification makes it forget the image's answer, so
         # an image replaced at the origin is asked for again, not failed for a TTL.
         self.metadata: MetadataCache | None = None
+        lock_dir = cache.driver.layout.lock_dir
+        self.precedence = Precedence(settings, lock_dir / SUBDIR, events, executor)
+        self.bandwidth = self.precedence.bandwidth
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run a blocking call in the disk executor (None: asyncio's default one)."""
@@ -148,9 +155,12 @@ class FillCoordinator:
     ) -> Flight:
         """A new flight, registered, its task started (a fill, or with no caller a watch)."""
         flight = Flight(image_id, info)
+        flight.detached = detached
+        flight.on_change = self._update_busy
         # Registered before the first await: every later request of this
         # process finds it, which is the in-process half of single-flight.
         self._flights[image_id] = flight
+        self._update_busy()
         kind = "fill" if caller is not None else "watch"
         flight.task = asyncio.create_task(
             self._drive(flight, caller, detached), name=f"{kind} {image_id}"
@@ -187,6 +197,7 @@ class FillCoordinator:
             flight.decided.set()
             if self._flights.get(flight.image_id) is flight:
                 del self._flights[flight.image_id]
+            self._update_busy()
             if flight.reservation is not None and self.capacity is not None:
                 try:
                     self.capacity.release(flight.reservation)
@@ -302,11 +313,12 @@ class FillCoordinator:
             def check() -> None:
                 self._check_going(flight, writer, detached)
 
+            throttle = self.precedence.throttle(flight)
             if source is None:
                 stream = self.upstream.stream(flight.image_id, caller)
-                await copy_stream(flight, writer, stream, self.run, self.events, check)
+                await copy_stream(flight, writer, stream, self.run, self.events, check, throttle)
             else:
-                await pump(flight, writer, source, self.events, check)
+                await pump(flight, writer, source, self.events, check, throttle)
             await self.run(writer.verify)
             # Readers may complete their bodies now; the commit (fsync, rename,
             # metadata) is the cache's business, not their clients'.
@@ -329,6 +341,10 @@ class FillCoordinator:
             log.warning("fill of %s failed: %s", flight.image_id, exc)
         finally:
             self.events.fill_ended(outcome, time.monotonic() - flight.started)
+
+    def _update_busy(self) -> None:
+        """Background fills give way while any flight here is on demand (fill/bandwidth.py)."""
+        self.precedence.update(any(f.on_demand for f in self._flights.values()))
 
     def _commit(self, flight: Flight, writer: FillWriter) -> None:
         self.hooks.before_commit(flight.image_id)

@@ -34,6 +34,15 @@ class FillEvents(Protocol):
     def upstream_read(self, count: int) -> None:
         """``count`` more bytes came from the upstream."""
 
+    def background_read(self, count: int) -> None:
+        """``count`` of those bytes were read by a background fill (fill/bandwidth.py)."""
+
+    def background_throttled(self, seconds: float) -> None:
+        """A background fill waited ``seconds`` more for its bandwidth."""
+
+    def background_rate_limit(self, bytes_per_second: float) -> None:
+        """This process's background fills may read this fast now (``math.inf``: no limit)."""
+
 
 class _NoEvents:
     """A sink that counts nothing."""
@@ -51,6 +60,15 @@ class _NoEvents:
         pass
 
     def upstream_read(self, count: int) -> None:
+        pass
+
+    def background_read(self, count: int) -> None:
+        pass
+
+    def background_throttled(self, seconds: float) -> None:
+        pass
+
+    def background_rate_limit(self, bytes_per_second: float) -> None:
         pass
 
 

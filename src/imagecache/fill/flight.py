@@ -83,6 +83,28 @@ class Flight:
         self.task: asyncio.Task[None] | None = None
         # Room held under the size limit while this process fills (capacity.py).
         self.reservation: Reservation | None = None
+        # Started for no client (a prefetch, the queue worker): background
+        # while no client joins it (fill/bandwidth.py).
+        self.detached = False
+        # Told whenever ``on_demand`` may have changed (the coordinator's busy state).
+        self.on_change: Callable[[], None] | None = None
+
+    @property
+    def on_demand(self) -> bool:
+        """A client waits on this fill's bytes now, or is about to read them.
+
+        A fill started for a client counts from its start (its client joins
+        before it reads); once all its clients have left it is background
+        work, as is a detached fill no client has joined. A verified fill
+        reads nothing more from the origin.
+        """
+        if self.done or self.is_verified:
+            return False
+        return self.readers > 0 or not (self.detached or self.had_reader)
+
+    def _demand_changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def settle(self, kind: FlightKind, reason: str) -> None:
         self.kind = kind
@@ -110,17 +132,20 @@ class Flight:
         self.state = FlightState.COMPLETE
         self._notify()
         self._maybe_close()
+        self._demand_changed()
 
     def verified(self) -> None:
         """Every byte is in the file and verified; the commit is still to come."""
         self.is_verified = True
         self._notify()
+        self._demand_changed()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
         self.state = FlightState.FAILED
         self._notify()
         self._maybe_close()
+        self._demand_changed()
 
     def _sendable(self) -> int:
         """Bytes a reader may send while the outcome is unknown."""
@@ -139,11 +164,13 @@ class Flight:
         """Count a reader while in the block: keeps the file open, tells the writer who listens."""
         self.readers += 1
         self.had_reader = True
+        self._demand_changed()
         try:
             yield
         finally:
             self.readers -= 1
             self._maybe_close()
+            self._demand_changed()
 
     async def spans(self, start: int = 0) -> AsyncGenerator[tuple[int, int], None]:
         """``(offset, count)`` of the file's bytes a reader may send next, as they land.

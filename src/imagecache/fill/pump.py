@@ -5,6 +5,11 @@ go to the disk executor (``copy_stream``), or a blocking source read by a
 thread of its own (``pump``). Both call ``check`` around every write, which
 raises to stop the fill (its clients left, or the cache's disk failed); the
 coordinator decides what that means, this module only moves bytes.
+
+A fill with a ``Throttle`` asks its bucket before each chunk while it is a
+background fill (fill/bandwidth.py): the thread sleeps, the stream awaits,
+both in slices of at most ``RECHECK`` so that a client joining the fill, a
+change of rate or a stop is seen within one slice.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from imagecache.errors import CacheStoreError
+from imagecache.fill.bandwidth import RECHECK, TokenBucket
 from imagecache.fill.events import FillEvents
 from imagecache.fill.flight import Flight
 from imagecache.fill.writer import FillWriter
@@ -25,6 +33,21 @@ from imagecache.upstreams.base import BlockingSource
 Run = Callable[..., Awaitable[object]]
 
 
+@dataclass(frozen=True)
+class Throttle:
+    """The bucket of the process's background fills, and whether this fill is one now."""
+
+    bucket: TokenBucket
+    # Asked before every chunk, from the pump's thread too: reads plain attributes only.
+    applies: Callable[[], bool]
+    # Blocking (a thread): looks whether another process is busy (fill/busy.py).
+    refresh: Callable[[], None] = lambda: None
+
+    def pending(self) -> float:
+        """Seconds this fill must still wait before its next chunk (0: go)."""
+        return self.bucket.delay() if self.applies() else 0.0
+
+
 async def copy_stream(
     flight: Flight,
     writer: FillWriter,
@@ -32,15 +55,27 @@ async def copy_stream(
     run: Run,
     events: FillEvents,
     check: Callable[[], None],
+    throttle: Throttle | None = None,
 ) -> None:
     """Fill from the upstream's async stream: each chunk goes to the disk executor."""
     try:
-        async for chunk in stream:
+        while True:
+            if throttle is not None:
+                await _wait_async(throttle, run, events)
+            background = throttle is not None and throttle.applies()
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                break
             if not chunk:
                 continue
             check()
             await run(writer.write, chunk)
             events.upstream_read(len(chunk))
+            if background:
+                assert throttle is not None
+                throttle.bucket.spend(len(chunk))
+                events.background_read(len(chunk))
             check()
             flight.advance(writer.received)
     finally:
@@ -53,6 +88,7 @@ async def pump(
     source: BlockingSource,
     events: FillEvents,
     check: Callable[[], None],
+    throttle: Throttle | None = None,
 ) -> None:
     """Fill from a blocking source in a thread of its own, until the end of the image.
 
@@ -68,23 +104,49 @@ async def pump(
     stop = threading.Event()
     done: concurrent.futures.Future[None] = concurrent.futures.Future()
     # Written by the pump thread after each write, read by report() on the loop.
-    written = [0]
-    reported = 0
+    # Likewise: [bytes written, of them while background, seconds held by the throttle].
+    written = [0, 0, 0.0]
+    reported = [0, 0, 0.0]
     pending = threading.Event()
 
     def report() -> None:
-        nonlocal reported
         pending.clear()  # before reading: a write after this schedules a new report
-        now = written[0]
-        events.upstream_read(now - reported)
-        reported = now
-        flight.advance(now)
+        now = list(written)
+        events.upstream_read(int(now[0] - reported[0]))
+        if now[1] != reported[1]:
+            events.background_read(int(now[1] - reported[1]))
+        if now[2] != reported[2]:
+            events.background_throttled(now[2] - reported[2])
+        reported[:] = now
+        flight.advance(int(now[0]))
+
+    def schedule_report() -> None:
+        if not pending.is_set():
+            pending.set()
+            loop.call_soon_threadsafe(report)
+
+    def wait_turn() -> None:
+        # Sleeps on ``stop`` so that a cancelled fill is not held by its throttle.
+        assert throttle is not None
+        if throttle.applies():
+            throttle.refresh()
+        while (delay := throttle.pending()) > 0 and not stop.is_set():
+            started = time.monotonic()
+            stop.wait(min(delay, RECHECK))
+            written[2] += time.monotonic() - started
+            schedule_report()
+            throttle.refresh()
 
     def move() -> None:
         copying = True
         try:
             while not stop.is_set():
                 check()
+                if throttle is not None:
+                    wait_turn()
+                    if stop.is_set():
+                        continue  # the loop's else: the fill was stopped
+                background = throttle is not None and throttle.applies()
                 count = writer.copy_from(source.copy_into) if copying else None
                 if count is None:
                     copying = False
@@ -93,9 +155,11 @@ async def pump(
                     break
                 check()
                 written[0] += count
-                if not pending.is_set():
-                    pending.set()
-                    loop.call_soon_threadsafe(report)
+                if background:
+                    assert throttle is not None
+                    throttle.bucket.spend(count)
+                    written[1] += count
+                schedule_report()
             else:
                 raise CacheStoreError(f"fill of {flight.image_id!r} stopped")
         except BaseException as exc:
@@ -120,6 +184,18 @@ async def pump(
             await waiting
         raise
     report()
+
+
+async def _wait_async(throttle: Throttle, run: Run, events: FillEvents) -> None:
+    if throttle.applies():
+        await run(throttle.refresh)
+    while (delay := throttle.pending()) > 0:
+        started = time.monotonic()
+        try:
+            await asyncio.sleep(min(delay, RECHECK))
+        finally:
+            events.background_throttled(time.monotonic() - started)
+        await run(throttle.refresh)
 
 
 async def aclose(stream: AsyncIterator[bytes]) -> None:

@@ -87,12 +87,16 @@ class ClusterTasks:
         self._task: asyncio.Task[None] | None = None
 
     async def tick(self) -> list[str]:
-        """One beat: announce this node alive and drop images deleted elsewhere."""
-        await asyncio.to_thread(self.driver.heartbeat)
+        """One beat: announce this node alive, write its queued changes, drop images deleted
+        elsewhere (``CentralDriver.sync``; with the database away, nothing but a log line)."""
+        dropped = await asyncio.to_thread(self.driver.sync)
         if self.metrics is not None:
-            live = await asyncio.to_thread(self.driver.list_nodes)
-            self.metrics.cluster_nodes_live.set(sum(1 for node in live if node.alive))
-        dropped = await asyncio.to_thread(self.driver.apply_deletions)
+            self.metrics.cluster_database_up.set(0 if self.driver.offline else 1)
+            depth = await asyncio.to_thread(self.driver.mirror.depth)
+            self.metrics.cluster_outbox_images.set(depth)
+            if not self.driver.offline:
+                live = await asyncio.to_thread(self.driver.count_live_nodes)
+                self.metrics.cluster_nodes_live.set(live)
         for image_id in dropped:
             await asyncio.to_thread(self.cache.delete_queued_image, image_id)
         self.beats += 1

@@ -48,6 +48,8 @@ _SAME_IN_EVERY_WORKER = frozenset(
         "imagecache_max_size_bytes",
         "imagecache_free_space_watermark_bytes",
         "imagecache_cluster_nodes_live",
+        "imagecache_cluster_database_up",
+        "imagecache_cluster_outbox_images",
         "imagecache_cached_bytes",
         "imagecache_disk_free_bytes",
         "imagecache_database_up",
@@ -136,6 +138,25 @@ class Metrics:
         )
         for outcome in RESUME_OUTCOMES:
             self.upstream_resumes.labels(outcome)  # shown at 0 from the start
+        # Background fills (fill/bandwidth.py): the queue worker's and prefetch's.
+        self.background_bytes = Counter(
+            "imagecache_background_bytes",
+            "Bytes read from the upstream by background fills (queue, prefetch, fills whose "
+            "clients left); also counted in imagecache_bytes_from_upstream",
+            registry=r,
+        )
+        self.background_throttled_seconds = Counter(
+            "imagecache_background_throttled_seconds",
+            "Seconds background fills waited for their bandwidth (background_bandwidth, or "
+            "background_bandwidth_while_busy while on-demand fills run), summed over the fills",
+            registry=r,
+        )
+        self.background_rate_gauge = Gauge(
+            "imagecache_background_rate_limit_bytes_per_second",
+            "The rate background fills may read from the upstream now, summed over the worker "
+            "processes (+Inf: no limit; 0: paused for on-demand fills)",
+            registry=r,
+        )
 
         # Cluster mode only (server/cluster.py, upstreams/sibling.py set them);
         # outside it they stay at 0.
@@ -149,6 +170,18 @@ class Metrics:
         self.cluster_nodes_live = Gauge(
             "imagecache_cluster_nodes_live",
             "Live nodes in the cluster (this one included) at this node's last heartbeat",
+            registry=r,
+        )
+        self.cluster_database_up = Gauge(
+            "imagecache_cluster_database_up",
+            "1 if the cluster database answered this node's last heartbeat, else 0 (the node "
+            "then serves from its local records and queues its changes)",
+            registry=r,
+        )
+        self.cluster_outbox_images = Gauge(
+            "imagecache_cluster_outbox_images",
+            "Images whose local changes the cluster database has not received yet, after "
+            "this node's last heartbeat",
             registry=r,
         )
 
@@ -169,6 +202,15 @@ class Metrics:
 
     def upstream_read(self, count: int) -> None:
         self.bytes_from_upstream.inc(count)
+
+    def background_read(self, count: int) -> None:
+        self.background_bytes.inc(count)
+
+    def background_throttled(self, seconds: float) -> None:
+        self.background_throttled_seconds.inc(seconds)
+
+    def background_rate_limit(self, bytes_per_second: float) -> None:
+        self.background_rate_gauge.set(bytes_per_second)
 
     # --- upstreams.sibling.SiblingEvents ---------------------------------------------------------
 

@@ -118,8 +118,9 @@ class _OperationsCollector(Collector):
                 )
             yield GaugeMetricFamily(
                 "imagecache_database_up",
-                "1 if the metadata database (sqlite, or the central PostgreSQL) answered "
-                "the last sample, else 0",
+                "1 if the metadata database this node reads (sqlite; for the central driver "
+                "its local mirror, see imagecache_cluster_database_up) answered the last "
+                "sample, else 0",
                 1 if usage.metadata_up else 0,
             )
         yield GaugeMetricFamily(

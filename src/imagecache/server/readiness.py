@@ -6,7 +6,9 @@ before sending downloads here, and says which part failed:
 
 - ``origin``: the origin answers (a directory origin exists and is readable;
   an http origin's root, Glance's ``/versions``, an s3 bucket answer);
-- ``database`` (cluster mode only): the central database answers a query;
+- ``database`` (cluster mode only): the central database answers a query
+  (the detail says how many images have changes queued for it: a node
+  without its database serves hits and fills, but is not ready);
 - ``cache_dir``: a file can be created in the cache directory (a disk
   remounted read-only fails here);
 - ``free_space``: the cache's filesystem has at least ``free_space_watermark``
@@ -100,11 +102,7 @@ async def _database(state: ServiceState) -> str:
 
 
 def _ping(driver: Any) -> str:
-    from sqlalchemy import text  # the central driver's own dependency
-
-    try:
-        with driver.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # any driver error: psycopg, sqlite, SQLAlchemy's own
-        raise CacheStoreError(f"the central database does not answer: {exc}") from exc
-    return "the central database answers"
+    ok, detail = driver.database_state()
+    if not ok:
+        raise CacheStoreError(str(detail))
+    return str(detail)

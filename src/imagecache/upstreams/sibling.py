@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 
 from imagecache.cluster import CLUSTER_TOKEN_HEADER
-from imagecache.errors import SiblingFailed
+from imagecache.errors import CacheStoreError, SiblingFailed
 from imagecache.records import ImageInfo
 from imagecache.settings import Settings
 from imagecache.sites import choose_sibling
@@ -201,7 +201,12 @@ class SiblingUpstream(Upstream):
             filler = self.driver.origin_filler(image_id)
             return filler if filler is not None and filler not in failed else None
 
-        return await asyncio.to_thread(look)
+        try:
+            return await asyncio.to_thread(look)
+        except CacheStoreError as exc:
+            # The cluster database is away: no sibling can be found, the origin serves.
+            log.warning("no sibling lookup for %s: %s", image_id, exc)
+            return None
 
     async def _from_sibling(
         self, base: str, image_id: str, start: int

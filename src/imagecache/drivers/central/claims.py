@@ -20,6 +20,7 @@ from imagecache.drivers.central.nodes import NodeRegistry
 from imagecache.drivers.central.schema import (
     ORIGIN_LOCK_SPACE,
     brief,
+    is_database_error,
     nodes,
     origin_fills,
     to_epoch,
@@ -112,6 +113,24 @@ class OriginClaims(NodeRegistry):
         image at another site does not stop this one.
         """
         self.layout.validate(image_id)
+        try:
+            return self._claim(image_id, unreachable)
+        except CacheStoreError as exc:
+            if not is_database_error(exc):
+                raise
+            self._went_offline(exc)
+            # With the database away, nobody can be asked: read the origin
+            # alone (another node may read it too, which is cheaper than not
+            # serving). The claim holds nothing; the commit is queued locally.
+            log.warning(
+                "reading %s from the origin without a claim: the cluster database is away (%s)",
+                image_id,
+                brief(exc),
+            )
+            return OriginClaim(self, image_id, self.settings.site, None)
+
+    def _claim(self, image_id: str, unreachable: Collection[str]) -> OriginClaim | None:
+        self._require_online("claiming an origin read")
         now = datetime.now(UTC)
         site = self.settings.site
         key = func.hashtext(lock_name(image_id, site))
@@ -179,6 +198,7 @@ class OriginClaims(NodeRegistry):
         One at this node's site first; at another site only if this node
         fetches from there (``sibling_cross_site``).
         """
+        self._require_online("finding the node reading an image")
         query = (
             select(nodes.c.url, origin_fills.c.site)
             .select_from(origin_fills.join(nodes, nodes.c.id == origin_fills.c.node_id))

@@ -31,6 +31,7 @@ class ClusterDeletions(CentralStore):
         the mark only condemns copies made before it.
         """
         self.layout.validate(image_id)
+        self._require_online("deleting an image on every node")
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(deleted_images).values(
             image_id=image_id, deleted_at=datetime.now(UTC)

@@ -5,18 +5,14 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import (
-    select,
-)
-
-from imagecache.drivers.central.schema import (
-    CentralStore,
-    cached_images,
-    to_datetime,
-)
+from imagecache.drivers.central.schema import CentralStore
 from imagecache.errors import CacheStoreError
+from imagecache.records import CachedImage
+
+if TYPE_CHECKING:
+    from imagecache.drivers.central.mirror import Mirror
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +27,15 @@ class ImportResult:
 class SqliteImport(CentralStore):
     """The importer of a node that was a single-node (sqlite driver) cache before."""
 
+    mirror: Mirror
+
     def import_sqlite_cache(self, db_path: Path | None = None) -> ImportResult:
         """Copy the rows of a single-node ``cache.db`` (Glance's or ours) into this node's rows.
 
         Hits, access and modification times, digests and pins are kept. A row
         whose file is not in this cache directory is skipped (it describes
-        nothing), and so is a row this node already has centrally (the central
-        one is newer). Idempotent: configure() runs it at every start while the
+        nothing), and so is a row this node already has (in its mirror of its
+        cluster rows: that one is newer). Idempotent: configure() runs it at every start while the
         file is there. The sqlite file is only read, never changed.
         """
         path = db_path or self.layout.base / self.settings.image_cache_sqlite_db
@@ -54,13 +52,8 @@ class SqliteImport(CentralStore):
                 legacy.close()
         except sqlite3.Error as exc:
             raise CacheStoreError(f"cannot read the sqlite cache {path}: {exc}") from exc
-        with self._read() as conn:
-            known = set(
-                conn.execute(
-                    select(cached_images.c.image_id).where(cached_images.c.node_id == self.node_id)
-                ).scalars()
-            )
-        fresh: list[dict[str, Any]] = []
+        known = {image_id for image_id, _ in self.mirror.iter_sizes()}
+        fresh: list[CachedImage] = []
         already = missing = 0
         for row in rows:
             entry = dict(zip(wanted, row, strict=True))
@@ -75,22 +68,20 @@ class SqliteImport(CentralStore):
             modified = float(entry["last_modified"] or 0.0) or stat.st_mtime
             accessed = float(entry["last_accessed"] or 0.0) or modified
             fresh.append(
-                {
-                    "image_id": image_id,
-                    "node_id": self.node_id,
-                    "size": stat.st_size,
-                    "hits": int(entry["hits"] or 0),
-                    "last_accessed": to_datetime(accessed),
-                    "last_modified": to_datetime(modified),
-                    "checksum": entry["checksum"],
-                    "hash_algo": entry.get("hash_algo"),
-                    "hash_value": entry.get("hash_value"),
-                    "pinned": bool(entry.get("pinned") or False),
-                }
+                CachedImage(
+                    image_id=image_id,
+                    size=stat.st_size,
+                    hits=int(entry["hits"] or 0),
+                    last_accessed=accessed,
+                    last_modified=modified,
+                    checksum=entry["checksum"],
+                    hash_algo=entry.get("hash_algo"),
+                    hash_value=entry.get("hash_value"),
+                    pinned=bool(entry.get("pinned") or False),
+                )
             )
-        if fresh:
-            with self._write() as conn:
-                for values in fresh:
-                    # Racing another worker of this node importing the same file: keep theirs.
-                    self._upsert_image(conn, values, keep=values.keys())
+        for image in fresh:
+            # Racing another worker of this node importing the same file: keep theirs.
+            self.mirror.record_image(image)
+        self.push([image.image_id for image in fresh])
         return ImportResult(imported=len(fresh), already_present=already, missing_file=missing)

@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import (
     delete,
+    func,
     insert,
     select,
     update,
@@ -240,6 +241,7 @@ class NodeRegistry(CentralStore):
 
     def list_nodes(self) -> list[NodeInfo]:
         """Every registered node, dead or alive, by URL."""
+        self._require_online("listing the nodes")
         cutoff = self._alive_cutoff()
         with self._read() as conn:
             rows = conn.execute(
@@ -258,8 +260,23 @@ class NodeRegistry(CentralStore):
             for url, beat, started, site in rows
         ]
 
+    def count_live_nodes(self) -> int:
+        """How many nodes beat within ``node_dead_after``: one row, whatever the cluster's size.
+
+        For the heartbeat's gauge: listing every node at every beat made each
+        beat cost O(nodes) rows, O(nodes²) for the cluster (bench/cluster_scale.py,
+        docs/cluster.md "Scale").
+        """
+        self._require_online("counting the live nodes")
+        query = (
+            select(func.count()).select_from(nodes).where(nodes.c.heartbeat > self._alive_cutoff())
+        )
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def get_cluster_images(self) -> list[tuple[str, CachedImage]]:
         """``(node URL, record)`` of every copy on every live node, by image id then URL."""
+        self._require_online("listing the cluster's copies")
         query = (
             select(nodes.c.url, *IMAGE_COLUMNS)
             .select_from(cached_images.join(nodes, nodes.c.id == cached_images.c.node_id))
@@ -287,6 +304,7 @@ class NodeRegistry(CentralStore):
     def get_cached_siblings(self, image_id: str) -> list[Sibling]:
         """The live nodes holding a copy not marked deleted since it was made, with their sites."""
         self.layout.validate(image_id)
+        self._require_online("finding the nodes holding an image")
         with self._read() as conn:
             rows = conn.execute(self._holders(image_id).order_by(nodes.c.url))
             return [Sibling(url, site) for url, site in rows]

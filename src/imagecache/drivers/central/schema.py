@@ -39,10 +39,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 
 from imagecache.drivers.files import FileBackedDriver
-from imagecache.errors import BadDriverConfiguration, CacheStoreError
+from imagecache.errors import BadDriverConfiguration, CacheStoreError, CentralUnavailable
 from imagecache.records import CachedImage
 
 # The schema at head, for queries; the migrations in imagecache/migrations
@@ -169,8 +169,15 @@ def row_to_image(row: Sequence[Any]) -> CachedImage:
     )
 
 
-def make_engine(database_url: str) -> Engine:
-    """An engine for ``database_url``; BadDriverConfiguration if it cannot be one."""
+def make_engine(database_url: str, timeout: float = 10.0) -> Engine:
+    """An engine for ``database_url``; BadDriverConfiguration if it cannot be one.
+
+    ``timeout`` bounds a connection attempt to PostgreSQL (``connect_timeout``)
+    and how long sent data may stay unacknowledged (``tcp_user_timeout``):
+    with the database's host cut off, a statement fails within it instead of
+    waiting for the kernel's retransmissions (about 15 minutes), and the node
+    goes on from its local records (``outbox.py``).
+    """
     try:
         url = make_url(database_url)
         if url.get_backend_name() == "postgresql":
@@ -178,7 +185,16 @@ def make_engine(database_url: str) -> Engine:
                 # Plain "postgresql://" would pick psycopg2, which we do not ship.
                 url = url.set(drivername="postgresql+psycopg")
             engine = create_engine(
-                url, pool_size=4, max_overflow=8, pool_pre_ping=True, pool_recycle=1800
+                url,
+                pool_size=4,
+                max_overflow=8,
+                pool_pre_ping=True,
+                pool_recycle=1800,
+                pool_timeout=timeout,
+                connect_args={
+                    "connect_timeout": max(1, round(timeout)),
+                    "tcp_user_timeout": max(1, round(timeout * 1000)),
+                },
             )
         elif url.get_backend_name() == "sqlite":
             if not url.database or url.database == ":memory:":
@@ -228,6 +244,13 @@ def deleted_since_made() -> Any:
     )
 
 
+def is_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the cluster database failing (not the local disk or a refusal)."""
+    return isinstance(exc, CentralUnavailable) or (
+        isinstance(exc, CacheStoreError) and isinstance(exc.__cause__, SQLAlchemyError)
+    )
+
+
 def brief(exc: BaseException) -> str:
     """A one-line description of a database error, without SQL or parameters."""
     cause = exc.__cause__ if isinstance(exc, CacheStoreError) and exc.__cause__ else exc
@@ -250,6 +273,16 @@ class CentralStore(FileBackedDriver):
     engine: Engine
     _beat_lock: threading.Lock
     _left: bool
+    _registered: bool
+
+    def _require_online(self, what: str) -> None:
+        """Fail at once (CentralUnavailable) while the database is known away; see outbox.py."""
+
+    def _went_offline(self, exc: BaseException) -> None:
+        """Note that the database failed; see outbox.py."""
+
+    def push(self, image_ids: list[str]) -> None:
+        """Write these images' local rows to the database now, if it answers; see outbox.py."""
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -260,6 +293,8 @@ class CentralStore(FileBackedDriver):
                 with conn.begin():
                     yield conn
         except SQLAlchemyError as exc:
+            if not isinstance(exc, IntegrityError):  # a lost race is an answer, not an absence
+                self._went_offline(exc)
             raise CacheStoreError(f"central metadata: {brief(exc)}") from exc
 
     @contextlib.contextmanager
@@ -268,6 +303,8 @@ class CentralStore(FileBackedDriver):
             with self.engine.connect() as conn:
                 yield conn
         except SQLAlchemyError as exc:
+            if not isinstance(exc, IntegrityError):  # a lost race is an answer, not an absence
+                self._went_offline(exc)
             raise CacheStoreError(f"central metadata: {brief(exc)}") from exc
 
     def _upsert_image(self, conn: Connection, values: dict[str, Any], keep: Iterable[str]) -> None:

@@ -1,0 +1,127 @@
+"""bench/edge_report.py, the pure half of bench/edge.py: parsing and the bound's arithmetic.
+
+No load here (speed is measured in bench/, never in tests): the module is
+loaded by its path, since bench/ is not a package and its ``peers`` module
+would clash with tests/peers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "bench" / "edge_report.py"
+SHA = "ab" * 32
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("edge_report_under_test", PATH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+er = _load()
+
+
+def test_the_bound_is_the_image_over_the_link_rate() -> None:
+    assert er.link_rate(200) == 25_000_000
+    assert er.physical_bound(2 << 30, 200) == pytest.approx(85.899, abs=1e-3)
+    assert er.physical_bound(256 << 20, 200) == pytest.approx(10.737, abs=1e-3)
+
+
+def test_a_client_report_is_parsed_from_the_pipeline_output() -> None:
+    got = er.parse_client(f"{SHA} *stdin\n", "\nEDGE 0 200 1024 0.125 3.5\n", 4.0)
+    assert (got.exit_code, got.status, got.size, got.ttfb, got.seconds) == (
+        0,
+        200,
+        1024,
+        0.125,
+        4.0,
+    )
+    assert got.sha256 == SHA
+    assert got.ok(1024, SHA)
+    assert not got.ok(1024, "cd" * 32)
+    assert not got.ok(1025, SHA)
+
+
+def test_a_broken_download_keeps_curls_error_and_is_not_ok() -> None:
+    stderr = "curl: (18) transfer closed with 10 bytes remaining\n\nEDGE 18 200 1014 0.1 2.0\n"
+    got = er.parse_client(f"{SHA} *stdin\n", stderr, 2.0)
+    assert got.exit_code == 18
+    assert "transfer closed" in got.error
+    assert not got.ok(1014, SHA)
+
+
+def test_a_killed_client_without_a_report_is_a_failure() -> None:
+    got = er.parse_client("", "", 9.0)
+    assert got.exit_code == -1
+    assert got.error == "no report from curl"
+    assert not got.ok(0, "")
+
+
+def test_origin_log_lines_are_counted_per_image() -> None:
+    lines = [
+        '1.2.3.4 - - [t] "HEAD /img HTTP/1.1" 200 0 "-" "x"',
+        '1.2.3.4 - - [t] "GET /img.sha512 HTTP/1.1" 200 129 "-" "x"',
+        '1.2.3.4 - - [t] "GET /img HTTP/1.1" 200 500 "-" "x"',  # cut short by a reset
+        '1.2.3.4 - - [t] "GET /img HTTP/1.1" 206 500 "-" "x"',  # the resume
+        '1.2.3.4 - - [t] "GET /img HTTP/1.1" 206 1 "-" "x"',  # an access check
+        '1.2.3.4 - - [t] "GET /other HTTP/1.1" 200 1000 "-" "x"',
+    ]
+    got = er.origin_counts(lines, "/img", "/img")
+    assert (got.full_gets, got.range_gets, got.metadata) == (1, 1, 3)
+    assert got.body_bytes == 1001
+
+
+def _client(seconds: float, *, ok: bool = True, ttfb: float = 0.1) -> object:
+    size = 1000 if ok else 500
+    return er.ClientResult(0 if ok else 18, 200, size, ttfb, seconds, SHA)
+
+
+def test_a_round_is_summarised_against_the_bound() -> None:
+    clients = [_client(5.0, ttfb=0.1), _client(6.0, ttfb=0.3), _client(9.0, ok=False)]
+    row = er.summarise(
+        scenario="storm-reset",
+        subject="imagecache",
+        size=1000,
+        mbit=0.0016,  # 200 bytes/s: a 5 s bound
+        sha256=SHA,
+        clients=clients,
+        link_down=1010,
+        link_up=10,
+        wire_down=1100,
+        resets=1,
+        origin=er.OriginCounts(full_gets=1, range_gets=1),
+    )
+    assert row["bound_s"] == 5.0
+    assert row["last_client_s"] == 6.0  # the last client that got the image
+    assert row["last_client_any_s"] == 9.0
+    assert row["last_ratio"] == 1.2
+    assert row["link_ratio"] == 1.01
+    assert row["wire_ratio"] == 1.1
+    assert row["clients_ok"] == 2
+    assert row["ttfb_median_s"] == 0.2
+    assert row["failures"] == {"curl exit 18, HTTP 200, 500 B": 1}
+    verdict = er.verdicts([row], "imagecache")
+    assert verdict == [
+        "storm-reset: link bytes 1.010x the image (≤ 1.01x, 2/3 clients ok; on the wire 1.100x): "
+        "MISSED"
+    ]
+
+
+def test_names_are_chosen_from_the_allowed_ones() -> None:
+    allowed = ("a", "b", "c")
+    assert er.parse_names("all", allowed, "subject") == ["a", "b", "c"]
+    assert er.parse_names("c,a,c", allowed, "subject") == ["c", "a"]
+    with pytest.raises(ValueError, match="unknown subject"):
+        er.parse_names("a,zz", allowed, "subject")
+    with pytest.raises(ValueError, match="unknown subject"):
+        er.parse_names("", allowed, "subject")

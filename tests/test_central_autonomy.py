@@ -1,0 +1,383 @@
+"""A central-driver node without its database: hits never ask it, and the node goes on.
+
+Real parts throughout: PostgreSQL at 127.0.0.1:5432 (``central_db``), reached
+by the node under test through the project's TCP relay (``peers/relay.py``),
+which cuts it the way a partition does: ``blackhole()`` stops every byte
+(new connections are accepted by the kernel and then hang) and ``reset()``
+breaks the connections already open. A second node, when one is needed,
+talks to PostgreSQL directly, as a node on the other side of the cut would.
+Statements are counted with SQLAlchemy's ``before_cursor_execute`` event on
+the node's own engine: every statement the driver sends passes there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from sqlalchemy import event, select
+
+from central_db import PG_HOST, PG_PORT, central_settings
+from imagecache import BadDriverConfiguration, create_driver
+from imagecache.cluster import central_driver
+from imagecache.drivers.central import CentralDriver, cached_images
+from imagecache.server.cluster import CLUSTER_TASKS
+from imagecache.server.state import STATE
+from imagecache.settings import Settings
+from peers.relay import RelayProcess
+from server_helpers import directory_app, image_bytes, poll, put_image, settled
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+DATA = {name: image_bytes(200_000 + i, seed=20 + i) for i, name in enumerate("abcd")}
+TOKEN = "cluster-token-of-the-autonomy-tests"
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Path:
+    root = tmp_path / "origin"
+    for name, data in DATA.items():
+        put_image(root, name, data)
+    return root
+
+
+@pytest.fixture
+def relay() -> Iterator[RelayProcess]:
+    with RelayProcess((PG_HOST, PG_PORT)) as process:
+        yield process
+
+
+def through(relay: RelayProcess, database_url: str) -> str:
+    """The same database, reached through the relay."""
+    name = database_url.rsplit("/", 1)[1]
+    return f"postgresql+psycopg://127.0.0.1:{relay.port}/{name}"
+
+
+def cut(relay: RelayProcess) -> None:
+    relay.blackhole()  # no byte flows, new connections hang...
+    relay.reset()  # ...and the open ones (the pool's) are broken
+
+
+def node_settings(tmp_path: Path, url: str, name: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "cluster_token": TOKEN,
+        "database_timeout": 1.0,
+        "node_heartbeat_interval": 0.2,
+        "free_space_watermark": 0,
+    }
+    values.update(overrides)
+    return central_settings(tmp_path / name, url, f"http://127.0.0.1:9/{name}", **values)
+
+
+def count_statements(driver: CentralDriver) -> list[str]:
+    seen: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        seen.append(statement)
+
+    event.listen(driver.engine, "before_cursor_execute", note)
+    return seen
+
+
+def central_rows(url: str, node_id: int) -> dict[str, tuple[int, int]]:
+    """``{image_id: (size, hits)}`` of one node's rows, read by a connection of our own."""
+    from imagecache.drivers.central import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(cached_images.c.image_id, cached_images.c.size, cached_images.c.hits).where(
+                    cached_images.c.node_id == node_id
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return {image_id: (int(size), int(hits)) for image_id, size, hits in rows}
+
+
+def on_disk(cache_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in cache_dir.iterdir() if p.name in DATA}
+
+
+async def download(client: TestClient[Any, Any], image_id: str) -> None:
+    async with client.get(f"/v2/images/{image_id}/file") as response:
+        assert response.status == 200, await response.text()
+        assert await response.read() == DATA[image_id]
+
+
+async def gauge(client: TestClient[Any, Any], name: str) -> float:
+    async with client.get("/metrics") as response:
+        text = await response.text()
+    [value] = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
+def node_driver(client: TestClient[Any, Any]) -> CentralDriver:
+    driver = central_driver(client.app[STATE].cache)
+    assert driver is not None
+    return driver
+
+
+# --- the hit path ----------------------------------------------------------------------------
+
+
+async def test_a_hit_sends_no_database_statement(
+    aiohttp_client: ClientFactory, fresh_postgres_url: str, tmp_path: Path, origin: Path
+) -> None:
+    settings = node_settings(tmp_path, fresh_postgres_url, "one", node_heartbeat_interval=3600)
+    client = await aiohttp_client(directory_app(settings, origin))
+    tasks = client.app[CLUSTER_TASKS]
+    await poll(lambda: _true(tasks.beats >= 1), "the first heartbeat has run")
+    await download(client, "a")  # the miss: claims, commit, all in the database
+    await settled(client)
+    driver = node_driver(client)
+    statements = count_statements(driver)
+
+    for _ in range(50):
+        await download(client, "a")
+    driver.flush_hits()  # the batch is written too, locally
+    assert driver.get_hit_count("a") == 50
+    assert statements == [], f"{len(statements)} statements on the hit path: {statements[:3]}"
+
+    # The hits reach the database with the next heartbeat, off the request path.
+    await tasks.tick()
+    assert statements, "the heartbeat writes to the database (the counter counts)"
+    assert central_rows(fresh_postgres_url, driver.node_id)["a"] == (len(DATA["a"]), 50)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# --- the database cut ------------------------------------------------------------------------
+
+
+async def test_a_node_cut_from_its_database_serves_fills_and_rejoins(
+    aiohttp_client: ClientFactory,
+    fresh_postgres_url: str,
+    relay: RelayProcess,
+    tmp_path: Path,
+    origin: Path,
+) -> None:
+    settings = node_settings(tmp_path, through(relay, fresh_postgres_url), "one")
+    client = await aiohttp_client(directory_app(settings, origin))
+    driver = node_driver(client)
+    other = create_driver(node_settings(tmp_path, fresh_postgres_url, "two"))
+    assert isinstance(other, CentralDriver)
+    try:
+        for name in ("a", "c"):
+            await download(client, name)
+        await settled(client)
+        assert other.get_cached_nodes("c") == [driver.self_url]
+
+        cut(relay)
+        await download(client, "a")  # a hit: 200, every byte
+        await download(client, "b")  # a miss: from the origin, and kept
+        await settled(client)
+        assert driver.get_cached_image("b") is not None
+        await poll(lambda: _true(driver.offline), "the node knows its database is away")
+        async with client.get("/healthcheck/ready") as response:
+            assert response.status == 503
+            checks = (await response.json())["checks"]
+        assert not checks["database"]["ok"]
+        assert "does not answer" in checks["database"]["detail"]
+        assert "queued locally (outbox)" in checks["database"]["detail"]
+        assert driver.mirror.depth() >= 1  # b, and a's hit
+
+        async def metrics_say_away() -> bool:
+            return (
+                await gauge(client, "imagecache_cluster_database_up") == 0
+                and await gauge(client, "imagecache_cluster_outbox_images") >= 1
+            )
+
+        await poll(metrics_say_away, "the metrics show the database away and the queue")
+        other.delete_everywhere("c")  # through the other node (it holds none), during the cut
+        await download(client, "a")  # still served
+
+        relay.restore()
+        await poll(
+            lambda: _true(not driver.offline and driver.mirror.depth() == 0),
+            "the node is back and its outbox drained",
+        )
+        await poll(lambda: _true(not driver.is_cached("c")), "the deletion made meanwhile applied")
+        async with client.get("/healthcheck/ready") as response:
+            assert response.status == 200, await response.text()
+
+        async def metrics_say_back() -> bool:
+            return (
+                await gauge(client, "imagecache_cluster_database_up") == 1
+                and await gauge(client, "imagecache_cluster_outbox_images") == 0
+            )
+
+        await poll(metrics_say_back, "the metrics show the database back and the queue empty")
+
+        disk = on_disk(tmp_path / "one")
+        assert disk == {"a": len(DATA["a"]), "b": len(DATA["b"])}
+        rows = central_rows(fresh_postgres_url, driver.node_id)
+        assert {i: size for i, (size, _) in rows.items()} == disk  # the map is the disk
+        hits = driver.get_hit_count("a")
+        assert hits == 2  # the two hits (the first download was the miss)
+
+        async def hits_arrived() -> bool:
+            return central_rows(fresh_postgres_url, driver.node_id)["a"][1] == hits
+
+        await poll(hits_arrived, "the hits of the cut reach the database, each counted once")
+        assert other.get_cached_nodes("b") == [driver.self_url]  # filled during the cut
+        assert other.get_cached_nodes("c") == []
+    finally:
+        other.close()
+
+
+def put(driver: CentralDriver, image_id: str) -> None:
+    with driver.open_for_write(image_id) as target:
+        target.write(DATA[image_id])
+
+
+def test_the_outbox_outlives_a_restart(
+    fresh_postgres_url: str, relay: RelayProcess, tmp_path: Path
+) -> None:
+    settings = node_settings(tmp_path, through(relay, fresh_postgres_url), "one")
+    driver = create_driver(settings)
+    assert isinstance(driver, CentralDriver)
+    node_id = driver.node_id
+    put(driver, "a")
+    cut(relay)
+    put(driver, "b")  # committed locally, queued
+    with driver.open_for_read("b") as handle:
+        handle.read()
+    assert driver.delete_cached_image("a")  # a deletion, queued too
+    assert driver.offline
+    assert driver.mirror.depth() == 2
+    driver.close()
+
+    relay.restore()
+    again = create_driver(settings)
+    try:
+        assert isinstance(again, CentralDriver)
+        assert again.mirror.depth() == 0
+        assert central_rows(fresh_postgres_url, node_id) == {"b": (len(DATA["b"]), 1)}
+    finally:
+        again.close()
+
+
+def test_a_known_node_starts_without_its_database_and_joins_later(
+    fresh_postgres_url: str, relay: RelayProcess, tmp_path: Path
+) -> None:
+    settings = node_settings(tmp_path, through(relay, fresh_postgres_url), "one")
+    driver = create_driver(settings)
+    assert isinstance(driver, CentralDriver)
+    put(driver, "a")
+    driver.close()
+
+    cut(relay)
+    with pytest.raises(BadDriverConfiguration, match="cannot use the database"):
+        create_driver(node_settings(tmp_path, through(relay, fresh_postgres_url), "new"))
+    offline = create_driver(settings)  # it has joined before: it starts
+    try:
+        assert isinstance(offline, CentralDriver)
+        assert offline.offline
+        assert offline.get_cached_image("a") is not None
+        put(offline, "b")
+        assert offline.sync() == []  # still away: nothing, quietly
+        relay.restore()
+        assert offline.sync() == []
+        assert not offline.offline
+        assert offline.mirror.depth() == 0
+        rows = central_rows(fresh_postgres_url, offline.node_id)
+        assert set(rows) == {"a", "b"}
+    finally:
+        offline.close()
+
+
+def test_a_deletion_during_an_offline_fill_wins_when_the_database_returns(
+    fresh_postgres_url: str, relay: RelayProcess, tmp_path: Path
+) -> None:
+    driver = create_driver(node_settings(tmp_path, through(relay, fresh_postgres_url), "one"))
+    other = create_driver(node_settings(tmp_path, fresh_postgres_url, "two"))
+    assert isinstance(driver, CentralDriver)
+    assert isinstance(other, CentralDriver)
+    try:
+        cut(relay)
+        with driver.open_for_write("d") as target:
+            target.write(DATA["d"])
+            other.delete_everywhere("d")  # after this fill began, through a node that can
+        assert driver.is_cached("d")  # kept locally for now: nobody could say otherwise
+        relay.restore()
+        driver.sync()
+        assert not driver.is_cached("d")
+        assert driver.get_cached_image("d") is None
+        assert central_rows(fresh_postgres_url, driver.node_id) == {}
+        # A fill after the deletion is kept.
+        put(driver, "d")
+        driver.sync()
+        assert driver.is_cached("d")
+        assert set(central_rows(fresh_postgres_url, driver.node_id)) == {"d"}
+    finally:
+        other.close()
+        driver.close()
+
+
+async def test_claims_are_skipped_while_the_database_is_away(
+    fresh_postgres_url: str, relay: RelayProcess, tmp_path: Path
+) -> None:
+    driver = create_driver(node_settings(tmp_path, through(relay, fresh_postgres_url), "one"))
+    assert isinstance(driver, CentralDriver)
+    try:
+        cut(relay)
+        claim = await asyncio.to_thread(driver.claim_origin_fill, "a")
+        assert claim is not None  # read the origin alone
+        claim.release()
+        assert driver.offline
+    finally:
+        driver.close()
+
+
+def test_the_first_start_with_a_mirror_keeps_the_databases_records(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """Upgrading from a release without the mirror: the database's rows seed it."""
+    settings = node_settings(tmp_path, fresh_postgres_url, "one")
+    driver = create_driver(settings)
+    assert isinstance(driver, CentralDriver)
+    put(driver, "a")
+    for _ in range(3):
+        with driver.open_for_read("a") as handle:
+            handle.read()
+    assert driver.set_pinned("a", True)
+    driver.close()
+    before = central_rows(fresh_postgres_url, driver.node_id)
+    for side in (tmp_path / "one").glob(".central.db*"):
+        side.unlink()  # as a directory of the previous release has none
+
+    again = create_driver(settings)
+    try:
+        image = again.get_cached_image("a")
+        assert image is not None
+        assert (image.hits, image.pinned) == (3, True)
+        assert central_rows(fresh_postgres_url, driver.node_id) == before == {"a": (200_000, 3)}
+    finally:
+        again.close()
+
+
+def test_clearing_many_images_reaches_the_database_in_batches(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    driver = create_driver(node_settings(tmp_path, fresh_postgres_url, "one"))
+    assert isinstance(driver, CentralDriver)
+    try:
+        for i in range(1200):
+            (tmp_path / "one" / f"img-{i}").write_bytes(b"x")
+        driver.close()
+        driver = create_driver(node_settings(tmp_path, fresh_postgres_url, "one"))  # adopts them
+        assert isinstance(driver, CentralDriver)
+        assert len(central_rows(fresh_postgres_url, driver.node_id)) == 1200
+        assert driver.delete_all_cached_images() == 1200
+        assert central_rows(fresh_postgres_url, driver.node_id) == {}
+        assert driver.mirror.depth() == 0
+    finally:
+        driver.close()
