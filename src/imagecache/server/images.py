@@ -288,6 +288,15 @@ async def _follow_range(
         or flight.size is None
     ):
         return None
+    # Counted as it joins, as a whole download is: a range waiting on the fill
+    # shows in /metrics while it waits (one that then gives up on it is also a
+    # bypass, ``range_ahead``).
+    if started:
+        state.metrics.misses.inc()
+        status = cache_status(Outcome.STORED)
+    else:
+        state.metrics.followers.inc()
+        status = cache_status(Outcome.COLLAPSED)
     async with flight.reading():  # left with no await before the follow's own
         reached = await frontier.reaches(flight, wanted.start, state.settings.range_wait_limit)
     if not reached:
@@ -296,10 +305,4 @@ async def _follow_range(
         return await stream_through(
             request, state, info, caller, wanted, "range_ahead", Outcome.PARTIAL
         )
-    if started:
-        state.metrics.misses.inc()
-        status = cache_status(Outcome.STORED)
-    else:
-        state.metrics.followers.inc()
-        status = cache_status(Outcome.COLLAPSED)
     return await follow_flight(request, state, flight, etag, status, caller, wanted)
