@@ -4,7 +4,9 @@ Headers follow Glance, which image clients check; beyond Glance, ``ETag``,
 ``If-None-Match``, ``If-Range``, single ranges and ``HEAD`` (``server.conditional``
 gives the headers, the route the answers: 304, 206, 200). Elsewhere: opening a
 hit (``imagecache.hits``), what a follower of a fill may send and the rest from
-the origin when the fill dies (``fill.follow``), putting bytes on the socket
+the origin when the fill dies (``fill.follow``), following a fill or streaming
+from the origin uncached (``server.streaming``), whether a range past a fill's
+frontier waits for it (``fill.frontier``), putting bytes on the socket
 (``server.send``).
 """
 
