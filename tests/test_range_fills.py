@@ -21,10 +21,11 @@ from aiohttp.test_utils import TestClient
 
 from imagecache.fill import frontier
 from imagecache.fill.flight import Flight
+from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.server.app import create_app
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
-from server_helpers import ServeProcess, filled, image_bytes, listdir, start_serve
+from server_helpers import HeldHooks, ServeProcess, filled, image_bytes, listdir, start_serve
 from test_fills import until
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
@@ -43,9 +44,9 @@ ONE_IMAGE = 1.05
 def make_client(
     aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], http_origin: Any
 ) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
-    async def make(**overrides: Any) -> TestClient[Any, Any]:
+    async def make(fill_hooks: FillHooks = NO_HOOKS, **overrides: Any) -> TestClient[Any, Any]:
         settings = make_settings(upstream="http:" + http_origin.template, **overrides)
-        return await aiohttp_client(create_app(settings))
+        return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
 
     return make
 
@@ -158,6 +159,21 @@ async def test_with_range_starts_fill_off_ranges_go_to_the_origin_and_nothing_is
     assert http_origin.bytes_sent("img") == SIZE
     assert listdir(cache_dir / "incomplete") == []
     assert not (cache_dir / "img").exists()
+
+
+async def test_a_range_whose_fill_finds_the_image_committed_is_a_hit(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    """The range starts a fill; while it is decided, another process commits the image."""
+    http_origin.add("img", DATA)
+    hooks = HeldHooks(hold="deciding")
+    client = await make_client(fill_hooks=hooks)
+    part = asyncio.create_task(ranged(client, 5, 10))
+    await until(hooks.entered.is_set)
+    (cache_dir / "img").write_bytes(DATA)  # a writer elsewhere: the file is what counts
+    hooks.release.set()
+    assert await asyncio.wait_for(part, 20) == (206, "imagecache; hit", DATA[5:10])
+    assert http_origin.body_reads("img") == 0
 
 
 async def test_a_range_waits_no_longer_than_the_limit_for_a_stalled_fill() -> None:
