@@ -314,7 +314,9 @@ class Settings(BaseSettings):
     """A range that starts past what a fill has written waits for the fill when, at the
     fill's measured rate, it gets there within this many seconds; otherwise (a slow or
     stalled fill, a range far ahead of it) the range is read from the origin, costing
-    the origin those bytes again. 0: such a range never waits."""
+    the origin those bytes again. A waiting range has no headers yet: keep this below the
+    shortest whole-request timeout of your clients (qemu's curl driver: 5 s by default).
+    0: such a range never waits."""
     fill_hash_nice: int | None = Field(default=None, ge=-20, le=19)
     """The nice value (-20..19) of the thread that hashes a fill; unset = the process's
     own. The hash bounds a fill; on a busy machine a priority above the rest of the
