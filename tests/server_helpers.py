@@ -130,6 +130,17 @@ async def settled(client: TestClient[Any, Any]) -> None:
     await client.app[STATE].fills.settled()
 
 
+async def filled(client: TestClient[Any, Any], image_id: str, within: float = 20.0) -> None:
+    """Wait for the fill of ``image_id`` in the app, if one runs, to end (committed or not).
+
+    For fills no client waits for to the end: one a range started, whose
+    client left with its bytes while the fill went on for the cache.
+    """
+    flight = client.app[STATE].fills.current(image_id)
+    if flight is not None and flight.task is not None:
+        await asyncio.wait_for(asyncio.shield(flight.task), within)
+
+
 async def poll(condition: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
     """Wait until ``condition()`` holds; fail naming ``what`` after ``within`` seconds."""
     deadline = time.monotonic() + within

@@ -272,11 +272,7 @@ DRIVER_ALLOWED_IN = ("imagecache.cache", "imagecache.drivers")
 # (module, function, expression) reaching through today: modules another change
 # owns at the moment (issue 13); the facade already has what they need
 # (``ImageCache.layout``), except ``record_hit``, which hits.py will bring.
-PENDING_DRIVER_DOOR: set[tuple[str, str, str]] = {
-    ("imagecache.hits", "open_hit", "cache.driver"),
-    ("imagecache.hits", "record_hit", "cache.driver"),
-    ("imagecache.server.images", "_follow", "state.cache.driver"),
-}
+PENDING_DRIVER_DOOR: set[tuple[str, str, str]] = set()
 
 
 def _last_name(node: ast.expr) -> str | None:

@@ -168,7 +168,7 @@ async def test_a_range_with_no_fill_to_follow_is_a_bypass(
     make_client: MakeClient, http_origin: Any, caplog: pytest.LogCaptureFixture, cache_dir: Path
 ) -> None:
     http_origin.add("img", DATA)
-    client = await make_client()
+    client = await make_client(range_starts_fill=False)
     got = await fetch(client, caplog, Range="bytes=0-9")
     assert got == (206, "imagecache; fwd=bypass; detail=range", DATA[:10])
     assert listdir(cache_dir / "incomplete") == []

@@ -549,10 +549,14 @@ async def test_a_range_that_finds_no_fill_does_not_keep_a_download_from_filling(
 async def test_a_range_waiting_on_a_fill_that_finds_the_image_committed_is_a_hit(
     make_client: Any, http_origin: Any, cache_dir: Path
 ) -> None:
-    """While a download's fill is being decided, another process commits the image."""
+    """While a download's fill is being decided, another process commits the image.
+
+    The range only watches (``range_starts_fill`` off), so the hook of its
+    watch says when it waits; one that joins the fill is tested in test_range_fills.py.
+    """
     http_origin.add("img", DATA)
     hooks = HeldHooks(hold="deciding")
-    client = await make_client(fill_hooks=hooks)
+    client = await make_client(fill_hooks=hooks, range_starts_fill=False)
     whole = asyncio.create_task(client.get("/v2/images/img/file"))
     await until(hooks.entered.is_set)
     part = asyncio.create_task(client.get("/v2/images/img/file", headers={"Range": "bytes=5-9"}))

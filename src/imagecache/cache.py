@@ -129,6 +129,10 @@ class ImageCache:
     def get_hit_count(self, image_id: str) -> int:
         return self.driver.get_hit_count(self._id(image_id))
 
+    def record_hit(self, image_id: str) -> None:
+        """Count a hit of a cached image (drivers batch them; none waits for a database)."""
+        self.driver.record_hit(self._id(image_id))
+
     def get_cached_images(self) -> list[CachedImage]:
         return self.driver.get_cached_images()
 

@@ -36,7 +36,7 @@ class Hit:
 
 def open_hit(cache: ImageCache, image_id: str) -> Hit | None:
     """In a thread: open the committed file and read its record (None on a miss)."""
-    handle = cache.driver.layout.open_committed(image_id)  # never through a symlink
+    handle = cache.layout.open_committed(image_id)  # never through a symlink
     if handle is None:
         return None
     try:
@@ -94,6 +94,6 @@ async def record_hit(
 ) -> None:
     """Count a hit of ``image_id`` (its LRU order and hit count); ``run``: off the loop."""
     try:
-        await run(cache.driver.record_hit, image_id)
+        await run(cache.record_hit, image_id)
     except Exception as exc:  # a hit counter must never cost the client its image
         log.warning("recording a hit of %s failed: %s", image_id, exc)

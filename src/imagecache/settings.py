@@ -304,6 +304,19 @@ class Settings(BaseSettings):
     abandoned_fill: AbandonPolicy = "finish"
     """What a fill does when the client that started it disconnects: `finish` it for the
     cache, or `abort` it."""
+    range_starts_fill: bool = True
+    """A `Range` request for an uncached image starts the image's fill, as a whole
+    download does, and is served from the growing file as its bytes land (Varnish and
+    nginx do the same), so clients that read only ranges (aria2c, qemu-img over HTTP)
+    cost the origin one image and leave it cached. Off: such a range is read from the
+    origin and nothing is cached; a range still shares a fill that is already running."""
+    range_wait_limit: Seconds = Field(default=30.0, ge=0)
+    """A range that starts past what a fill has written waits for the fill when, at the
+    fill's measured rate, it gets there within this many seconds; otherwise (a slow or
+    stalled fill, a range far ahead of it) the range is read from the origin, costing
+    the origin those bytes again. A waiting range has no headers yet: keep this below the
+    shortest whole-request timeout of your clients (qemu's curl driver: 5 s by default).
+    0: such a range never waits."""
     fill_hash_nice: int | None = Field(default=None, ge=-20, le=19)
     """The nice value (-20..19) of the thread that hashes a fill; unset = the process's
     own. The hash bounds a fill; on a busy machine a priority above the rest of the

@@ -25,6 +25,8 @@ API (``origin = http_origin``)::
                                     # GETs send headers + `after` body bytes, then wait
                                     # until `gate.set()` (an asyncio.Event in the test's loop);
                                     # after=len(data) holds only the end of the body
+    origin.image("img").rate = 4 * 2**20
+                                    # each GET's body paced at 4 MiB/s (a slow, far origin)
     await origin.wait_for_reads("img", n, within=5.0)
                                     # poll until n body reads started (no sleeps in tests)
     origin.allow_head = False       # HEAD answers 405, as Glance's file route does
@@ -76,6 +78,7 @@ class OriginImage:
     fault_after: int = 0
     gate: asyncio.Event | None = None
     gate_after: int = 0
+    rate: float = 0.0  # body bytes per second per request; 0: as fast as the socket takes them
     body_reads: int = 0
     bytes_sent: int = 0
 
@@ -186,9 +189,15 @@ class Origin:
         self, request: web.Request, response: web.StreamResponse, state: OriginImage, body: bytes
     ) -> None:
         sent = 0
+        began = time.monotonic()
         for chunk in _chunks(body, state):
             if state.gate is not None and sent >= state.gate_after:
                 await state.gate.wait()
+            if state.rate > 0:
+                # Pacing, not synchronisation: the body goes out no faster than ``rate``.
+                ahead = began + sent / state.rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             if state.fault is not None and sent + len(chunk) > state.fault_after:
                 chunk = chunk[: state.fault_after - sent]
                 if chunk:

@@ -13,10 +13,11 @@ cache.py over the same writer.
 - ``coordinator``: single flight across coroutines and processes.
 - ``pump``: moving the origin's bytes into the writer (a stream, or a thread).
 - ``remote``: another process's fill, followed through its file and lock.
-- ``bandwidth``: the background fills' token bucket, at the idle or busy rate.
-- ``busy``: which processes have clients waiting (a locked mark each); the governor's glue.
 - ``follow``: what a follower of a flight may send (spans or bytes, then how it
   ended), and the rest from the origin when the fill dies.
+- ``bandwidth``: the background fills' token bucket, at the idle or busy rate.
+- ``busy``: which processes have clients waiting (a locked mark each); the governor's glue.
+- ``frontier``: a range past what a fill has written: wait for the fill, or not (its rate).
 - ``hooks``: named points where tests hold or watch a fill (no-ops otherwise).
 
 This package must not import ``imagecache.server`` nor aiohttp's server: the

@@ -77,6 +77,10 @@ class Flight:
         self.readers = 0
         self.had_reader = False
         self.started = time.monotonic()
+        # When the fill first advanced, and how far it had got then: its rate
+        # (``rate``) is measured from there, past the origin's first-byte
+        # latency and, for another process's fill, the bytes it had before.
+        self._first_advance: tuple[float, int] | None = None
         self.decided = asyncio.Event()
         self._changed = asyncio.Event()
         self.fd: int | None = None
@@ -124,8 +128,28 @@ class Flight:
 
     def advance(self, available: int) -> None:
         if available != self.available:
+            if self._first_advance is None:
+                self._first_advance = (time.monotonic(), available)
             self.available = available
             self._notify()
+
+    def rate(self, now: float, window: float) -> float | None:
+        """Bytes per second the fill has written since it first advanced; None before ``window`` s.
+
+        Averaged over the whole fill so far: steady enough to predict when it
+        reaches an offset, which is all it is used for (fill/frontier.py).
+        """
+        if self._first_advance is None:
+            return None
+        since, at = self._first_advance
+        if now - since < window:
+            return None
+        return (self.available - at) / (now - since)
+
+    async def progressed(self, within: float) -> None:
+        """Return once the fill has advanced or ended, or after ``within`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), within)
 
     def finish(self, available: int) -> None:
         self.available = available

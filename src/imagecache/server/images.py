@@ -4,27 +4,20 @@ Headers follow Glance, which image clients check; beyond Glance, ``ETag``,
 ``If-None-Match``, ``If-Range``, single ranges and ``HEAD`` (``server.conditional``
 gives the headers, the route the answers: 304, 206, 200). Elsewhere: opening a
 hit (``imagecache.hits``), what a follower of a fill may send and the rest from
-the origin when the fill dies (``fill.follow``), putting bytes on the socket
+the origin when the fill dies (``fill.follow``), following a fill or streaming
+from the origin uncached (``server.streaming``), whether a range past a fill's
+frontier waits for it (``fill.frontier``), putting bytes on the socket
 (``server.send``).
 """
 
 from __future__ import annotations
 
-import enum
-
 from aiohttp import hdrs, web
 
 from imagecache import hits
 from imagecache.errors import NotPermitted, ResourceNotFound, UpstreamNotActive
+from imagecache.fill import frontier
 from imagecache.fill.flight import CACHED, Flight, FlightKind
-from imagecache.fill.follow import (
-    End,
-    failed_elsewhere,
-    follow,
-    relay,
-    rest_of_body,
-    rest_of_range,
-)
 from imagecache.records import ImageInfo
 from imagecache.server.auth import Access, caller_from
 from imagecache.server.cache_status import Outcome, cache_status
@@ -37,33 +30,13 @@ from imagecache.server.conditional import (
     wanted_range,
 )
 from imagecache.server.ranges import ByteRange
-from imagecache.server.send import (
-    abort,
-    complete,
-    send_file_span,
-    send_followed,
-    send_growing,
-    send_rest,
-)
+from imagecache.server.send import send_file_span
 from imagecache.server.state import STATE, ServiceState
+from imagecache.server.streaming import Served, follow_flight, stream_through
 from imagecache.upstreams.base import Caller
 
-# A range starting at most this far past what a fill in progress has written
-# waits for the fill (about 50 ms at the fill rates in docs/benchmarks-log.md)
-# rather than reading the origin a second time.
-RANGE_FOLLOW_AHEAD = 32 * 1024 * 1024
 # A request whose fill ended uncommitted before it sent a byte starts over this many times.
 ATTEMPTS = 3
-
-
-class Served(enum.Enum):
-    """A fill-backed request that sent nothing, and what to do instead."""
-
-    RETRY = "retry"  # the fill ended without a file before any byte was sent
-    # The cache's own disk failed under the fill before any byte was sent:
-    # this client streams from the origin, uncached (DESIGN §4). A retry would
-    # start another fill on the same full or broken disk.
-    BYPASS = "bypass"
 
 
 async def image_file(request: web.Request) -> web.StreamResponse:
@@ -115,7 +88,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         if isinstance(response, web.StreamResponse):
             return response
         if response is Served.BYPASS:
-            return await _stream_through(request, state, info, caller, None, "cache_failed")
+            return await stream_through(request, state, info, caller, None, "cache_failed")
     # Fills kept ending uncommitted under us: give this client the upstream's bytes.
     info = await _info(state, image_id, caller)
     if info is None:
@@ -123,7 +96,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     # The info may be another caller's (metadata.py): the access check decides,
     # here too (a HEAD streamed through would otherwise answer without it).
     await check_access()
-    return await _stream_through(request, state, info, caller, None, "fill_retries")
+    return await stream_through(request, state, info, caller, None, "fill_retries")
 
 
 async def _info(state: ServiceState, image_id: str, caller: Caller) -> ImageInfo | None:
@@ -194,17 +167,12 @@ async def _serve_miss(
     wanted = wanted_range(request, info.size, etag)
     if wanted is not None:
         if request.method == "GET":
-            # A fill under way, here or in a sibling worker process, serves
-            # the range from its file; the range alone never starts one.
-            flight = await state.fills.watch(image_id, info)
-            if flight is not None and flight.reason == CACHED:
-                return Served.RETRY  # committed meanwhile: a hit now
-            if flight is not None:
-                followed = await _follow_range(request, state, flight, etag, wanted, caller)
-                if isinstance(followed, web.StreamResponse):
-                    return followed
-        # A part of an image is not worth a fill (and could not be verified).
-        return await _stream_through(request, state, info, caller, wanted, "range")
+            served = await _serve_range(request, state, image_id, info, caller, etag, wanted)
+            if served is not None:
+                return served
+        # No fill to serve it from: a part of an image is not worth one when
+        # ``range_starts_fill`` is off (and could not be verified).
+        return await stream_through(request, state, info, caller, wanted, "range")
     if request.method == "HEAD":
         response = web.StreamResponse(
             status=200, headers=data_headers(info.checksum, etag, cache_status(Outcome.MISS))
@@ -224,14 +192,14 @@ async def _serve_miss(
     if flight.kind is FlightKind.NONE:
         if flight.reason == CACHED:
             return Served.RETRY
-        return await _stream_through(request, state, info, caller, None, flight.reason)
+        return await stream_through(request, state, info, caller, None, flight.reason)
     if joined is flight or flight.kind is FlightKind.REMOTE:
         state.metrics.followers.inc()
         outcome = Outcome.COLLAPSED
     else:
         state.metrics.misses.inc()
         outcome = Outcome.STORED
-    followed = await _follow(request, state, flight, etag, cache_status(outcome), caller)
+    followed = await follow_flight(request, state, flight, etag, cache_status(outcome), caller)
     assert followed is not None, "only a range asks the origin instead"
     return followed
 
@@ -248,7 +216,9 @@ async def _serve_sibling(
             etag = etag_for(
                 *(info.checksum, info.hash_algo, info.hash_value) if info else (None,) * 3
             )
-            response = await _follow(request, state, flight, etag, cache_status(Outcome.COLLAPSED))
+            response = await follow_flight(
+                request, state, flight, etag, cache_status(Outcome.COLLAPSED)
+            )
             if isinstance(response, web.StreamResponse):
                 return response
     # The fill may have committed (and its flight ended) since the caller looked.
@@ -258,78 +228,37 @@ async def _serve_sibling(
     raise ResourceNotFound(f"image {image_id} is not cached on this node")
 
 
-async def _follow(
+async def _serve_range(
     request: web.Request,
     state: ServiceState,
-    flight: Flight,
+    image_id: str,
+    info: ImageInfo,
+    caller: Caller,
     etag: str | None,
-    status: str,
-    caller: Caller | None = None,
-    wanted: ByteRange | None = None,
+    wanted: ByteRange,
 ) -> web.StreamResponse | Served | None:
-    """Stream the flight's file (or ``wanted`` of it) as it grows; ``status``: its Cache-Status.
+    """A range of an uncached image from its fill; None: from the origin, uncached (``range``).
 
-    How the follow ended decides the rest (fill/follow.py, ``End``). Before any
-    byte: look again (``Served.RETRY``), or, if this process's cache disk
-    failed, stream from the origin (``Served.BYPASS``); a range asks the origin
-    (None). After some, a fill that ended unfinished does not cost the client
-    its download: with ``caller`` (not for a sibling node) it goes on from the
-    origin, verified (a range: checked against what was sent), whether its
-    size is known or not (a chunked body's framing never promised a length).
-    Otherwise the response is aborted.
+    With ``range_starts_fill`` the range joins the image's fill, starting it
+    if none runs (here or in a sibling worker process), as a whole download
+    does; otherwise it only shares a fill already under way (``watch``).
     """
-    if flight.fd is None:
-        # The flight ended, and closed its file, between being joined and being
-        # read: a fill in another process can finish within the first look of
-        # the flight that watches it. Look again: the image is cached now, or
-        # the next attempt starts a fill of its own. (Seen under bench/load.py.)
-        return Served.RETRY
-    info, run = flight.info, state.fills.run
-    headers = data_headers(info.checksum if info else None, etag, status)
-    response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
-    if wanted is not None:
-        response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
-        response.content_length = wanted.length
-    elif flight.size is not None:
-        response.content_length = flight.size
-    start, stop = (wanted.start, wanted.end) if wanted else (0, None)
-    async with flight.reading():
-        pieces = follow(flight, run, start, stop)
-        ended = await send_followed(request, response, flight.image_id, pieces, run)
-        if ended is None or ended.end is End.COMPLETE:
-            if ended is not None and wanted is not None:
-                state.metrics.bytes_from_cache.inc(wanted.length)
-            return response
-        if not response.prepared:
-            if wanted is not None:
-                return None  # the fill ended without a file: ask the origin
-            if ended.end is End.WRITER_GONE:
-                return Served.RETRY
-            if ended.end is End.CACHE_FAILED and caller is not None:
-                return Served.BYPASS
-            assert ended.error is not None
-            raise ended.error
-        if not ended.end.resumable or caller is None or info is None:
-            abort(request, flight.image_id, str(ended.error))
-            return response
-        invalid = state.cache.driver.layout.invalid_path(flight.image_id)
-        if wanted is None and await failed_elsewhere(flight, invalid, run):
-            why = f"the fill failed in another worker process ({ended.error})"
-            abort(request, flight.image_id, why)
-            return response
-        state.metrics.bypasses.labels("fill_failed").inc()
-        if wanted is None:
-            verifier = state.cache.writer(flight.image_id, info)  # never opened: verifies only
-            rest = rest_of_body(
-                flight, state.upstream, caller, verifier, run, state.metrics, ended.sent
-            )
-        else:
-            state.metrics.bytes_from_cache.inc(ended.sent)
-            rest = rest_of_range(
-                flight, state.upstream, caller, run, state.metrics, start, ended.offset, wanted.end
-            )
-        await send_rest(request, response, flight.image_id, rest)
-    return response
+    if state.settings.range_starts_fill:
+        joined = state.fills.current(image_id)
+        flight: Flight | None = await state.fills.join(image_id, info, caller)
+        assert flight is not None
+        if flight.kind is FlightKind.NONE and flight.reason != CACHED:
+            # Too large, no room, the cache's disk away: named as a whole download's bypass.
+            return await stream_through(request, state, info, caller, wanted, flight.reason)
+        started = joined is not flight and flight.kind is FlightKind.LOCAL
+    else:
+        flight = await state.fills.watch(image_id, info)
+        started = False
+    if flight is None:
+        return None  # shutting down
+    if flight.reason == CACHED:
+        return Served.RETRY  # committed meanwhile: a hit now
+    return await _follow_range(request, state, flight, etag, wanted, caller, started=started)
 
 
 async def _follow_range(
@@ -339,14 +268,19 @@ async def _follow_range(
     etag: str | None,
     wanted: ByteRange,
     caller: Caller,
+    *,
+    started: bool,
 ) -> web.StreamResponse | Served | None:
     """A range served from a fill in progress in this process; None to ask the origin instead.
 
-    Followed when the range starts at most ``RANGE_FOLLOW_AHEAD`` bytes past
-    what the fill has written: waiting for the fill to get there is cheaper
-    than a second upstream read. Bytes of a range are never verifiable on their
-    own (nor are the origin's); a range that ends with the image's last byte
-    waits, as a whole download does, until the fill is verified.
+    A range that starts past what the fill has written waits for it while the
+    fill's rate says it gets there within ``range_wait_limit`` seconds
+    (fill/frontier.py); otherwise it streams from the origin (``fwd=partial``,
+    bypass ``range_ahead``), its bytes read a second time. Waiting, it counts
+    as a reader: the fill is on demand and keeps its file open. Bytes of a
+    range are never verifiable on their own (nor are the origin's); a range
+    that ends with the image's last byte waits, as a whole download does,
+    until the fill is verified. ``started``: this range started the fill.
     """
     await flight.decided.wait()
     if (
@@ -354,43 +288,23 @@ async def _follow_range(
         or flight.done
         or flight.fd is None
         or flight.size is None
-        or wanted.start > flight.available + RANGE_FOLLOW_AHEAD
     ):
         return None
-    state.metrics.followers.inc()
-    status = cache_status(Outcome.COLLAPSED)
-    return await _follow(request, state, flight, etag, status, caller, wanted)
-
-
-async def _stream_through(
-    request: web.Request,
-    state: ServiceState,
-    info: ImageInfo,
-    caller: Caller,
-    wanted: ByteRange | None,
-    reason: str,
-) -> web.StreamResponse:
-    """Serve from the upstream without caching; a whole image is still verified."""
-    state.metrics.bypasses.labels(reason).inc()
-    etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
-    headers = data_headers(info.checksum, etag, cache_status(Outcome.BYPASS, reason))
-    response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
-    if wanted is not None:
-        response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
-        response.content_length = wanted.length
-    elif info.size is not None:
-        response.content_length = info.size
-    if request.method == "HEAD":
-        return response
-    start, end = (wanted.start, wanted.end) if wanted else (0, None)
-    verifier = state.cache.writer(info.image_id, info) if wanted is None else None
-    run = state.fills.run
-    stream = state.upstream.stream(info.image_id, caller, start, end)
-    ended = await send_growing(request, response, relay(stream, verifier, run, state.metrics))
-    if ended.error is None:
-        await complete(request, response)
-    elif not response.prepared:
-        raise ended.error
+    # Counted as it joins, as a whole download is: a range waiting on the fill
+    # shows in /metrics while it waits (one that then gives up on it is also a
+    # bypass, ``range_ahead``).
+    if started:
+        state.metrics.misses.inc()
+        status = cache_status(Outcome.STORED)
     else:
-        abort(request, info.image_id, str(ended.error))
-    return response
+        state.metrics.followers.inc()
+        status = cache_status(Outcome.COLLAPSED)
+    async with flight.reading():  # left with no await before the follow's own
+        reached = await frontier.reaches(flight, wanted.start, state.settings.range_wait_limit)
+    if not reached:
+        info = flight.info
+        assert info is not None, "a flight with a size has an info"
+        return await stream_through(
+            request, state, info, caller, wanted, "range_ahead", Outcome.PARTIAL
+        )
+    return await follow_flight(request, state, flight, etag, status, caller, wanted)
