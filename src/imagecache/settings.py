@@ -253,6 +253,18 @@ class Settings(BaseSettings):
     times more: there it made 1 GiB misses 1.43x faster (docs/service.md;
     docs/benchmarks-log.md, "Miss path work, part 5")."""
 
+    fill_segments: int = Field(default=1, ge=1, le=64)
+    """How many origin connections one fill of an `http`, `s3` or `glance` image may read at
+    once, each a `Range` of the image (fill/segments.py). 1 (the default): one connection,
+    as always. More is worth it where the origin limits each connection's rate (S3 and
+    Swift proxies, nginx `limit_rate`) below the link's; the bytes are still hashed and
+    handed to clients in order, and verified before the commit. Costs, while the fill
+    runs, a scratch file of up to the image's size beside it on the cache's disk."""
+    fill_segment_min_size: ByteSize = Field(default=64 * MiB, ge=1)
+    """The smallest segment of a segmented fill: images under twice this size, or of no
+    known size, are read over one connection; larger ones over at most `fill_segments`
+    connections of at least this many bytes each."""
+
     # --- the service ----------------------------------------------------------------
     bind_host: str = "127.0.0.1"
     """Address the service binds. Loopback by default: exposing a cache is an explicit

@@ -1,0 +1,177 @@
+"""Segmented fills (fill/segments.py): one image read over several ranged origin connections.
+
+The origin is the ``http_origin`` peer (a real aiohttp server on loopback) that
+answers ranges and counts requests and body bytes; the service is the real app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from imagecache.fill.hooks import NO_HOOKS, FillHooks
+from imagecache.fill.segments import plan
+from imagecache.server.app import create_app
+from imagecache.settings import MiB, Settings, load_settings
+from server_helpers import image_bytes, listdir, settled
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+# Four segments of 1 MiB at least: 0-1M, 1M-2M, 2M-3M and 3M to the end (1 MiB + 5).
+SIZE = 4 * MiB + 5
+DATA = image_bytes(SIZE, seed=15)
+SEGMENTED = {"fill_segments": 4, "fill_segment_min_size": MiB}
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], http_origin: Any
+) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
+    async def make(fill_hooks: FillHooks = NO_HOOKS, **overrides: Any) -> TestClient[Any, Any]:
+        settings = make_settings(upstream="http:" + http_origin.template, **overrides)
+        return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
+
+    return make
+
+
+def _gets(origin: Any) -> list[str | None]:
+    """The Range header of every body GET the origin had, in arrival order."""
+    return [headers.get("Range") for method, _, headers in origin.requests if method == "GET"]
+
+
+def test_plan_cuts_large_images_only() -> None:
+    settings = load_settings(None, **SEGMENTED)
+    assert plan(SIZE, settings) == [
+        (0, MiB),
+        (MiB, 2 * MiB),
+        (2 * MiB, 3 * MiB),
+        (3 * MiB, SIZE),
+    ]
+    # Under twice the smallest segment, or of no known size: one stream.
+    assert plan(2 * MiB - 1, settings) == [(0, None)]
+    assert plan(None, settings) == [(0, None)]
+    # No more segments than the smallest segment allows.
+    assert plan(3 * MiB, settings) == [(0, MiB), (MiB, 2 * MiB), (2 * MiB, 3 * MiB)]
+    assert plan(SIZE, load_settings(None)) == [(0, None)], "off by default"
+
+
+async def test_a_segmented_fill_reads_four_ranges_once_and_commits_verified(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    client = await make_client(**SEGMENTED)
+    async with client.get("/v2/images/img/file") as response:
+        assert response.status == 200
+        assert await response.read() == DATA
+    await settled(client)
+    assert sorted(r for r in _gets(http_origin) if r) == [
+        "bytes=0-1048575",
+        "bytes=1048576-2097151",
+        "bytes=2097152-3145727",
+        f"bytes=3145728-{SIZE - 1}",
+    ]
+    assert len(_gets(http_origin)) == 4
+    assert http_origin.bytes_sent("img") == SIZE, "each byte read from the origin once"
+    # Committed (verified against the origin's Content-MD5) and now a hit.
+    assert (cache_dir / "img").read_bytes() == DATA
+    assert listdir(cache_dir / "incomplete") == []
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == DATA
+    assert len(_gets(http_origin)) == 4
+
+
+async def test_followers_of_a_segmented_fill_get_the_exact_bytes(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    # Every body holds after its first 256 KiB until the clients are all in:
+    # the later segments are still being fetched while the followers join.
+    gate = http_origin.gate("img", after=256 * 1024)
+    client = await make_client(**SEGMENTED)
+    started = 0
+    everyone_streams = asyncio.Event()
+
+    async def download() -> bytes:
+        nonlocal started
+        async with client.get("/v2/images/img/file") as response:
+            first = await response.content.readany()
+            started += 1
+            if started == 6:
+                everyone_streams.set()
+            return first + await response.read()
+
+    tasks = [asyncio.create_task(download()) for _ in range(6)]
+    await asyncio.wait_for(everyone_streams.wait(), timeout=10)
+    await http_origin.wait_for_reads("img", 4)
+    gate.set()
+    assert await asyncio.gather(*tasks) == [DATA] * 6
+    assert len(_gets(http_origin)) == 4
+    assert http_origin.bytes_sent("img") == SIZE
+    await settled(client)
+    assert (cache_dir / "img").read_bytes() == DATA
+
+
+async def test_a_failing_segment_fails_the_fill_and_caches_nothing(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    from peers.origin import Fault
+
+    http_origin.add("img", DATA)
+    # Every body breaks after 1 MiB: segments 0-2 are whole, the last one (1 MiB + 5) is not.
+    http_origin.fail("img", Fault.RESET, after=MiB)
+    client = await make_client(upstream_resume_attempts=0, **SEGMENTED)
+    async with client.get("/v2/images/img/file") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert len(_gets(http_origin)) == 4
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "incomplete") == []
+    # Healthy again: the next request fills, segmented, and commits.
+    http_origin.fail("img", None)
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == DATA
+    await settled(client)
+    assert (cache_dir / "img").read_bytes() == DATA
+
+
+class _ChangeTheTail(FillHooks):
+    """Rewrites the origin's last MiB once the fill has the image's promised md5."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def deciding(self, image_id: str) -> None:
+        self.path.write_bytes(DATA[: SIZE - MiB] + image_bytes(MiB, seed=16))
+
+
+async def test_wrong_bytes_in_a_later_segment_fail_verification(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    client = await make_client(_ChangeTheTail(http_origin.root / "img"), **SEGMENTED)
+    async with client.get("/v2/images/img/file") as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert len(_gets(http_origin)) == 4
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "incomplete") == []
+    assert listdir(cache_dir / "invalid") == ["img"]
+
+
+async def test_one_segment_is_one_whole_get(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    client = await make_client(fill_segment_min_size=MiB)  # fill_segments = 1, the default
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == DATA
+    await settled(client)
+    assert _gets(http_origin) == [None]
+    assert (cache_dir / "img").read_bytes() == DATA
