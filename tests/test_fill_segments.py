@@ -7,6 +7,8 @@ answers ranges and counts requests and body bytes; the service is the real app.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.fill.segments import plan
 from imagecache.server.app import create_app
+from imagecache.server.state import STATE
 from imagecache.settings import MiB, Settings, load_settings
 from server_helpers import image_bytes, listdir, settled
 
@@ -38,6 +41,14 @@ def make_client(
         return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
 
     return make
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (a deadline, not a sleep standing in for sync)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 def _gets(origin: Any) -> list[str | None]:
@@ -136,6 +147,32 @@ async def test_a_failing_segment_fails_the_fill_and_caches_nothing(
     # Healthy again: the next request fills, segmented, and commits.
     http_origin.fail("img", None)
     async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == DATA
+    await settled(client)
+    assert (cache_dir / "img").read_bytes() == DATA
+
+
+async def test_the_fill_file_grows_only_as_a_contiguous_prefix(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    """Sibling processes follow a fill by its file's size: bytes ahead of a hole never show."""
+    http_origin.add("img", DATA)
+    held = 256 * 1024
+    gate = http_origin.gate("img", after=held)
+    client = await make_client(**SEGMENTED)
+    registry = client.app[STATE].metrics.registry
+
+    def read_from_origin() -> float:
+        return registry.get_sample_value("imagecache_bytes_from_upstream_total") or 0.0
+
+    async with client.get("/v2/images/img/file") as response:
+        # Counted once written: segment 0 to the fill's file, the others to the scratch file.
+        await until(lambda: read_from_origin() == 4 * held)
+        assert os.stat(cache_dir / "incomplete" / "img").st_size == held
+        flight = client.app[STATE].fills.current("img")
+        assert flight is not None
+        assert flight.available == held
+        gate.set()
         assert await response.read() == DATA
     await settled(client)
     assert (cache_dir / "img").read_bytes() == DATA
