@@ -202,6 +202,19 @@ async def test_wrong_bytes_in_a_later_segment_fail_verification(
     assert listdir(cache_dir / "invalid") == ["img"]
 
 
+async def test_an_image_without_a_promised_hash_is_one_stream(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    """Segments from two versions of a replaced image would be spliced unseen: not segmented."""
+    http_origin.add("img", DATA, content_md5=False)
+    client = await make_client(**SEGMENTED)
+    async with client.get("/v2/images/img/file") as response:
+        assert await response.read() == DATA
+    await settled(client)
+    assert _gets(http_origin) == [None]
+    assert (cache_dir / "img").read_bytes() == DATA
+
+
 async def test_one_segment_is_one_whole_get(
     make_client: Any, http_origin: Any, cache_dir: Path
 ) -> None:

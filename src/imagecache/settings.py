@@ -258,7 +258,9 @@ class Settings(BaseSettings):
     once, each a `Range` of the image (fill/segments.py). 1 (the default): one connection,
     as always. More is worth it where the origin limits each connection's rate (S3 and
     Swift proxies, nginx `limit_rate`) below the link's; the bytes are still hashed and
-    handed to clients in order, and verified before the commit. Costs, while the fill
+    handed to clients in order, and verified before the commit. Only images whose origin
+    promises a hash (Content-MD5, sidecars, Glance's checksums) are segmented, so that a
+    replaced image cannot be spliced from two versions unseen. Costs, while the fill
     runs, a scratch file of up to the image's size beside it on the cache's disk."""
     fill_segment_min_size: ByteSize = Field(default=64 * MiB, ge=1)
     """The smallest segment of a segmented fill: images under twice this size, or of no

@@ -309,7 +309,7 @@ class FillCoordinator:
         self.events.fill_started()
         outcome: FillOutcome = "failed"
         try:
-            spans = segments.plan(writer.expected_size, self.settings)  # fill/segments.py
+            spans = segments.plan_for(writer, self.settings)  # fill/segments.py
             one = len(spans) == 1  # a segmented fill reads its ranges with ``stream``
             source = await self.upstream.open_source(flight.image_id, caller) if one else None
             check = functools.partial(self._check_going, flight, writer, detached)

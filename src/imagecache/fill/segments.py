@@ -3,7 +3,8 @@
 Where an origin limits each connection (an S3 or Swift proxy, nginx's
 ``limit_rate``), a fill over one connection runs at that connection's rate
 however fast the link is. With ``fill_segments`` = N > 1 and an image whose
-size the origin promised of at least twice ``fill_segment_min_size``, the image
+size the origin promised, at least twice ``fill_segment_min_size``, and a hash
+(without one, two versions could be spliced unseen: ``plan_for``), the image
 is cut into N segments (at most one per ``fill_segment_min_size`` bytes, starting on
 64 KiB boundaries) and each is asked for with its own ranged
 ``Upstream.stream`` (which resumes a broken body itself, upstreams/resume.py):
@@ -59,6 +60,19 @@ from imagecache.upstreams.base import Caller, Upstream
 
 Span = tuple[int, int | None]
 ALIGN = 64 * 1024
+
+
+def plan_for(writer: FillWriter, settings: Settings) -> list[Span]:
+    """``plan`` for a fill: segmented only if the origin promised a hash of the image.
+
+    Each segment's resumes are checked against that segment's first answer
+    (upstreams/resume.py), but nothing ties one segment's answer to
+    another's: an image replaced at the origin between two segment requests
+    would be spliced. The promised hash is what catches that, so without one
+    the fill reads one stream, as before.
+    """
+    size = writer.expected_size if writer.expected_hash is not None else None
+    return plan(size, settings)
 
 
 def plan(size: int | None, settings: Settings) -> list[Span]:
@@ -145,7 +159,7 @@ async def copy_segments(
                     if segment.start + segment.written - writer.received <= 0:
                         await progress.wait()
                     continue
-                await run(_take, writer, scratch, ready)
+                await _settled(run(_take, writer, scratch, ready))
                 flight.advance(writer.received)
     finally:
         for helper in helpers:
