@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.fill.segments import plan
 from imagecache.server.app import create_app
+from imagecache.server.cache_api import WORKER
 from imagecache.server.state import STATE
 from imagecache.settings import MiB, Settings, load_settings
 from server_helpers import image_bytes, listdir, settled
@@ -213,6 +214,31 @@ async def test_an_image_without_a_promised_hash_is_one_stream(
     await settled(client)
     assert _gets(http_origin) == [None]
     assert (cache_dir / "img").read_bytes() == DATA
+
+
+async def test_a_background_segmented_fill_keeps_all_its_connections_within_the_cap(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    token = "s3cret-admin-token"
+    client = await make_client(
+        admin_token=token,
+        background_bandwidth="1MiB/s",
+        background_bandwidth_while_busy="1MiB/s",
+        **SEGMENTED,
+    )
+    registry = client.app[STATE].metrics.registry
+    started = time.monotonic()
+    async with client.put("/v2/cache/img", headers={"X-Auth-Token": token}) as response:
+        assert response.status == 202
+    await client.app[WORKER].join()
+    elapsed = time.monotonic() - started
+    assert (cache_dir / "img").read_bytes() == DATA
+    assert len(_gets(http_origin)) == 4
+    assert registry.get_sample_value("imagecache_background_bytes_total") == SIZE
+    # Four connections share the one bucket: 4 MiB at 1 MiB/s, less the burst
+    # and a chunk of overdraw per connection, is still more than 2 s.
+    assert elapsed >= 2.0, elapsed
 
 
 async def test_one_segment_is_one_whole_get(
