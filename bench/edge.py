@@ -45,7 +45,7 @@ Scenarios (``--scenarios``):
 - ``per-connection-limit``: the origin caps each connection at a quarter of
   the link (nginx ``limit_rate`` 6.25 MB/s = 50 Mbit/s). imagecache runs it
   with one connection per fill and, with ``--segments N`` (N > 1), again with
-  ``fill_segments = N`` (fill/segments.py; ``fill_segment_min_size`` 16 MiB, so
+  ``fill_segments = N`` (fill/segments.py; ``fill_segment_size`` 16 MiB, so
   images from 32 MiB are segmented): segmented vs not, side by side.
 
 Per round and subject: bytes over the link (relay, origin->edge), time until
@@ -301,7 +301,7 @@ def start_subject(
         config = work / "imagecache.toml"
         text = "" if glance else "http_checksum_sidecar = true\n"
         if segments > 1:
-            text += f"fill_segments = {segments}\nfill_segment_min_size = {16 * er.MIB}\n"
+            text += f"fill_segments = {segments}\nfill_segment_size = {16 * er.MIB}\n"
         config.write_text(text)
         spec = f"glance:{upstream}" if glance else f"http:{upstream}/{{image_id}}"
         with Imagecache(

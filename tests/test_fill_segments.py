@@ -27,10 +27,10 @@ from imagecache.settings import MiB, Settings, load_settings
 from server_helpers import image_bytes, listdir, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
-# Four segments of 1 MiB at least: 0-1M, 1M-2M, 2M-3M and 3M to the end (1 MiB + 5).
-SIZE = 4 * MiB + 5
+# Eight segments of 1 MiB (the last 5 bytes short), over four connections.
+SIZE = 8 * MiB - 5
 DATA = image_bytes(SIZE, seed=15)
-SEGMENTED = {"fill_segments": 4, "fill_segment_min_size": MiB}
+SEGMENTED = {"fill_segments": 4, "fill_segment_size": MiB}
 
 
 @pytest.fixture
@@ -59,43 +59,48 @@ def _gets(origin: Any) -> list[str | None]:
 
 def test_plan_cuts_large_images_only() -> None:
     settings = load_settings(None, **SEGMENTED)
-    assert plan(SIZE, settings) == [
-        (0, MiB),
-        (MiB, 2 * MiB),
-        (2 * MiB, 3 * MiB),
-        (3 * MiB, SIZE),
-    ]
-    # Under twice the smallest segment, or of no known size: one stream.
-    assert plan(2 * MiB - 1, settings) == [(0, None)]
-    assert plan(None, settings) == [(0, None)]
-    # No more segments than the smallest segment allows.
-    assert plan(3 * MiB, settings) == [(0, MiB), (MiB, 2 * MiB), (2 * MiB, 3 * MiB)]
-    assert plan(SIZE, load_settings(None)) == [(0, None)], "off by default"
+    assert plan(SIZE, settings).spans == [(i * MiB, min((i + 1) * MiB, SIZE)) for i in range(8)]
+    assert plan(SIZE, settings).connections == 4
+    # Under twice a segment, or of no known size: one stream.
+    assert plan(2 * MiB - 1, settings).spans == [(0, None)]
+    assert plan(None, settings).single
+    assert plan(SIZE, load_settings(None)).single, "off by default"
 
 
-async def test_a_segmented_fill_reads_four_ranges_once_and_commits_verified(
+async def test_a_segmented_fill_reads_each_range_once_four_at_a_time_and_commits_verified(
     make_client: Any, http_origin: Any, cache_dir: Path
 ) -> None:
     http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=0)
     client = await make_client(**SEGMENTED)
-    async with client.get("/v2/images/img/file") as response:
-        assert response.status == 200
-        assert await response.read() == DATA
-    await settled(client)
-    assert sorted(r for r in _gets(http_origin) if r) == [
+
+    async def download() -> bytes:
+        async with client.get("/v2/images/img/file") as response:
+            assert response.status == 200
+            return await response.read()
+
+    task = asyncio.create_task(download())
+    # Four connections, each holding a segment at the gate: no fifth is asked for.
+    await http_origin.wait_for_reads("img", 4)
+    assert sorted(_gets(http_origin), key=str) == [
         "bytes=0-1048575",
         "bytes=1048576-2097151",
         "bytes=2097152-3145727",
-        f"bytes=3145728-{SIZE - 1}",
+        "bytes=3145728-4194303",
     ]
-    assert len(_gets(http_origin)) == 4
+    gate.set()
+    assert await task == DATA
+    await settled(client)
+    assert sorted(_gets(http_origin), key=str) == sorted(
+        [f"bytes={i * MiB}-{min((i + 1) * MiB, SIZE) - 1}" for i in range(8)]
+    )
     assert http_origin.bytes_sent("img") == SIZE, "each byte read from the origin once"
     # Committed (verified against the origin's Content-MD5) and now a hit.
     assert (cache_dir / "img").read_bytes() == DATA
     assert listdir(cache_dir / "incomplete") == []
     async with client.get("/v2/images/img/file") as response:
         assert await response.read() == DATA
-    assert len(_gets(http_origin)) == 4
+    assert len(_gets(http_origin)) == 8
 
 
 async def test_followers_of_a_segmented_fill_get_the_exact_bytes(
@@ -123,7 +128,7 @@ async def test_followers_of_a_segmented_fill_get_the_exact_bytes(
     await http_origin.wait_for_reads("img", 4)
     gate.set()
     assert await asyncio.gather(*tasks) == [DATA] * 6
-    assert len(_gets(http_origin)) == 4
+    assert len(_gets(http_origin)) == 8
     assert http_origin.bytes_sent("img") == SIZE
     await settled(client)
     assert (cache_dir / "img").read_bytes() == DATA
@@ -135,14 +140,14 @@ async def test_a_failing_segment_fails_the_fill_and_caches_nothing(
     from peers.origin import Fault
 
     http_origin.add("img", DATA)
-    # Every body breaks after 1 MiB: segments 0-2 are whole, the last one (1 MiB + 5) is not.
-    http_origin.fail("img", Fault.RESET, after=MiB)
+    # The sixth segment breaks after 1000 bytes; the others are whole.
+    http_origin.fail("img", Fault.RESET, after=1000, start=5 * MiB)
     client = await make_client(upstream_resume_attempts=0, **SEGMENTED)
     async with client.get("/v2/images/img/file") as response:
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
-    assert len(_gets(http_origin)) == 4
+    assert f"bytes={5 * MiB}-{6 * MiB - 1}" in _gets(http_origin)
     assert not (cache_dir / "img").exists()
     assert listdir(cache_dir / "incomplete") == []
     # Healthy again: the next request fills, segmented, and commits.
@@ -197,7 +202,7 @@ async def test_wrong_bytes_in_a_later_segment_fail_verification(
     async with client.get("/v2/images/img/file") as response:
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
-    assert len(_gets(http_origin)) == 4
+    assert len(_gets(http_origin)) == 8
     assert not (cache_dir / "img").exists()
     assert listdir(cache_dir / "incomplete") == []
     assert listdir(cache_dir / "invalid") == ["img"]
@@ -223,8 +228,8 @@ async def test_a_background_segmented_fill_keeps_all_its_connections_within_the_
     token = "s3cret-admin-token"
     client = await make_client(
         admin_token=token,
-        background_bandwidth="1MiB/s",
-        background_bandwidth_while_busy="1MiB/s",
+        background_bandwidth="2MiB/s",
+        background_bandwidth_while_busy="2MiB/s",
         **SEGMENTED,
     )
     registry = client.app[STATE].metrics.registry
@@ -234,10 +239,10 @@ async def test_a_background_segmented_fill_keeps_all_its_connections_within_the_
     await client.app[WORKER].join()
     elapsed = time.monotonic() - started
     assert (cache_dir / "img").read_bytes() == DATA
-    assert len(_gets(http_origin)) == 4
+    assert len(_gets(http_origin)) == 8
     assert registry.get_sample_value("imagecache_background_bytes_total") == SIZE
-    # Four connections share the one bucket: 4 MiB at 1 MiB/s, less the burst
-    # and a chunk of overdraw per connection, is still more than 2 s.
+    # Four connections share the one bucket: 8 MiB at 2 MiB/s, less the burst
+    # (1 MiB) and a chunk of overdraw per connection, is still more than 2 s.
     assert elapsed >= 2.0, elapsed
 
 
@@ -245,7 +250,7 @@ async def test_one_segment_is_one_whole_get(
     make_client: Any, http_origin: Any, cache_dir: Path
 ) -> None:
     http_origin.add("img", DATA)
-    client = await make_client(fill_segment_min_size=MiB)  # fill_segments = 1, the default
+    client = await make_client(fill_segment_size=MiB)  # fill_segments = 1, the default
     async with client.get("/v2/images/img/file") as response:
         assert await response.read() == DATA
     await settled(client)

@@ -262,10 +262,12 @@ class Settings(BaseSettings):
     promises a hash (Content-MD5, sidecars, Glance's checksums) are segmented, so that a
     replaced image cannot be spliced from two versions unseen. Costs, while the fill
     runs, a scratch file of up to the image's size beside it on the cache's disk."""
-    fill_segment_min_size: ByteSize = Field(default=64 * MiB, ge=1)
-    """The smallest segment of a segmented fill: images under twice this size, or of no
-    known size, are read over one connection; larger ones over at most `fill_segments`
-    connections of at least this many bytes each."""
+    fill_segment_size: ByteSize = Field(default=32 * MiB, ge=64 * 1024)
+    """The pieces a segmented fill cuts an image into, each one `Range` request, taken in
+    order by its `fill_segments` connections (rounded down to a multiple of 64 KiB).
+    Images under twice this size, or of no known size, are read over one connection.
+    Smaller pieces keep the fill's hash closer behind its connections; each piece costs
+    a request (a round trip to the origin)."""
 
     # --- the service ----------------------------------------------------------------
     bind_host: str = "127.0.0.1"

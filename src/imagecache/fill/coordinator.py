@@ -309,13 +309,13 @@ class FillCoordinator:
         self.events.fill_started()
         outcome: FillOutcome = "failed"
         try:
-            spans = segments.plan_for(writer, self.settings)  # fill/segments.py
-            one = len(spans) == 1  # a segmented fill reads its ranges with ``stream``
+            plan = segments.plan_for(writer, self.settings)  # fill/segments.py
+            one = plan.single  # a segmented fill reads its ranges with ``stream``
             source = await self.upstream.open_source(flight.image_id, caller) if one else None
             check = functools.partial(self._check_going, flight, writer, detached)
             throttle = self.precedence.throttle(flight)
             if source is None:
-                args = (self.upstream, caller, spans, self.run, self.events, check, throttle)
+                args = (self.upstream, caller, plan, self.run, self.events, check, throttle)
                 await segments.copy_segments(flight, writer, *args)
             else:
                 await pump(flight, writer, source, self.events, check, throttle)

@@ -3,30 +3,39 @@
 Where an origin limits each connection (an S3 or Swift proxy, nginx's
 ``limit_rate``), a fill over one connection runs at that connection's rate
 however fast the link is. With ``fill_segments`` = N > 1 and an image whose
-size the origin promised, at least twice ``fill_segment_min_size``, and a hash
+size the origin promised, at least twice ``fill_segment_size``, and a hash
 (without one, two versions could be spliced unseen: ``plan_for``), the image
-is cut into N segments (at most one per ``fill_segment_min_size`` bytes, starting on
-64 KiB boundaries) and each is asked for with its own ranged
+is cut into segments of ``fill_segment_size`` (starting on 64 KiB boundaries)
+read over N connections at a time, each segment one ranged
 ``Upstream.stream`` (which resumes a broken body itself, upstreams/resume.py):
 
 - segment 0 goes through the writer as a whole-image fill does (``copy_stream``:
   written in order, hashed by the hash thread, followers told at every chunk);
-- segments 1..N-1 are fetched by helper tasks at the same time, one chunk held
-  in memory per helper, written at their offsets into a *scratch file*: an
-  unnamed file (``O_TMPFILE``) beside the fill's ``incomplete/<id>``;
+- the other segments are taken in order by N-1 helper tasks (N once segment 0
+  is in), one chunk held in memory per helper, and written at their offsets
+  into a *scratch file*: an unnamed file (``O_TMPFILE``) beside the fill's
+  ``incomplete/<id>``;
 - when the writer's position reaches a segment, it takes that segment's bytes
   from the scratch file in order (a kernel copy into the fill's file, hashed
-  from the page cache: ``FillWriter.copy_from``), as far as the helper has got,
-  waiting for it when it is behind.
+  from the page cache: ``FillWriter.copy_from``), as far as its helper has
+  got, waiting for the helper when it is behind.
+
+Many segments of a bounded size, taken in order, rather than N equal parts:
+the writer then trails the N segments being fetched instead of finding N-1
+parts of the image to copy and hash only once the first part is in, and a
+connection that runs slower than the others holds up one segment, not a
+quarter of the image. On the WAN rig (bench/edge.py, a quarter-link limit per
+connection) 4 equal parts left 2.5 s of copying and hashing after the last
+byte had arrived (0.80 of the link); see docs/benchmarks-log.md.
 
 So the fill's file only ever grows as a contiguous, hashed-in-order prefix.
 That is why the helpers do not write into the fill's own file at their
 offsets: readers in sibling processes follow a fill by its file's size
 (fill/remote.py), and a file written ahead would show them holes as image
-bytes. The cost is a second write of segments 1..N-1 (in the page cache, and a
-kernel copy) and, for the fill's duration, up to (N-1)/N of the image in the
-scratch file on the same disk, not counted by the capacity reservation; the
-file has no name, so a crash leaves nothing behind.
+bytes. The cost is a second write of the later segments (in the page cache,
+and a kernel copy) and, for the fill's duration, up to the image's size in
+the scratch file on the same disk, not counted by the capacity reservation;
+the file has no name, so a crash leaves nothing behind.
 
 Everything else is a fill's as before: the fill lock on ``incomplete/<id>`` is
 taken before any segment starts (one fill per image across processes), the
@@ -62,7 +71,20 @@ Span = tuple[int, int | None]
 ALIGN = 64 * 1024
 
 
-def plan_for(writer: FillWriter, settings: Settings) -> list[Span]:
+@dataclass(frozen=True)
+class Plan:
+    """How a fill reads its image: these ``[start, end)`` spans, over this many connections."""
+
+    spans: list[Span]
+    connections: int
+
+    @property
+    def single(self) -> bool:
+        """One whole-image stream: not segmented."""
+        return len(self.spans) == 1
+
+
+def plan_for(writer: FillWriter, settings: Settings) -> Plan:
     """``plan`` for a fill: segmented only if the origin promised a hash of the image.
 
     Each segment's resumes are checked against that segment's first answer
@@ -75,15 +97,14 @@ def plan_for(writer: FillWriter, settings: Settings) -> list[Span]:
     return plan(size, settings)
 
 
-def plan(size: int | None, settings: Settings) -> list[Span]:
-    """The ``[start, end)`` segments to read an image of ``size`` in; one span: not segmented."""
-    wanted, least = settings.fill_segments, settings.fill_segment_min_size
-    if wanted <= 1 or size is None or least <= 0 or size < 2 * least:
-        return [(0, None)]
-    count = min(wanted, size // least)
+def plan(size: int | None, settings: Settings) -> Plan:
+    """The segments to read an image of ``size`` in; one span: not segmented."""
+    step = max(ALIGN, settings.fill_segment_size // ALIGN * ALIGN)
+    if settings.fill_segments <= 1 or size is None or size < 2 * settings.fill_segment_size:
+        return Plan([(0, None)], 1)
     # Starts on ALIGN boundaries: page-aligned kernel copies and mappings.
-    starts = sorted({i * size // count // ALIGN * ALIGN for i in range(count)})
-    return list(itertools.pairwise([*starts, size]))
+    spans: list[Span] = list(itertools.pairwise([*range(0, size, step), size]))
+    return Plan(spans, settings.fill_segments)
 
 
 @dataclass
@@ -100,14 +121,15 @@ async def copy_segments(
     writer: FillWriter,
     upstream: Upstream,
     caller: Caller,
-    spans: list[Span],
+    plan: Plan,
     run: Run,
     events: FillEvents,
     check: Callable[[], None],
     throttle: Throttle | None = None,
 ) -> None:
-    """Fill ``writer`` from ``upstream`` in ``spans`` (``plan``); one span is a plain stream."""
-    if len(spans) == 1:
+    """Fill ``writer`` from ``upstream`` as ``plan`` says; one span is a plain stream."""
+    spans = plan.spans
+    if plan.single:
         start, end = spans[0]
         stream = upstream.stream(flight.image_id, caller, start, end)
         await copy_stream(flight, writer, stream, run, events, check, throttle)
@@ -118,6 +140,8 @@ async def copy_segments(
     scratch = await run(writer.scratch_file)
     assert isinstance(scratch, int)
     progress = asyncio.Event()
+    # Shared by the helpers: each takes the next segment nobody has taken.
+    pending = iter(segments)
 
     def going() -> None:
         check()
@@ -125,9 +149,9 @@ async def copy_segments(
             if segment.error is not None:
                 raise segment.error
 
-    helpers = [
-        asyncio.create_task(
-            _fetch(
+    async def take_segments() -> None:
+        for segment in pending:
+            await _fetch(
                 flight.image_id,
                 segment,
                 upstream,
@@ -138,18 +162,26 @@ async def copy_segments(
                 check,
                 throttle,
                 progress,
-            ),
-            name=f"fill {flight.image_id} segment {segment.start}",
+            )
+            if segment.error is not None:
+                return
+
+    def start_helper() -> None:
+        helpers.append(
+            asyncio.create_task(take_segments(), name=f"fill {flight.image_id} segments")
         )
-        for segment in segments
-    ]
+
+    helpers: list[asyncio.Task[None]] = []
     try:
+        for _ in range(min(plan.connections, len(plan.spans)) - 1):
+            start_helper()
         stream = upstream.stream(flight.image_id, caller, 0, first_end)
         await copy_stream(flight, writer, stream, run, events, going, throttle)
         if writer.received != first_end:
             raise UpstreamError(
                 f"segment 0 of {flight.image_id!r} ended at byte {writer.received}, not {first_end}"
             )
+        start_helper()  # segment 0's connection is free
         for segment in segments:
             while writer.received < segment.end:
                 going()
