@@ -7,6 +7,7 @@ answers ranges and counts requests and body bytes; the service is the real app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,17 @@ async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+def _open_under(directory: Path) -> list[str]:
+    """What this process's open descriptors name under ``directory``."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)):
+                names.append(target)
+    return names
 
 
 def _gets(origin: Any) -> list[str | None]:
@@ -244,6 +256,34 @@ async def test_a_background_segmented_fill_keeps_all_its_connections_within_the_
     # Four connections share the one bucket: 8 MiB at 2 MiB/s, less the burst
     # (1 MiB) and a chunk of overdraw per connection, is still more than 2 s.
     assert elapsed >= 2.0, elapsed
+
+
+async def test_shutdown_rolls_back_a_segmented_fill_and_releases_its_files(
+    make_client: Any, http_origin: Any, cache_dir: Path
+) -> None:
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=256 * 1024)  # every connection stalls
+    client = await make_client(upstream_timeout=60, **SEGMENTED)
+    try:
+        response = await client.get("/v2/images/img/file")
+        assert response.status == 200
+        await http_origin.wait_for_reads("img", 4)
+        flight = client.app[STATE].fills.current("img")
+        assert flight is not None
+        await until(lambda: flight.available >= 256 * 1024)
+        await asyncio.wait_for(client.app[STATE].fills.shutdown(0.01), timeout=10)
+        assert flight.state.value == "failed"
+        assert listdir(cache_dir / "incomplete") == []
+        assert listdir(cache_dir / "invalid") == ["img"]
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+        response.release()
+    finally:
+        gate.set()
+    # No descriptor of the fill's files is left open: the scratch file (unnamed, in
+    # incomplete/), the fill's own, the readers'.
+    assert _open_under(cache_dir / "incomplete") == []
+    assert _open_under(cache_dir / "invalid") == []
 
 
 async def test_one_segment_is_one_whole_get(
