@@ -25,7 +25,7 @@ from imagecache.server.app import create_app
 from imagecache.server.cache_api import WORKER
 from imagecache.server.state import STATE
 from imagecache.settings import MiB, Settings, load_settings
-from server_helpers import image_bytes, listdir, settled
+from server_helpers import ServeProcess, image_bytes, listdir, poll, settled, start_serve
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 # Eight segments of 1 MiB (the last 5 bytes short), over four connections.
@@ -284,6 +284,44 @@ async def test_shutdown_rolls_back_a_segmented_fill_and_releases_its_files(
     # incomplete/), the fill's own, the readers'.
     assert _open_under(cache_dir / "incomplete") == []
     assert _open_under(cache_dir / "invalid") == []
+
+
+async def test_a_follower_in_another_process_gets_the_exact_bytes(
+    http_origin: Any, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    """Sibling processes follow the fill by its file's size: they must never read a hole."""
+    cache_dir = tmp_path / "cache"
+    http_origin.add("img", DATA)
+    held = 256 * 1024
+    gate = http_origin.gate("img", after=held)
+    upstream = "http:" + http_origin.template
+    env = {"IMAGECACHE_FILL_SEGMENTS": "4", "IMAGECACHE_FILL_SEGMENT_SIZE": str(MiB)}
+    servers.append(await start_serve(cache_dir, upstream, env=env))
+    servers.append(await start_serve(cache_dir, upstream, env=env))
+
+    async def download(session: aiohttp.ClientSession, url: str, started: asyncio.Event) -> bytes:
+        async with session.get(url + "/v2/images/img/file") as response:
+            assert response.status == 200
+            first = await response.content.readany()
+            started.set()
+            return first + await response.read()
+
+    async with aiohttp.ClientSession() as session:
+        started = [asyncio.Event(), asyncio.Event()]
+        writer = asyncio.create_task(download(session, servers[0].url, started[0]))
+        await http_origin.wait_for_reads("img", 4, within=20)
+        follower = asyncio.create_task(download(session, servers[1].url, started[1]))
+        await asyncio.wait_for(started[1].wait(), timeout=20)
+        assert os.stat(cache_dir / "incomplete" / "img").st_size == held
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(writer, follower), 60) == [DATA, DATA]
+    assert len(_gets(http_origin)) == 8, "one segmented fill for both processes"
+
+    async def committed() -> bool:
+        return (cache_dir / "img").exists()
+
+    await poll(committed, "the fill of img is committed")
+    assert (cache_dir / "img").read_bytes() == DATA
 
 
 async def test_one_segment_is_one_whole_get(
