@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.fill.segments import plan
+from imagecache.fill.writer import FillWriter
 from imagecache.server.app import create_app
 from imagecache.server.cache_api import WORKER
 from imagecache.server.state import STATE
@@ -322,6 +323,34 @@ async def test_a_follower_in_another_process_gets_the_exact_bytes(
 
     await poll(committed, "the fill of img is committed")
     assert (cache_dir / "img").read_bytes() == DATA
+
+
+async def test_a_full_disk_under_the_scratch_file_leaves_clients_their_bytes(
+    make_client: Any, http_origin: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scratch file is the cache's disk: its failure costs the cache copy, not the download.
+
+    Its descriptor is pointed at /dev/full (no small filesystem can be mounted
+    here to fill up): every segment written to it meets a real ENOSPC.
+    """
+    scratch_file = FillWriter.scratch_file
+
+    def full_scratch(self: FillWriter) -> int:
+        fd = scratch_file(self)
+        full = os.open("/dev/full", os.O_RDWR)
+        os.dup2(full, fd)
+        os.close(full)
+        return fd
+
+    monkeypatch.setattr(FillWriter, "scratch_file", full_scratch)
+    http_origin.add("img", DATA)
+    client = await make_client(**SEGMENTED)
+    async with client.get("/v2/images/img/file") as response:
+        assert response.status == 200
+        assert await response.read() == DATA
+    assert not (cache_dir / "img").exists()
+    assert listdir(cache_dir / "incomplete") == []
+    assert listdir(cache_dir / "invalid") == ["img"]
 
 
 async def test_one_segment_is_one_whole_get(

@@ -55,17 +55,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from imagecache.errors import UpstreamError
+from imagecache.errors import CacheStoreError, UpstreamError
 from imagecache.fill.events import FillEvents
 from imagecache.fill.flight import Flight
 from imagecache.fill.pump import Run, Throttle, aclose, copy_stream, wait_async
 from imagecache.fill.writer import FillWriter
 from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
+
+log = logging.getLogger(__name__)
 
 Span = tuple[int, int | None]
 ALIGN = 64 * 1024
@@ -137,7 +140,16 @@ async def copy_segments(
     first_end = spans[0][1]
     assert first_end is not None
     segments = [_Segment(start, end) for start, end in spans[1:] if end is not None]
-    scratch = await run(writer.scratch_file)
+    try:
+        scratch = await run(writer.scratch_file)
+    except OSError as exc:
+        # A disk that cannot take the scratch file may still take the fill.
+        log.warning(
+            "no scratch file for %s (%s); filling it over one connection", flight.image_id, exc
+        )
+        single = Plan([(0, None)], 1)
+        await copy_segments(flight, writer, upstream, caller, single, run, events, check, throttle)
+        return
     assert isinstance(scratch, int)
     progress = asyncio.Event()
     # Shared by the helpers: each takes the next segment nobody has taken.
@@ -202,17 +214,29 @@ async def copy_segments(
 
 
 def _take(writer: FillWriter, scratch: int, ready: int) -> None:
-    """In a thread: move up to ``ready`` bytes at the writer's position from ``scratch``."""
+    """In a thread: move up to ``ready`` bytes at the writer's position from ``scratch``.
+
+    A failure of the scratch file is one of the cache's disk (``CacheStoreError``):
+    the fill's readers then finish from the origin, as with a full disk.
+    """
     offset = writer.received
 
     def copy_into(fd: int, count: int) -> int:
         return os.copy_file_range(scratch, fd, min(count, ready), offset)
 
     def readinto(buffer: memoryview) -> int:
-        return os.preadv(scratch, [buffer[:ready]], offset)
+        try:
+            return os.preadv(scratch, [buffer[:ready]], offset)
+        except OSError as exc:
+            raise CacheStoreError(
+                f"reading the scratch file of {writer.image_id!r}: {exc}"
+            ) from exc
 
-    if writer.copy_from(copy_into) is None:
-        writer.write_from(readinto)
+    moved = writer.copy_from(copy_into)
+    if moved is None:
+        moved = writer.write_from(readinto)
+    if not moved:
+        raise CacheStoreError(f"the scratch file of {writer.image_id!r} ended at byte {offset}")
 
 
 async def _fetch(
@@ -279,6 +303,9 @@ async def _settled(pending: Awaitable[object]) -> None:
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    except OSError as exc:  # the cache's disk, not the origin: see ``_take``
+        raise CacheStoreError(f"writing a segment to the scratch file: {exc}") from exc
