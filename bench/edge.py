@@ -43,9 +43,10 @@ Scenarios (``--scenarios``):
 - ``storm-reset``: the same, and the relay resets the first connection that
   carries half the image (``reset_after(size / 2, times=1)``);
 - ``per-connection-limit``: the origin caps each connection at a quarter of
-  the link (nginx ``limit_rate`` 6.25 MB/s = 50 Mbit/s). imagecache has no
-  segmented fills yet (no setting, so no ``--segments`` flag): this measures
-  what one connection per fill reaches.
+  the link (nginx ``limit_rate`` 6.25 MB/s = 50 Mbit/s). imagecache runs it
+  with one connection per fill and, with ``--segments N`` (N > 1), again with
+  ``fill_segments = N`` (fill/segments.py; ``fill_segment_size`` 16 MiB, so
+  images from 32 MiB are segmented): segmented vs not, side by side.
 
 Per round and subject: bytes over the link (relay, origin->edge), time until
 the last client has the whole image and its sha256 checked, median and worst
@@ -287,13 +288,21 @@ def _nothing(image_id: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def start_subject(name: str, work: Path, upstream: str, size: int, workers: int) -> Iterator[Edge]:
-    """One edge subject in front of ``upstream`` (the relay's URL), stopped on leaving."""
+def start_subject(
+    name: str, work: Path, upstream: str, size: int, workers: int, segments: int = 1
+) -> Iterator[Edge]:
+    """One edge subject in front of ``upstream`` (the relay's URL), stopped on leaving.
+
+    ``segments``: imagecache's ``fill_segments`` (other subjects have no such thing).
+    """
     work.mkdir(parents=True, exist_ok=True)
     if name.startswith("imagecache"):
         glance = name == "imagecache-glance"
         config = work / "imagecache.toml"
-        config.write_text("" if glance else "http_checksum_sidecar = true\n")
+        text = "" if glance else "http_checksum_sidecar = true\n"
+        if segments > 1:
+            text += f"fill_segments = {segments}\nfill_segment_size = {16 * er.MIB}\n"
+        config.write_text(text)
         spec = f"glance:{upstream}" if glance else f"http:{upstream}/{{image_id}}"
         with Imagecache(
             work / "cache",
@@ -310,7 +319,9 @@ def start_subject(name: str, work: Path, upstream: str, size: int, workers: int)
                 return []
 
             kind = "glance" if glance else "http"
-            yield Edge(f"imagecache ({kind} upstream, {workers} workers)", ic.file_url, after)
+            split = f", {segments} segments" if segments > 1 else ""
+            label = f"imagecache ({kind} upstream, {workers} workers{split})"
+            yield Edge(label, ic.file_url, after)
     elif name == "nginx":
         with Nginx(work, proxy_to=upstream, proxy_cache=True, workers=workers) as web:
             yield Edge(
@@ -371,13 +382,13 @@ class Run:
 
 
 def one_subject(
-    run: Run, scenario: str, subject: str, origin: Origin, work: Path
+    run: Run, scenario: str, subject: str, origin: Origin, work: Path, segments: int = 1
 ) -> list[dict[str, object]]:
     """Start ``subject`` behind a fresh relay to ``origin``; ``run.rounds`` storms; stop it."""
     rows: list[dict[str, object]] = []
     with (
         relay_mod.RelayProcess(origin.target, delay=DELAY_S) as relay,
-        start_subject(subject, work, relay.url, run.size, run.workers) as edge,
+        start_subject(subject, work, relay.url, run.size, run.workers, segments) as edge,
     ):
         for index in range(run.rounds):
             image_id = origin.fresh()
@@ -414,7 +425,7 @@ def one_subject(
                 origin=counts,
                 notes=notes,
             )
-            row.update(label=edge.label, round=index + 1, origin=origin.name)
+            row.update(label=edge.label, round=index + 1, origin=origin.name, segments=segments)
             rows.append(row)
             print("    " + er.table([row])[-1], flush=True)
             for why, n in dict(row["failures"]).items():  # type: ignore[call-overload]
@@ -475,13 +486,17 @@ def storm(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     origin = origins["nginx-limited"]
                 else:
                     origin = origins["nginx"]
-                place = work / "subjects" / f"{scenario}-{subject}"
-                try:
-                    rows += one_subject(run, scenario, subject, origin, place)
-                except PeerError as exc:
-                    print(f"    {subject}: {exc}", flush=True)
-                    skipped[f"{scenario}/{subject}"] = str(exc)[-300:]
-                shutil.rmtree(place, ignore_errors=True)  # a cache of the image each
+                splits = [1]
+                if scenario == "per-connection-limit" and subject == "imagecache":
+                    splits += [args.segments] if args.segments > 1 else []
+                for segments in splits:
+                    place = work / "subjects" / f"{scenario}-{subject}-{segments}"
+                    try:
+                        rows += one_subject(run, scenario, subject, origin, place, segments)
+                    except PeerError as exc:
+                        print(f"    {subject}: {exc}", flush=True)
+                        skipped[f"{scenario}/{subject}/{segments}"] = str(exc)[-300:]
+                    shutil.rmtree(place, ignore_errors=True)  # a cache of the image each
     return dict(
         size_mib=args.size_mib,
         image_bytes=size,
@@ -505,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="of each edge subject")
     parser.add_argument("--only", default="all", help=f"subjects: {','.join(SUBJECTS)}")
     parser.add_argument("--scenarios", default="all", help=f"of {','.join(SCENARIOS)}")
+    parser.add_argument(
+        "--segments",
+        type=int,
+        default=1,
+        help="per-connection-limit: also run imagecache with fill_segments = N (N > 1)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory")
     args = parser.parse_args(argv)
@@ -515,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if not 1 <= args.clients <= 500 or not 1 <= args.rounds <= 20 or args.size_mib < 1:
         parser.error("--clients 1-500, --rounds 1-20, --size-mib ≥ 1")
+    if not 1 <= args.segments <= 64:
+        parser.error("--segments 1-64 (imagecache's fill_segments)")
     reason = wan.unavailable_reason()
     if reason is not None:
         print(f"WAN RIG UNAVAILABLE: {reason}", file=sys.stderr)

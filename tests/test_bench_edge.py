@@ -125,3 +125,30 @@ def test_names_are_chosen_from_the_allowed_ones() -> None:
         er.parse_names("a,zz", allowed, "subject")
     with pytest.raises(ValueError, match="unknown subject"):
         er.parse_names("", allowed, "subject")
+
+
+def test_the_per_connection_verdict_judges_segmented_rows_only() -> None:
+    def row(segments: int, seconds: float) -> dict[str, object]:
+        summary = er.summarise(
+            scenario="per-connection-limit",
+            subject="imagecache",
+            size=1000,
+            mbit=0.0016,  # 200 bytes/s: a 5 s bound
+            sha256=SHA,
+            clients=[_client(seconds)],
+            link_down=1000,
+            link_up=10,
+            wire_down=1000,
+            resets=0,
+            origin=er.OriginCounts(full_gets=1),
+        )
+        summary["segments"] = segments
+        return summary
+
+    one, four, slow = row(1, 20.0), row(4, 5.5), row(4, 10.0)
+    verdict = er.verdicts([one, four, slow], "imagecache")
+    assert verdict[0].startswith("per-connection-limit: one connection per fill reached")
+    assert "the baseline" in verdict[0]
+    assert verdict[1].startswith("per-connection-limit: 4 segments reached")
+    assert verdict[1].endswith("holds")
+    assert verdict[2].endswith("MISSED")

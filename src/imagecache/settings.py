@@ -253,6 +253,22 @@ class Settings(BaseSettings):
     times more: there it made 1 GiB misses 1.43x faster (docs/service.md;
     docs/benchmarks-log.md, "Miss path work, part 5")."""
 
+    fill_segments: int = Field(default=1, ge=1, le=64)
+    """How many origin connections one fill of an `http`, `s3` or `glance` image may read at
+    once, each a `Range` of the image (fill/segments.py). 1 (the default): one connection,
+    as always. More is worth it where the origin limits each connection's rate (S3 and
+    Swift proxies, nginx `limit_rate`) below the link's; the bytes are still hashed and
+    handed to clients in order, and verified before the commit. Only images whose origin
+    promises a hash (Content-MD5, sidecars, Glance's checksums) are segmented, so that a
+    replaced image cannot be spliced from two versions unseen. Costs, while the fill
+    runs, a scratch file of up to the image's size beside it on the cache's disk."""
+    fill_segment_size: ByteSize = Field(default=32 * MiB, ge=64 * 1024)
+    """The pieces a segmented fill cuts an image into, each one `Range` request, taken in
+    order by its `fill_segments` connections (rounded down to a multiple of 64 KiB).
+    Images under twice this size, or of no known size, are read over one connection.
+    Smaller pieces keep the fill's hash closer behind its connections; each piece costs
+    a request (a round trip to the origin)."""
+
     # --- the service ----------------------------------------------------------------
     bind_host: str = "127.0.0.1"
     """Address the service binds. Loopback by default: exposing a cache is an explicit

@@ -20,6 +20,8 @@ API (``origin = http_origin``)::
                                     # next GETs send 1000 body bytes, then a TCP reset
     origin.fail("img", Fault.SHORT, after=1000)
                                     # ... then a clean close: fewer bytes than Content-Length
+    origin.fail("img", Fault.RESET, after=10, start=4096)
+                                    # only bodies (ranges) starting at byte 4096 or later
     origin.fail("img", None)        # back to healthy
     gate = origin.gate("img", after=0)
                                     # GETs send headers + `after` body bytes, then wait
@@ -76,6 +78,8 @@ class OriginImage:
     chunked: bool = False
     fault: Fault | None = None
     fault_after: int = 0
+    # The fault breaks only bodies that start at or after this byte (ranges).
+    fault_from: int = 0
     gate: asyncio.Event | None = None
     gate_after: int = 0
     rate: float = 0.0  # body bytes per second per request; 0: as fast as the socket takes them
@@ -129,9 +133,9 @@ class Origin:
     def bytes_sent(self, name: str) -> int:
         return self.image(name).bytes_sent
 
-    def fail(self, name: str, fault: Fault | None, after: int = 0) -> None:
+    def fail(self, name: str, fault: Fault | None, after: int = 0, start: int = 0) -> None:
         state = self.image(name)
-        state.fault, state.fault_after = fault, after
+        state.fault, state.fault_after, state.fault_from = fault, after, start
 
     def gate(self, name: str, after: int = 0) -> asyncio.Event:
         state = self.image(name)
@@ -182,13 +186,19 @@ class Origin:
             await response.write_eof()
             return response
         state.body_reads += 1
-        await self._send(request, response, state, data[start:end])
+        await self._send(request, response, state, data[start:end], start)
         return response
 
     async def _send(
-        self, request: web.Request, response: web.StreamResponse, state: OriginImage, body: bytes
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        state: OriginImage,
+        body: bytes,
+        offset: int,
     ) -> None:
         sent = 0
+        fault = state.fault if offset >= state.fault_from else None
         began = time.monotonic()
         for chunk in _chunks(body, state):
             if state.gate is not None and sent >= state.gate_after:
@@ -198,12 +208,12 @@ class Origin:
                 ahead = began + sent / state.rate - time.monotonic()
                 if ahead > 0:
                     await asyncio.sleep(ahead)
-            if state.fault is not None and sent + len(chunk) > state.fault_after:
+            if fault is not None and sent + len(chunk) > state.fault_after:
                 chunk = chunk[: state.fault_after - sent]
                 if chunk:
                     await response.write(chunk)
                     state.bytes_sent += len(chunk)
-                _break_connection(request, response, state.fault)
+                _break_connection(request, response, fault)
                 return
             await response.write(chunk)
             sent += len(chunk)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import time
@@ -33,12 +34,12 @@ from imagecache.errors import (
     VerificationError,
     is_origin_failure,
 )
-from imagecache.fill import remote
+from imagecache.fill import remote, segments
 from imagecache.fill.busy import SUBDIR, Precedence
 from imagecache.fill.events import FillEvents, FillOutcome
 from imagecache.fill.flight import CACHED, COMMIT_WAIT, NO_FILL, Flight, FlightKind
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
-from imagecache.fill.pump import copy_stream, pump
+from imagecache.fill.pump import pump
 from imagecache.fill.writer import FillWriter
 from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
@@ -308,15 +309,14 @@ class FillCoordinator:
         self.events.fill_started()
         outcome: FillOutcome = "failed"
         try:
-            source = await self.upstream.open_source(flight.image_id, caller)
-
-            def check() -> None:
-                self._check_going(flight, writer, detached)
-
+            plan = segments.plan_for(writer, self.settings)  # fill/segments.py
+            one = plan.single  # a segmented fill reads its ranges with ``stream``
+            source = await self.upstream.open_source(flight.image_id, caller) if one else None
+            check = functools.partial(self._check_going, flight, writer, detached)
             throttle = self.precedence.throttle(flight)
             if source is None:
-                stream = self.upstream.stream(flight.image_id, caller)
-                await copy_stream(flight, writer, stream, self.run, self.events, check, throttle)
+                args = (self.upstream, caller, plan, self.run, self.events, check, throttle)
+                await segments.copy_segments(flight, writer, *args)
             else:
                 await pump(flight, writer, source, self.events, check, throttle)
             await self.run(writer.verify)

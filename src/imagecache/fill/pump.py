@@ -61,7 +61,7 @@ async def copy_stream(
     try:
         while True:
             if throttle is not None:
-                await _wait_async(throttle, run, events)
+                await wait_async(throttle, run, events)
             background = throttle is not None and throttle.applies()
             try:
                 chunk = await anext(stream)
@@ -186,7 +186,7 @@ async def pump(
     report()
 
 
-async def _wait_async(throttle: Throttle, run: Run, events: FillEvents) -> None:
+async def wait_async(throttle: Throttle, run: Run, events: FillEvents) -> None:
     if throttle.applies():
         await run(throttle.refresh)
     while (delay := throttle.pending()) > 0:

@@ -16,11 +16,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import queue
+import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from imagecache.errors import ImageBeingCached, ImageCacheError, VerificationError
+from imagecache.errors import (
+    CacheStoreError,
+    ImageBeingCached,
+    ImageCacheError,
+    VerificationError,
+)
 from imagecache.fill.hashing import HASH_BACKLOG, FileSpan, Hash, Hasher, choose_digest
 from imagecache.records import Chunk, ImageInfo
 
@@ -174,6 +181,23 @@ class FillWriter:
             raise VerificationError(self.image_id, "size", self.expected_size, self.received)
         hasher.submit(FileSpan(fd, offset, count))
         return count
+
+    def scratch_file(self) -> int:
+        """A read-write descriptor of a new unnamed file beside the cache copy (caller closes it).
+
+        For a segmented fill's later segments (fill/segments.py): on the cache
+        copy's filesystem, so ``copy_from`` moves its bytes in the kernel, and
+        without a name (``O_TMPFILE`` where the kernel has it), so nothing is
+        left behind by a crash.
+        """
+        if self._driver is None or self._target is None:
+            raise CacheStoreError(f"the fill of {self.image_id!r} has no cache copy")
+        directory = self._driver.layout.incomplete_path(self.image_id).parent
+        scratch = tempfile.TemporaryFile(dir=directory, buffering=0)  # noqa: SIM115 - the fd outlives it
+        try:
+            return os.dup(scratch.fileno())
+        finally:
+            scratch.close()
 
     def _end_hash(self, *, discard: bool = False) -> None:
         hasher, self._hasher = self._hasher, None
