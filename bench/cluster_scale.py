@@ -15,9 +15,10 @@ rows with absolute hit counts; never one statement per hit.
 Assumed per-node rates (the settings' defaults; printed with every run):
 
 - every ``node_heartbeat_interval`` = 5 s, sequentially as ``ClusterTasks.tick``
-  does: ``heartbeat`` (one UPDATE), ``list_nodes`` (all N rows: the service
-  does it at every beat to publish ``imagecache_cluster_nodes_live`` when
-  metrics are on; ``--no-list-nodes`` leaves it out), ``apply_deletions``,
+  does: ``heartbeat`` (one UPDATE), ``count_live_nodes`` (one row, for
+  ``imagecache_cluster_nodes_live``; ``--list-nodes`` lists all N rows
+  instead, as the service did before 2026-12-02, the N² term the first runs
+  found), ``apply_deletions``,
   then ``claim_preheat_items`` (``after_beat``: the preheat runner looks for
   this node's items; none are queued, so it finds none); the next beat is 5 s
   after this one ends;
@@ -129,6 +130,10 @@ class SimNode(CentralDriver):
         self.self_url = normalise_self_url(self.settings.worker_self_reference_url)
         self._beat_lock = threading.Lock()
         self._left = False
+        self._registered = False
+        # The write-behind state the database calls consult (outbox.py); no
+        # local mirror: the bench writes the hit batches itself (flush_hits).
+        self._init_write_behind()
         self.instance_id = node_instance_id(self.layout.base)
         self.engine = self._given_engine
         self.node_id = self._register()
@@ -271,11 +276,13 @@ class Cluster:
     # --- the per-node work ----------------------------------------------------------------
 
     def beat(self, node: NodeState) -> None:
-        """``ClusterTasks.tick``: heartbeat, list_nodes (metrics), apply_deletions."""
+        """``ClusterTasks.tick``: heartbeat, count_live_nodes (metrics), apply_deletions."""
         try:
             node.driver.heartbeat()
-            if not self.args.no_list_nodes:
+            if self.args.list_nodes:
                 node.driver.list_nodes()
+            else:
+                node.driver.count_live_nodes()
             for image_id in node.driver.apply_deletions():
                 with node.lock:
                     node.held.pop(image_id, None)
@@ -792,7 +799,7 @@ def assumed_rates(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "heartbeat_interval_s": args.heartbeat_interval,
         "per_beat": ["heartbeat"]
-        + ([] if args.no_list_nodes else ["list_nodes"])
+        + (["list_nodes"] if args.list_nodes else ["count_live_nodes"])
         + ["apply_deletions", "claim_preheat_items"],
         "node_dead_after_s": SETTINGS_DEFAULTS.node_dead_after,
         "hit_flush_interval_s": args.hit_flush_interval,
@@ -840,7 +847,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=200, help="images in the catalogue")
     p.add_argument("--held", type=int, default=10, help="images each node holds at the start")
     p.add_argument("--probe-interval", type=float, default=0.05, help="seconds between lookups")
-    p.add_argument("--no-list-nodes", action="store_true", help="leave list_nodes out of beats")
+    p.add_argument(
+        "--list-nodes",
+        action="store_true",
+        help="list every node at each beat (the service before it counted them)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5432)
     p.add_argument("--admin-db", default="postgres", help="database to CREATE/DROP from")
@@ -851,8 +862,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("imagecache").setLevel(logging.ERROR)  # deletions log per node
     counts = [int(v) for v in args.nodes.split(",") if v.strip()]
     report: dict[str, Any] = {
         "bench": "cluster_scale",
@@ -880,4 +889,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # Here, not in main(): tests call main() in their own process, and a logger
+    # level set there silenced imagecache's warnings for every later test.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("imagecache").setLevel(logging.ERROR)  # deletions log per node
     main(sys.argv[1:])

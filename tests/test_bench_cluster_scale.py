@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +45,7 @@ def test_two_nodes_for_two_seconds(tmp_path: Path) -> None:
     require_postgres()
     bench = load_bench()
     out = tmp_path / "scale.json"
+    level = logging.getLogger("imagecache").level
     report = bench.main(
         [
             "--nodes",
@@ -67,10 +69,13 @@ def test_two_nodes_for_two_seconds(tmp_path: Path) -> None:
         ]
     )
     assert json.loads(out.read_text()) == report
+    # Run in the test process: it must leave logging as it found it (a level
+    # set here once silenced imagecache's warnings for every later test).
+    assert logging.getLogger("imagecache").level == level
     assert report["assumed_per_node"]["heartbeat_interval_s"] == 0.5
     assert report["assumed_per_node"]["per_beat"] == [
         "heartbeat",
-        "list_nodes",
+        "count_live_nodes",
         "apply_deletions",
         "claim_preheat_items",
     ]
