@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import subprocess
@@ -86,6 +87,45 @@ async def test_a_span_the_file_holds_is_sent_whole(aiohttp_server: Any, tmp_path
             assert await response.read() == data[1000:]
     finally:
         handle.close()
+
+
+async def test_a_span_for_a_client_already_leaving_is_a_connection_error(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A closing transport is a client that left (ConnectionError), not asyncio's RuntimeError.
+
+    server/disconnects.py turns a ConnectionError of a departed client into one
+    quiet log line; the RuntimeError("Transport is closing") that asyncio's
+    sendfile raises went out as a 500 and a traceback (seen in CI: a follower's
+    client left between two spans of a growing file).
+    """
+    path = tmp_path / "leaving"
+    path.write_bytes(bytes(SIZE))
+    handle = path.open("rb")
+    raised: list[BaseException] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(SIZE)})
+        await response.prepare(request)
+        assert request.transport is not None
+        request.transport.close()  # the client's side is going: closing, not yet gone
+        try:
+            await send_file_span(request, response, handle, 0, SIZE)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+        return response
+
+    server = await _serve(aiohttp_server, handler)
+    try:
+        async with aiohttp.ClientSession() as session:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(server.make_url("/span")) as response:
+                    await response.read()
+    finally:
+        handle.close()
+    assert len(raised) == 1
+    assert isinstance(raised[0], ConnectionError), repr(raised[0])
 
 
 @pytest.mark.parametrize("promised", [SIZE, 2 * SIZE])

@@ -57,7 +57,11 @@ async def send_file_span(
     (asyncio leaves it just past the last byte sent), for the access log.
     """
     transport = request.transport
-    if transport is None:
+    if transport is None or transport.is_closing():
+        # Closing, asyncio's sendfile raises RuntimeError("Transport is closing"),
+        # which nothing above takes for a client that left (server/disconnects.py
+        # does for ConnectionError): seen when a follower's client left between
+        # two spans of a growing file.
         raise ConnectionResetError("client went away")
     if transport.get_extra_info("sslcontext") is not None:
         # asyncio's sendfile over TLS is its own read/write fallback, and with
@@ -68,6 +72,8 @@ async def send_file_span(
     loop = asyncio.get_running_loop()
     with _corked(transport.get_extra_info("socket")):
         while count > 0:
+            if transport.is_closing():  # it may close while the last span went out
+                raise ConnectionResetError("client went away")
             if own_handle:
                 os.lseek(handle.fileno(), offset, os.SEEK_SET)  # no disk access
             try:
