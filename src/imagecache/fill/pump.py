@@ -59,27 +59,44 @@ async def copy_stream(
 ) -> None:
     """Fill from the upstream's async stream: each chunk goes to the disk executor."""
     try:
-        while True:
-            if throttle is not None:
-                await wait_async(throttle, run, events)
-            background = throttle is not None and throttle.applies()
-            try:
-                chunk = await anext(stream)
-            except StopAsyncIteration:
-                break
-            if not chunk:
-                continue
+        while (got := await next_chunk(stream, throttle, run, events)) is not None:
+            chunk, background = got
             check()
             await run(writer.write, chunk)
-            events.upstream_read(len(chunk))
-            if background:
-                assert throttle is not None
-                throttle.bucket.spend(len(chunk))
-                events.background_read(len(chunk))
+            count_read(len(chunk), background, throttle, events)
             check()
             flight.advance(writer.received)
     finally:
         await aclose(stream)
+
+
+async def next_chunk(
+    stream: AsyncIterator[bytes], throttle: Throttle | None, run: Run, events: FillEvents
+) -> tuple[bytes, bool] | None:
+    """The stream's next non-empty chunk once ``throttle`` lets it come; None at its end.
+
+    With it, whether the chunk is background bytes (decided before the read,
+    as the wait was): the caller counts them with ``count_read`` once written.
+    """
+    while True:
+        if throttle is not None:
+            await wait_async(throttle, run, events)
+        background = throttle is not None and throttle.applies()
+        try:
+            chunk = await anext(stream)
+        except StopAsyncIteration:
+            return None
+        if chunk:
+            return chunk, background
+
+
+def count_read(size: int, background: bool, throttle: Throttle | None, events: FillEvents) -> None:
+    """Count ``size`` bytes read from the origin, and spend them from the bucket if background."""
+    events.upstream_read(size)
+    if background:
+        assert throttle is not None
+        throttle.bucket.spend(size)
+        events.background_read(size)
 
 
 async def pump(

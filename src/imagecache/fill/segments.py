@@ -63,7 +63,14 @@ from dataclasses import dataclass
 from imagecache.errors import CacheStoreError, UpstreamError
 from imagecache.fill.events import FillEvents
 from imagecache.fill.flight import Flight
-from imagecache.fill.pump import Run, Throttle, aclose, copy_stream, wait_async
+from imagecache.fill.pump import (
+    Run,
+    Throttle,
+    aclose,
+    copy_stream,
+    count_read,
+    next_chunk,
+)
 from imagecache.fill.writer import FillWriter
 from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
@@ -255,16 +262,8 @@ async def _fetch(
     length = segment.end - segment.start
     stream = upstream.stream(image_id, caller, segment.start, segment.end)
     try:
-        while True:
-            if throttle is not None:
-                await wait_async(throttle, run, events)
-            background = throttle is not None and throttle.applies()
-            try:
-                chunk = await anext(stream)
-            except StopAsyncIteration:
-                break
-            if not chunk:
-                continue
+        while (got := await next_chunk(stream, throttle, run, events)) is not None:
+            chunk, background = got
             check()
             if segment.written + len(chunk) > length:
                 raise UpstreamError(
@@ -272,11 +271,7 @@ async def _fetch(
                 )
             await _settled(run(_pwrite_all, scratch, chunk, segment.start + segment.written))
             segment.written += len(chunk)
-            events.upstream_read(len(chunk))
-            if background:
-                assert throttle is not None
-                throttle.bucket.spend(len(chunk))
-                events.background_read(len(chunk))
+            count_read(len(chunk), background, throttle, events)
             progress.set()
         if segment.written != length:
             raise UpstreamError(
