@@ -6,12 +6,16 @@ skipping loudly when its peer cannot run here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
+from imagecache.fill.hooks import NO_HOOKS, FillHooks
+from imagecache.server.app import create_app
 from imagecache.settings import Settings, load_settings
 from server_helpers import ServeProcess
 
@@ -50,3 +54,23 @@ async def servers() -> AsyncIterator[list[ServeProcess]]:
     yield started
     for server in started:
         await server.stop()
+
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], http_origin: Any
+) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
+    """An in-process service in front of the ``http_origin`` peer; settings as keywords.
+
+    Shared by the fill tests (test_fills, test_range_fills, test_fill_segments);
+    a module with its own ``make_client`` fixture shadows this one.
+    """
+
+    async def make(fill_hooks: FillHooks = NO_HOOKS, **overrides: Any) -> TestClient[Any, Any]:
+        settings = make_settings(upstream="http:" + http_origin.template, **overrides)
+        return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
+
+    return make

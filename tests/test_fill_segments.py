@@ -19,13 +19,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from imagecache.fill.hooks import NO_HOOKS, FillHooks
+from imagecache.fill.hooks import FillHooks
 from imagecache.fill.segments import plan
 from imagecache.fill.writer import FillWriter
-from imagecache.server.app import create_app
 from imagecache.server.cache_api import WORKER
 from imagecache.server.state import STATE
-from imagecache.settings import MiB, Settings, load_settings
+from imagecache.settings import MiB, load_settings
 from server_helpers import ServeProcess, image_bytes, listdir, poll, settled, start_serve
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
@@ -33,17 +32,6 @@ ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 SIZE = 8 * MiB - 5
 DATA = image_bytes(SIZE, seed=15)
 SEGMENTED = {"fill_segments": 4, "fill_segment_size": MiB}
-
-
-@pytest.fixture
-def make_client(
-    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], http_origin: Any
-) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
-    async def make(fill_hooks: FillHooks = NO_HOOKS, **overrides: Any) -> TestClient[Any, Any]:
-        settings = make_settings(upstream="http:" + http_origin.template, **overrides)
-        return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
-
-    return make
 
 
 async def until(condition: Callable[[], bool], within: float = 10.0) -> None:

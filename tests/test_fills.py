@@ -26,11 +26,9 @@ from imagecache import hits
 from imagecache.drivers.files import Fill
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.fill.flight import FlightKind
-from imagecache.fill.hooks import NO_HOOKS, FillHooks
+from imagecache.fill.hooks import FillHooks
 from imagecache.records import Chunk
-from imagecache.server.app import create_app
 from imagecache.server.state import STATE
-from imagecache.settings import Settings
 from server_helpers import HeldHooks, image_bytes, listdir, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
@@ -44,17 +42,6 @@ async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def make_client(
-    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], http_origin: Any
-) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
-    async def make(fill_hooks: FillHooks = NO_HOOKS, **overrides: Any) -> TestClient[Any, Any]:
-        settings = make_settings(upstream="http:" + http_origin.template, **overrides)
-        return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
-
-    return make
 
 
 async def test_concurrent_requests_in_one_process_read_the_origin_once(

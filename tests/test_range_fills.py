@@ -21,10 +21,7 @@ from aiohttp.test_utils import TestClient
 
 from imagecache.fill import frontier
 from imagecache.fill.flight import Flight
-from imagecache.fill.hooks import NO_HOOKS, FillHooks
-from imagecache.server.app import create_app
 from imagecache.server.state import STATE
-from imagecache.settings import Settings
 from server_helpers import HeldHooks, ServeProcess, filled, image_bytes, listdir, start_serve
 from test_fills import until
 
@@ -38,17 +35,6 @@ COLLAPSED = "imagecache; fwd=miss; collapsed"
 AHEAD = "imagecache; fwd=partial; detail=range_ahead"
 # "One image's worth" of origin reads, as the issue puts it.
 ONE_IMAGE = 1.05
-
-
-@pytest.fixture
-def make_client(
-    aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], http_origin: Any
-) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
-    async def make(fill_hooks: FillHooks = NO_HOOKS, **overrides: Any) -> TestClient[Any, Any]:
-        settings = make_settings(upstream="http:" + http_origin.template, **overrides)
-        return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
-
-    return make
 
 
 def pieces(size: int, count: int) -> list[tuple[int, int]]:
