@@ -13,12 +13,16 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import update
 
+from imagecache import create_driver
+from imagecache.drivers.central import CentralDriver, nodes
 from imagecache.settings import Settings, load_settings
 
 PG_HOST = os.environ.get("IMAGECACHE_TEST_PGHOST", "127.0.0.1")
@@ -137,3 +141,41 @@ def central_settings(
         worker_self_reference_url=node_url or node_url_for(cache_dir),
         **overrides,
     )
+
+
+# Nodes of one cluster for the driver-level tests (test_central_nodes, the
+# cluster tests): each a real CentralDriver with its own directory, one database.
+NodeFactory = Callable[..., CentralDriver]
+
+
+@pytest.fixture
+def make_node(central_db_url: str, tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start a node: its own cache directory (by name) and URL, the shared database."""
+    started: list[CentralDriver] = []
+
+    def make(name: str, url: str | None = None, **overrides: object) -> CentralDriver:
+        settings = central_settings(
+            tmp_path / name, central_db_url, url or f"http://127.0.0.1:9/{name}", **overrides
+        )
+        driver = create_driver(settings)
+        assert isinstance(driver, CentralDriver)
+        started.append(driver)
+        return driver
+
+    yield make
+    for driver in started:
+        driver.close()
+
+
+def put(driver: CentralDriver, image_id: str, data: bytes = b"payload") -> None:
+    with driver.open_for_write(image_id) as target:
+        target.write(data)
+
+
+def age_heartbeat(driver: CentralDriver, seconds: float) -> None:
+    with driver.engine.begin() as conn:
+        conn.execute(
+            update(nodes)
+            .where(nodes.c.id == driver.node_id)
+            .values(heartbeat=datetime.now(UTC) - timedelta(seconds=seconds))
+        )

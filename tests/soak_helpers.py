@@ -1,6 +1,6 @@
 """What the soaks check of the service's processes: descriptors, RSS, a clean stop.
 
-Shared by tests/test_soak.py and tests/test_soak_wan.py: the same bounds
+Shared by tests/test_soak.py and tests/wan/test_soak_wan.py: the same bounds
 for every soak, so "flat" means one thing (the slack constants say why each
 is what it is).
 """

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
-from central_db import central_settings
+from central_db import age_heartbeat, central_settings, put
 from imagecache import ImageCache, create_driver
 from imagecache.cli import main
 from imagecache.client import ServiceError, fan_out, queue_on_nodes
@@ -28,7 +28,6 @@ from imagecache.drivers.central import CentralDriver
 from imagecache.errors import ConfigurationError
 from imagecache.settings import Settings, load_settings
 from server_helpers import directory_app, image_bytes, put_image, settled
-from test_central_nodes import age_heartbeat, put
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 TOKEN = "cluster-admin-token"

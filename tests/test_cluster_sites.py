@@ -18,14 +18,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from central_db import NodeFactory, put
 from imagecache.errors import ConfigurationError
 from imagecache.settings import load_settings
 from imagecache.sites import Sibling, choose_sibling
 from server_helpers import ServeProcess, start_serve
-from test_central_nodes import NodeFactory, make_node, put
 from test_cluster_multinode import DATA, DEADLINE, HALF, TOKEN, download, free_port, holders
-
-__all__ = ["make_node"]  # a fixture, used by name
 
 # --- the choice itself ------------------------------------------------------------------
 

@@ -302,7 +302,7 @@ class MetadataCache:
         One ``stat`` in the executor per use of a remembered shared answer, that
         is per miss: without it, a worker went on filling against the old
         version's promises for the rest of the TTL after another worker's fill
-        met a new version (tests/test_wan_fills.py), failing every such fill.
+        met a new version (tests/wan/test_wan_fills.py), failing every such fill.
         """
         inode = self._shared_file.get(image_id)
         if inode is None or self.dir is None:

@@ -27,7 +27,7 @@ API (``peer = glance_peer``)::
 
 ``_start(tmp_path_factory, "headers", netns=host.name)`` starts one inside a
 WAN rig namespace (tests/peers/wan.py), reached through a relay started there
-(tests/test_wan_offline.py).
+(tests/wan/test_wan_offline.py).
 
 The helpers are synchronous (``http.client``): Glance runs in another
 process, so a short blocking call from a test does not stall anything that

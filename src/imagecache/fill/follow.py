@@ -173,7 +173,7 @@ async def failed_elsewhere(flight: Flight, invalid: Path, run: Run) -> bool:
     the origin changed the image (a refused resume, upstreams/resume.py), and
     the rest read from the origin from the reader's byte, with no version to
     hold it to, would be the new version's spliced onto the old (seen on the
-    WAN rig, tests/test_wan_fills.py; the final hash caught it only where the
+    WAN rig, tests/wan/test_wan_fills.py; the final hash caught it only where the
     origin promised one).
     """
     fd = flight.fd

@@ -124,7 +124,7 @@ class _GuardedHandler(RequestHandler):
 
     It reads two attributes of aiohttp's RequestHandler (3.x): ``_waiter``, set
     while it waits for the next message, and ``_request_count``, raised by each
-    parsed message; tests/test_server_connections.py fails if they change.
+    parsed message; tests/server/test_server_connections.py fails if they change.
     """
 
     def __init__(self, site: GuardedSite, **kwargs: Any) -> None:

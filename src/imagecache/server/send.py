@@ -66,7 +66,7 @@ async def send_file_span(
     if transport.get_extra_info("sslcontext") is not None:
         # asyncio's sendfile over TLS is its own read/write fallback, and with
         # fallback=False it raises RuntimeError rather than SendfileNotAvailableError:
-        # a TLS transport never reaches it (tests/test_server_sendfile.py).
+        # a TLS transport never reaches it (tests/server/test_server_sendfile.py).
         await _copy_span(response, run, handle, offset, count)
         return
     loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ account when it has one (``identity``), and no identity otherwise.
   never fills Glance's own cache. Measured against the peer (loopback,
   noauth, file store, 1 MiB image, 2 busy cores, mean of 30): 16-29 ms
   against 9-23 ms for the metadata GET, i.e. 6-7 ms more per check
-  (``pytest -s tests/test_upstream_glance.py -k cost`` prints both).
+  (``pytest -s tests/upstreams/test_upstream_glance.py -k cost`` prints both).
   ``auth_cache_ttl`` keeps it off most hits; the precision is worth it.
 
 For the server's passthrough proxy:

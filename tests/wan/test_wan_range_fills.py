@@ -1,4 +1,4 @@
-"""Ranges on a cold image across a WAN (issue 15, item 4), on the rig of tests/test_wan_fills.py.
+"""Ranges on a cold image across a WAN (issue 15, item 4), on the rig of tests/wan/test_wan_fills.py.
 
 A real nginx origin behind a shaped, delayed link; a real two-worker
 ``imagecache serve`` at the edge. Origin reads are what nginx logged it sent,
@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 import test_wan_fills
+from range_helpers import AHEAD, COLLAPSED, ONE_IMAGE, STORED, pieces
 from server_helpers import ServeProcess, listdir, poll, put_image, start_serve
-from test_range_fills import AHEAD, COLLAPSED, ONE_IMAGE, STORED, pieces
 from test_wan_fills import DATA, SIZE, Site, body_reads, serve_env
 
 pytestmark = pytest.mark.timeout(90)

@@ -18,7 +18,7 @@ class CountingPolicy(DirectoryUpstream):
     """A real directory upstream whose access policy refuses one token and counts questions.
 
     The directory kind allows everyone; a Glance policy is what this stands in
-    for (tests/test_server_glance.py asks a real Glance the same question).
+    for (tests/server/test_server_glance.py asks a real Glance the same question).
     """
 
     def __init__(self, root: Path) -> None:

@@ -15,15 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import insert
 
-from central_db import central_settings
+from central_db import NodeFactory, age_heartbeat, central_settings, put
 from imagecache import (
     BadDriverConfiguration,
     CacheStoreError,
@@ -31,44 +31,9 @@ from imagecache import (
     ImageInfo,
     create_driver,
 )
-from imagecache.drivers.central import CentralDriver, cached_images, node_instance_id, nodes
+from imagecache.drivers.central import CentralDriver, cached_images, node_instance_id
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.settings import Settings, load_settings
-
-NodeFactory = Callable[..., CentralDriver]
-
-
-@pytest.fixture
-def make_node(central_db_url: str, tmp_path: Path) -> Iterator[NodeFactory]:
-    """Start a node: its own cache directory (by name) and URL, the shared database."""
-    started: list[CentralDriver] = []
-
-    def make(name: str, url: str | None = None, **overrides: object) -> CentralDriver:
-        settings = central_settings(
-            tmp_path / name, central_db_url, url or f"http://127.0.0.1:9/{name}", **overrides
-        )
-        driver = create_driver(settings)
-        assert isinstance(driver, CentralDriver)
-        started.append(driver)
-        return driver
-
-    yield make
-    for driver in started:
-        driver.close()
-
-
-def put(driver: CentralDriver, image_id: str, data: bytes = b"payload") -> None:
-    with driver.open_for_write(image_id) as target:
-        target.write(data)
-
-
-def age_heartbeat(driver: CentralDriver, seconds: float) -> None:
-    with driver.engine.begin() as conn:
-        conn.execute(
-            update(nodes)
-            .where(nodes.c.id == driver.node_id)
-            .values(heartbeat=datetime.now(UTC) - timedelta(seconds=seconds))
-        )
 
 
 def test_get_cached_nodes_answers_per_image(make_node: NodeFactory) -> None:

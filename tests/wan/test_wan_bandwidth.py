@@ -1,12 +1,12 @@
 """Background fills give way to a client's across a shaped WAN link (issue 15, item 5).
 
-Real parts, as in tests/test_wan_fills.py: nginx in its own network
+Real parts, as in tests/wan/test_wan_fills.py: nginx in its own network
 namespace behind a ``tc``-shaped veth link and the project's delay relay,
 and ``imagecache serve`` at the edge. One worker: there the client's
 arrival stops the background fill before its next chunk, so what it reads
 meanwhile has a bound (the chunk it was in); across workers the busy mark
 is looked at every 100 ms, in which a background fill reading from full TCP
-buffers may take a few MiB (tests/test_background_bandwidth.py covers that
+buffers may take a few MiB (tests/fill/test_background_bandwidth.py covers that
 path by its state).
 The background fill runs with no cap, so it takes the whole link until the
 client comes. What is asserted is that the paused background fill reads

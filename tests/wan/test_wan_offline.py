@@ -6,7 +6,7 @@ link; the edge is real ``imagecache serve`` processes. The cut is the relay's
 black hole, a partition: connections hang rather than being refused, so
 every access check ends in the upstream timeout (kept short here). The rule
 itself (``AccessCache``) and the same story on loopback with Glance stopped
-are in tests/test_offline_grace.py.
+are in tests/server/test_offline_grace.py.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient
 from imagecache.fill import frontier
 from imagecache.fill.flight import Flight
 from imagecache.server.state import STATE
+from range_helpers import AHEAD, COLLAPSED, ONE_IMAGE, STORED, pieces
 from server_helpers import HeldHooks, ServeProcess, filled, image_bytes, listdir, start_serve
 from test_fills import until
 
@@ -30,17 +31,6 @@ MiB = 1024 * 1024
 SIZE = 16 * MiB + 7
 DATA = image_bytes(SIZE, seed=15)
 PATH = "/v2/images/img/file"
-STORED = "imagecache; fwd=miss; stored"
-COLLAPSED = "imagecache; fwd=miss; collapsed"
-AHEAD = "imagecache; fwd=partial; detail=range_ahead"
-# "One image's worth" of origin reads, as the issue puts it.
-ONE_IMAGE = 1.05
-
-
-def pieces(size: int, count: int) -> list[tuple[int, int]]:
-    """``count`` ranges ``[start, end)`` covering ``size`` bytes, as ``aria2c -x16`` splits."""
-    step = -(-size // count)
-    return [(at, min(at + step, size)) for at in range(0, size, step)]
 
 
 async def ranged(client: TestClient[Any, Any], start: int, end: int) -> tuple[int, str, bytes]:
