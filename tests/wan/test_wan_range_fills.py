@@ -1,4 +1,4 @@
-"""Ranges on a cold image across a WAN (issue 15, item 4), on the rig of tests/wan/test_wan_fills.py.
+"""Ranges on a cold image across a WAN (issue 15, item 4), on the rig of test_wan_fills.py.
 
 A real nginx origin behind a shaped, delayed link; a real two-worker
 ``imagecache serve`` at the edge. Origin reads are what nginx logged it sent,
