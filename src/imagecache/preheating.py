@@ -226,7 +226,7 @@ def summary(job: dict[str, Any], done: bool) -> str:
 
 def cancel_summary(job: dict[str, Any]) -> str:
     running = job.get("counts", {}).get("running", 0)
-    tail = f"; {running} running now finish on their nodes" if running else ""
+    tail = f"; {running} running now will finish on their nodes" if running else ""
     return (
         f"Preheat job {job.get('id')} cancelled: "
         f"{job.get('cancelled_now', 0)} pending items will not run{tail}."
