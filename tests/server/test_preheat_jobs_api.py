@@ -122,6 +122,7 @@ async def test_listing_and_cancelling_are_admin_only(
         async with preheat_client.delete(f"/v2/cache/preheat/{job_id}", headers=headers) as r:
             assert r.status == 403
     assert (await job(preheat_client, job_id))["state"] == "running"  # not cancelled
+    assert [j["id"] for j in await listed(preheat_client)] == [job_id]  # the admin is let in
     assert other_node.claim_preheat_items(5) == [(job_id, "a")]
 
 
