@@ -16,6 +16,9 @@ API (``origin = http_origin``)::
     origin.image("img")             # the OriginImage: per-image state and hooks below
     origin.body_reads("img")        # GET requests that started sending the body (HEAD not counted)
     origin.bytes_sent("img")        # body bytes written for that path, all requests together
+    origin.image("img").bodies_ended
+                                    # GET bodies that ended, sent whole or not (the client
+                                    #   closed the connection, a fault broke it)
     origin.fail("img", Fault.RESET, after=1000)
                                     # next GETs send 1000 body bytes, then a TCP reset
     origin.fail("img", Fault.SHORT, after=1000)
@@ -85,6 +88,7 @@ class OriginImage:
     rate: float = 0.0  # body bytes per second per request; 0: as fast as the socket takes them
     body_reads: int = 0
     bytes_sent: int = 0
+    bodies_ended: int = 0
 
 
 @dataclass
@@ -186,7 +190,10 @@ class Origin:
             await response.write_eof()
             return response
         state.body_reads += 1
-        await self._send(request, response, state, data[start:end], start)
+        try:
+            await self._send(request, response, state, data[start:end], start)
+        finally:
+            state.bodies_ended += 1
         return response
 
     async def _send(

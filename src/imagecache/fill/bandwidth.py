@@ -24,9 +24,14 @@ cap, never above it. A CLI ``prefetch`` beside the service takes one more
 share. A client's download streamed uncached (too large, no room) has no
 flight and does not make a process busy.
 
-A pause stops the background fill's reads at once, but frees the link only
-once the TCP buffers along the path are full (measured on the WAN rig,
-docs/operations.md); a cap below the link's rate keeps them full.
+A pause stops the background fill's reads at once, but an open connection
+that is not read still takes the link until the TCP buffers along the path
+are full (several MiB: the kernel grows a fast reader's window). So a fill
+paused for longer than ``RELEASE_AFTER`` closes its origin connection, if
+its source can resume (fill/pump.py, upstreams/resume_source.py), and asks
+for the rest with a Range request once it may read again. A cap is left
+alone: its reads keep the buffers full, so the link carries no more than
+the cap on average.
 
 The pump (fill/pump.py) asks the bucket before each
 chunk of a background fill and spends the chunk's bytes after reading it; a
@@ -62,6 +67,13 @@ if TYPE_CHECKING:
 BURST_SECONDS = 0.5
 # The longest a waiting background fill sleeps before it asks again.
 RECHECK = 0.1
+# How long a background fill stays paused before it closes its origin
+# connection. Closing costs a reconnect later and the bytes the buffers held
+# (thrown away, asked for again), so a pause as short as a small image's
+# on-demand fill keeps the connection; past this the link is the client's.
+# Not a setting: it trades a reconnect against a fraction of a second of a
+# shared link, which no operator needs to tune per site.
+RELEASE_AFTER = 0.25
 
 Clock = Callable[[], float]
 
