@@ -15,8 +15,8 @@ Background fills of one process share one ``TokenBucket``, whose rate the
 - ``background_bandwidth_while_busy`` while this or another process has an
   on-demand fill running or a client waiting on a fill (0 = pause the
   background fills until the last such client is served). Its default is a
-  trickle (1 MiB/s), not a pause, so that a background fill's origin
-  connection is not left idle for as long as clients keep coming.
+  trickle (1 MiB/s), not a pause: a background fill keeps moving, on one
+  connection, for as long as clients keep coming; a pause closes it (below).
 
 Both budgets are divided by ``workers``: each worker process gets its share
 and does not lend an idle share to a sibling, so the service errs below the
@@ -68,12 +68,14 @@ BURST_SECONDS = 0.5
 # The longest a waiting background fill sleeps before it asks again.
 RECHECK = 0.1
 # How long a background fill stays paused before it closes its origin
-# connection. Closing costs a reconnect later and the bytes the buffers held
-# (thrown away, asked for again), so a pause as short as a small image's
-# on-demand fill keeps the connection; past this the link is the client's.
-# Not a setting: it trades a reconnect against a fraction of a second of a
-# shared link, which no operator needs to tune per site.
-RELEASE_AFTER = 0.25
+# connection (one ``RECHECK`` slice or two). Measured on the WAN rig
+# (docs/operations.md): the shorter the wait, the less the buffers take in
+# meanwhile, both of the client's link and of bytes thrown away and sent
+# again (0.43 MiB at 0.1 s, 1.2 MiB at 0.25 s); a pause shorter than this
+# (a small image's miss) keeps its connection. What a shorter wait costs is
+# a reconnect of the background fill, at most one per pause. Not a setting:
+# no site is better served by sharing its link longer.
+RELEASE_AFTER = 0.1
 
 Clock = Callable[[], float]
 
