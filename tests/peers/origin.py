@@ -39,6 +39,7 @@ API (``origin = http_origin``)::
                                     # no Content-Length, on HEAD or GET: the body is
                                     #   chunked (ranges still answer 206 + Content-Range)
     origin.requests                 # [(method, path, headers)] in arrival order
+    origin.requests_for("img")      # the headers of each GET of that image, in order
 
 Images not registered with ``add`` but present in ``root`` are served too,
 with default (healthy) behaviour.
@@ -136,6 +137,9 @@ class Origin:
 
     def bytes_sent(self, name: str) -> int:
         return self.image(name).bytes_sent
+
+    def requests_for(self, name: str) -> list[dict[str, str]]:
+        return [h for m, p, h in self.requests if m == "GET" and p == f"/images/{name}"]
 
     def fail(self, name: str, fault: Fault | None, after: int = 0, start: int = 0) -> None:
         state = self.image(name)
