@@ -61,6 +61,9 @@ class Recorder:
     def background_throttled(self, seconds: float) -> None:
         assert seconds >= 0
 
+    def background_released(self) -> None:
+        self.events.append(("released", None))
+
     def background_rate_limit(self, bytes_per_second: float) -> None:
         self.rates.append(bytes_per_second)
 

@@ -16,6 +16,9 @@ API (``origin = http_origin``)::
     origin.image("img")             # the OriginImage: per-image state and hooks below
     origin.body_reads("img")        # GET requests that started sending the body (HEAD not counted)
     origin.bytes_sent("img")        # body bytes written for that path, all requests together
+    origin.image("img").bodies_ended
+                                    # GET bodies that ended, sent whole or not (the client
+                                    #   closed the connection, a fault broke it)
     origin.fail("img", Fault.RESET, after=1000)
                                     # next GETs send 1000 body bytes, then a TCP reset
     origin.fail("img", Fault.SHORT, after=1000)
@@ -40,6 +43,7 @@ API (``origin = http_origin``)::
                                     # no Content-Length, on HEAD or GET: the body is
                                     #   chunked (ranges still answer 206 + Content-Range)
     origin.requests                 # [(method, path, headers)] in arrival order
+    origin.requests_for("img")      # the headers of each GET of that image, in order
 
 Images not registered with ``add`` but present in ``root`` are served too,
 with default (healthy) behaviour.
@@ -91,6 +95,7 @@ class OriginImage:
     rate: float = 0.0  # body bytes per second per request; 0: as fast as the socket takes them
     body_reads: int = 0
     bytes_sent: int = 0
+    bodies_ended: int = 0
 
 
 @dataclass
@@ -138,6 +143,9 @@ class Origin:
 
     def bytes_sent(self, name: str) -> int:
         return self.image(name).bytes_sent
+
+    def requests_for(self, name: str) -> list[dict[str, str]]:
+        return [h for m, p, h in self.requests if m == "GET" and p == f"/images/{name}"]
 
     def fail(self, name: str, fault: Fault | None, after: int = 0, start: int = 0) -> None:
         state = self.image(name)
@@ -192,7 +200,10 @@ class Origin:
             await response.write_eof()
             return response
         state.body_reads += 1
-        await self._send(request, response, state, data[start:end], start)
+        try:
+            await self._send(request, response, state, data[start:end], start)
+        finally:
+            state.bodies_ended += 1
         return response
 
     async def _send(

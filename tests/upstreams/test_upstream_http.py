@@ -387,3 +387,37 @@ async def test_a_failed_head_cancels_the_sidecar_requests(
         await upstream.close()
     pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
     assert not [t for t in pending if "_read_sidecars" in repr(t.get_coro())], pending
+
+
+async def test_closing_a_source_closes_its_connection_on_a_connection_close_answer(
+    aiohttp_server: Any,
+) -> None:
+    # http.client hands a "Connection: close" answer's socket to the response,
+    # so closing the connection alone left the socket open (a paused background
+    # fill's release, fill/pump.py, would not have freed the link).
+    ended = asyncio.Event()
+    piece = b"x" * (64 * 1024)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Connection": "close"})
+        response.content_length = 1024 * len(piece)  # more than the socket buffers hold
+        response.force_close()
+        await response.prepare(request)
+        try:
+            for _ in range(1024):
+                await response.write(piece)
+        finally:  # the client went: a write failed, or aiohttp cancelled the handler
+            ended.set()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/img", handle)
+    server = await aiohttp_server(app)
+    source = await asyncio.to_thread(open_get, str(server.make_url("/img")), {}, 5.0, "img")
+    assert source.headers.get("Connection") == "close"
+    assert await asyncio.to_thread(source.readinto, memoryview(bytearray(len(piece)))) > 0
+    source.close()
+    try:
+        await asyncio.wait_for(ended.wait(), 5.0)
+    finally:
+        del source  # where close() does not, freeing the response closes the socket

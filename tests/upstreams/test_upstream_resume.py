@@ -35,7 +35,7 @@ from imagecache.errors import ResumeRefused, UpstreamError
 from imagecache.server.app import create_app
 from imagecache.settings import Settings
 from imagecache.upstreams import Upstream, create_upstream
-from imagecache.upstreams.base import BlockingSource
+from imagecache.upstreams.base import BlockingSource, Releasable
 from imagecache.upstreams.resume import BACKOFF_CAP, ResumePolicy, Validator
 from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents, ResumeOutcome
 from peers.cutter import Cutter
@@ -412,6 +412,31 @@ async def test_interrupt_wakes_a_source_waiting_out_its_backoff(
     assert len(outcome) == 1
     assert isinstance(outcome[0], UpstreamError)
     assert len(origin.gets) == 1  # woken in its backoff, before any resume
+
+
+@pytest.mark.parametrize("kind", ["http", "glance"])
+async def test_a_released_source_reopens_at_its_offset_without_using_an_attempt(
+    origin: VersionedOrigin, make_upstream: Any, kind: str
+) -> None:
+    if kind == "glance":
+        origin.send_etag = origin.send_last_modified = False
+        origin.chunked_whole = True
+    # The first body is not cut (we release it), the second is: one attempt covers it.
+    origin.cuts = [SIZE + 1, 200_000]
+    events = RecordedResumes()
+    upstream = make_upstream(kind, attempts=1, events=events)
+    source = await upstream.open_source(image_id_for(kind))
+    assert isinstance(source, Releasable)
+    view = memoryview(bytearray(64 * 1024))
+    count = await asyncio.to_thread(source.readinto, view)
+    head = bytes(view[:count])
+    assert source.release()
+    assert not source.release()  # nothing left open to close
+    rest = await asyncio.to_thread(_read_all, source)
+    assert head + rest == DATA
+    assert len(origin.gets) == 3
+    assert origin.gets[1]["Range"].startswith(f"bytes={count}-")
+    assert events.heard == ["resumed"]  # the break, not the release
 
 
 # --- every resume's outcome goes to the events sink ----------------------------------------

@@ -15,8 +15,8 @@ Background fills of one process share one ``TokenBucket``, whose rate the
 - ``background_bandwidth_while_busy`` while this or another process has an
   on-demand fill running or a client waiting on a fill (0 = pause the
   background fills until the last such client is served). Its default is a
-  trickle (1 MiB/s), not a pause, so that a background fill's origin
-  connection is not left idle for as long as clients keep coming.
+  trickle (1 MiB/s), not a pause: a background fill keeps moving, on one
+  connection, for as long as clients keep coming; a pause closes it (below).
 
 Both budgets are divided by ``workers``: each worker process gets its share
 and does not lend an idle share to a sibling, so the service errs below the
@@ -24,9 +24,14 @@ cap, never above it. A CLI ``prefetch`` beside the service takes one more
 share. A client's download streamed uncached (too large, no room) has no
 flight and does not make a process busy.
 
-A pause stops the background fill's reads at once, but frees the link only
-once the TCP buffers along the path are full (measured on the WAN rig,
-docs/operations.md); a cap below the link's rate keeps them full.
+A pause stops the background fill's reads at once, but an open connection
+that is not read still takes the link until the TCP buffers along the path
+are full (several MiB: the kernel grows a fast reader's window). So a fill
+paused for longer than ``RELEASE_AFTER`` closes its origin connection, if
+its source can resume (fill/pump.py, upstreams/resume_source.py), and asks
+for the rest with a Range request once it may read again. A cap is left
+alone: its reads keep the buffers full, so the link carries no more than
+the cap on average.
 
 The pump (fill/pump.py) asks the bucket before each
 chunk of a background fill and spends the chunk's bytes after reading it; a
@@ -62,6 +67,15 @@ if TYPE_CHECKING:
 BURST_SECONDS = 0.5
 # The longest a waiting background fill sleeps before it asks again.
 RECHECK = 0.1
+# How long a background fill stays paused before it closes its origin
+# connection (one ``RECHECK`` slice or two). Measured on the WAN rig
+# (docs/operations.md): the shorter the wait, the less the buffers take in
+# meanwhile, both of the client's link and of bytes thrown away and sent
+# again (0.43 MiB at 0.1 s, 1.2 MiB at 0.25 s); a pause shorter than this
+# (a small image's miss) keeps its connection. What a shorter wait costs is
+# a reconnect of the background fill, at most one per pause. Not a setting:
+# no site is better served by sharing its link longer.
+RELEASE_AFTER = 0.1
 
 Clock = Callable[[], float]
 

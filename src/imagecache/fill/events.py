@@ -40,6 +40,9 @@ class FillEvents(Protocol):
     def background_throttled(self, seconds: float) -> None:
         """A background fill waited ``seconds`` more for its bandwidth."""
 
+    def background_released(self) -> None:
+        """A paused background fill closed its origin connection (to reopen it with a Range)."""
+
     def background_rate_limit(self, bytes_per_second: float) -> None:
         """This process's background fills may read this fast now (``math.inf``: no limit)."""
 
@@ -66,6 +69,9 @@ class _NoEvents:
         pass
 
     def background_throttled(self, seconds: float) -> None:
+        pass
+
+    def background_released(self) -> None:
         pass
 
     def background_rate_limit(self, bytes_per_second: float) -> None:

@@ -9,7 +9,10 @@ coordinator decides what that means, this module only moves bytes.
 A fill with a ``Throttle`` asks its bucket before each chunk while it is a
 background fill (fill/bandwidth.py): the thread sleeps, the stream awaits,
 both in slices of at most ``RECHECK`` so that a client joining the fill, a
-change of rate or a stop is seen within one slice.
+change of rate or a stop is seen within one slice. A blocking source that
+can resume (``Releasable``) is released once paused for ``RELEASE_AFTER``:
+its origin connection closes, and the next read reopens it at the first
+byte not read. An async stream keeps its connection while paused.
 """
 
 from __future__ import annotations
@@ -17,17 +20,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from imagecache.errors import CacheStoreError
-from imagecache.fill.bandwidth import RECHECK, TokenBucket
+from imagecache.fill.bandwidth import RECHECK, RELEASE_AFTER, TokenBucket
 from imagecache.fill.events import FillEvents
 from imagecache.fill.flight import Flight
 from imagecache.fill.writer import FillWriter
-from imagecache.upstreams.base import BlockingSource
+from imagecache.upstreams.base import BlockingSource, Releasable
 
 # ``run(func, *args)``: a blocking call in the disk executor.
 Run = Callable[..., Awaitable[object]]
@@ -121,9 +125,10 @@ async def pump(
     stop = threading.Event()
     done: concurrent.futures.Future[None] = concurrent.futures.Future()
     # Written by the pump thread after each write, read by report() on the loop.
-    # Likewise: [bytes written, of them while background, seconds held by the throttle].
-    written = [0, 0, 0.0]
-    reported = [0, 0, 0.0]
+    # Likewise: [bytes written, of them while background, seconds held by the
+    # throttle, connections released].
+    written = [0, 0, 0.0, 0]
+    reported = [0, 0, 0.0, 0]
     pending = threading.Event()
 
     def report() -> None:
@@ -134,6 +139,8 @@ async def pump(
             events.background_read(int(now[1] - reported[1]))
         if now[2] != reported[2]:
             events.background_throttled(now[2] - reported[2])
+        for _ in range(int(now[3] - reported[3])):
+            events.background_released()
         reported[:] = now
         flight.advance(int(now[0]))
 
@@ -147,12 +154,19 @@ async def pump(
         assert throttle is not None
         if throttle.applies():
             throttle.refresh()
+        paused = 0.0  # seconds of this wait with the rate at 0
         while (delay := throttle.pending()) > 0 and not stop.is_set():
             started = time.monotonic()
             stop.wait(min(delay, RECHECK))
-            written[2] += time.monotonic() - started
+            waited = time.monotonic() - started
+            written[2] += waited
+            paused = paused + waited if math.isinf(delay) else 0.0
+            if paused >= RELEASE_AFTER and release is not None and release():
+                written[3] += 1
             schedule_report()
             throttle.refresh()
+
+    release = source.release if isinstance(source, Releasable) else None
 
     def move() -> None:
         copying = True

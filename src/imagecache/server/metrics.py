@@ -151,6 +151,12 @@ class Metrics:
             "background_bandwidth_while_busy while on-demand fills run), summed over the fills",
             registry=r,
         )
+        self.background_released_total = Counter(
+            "imagecache_background_connections_released",
+            "Origin connections background fills closed because they stayed paused for "
+            "on-demand fills (the rest is asked for with a Range request when they resume)",
+            registry=r,
+        )
         self.background_rate_gauge = Gauge(
             "imagecache_background_rate_limit_bytes_per_second",
             "The rate background fills may read from the upstream now, summed over the worker "
@@ -208,6 +214,9 @@ class Metrics:
 
     def background_throttled(self, seconds: float) -> None:
         self.background_throttled_seconds.inc(seconds)
+
+    def background_released(self) -> None:
+        self.background_released_total.inc()
 
     def background_rate_limit(self, bytes_per_second: float) -> None:
         self.background_rate_gauge.set(bytes_per_second)

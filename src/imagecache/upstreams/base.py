@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from imagecache.records import ImageInfo
 
@@ -84,6 +84,17 @@ class BlockingSource(Protocol):
     def interrupt(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Releasable(Protocol):
+    """A ``BlockingSource`` that can close its connection mid-body and reopen it when read again.
+
+    ``release`` returns whether a connection was closed (fill/pump.py calls
+    it for a paused background fill, from the thread that reads).
+    """
+
+    def release(self) -> bool: ...
 
 
 class Upstream(abc.ABC):

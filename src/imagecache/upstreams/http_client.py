@@ -29,11 +29,11 @@ from imagecache.upstreams.http_source import (
 from imagecache.upstreams.resume import (
     Reply,
     ResumePolicy,
-    ResumingSource,
     Validator,
     resumable_stream,
 )
 from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
+from imagecache.upstreams.resume_source import ResumingSource
 
 
 class HttpClient:

@@ -130,6 +130,9 @@ class HttpSource:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        # The response too: its socket file keeps the socket open after the
+        # connection lets go of it (a "Connection: close" answer), until GC.
+        self._response.close()
         self._connection.close()
 
 

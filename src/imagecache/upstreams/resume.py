@@ -43,14 +43,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from imagecache.errors import ResumeRefused, UpstreamError, UpstreamUnreachable, is_origin_failure
 from imagecache.settings import Settings
-from imagecache.upstreams.base import BlockingSource
 from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
 log = logging.getLogger(__name__)
@@ -204,13 +202,13 @@ def _lower(headers: Mapping[str, str]) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
 
 
-def _retryable(exc: UpstreamError) -> bool:
+def retryable(exc: UpstreamError) -> bool:
     # Not found, forbidden, not active, refused: answers, which another try
     # would only repeat.
     return is_origin_failure(exc) and not isinstance(exc, ResumeRefused)
 
 
-def _log_resume(
+def log_resume(
     image_id: str, offset: int, attempt: int, policy: ResumePolicy, exc: Exception
 ) -> None:
     # Arguments, not an f-string: the service's handlers escape every argument
@@ -274,125 +272,12 @@ async def resumable_stream(
                 raise
             if isinstance(exc, ResumeRefused):  # only a resume's answer is refused
                 events.resume_outcome("refused")
-            if not _retryable(exc) or validator.done(offset):
+            if not retryable(exc) or validator.done(offset):
                 raise  # every byte is here; a failure after them is not a break
             if attempt >= policy.attempts:
                 if policy.attempts:
                     events.resume_outcome("exhausted")
                 raise
             attempt += 1
-            _log_resume(image_id, offset, attempt, policy, exc)
+            log_resume(image_id, offset, attempt, policy, exc)
             await asyncio.sleep(policy.delay(attempt))
-
-
-# ``reopen(offset, validator)``: a resume for the fill pump, in its thread;
-# returns the origin's status and headers and the body as a source.
-SyncOpener = Callable[[int, Validator], tuple[int, Mapping[str, str], BlockingSource]]
-
-
-class ResumingSource:
-    """A ``BlockingSource`` that resumes its body across broken connections."""
-
-    def __init__(
-        self,
-        image_id: str,
-        policy: ResumePolicy,
-        first: BlockingSource,
-        validator: Validator,
-        reopen: SyncOpener,
-    ) -> None:
-        self.image_id = image_id
-        self._policy = policy
-        self._source = first
-        self._validator = validator
-        self._reopen = reopen
-        self._offset = 0  # the fill pump reads whole images
-        self._attempt = 0
-        self._stopped = threading.Event()
-        # Guards _source against interrupt() from another thread during a reopen.
-        self._lock = threading.Lock()
-
-    @classmethod
-    def wrap(
-        cls,
-        image_id: str,
-        policy: ResumePolicy,
-        first: BlockingSource,
-        status: int,
-        headers: Mapping[str, str],
-        reopen: SyncOpener,
-    ) -> BlockingSource:
-        """``first`` resuming across breaks, or ``first`` itself when it cannot be resumed."""
-        if policy.attempts == 0:
-            return first
-        validator = Validator.of(image_id, status, headers, None)
-        if validator is None:
-            return first
-        return cls(image_id, policy, first, validator, reopen)
-
-    @property
-    def received(self) -> int:
-        return self._offset
-
-    def readinto(self, buffer: memoryview, /) -> int:
-        while True:
-            try:
-                count = self._source.readinto(buffer)
-            except UpstreamError as exc:
-                self._resume(exc)
-                continue
-            self._offset += count
-            return count
-
-    def copy_into(self, fd: int, count: int, /) -> int | None:
-        # A source that can copy in the kernel has nothing to resume (a local
-        # file); an error here sends the fill to readinto, which resumes.
-        return self._source.copy_into(fd, count)
-
-    def _resume(self, exc: UpstreamError) -> None:
-        validator = self._validator
-        if self._stopped.is_set() or not _retryable(exc) or validator.done(self._offset):
-            raise exc
-        events = self._policy.events
-        while self._attempt < self._policy.attempts:
-            self._attempt += 1
-            _log_resume(self.image_id, self._offset, self._attempt, self._policy, exc)
-            if self._stopped.wait(self._policy.delay(self._attempt)):
-                raise exc
-            self._source.close()
-            try:
-                source = self._reopen_checked(validator)
-            except ResumeRefused:
-                events.resume_outcome("refused")
-                raise
-            except UpstreamError as failed:
-                if not _retryable(failed):
-                    raise
-                exc = failed
-                continue
-            with self._lock:
-                self._source = source
-                if self._stopped.is_set():
-                    raise exc
-            events.resume_outcome("resumed")
-            return
-        events.resume_outcome("exhausted")
-        raise exc
-
-    def _reopen_checked(self, validator: Validator) -> BlockingSource:
-        """The resume's source, once its answer continues the same image; else raise."""
-        status, headers, source = self._reopen(self._offset, validator)
-        try:
-            validator.check(status, headers, self._offset)
-        except BaseException:
-            source.close()
-            raise
-        return source
-
-    def interrupt(self) -> None:
-        with self._lock:
-            self._stopped.set()
-            self._source.interrupt()
-
-    def close(self) -> None:
-        self._source.close()

@@ -36,11 +36,11 @@ from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstrea
 from imagecache.upstreams.resume import (
     Reply,
     ResumePolicy,
-    ResumingSource,
     Validator,
     resumable_stream,
 )
 from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
+from imagecache.upstreams.resume_source import ResumingSource
 
 CHUNK_SIZE = 1024 * 1024
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
