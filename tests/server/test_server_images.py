@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imagecache.errors import CacheStoreError
+from imagecache.layout import CacheLayout
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from server_helpers import (
@@ -107,6 +108,29 @@ async def test_a_hit_that_cannot_be_counted_is_still_served(
     assert status == 200
     assert body == DATA
     assert "recording a hit of img-1 failed: the metadata store is down" in caplog.text
+
+
+async def test_one_hit_checks_its_image_id_once(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DESIGN.md §2: validated once, at the edge. The route's gate makes an
+    # ImageId, which the facade, the driver and the layout take as checked
+    # (the old code checked the id of one hit five times).
+    await get(client, "/v2/images/img-1/file")
+    await settled(client)
+    checked: list[object] = []
+    gate = CacheLayout.validate
+
+    def counting_gate(layout: CacheLayout, image_id: object) -> str:
+        checked.append(image_id)
+        return gate(layout, image_id)
+
+    monkeypatch.setattr(CacheLayout, "validate", counting_gate)
+    status, headers, body = await get(client, "/v2/images/img-1/file")
+    assert (status, body) == (200, DATA)
+    assert headers["Cache-Status"].endswith("; hit")
+    assert checked == ["img-1"]
+    assert client.app[STATE].cache.get_hit_count("img-1") == 1  # the hit was counted
 
 
 async def test_content_md5_is_the_hex_checksum_like_glance(
