@@ -210,24 +210,16 @@ def test_the_gate_makes_an_image_id_that_accept_takes_as_is() -> None:
 
 @pytest.mark.parametrize("entry", ["facade", "driver"])
 def test_a_library_users_str_is_checked_once_per_call(
-    cache: ImageCache, monkeypatch: pytest.MonkeyPatch, entry: str, driver_kind: str
+    cache: ImageCache, gate_calls: list[object], entry: str, driver_kind: str
 ) -> None:
     # The facade checks a plain str and hands the driver an ImageId, which the
     # driver does not check again; the driver's contract, called directly with
     # a plain str, checks it once too.
-    checked: list[object] = []
-    gate = CacheLayout.validate
-
-    def counting_gate(layout: CacheLayout, image_id: object) -> str:
-        checked.append(image_id)
-        return gate(layout, image_id)
-
-    monkeypatch.setattr(CacheLayout, "validate", counting_gate)
     calls = _facade_calls(cache) if entry == "facade" else _driver_calls(cache.driver)
-    counts = {}
+    counts: dict[str, int] = {}
     for name, call in calls.items():
-        checked.clear()
+        gate_calls.clear()
         with contextlib.suppress(ImageCacheError):  # not cached: asked all the same
             call(f"img-{name}")
-        counts[name] = len(checked)
+        counts[name] = len(gate_calls)
     assert counts == dict.fromkeys(calls, 1)

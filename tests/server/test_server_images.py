@@ -16,7 +16,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imagecache.errors import CacheStoreError
-from imagecache.layout import CacheLayout
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from server_helpers import (
@@ -111,21 +110,14 @@ async def test_a_hit_that_cannot_be_counted_is_still_served(
 
 
 async def test_one_hit_checks_its_image_id_once(
-    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+    client: TestClient[Any, Any], request: pytest.FixtureRequest
 ) -> None:
     # DESIGN.md §2: validated once, at the edge. The route's gate makes an
     # ImageId, which the facade, the driver and the layout take as checked
     # (the old code checked the id of one hit five times).
     await get(client, "/v2/images/img-1/file")
     await settled(client)
-    checked: list[object] = []
-    gate = CacheLayout.validate
-
-    def counting_gate(layout: CacheLayout, image_id: object) -> str:
-        checked.append(image_id)
-        return gate(layout, image_id)
-
-    monkeypatch.setattr(CacheLayout, "validate", counting_gate)
+    checked: list[object] = request.getfixturevalue("gate_calls")  # counted from here on
     status, headers, body = await get(client, "/v2/images/img-1/file")
     assert (status, body) == (200, DATA)
     assert headers["Cache-Status"].endswith("; hit")
