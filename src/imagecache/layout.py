@@ -115,9 +115,10 @@ class CacheLayout:
     def validate(self, image_id: object) -> ImageId:
         """The gate: ``image_id`` as an ``ImageId`` if it is safe as a file name here.
 
-        Else InvalidImageId, saying what is wrong. Edges (HTTP routes, CLI,
-        client) call it once per caller's id; entry points of the library call
-        ``accept``, which does not check an ``ImageId`` again.
+        Else InvalidImageId, saying what is wrong. Edges (the HTTP routes, the
+        CLI's local manager) call it once per caller's id; entry points of the
+        library call ``accept``, which does not check an ``ImageId`` again
+        (the remote client leaves it to the service it asks).
         """
         if not isinstance(image_id, str):
             raise InvalidImageId(image_id, "must be a string")
