@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
+from imagecache.layout import CacheLayout
 from imagecache.server.app import create_app
 from imagecache.settings import Settings, load_settings
 from server_helpers import ServeProcess
@@ -75,3 +76,17 @@ def make_client(
         return await aiohttp_client(create_app(settings, fill_hooks=fill_hooks))
 
     return make
+
+
+@pytest.fixture
+def gate_calls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every id the image-id gate (``CacheLayout.validate``) checks from now on, in order."""
+    calls: list[object] = []
+    gate = CacheLayout.validate
+
+    def counting_gate(layout: CacheLayout, image_id: object) -> str:
+        calls.append(image_id)
+        return gate(layout, image_id)
+
+    monkeypatch.setattr(CacheLayout, "validate", counting_gate)
+    return calls

@@ -359,3 +359,26 @@ def test_the_driver_door_check_sees_the_forms_it_forbids(tmp_path: Path) -> None
         ("imagecache.x", "e", "ic.driver"),
         ("imagecache.x", "g", "self._cache.driver"),
     }
+
+
+def image_ids_made(path: Path) -> list[str]:
+    """Calls of the ``ImageId`` constructor in ``path``: each one skips the gate."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        ast.unparse(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and _last_name(node.func) == "ImageId"
+    ]
+
+
+def test_an_image_id_is_made_only_by_the_gate() -> None:
+    # An ImageId is taken as checked everywhere (layout.CacheLayout.accept):
+    # made anywhere but the gate, a raw str would reach the disk unchecked.
+    found = {
+        (name, call)
+        for name, path in modules()
+        if name != "imagecache.layout"
+        for call in image_ids_made(path)
+    }
+    assert found == set(), "ask CacheLayout.validate (the gate) for an ImageId"
+    assert image_ids_made(PACKAGE / "layout.py") == ["ImageId(image_id)"]

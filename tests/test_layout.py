@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import string
 from collections.abc import Callable, Iterator
@@ -15,7 +16,8 @@ from hypothesis import strategies as st
 from driver_kinds import settings_for
 from imagecache import ImageCache, ImageInfo, InvalidImageId
 from imagecache.drivers.base import Driver
-from imagecache.layout import MAX_ID_BYTES, CacheLayout
+from imagecache.errors import ImageCacheError
+from imagecache.layout import MAX_ID_BYTES, CacheLayout, ImageId
 
 BAD_IDS: list[object] = [
     "../x",
@@ -193,3 +195,31 @@ def test_no_accepted_id_can_name_a_path_outside_the_cache(image_id: str) -> None
         resolved = Path(os.path.normpath(path))
         assert resolved.parent in (base, base / "incomplete")
         assert resolved.name == image_id
+
+
+def test_the_gate_makes_an_image_id_that_accept_takes_as_is() -> None:
+    layout = CacheLayout(Path("/c"))
+    checked = layout.validate("img")
+    assert type(checked) is ImageId
+    assert checked == "img"
+    assert layout.accept(checked) is checked
+    assert type(layout.accept("img")) is ImageId  # a plain str goes through the gate
+    with pytest.raises(InvalidImageId, match="letters, digits"):
+        layout.accept("../x")
+
+
+@pytest.mark.parametrize("entry", ["facade", "driver"])
+def test_a_library_users_str_is_checked_once_per_call(
+    cache: ImageCache, gate_calls: list[object], entry: str, driver_kind: str
+) -> None:
+    # The facade checks a plain str and hands the driver an ImageId, which the
+    # driver does not check again; the driver's contract, called directly with
+    # a plain str, checks it once too.
+    calls = _facade_calls(cache) if entry == "facade" else _driver_calls(cache.driver)
+    counts: dict[str, int] = {}
+    for name, call in calls.items():
+        gate_calls.clear()
+        with contextlib.suppress(ImageCacheError):  # not cached: asked all the same
+            call(f"img-{name}")
+        counts[name] = len(gate_calls)
+    assert counts == dict.fromkeys(calls, 1)

@@ -144,7 +144,7 @@ def _adopt_one(
         modified, accessed = st.st_mtime, max(st.st_atime, st.st_mtime)
         hits = _xattr_hits(src) or 0
         checksum = None
-    _move(src, cache.layout.active_path(image_id), keep_source)
+    _move(src, cache.layout.active_path(cache.layout.accept(image_id)), keep_source)
     cache.record_image(
         CachedImage(
             image_id=image_id,

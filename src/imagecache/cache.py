@@ -37,7 +37,7 @@ from imagecache.drivers.base import Driver
 from imagecache.drivers.files import FileBackedDriver
 from imagecache.fill.hashing import usable_nice
 from imagecache.fill.writer import CHUNK_SIZE, FillWriter
-from imagecache.layout import CacheLayout, rename_if_exists
+from imagecache.layout import CacheLayout, ImageId, rename_if_exists
 from imagecache.reconcile import ReconcileReport, reconcile
 from imagecache.records import (
     CachedImage,
@@ -75,10 +75,11 @@ class ImageCache:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _id(self, image_id: object) -> str:
-        # Every id that enters through the facade is checked here, once, before
-        # any driver sees it; drivers check again, but no driver can forget.
-        return self.driver.layout.validate(image_id)
+    def _id(self, image_id: str) -> ImageId:
+        # A caller's str is checked here, once, before any driver sees it; an
+        # ImageId (from an edge, or from cache code) passes as is, and the
+        # driver's own ``accept`` does not check it again either.
+        return self.driver.layout.accept(image_id)
 
     # --- the directory and the driver behind it -------------------------------------------------
     # The one door to the driver (docs/architecture.md): callers outside cache.py
@@ -209,7 +210,8 @@ class ImageCache:
         reconciliation drops.
         """
         layout = self.driver.layout
-        active = layout.active_path(self._id(image_id))
+        image_id = self._id(image_id)
+        active = layout.active_path(image_id)
         if inode is not None:
             try:
                 if os.stat(active).st_ino != inode:
@@ -286,6 +288,7 @@ class ImageCache:
         self, image_id: str, chunks: Iterable[bytes], info: ImageInfo | None = None
     ) -> Generator[bytes, None, None]:
         """Yield ``chunks`` while teeing them into the cache; verify before the last one."""
+        image_id = self._id(image_id)
         writer = self.writer(image_id, info)
         if self.should_cache(image_id, info):
             writer.open()
@@ -313,6 +316,7 @@ class ImageCache:
         self, image_id: str, chunks: Iterable[bytes], info: ImageInfo | None = None
     ) -> bool:
         """Drain ``chunks`` into the cache; False if the image was not cacheable."""
+        image_id = self._id(image_id)
         if not self.should_cache(image_id, info):
             return False
         writer = self.writer(image_id, info)

@@ -21,6 +21,7 @@ from imagecache.cache import ImageCache
 from imagecache.errors import ImageCacheError
 from imagecache.fill.flight import COMMIT_WAIT, REMOTE_POLL_INTERVAL
 from imagecache.fill.locks import locked_by_writer
+from imagecache.layout import ImageId
 from imagecache.records import CachedImage
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Hit:
     committing: bool = False  # a writer holds the file's lock: wait for its record
 
 
-def open_hit(cache: ImageCache, image_id: str) -> Hit | None:
+def open_hit(cache: ImageCache, image_id: ImageId) -> Hit | None:
     """In a thread: open the committed file and read its record (None on a miss)."""
     handle = cache.layout.open_committed(image_id)  # never through a symlink
     if handle is None:
@@ -90,7 +91,7 @@ async def await_commit(hit: Hit) -> None:
 
 
 async def record_hit(
-    cache: ImageCache, image_id: str, run: Callable[..., asyncio.Future[None]]
+    cache: ImageCache, image_id: ImageId, run: Callable[..., asyncio.Future[None]]
 ) -> None:
     """Count a hit of ``image_id`` (its LRU order and hit count); ``run``: off the loop."""
     try:

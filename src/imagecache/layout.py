@@ -43,6 +43,23 @@ LOCK_DIR = ".locks"
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._~-]*")
 
 
+class ImageId(str):
+    """An image id that has passed the gate (``CacheLayout.validate``): safe as a file name.
+
+    Only the gate makes one (tests/test_architecture.py checks that nothing
+    else calls this constructor); code past the edge takes an ``ImageId``, and
+    mypy then refuses a caller's raw ``str`` there. A ``str`` subclass rather
+    than a ``typing.NewType``: the seed's driver contract, and the facade,
+    take a plain ``str`` from users of the library, so they must tell at run
+    time an id already checked (one ``type()`` test, then as is) from one that
+    is not (checked once, by ``CacheLayout.accept``); a NewType is only a
+    ``str`` at run time, and every such entry point would check it again. It
+    behaves as the ``str`` it is (equality, hashing, formatting, sqlite).
+    """
+
+    __slots__ = ()
+
+
 def is_cache_dir(path: Path, db_name: str = "cache.db") -> bool:
     """Whether ``path`` is a cache directory: one that opening a cache has made.
 
@@ -65,7 +82,7 @@ def sqlite_side_files(db_name: str) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Paths of one cache directory; every path method validates the id first."""
+    """Paths of one cache directory; every path method takes an id that passed the gate."""
 
     base: Path
     reserved: frozenset[str] = field(default_factory=lambda: sqlite_side_files("cache.db"))
@@ -95,8 +112,14 @@ class CacheLayout:
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         self.reservation_dir.mkdir(exist_ok=True)
 
-    def validate(self, image_id: object) -> str:
-        """Return ``image_id`` if it is safe as a file name here, else raise InvalidImageId."""
+    def validate(self, image_id: object) -> ImageId:
+        """The gate: ``image_id`` as an ``ImageId`` if it is safe as a file name here.
+
+        Else InvalidImageId, saying what is wrong. Edges (the HTTP routes, the
+        CLI's local manager) call it once per caller's id; entry points of the
+        library call ``accept``, which does not check an ``ImageId`` again
+        (the remote client leaves it to the service it asks).
+        """
         if not isinstance(image_id, str):
             raise InvalidImageId(image_id, "must be a string")
         if not image_id:
@@ -110,7 +133,20 @@ class CacheLayout:
             )
         if image_id in SUBDIRS or image_id in self.reserved:
             raise InvalidImageId(image_id, "is a name the cache uses for itself")
-        return image_id
+        return ImageId(image_id)
+
+    def accept(self, image_id: str) -> ImageId:
+        """``image_id`` as an ``ImageId``: as is if it already is one, else through the gate."""
+        if type(image_id) is ImageId:
+            return image_id
+        return self.validate(image_id)
+
+    def valid(self, name: str) -> ImageId | None:
+        """``name`` as an ``ImageId`` if it is one (a file name found on disk), else None."""
+        try:
+            return self.validate(name)
+        except InvalidImageId:
+            return None
 
     def is_valid(self, image_id: str) -> bool:
         try:
@@ -119,10 +155,13 @@ class CacheLayout:
             return False
         return True
 
-    def active_path(self, image_id: str) -> Path:
-        return self.base / self.validate(image_id)
+    # The path methods take an ``ImageId`` (mypy keeps a raw str out); at run
+    # time a plain str from a caller without types still goes through the gate.
 
-    def open_committed(self, image_id: str) -> BinaryIO | None:
+    def active_path(self, image_id: ImageId) -> Path:
+        return self.base / self.accept(image_id)
+
+    def open_committed(self, image_id: ImageId) -> BinaryIO | None:
         """Open the committed file of ``image_id`` for reading; None when there is none.
 
         Never follows a symlink (``O_NOFOLLOW``) and accepts only a regular
@@ -155,18 +194,18 @@ class CacheLayout:
         self._quarantine(path, image_id, "not a regular file")
         return None
 
-    def _quarantine(self, path: Path, image_id: str, what: str) -> None:
+    def _quarantine(self, path: Path, image_id: ImageId, what: str) -> None:
         log.warning("cache entry %s is %s, never served: moved to %s", path, what, self.invalid_dir)
         rename_if_exists(path, self.invalid_path(image_id))
 
-    def incomplete_path(self, image_id: str) -> Path:
-        return self.incomplete_dir / self.validate(image_id)
+    def incomplete_path(self, image_id: ImageId) -> Path:
+        return self.incomplete_dir / self.accept(image_id)
 
-    def invalid_path(self, image_id: str) -> Path:
-        return self.invalid_dir / self.validate(image_id)
+    def invalid_path(self, image_id: ImageId) -> Path:
+        return self.invalid_dir / self.accept(image_id)
 
-    def queue_path(self, image_id: str) -> Path:
-        return self.queue_dir / self.validate(image_id)
+    def queue_path(self, image_id: ImageId) -> Path:
+        return self.queue_dir / self.accept(image_id)
 
     def lock_path(self, name: str) -> Path:
         """A lock file for a named cache-wide operation (prune, clean, ...)."""

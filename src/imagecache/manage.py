@@ -91,9 +91,11 @@ class LocalManager:
         return queued_details(self.cache)
 
     def queue_image(self, image_id: str) -> QueueResult:
+        image_id = self.cache.layout.validate(image_id)  # the CLI's edge: checked once, here
         return self.cache.queue_image(image_id)
 
     def delete_cached_image(self, image_id: str) -> None:
+        image_id = self.cache.layout.validate(image_id)  # the CLI's edge: checked once, here
         # Glance's DELETE /v2/cache/{id} removes the copy and the marker; an id
         # that is neither is unknown.
         deleted = self.cache.delete_cached_image(image_id)
@@ -105,6 +107,7 @@ class LocalManager:
         return self.cache.delete_all_cached_images()
 
     def delete_queued_image(self, image_id: str) -> None:
+        image_id = self.cache.layout.validate(image_id)  # the CLI's edge: checked once, here
         if not self.cache.delete_queued_image(image_id):
             raise ImageNotQueued(image_id)
         forget_stale_errors(self.cache)
@@ -143,6 +146,7 @@ class LocalManager:
 
     def verify(self, image_id: str | None, start: Callable[[int], Progress]) -> ScrubReport:
         if image_id is not None:
+            image_id = self.cache.layout.validate(image_id)  # the CLI's edge
             image = self.cache.get_cached_image(image_id)
             if image is None:
                 raise ImageNotCached(image_id)
@@ -163,6 +167,7 @@ class LocalManager:
         return local_stats(self.cache)
 
     def set_pinned(self, image_id: str, pinned: bool) -> bool:
+        image_id = self.cache.layout.validate(image_id)  # the CLI's edge: checked once, here
         # Read first to say "was not pinned": the drivers' set_pinned only
         # reports whether the image is cached. A pin racing this one can make
         # the answer stale, never the resulting state wrong.

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imagecache.errors import UpstreamForbidden, UpstreamNotActive, UpstreamNotFound
+from imagecache.layout import ImageId
 from imagecache.records import ImageInfo
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 
@@ -236,7 +237,7 @@ class MetadataCache:
         # Counted for the tests and the metrics: lookups that reached the origin.
         self.origin_reads = 0
 
-    async def info(self, image_id: str, caller: Caller = ANONYMOUS) -> ImageInfo:
+    async def info(self, image_id: ImageId, caller: Caller = ANONYMOUS) -> ImageInfo:
         """What the origin promises about the image; raises as ``Upstream.info`` does."""
         if self.ttl <= 0:
             self.origin_reads += 1
@@ -274,7 +275,7 @@ class MetadataCache:
         if self._flights.get(key) is done:
             del self._flights[key]
 
-    async def _alone(self, image_id: str, caller: Caller) -> _Lookup:
+    async def _alone(self, image_id: ImageId, caller: Caller) -> _Lookup:
         return _as_lookup(caller.cache_key(), await self._ask(image_id, caller))
 
     def _applies(self, lookup: _Lookup, asker: str) -> bool:
@@ -282,7 +283,7 @@ class MetadataCache:
             return True
         return lookup.answer is not None and lookup.answer.shareable(True)
 
-    async def forget(self, image_id: str) -> None:
+    async def forget(self, image_id: ImageId) -> None:
         """Drop what is remembered of ``image_id`` here and for the other processes."""
         self._shared.pop(image_id, None)
         self._shared_file.pop(image_id, None)
@@ -296,7 +297,7 @@ class MetadataCache:
             except OSError as exc:  # the other processes' memory ends with the TTL anyway
                 log.warning("cannot drop the shared metadata of %s: %s", image_id, exc)
 
-    async def _forgotten_elsewhere(self, image_id: str) -> bool:
+    async def _forgotten_elsewhere(self, image_id: ImageId) -> bool:
         """Whether another process forgot the shared answer this one remembers (then dropped).
 
         One ``stat`` in the executor per use of a remembered shared answer, that
@@ -320,7 +321,7 @@ class MetadataCache:
 
     # --- memory ----------------------------------------------------------------------------------
 
-    def _remembered(self, image_id: str, asker: str) -> Answer | None:
+    def _remembered(self, image_id: ImageId, asker: str) -> Answer | None:
         now = time.monotonic()
         shared = self._shared.get(image_id)
         if shared is not None and shared[0] > now:
@@ -343,7 +344,7 @@ class MetadataCache:
 
     # --- asking ----------------------------------------------------------------------------------
 
-    async def _ask(self, image_id: str, caller: Caller) -> Answer | Exception:
+    async def _ask(self, image_id: ImageId, caller: Caller) -> Answer | Exception:
         """Ask the origin; a refusal comes back as an ``Answer``, remembered; an error as itself."""
         self.origin_reads += 1
         try:
@@ -355,7 +356,7 @@ class MetadataCache:
         self._remember(answer, caller.cache_key(), answer.lifetime(self.ttl))
         return answer
 
-    async def _lookup(self, image_id: str, caller: Caller) -> _Lookup:
+    async def _lookup(self, image_id: ImageId, caller: Caller) -> _Lookup:
         """The one lookup of ``image_id`` in this process, shared with the others if we can."""
         asker = caller.cache_key()
         fd = None
@@ -394,7 +395,7 @@ class MetadataCache:
         finally:
             os.close(fd)  # releases the lock: the next process reads what we wrote
 
-    def _note_file(self, image_id: str, fd: int) -> None:
+    def _note_file(self, image_id: ImageId, fd: int) -> None:
         # fstat of an open descriptor never waits on the disk.
         _bounded_put(self._shared_file, image_id, os.fstat(fd).st_ino, self.max_entries)
 
@@ -425,7 +426,7 @@ class MetadataCache:
         return asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     @staticmethod
-    def _open(directory: Path, image_id: str) -> int:
+    def _open(directory: Path, image_id: ImageId) -> int:
         path = directory / image_id
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:

@@ -64,7 +64,7 @@ _PERMANENT = (UpstreamNotFound, UpstreamForbidden, UpstreamNotActive)
 
 
 def _error_path(layout: CacheLayout, image_id: str) -> Path:
-    return layout.queue_dir / f".{layout.validate(image_id)}.error"
+    return layout.queue_dir / f".{layout.accept(image_id)}.error"
 
 
 def record_error(layout: CacheLayout, image_id: str, error: str, attempts: int) -> None:
@@ -96,7 +96,7 @@ def queued_details(cache: ImageCache) -> list[QueuedImage]:
     found = []
     for image_id in cache.get_queued_images():
         try:
-            queued_at = os.stat(layout.queue_path(image_id)).st_mtime
+            queued_at = os.stat(layout.queue_path(layout.accept(image_id))).st_mtime
         except FileNotFoundError:
             continue  # prefetched while we looked
         error = read_error(layout, image_id) or {}
@@ -271,6 +271,7 @@ class Prefetcher:
 
     async def _fill(self, image_id: str, caller: Caller) -> PrefetchOutcome:
         """One try at caching ``image_id``, as a detached flight; raises what went wrong."""
+        image_id = self.cache.layout.accept(image_id)  # InvalidImageId: a failure
         if await self._run(self.cache.is_cached, image_id):
             return PrefetchOutcome.ALREADY_CACHED
         info = await self.metadata.info(image_id, caller)

@@ -115,10 +115,11 @@ def _committed_sizes(layout: CacheLayout) -> dict[str, int]:
 def _committed_stat(layout: CacheLayout, image_id: str) -> os.stat_result | None:
     # A row naming no valid id (an adopted Glance database may hold anything)
     # can never be served: it is treated like a row whose file is gone.
-    if not layout.is_valid(image_id):
+    checked = layout.valid(image_id)
+    if checked is None:
         return None
     try:
-        return os.stat(layout.active_path(image_id))
+        return os.stat(layout.active_path(checked))
     except FileNotFoundError:
         return None
 
@@ -150,7 +151,8 @@ def _repair_records(
                     st.st_size,
                     record.size,
                 )
-                rename_if_exists(layout.active_path(image_id), layout.invalid_path(image_id))
+                checked = layout.accept(image_id)  # a name found on disk: not checked yet
+                rename_if_exists(layout.active_path(checked), layout.invalid_path(checked))
                 driver.forget_records([image_id])
                 report.quarantined += 1
             elif record.size != st.st_size:
@@ -187,7 +189,8 @@ def _reject_empty_files(driver: Driver, on_disk: dict[str, int], report: Reconci
         if record is not None and _vouched(record):
             continue
         log.warning("moving the empty, unverifiable file %s to invalid/", image_id)
-        rename_if_exists(layout.active_path(image_id), layout.invalid_path(image_id))
+        checked = layout.accept(image_id)
+        rename_if_exists(layout.active_path(checked), layout.invalid_path(checked))
         driver.delete_cached_image(image_id)
         report.rejected += 1
 
@@ -198,7 +201,7 @@ def _retire_dead_fills(layout: CacheLayout, started_at: float, report: Reconcile
         with contextlib.suppress(FileNotFoundError):
             if entry.stat().st_mtime >= started_at:
                 continue  # may be a fill of this process that has not locked yet
-            if _move_if_unlocked(path, layout.invalid_path(entry.name)):
+            if _move_if_unlocked(path, layout.invalid_path(layout.accept(entry.name))):
                 report.stale_fills += 1
 
 

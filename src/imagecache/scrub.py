@@ -64,7 +64,8 @@ class Scrubber:
 
     def verify(self, image_id: str, throttle: _Throttle | None = None) -> tuple[ScrubOutcome, int]:
         """Re-hash one entry; quarantine it if it does not match. Returns outcome and bytes."""
-        image = self.cache.get_cached_image(image_id)  # InvalidImageId for a bad id
+        image_id = self.cache.layout.accept(image_id)  # InvalidImageId for a bad id
+        image = self.cache.get_cached_image(image_id)
         if image is None:
             return ScrubOutcome.MISSING, 0
         expected = recorded_digest(image)

@@ -109,6 +109,22 @@ async def test_a_hit_that_cannot_be_counted_is_still_served(
     assert "recording a hit of img-1 failed: the metadata store is down" in caplog.text
 
 
+async def test_one_hit_checks_its_image_id_once(
+    client: TestClient[Any, Any], request: pytest.FixtureRequest
+) -> None:
+    # DESIGN.md §2: validated once, at the edge. The route's gate makes an
+    # ImageId, which the facade, the driver and the layout take as checked
+    # (the old code checked the id of one hit five times).
+    await get(client, "/v2/images/img-1/file")
+    await settled(client)
+    checked: list[object] = request.getfixturevalue("gate_calls")  # counted from here on
+    status, headers, body = await get(client, "/v2/images/img-1/file")
+    assert (status, body) == (200, DATA)
+    assert headers["Cache-Status"].endswith("; hit")
+    assert checked == ["img-1"]
+    assert client.app[STATE].cache.get_hit_count("img-1") == 1  # the hit was counted
+
+
 async def test_content_md5_is_the_hex_checksum_like_glance(
     aiohttp_client: ClientFactory, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from imagecache.errors import BadDriverConfiguration, ImageNotCached, NotInClusterMode
-from imagecache.layout import CacheLayout, sqlite_side_files
+from imagecache.layout import CacheLayout, ImageId, sqlite_side_files
 from imagecache.records import CachedImage, Chunk, CleanResult, QueueResult
 from imagecache.settings import Settings
 
@@ -33,7 +33,7 @@ from imagecache.settings import Settings
 class WriteTarget(Protocol):
     """What ``open_for_write`` yields: a writable file plus the digests to record."""
 
-    image_id: str
+    image_id: ImageId
     checksum: str | None
     hash_algo: str | None
     hash_value: str | None
@@ -86,15 +86,15 @@ class Driver(abc.ABC):
     def get_image_filepath(self, image_id: str, cache_status: str = "active") -> Path:
         """Path of the image's file in ``active``, ``incomplete``, ``invalid`` or ``queue``."""
         if cache_status == "active":
-            return self.layout.active_path(image_id)
+            return self.layout.active_path(self.layout.accept(image_id))
         if cache_status not in ("incomplete", "invalid", "queue"):
             raise ValueError(f"unknown cache_status {cache_status!r}")
-        return self.layout.base / cache_status / self.layout.validate(image_id)
+        return self.layout.base / cache_status / self.layout.accept(image_id)
 
     def get_image_size(self, image_id: str) -> int:
         """Size in bytes of the committed file; ImageNotCached if there is none."""
         try:
-            return self.layout.active_path(image_id).stat().st_size
+            return self.layout.active_path(self.layout.accept(image_id)).stat().st_size
         except FileNotFoundError:
             raise ImageNotCached(image_id) from None
 

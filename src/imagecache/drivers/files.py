@@ -47,7 +47,7 @@ from typing import BinaryIO
 from imagecache.drivers.base import Driver
 from imagecache.errors import CacheStoreError, ImageBeingCached, ImageNotCached
 from imagecache.fill.locks import locked_by_writer, take_if_unlocked
-from imagecache.layout import fsync_dir, rename_if_exists, unlink_if_exists
+from imagecache.layout import ImageId, fsync_dir, rename_if_exists, unlink_if_exists
 from imagecache.records import Chunk, CleanResult, QueueResult
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,9 @@ class _Flusher:
 class Fill:
     """An open ``incomplete/<id>`` held under an exclusive lock: one writer of one image."""
 
-    def __init__(self, image_id: str, path: Path, fd: int, *, drop_behind: bool = False) -> None:
+    def __init__(
+        self, image_id: ImageId, path: Path, fd: int, *, drop_behind: bool = False
+    ) -> None:
         self.image_id = image_id
         self.path = path
         self.fd = fd
@@ -234,25 +236,27 @@ class FileBackedDriver(Driver):
     # --- state ---------------------------------------------------------------------------
 
     def is_cached(self, image_id: str) -> bool:
-        return self.layout.active_path(image_id).is_file()
+        return self.layout.active_path(self.layout.accept(image_id)).is_file()
 
     def is_being_cached(self, image_id: str) -> bool:
-        return self.layout.incomplete_path(image_id).exists()
+        return self.layout.incomplete_path(self.layout.accept(image_id)).exists()
 
     def is_cacheable(self, image_id: str) -> bool:
-        return not (self.is_cached(image_id) or self.is_being_cached(image_id))
+        checked = self.layout.accept(image_id)
+        return not (self.is_cached(checked) or self.is_being_cached(checked))
 
     def is_queued(self, image_id: str) -> bool:
-        return self.layout.queue_path(image_id).exists()
+        return self.layout.queue_path(self.layout.accept(image_id)).exists()
 
     # --- queue --------------------------------------------------------------------------------
 
     def queue_image(self, image_id: str) -> QueueResult:
-        if self.is_cached(image_id):
+        checked = self.layout.accept(image_id)
+        if self.is_cached(checked):
             return QueueResult.ALREADY_CACHED
-        if self.is_being_cached(image_id):
+        if self.is_being_cached(checked):
             return QueueResult.BEING_CACHED
-        path = self.layout.queue_path(image_id)
+        path = self.layout.queue_path(checked)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         except FileExistsError:
@@ -274,7 +278,7 @@ class FileBackedDriver(Driver):
         return [name for _, name in sorted(found)]
 
     def delete_queued_image(self, image_id: str) -> bool:
-        return unlink_if_exists(self.layout.queue_path(image_id))
+        return unlink_if_exists(self.layout.queue_path(self.layout.accept(image_id)))
 
     def delete_all_queued_images(self) -> int:
         return sum(
@@ -285,7 +289,7 @@ class FileBackedDriver(Driver):
     # --- deletion -------------------------------------------------------------------------------
 
     def delete_cached_image(self, image_id: str) -> bool:
-        path = self.layout.active_path(image_id)
+        path = self.layout.active_path(self.layout.accept(image_id))
         with _committed(path):
             # Metadata first: a crash in between leaves a file without a row, which
             # reconciliation adopts or removes, never a row pointing at nothing.
@@ -303,8 +307,9 @@ class FileBackedDriver(Driver):
         into place and holds the lock until its record is written; a
         ``delete_cached_image`` after this call waits for that and removes it.
         """
-        path = self.layout.incomplete_path(self.layout.validate(image_id))
-        cancelled = rename_if_exists(path, self.layout.invalid_path(image_id))
+        checked = self.layout.accept(image_id)
+        path = self.layout.incomplete_path(checked)
+        cancelled = rename_if_exists(path, self.layout.invalid_path(checked))
         if cancelled:
             log.info("cancelled the fill of %s: the image was deleted", image_id)
         return cancelled
@@ -356,7 +361,7 @@ class FileBackedDriver(Driver):
 
     # --- writing --------------------------------------------------------------------------------
 
-    def _begin_fill(self, image_id: str) -> Fill:
+    def _begin_fill(self, image_id: ImageId) -> Fill:
         path = self.layout.incomplete_path(image_id)
         for _ in range(8):  # a few rounds of losing races, then give up loudly
             try:
@@ -464,7 +469,7 @@ class FileBackedDriver(Driver):
 
     @contextlib.contextmanager
     def open_for_write(self, image_id: str) -> Iterator[Fill]:
-        fill = self._begin_fill(image_id)
+        fill = self._begin_fill(self.layout.accept(image_id))
         try:
             try:
                 yield fill
@@ -486,7 +491,7 @@ class FileBackedDriver(Driver):
 
     @contextlib.contextmanager
     def open_for_read(self, image_id: str) -> Iterator[BinaryIO]:
-        handle = self.layout.open_committed(image_id)  # never through a symlink
+        handle = self.layout.open_committed(self.layout.accept(image_id))  # never through a symlink
         if handle is None:
             raise ImageNotCached(image_id)
         with handle:

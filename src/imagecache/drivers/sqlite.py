@@ -242,7 +242,7 @@ class SqliteDriver(FileBackedDriver):
             )
 
     def record_hit(self, image_id: str) -> None:
-        self.layout.validate(image_id)
+        self.layout.accept(image_id)
         now = time.time()
         with self._hits_lock:
             count, _ = self._pending_hits.get(image_id, (0, now))
@@ -298,7 +298,7 @@ class SqliteDriver(FileBackedDriver):
                 self._local.conn = None
 
     def set_pinned(self, image_id: str, pinned: bool) -> bool:
-        self.layout.validate(image_id)
+        self.layout.accept(image_id)
         with self._tx() as conn:
             cursor = conn.execute(
                 "UPDATE cached_images SET pinned = ? WHERE image_id = ?", (int(pinned), image_id)
@@ -345,7 +345,7 @@ class SqliteDriver(FileBackedDriver):
         )
 
     def get_cached_image(self, image_id: str) -> CachedImage | None:
-        self.layout.validate(image_id)
+        self.layout.accept(image_id)
         rows = self._query(
             f"SELECT {_COLUMNS} FROM cached_images WHERE image_id = ?",  # noqa: S608
             (image_id,),
@@ -353,7 +353,7 @@ class SqliteDriver(FileBackedDriver):
         return _row_to_image(rows[0]) if rows else None
 
     def get_hit_count(self, image_id: str) -> int:
-        self.layout.validate(image_id)
+        self.layout.accept(image_id)
         rows = self._query("SELECT hits FROM cached_images WHERE image_id = ?", (image_id,))
         return int(rows[0][0]) if rows else 0
 

@@ -90,7 +90,7 @@ class XattrDriver(FileBackedDriver):
             probe.unlink(missing_ok=True)
 
     def _path(self, image_id: str) -> Path:
-        return self.layout.active_path(image_id)
+        return self.layout.active_path(self.layout.accept(image_id))
 
     # --- metadata hooks -------------------------------------------------------------------
 

@@ -155,7 +155,7 @@ class FillCoordinator:
         self, image_id: str, info: ImageInfo | None, caller: Caller | None, detached: bool
     ) -> Flight:
         """A new flight, registered, its task started (a fill, or with no caller a watch)."""
-        flight = Flight(image_id, info)
+        flight = Flight(self.cache.layout.accept(image_id), info)  # as is from an edge
         flight.detached = detached
         flight.on_change = self._update_busy
         # Registered before the first await: every later request of this

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from imagecache.capacity import Reservation
 from imagecache.errors import CacheStoreError
+from imagecache.layout import ImageId
 from imagecache.records import ImageInfo
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class FlightState(enum.Enum):
 class Flight:
     """One image's fill as seen by the readers of this process."""
 
-    def __init__(self, image_id: str, info: ImageInfo | None) -> None:
+    def __init__(self, image_id: ImageId, info: ImageInfo | None) -> None:
         self.image_id = image_id
         self.info = info
         self.kind = FlightKind.PENDING

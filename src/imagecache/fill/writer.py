@@ -29,6 +29,7 @@ from imagecache.errors import (
     VerificationError,
 )
 from imagecache.fill.hashing import HASH_BACKLOG, FileSpan, Hash, Hasher, choose_digest
+from imagecache.layout import ImageId
 from imagecache.records import Chunk, ImageInfo
 
 if TYPE_CHECKING:
@@ -49,7 +50,11 @@ class FillWriter:
     """
 
     def __init__(
-        self, driver: Driver | None, image_id: str, info: ImageInfo | None, hash_nice: int | None
+        self,
+        driver: Driver | None,
+        image_id: ImageId,
+        info: ImageInfo | None,
+        hash_nice: int | None,
     ) -> None:
         # No driver: a ``Verifier``, which never opens a cache copy.
         self._driver = driver
@@ -283,5 +288,5 @@ class Verifier(FillWriter):
     rest of a download whose fill died); never opened, so never committed.
     """
 
-    def __init__(self, image_id: str, info: ImageInfo | None) -> None:
+    def __init__(self, image_id: ImageId, info: ImageInfo | None) -> None:
         super().__init__(None, image_id, info, None)

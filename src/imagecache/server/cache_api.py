@@ -21,6 +21,7 @@ from imagecache.errors import (
     UpstreamNotActive,
     UpstreamNotFound,
 )
+from imagecache.layout import ImageId
 from imagecache.prefetch import queued_details
 from imagecache.server.auth import Handler, admin_only, caller_from
 from imagecache.server.queue_worker import QueueWorker
@@ -114,7 +115,7 @@ async def delete_entry(request: web.Request, state: ServiceState) -> web.StreamR
     return web.Response(status=204)
 
 
-def _forget(state: ServiceState, image_id: str) -> bool:
+def _forget(state: ServiceState, image_id: ImageId) -> bool:
     # In cluster mode the copies on every other node go too (server/cluster.py's ClusterTasks).
     cached = delete_everywhere(state.cache, image_id)
     queued = state.cache.delete_queued_image(image_id)
@@ -177,7 +178,7 @@ async def legacy_delete_cached(request: web.Request, state: ServiceState) -> web
     return web.json_response(None)
 
 
-def _delete_here(state: ServiceState, image_id: str) -> None:
+def _delete_here(state: ServiceState, image_id: ImageId) -> None:
     state.cache.cancel_fill(image_id)  # the deletion wins over a fill in progress
     state.cache.delete_cached_image(image_id)
 

@@ -18,6 +18,7 @@ from imagecache import hits
 from imagecache.errors import NotPermitted, ResourceNotFound, UpstreamNotActive
 from imagecache.fill import frontier
 from imagecache.fill.flight import CACHED, Flight, FlightKind
+from imagecache.layout import ImageId
 from imagecache.records import ImageInfo
 from imagecache.server.auth import Access, caller_from
 from imagecache.server.cache_status import Outcome, cache_status
@@ -99,7 +100,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     return await stream_through(request, state, info, caller, None, "fill_retries")
 
 
-async def _info(state: ServiceState, image_id: str, caller: Caller) -> ImageInfo | None:
+async def _info(state: ServiceState, image_id: ImageId, caller: Caller) -> ImageInfo | None:
     """The image's info for a download; None for an image without data (Glance's 204).
 
     A deactivated image has data: whether this caller gets it is the access
@@ -115,7 +116,7 @@ async def _info(state: ServiceState, image_id: str, caller: Caller) -> ImageInfo
 async def _serve_hit(
     request: web.Request,
     state: ServiceState,
-    image_id: str,
+    image_id: ImageId,
     hit: hits.Hit,
     access: Access = Access.CONFIRMED,
 ) -> web.StreamResponse:
@@ -159,7 +160,7 @@ async def _serve_hit(
 
 
 async def _serve_miss(
-    request: web.Request, state: ServiceState, image_id: str, info: ImageInfo, caller: Caller
+    request: web.Request, state: ServiceState, image_id: ImageId, info: ImageInfo, caller: Caller
 ) -> web.StreamResponse | Served:
     etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
     if none_match(request, etag):
@@ -205,7 +206,7 @@ async def _serve_miss(
 
 
 async def _serve_sibling(
-    request: web.Request, state: ServiceState, image_id: str
+    request: web.Request, state: ServiceState, image_id: ImageId
 ) -> web.StreamResponse:
     """A sibling's miss here: share a fill in progress, never start one (it could ask back)."""
     flight = state.fills.current(image_id)
@@ -231,7 +232,7 @@ async def _serve_sibling(
 async def _serve_range(
     request: web.Request,
     state: ServiceState,
-    image_id: str,
+    image_id: ImageId,
     info: ImageInfo,
     caller: Caller,
     etag: str | None,

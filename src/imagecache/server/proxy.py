@@ -29,6 +29,7 @@ from aiohttp import hdrs, web
 
 from imagecache.cluster import delete_everywhere
 from imagecache.errors import BadRequest, ResourceNotFound, UpstreamNotActive
+from imagecache.layout import ImageId
 from imagecache.server.auth import caller_from
 from imagecache.server.state import STATE, ServiceState
 from imagecache.upstreams.glance import GlanceUpstream
@@ -120,8 +121,9 @@ async def relay(request: web.Request) -> web.StreamResponse:
             response.content_length = int(length)
         if request.method == "DELETE" and 200 <= upstream.status < 300:
             # Before the client hears "deleted", so nothing it does next can get the old copy.
-            image_id = request.match_info.get("image_id")
-            if image_id is not None and state.cache.layout.is_valid(image_id):
+            raw = request.match_info.get("image_id")
+            image_id = state.cache.layout.valid(raw) if raw is not None else None
+            if image_id is not None:
                 await state.fills.run(_evict, state, image_id)
                 await state.metadata.forget(image_id)  # its size and checksums are gone too
         await response.prepare(request)
@@ -132,7 +134,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         return response
 
 
-def _evict(state: ServiceState, image_id: str) -> None:
+def _evict(state: ServiceState, image_id: ImageId) -> None:
     delete_everywhere(state.cache, image_id)  # every node's copy, in cluster mode
     state.cache.delete_queued_image(image_id)
     log.info("image %s deleted upstream; local copy evicted", image_id)

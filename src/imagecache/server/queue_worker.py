@@ -77,6 +77,7 @@ class QueueWorker:
 
     async def fetch(self, image_id: str, caller: Caller = SERVICE) -> None:
         cache = self.fills.cache
+        image_id = cache.layout.accept(image_id)
         if await self.fills.run(cache.is_cached, image_id):
             await self.fills.run(cache.delete_queued_image, image_id)
             return

@@ -11,6 +11,7 @@ from aiohttp import web
 from imagecache.cache import ImageCache
 from imagecache.fill.coordinator import FillCoordinator
 from imagecache.keystone import ServiceIdentity, TokenValidator
+from imagecache.layout import ImageId
 from imagecache.metadata import MetadataCache
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings
@@ -37,10 +38,11 @@ class ServiceState:
     identity: ServiceIdentity | None = None
     tokens: TokenValidator | None = None
 
-    def image_id(self, request: web.Request) -> str:
+    def image_id(self, request: web.Request) -> ImageId:
         """The ``{image_id}`` of the route, validated once, here at the edge.
 
         A bad one raises ``InvalidImageId``, a 400 with its message (app.STATUS).
+        The ``ImageId`` it returns is not checked again on the way to the disk.
         """
         return self.cache.layout.validate(request.match_info["image_id"])
 

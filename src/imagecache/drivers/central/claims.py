@@ -112,7 +112,7 @@ class OriginClaims(NodeRegistry):
         The claim is this node's site's (``OriginClaim``): a node reading the
         image at another site does not stop this one.
         """
-        self.layout.validate(image_id)
+        image_id = self.layout.accept(image_id)
         try:
             return self._claim(image_id, unreachable)
         except CacheStoreError as exc:

@@ -30,7 +30,7 @@ class ClusterDeletions(CentralStore):
         runs it with every heartbeat). A copy filled after the mark is kept:
         the mark only condemns copies made before it.
         """
-        self.layout.validate(image_id)
+        image_id = self.layout.accept(image_id)
         self._require_online("deleting an image on every node")
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(deleted_images).values(

@@ -232,7 +232,7 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport, P
     # --- agreeing with the files -----------------------------------------------------------------
 
     def record_image(self, image: CachedImage, *, replace: bool = False) -> bool:
-        self.layout.validate(image.image_id)
+        self.layout.accept(image.image_id)
         written = self.mirror.record_image(image, replace=replace)
         if written:
             self.push([image.image_id])
@@ -306,14 +306,14 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport, P
         self.push(doomed)
 
     def record_hit(self, image_id: str) -> None:
-        self.layout.validate(image_id)  # this directory's rules (the mirror's name differs)
+        image_id = self.layout.accept(image_id)  # this directory's rules cover the mirror's
         self.mirror.record_hit(image_id)  # local, batched; the heartbeat's drain writes it
 
     def flush_hits(self) -> None:
         self.mirror.flush_hits()
 
     def set_pinned(self, image_id: str, pinned: bool) -> bool:
-        self.layout.validate(image_id)
+        image_id = self.layout.accept(image_id)
         changed = self.mirror.set_pinned(image_id, pinned)
         if changed:
             self.push([image_id])
@@ -331,11 +331,11 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport, P
         return self.mirror.iter_sizes()
 
     def get_cached_image(self, image_id: str) -> CachedImage | None:
-        self.layout.validate(image_id)
+        image_id = self.layout.accept(image_id)
         return self.mirror.get_cached_image(image_id)
 
     def get_hit_count(self, image_id: str) -> int:
-        self.layout.validate(image_id)
+        image_id = self.layout.accept(image_id)
         return self.mirror.get_hit_count(image_id)
 
     def get_least_recently_accessed(self) -> tuple[str, int] | None:

@@ -274,7 +274,7 @@ class NodeRegistry(CentralStore):
 
     def get_cached_siblings(self, image_id: str) -> list[Sibling]:
         """The live nodes holding a copy not marked deleted since it was made, with their sites."""
-        self.layout.validate(image_id)
+        image_id = self.layout.accept(image_id)
         self._require_online("finding the nodes holding an image")
         with self._read() as conn:
             rows = conn.execute(self._holders(image_id).order_by(nodes.c.url))

@@ -74,7 +74,7 @@ class PreheatJobs(PreheatView):
         site labels (the live nodes of that site). BadPreheatRequest says what
         is wrong with them, InvalidImageId with an image id.
         """
-        wanted = list(dict.fromkeys(self.layout.validate(image) for image in images))
+        wanted = list(dict.fromkeys(self.layout.accept(image) for image in images))
         if not wanted:
             raise BadPreheatRequest("no images: name at least one image to preheat")
         if len(wanted) > MAX_IMAGES:
