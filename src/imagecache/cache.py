@@ -63,6 +63,8 @@ class ImageCache:
     def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
         self.settings = settings
         self.driver = driver if driver is not None else create_driver(settings)
+        # Above this size an image is only streamed (``too_large``).
+        self.largest_cacheable_image = settings.largest_cacheable_image
         # The nice value for fills' hash threads, if this process may use it.
         self.hash_nice = usable_nice(settings.fill_hash_nice)
 
@@ -272,15 +274,23 @@ class ImageCache:
         if self.driver.is_cached(self._id(image_id)):
             return False
         size = info.size if info is not None else None
-        if size is not None and size > self.settings.largest_cacheable_image:
+        if self.too_large(size):
             log.info(
                 "image %s (%d bytes) is above the largest cacheable size (%d); streaming only",
                 image_id,
                 size,
-                self.settings.largest_cacheable_image,
+                self.largest_cacheable_image,
             )
             return False
         return True
+
+    def too_large(self, size: int | None) -> bool:
+        """Whether an image of ``size`` bytes is never cached, only streamed (unknown: no).
+
+        The one copy of the rule: the facade's ``should_cache``, the fill
+        coordinator and the capacity check all ask here.
+        """
+        return size is not None and size > self.largest_cacheable_image
 
     def get_caching_iter(
         self, image_id: str, chunks: Iterable[bytes], info: ImageInfo | None = None

@@ -182,8 +182,7 @@ class Capacity:
 
         Blocking (metadata queries, unlinks): call it from a worker thread.
         """
-        settings = self.cache.settings
-        if size is not None and size > settings.largest_cacheable_image:
+        if self.cache.too_large(size):
             return Reservation(image_id, 0, Admission.TOO_LARGE)
         if size is None:
             return Reservation(image_id, 0, Admission.ADMITTED)
