@@ -63,6 +63,10 @@ class ImageCache:
     def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
         self.settings = settings
         self.driver = driver if driver is not None else create_driver(settings)
+        # The directory's limits, copied once: the capacity check, prune and the
+        # stats read these values, not the settings.
+        self.max_size = settings.image_cache_max_size
+        self.free_space_watermark = settings.free_space_watermark
         # Above this size an image is only streamed (``too_large``).
         self.largest_cacheable_image = settings.largest_cacheable_image
         # The nice value for fills' hash threads, if this process may use it.
@@ -238,7 +242,7 @@ class ImageCache:
         the metadata and the disk disagree (Glance's central driver could spin
         forever there).
         """
-        limit = self.settings.image_cache_max_size if max_size is None else max_size
+        limit = self.max_size if max_size is None else max_size
         with self.exclusive("prune"):
             current = self.driver.get_cache_size()
             files = freed = 0

@@ -185,7 +185,7 @@ def local_stats(cache: ImageCache) -> dict[str, Any]:
     images = cache.get_cached_images()
     queued = queued_details(cache)
     size = sum(image.size for image in images)
-    limit = cache.settings.image_cache_max_size
+    limit = cache.max_size
     usage = shutil.disk_usage(layout.base)
     return {
         "cached_images": len(images),
@@ -200,7 +200,7 @@ def local_stats(cache: ImageCache) -> dict[str, Any]:
         "incomplete_files": sum(1 for _ in layout.iter_images(layout.incomplete_dir)),
         "invalid_files": sum(1 for _ in layout.iter_images(layout.invalid_dir)),
         "disk_free_bytes": usage.free,
-        "free_space_watermark": cache.settings.free_space_watermark,
-        "driver": cache.settings.image_cache_driver,
+        "free_space_watermark": cache.free_space_watermark,
+        "driver": cache.driver_name,
         "cache_dir": os.fspath(layout.base),
     }
