@@ -7,7 +7,9 @@ two package modules that hold the convenience factories (``create_driver``,
 imports ``imagecache.settings`` (not even for a type), names ``Settings``, or
 reads a ``.settings`` attribute (Glance's drivers read a global ``CONF``
 anywhere; here ``create_app`` and the CLI build ``DriverConfig`` and
-``UpstreamConfig`` once and hand them down).
+``UpstreamConfig`` once and hand them down). And nothing reads the settings
+back through the cache facade (``cache.settings``): ``ImageCache`` keeps
+only the values it uses.
 """
 
 from __future__ import annotations
@@ -69,4 +71,36 @@ def test_the_settings_check_sees_the_forms_it_forbids(tmp_path: Path) -> None:
         "imports imagecache.settings",
         "names Settings",
         "reads self.settings",
+    }
+
+
+def settings_read_through_a_cache(path: Path) -> set[str]:
+    """Each ``<...cache>.settings`` in ``path`` (``cache``, ``self.cache``, ``state.cache``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr == "settings":
+            inner = node.value
+            last = inner.attr if isinstance(inner, ast.Attribute) else getattr(inner, "id", "")
+            if last.lower().endswith("cache"):
+                found.add(ast.unparse(node))
+    return found
+
+
+def test_nothing_reads_the_settings_through_the_cache() -> None:
+    found = {(name, use) for name, path in modules() for use in settings_read_through_a_cache(path)}
+    assert found == set(), "hand the component its values where it is built"
+
+
+def test_the_cache_check_sees_the_forms_it_forbids(tmp_path: Path) -> None:
+    source = tmp_path / "job.py"
+    source.write_text(
+        "def a(cache):\n    return cache.settings.idle_ttl\n"
+        "def b(self):\n    return self.cache.settings\n"
+        "def c(state):\n    return state.image_cache.settings\n"
+        "def d(app):\n    return app.settings.public_url\n"
+    )
+    assert settings_read_through_a_cache(source) == {
+        "cache.settings",
+        "self.cache.settings",
+        "state.image_cache.settings",
     }

@@ -28,7 +28,9 @@ async def test_jobs_run_on_their_intervals(make_settings: Callable[..., Settings
         assert cache.cache_image_iter("new", [b"n" * 2000])
         cache.driver.layout.invalid_path("junk").write_bytes(b"j")
         cache.queue_image("queued")
-        maintenance = Maintenance(cache, Schedule.of(settings), Prefetcher(cache, upstream))
+        maintenance = Maintenance(
+            cache, Schedule.of(settings), Prefetcher.standalone(settings, cache, upstream)
+        )
         await maintenance.start()
         try:
             async with asyncio.timeout(10):

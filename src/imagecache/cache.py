@@ -61,10 +61,10 @@ class ImageCache:
     """The image cache of one directory, over the driver the settings name."""
 
     def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
-        self.settings = settings
         self.driver = driver if driver is not None else create_driver(settings)
         # The directory's limits, copied once: the capacity check, prune and the
-        # stats read these values, not the settings.
+        # stats read these values. The settings themselves are not kept, so no
+        # helper re-reads them through the cache (each is handed its values).
         self.max_size = settings.image_cache_max_size
         self.free_space_watermark = settings.free_space_watermark
         # Above this size an image is only streamed (``too_large``).

@@ -51,10 +51,11 @@ def install(app: web.Application) -> None:
     prefetcher = Prefetcher(
         state.cache,
         state.upstream,
-        capacity,
         fills=state.fills,
         executor=state.executor,
         metadata=state.metadata,
+        concurrency=state.settings.prefetch_concurrency,
+        retries=state.settings.prefetch_retries,
     )
     worker.prefetcher = prefetcher
     maintenance = Maintenance(state.cache, Schedule.of(state.settings), prefetcher)
