@@ -88,6 +88,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects import postgresql
 
 from imagecache import migrations
+from imagecache.drivers import driver_config
 from imagecache.drivers.base import Driver
 from imagecache.drivers.central import CentralDriver, cached_images, make_engine, nodes
 from imagecache.drivers.central.nodes import node_instance_id, normalise_self_url
@@ -121,13 +122,13 @@ class SimNode(CentralDriver):
     """
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
-        super().__init__(settings)
+        super().__init__(driver_config(settings))
         self._given_engine = engine
 
     def configure(self) -> None:
         Driver.configure(self)
-        assert self.settings.worker_self_reference_url is not None
-        self.self_url = normalise_self_url(self.settings.worker_self_reference_url)
+        assert self.config.worker_self_reference_url is not None
+        self.self_url = normalise_self_url(self.config.worker_self_reference_url)
         self._beat_lock = threading.Lock()
         self._left = False
         self._registered = False

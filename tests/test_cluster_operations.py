@@ -69,7 +69,7 @@ async def test_all_nodes_lists_every_node_with_its_copies(
     assert isinstance(gone, CentralDriver)
     try:
         put(gone, "a")
-        age_heartbeat(gone, gone.settings.node_dead_after + 1)
+        age_heartbeat(gone, gone.config.node_dead_after + 1)
         await fill(one, "a")
         await fill(two, "a")
         await fill(two, "b")

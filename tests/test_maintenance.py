@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imagecache import ImageCache, Settings
-from imagecache.maintenance import Maintenance, evict_idle
+from imagecache.maintenance import Maintenance, Schedule, evict_idle
 from imagecache.prefetch import Prefetcher
 from test_prefetch import ScriptedUpstream
 
@@ -28,7 +28,9 @@ async def test_jobs_run_on_their_intervals(make_settings: Callable[..., Settings
         assert cache.cache_image_iter("new", [b"n" * 2000])
         cache.driver.layout.invalid_path("junk").write_bytes(b"j")
         cache.queue_image("queued")
-        maintenance = Maintenance(cache, Prefetcher(cache, upstream))
+        maintenance = Maintenance(
+            cache, Schedule.of(settings), Prefetcher.standalone(settings, cache, upstream)
+        )
         await maintenance.start()
         try:
             async with asyncio.timeout(10):
@@ -54,7 +56,7 @@ async def test_a_failing_job_keeps_its_schedule(make_settings: Callable[..., Set
         prune_interval=0.01, clean_interval=0, queue_interval=0, scrub_interval=0
     )
     with ImageCache(settings) as cache:
-        maintenance = Maintenance(cache)
+        maintenance = Maintenance(cache, Schedule.of(settings))
         calls = 0
 
         async def broken() -> None:
@@ -102,7 +104,7 @@ async def test_the_scheduled_scrub_quarantines(
         assert cache.cache_image_iter("good", [b"g" * 100_000])
         assert cache.cache_image_iter("rotten", [b"r" * 100_000])
         await asyncio.to_thread(_flip_a_byte, cache_dir / "rotten")
-        maintenance = Maintenance(cache)
+        maintenance = Maintenance(cache, Schedule.of(settings))
         await maintenance.start()
         try:
             async with asyncio.timeout(10):
@@ -129,7 +131,7 @@ async def test_scheduled_prune_waits_for_a_manual_one_elsewhere(
     with ImageCache(settings) as cache, ImageCache(settings) as other:
         assert cache.cache_image_iter("a", [b"a" * 800])
         assert cache.cache_image_iter("b", [b"b" * 800])
-        maintenance = Maintenance(cache)
+        maintenance = Maintenance(cache, Schedule.of(settings))
         with other.exclusive("prune"):
             job = asyncio.create_task(maintenance.prune())
             done, _ = await asyncio.wait([job], timeout=0.3)
@@ -148,7 +150,7 @@ async def test_stop_waits_for_a_job_still_in_its_thread(
     close the database under a running query (that crashed the process once)."""
     settings = make_settings(prune_interval=0, clean_interval=0, queue_interval=0, scrub_interval=0)
     with ImageCache(settings) as cache, ImageCache(settings) as other:
-        maintenance = Maintenance(cache)
+        maintenance = Maintenance(cache, Schedule.of(settings))
         with other.exclusive("reconcile"):  # the start-up reconcile blocks in its thread
             await maintenance.start()
             stopping = asyncio.create_task(maintenance.stop())

@@ -79,10 +79,11 @@ async def test_retries_a_flaky_image_and_quarantines_a_corrupt_one(
     upstream = ScriptedUpstream(_images(5))
     upstream.fail_first["img-1"] = 2
     upstream.corrupt.add("img-2")
-    with ImageCache(make_settings(prefetch_retries=3, prefetch_concurrency=2)) as cache:
+    settings = make_settings(prefetch_retries=3, prefetch_concurrency=2)
+    with ImageCache(settings) as cache:
         for image_id in upstream.images:
             assert cache.queue_image(image_id)
-        report = await Prefetcher(cache, upstream, backoff=0.01).run()
+        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.01).run()
 
         assert report.outcomes["img-1"] is PrefetchOutcome.CACHED
         assert upstream.streams["img-1"] == 3  # two failures, then success
@@ -114,9 +115,10 @@ async def test_gives_up_after_the_retries_and_keeps_the_marker(
 ) -> None:
     upstream = ScriptedUpstream(_images(1))
     upstream.fail_first["img-0"] = 10
-    with ImageCache(make_settings(prefetch_retries=2)) as cache:
+    settings = make_settings(prefetch_retries=2)
+    with ImageCache(settings) as cache:
         cache.queue_image("img-0")
-        report = await Prefetcher(cache, upstream, backoff=0.001).run()
+        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.001).run()
         assert report.outcomes["img-0"] is PrefetchOutcome.FAILED
         assert upstream.streams["img-0"] == 3
         [left] = queued_details(cache)
@@ -125,7 +127,7 @@ async def test_gives_up_after_the_retries_and_keeps_the_marker(
 
         # The next run succeeds once the origin recovers, and forgets the error.
         upstream.fail_first.clear()
-        report = await Prefetcher(cache, upstream, backoff=0.001).run()
+        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.001).run()
         assert report.outcomes["img-0"] is PrefetchOutcome.CACHED
         assert queued_details(cache) == []
         assert not list((cache.driver.layout.queue_dir).iterdir())
@@ -133,9 +135,10 @@ async def test_gives_up_after_the_retries_and_keeps_the_marker(
 
 async def test_permanent_refusals_are_not_retried(make_settings: Callable[..., Settings]) -> None:
     upstream = ScriptedUpstream({})
-    with ImageCache(make_settings(prefetch_retries=5)) as cache:
+    settings = make_settings(prefetch_retries=5)
+    with ImageCache(settings) as cache:
         cache.queue_image("missing")
-        report = await Prefetcher(cache, upstream, backoff=0.001).run()
+        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.001).run()
         assert report.outcomes["missing"] is PrefetchOutcome.FAILED
         [left] = queued_details(cache)
         assert left.attempts == 1
@@ -145,12 +148,13 @@ async def test_permanent_refusals_are_not_retried(make_settings: Callable[..., S
 async def test_never_redownloads_a_cached_image(make_settings: Callable[..., Settings]) -> None:
     upstream = ScriptedUpstream(_images(1))
     data = upstream.images["img-0"]
-    with ImageCache(make_settings()) as cache:
+    settings = make_settings()
+    with ImageCache(settings) as cache:
         cache.queue_image("img-0")
         # Someone else caches it before the prefetcher gets to it.
         assert cache.cache_image_iter("img-0", [data])
         (cache.driver.layout.queue_dir / "img-0").touch()
-        report = await Prefetcher(cache, upstream).run(["img-0"])
+        report = await Prefetcher.standalone(settings, cache, upstream).run(["img-0"])
         assert report.outcomes["img-0"] is PrefetchOutcome.ALREADY_CACHED
         assert upstream.streams["img-0"] == 0
         assert cache.get_queued_images() == []
@@ -158,10 +162,11 @@ async def test_never_redownloads_a_cached_image(make_settings: Callable[..., Set
 
 async def test_concurrency_is_bounded(make_settings: Callable[..., Settings]) -> None:
     upstream = ScriptedUpstream(_images(8, size=600_000))
-    with ImageCache(make_settings(prefetch_concurrency=2)) as cache:
+    settings = make_settings(prefetch_concurrency=2)
+    with ImageCache(settings) as cache:
         for image_id in upstream.images:
             cache.queue_image(image_id)
-        report = await Prefetcher(cache, upstream).run()
+        report = await Prefetcher.standalone(settings, cache, upstream).run()
         assert report.ok
         assert len(cache.get_cached_images()) == 8
         assert 1 <= upstream.max_active <= 2
@@ -181,10 +186,11 @@ async def test_with_the_directory_upstream(
     (origin / "bad").write_bytes(bad)
     (origin / "bad.sha256").write_text(hashlib.sha256(b"something else").hexdigest())
     upstream = directory.DirectoryUpstream(origin)
-    with ImageCache(make_settings()) as cache:
+    settings = make_settings()
+    with ImageCache(settings) as cache:
         for image_id in ("good", "bad", "absent"):
             cache.queue_image(image_id)
-        report = await Prefetcher(cache, upstream, backoff=0.001).run()
+        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.001).run()
         await upstream.close()
         assert report.outcomes == {
             "good": PrefetchOutcome.CACHED,
@@ -217,12 +223,13 @@ async def test_a_standalone_prefetch_shares_a_fill_running_on_the_same_directory
     """
     upstream = ScriptedUpstream(_images(1))
     data = upstream.images["img-0"]
-    with ImageCache(make_settings()) as cache, ImageCache(make_settings()) as other:
+    settings = make_settings()
+    with ImageCache(settings) as cache, ImageCache(make_settings()) as other:
         cache.queue_image("img-0")
         writer = other.writer("img-0", await upstream.info("img-0"))
         assert writer.open()
         await asyncio.to_thread(writer.write, data[:1000])
-        prefetcher = Prefetcher(cache, upstream)
+        prefetcher = Prefetcher.standalone(settings, cache, upstream)
         run = asyncio.create_task(prefetcher.run())
 
         def following() -> bool:

@@ -61,8 +61,14 @@ class ImageCache:
     """The image cache of one directory, over the driver the settings name."""
 
     def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
-        self.settings = settings
         self.driver = driver if driver is not None else create_driver(settings)
+        # The directory's limits, copied once: the capacity check, prune and the
+        # stats read these values. The settings themselves are not kept, so no
+        # helper re-reads them through the cache (each is handed its values).
+        self.max_size = settings.image_cache_max_size
+        self.free_space_watermark = settings.free_space_watermark
+        # Above this size an image is only streamed (``too_large``).
+        self.largest_cacheable_image = settings.largest_cacheable_image
         # The nice value for fills' hash threads, if this process may use it.
         self.hash_nice = usable_nice(settings.fill_hash_nice)
 
@@ -238,7 +244,7 @@ class ImageCache:
         the metadata and the disk disagree (Glance's central driver could spin
         forever there).
         """
-        limit = self.settings.image_cache_max_size if max_size is None else max_size
+        limit = self.max_size if max_size is None else max_size
         with self.exclusive("prune"):
             current = self.driver.get_cache_size()
             files = freed = 0
@@ -274,15 +280,23 @@ class ImageCache:
         if self.driver.is_cached(self._id(image_id)):
             return False
         size = info.size if info is not None else None
-        if size is not None and size > self.settings.largest_cacheable_image:
+        if self.too_large(size):
             log.info(
                 "image %s (%d bytes) is above the largest cacheable size (%d); streaming only",
                 image_id,
                 size,
-                self.settings.largest_cacheable_image,
+                self.largest_cacheable_image,
             )
             return False
         return True
+
+    def too_large(self, size: int | None) -> bool:
+        """Whether an image of ``size`` bytes is never cached, only streamed (unknown: no).
+
+        The one copy of the rule: the facade's ``should_cache``, the fill
+        coordinator and the capacity check all ask here.
+        """
+        return size is not None and size > self.largest_cacheable_image
 
     def get_caching_iter(
         self, image_id: str, chunks: Iterable[bytes], info: ImageInfo | None = None

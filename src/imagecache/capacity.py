@@ -171,7 +171,7 @@ class Capacity:
 
     @property
     def limit(self) -> int:
-        return self.cache.settings.image_cache_max_size
+        return self.cache.max_size
 
     def reserved_bytes(self) -> int:
         """Bytes held by this process's reservations (the service's metric)."""
@@ -182,8 +182,7 @@ class Capacity:
 
         Blocking (metadata queries, unlinks): call it from a worker thread.
         """
-        settings = self.cache.settings
-        if size is not None and size > settings.largest_cacheable_image:
+        if self.cache.too_large(size):
             return Reservation(image_id, 0, Admission.TOO_LARGE)
         if size is None:
             return Reservation(image_id, 0, Admission.ADMITTED)
@@ -276,7 +275,7 @@ class Capacity:
         committed = self.cache.get_cache_size()
         over_limit = committed + in_flight + size - self.limit
         under_watermark = 0
-        watermark = self.cache.settings.free_space_watermark
+        watermark = self.cache.free_space_watermark
         if watermark:
             st = os.statvfs(self.cache.layout.base)
             free = st.f_bavail * st.f_frsize

@@ -69,7 +69,7 @@ class _Options:
             )
         if not create:
             _require_cache(settings.image_cache_dir, settings.image_cache_sqlite_db)
-        return LocalManager(ImageCache(settings))
+        return LocalManager(ImageCache(settings), settings)
 
 
 def _require_cache(path: Path, db_name: str) -> None:

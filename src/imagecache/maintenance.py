@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagecache.cache import ImageCache
 from imagecache.errors import ImageCacheError
@@ -41,6 +41,9 @@ from imagecache.prefetch import Prefetcher, forget_stale_errors
 from imagecache.reconcile import ReconcileReport
 from imagecache.records import PruneResult
 from imagecache.scrub import Scrubber
+
+if TYPE_CHECKING:
+    from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +95,46 @@ def evict_idle(cache: ImageCache, ttl: float, now: float | None = None) -> Prune
     return PruneResult(files, freed)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """What the jobs read: their intervals (0: never), the idle TTL, the scrub's rate."""
+
+    prune_interval: float
+    clean_interval: float
+    queue_interval: float
+    scrub_interval: float
+    idle_ttl: int
+    scrub_bytes_per_second: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Schedule:
+        """The settings' values of the same names (built once, by whoever wires the jobs)."""
+        return cls(
+            prune_interval=settings.prune_interval,
+            clean_interval=settings.clean_interval,
+            queue_interval=settings.queue_interval,
+            scrub_interval=settings.scrub_interval,
+            idle_ttl=settings.idle_ttl,
+            scrub_bytes_per_second=settings.scrub_bytes_per_second,
+        )
+
+
 class Maintenance:
     """The scheduled jobs of one service process."""
 
     def __init__(
         self,
         cache: ImageCache,
+        schedule: Schedule,
         prefetcher: Prefetcher | None = None,
         scrubber: Scrubber | None = None,
     ) -> None:
         self.cache = cache
+        self.plan = schedule
         self.prefetcher = prefetcher
-        self.scrubber = scrubber if scrubber is not None else Scrubber(cache)
+        self.scrubber = (
+            scrubber if scrubber is not None else Scrubber(cache, schedule.scrub_bytes_per_second)
+        )
         self.runs: Counter[str] = Counter()
         # Images evicted by the scheduled prune, by reason ("size_limit", "idle_ttl").
         self.evicted: Counter[str] = Counter()
@@ -125,7 +156,7 @@ class Maintenance:
     # --- the jobs (each also callable on its own) ----------------------------------------------
 
     async def prune(self) -> PruneResult:
-        ttl = self.cache.settings.idle_ttl
+        ttl = self.plan.idle_ttl
         idle = await self._in_thread(evict_idle, self.cache, ttl)
         over = await self._in_thread(self.cache.prune)
         self.evicted["idle_ttl"] += idle.files
@@ -148,7 +179,7 @@ class Maintenance:
         return (await self.prefetcher.run(ids)).as_dict()
 
     async def scrub(self) -> Any:
-        interval = self.cache.settings.scrub_interval
+        interval = self.plan.scrub_interval
         stamp = self.cache.layout.lock_path("scrub.done")
 
         def run() -> Any:
@@ -186,12 +217,12 @@ class Maintenance:
         return asyncio.wrap_future(future)
 
     def schedule(self) -> dict[str, tuple[float, Callable[[], Awaitable[Any]]]]:
-        settings = self.cache.settings
+        plan = self.plan
         return {
-            "prune": (settings.prune_interval, self.prune),
-            "clean": (settings.clean_interval, self.clean),
-            "queue": (settings.queue_interval, self.redrive_queue),
-            "scrub": (settings.scrub_interval, self.scrub),
+            "prune": (plan.prune_interval, self.prune),
+            "clean": (plan.clean_interval, self.clean),
+            "queue": (plan.queue_interval, self.redrive_queue),
+            "scrub": (plan.scrub_interval, self.scrub),
         }
 
     # --- lifecycle -----------------------------------------------------------------------------

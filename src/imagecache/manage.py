@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imagecache.adopt import import_glance_cache
 from imagecache.cache import ImageCache
@@ -44,6 +44,9 @@ from imagecache.records import (
 )
 from imagecache.scrub import Scrubber
 
+if TYPE_CHECKING:
+    from imagecache.settings import Settings
+
 
 class CacheManager(Protocol):
     """What every management verb needs; implemented locally and over HTTP."""
@@ -72,8 +75,11 @@ class CacheManager(Protocol):
 class LocalManager:
     """The verbs on a cache directory this process can open."""
 
-    def __init__(self, cache: ImageCache) -> None:
+    def __init__(self, cache: ImageCache, settings: Settings) -> None:
         self.cache = cache
+        # For the prefetch verb alone: it builds an upstream and a fill
+        # coordinator of its own, and the coordinator still takes the settings.
+        self.settings = settings
 
     def close(self) -> None:
         self.cache.close()
@@ -124,7 +130,7 @@ class LocalManager:
         return self.cache.clean()
 
     def prefetch(self, start: Callable[[int], Progress]) -> PrefetchReport:
-        spec = self.cache.settings.upstream
+        spec = self.settings.upstream
         if spec is None:
             raise ConfigurationError(
                 "prefetch needs an upstream: set upstream in the config file or pass --upstream"
@@ -135,9 +141,10 @@ class LocalManager:
         advance = start(len(queued))
 
         async def run() -> PrefetchReport:
-            upstream = create_upstream(spec, self.cache.settings)
+            upstream = create_upstream(spec, self.settings)
             try:
-                prefetcher = Prefetcher(self.cache, upstream, Capacity(self.cache))
+                capacity = Capacity(self.cache)
+                prefetcher = Prefetcher.standalone(self.settings, self.cache, upstream, capacity)
                 return await prefetcher.run(queued, lambda i, _o: advance(i, 1))
             finally:
                 await upstream.close()
@@ -190,7 +197,7 @@ def local_stats(cache: ImageCache) -> dict[str, Any]:
     images = cache.get_cached_images()
     queued = queued_details(cache)
     size = sum(image.size for image in images)
-    limit = cache.settings.image_cache_max_size
+    limit = cache.max_size
     usage = shutil.disk_usage(layout.base)
     return {
         "cached_images": len(images),
@@ -205,7 +212,7 @@ def local_stats(cache: ImageCache) -> dict[str, Any]:
         "incomplete_files": sum(1 for _ in layout.iter_images(layout.incomplete_dir)),
         "invalid_files": sum(1 for _ in layout.iter_images(layout.invalid_dir)),
         "disk_free_bytes": usage.free,
-        "free_space_watermark": cache.settings.free_space_watermark,
-        "driver": cache.settings.image_cache_driver,
+        "free_space_watermark": cache.free_space_watermark,
+        "driver": cache.driver_name,
         "cache_dir": os.fspath(layout.base),
     }

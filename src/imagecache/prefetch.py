@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagecache.cache import ImageCache
 from imagecache.capacity import Capacity
@@ -51,6 +51,9 @@ from imagecache.layout import CacheLayout, unlink_if_exists
 from imagecache.metadata import MetadataCache, metadata_for
 from imagecache.records import PrefetchOutcome, PrefetchReport, QueuedImage
 from imagecache.upstreams.base import SERVICE, Caller, Upstream
+
+if TYPE_CHECKING:
+    from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -137,26 +140,18 @@ class Prefetcher:
         self,
         cache: ImageCache,
         upstream: Upstream,
-        capacity: Capacity | None = None,
         *,
+        fills: FillCoordinator,
+        metadata: MetadataCache,
+        concurrency: int,
+        retries: int,
         backoff: float = 0.5,
-        fills: FillCoordinator | None = None,
         executor: concurrent.futures.Executor | None = None,
-        metadata: MetadataCache | None = None,
     ) -> None:
         self.cache = cache
         self.upstream = upstream
         # The origin's answers about images, shared with a service on the same
         # cache directory (the CLI's prefetch builds its own over the same files).
-        if metadata is None:
-            settings = cache.settings
-            metadata = metadata_for(
-                cache.layout.lock_dir,
-                upstream,
-                settings.metadata_cache_ttl,
-                settings.upstream_timeout,
-                executor,
-            )
         self.metadata = metadata
         self.backoff = backoff
         # Where blocking calls run (None: asyncio's default). The service passes
@@ -164,14 +159,39 @@ class Prefetcher:
         # thread of ours is left using a closed database.
         self.executor = executor
         # The one miss path (see the module's docstring): the service's
-        # coordinator, whose capacity and metadata the service sets, or our own.
-        if fills is None:
-            fills = FillCoordinator(cache.settings, cache, upstream, NO_EVENTS, executor)
-            fills.capacity = capacity
-            fills.metadata = metadata
+        # coordinator, whose capacity and metadata the service sets, or our own
+        # (``standalone``).
         self.fills = fills
-        self._slots = asyncio.Semaphore(cache.settings.prefetch_concurrency)
+        self.retries = retries  # prefetch_retries
+        self._slots = asyncio.Semaphore(concurrency)  # prefetch_concurrency
         self._in_flight: set[str] = set()
+
+    @classmethod
+    def standalone(
+        cls,
+        settings: Settings,
+        cache: ImageCache,
+        upstream: Upstream,
+        capacity: Capacity | None = None,
+        *,
+        backoff: float = 0.5,
+    ) -> Prefetcher:
+        """A prefetcher with its own coordinator and origin answers (the CLI's, not a service's)."""
+        metadata = metadata_for(
+            cache.layout.lock_dir, upstream, settings.metadata_cache_ttl, settings.upstream_timeout
+        )
+        fills = FillCoordinator(settings, cache, upstream, NO_EVENTS, None)
+        fills.capacity = capacity
+        fills.metadata = metadata
+        return cls(
+            cache,
+            upstream,
+            fills=fills,
+            metadata=metadata,
+            concurrency=settings.prefetch_concurrency,
+            retries=settings.prefetch_retries,
+            backoff=backoff,
+        )
 
     def _run(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
@@ -216,7 +236,7 @@ class Prefetcher:
     async def _fetch_with_retries(
         self, image_id: str, caller: Caller
     ) -> tuple[PrefetchOutcome, str | None]:
-        retries = self.cache.settings.prefetch_retries
+        retries = self.retries
         attempt = 0
         while True:
             attempt += 1

@@ -52,10 +52,9 @@ class _Throttle:
 class Scrubber:
     """Re-verifies cached files; blocking, so the service runs it in a thread."""
 
-    def __init__(self, cache: ImageCache, bytes_per_second: int | None = None) -> None:
+    def __init__(self, cache: ImageCache, bytes_per_second: int) -> None:
         self.cache = cache
-        rate = cache.settings.scrub_bytes_per_second
-        self.rate = rate if bytes_per_second is None else bytes_per_second
+        self.rate = bytes_per_second  # scrub_bytes_per_second; 0: unthrottled
         self.stop_event = threading.Event()
         self.quarantined = 0
 

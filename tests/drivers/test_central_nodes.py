@@ -31,6 +31,7 @@ from imagecache import (
     ImageInfo,
     create_driver,
 )
+from imagecache.drivers import driver_config
 from imagecache.drivers.central import CentralDriver, cached_images, node_instance_id
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.settings import Settings, load_settings
@@ -57,7 +58,7 @@ def test_get_cached_nodes_answers_per_image(make_node: NodeFactory) -> None:
 def test_dead_node_is_not_offered_until_it_beats_again(make_node: NodeFactory) -> None:
     a, b = make_node("a"), make_node("b")
     put(a, "img")
-    age_heartbeat(a, a.settings.node_dead_after + 1)
+    age_heartbeat(a, a.config.node_dead_after + 1)
     assert b.get_cached_nodes("img") == []
     assert [n.alive for n in b.list_nodes()] == [False, True]
     assert b.count_live_nodes() == 1
@@ -76,7 +77,7 @@ def test_a_second_live_node_with_the_same_url_is_refused(make_node: NodeFactory)
 def test_the_url_of_a_dead_node_can_be_taken_over(make_node: NodeFactory) -> None:
     a = make_node("a", url="http://127.0.0.1:9/shared")
     put(a, "img")
-    age_heartbeat(a, a.settings.node_dead_after + 1)
+    age_heartbeat(a, a.config.node_dead_after + 1)
     b = make_node("b", url="http://127.0.0.1:9/shared")
     # a's rows described a's directory, not b's: gone with the takeover.
     assert b.get_cached_images() == []
@@ -302,7 +303,7 @@ def test_a_glance_cache_db_is_imported(central_db_url: str, tmp_path: Path) -> N
 def test_sqlite_driver_is_untouched_by_the_import(central_db_url: str, tmp_path: Path) -> None:
     cache_dir = tmp_path / "node"
     cache_dir.mkdir()
-    single = SqliteDriver(sqlite_settings(cache_dir))
+    single = SqliteDriver(driver_config(sqlite_settings(cache_dir)))
     single.configure()
     with single.open_for_write("a") as target:
         target.write(b"a")
@@ -377,7 +378,7 @@ def test_the_claim_of_a_dead_node_is_void(make_node: NodeFactory) -> None:
     taken.release()
     # Once its heartbeat is stale, anyone may.
     c = make_node("c")
-    age_heartbeat(b, b.settings.node_dead_after + 1)
+    age_heartbeat(b, b.config.node_dead_after + 1)
     late = c.claim_origin_fill("img")
     assert late is not None
     late.release()
@@ -400,7 +401,7 @@ def test_the_whole_cluster_can_be_listed(make_node: NodeFactory) -> None:
     put(b, "x", b"22")
     put(b, "y", b"333")
     put(c, "z")
-    age_heartbeat(c, c.settings.node_dead_after + 1)
+    age_heartbeat(c, c.config.node_dead_after + 1)
     listing = [(url, image.image_id, image.size) for url, image in a.get_cluster_images()]
     assert listing == [(a.self_url, "x", 1), (b.self_url, "x", 2), (b.self_url, "y", 3)]
 

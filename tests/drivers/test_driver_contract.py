@@ -362,7 +362,7 @@ def test_delete_of_a_file_that_vanished_is_not_an_error(cache: ImageCache, cache
     assert cache.get_cache_size() == 0
 
 
-def test_delete_all_cached_images(cache: ImageCache, cache_dir: Path) -> None:
+def test_delete_all_cached_images(cache: ImageCache, cache_dir: Path, settings: Settings) -> None:
     put(cache, "a")
     put(cache, "b")
     cache.queue_image("q")
@@ -370,8 +370,8 @@ def test_delete_all_cached_images(cache: ImageCache, cache_dir: Path) -> None:
     assert cache.delete_all_cached_images() == 0
     assert cache.get_cached_images() == []
     assert cache.get_queued_images() == ["q"], "deleting images leaves the queue alone"
-    assert (cache_dir / cache.settings.image_cache_sqlite_db).exists() or (
-        cache.settings.image_cache_driver != "sqlite"
+    assert (cache_dir / settings.image_cache_sqlite_db).exists() or (
+        settings.image_cache_driver != "sqlite"
     )
 
 
@@ -393,8 +393,10 @@ def test_clean_with_stall_zero_removes_every_dead_fill(cache: ImageCache, cache_
     assert cache.is_cacheable("fresh")
 
 
-def test_clean_with_default_stall_time(cache: ImageCache, cache_dir: Path) -> None:
-    assert cache.settings.image_cache_stall_time == DAY
+def test_clean_with_default_stall_time(
+    cache: ImageCache, cache_dir: Path, settings: Settings
+) -> None:
+    assert settings.image_cache_stall_time == DAY
     make_incomplete(cache_dir, "stalled", age=2 * DAY)
     make_incomplete(cache_dir, "fresh")
     assert cache.clean().stalled == 1

@@ -2,7 +2,7 @@
 
 Every method of the seed keeps its name and meaning. What changed, and why:
 
-- Settings arrive as a value (``Settings``), never from a global ``CONF``.
+- Configuration arrives as a value (``DriverConfig``), never from a global ``CONF``.
 - Every contract method is abstract and raises; the seed *returned*
   ``NotImplementedError`` from ``get_cached_images`` and left ``queue_image``
   with an empty body that returned ``None``.
@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from imagecache.drivers.config import DriverConfig
 from imagecache.errors import BadDriverConfiguration, ImageNotCached, NotInClusterMode
 from imagecache.layout import CacheLayout, ImageId, sqlite_side_files
 from imagecache.records import CachedImage, Chunk, CleanResult, QueueResult
-from imagecache.settings import Settings
 
 
 class WriteTarget(Protocol):
@@ -51,25 +51,25 @@ class Driver(abc.ABC):
 
     name: str = "base"
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, config: DriverConfig) -> None:
+        self.config = config
         self.layout: CacheLayout
 
     # --- set-up -------------------------------------------------------------------------
 
     def configure(self) -> None:
-        """Check the settings and prepare the directory; raise BadDriverConfiguration."""
+        """Check the configuration and prepare the directory; raise BadDriverConfiguration."""
         self.set_paths()
 
     def set_paths(self) -> None:
         """Create ``incomplete/``, ``invalid/`` and ``queue/`` under the cache directory."""
-        base = self.settings.image_cache_dir
+        base = self.config.image_cache_dir
         if base is None:
             raise BadDriverConfiguration(
                 self.name, "image_cache_dir is not set; point it at the cache directory"
             )
         self.layout = CacheLayout(
-            Path(base), reserved=sqlite_side_files(self.settings.image_cache_sqlite_db)
+            Path(base), reserved=sqlite_side_files(self.config.image_cache_sqlite_db)
         )
         try:
             self.layout.ensure_dirs()

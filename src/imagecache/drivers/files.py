@@ -340,7 +340,7 @@ class FileBackedDriver(Driver):
         holds the lock) is never deleted, whatever its age: it is not stalled.
         """
         if stall_time is None:
-            stall_time = self.settings.image_cache_stall_time
+            stall_time = self.config.image_cache_stall_time
         invalid = sum(
             unlink_if_exists(Path(entry.path))
             for entry in list(self.layout.iter_images(self.layout.invalid_dir))
@@ -378,7 +378,7 @@ class FileBackedDriver(Driver):
             if not take_if_unlocked(fd):
                 os.close(fd)
                 raise ImageBeingCached(image_id)
-            fill = Fill(image_id, path, fd, drop_behind=self.settings.fill_drop_behind)
+            fill = Fill(image_id, path, fd, drop_behind=self.config.fill_drop_behind)
             if not fill.still_ours():  # committed, rolled back or cleaned meanwhile
                 os.close(fd)
                 continue

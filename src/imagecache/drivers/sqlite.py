@@ -95,7 +95,7 @@ class SqliteDriver(FileBackedDriver):
 
     def configure(self) -> None:
         super().configure()
-        self.db_path = self.layout.base / self.settings.image_cache_sqlite_db
+        self.db_path = self.layout.base / self.config.image_cache_sqlite_db
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()

@@ -262,7 +262,7 @@ class FillCoordinator:
         if self._follow_remote(flight):
             return None
         size = flight.size
-        if size is not None and size > self.settings.largest_cacheable_image:
+        if self.cache.too_large(size):
             flight.settle(FlightKind.NONE, "too_large")
             return None
         if self.capacity is not None:

@@ -39,7 +39,7 @@ from imagecache.errors import (
 )
 from imagecache.fill.coordinator import FillCoordinator
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
-from imagecache.keystone import ServiceIdentity, TokenValidator
+from imagecache.keystone import TokenValidator
 from imagecache.metadata import metadata_for
 from imagecache.server import (
     background,
@@ -59,7 +59,7 @@ from imagecache.server.metrics import Metrics
 from imagecache.server.queue_worker import QueueWorker
 from imagecache.server.state import STATE, ServiceState
 from imagecache.settings import Settings
-from imagecache.upstreams import create_upstream
+from imagecache.upstreams import open_upstream, service_identity, upstream_config
 from imagecache.upstreams.base import Upstream
 
 log = logging.getLogger(__name__)
@@ -245,20 +245,21 @@ def create_app(
     ``/metrics`` shows all of them whichever one is scraped. ``fill_hooks``:
     where tests hold or watch the fills (fill/hooks.py).
     """
-    identity = tokens = None
-    if settings.keystone is not None:
-        identity = ServiceIdentity(settings.keystone.auth(), timeout=settings.keystone.timeout)
+    identity = service_identity(settings)
+    tokens = None
+    if settings.keystone is not None and identity is not None:
         tokens = TokenValidator(
             identity,
             settings.keystone.token_cache_ttl,
             max_entries=settings.keystone.token_cache_size,
         )
     metrics_ = Metrics(metrics_dir)
+    origin_config = upstream_config(settings)
     if upstream is None:
         if settings.upstream is None:
             raise ConfigurationError("upstream: the service needs one, e.g. directory:/srv/images")
         # An upstream passed in was built without the metrics: its resumes count nowhere.
-        upstream = create_upstream(settings.upstream, settings, identity, resume_events=metrics_)
+        upstream = open_upstream(settings.upstream, origin_config, identity, resume_events=metrics_)
     if cache is None:
         cache = ImageCache(settings)
     app = web.Application(middlewares=[track, _errors], client_max_size=1024**2)
@@ -268,7 +269,7 @@ def create_app(
     app[_TASKS] = []
     # Fills ask live siblings before the origin in cluster mode; everything else
     # (proxying, access checks, ranges) talks to the origin itself.
-    fill_source = cluster.enable(app, settings, cache, upstream, metrics_)
+    fill_source = cluster.enable(app, settings, cache, upstream, origin_config, metrics_)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )

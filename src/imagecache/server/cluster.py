@@ -34,6 +34,7 @@ from imagecache.server import background
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings, secret_matches
 from imagecache.upstreams.base import Upstream
+from imagecache.upstreams.config import UpstreamConfig
 from imagecache.upstreams.sibling import NO_SIBLING_EVENTS, FillSource, SiblingUpstream
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ def enable(
     settings: Settings,
     cache: ImageCache,
     origin: Upstream,
+    origin_config: UpstreamConfig,
     metrics: Metrics | None = None,
 ) -> Upstream:
     """Turn cluster mode on for a service app when the cache is central.
@@ -163,7 +165,7 @@ def enable(
         for source in FillSource:
             metrics.cluster_fills.labels(source.value)  # shown at 0 from the start
     siblings = SiblingUpstream(
-        origin, driver, settings, NO_SIBLING_EVENTS if metrics is None else metrics
+        origin, driver, origin_config, NO_SIBLING_EVENTS if metrics is None else metrics
     )
 
     async def on_cleanup(_app: web.Application) -> None:

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from imagecache.capacity import Capacity
 from imagecache.errors import BadRequest, ResourceNotFound
-from imagecache.maintenance import Maintenance
+from imagecache.maintenance import Maintenance, Schedule
 from imagecache.manage import local_stats
 from imagecache.prefetch import Prefetcher
 from imagecache.scrub import Scrubber
@@ -51,13 +51,14 @@ def install(app: web.Application) -> None:
     prefetcher = Prefetcher(
         state.cache,
         state.upstream,
-        capacity,
         fills=state.fills,
         executor=state.executor,
         metadata=state.metadata,
+        concurrency=state.settings.prefetch_concurrency,
+        retries=state.settings.prefetch_retries,
     )
     worker.prefetcher = prefetcher
-    maintenance = Maintenance(state.cache, prefetcher)
+    maintenance = Maintenance(state.cache, Schedule.of(state.settings), prefetcher)
     _attach(app, maintenance)
     state.metrics.registry.register(_OperationsCollector(state, capacity, maintenance))
     app.router.add_route("*", "/v2/cache/stats", admin_only({"GET": stats}))

@@ -60,8 +60,8 @@ from imagecache.errors import (
 )
 from imagecache.keystone import ServiceIdentity
 from imagecache.records import ImageInfo
-from imagecache.settings import Settings
 from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream, describe_failure
+from imagecache.upstreams.config import UpstreamConfig
 from imagecache.upstreams.http_client import HttpClient, raise_for_status
 from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
@@ -77,7 +77,7 @@ class GlanceUpstream(Upstream):
     def __init__(
         self,
         base_url: str,
-        settings: Settings,
+        config: UpstreamConfig,
         identity: ServiceIdentity | None = None,
         resume_events: ResumeEvents = NO_RESUME_EVENTS,
     ) -> None:
@@ -86,7 +86,7 @@ class GlanceUpstream(Upstream):
                 f"glance upstream URL {base_url!r} must start with http:// or https://"
             )
         self.base_url = base_url.rstrip("/")
-        self._client = HttpClient(settings, resume_events)
+        self._client = HttpClient(config, resume_events)
         self.identity = identity
 
     async def _headers(self, caller: Caller) -> dict[str, str]:

@@ -36,7 +36,6 @@ import aiohttp
 
 from imagecache.errors import ConfigurationError, UpstreamError
 from imagecache.records import ImageInfo
-from imagecache.settings import Settings
 from imagecache.upstreams.base import (
     ANONYMOUS,
     BlockingSource,
@@ -44,6 +43,7 @@ from imagecache.upstreams.base import (
     Upstream,
     describe_failure,
 )
+from imagecache.upstreams.config import UpstreamConfig
 from imagecache.upstreams.http_client import HttpClient, raise_for_status
 from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
@@ -65,7 +65,7 @@ class HttpUpstream(Upstream):
     def __init__(
         self,
         url_template: str,
-        settings: Settings,
+        config: UpstreamConfig,
         resume_events: ResumeEvents = NO_RESUME_EVENTS,
     ) -> None:
         if "{image_id}" not in url_template:
@@ -78,8 +78,8 @@ class HttpUpstream(Upstream):
                 f"http upstream URL {url_template!r} must start with http:// or https://"
             )
         self.url_template = url_template
-        self._sidecars = settings.http_checksum_sidecar
-        self._client = HttpClient(settings, resume_events)
+        self._sidecars = config.http_checksum_sidecar
+        self._client = HttpClient(config, resume_events)
 
     def url(self, image_id: str) -> str:
         # Ids are validated at the edge; quoting anyway keeps a URL a URL.

@@ -16,8 +16,8 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from imagecache.errors import UpstreamError
-from imagecache.settings import Settings
 from imagecache.upstreams.base import BlockingSource, describe_failure
+from imagecache.upstreams.config import UpstreamConfig
 from imagecache.upstreams.http_source import (
     MAX_REDIRECTS,
     REDIRECTS,
@@ -43,9 +43,11 @@ class HttpClient:
     event loop runs (by the CLI), and an aiohttp session belongs to one loop.
     """
 
-    def __init__(self, settings: Settings, resume_events: ResumeEvents = NO_RESUME_EVENTS) -> None:
-        self._timeout = settings.upstream_timeout
-        self._resume = ResumePolicy.from_settings(settings, resume_events)
+    def __init__(
+        self, config: UpstreamConfig, resume_events: ResumeEvents = NO_RESUME_EVENTS
+    ) -> None:
+        self._timeout = config.upstream_timeout
+        self._resume = ResumePolicy.of(config, resume_events)
         self._session: aiohttp.ClientSession | None = None
 
     @property

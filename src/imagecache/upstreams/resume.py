@@ -48,7 +48,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from imagecache.errors import ResumeRefused, UpstreamError, UpstreamUnreachable, is_origin_failure
-from imagecache.settings import Settings
+from imagecache.upstreams.config import UpstreamConfig
 from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,8 @@ class ResumePolicy:
     events: ResumeEvents = field(default=NO_RESUME_EVENTS, compare=False)  # hears each outcome
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, events: ResumeEvents = NO_RESUME_EVENTS
-    ) -> ResumePolicy:
-        return cls(settings.upstream_resume_attempts, settings.upstream_resume_backoff, events)
+    def of(cls, config: UpstreamConfig, events: ResumeEvents = NO_RESUME_EVENTS) -> ResumePolicy:
+        return cls(config.upstream_resume_attempts, config.upstream_resume_backoff, events)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before resume number ``attempt`` (1-based)."""

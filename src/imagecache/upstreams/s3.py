@@ -31,8 +31,8 @@ from imagecache.errors import (
     UpstreamNotFound,
 )
 from imagecache.records import ImageInfo
-from imagecache.settings import Settings
 from imagecache.upstreams.base import ANONYMOUS, BlockingSource, Caller, Upstream, describe_failure
+from imagecache.upstreams.config import UpstreamConfig
 from imagecache.upstreams.resume import (
     Reply,
     ResumePolicy,
@@ -55,7 +55,7 @@ class S3Upstream(Upstream):
     kind = "s3"
 
     def __init__(
-        self, target: str, settings: Settings, resume_events: ResumeEvents = NO_RESUME_EVENTS
+        self, target: str, config: UpstreamConfig, resume_events: ResumeEvents = NO_RESUME_EVENTS
     ) -> None:
         bucket, _, prefix = target.partition("/")
         if not bucket:
@@ -80,14 +80,14 @@ class S3Upstream(Upstream):
         )
         self._client_error = botocore.exceptions.ClientError
         self._config = botocore.config.Config(
-            connect_timeout=settings.upstream_timeout,
-            read_timeout=settings.upstream_timeout,
+            connect_timeout=config.upstream_timeout,
+            read_timeout=config.upstream_timeout,
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=32,
         )
-        self._resume = ResumePolicy.from_settings(settings, resume_events)
-        self._endpoint_url = settings.s3_endpoint_url
-        self._region = settings.s3_region
+        self._resume = ResumePolicy.of(config, resume_events)
+        self._endpoint_url = config.s3_endpoint_url
+        self._region = config.s3_region
         self._client: Any = None
         self._client_lock = asyncio.Lock()
 

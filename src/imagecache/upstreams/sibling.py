@@ -31,9 +31,9 @@ import aiohttp
 from imagecache.cluster import CLUSTER_TOKEN_HEADER
 from imagecache.errors import CacheStoreError, SiblingFailed
 from imagecache.records import ImageInfo
-from imagecache.settings import Settings
 from imagecache.sites import choose_sibling
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+from imagecache.upstreams.config import UpstreamConfig
 
 if TYPE_CHECKING:
     # Only a type here: the central driver pulls in SQLAlchemy and alembic, about
@@ -84,13 +84,13 @@ class SiblingUpstream(Upstream):
         self,
         origin: Upstream,
         driver: CentralDriver,
-        settings: Settings,
+        config: UpstreamConfig,
         events: SiblingEvents = NO_SIBLING_EVENTS,
     ) -> None:
         self.origin = origin
         self.caller_dependent = origin.caller_dependent
         self.driver = driver
-        self.settings = settings
+        self.config = config
         self.events = events
         self._session: aiohttp.ClientSession | None = None
         # Counted for the metrics and the tests: where whole-image fills came from.
@@ -115,7 +115,7 @@ class SiblingUpstream(Upstream):
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=5.0, sock_read=self.settings.upstream_timeout
+                total=None, sock_connect=5.0, sock_read=self.config.upstream_timeout
             )
             self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
         return self._session
@@ -127,7 +127,7 @@ class SiblingUpstream(Upstream):
         start: int = 0,
         end: int | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        if start != 0 or end is not None or self.settings.cluster_token is None:
+        if start != 0 or end is not None or self.config.cluster_token is None:
             # Parts of images are streamed through, not filled: the origin serves them.
             async for chunk in self.origin.stream(image_id, caller, start, end):
                 yield chunk
@@ -188,8 +188,8 @@ class SiblingUpstream(Upstream):
         def look() -> str | None:
             holder = choose_sibling(
                 self.driver.get_cached_siblings(image_id),
-                self.settings.site,
-                self.settings.sibling_cross_site,
+                self.config.site,
+                self.config.sibling_cross_site,
                 skip={*failed, self.driver.self_url},
             )
             if holder is not None:
@@ -211,7 +211,7 @@ class SiblingUpstream(Upstream):
     async def _from_sibling(
         self, base: str, image_id: str, start: int
     ) -> AsyncGenerator[bytes, None]:
-        token = self.settings.cluster_token
+        token = self.config.cluster_token
         assert token is not None
         headers = {CLUSTER_TOKEN_HEADER: token.get_secret_value()}
         if start:

@@ -127,12 +127,12 @@ class OriginClaims(NodeRegistry):
                 image_id,
                 brief(exc),
             )
-            return OriginClaim(self, image_id, self.settings.site, None)
+            return OriginClaim(self, image_id, self.config.site, None)
 
     def _claim(self, image_id: str, unreachable: Collection[str]) -> OriginClaim | None:
         self._require_online("claiming an origin read")
         now = datetime.now(UTC)
-        site = self.settings.site
+        site = self.config.site
         key = func.hashtext(lock_name(image_id, site))
         lock_conn: Connection | None = None
         if self.engine.dialect.name == "postgresql":
@@ -210,7 +210,7 @@ class OriginClaims(NodeRegistry):
         )
         with self._read() as conn:
             fillers = conn.execute(query.order_by(origin_fills.c.site)).all()
-        near = [url for url, site in fillers if site == self.settings.site]
+        near = [url for url, site in fillers if site == self.config.site]
         far = [url for url, site in fillers if self.in_reach(site)]
         found = near or far
         return str(found[0]) if found else None

@@ -101,26 +101,26 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport, P
 
     def configure(self) -> None:
         super().configure()
-        if not self.settings.database_url:
+        if not self.config.database_url:
             raise BadDriverConfiguration(
                 self.name,
                 "database_url is not set; give it the cluster database, e.g. "
                 "postgresql+psycopg://user@host/imagecache",
             )
-        if not self.settings.worker_self_reference_url:
+        if not self.config.worker_self_reference_url:
             raise BadDriverConfiguration(
                 self.name,
                 "worker_self_reference_url is not set; it is this node's identity and the URL "
                 "its siblings fetch images from, e.g. http://10.0.0.5:9393",
             )
-        self.self_url = normalise_self_url(self.settings.worker_self_reference_url)
+        self.self_url = normalise_self_url(self.config.worker_self_reference_url)
         self._beat_lock = threading.Lock()
         self._left = False
         self._registered = False
         self._init_write_behind()
         self.instance_id = node_instance_id(self.layout.base)
-        self.engine = make_engine(self.settings.database_url, self.settings.database_timeout)
-        self.mirror = Mirror.over(self.settings)
+        self.engine = make_engine(self.config.database_url, self.config.database_timeout)
+        self.mirror = Mirror.over(self.config)
         try:
             self._start()
         except BaseException:
@@ -128,7 +128,7 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport, P
             raise
 
     def _start(self) -> None:
-        url = self.settings.database_url
+        url = self.config.database_url
         assert url is not None
         known = self.mirror.known_node_id(url, self.self_url)
         try:
@@ -152,7 +152,7 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport, P
         try:
             if known != self.node_id:
                 self._seed()
-            legacy = self.layout.base / self.settings.image_cache_sqlite_db
+            legacy = self.layout.base / self.config.image_cache_sqlite_db
             if legacy.is_file():
                 result = self.import_sqlite_cache(legacy)
                 if result.imported:
@@ -170,8 +170,8 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport, P
             migrations.upgrade(conn)
         self.node_id = self._register()
         self._registered = True
-        assert self.settings.database_url is not None
-        self.mirror.remember_node_id(self.settings.database_url, self.self_url, self.node_id)
+        assert self.config.database_url is not None
+        self.mirror.remember_node_id(self.config.database_url, self.self_url, self.node_id)
 
     def _seed(self) -> None:
         """Fill a new mirror from the database's rows of this node (hits, hashes, pins kept).
@@ -256,7 +256,7 @@ class CentralDriver(WriteBehind, OriginClaims, ClusterDeletions, SqliteImport, P
             self.mirror._meta_commit(fill, size, now)
 
     def _commit_online(self, fill: Fill, size: int, now: float, local: list[bool]) -> None:
-        with self._pushing(self.settings.database_timeout), self._write() as conn:
+        with self._pushing(self.config.database_timeout), self._write() as conn:
             # An image deleted through any node after this fill began is not
             # kept: the deletion wins (its local half is FileBackedDriver.cancel_fill;
             # this is the other nodes'). Checked in the commit's own transaction.

@@ -38,7 +38,7 @@ class SqliteImport(CentralStore):
         cluster rows: that one is newer). Idempotent: configure() runs it at every start while the
         file is there. The sqlite file is only read, never changed.
         """
-        path = db_path or self.layout.base / self.settings.image_cache_sqlite_db
+        path = db_path or self.layout.base / self.config.image_cache_sqlite_db
         try:
             legacy = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:

@@ -26,15 +26,16 @@ Three tables are added beside ``cached_images``:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
 from imagecache.drivers.central.schema import to_datetime
+from imagecache.drivers.config import DriverConfig
 from imagecache.drivers.sqlite import SqliteDriver
 from imagecache.records import CachedImage
-from imagecache.settings import Settings
 
 MIRROR_DB = ".central.db"
 
@@ -74,9 +75,9 @@ class Mirror(SqliteDriver):
     reconcile_on_open = False  # CentralDriver.configure reconciles, after seeding and imports
 
     @classmethod
-    def over(cls, settings: Settings) -> Mirror:
+    def over(cls, config: DriverConfig) -> Mirror:
         """The mirror of a central node's cache directory, opened (not yet reconciled)."""
-        mirror = cls(settings.model_copy(update={"image_cache_sqlite_db": MIRROR_DB}))
+        mirror = cls(dataclasses.replace(config, image_cache_sqlite_db=MIRROR_DB))
         mirror.configure()
         return mirror
 

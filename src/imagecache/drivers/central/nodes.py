@@ -123,7 +123,7 @@ class NodeRegistry(CentralStore):
                                     instance_id=self.instance_id,
                                     heartbeat=now,
                                     started=now,
-                                    site=self.settings.site,
+                                    site=self.config.site,
                                 )
                                 .returning(nodes.c.id)
                             ).scalar_one()
@@ -131,13 +131,13 @@ class NodeRegistry(CentralStore):
                     node_id, instance_id, heartbeat = row
                     if instance_id != self.instance_id:
                         age = now.timestamp() - to_epoch(heartbeat)
-                        if age < self.settings.node_dead_after:
+                        if age < self.config.node_dead_after:
                             raise BadDriverConfiguration(
                                 self.name,
                                 f"worker_self_reference_url {self.self_url} is already used by "
                                 f"another live node (its cache directory differs; last heartbeat "
                                 f"{age:.1f}s ago). Give each node its own URL, or wait "
-                                f"node_dead_after={self.settings.node_dead_after:g}s after "
+                                f"node_dead_after={self.config.node_dead_after:g}s after "
                                 "stopping the other one",
                             )
                         log.warning(
@@ -156,7 +156,7 @@ class NodeRegistry(CentralStore):
                             instance_id=self.instance_id,
                             heartbeat=now,
                             started=now,
-                            site=self.settings.site,  # relabelled at a restart: the new one
+                            site=self.config.site,  # relabelled at a restart: the new one
                         )
                     )
                     return int(node_id)
@@ -208,7 +208,7 @@ class NodeRegistry(CentralStore):
             )
 
     def _alive_cutoff(self) -> datetime:
-        return to_datetime(time.time() - self.settings.node_dead_after)
+        return to_datetime(time.time() - self.config.node_dead_after)
 
     def list_nodes(self) -> list[NodeInfo]:
         """Every registered node, dead or alive, by URL."""
@@ -282,7 +282,7 @@ class NodeRegistry(CentralStore):
 
     def in_reach(self, site: str) -> bool:
         """Whether this node fills from a sibling at ``site`` (its own, or any if cross-site)."""
-        return in_reach(site, self.settings.site, self.settings.sibling_cross_site)
+        return in_reach(site, self.config.site, self.config.sibling_cross_site)
 
     def _holders(self, image_id: str) -> Any:
         """URL and site of the live nodes whose copy of ``image_id`` is not condemned (a query)."""

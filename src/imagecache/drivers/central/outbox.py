@@ -77,7 +77,7 @@ class WriteBehind(CentralStore):
         return self._offline_since is None or time.monotonic() >= self._retry_at
 
     def _went_offline(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + self.settings.node_heartbeat_interval
+        self._retry_at = time.monotonic() + self.config.node_heartbeat_interval
         self._offline_reason = brief(exc)
         if self._offline_since is None:
             self._offline_since = time.time()
@@ -158,7 +158,7 @@ class WriteBehind(CentralStore):
                 return
             batch = image_ids[start : start + DRAIN_BATCH]
             try:
-                with self._pushing(self.settings.database_timeout):
+                with self._pushing(self.config.database_timeout):
                     entries = [(self.mirror.pending_version(i), i) for i in batch]
                     queued = [(version, i) for version, i in entries if version is not None]
                     with self._write() as conn:

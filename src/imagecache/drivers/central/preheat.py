@@ -156,7 +156,7 @@ class PreheatJobs(PreheatView):
 
     def _lease(self) -> float:
         """How long a claimed item is this process's without a touch (see the module doc)."""
-        return max(self.settings.node_dead_after, 3 * self.settings.node_heartbeat_interval)
+        return max(self.config.node_dead_after, 3 * self.config.node_heartbeat_interval)
 
     def claim_preheat_items(self, limit: int) -> list[tuple[int, str]]:
         """Take up to ``limit`` of this node's pending items (oldest job first) to run now."""
