@@ -525,6 +525,8 @@ def storm(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 splits = [1]
                 if scenario == "per-connection-limit" and subject == "imagecache":
                     splits += [args.segments] if args.segments > 1 else []
+                    if args.segmented_only and len(splits) > 1:
+                        splits = splits[1:]
                 for segments in splits:
                     place = work / "subjects" / f"{scenario}-{subject}-{segments}"
                     try:
@@ -561,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="per-connection-limit: also run imagecache with fill_segments = N (N > 1)",
+    )
+    parser.add_argument(
+        "--segmented-only",
+        action="store_true",
+        help="per-connection-limit: with --segments N, skip imagecache's one-connection run",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory")
