@@ -3,11 +3,10 @@
 When the origin's connection fails mid-body (a reset, a read timeout, a body
 shorter than its length), the body is asked for again from the first byte not
 yet received, with a ``Range`` request, at most ``upstream_resume_attempts``
-times per body: the first resume at once, each further one after
-``upstream_resume_backoff`` seconds (doubling, capped at ``BACKOFF_CAP``).
-The consumer (a fill's hash, a client's stream) sees one continuous body;
-only when the attempts run out does it get the error it would have got
-without resuming.
+times per body, the first at once, each further one after ``upstream_resume_backoff``
+seconds (doubling, capped at ``BACKOFF_CAP``). The consumer (a fill's hash, a
+client's stream) sees one continuous body; only when the attempts run out does
+it get the error it would have got without resuming.
 
 A resume is only worth having if the bytes after the break belong to the same
 image as the bytes before it. So the first response's identity is kept
@@ -94,18 +93,9 @@ class ResumePolicy:
         return cls(settings.upstream_resume_attempts, settings.upstream_resume_backoff, events)
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait before resume number ``attempt`` (1-based): none before the first.
-
-        One break in a long body is the usual case (a reset on the WAN), and
-        the origin answers at once; a wait then only idles the link while
-        every client waits (measured on the WAN rig: the 0.5 s default was
-        most of a reset's cost, docs/benchmarks-log.md). A second break of the
-        same body says the origin or the path is in trouble: from then on the
-        waits grow.
-        """
-        if attempt <= 1:
-            return 0.0
-        return float(min(BACKOFF_CAP, self.backoff * 2 ** (attempt - 2)))
+        """Seconds before resume ``attempt`` (1-based); none before the first: after one WAN
+        reset a wait only idles the link (on the WAN rig, most of what a reset cost)."""
+        return 0.0 if attempt <= 1 else min(BACKOFF_CAP, self.backoff * 2.0 ** (attempt - 2))
 
 
 @dataclass(frozen=True)
