@@ -79,6 +79,7 @@ from types import ModuleType
 from typing import Any
 
 import edge_report as er
+import edge_timeline
 from peers import (
     GlancePeer,
     Imagecache,
@@ -281,6 +282,7 @@ class Edge:
     label: str
     url_for: Callable[[str], str]
     after: Callable[[str], list[str]]  # after a round: settle, drop the image; notes
+    log_path: Path | None = None  # the subject's own log, for --timeline
 
 
 def _nothing(image_id: str) -> list[str]:
@@ -321,7 +323,7 @@ def start_subject(
             kind = "glance" if glance else "http"
             split = f", {segments} segments" if segments > 1 else ""
             label = f"imagecache ({kind} upstream, {workers} workers{split})"
-            yield Edge(label, ic.file_url, after)
+            yield Edge(label, ic.file_url, after, ic.log_path)
     elif name == "nginx":
         with Nginx(work, proxy_to=upstream, proxy_cache=True, workers=workers) as web:
             yield Edge(
@@ -379,6 +381,7 @@ class Run:
     rounds: int
     workers: int
     max_time: float
+    timeline: Path | None = None  # --timeline: a directory for each round's samples
 
 
 def one_subject(
@@ -401,9 +404,10 @@ def one_subject(
                 f"  {scenario} / {subject} round {index + 1}: {run.clients} clients on {image_id}",
                 flush=True,
             )
-            clients = run_clients(edge.url_for(image_id), run.clients, run.max_time)
-            notes = edge.after(image_id)
-            after = settle_link(relay)
+            with edge_timeline.Sampler(relay.stats) as sampler:
+                clients = run_clients(edge.url_for(image_id), run.clients, run.max_time)
+                notes = edge.after(image_id)
+                after = settle_link(relay)
             relay.reset_after(None)
             wire = wire_bytes(origin.host) - wire_before
             counts = er.origin_counts(
@@ -426,11 +430,41 @@ def one_subject(
                 notes=notes,
             )
             row.update(label=edge.label, round=index + 1, origin=origin.name, segments=segments)
+            if run.timeline is not None:
+                row["timeline"] = write_timeline(
+                    run.timeline / f"{scenario}-{subject}-{segments}-{index + 1}",
+                    sampler,
+                    clients,
+                    edge.log_path,
+                )
+                print(f"    timeline: {row['timeline']}", flush=True)
             rows.append(row)
             print("    " + er.table([row])[-1], flush=True)
             for why, n in dict(row["failures"]).items():  # type: ignore[call-overload]
                 print(f"    failed: {n} x {why}", flush=True)
     return rows
+
+
+def write_timeline(
+    stem: Path, sampler: Any, clients: list[er.ClientResult], log_path: Path | None
+) -> dict[str, float | None]:
+    """``stem``.json (samples, clients) and ``stem``.log (the subject's log); the summary."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    moments = edge_timeline.summary(sampler.samples)
+    ends = sorted(c.seconds for c in clients)
+    moments["first_client_end_s"] = round(ends[0], 3) if ends else None
+    moments["last_client_end_s"] = round(ends[-1], 3) if ends else None
+    record = dict(
+        wall_start=sampler.wall_start,
+        columns=["s", "down_bytes", "origin_bytes", "accepted", "resets"],
+        samples=sampler.samples,
+        clients=[dict(end_s=round(c.seconds, 3), ttfb_s=c.ttfb) for c in clients],
+        summary=moments,
+    )
+    stem.with_suffix(".json").write_text(json.dumps(record) + "\n")
+    if log_path is not None and log_path.exists():
+        shutil.copyfile(log_path, stem.with_suffix(".log"))
+    return moments
 
 
 def storm(args: argparse.Namespace, work: Path) -> dict[str, object]:
@@ -453,7 +487,9 @@ def storm(args: argparse.Namespace, work: Path) -> dict[str, object]:
     ).stdout.split()[0]
     image.with_suffix(".md5").write_text(md5 + "\n")
     image.with_suffix(".sha512").write_text(sha512 + "\n")
-    run = Run(size, sha256_of(image), args.clients, args.rounds, args.workers, max_time)
+    run = Run(
+        size, sha256_of(image), args.clients, args.rounds, args.workers, max_time, args.timeline
+    )
     rows: list[dict[str, object]] = []
     skipped = dict(SKIPPED)
     with contextlib.ExitStack() as stack:
@@ -489,6 +525,8 @@ def storm(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 splits = [1]
                 if scenario == "per-connection-limit" and subject == "imagecache":
                     splits += [args.segments] if args.segments > 1 else []
+                    if args.segmented_only and len(splits) > 1:
+                        splits = splits[1:]
                 for segments in splits:
                     place = work / "subjects" / f"{scenario}-{subject}-{segments}"
                     try:
@@ -526,8 +564,18 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="per-connection-limit: also run imagecache with fill_segments = N (N > 1)",
     )
+    parser.add_argument(
+        "--segmented-only",
+        action="store_true",
+        help="per-connection-limit: with --segments N, skip imagecache's one-connection run",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory")
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        help="write each round's relay samples, clients and the subject's log here",
+    )
     args = parser.parse_args(argv)
     try:
         args.only = er.parse_names(args.only, SUBJECTS, "subject")

@@ -18,8 +18,8 @@ PATH = Path(__file__).resolve().parents[1] / "bench" / "edge_report.py"
 SHA = "ab" * 32
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("edge_report_under_test", PATH)
+def _load(path: Path = PATH) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -29,6 +29,7 @@ def _load() -> ModuleType:
 
 
 er = _load()
+timeline = _load(PATH.with_name("edge_timeline.py"))
 
 
 def test_the_bound_is_the_image_over_the_link_rate() -> None:
@@ -152,3 +153,27 @@ def test_the_per_connection_verdict_judges_segmented_rows_only() -> None:
     assert verdict[1].startswith("per-connection-limit: 4 segments reached")
     assert verdict[1].endswith("holds")
     assert verdict[2].endswith("MISSED")
+
+
+def test_a_reset_rounds_moments_come_from_the_relay_samples() -> None:
+    # (s, forwarded, read, accepted, resets): bytes from 0.1 s, a cut at 1.0 s,
+    # nothing until 1.6 s, then the rest until 2.6 s.
+    mib = 1 << 20
+    samples = [
+        (0.0, 0, 0, 1, 0),
+        (0.1, 8192, 8192, 1, 0),
+        (0.55, 10 * mib, 10 * mib, 1, 0),
+        (1.0, 20 * mib, 21 * mib, 1, 1),
+        (1.3, 20 * mib, 21 * mib, 2, 1),
+        (1.6, 21 * mib, 22 * mib, 2, 1),
+        (2.6, 41 * mib, 42 * mib, 2, 1),
+        (3.6, 41 * mib, 42 * mib, 2, 1),
+    ]
+    moments = timeline.summary(samples)
+    assert moments["first_byte_s"] == 0.1
+    assert moments["cut_s"] == 1.0
+    assert moments["stalled_s"] == pytest.approx(0.6)
+    assert moments["bytes_end_s"] == 2.6
+    assert moments["mbit_before_cut"] == pytest.approx(20 * mib * 8 / 1e6 / 0.9, abs=0.1)
+    assert moments["mbit_after_resume"] == pytest.approx(20 * mib * 8 / 1e6, abs=0.1)
+    assert timeline.summary(samples[:3])["cut_s"] is None  # no reset, no cut

@@ -291,8 +291,8 @@ class Settings(BaseSettings):
     Each resume must continue the same image (ETag, length, checksums), else the fill fails
     and nothing is cached. 0: never resume; a break fails the fill at once."""
     upstream_resume_backoff: Seconds = Field(default=0.5, ge=0)
-    """Seconds before the first resume of a broken body; doubled for each further one, at
-    most 30 s."""
+    """Seconds before the second resume of a broken body (the first one comes at once);
+    doubled for each further one, at most 30 s."""
     public_url: str | None = None
     """The base URL clients reach this service at, e.g. `https://cache.edge1:9393`, for the
     links of `/versions` and the redirect of `GET /v2`. Unset: each request's own scheme

@@ -48,6 +48,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,9 @@ class RelayProcess:
         self._control.settimeout(10.0)
         self._control.connect(self.control_path)
         self._replies = self._control.makefile("r")
+        # One command and its reply at a time: a sampling thread (bench/edge.py
+        # --timeline) shares the control socket with the caller's commands.
+        self._lock = threading.Lock()
 
     def _wait_ready(self, within: float) -> int:
         assert self.process.stdout is not None
@@ -114,8 +118,9 @@ class RelayProcess:
         raise RuntimeError(f"relay did not start (exit {self.process.returncode})")
 
     def _send(self, command: str) -> RelayStats:
-        self._control.sendall(command.encode() + b"\n")
-        reply = json.loads(self._replies.readline())
+        with self._lock:
+            self._control.sendall(command.encode() + b"\n")
+            reply = json.loads(self._replies.readline())
         if "error" in reply:
             raise ValueError(reply["error"])
         return RelayStats(**reply)

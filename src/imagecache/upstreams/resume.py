@@ -3,10 +3,10 @@
 When the origin's connection fails mid-body (a reset, a read timeout, a body
 shorter than its length), the body is asked for again from the first byte not
 yet received, with a ``Range`` request, at most ``upstream_resume_attempts``
-times per body, waiting ``upstream_resume_backoff`` seconds (doubling, capped
-at ``BACKOFF_CAP``) before each. The consumer (a fill's hash, a client's
-stream) sees one continuous body; only when the attempts run out does it get
-the error it would have got without resuming.
+times per body, the first at once, each further one after ``upstream_resume_backoff``
+seconds (doubling, capped at ``BACKOFF_CAP``). The consumer (a fill's hash, a
+client's stream) sees one continuous body; only when the attempts run out does
+it get the error it would have got without resuming.
 
 A resume is only worth having if the bytes after the break belong to the same
 image as the bytes before it. So the first response's identity is kept
@@ -89,8 +89,9 @@ class ResumePolicy:
         return cls(config.upstream_resume_attempts, config.upstream_resume_backoff, events)
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait before resume number ``attempt`` (1-based)."""
-        return float(min(BACKOFF_CAP, self.backoff * 2 ** (attempt - 1)))
+        """Seconds before resume ``attempt`` (1-based); none before the first: after one WAN
+        reset a wait only idles the link (on the WAN rig, most of what a reset cost)."""
+        return 0.0 if attempt <= 1 else min(BACKOFF_CAP, self.backoff * 2.0 ** (attempt - 2))
 
 
 @dataclass(frozen=True)
