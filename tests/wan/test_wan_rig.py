@@ -20,19 +20,11 @@ import pytest
 
 from peers.relay import RelayProcess
 from peers.wan import Host, WanRig, leftovers, sweep_stale, unavailable_reason
+from polling import eventually_sync
 
 pytestmark = pytest.mark.timeout(60)
 ORIGIN_PORT = 8000  # inside the origin's own namespace: nothing else there to clash with
 MIB = 1024 * 1024
-
-
-def wait_for(condition: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def _reachable(address: str, port: int) -> bool:
@@ -51,7 +43,9 @@ def origin(wan_rig: WanRig, tmp_path: Path) -> Iterator[tuple[Host, Path]]:
     argv += ["--directory", str(tmp_path), str(ORIGIN_PORT)]
     process = host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: _reachable(host.address, ORIGIN_PORT), 10, "http.server in the namespace")
+        eventually_sync(
+            lambda: _reachable(host.address, ORIGIN_PORT), "http.server in the namespace answers"
+        )
         yield host, tmp_path
     finally:
         process.terminate()
@@ -334,7 +328,7 @@ def test_relay_runs_inside_a_namespace(wan_rig: WanRig, tmp_path: Path) -> None:
                     return False  # the relay's answer while http.server is not listening yet
                 return received.endswith(data)
 
-            wait_for(fetched, 10, "the origin through the relay in its namespace")
+            eventually_sync(fetched, "the origin answers through the relay in its namespace")
     finally:
         origin.terminate()
         origin.wait(timeout=10)
