@@ -29,6 +29,7 @@ from imagecache.errors import ConfigurationError, ImageCacheError, NotInClusterM
 if TYPE_CHECKING:
     # Types only: manage.py imports the whole engine (cache, drivers, fills), which
     # a remote verb (--url) never runs; LocalManager is imported where it is built.
+    from imagecache.client import RemoteManager
     from imagecache.manage import CacheManager
     from imagecache.records import Progress
 
@@ -634,6 +635,21 @@ def prefetch(ctx: click.Context) -> None:
 @click.option(
     "--interval", type=click.FloatRange(min=0.05), default=1.0, help="Seconds between polls."
 )
+@click.option("--list", "list_jobs", is_flag=True, help="List the jobs, newest first.")
+@click.option(
+    "--state",
+    type=click.Choice(["running", "done", "cancelled"]),
+    help="With --list: only the jobs in this state.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="With --list: at most this many (default 20)."
+)
+@click.option(
+    "--cancel",
+    "cancel_id",
+    type=click.IntRange(min=1),
+    help="Cancel this job: its pending items never run.",
+)
 @click.pass_context
 def preheat(
     ctx: click.Context,
@@ -642,11 +658,16 @@ def preheat(
     job_id: int | None,
     timeout: float,
     interval: float,
+    list_jobs: bool,
+    state: str | None,
+    limit: int | None,
+    cancel_id: int | None,
 ) -> None:
     """Cache images on many nodes of a cluster and follow the job (needs --url).
 
     Exit code 0 when every node has every image, 3 when the job ended without,
-    4 when --timeout passed first (docs/cluster.md, "Preheat jobs").
+    4 when --timeout passed first, 5 when the job was cancelled (docs/cluster.md,
+    "Preheat jobs"). --list lists the jobs; --cancel JOB cancels one.
     """
     from imagecache import preheating
     from imagecache.client import RemoteManager
@@ -658,6 +679,11 @@ def preheat(
             f"preheat asks a node of the cluster: give --url URL (or set {_ENV_URL})"
         )
     targets = [t.strip() for value in nodes for t in value.split(",") if t.strip()]
+    if list_jobs or cancel_id is not None:
+        _preheat_jobs(ctx, RemoteManager(options.url, options.token), list_jobs, cancel_id)
+        return
+    if state is not None or limit is not None:
+        raise click.UsageError("--state and --limit go with --list")
     if job_id is None and not (images and targets):
         raise click.UsageError("preheat needs images and --nodes, or --job ID")
     if job_id is not None and (images or targets):
@@ -690,6 +716,37 @@ def preheat(
         click.echo(_table(headers, preheating.result_rows(job)))
         click.echo(preheating.summary(job, done))
     ctx.exit(preheating.exit_code(job, done))
+
+
+def _preheat_jobs(
+    ctx: click.Context, manager: RemoteManager, list_jobs: bool, cancel_id: int | None
+) -> None:
+    """``preheat --list`` and ``preheat --cancel JOB``: one call each, no following."""
+    from imagecache import preheating
+
+    params = ctx.params
+    if list_jobs and cancel_id is not None:
+        raise click.UsageError("--list and --cancel are separate calls: give one")
+    if params["images"] or params["nodes"] or params["job_id"] is not None:
+        raise click.UsageError("--list and --cancel take no images, --nodes or --job")
+    if cancel_id is not None and (params["state"] is not None or params["limit"] is not None):
+        raise click.UsageError("--state and --limit go with --list")
+    with _library_logging(_options(ctx).debug):
+        if cancel_id is not None:
+            job = preheating.cancel_job(manager, cancel_id)
+            _emit(ctx, job, lambda: preheating.cancel_summary(job))
+            return
+        jobs = preheating.list_jobs(manager, params["limit"], params["state"])
+    headers = ["Id", "Created", "State", "Images", "Nodes", *preheating.LIST_COUNTS]
+    _emit(
+        ctx,
+        {"jobs": jobs},
+        lambda: (
+            _table([h.capitalize() for h in headers], preheating.list_rows(jobs, utc))
+            if jobs
+            else "No preheat jobs."
+        ),
+    )
 
 
 @main.command()

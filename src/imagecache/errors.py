@@ -30,6 +30,7 @@ the one boundary where they are caught, with ``raise Ours(...) from exc``.
      │    ├── NotPermitted             this caller may not make this call
      │    ├── ResourceNotFound         nothing here answers this path (not cached, not relayed)
      │    ├── MethodNotAllowed         the route has no such method (``allowed`` lists its own)
+     │    ├── PreheatJobFinished       a cancel of a preheat job whose every item has ended
      │    └── NeedsClusterMode         the call needs centralized caching, which is off
      ├── ServiceError                  the remote CLI: the service failed or refused (client.py)
      ├── ServiceFailed                 the service gave up restarting its workers
@@ -312,7 +313,7 @@ class BadRequest(RequestError, ValueError):
 
 
 class BadPreheatRequest(BadRequest):
-    """A preheat job that cannot be made as asked: no images, an unknown node or site (400)."""
+    """A preheat request that cannot be done as asked: no images, unknown site, bad limit (400)."""
 
 
 class MalformedRange(BadRequest):
@@ -349,6 +350,16 @@ class MethodNotAllowed(RequestError):
         super().__init__("The method is not allowed for this resource.")
         self.method = method
         self.allowed = sorted(allowed)
+
+
+class PreheatJobFinished(RequestError):
+    """A preheat job cannot be cancelled: every node has written its outcome already (409)."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            f"preheat job {job_id} is finished: every item has its outcome, nothing to cancel"
+        )
+        self.job_id = job_id
 
 
 class NeedsClusterMode(RequestError):

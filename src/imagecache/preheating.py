@@ -15,7 +15,12 @@ Exit codes (documented in docs/cluster.md, "Preheat jobs"):
 - ``3``: the job is done and some node lacks some image (failed, or its node
   is not live);
 - ``4``: ``--timeout`` passed before the job was done (it goes on running on
-  the nodes; ``imagecache preheat --job ID`` follows it again).
+  the nodes; ``imagecache preheat --job ID`` follows it again);
+- ``5``: the job was cancelled (``imagecache preheat --cancel ID``, or
+  ``DELETE /v2/cache/preheat/{id}``) before every node had every image.
+
+``--list`` (``GET /v2/cache/preheat``) and ``--cancel`` exit 0, or 1 as any
+error: an unknown job, a job already finished (nothing to cancel).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -32,8 +38,13 @@ from imagecache.errors import ServiceError
 EXIT_OK = 0
 EXIT_INCOMPLETE = 3
 EXIT_TIMEOUT = 4
+EXIT_CANCELLED = 5
+# What the service answers for a job that will not change any more by itself.
+_ENDED = frozenset({"done", "cancelled"})
 
 BAR_WIDTH = 20
+# The count columns of the list, in the order an operator reads a job's progress.
+LIST_COUNTS = ("cached", "skipped", "failed", "pending", "running", "cancelled")
 
 
 def start_job(manager: RemoteManager, images: list[str], nodes: list[str]) -> int:
@@ -46,15 +57,60 @@ def start_job(manager: RemoteManager, images: list[str], nodes: list[str]) -> in
 
 
 def read_job(manager: RemoteManager, job_id: int) -> dict[str, Any]:
+    return _job_call(manager, "GET", job_id)
+
+
+def _job_call(manager: RemoteManager, method: str, job_id: int) -> dict[str, Any]:
     def missing() -> ServiceError:
         return ServiceError(f"no preheat job {job_id} at {manager.base}", 404)
 
     # Not an "extension" call: its 404 is an unknown job (a Glance, which has no
     # such route, never gave out a job id; start_job says so).
-    job = manager._call("GET", f"/v2/cache/preheat/{job_id}", not_found=missing)
+    job = manager._call(method, f"/v2/cache/preheat/{job_id}", not_found=missing)
     if not isinstance(job, dict) or "nodes" not in job:
-        raise ServiceError(f"GET /v2/cache/preheat/{job_id} answered no job")
+        raise ServiceError(f"{method} /v2/cache/preheat/{job_id} answered no job")
     return job
+
+
+def list_jobs(manager: RemoteManager, limit: int | None, state: str | None) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode(
+        {k: v for k, v in (("limit", limit), ("state", state)) if v is not None}
+    )
+    path = "/v2/cache/preheat" + (f"?{query}" if query else "")
+    answer = manager._call("GET", path, extension=True)
+    jobs = answer.get("jobs") if isinstance(answer, dict) else None
+    if not isinstance(jobs, list):
+        raise ServiceError("GET /v2/cache/preheat answered no job list")
+    return [job for job in jobs if isinstance(job, dict)]
+
+
+def cancel_job(manager: RemoteManager, job_id: int) -> dict[str, Any]:
+    """Cancel the job; the service answers it, cancelled (docs/cluster.md, "Preheat jobs")."""
+    return _job_call(manager, "DELETE", job_id)
+
+
+def list_rows(jobs: list[dict[str, Any]], when: Callable[[float], str]) -> list[list[str]]:
+    """Id, created, state, images, target and counts of each job, for the list's table."""
+    rows = []
+    for job in jobs:
+        counts = job.get("counts", {})
+        rows.append(
+            [
+                str(job.get("id")),
+                when(float(job.get("created_at") or 0)),
+                str(job.get("state", "?")),
+                _few(job.get("images", [])),
+                _few(job.get("target", [])),
+                *(str(counts.get(state, 0)) for state in LIST_COUNTS),
+            ]
+        )
+    return rows
+
+
+def _few(values: list[Any], shown: int = 3) -> str:
+    """A list for one table cell: the first few, then how many more (a job has up to 100)."""
+    head = ",".join(str(v) for v in values[:shown])
+    return head + (f" +{len(values) - shown}" if len(values) > shown else "")
 
 
 def follow(
@@ -72,7 +128,7 @@ def follow(
         job = read()
         if on_change is not None:
             on_change(job)
-        if job.get("state") == "done":
+        if job.get("state") in _ENDED:
             return job, True
         left = deadline - clock()
         if left <= 0:
@@ -83,7 +139,9 @@ def follow(
 def exit_code(job: dict[str, Any], done: bool) -> int:
     if not done:
         return EXIT_TIMEOUT
-    return EXIT_OK if job.get("ok") else EXIT_INCOMPLETE
+    if job.get("ok"):
+        return EXIT_OK  # cancelled too late to matter: every node has every image
+    return EXIT_CANCELLED if job.get("state") == "cancelled" else EXIT_INCOMPLETE
 
 
 class NodeBars:
@@ -162,7 +220,17 @@ def summary(job: dict[str, Any], done: bool) -> str:
     if not done:
         return f"Preheat job {job.get('id')} is still running ({shown}); follow it with --job."
     verdict = "every node has every image" if job.get("ok") else "some nodes lack some images"
-    return f"Preheat job {job.get('id')} done: {verdict} ({shown})."
+    ended = "cancelled" if job.get("state") == "cancelled" else "done"
+    return f"Preheat job {job.get('id')} {ended}: {verdict} ({shown})."
+
+
+def cancel_summary(job: dict[str, Any]) -> str:
+    running = job.get("counts", {}).get("running", 0)
+    tail = f"; {running} running now will finish on their nodes" if running else ""
+    return (
+        f"Preheat job {job.get('id')} cancelled: "
+        f"{job.get('cancelled_now', 0)} pending items will not run{tail}."
+    )
 
 
 def as_json(job: dict[str, Any], done: bool) -> str:
@@ -170,13 +238,19 @@ def as_json(job: dict[str, Any], done: bool) -> str:
 
 
 __all__ = [
+    "EXIT_CANCELLED",
     "EXIT_INCOMPLETE",
     "EXIT_OK",
     "EXIT_TIMEOUT",
+    "LIST_COUNTS",
     "NodeBars",
     "as_json",
+    "cancel_job",
+    "cancel_summary",
     "exit_code",
     "follow",
+    "list_jobs",
+    "list_rows",
     "read_job",
     "result_rows",
     "start_job",

@@ -260,8 +260,10 @@ class Settings(BaseSettings):
     Swift proxies, nginx `limit_rate`) below the link's; the bytes are still hashed and
     handed to clients in order, and verified before the commit. Only images whose origin
     promises a hash (Content-MD5, sidecars, Glance's checksums) are segmented, so that a
-    replaced image cannot be spliced from two versions unseen. Costs, while the fill
-    runs, a scratch file of up to the image's size beside it on the cache's disk."""
+    replaced image cannot be spliced from two versions unseen. A range that starts ahead of
+    what the fill has written has its piece fetched next and is served from the fill. Costs,
+    while the fill runs, a scratch file of about two pieces per connection beside it on the
+    cache's disk (up to the image's size where the filesystem cannot punch holes)."""
     fill_segment_size: ByteSize = Field(default=32 * MiB, ge=64 * 1024)
     """The pieces a segmented fill cuts an image into, each one `Range` request, taken in
     order by its `fill_segments` connections (rounded down to a multiple of 64 KiB).

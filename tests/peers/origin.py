@@ -27,6 +27,10 @@ API (``origin = http_origin``)::
                                     # GETs send headers + `after` body bytes, then wait
                                     # until `gate.set()` (an asyncio.Event in the test's loop);
                                     # after=len(data) holds only the end of the body
+    gate = origin.gate("img", after=0, below=2**20)
+                                    # ... only bodies (ranges) that start below byte 2**20;
+                                    #   a new gate replaces the old for bodies held at it
+                                    #   too, from their next chunk once the old one is set
     origin.image("img").rate = 4 * 2**20
                                     # each GET's body paced at 4 MiB/s (a slow, far origin)
     await origin.wait_for_reads("img", n, within=5.0)
@@ -82,6 +86,8 @@ class OriginImage:
     fault_from: int = 0
     gate: asyncio.Event | None = None
     gate_after: int = 0
+    # The gate holds only bodies that start below this byte (ranges); None: every body.
+    gate_below: int | None = None
     rate: float = 0.0  # body bytes per second per request; 0: as fast as the socket takes them
     body_reads: int = 0
     bytes_sent: int = 0
@@ -137,9 +143,9 @@ class Origin:
         state = self.image(name)
         state.fault, state.fault_after, state.fault_from = fault, after, start
 
-    def gate(self, name: str, after: int = 0) -> asyncio.Event:
+    def gate(self, name: str, after: int = 0, below: int | None = None) -> asyncio.Event:
         state = self.image(name)
-        state.gate, state.gate_after = asyncio.Event(), after
+        state.gate, state.gate_after, state.gate_below = asyncio.Event(), after, below
         return state.gate
 
     async def wait_for_reads(self, name: str, count: int, within: float = 5.0) -> None:
@@ -201,7 +207,8 @@ class Origin:
         fault = state.fault if offset >= state.fault_from else None
         began = time.monotonic()
         for chunk in _chunks(body, state):
-            if state.gate is not None and sent >= state.gate_after:
+            held = state.gate_below is None or offset < state.gate_below
+            if state.gate is not None and sent >= state.gate_after and held:
                 await state.gate.wait()
             if state.rate > 0:
                 # Pacing, not synchronisation: the body goes out no faster than ``rate``.
@@ -218,7 +225,8 @@ class Origin:
             await response.write(chunk)
             sent += len(chunk)
             state.bytes_sent += len(chunk)
-        if state.gate is not None and state.gate_after >= len(body) > 0:
+        held = state.gate_below is None or offset < state.gate_below
+        if state.gate is not None and state.gate_after >= len(body) > 0 and held:
             # A gate at the very end holds the body's end (the terminating
             # chunk of a chunked body) once every byte is out.
             await state.gate.wait()

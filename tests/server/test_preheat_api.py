@@ -1,9 +1,9 @@
 """``POST /v2/cache/preheat`` and ``GET /v2/cache/preheat/{id}``: the routes in one process.
 
 The service in this process over a directory origin, its cache central on a
-fresh PostgreSQL database (``central_db``); the other "nodes" of a job are
-drivers registered in the same database, which is all the routes see of them.
-The whole cluster, with real processes, is in ``test_cluster_preheat``.
+fresh PostgreSQL database, and a second node beside it (``preheat_helpers``).
+Listing and cancelling jobs: ``test_preheat_jobs_api``. The whole cluster,
+with real processes, is in ``test_cluster_preheat``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import asyncio
 import io
 import json
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 from sqlalchemy import select, update
@@ -29,64 +28,18 @@ from imagecache.cli import main
 from imagecache.drivers.central import CentralDriver, preheat_items, preheat_jobs
 from imagecache.preheating import NodeBars
 from imagecache.settings import Settings
-from server_helpers import directory_app, image_bytes, poll, put_image
-
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
-TOKEN = "preheat-admin-token"
-ADMIN = {"X-Auth-Token": TOKEN}
-DATA = image_bytes(300_000, seed=5)
-SELF = "http://127.0.0.1:9/self"
+from preheat_helpers import ADMIN, DATA, SELF, TOKEN, ClientFactory, job, post
+from server_helpers import directory_app, poll
 
 
 @pytest.fixture
-def origin_root(tmp_path: Path) -> Path:
-    root = tmp_path / "origin"
-    for name in ("a", "b"):
-        put_image(root, name, DATA)
-    return root
+def origin_root(preheat_origin: Path) -> Path:
+    return preheat_origin
 
 
 @pytest.fixture
-def other_node(fresh_postgres_url: str, tmp_path: Path) -> Iterator[CentralDriver]:
-    """A second node of the cluster, at site "far" (registered; nothing runs its items)."""
-    driver = create_driver(
-        central_settings(tmp_path / "other", fresh_postgres_url, "http://127.0.0.1:9/o", site="far")
-    )
-    assert isinstance(driver, CentralDriver)
-    yield driver
-    driver.close()
-
-
-@pytest.fixture
-async def client(
-    aiohttp_client: ClientFactory,
-    fresh_postgres_url: str,
-    origin_root: Path,
-    tmp_path: Path,
-    other_node: CentralDriver,
-) -> TestClient[Any, Any]:
-    settings = central_settings(
-        tmp_path / "self",
-        fresh_postgres_url,
-        SELF,
-        admin_token=TOKEN,
-        site="near",
-        node_heartbeat_interval=0.2,
-    )
-    return await aiohttp_client(directory_app(settings, origin_root))
-
-
-async def post(client: TestClient[Any, Any], body: Any, headers: Any = ADMIN) -> tuple[int, Any]:
-    async with client.post("/v2/cache/preheat", json=body, headers=headers) as response:
-        text = await response.text()
-        return response.status, (await response.json() if response.status == 202 else text)
-
-
-async def job(client: TestClient[Any, Any], job_id: int) -> dict[str, Any]:
-    async with client.get(f"/v2/cache/preheat/{job_id}", headers=ADMIN) as response:
-        assert response.status == 200, await response.text()
-        body: dict[str, Any] = await response.json()
-        return body
+def client(preheat_client: TestClient[Any, Any]) -> TestClient[Any, Any]:
+    return preheat_client
 
 
 @pytest.mark.parametrize(
@@ -127,8 +80,8 @@ async def test_non_admin_is_403_before_anything_else(client: TestClient[Any, Any
         assert status == 403
         async with client.get("/v2/cache/preheat/1", headers=headers) as response:
             assert response.status == 403
-    async with client.get("/v2/cache/preheat", headers=ADMIN) as response:
-        assert response.status == 405  # POST only: not taken for an image id "preheat"
+    async with client.put("/v2/cache/preheat", headers=ADMIN) as response:
+        assert response.status == 405  # GET and POST only: not taken for an image id "preheat"
 
 
 async def test_without_the_central_driver_it_is_409(
@@ -180,7 +133,14 @@ async def test_a_job_runs_here_and_waits_for_the_other_node(
     body = await job(client, job_id)
     assert body["state"] == "done"
     assert not body["ok"]
-    assert body["counts"] == {"pending": 0, "running": 0, "cached": 2, "failed": 1, "skipped": 1}
+    assert body["counts"] == {
+        "pending": 0,
+        "running": 0,
+        "cached": 2,
+        "failed": 1,
+        "skipped": 1,
+        "cancelled": 0,
+    }
     assert body["nodes"][other_node.self_url]["images"]["b"]["reason"] == "origin said no"
 
     # A job of images this node has: skipped, already cached.
@@ -340,25 +300,20 @@ def test_two_worker_processes_of_a_node_never_claim_the_same_item(
 
 
 def test_jobs_older_than_30_days_go_with_their_items_when_a_job_is_made(
-    central_db_url: str, tmp_path: Path
+    lone_node: CentralDriver,
 ) -> None:
-    settings = central_settings(tmp_path / "node", central_db_url, "http://127.0.0.1:9/node")
-    driver = create_driver(settings)
-    assert isinstance(driver, CentralDriver)
-    try:
-        old, recent = (driver.create_preheat_job(["a"], ["all"]) for _ in range(2))
-        with driver._write() as conn:
-            for job_id, days in ((old, 31), (recent, 29)):
-                conn.execute(
-                    update(preheat_jobs)
-                    .where(preheat_jobs.c.id == job_id)
-                    .values(created_at=datetime.now(UTC) - timedelta(days=days))
-                )
-        new = driver.create_preheat_job(["a"], ["all"])
-        assert driver.get_preheat_job(old) is None
-        assert driver.get_preheat_job(recent) is not None
-        with driver._read() as conn:
-            jobs = conn.execute(select(preheat_items.c.job_id).distinct()).scalars().all()
-        assert sorted(jobs) == [recent, new]
-    finally:
-        driver.close()
+    driver = lone_node
+    old, recent = (driver.create_preheat_job(["a"], ["all"]) for _ in range(2))
+    with driver._write() as conn:
+        for job_id, days in ((old, 31), (recent, 29)):
+            conn.execute(
+                update(preheat_jobs)
+                .where(preheat_jobs.c.id == job_id)
+                .values(created_at=datetime.now(UTC) - timedelta(days=days))
+            )
+    new = driver.create_preheat_job(["a"], ["all"])
+    assert driver.get_preheat_job(old) is None
+    assert driver.get_preheat_job(recent) is not None
+    with driver._read() as conn:
+        jobs = conn.execute(select(preheat_items.c.job_id).distinct()).scalars().all()
+    assert sorted(jobs) == [recent, new]

@@ -137,3 +137,29 @@ async def test_aria2c_x16_across_the_wan_reads_the_image_once(
     print(f"WAN aria2c -x16: origin {total / SIZE:.3f}, link {link.down_bytes / SIZE:.3f} x image")
     assert total <= ONE_IMAGE * SIZE
     assert link.down_bytes <= ONE_IMAGE * SIZE, link
+
+
+async def test_a_range_far_past_a_segmented_fill_joins_it_across_the_wan(
+    site: Site, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    """The same far range with 4 connections: its piece is fetched next, no second origin read."""
+    put_image(site.root / "images", "cold", DATA, sidecar="sha256")
+    cache_dir = tmp_path / "cache"
+    piece = 256 * 1024
+    env = serve_env(range_wait_limit=0.1, fill_segments=4, fill_segment_size=piece)
+    server = await start_serve(cache_dir, site.upstream, env=env)
+    servers.append(server)
+    async with aiohttp.ClientSession() as session:
+        first = await get_range(session, server.url, 0, 100)
+        assert first == (206, STORED, DATA[:100])
+        far = await get_range(session, server.url, SIZE - 100, SIZE)
+    assert far == (206, COLLAPSED, DATA[-100:])
+    await committed(cache_dir)
+    assert (cache_dir / "cold").read_bytes() == DATA
+    await settled_log(site, SIZE)
+    reads = body_reads(site.image_requests("cold"), "cold")
+    # Each piece once: the far range read none of its own.
+    assert sorted(r.range or "" for r in reads) == sorted(
+        f"bytes={a}-{min(a + piece, SIZE) - 1}" for a in range(0, SIZE, piece)
+    ), reads
+    assert origin_body_bytes(site) == SIZE

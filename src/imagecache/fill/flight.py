@@ -30,10 +30,14 @@ import enum
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from imagecache.capacity import Reservation
 from imagecache.errors import CacheStoreError
 from imagecache.records import ImageInfo
+
+if TYPE_CHECKING:
+    from imagecache.fill.scratch import Scratch
 
 READ_CHUNK = 1024 * 1024
 # How often a reader in another process looks at a fill it does not own.
@@ -92,6 +96,9 @@ class Flight:
         self.detached = False
         # Told whenever ``on_demand`` may have changed (the coordinator's busy state).
         self.on_change: Callable[[], None] | None = None
+        # A segmented fill's scratch file while it fetches (fill/scratch.py): ranges
+        # ahead of ``available`` are read from there.
+        self.scratch: Scratch | None = None
 
     @property
     def on_demand(self) -> bool:
@@ -133,6 +140,10 @@ class Flight:
             self.available = available
             self._notify()
 
+    def touch(self) -> None:
+        """Wake the readers without an advance: a segment ahead of the frontier has more bytes."""
+        self._notify()
+
     def rate(self, now: float, window: float) -> float | None:
         """Bytes per second the fill has written since it first advanced; None before ``window`` s.
 
@@ -171,8 +182,14 @@ class Flight:
         self._maybe_close()
         self._demand_changed()
 
-    def _sendable(self) -> int:
-        """Bytes a reader may send while the outcome is unknown."""
+    def _whole(self) -> bool:
+        state = self.state
+        return state is FlightState.COMPLETE or (self.is_verified and state is FlightState.RUNNING)
+
+    def sendable(self) -> int:
+        """Bytes of the file a reader may send now: all once verified, else all but the last."""
+        if self._whole():
+            return self.available
         size = self.size
         if size is not None:
             return min(self.available, size - 1)  # hold back the byte that completes the body
@@ -206,10 +223,8 @@ class Flight:
         offset = start
         while True:
             state = self.state
-            whole = state is FlightState.COMPLETE or (
-                self.is_verified and state is FlightState.RUNNING
-            )
-            limit = self.available if whole else self._sendable()
+            whole = self._whole()
+            limit = self.sendable()
             if offset < limit:
                 yield offset, limit - offset
                 offset = limit

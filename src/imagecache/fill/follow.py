@@ -104,7 +104,8 @@ async def follow(
     ``stop`` None: to the end of the image. With a known size, spans of the
     file (``flight.spans`` holds back the image's last byte until the fill is
     verified); without one, bytes (the body is chunked, and what is held back
-    is its terminating chunk, which the caller writes on ``COMPLETE``).
+    is its terminating chunk, which the caller writes on ``COMPLETE``). A range
+    of a segmented fill may also get spans of its scratch file, another ``fd``.
     """
     offset = start
     try:
@@ -113,6 +114,13 @@ async def follow(
             async for chunk in flight.chunks(run, start):
                 yield chunk
                 offset += len(chunk)
+        elif stop is not None and (scratch := flight.scratch) is not None:
+            # A range of a segmented fill: what is ahead of the fill's file comes
+            # from its scratch file, its segment fetched next (fill/scratch.py).
+            async with contextlib.aclosing(scratch.spans(start, stop)) as pieces:
+                async for held, at, count in pieces:
+                    yield Span(held, at, count)
+                    offset = at + count
         else:
             fd = flight.fd
             assert fd is not None, "a decided flight with readers keeps its file open"

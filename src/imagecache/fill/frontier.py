@@ -13,7 +13,12 @@ will not get there in time) sends the range to the origin at once.
 Before the fill has written for ``RATE_WINDOW`` seconds its rate says little
 (TCP slow start, the origin's first-byte latency): the range waits without
 judging, within the same limit. A fill that stops advancing is judged again
-every ``RECHECK`` seconds, so a stall also ends the wait. This knows no HTTP:
+every ``RECHECK`` seconds, so a stall also ends the wait.
+
+A segmented fill (fill/segments.py) does better than either: a range that
+starts in one of its later segments joins it at once (``joins``), and is
+served from the fill's scratch file as that segment arrives, the segment
+fetched by the next free connection (fill/scratch.py). This knows no HTTP:
 the route (server/images.py) decides what a refusal means (the origin).
 """
 
@@ -44,6 +49,18 @@ def eta(flight: Flight, offset: int, now: float, window: float = RATE_WINDOW) ->
     return gap / rate if rate > 0 else float("inf")
 
 
+def joins(flight: Flight, offset: int) -> bool:
+    """Whether a segmented fill will fetch byte ``offset`` next if asked (fill/scratch.py).
+
+    True for a byte of a segment the fill fetches into its scratch file: the
+    range is served from there, its segment asked for, whatever the fill's
+    rate. The first segment is read in order into the fill's file, so a byte
+    in it is judged by the rate like any fill's.
+    """
+    scratch = flight.scratch
+    return scratch is not None and not scratch.closed and scratch.segment_at(offset) is not None
+
+
 async def reaches(
     flight: Flight,
     offset: int,
@@ -52,12 +69,15 @@ async def reaches(
 ) -> bool:
     """Wait for ``flight`` to write byte ``offset``; False once it will not within ``limit`` s.
 
-    True when the byte is there, or when the fill has ended (the follow that
-    comes next tells how); False when waiting would take past ``limit``
-    seconds from now by the fill's rate, or has.
+    True when the byte is there, when the fill has ended (the follow that
+    comes next tells how), or when a segmented fill fetches it next
+    (``joins``); False when waiting would take past ``limit`` seconds from now
+    by the fill's rate, or has.
     """
     arrived = clock()
     while flight.available <= offset and not flight.done:
+        if joins(flight, offset):
+            return True
         now = clock()
         waited = now - arrived
         if waited >= limit:
@@ -69,4 +89,4 @@ async def reaches(
     return True
 
 
-__all__ = ["RATE_WINDOW", "RECHECK", "eta", "reaches"]
+__all__ = ["RATE_WINDOW", "RECHECK", "eta", "joins", "reaches"]

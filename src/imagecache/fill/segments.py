@@ -11,14 +11,17 @@ read over N connections at a time, each segment one ranged
 
 - segment 0 goes through the writer as a whole-image fill does (``copy_stream``:
   written in order, hashed by the hash thread, followers told at every chunk);
-- the other segments are taken in order by N-1 helper tasks (N once segment 0
-  is in), one chunk held in memory per helper, and written at their offsets
-  into a *scratch file*: an unnamed file (``O_TMPFILE``) beside the fill's
+- the other segments are taken by N-1 helper tasks (N once segment 0 is in),
+  in order but no more than ``WINDOW`` segments per connection past the
+  writer, and a segment a range asks for before the rest (fill/scratch.py),
+  one chunk held in memory per helper, and written at their offsets into a
+  *scratch file*: an unnamed file (``O_TMPFILE``) beside the fill's
   ``incomplete/<id>``;
 - when the writer's position reaches a segment, it takes that segment's bytes
   from the scratch file in order (a kernel copy into the fill's file, hashed
   from the page cache: ``FillWriter.copy_from``), as far as its helper has
-  got, waiting for the helper when it is behind.
+  got, waiting for the helper when it is behind, and punches out of the
+  scratch file what it has copied (fill/scratch.py).
 
 Many segments of a bounded size, taken in order, rather than N equal parts:
 the writer then trails the N segments being fetched instead of finding N-1
@@ -32,10 +35,16 @@ So the fill's file only ever grows as a contiguous, hashed-in-order prefix.
 That is why the helpers do not write into the fill's own file at their
 offsets: readers in sibling processes follow a fill by its file's size
 (fill/remote.py), and a file written ahead would show them holes as image
-bytes. The cost is a second write of the later segments (in the page cache,
-and a kernel copy) and, for the fill's duration, up to the image's size in
-the scratch file on the same disk, not counted by the capacity reservation;
-the file has no name, so a crash leaves nothing behind.
+bytes. A range that starts ahead of the writer is served from the scratch
+file as its segment arrives, that segment fetched next (fill/scratch.py). The
+cost is a second write of the later segments (in the page cache, and a kernel
+copy) and, for the fill's duration, the scratch file on the same disk: about
+``WINDOW`` x N segments (those between the writer and its connections, plus
+any a range asked for ahead), since what has been copied is punched out
+behind the writer. That is not counted by the capacity reservation (it is
+small beside the image, and gone when the fill ends); on a filesystem that
+cannot punch holes it grows to the image's size, as it did before. The file
+has no name, so a crash leaves nothing behind.
 
 Everything else is a fill's as before: the fill lock on ``incomplete/<id>`` is
 taken before any segment starts (one fill per image across processes), the
@@ -71,6 +80,7 @@ from imagecache.fill.pump import (
     count_read,
     next_chunk,
 )
+from imagecache.fill.scratch import ALIGN, Scratch, Segment
 from imagecache.fill.writer import FillWriter
 from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
@@ -78,7 +88,8 @@ from imagecache.upstreams.base import Caller, Upstream
 log = logging.getLogger(__name__)
 
 Span = tuple[int, int | None]
-ALIGN = 64 * 1024
+# How many segments per connection a fill fetches past its frontier, at most (fill/scratch.py).
+WINDOW = 2
 
 
 @dataclass(frozen=True)
@@ -117,15 +128,6 @@ def plan(size: int | None, settings: Settings) -> Plan:
     return Plan(spans, settings.fill_segments)
 
 
-@dataclass
-class _Segment:
-    start: int
-    end: int
-    # Bytes of [start, start + written) are in the scratch file.
-    written: int = 0
-    error: BaseException | None = None
-
-
 async def copy_segments(
     flight: Flight,
     writer: FillWriter,
@@ -146,9 +148,9 @@ async def copy_segments(
         return
     first_end = spans[0][1]
     assert first_end is not None
-    segments = [_Segment(start, end) for start, end in spans[1:] if end is not None]
+    segments = [Segment(start, end) for start, end in spans[1:] if end is not None]
     try:
-        scratch = await run(writer.scratch_file)
+        fd = await run(writer.scratch_file)
     except OSError as exc:
         # A disk that cannot take the scratch file may still take the fill.
         log.warning(
@@ -157,10 +159,8 @@ async def copy_segments(
         single = Plan([(0, None)], 1)
         await copy_segments(flight, writer, upstream, caller, single, run, events, check, throttle)
         return
-    assert isinstance(scratch, int)
-    progress = asyncio.Event()
-    # Shared by the helpers: each takes the next segment nobody has taken.
-    pending = iter(segments)
+    assert isinstance(fd, int)
+    scratch = Scratch(fd, flight, segments, WINDOW * plan.connections)
 
     def going() -> None:
         check()
@@ -169,19 +169,9 @@ async def copy_segments(
                 raise segment.error
 
     async def take_segments() -> None:
-        for segment in pending:
-            await _fetch(
-                flight.image_id,
-                segment,
-                upstream,
-                caller,
-                scratch,
-                run,
-                events,
-                check,
-                throttle,
-                progress,
-            )
+        while (segment := await scratch.take()) is not None:
+            args = (upstream, caller, scratch, run, events, check, throttle)
+            await _fetch(flight.image_id, segment, *args)
             if segment.error is not None:
                 return
 
@@ -191,6 +181,7 @@ async def copy_segments(
         )
 
     helpers: list[asyncio.Task[None]] = []
+    flight.scratch = scratch  # ranges ahead of the frontier read from it (fill/scratch.py)
     try:
         for _ in range(min(plan.connections, len(plan.spans)) - 1):
             start_helper()
@@ -201,6 +192,7 @@ async def copy_segments(
                 f"segment 0 of {flight.image_id!r} ended at byte {writer.received}, not {first_end}"
             )
         start_helper()  # segment 0's connection is free
+        progress = scratch.progress
         for segment in segments:
             while writer.received < segment.end:
                 going()
@@ -210,30 +202,35 @@ async def copy_segments(
                     if segment.start + segment.written - writer.received <= 0:
                         await progress.wait()
                     continue
-                await _settled(run(_take, writer, scratch, ready))
+                hole = scratch.punchable()
+                await _settled(run(_take, writer, scratch, ready, hole))
                 flight.advance(writer.received)
+                scratch.moved()  # a connection held by the window may go on
     finally:
+        flight.scratch = None
         for helper in helpers:
             helper.cancel()
         # Every helper's disk call has returned before the scratch file closes.
         await asyncio.gather(*helpers, return_exceptions=True)
-        os.close(scratch)
+        scratch.close()  # once no range sends from it
 
 
-def _take(writer: FillWriter, scratch: int, ready: int) -> None:
-    """In a thread: move up to ``ready`` bytes at the writer's position from ``scratch``.
+def _take(writer: FillWriter, scratch: Scratch, ready: int, hole: tuple[int, int] | None) -> None:
+    """In a thread: punch ``hole``, then move up to ``ready`` bytes at the writer's position.
 
     A failure of the scratch file is one of the cache's disk (``CacheStoreError``):
     the fill's readers then finish from the origin, as with a full disk.
     """
+    scratch.punch(hole)
     offset = writer.received
+    fd = scratch.fd
 
-    def copy_into(fd: int, count: int) -> int:
-        return os.copy_file_range(scratch, fd, min(count, ready), offset)
+    def copy_into(target: int, count: int) -> int:
+        return os.copy_file_range(fd, target, min(count, ready), offset)
 
     def readinto(buffer: memoryview) -> int:
         try:
-            return os.preadv(scratch, [buffer[:ready]], offset)
+            return os.preadv(fd, [buffer[:ready]], offset)
         except OSError as exc:
             raise CacheStoreError(
                 f"reading the scratch file of {writer.image_id!r}: {exc}"
@@ -248,15 +245,14 @@ def _take(writer: FillWriter, scratch: int, ready: int) -> None:
 
 async def _fetch(
     image_id: str,
-    segment: _Segment,
+    segment: Segment,
     upstream: Upstream,
     caller: Caller,
-    scratch: int,
+    scratch: Scratch,
     run: Run,
     events: FillEvents,
     check: Callable[[], None],
     throttle: Throttle | None,
-    progress: asyncio.Event,
 ) -> None:
     """One helper: read ``segment`` from the origin into the scratch file at its offsets."""
     length = segment.end - segment.start
@@ -269,10 +265,9 @@ async def _fetch(
                 raise UpstreamError(
                     f"the origin sent more than segment {segment.start} of {image_id!r}"
                 )
-            await _settled(run(_pwrite_all, scratch, chunk, segment.start + segment.written))
-            segment.written += len(chunk)
+            await _settled(run(_pwrite_all, scratch.fd, chunk, segment.start + segment.written))
             count_read(len(chunk), background, throttle, events)
-            progress.set()
+            scratch.wrote(segment, len(chunk))
         if segment.written != length:
             raise UpstreamError(
                 f"segment {segment.start} of {image_id!r} ended after {segment.written}"
@@ -280,7 +275,7 @@ async def _fetch(
             )
     except Exception as exc:  # the fill's own task raises it (``going``)
         segment.error = exc
-        progress.set()
+        scratch.progress.set()
     finally:
         await aclose(stream)
 

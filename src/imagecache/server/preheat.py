@@ -4,9 +4,11 @@
 
     POST /v2/cache/preheat            {"images": [ID, ...], "nodes": ["all" | SITE | URL, ...]}
                                       202 {"id": N, "href": "/v2/cache/preheat/N"}
+    GET  /v2/cache/preheat            200 {"jobs": [...]}: newest first (?limit=N, ?state=S)
     GET  /v2/cache/preheat/{job_id}   200 the job: per node, per image, its state and reason
+    DELETE /v2/cache/preheat/{job_id} 200 the job, cancelled: its pending items never run
 
-Both are admin only (``auth.admin_only``, as every management route),
+All are admin only (``auth.admin_only``, as every management route),
 and need the central driver (409 otherwise): a job's state is in the cluster
 database (``drivers/central/preheat.py``) so that any node answers for it.
 
@@ -173,8 +175,10 @@ def install(app: web.Application) -> None:
             await runner.stop()
 
         app.on_shutdown.append(on_shutdown)
-    app.router.add_route("*", PREHEAT_PATH, admin_only({"POST": create_job}))
-    app.router.add_route("*", PREHEAT_PATH + "/{job_id}", admin_only({"GET": get_job}))
+    app.router.add_route("*", PREHEAT_PATH, admin_only({"GET": list_jobs, "POST": create_job}))
+    app.router.add_route(
+        "*", PREHEAT_PATH + "/{job_id}", admin_only({"GET": get_job, "DELETE": cancel_job})
+    )
 
 
 def _central(state: ServiceState) -> CentralDriver:
@@ -227,15 +231,55 @@ def _parse(raw: bytes) -> tuple[list[str], list[str]]:
     return images, nodes
 
 
+def _number(raw: str, what: str) -> int:
+    """A decimal number of a path or query (ASCII digits only: int() takes others); 400 if not."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise BadRequest(f"{what} must be a number, not {raw[:40]!r}")
+    return int(raw)
+
+
 async def get_job(request: web.Request, state: ServiceState) -> web.StreamResponse:
     driver = _central(state)
-    raw = request.match_info["job_id"]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        raise BadRequest(f"job id must be a number, not {raw[:40]!r}")
-    job = await asyncio.to_thread(driver.get_preheat_job, int(raw))
+    job_id = _number(request.match_info["job_id"], "job id")
+    job = await asyncio.to_thread(driver.get_preheat_job, job_id)
     if job is None:
-        raise ResourceNotFound(f"no preheat job {raw}")
+        raise ResourceNotFound(f"no preheat job {job_id}")
     return web.json_response(job.as_dict())
+
+
+_LIST_PARAMETERS = frozenset({"limit", "state"})
+
+
+async def list_jobs(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    """The newest jobs first, each with its counts (``?limit=N&state=running|done|cancelled``)."""
+    driver = _central(state)
+    for name in request.query:
+        if name not in _LIST_PARAMETERS:
+            raise BadRequest(f"unknown parameter {name[:40]!r}: the job list takes limit and state")
+    raw_limit = request.query.getall("limit", [])
+    raw_state = request.query.getall("state", [])
+    if len(raw_limit) > 1 or len(raw_state) > 1:
+        raise BadRequest("give limit and state at most once each")
+    limit = _number(raw_limit[0], "limit") if raw_limit else None
+    wanted = raw_state[0] if raw_state else None
+    jobs = await asyncio.to_thread(driver.list_preheat_jobs, limit, wanted)
+    return web.json_response({"jobs": [job.as_dict() for job in jobs]})
+
+
+async def cancel_job(request: web.Request, state: ServiceState) -> web.StreamResponse:
+    """Cancel a job's pending items; 200 with the job (again for a job cancelled already).
+
+    Items a node is filling now finish there (docs/cluster.md, "Preheat jobs").
+    404 for an unknown job, 409 (PreheatJobFinished) for one whose every item ended.
+    """
+    driver = _central(state)
+    job_id = _number(request.match_info["job_id"], "job id")
+    cancelled = await asyncio.to_thread(driver.cancel_preheat_job, job_id)
+    if cancelled is None:
+        raise ResourceNotFound(f"no preheat job {job_id}")
+    job, marked = cancelled
+    log.info("preheat job %d cancelled: %d pending items will not run", job_id, marked)
+    return web.json_response({**job.as_dict(), "cancelled_now": marked})
 
 
 __all__ = ["RUNNER", "PreheatRunner", "install"]

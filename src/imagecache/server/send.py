@@ -118,7 +118,10 @@ async def send_growing(
     must have a Content-Length), bytes with ``response.write``. A failed send
     raises (a client gone, a file short of a span) and closes ``pieces``.
     """
-    handle: BinaryIO | None = None
+    # Views of the fill's descriptors (its file's; a segmented fill's scratch file's
+    # for a range ahead of it), not second opens: no disk access, so fine on the
+    # loop. The descriptors stay the flight's.
+    handles: dict[int, BinaryIO] = {}
     try:
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
@@ -127,18 +130,17 @@ async def send_growing(
                 if not response.prepared:
                     await response.prepare(request)
                 if isinstance(piece, Span):
+                    handle = handles.get(piece.fd)
                     if handle is None:
-                        # A view of the fill's descriptor, not a second open (no
-                        # disk access, so fine on the loop); the descriptor stays
-                        # the flight's.
                         handle = open(piece.fd, "rb", buffering=0, closefd=False)  # noqa: ASYNC230, SIM115
+                        handles[piece.fd] = handle
                     await send_file_span(
                         request, response, handle, piece.offset, piece.count, run=run
                     )
                 else:
                     await response.write(piece)
     finally:
-        if handle is not None:
+        for handle in handles.values():
             handle.close()
     raise AssertionError("a follow ends with an Ended")  # pragma: no cover
 

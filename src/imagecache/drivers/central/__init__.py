@@ -11,7 +11,7 @@ from imagecache.drivers.central.claims import OriginClaim
 from imagecache.drivers.central.driver import CentralDriver
 from imagecache.drivers.central.importer import ImportResult
 from imagecache.drivers.central.nodes import node_instance_id
-from imagecache.drivers.central.preheat import PreheatItem, PreheatJob
+from imagecache.drivers.central.preheat_view import PreheatItem, PreheatJob, PreheatJobSummary
 from imagecache.drivers.central.schema import (
     cached_images,
     deleted_images,
@@ -37,6 +37,7 @@ __all__ = [
     "OriginClaim",
     "PreheatItem",
     "PreheatJob",
+    "PreheatJobSummary",
     "cached_images",
     "deleted_images",
     "make_engine",

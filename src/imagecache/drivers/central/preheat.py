@@ -18,19 +18,32 @@ An item a node claimed stays ``running`` while that node's process keeps
 touching it (``touch_preheat_items``, every heartbeat). A process that died
 mid-item stops touching it, and the node's next process takes it again once
 it is older than the claim lease: no item is lost to a crash.
+
+Cancelling a job (``cancel_preheat_job``) marks it and its pending items
+``cancelled``; no node claims an item of a cancelled job again, even one
+handed back or whose claim lapsed. An item running on a node is left to
+finish and its outcome is written as usual.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 
-from imagecache.drivers.central.nodes import NodeRegistry
+from imagecache.drivers.central.preheat_view import (
+    CANCELLED,
+    FINISHED,
+    JOB_DONE,
+    JOB_RUNNING,
+    PENDING,
+    RUNNING,
+    PreheatJob,
+    PreheatView,
+)
 from imagecache.drivers.central.schema import (
     nodes,
     preheat_items,
@@ -38,11 +51,8 @@ from imagecache.drivers.central.schema import (
     to_datetime,
     to_epoch,
 )
-from imagecache.errors import BadPreheatRequest
+from imagecache.errors import BadPreheatRequest, PreheatJobFinished
 
-PENDING, RUNNING, CACHED, FAILED, SKIPPED = "pending", "running", "cached", "failed", "skipped"
-FINISHED = frozenset({CACHED, FAILED, SKIPPED})  # as written by the node
-HAS_IMAGE = frozenset({CACHED, SKIPPED})  # the node holds the image
 ALL_NODES = "all"
 # Bounds on one job, so one request cannot write an unbounded number of rows.
 MAX_IMAGES = 100
@@ -53,77 +63,8 @@ MAX_ITEMS = 10_000
 KEEP_JOBS = 30 * 86400.0
 
 
-@dataclass(frozen=True, slots=True)
-class PreheatItem:
-    """One node's outcome for one image of a job, as reported (liveness applied)."""
-
-    node_url: str
-    site: str
-    alive: bool
-    image_id: str
-    state: str
-    reason: str | None
-    bytes: int | None
-    updated_at: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "reason": self.reason,
-            "bytes": self.bytes,
-            "updated_at": self.updated_at,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class PreheatJob:
-    """A job with every item; ``state`` is ``done`` once no item can change without a node."""
-
-    job_id: int
-    created_at: float
-    created_by: str
-    images: list[str]
-    target: list[str]
-    items: list[PreheatItem] = field(default_factory=list)
-
-    @property
-    def done(self) -> bool:
-        return all(item.state in FINISHED for item in self.items)
-
-    @property
-    def ok(self) -> bool:
-        """Every node of the job holds every image."""
-        return all(item.state in HAS_IMAGE for item in self.items)
-
-    def as_dict(self) -> dict[str, Any]:
-        per_node: dict[str, dict[str, Any]] = {}
-        counts = dict.fromkeys((PENDING, RUNNING, CACHED, FAILED, SKIPPED), 0)
-        for item in self.items:
-            counts[item.state] += 1
-            node = per_node.setdefault(
-                item.node_url,
-                {"site": item.site, "alive": item.alive, "total": 0, "finished": 0, "images": {}},
-            )
-            node["total"] += 1
-            node["finished"] += item.state in FINISHED
-            node["images"][item.image_id] = item.as_dict()
-        for node in per_node.values():
-            node["ok"] = all(entry["state"] in HAS_IMAGE for entry in node["images"].values())
-        return {
-            "id": self.job_id,
-            "created_at": self.created_at,
-            "created_by": self.created_by,
-            "images": self.images,
-            "target": self.target,
-            "state": "done" if self.done else "running",
-            "ok": self.ok,
-            "counts": counts,
-            "nodes": per_node,
-        }
-
-
-class PreheatJobs(NodeRegistry):
-    """Making, running and reading preheat jobs."""
+class PreheatJobs(PreheatView):
+    """Making, running and cancelling preheat jobs (reading them: ``PreheatView``)."""
 
     def create_preheat_job(self, images: list[str], target: list[str]) -> int:
         """Make a job of ``images`` on the nodes ``target`` names; its id.
@@ -158,7 +99,7 @@ class PreheatJobs(NodeRegistry):
                         created_by=self.self_url,
                         images=json.dumps(wanted),
                         target=json.dumps(target),
-                        state=RUNNING,
+                        state=JOB_RUNNING,
                     )
                     .returning(preheat_jobs.c.id)
                 ).scalar_one()
@@ -228,9 +169,12 @@ class PreheatJobs(NodeRegistry):
             preheat_items.c.state == PENDING,
             and_(preheat_items.c.state == RUNNING, preheat_items.c.updated_at < stale),
         )
+        # Not of a cancelled job: cancelling marks its pending items, but a
+        # hand-back racing the cancel, or a claim that lapsed, leaves a row to take.
+        cancelled_jobs = select(preheat_jobs.c.id).where(preheat_jobs.c.state == CANCELLED)
         query = (
             select(preheat_items.c.job_id, preheat_items.c.image_id)
-            .where(mine, takeable)
+            .where(mine, takeable, preheat_items.c.job_id.not_in(cancelled_jobs))
             .order_by(preheat_items.c.job_id, preheat_items.c.image_id)
             .limit(limit)
             # Two worker processes of one node claim at once: each takes other rows.
@@ -265,6 +209,8 @@ class PreheatJobs(NodeRegistry):
         now = datetime.now(UTC)
         reason = reason[:2000] if reason else None
         with self._write() as conn:
+            if state == PENDING and self._job_state(conn, job_id) == CANCELLED:
+                state = CANCELLED  # handed back after the cancel: it will not run again
             # Only a claimed item: a hand-back racing the item's own outcome (a
             # shutdown as it ends) must not turn "cached" back into "pending".
             conn.execute(
@@ -279,9 +225,61 @@ class PreheatJobs(NodeRegistry):
                 .where(preheat_items.c.job_id == job_id, preheat_items.c.state.not_in(FINISHED))
             ).scalar_one()
             if not left:
+                # A cancelled job stays cancelled: its last running item ending is not "done".
                 conn.execute(
-                    update(preheat_jobs).where(preheat_jobs.c.id == job_id).values(state="done")
+                    update(preheat_jobs)
+                    .where(preheat_jobs.c.id == job_id, preheat_jobs.c.state == JOB_RUNNING)
+                    .values(state=JOB_DONE)
                 )
+
+    @staticmethod
+    def _job_state(conn: Connection, job_id: int) -> str | None:
+        state = conn.execute(
+            select(preheat_jobs.c.state).where(preheat_jobs.c.id == job_id)
+        ).scalar_one_or_none()
+        return None if state is None else str(state)
+
+    # --- cancelling a job ----------------------------------------------------------------------
+
+    def cancel_preheat_job(self, job_id: int) -> tuple[PreheatJob, int] | None:
+        """Cancel a job: its pending items become ``cancelled``; the job, and how many that was.
+
+        None for an unknown job. A job cancelled already is answered again
+        (cancelling twice is one cancel: a retry after a lost answer must not
+        fail). PreheatJobFinished when every item was written by its node
+        already: there is nothing to cancel, and calling that job cancelled
+        would hide its outcome. Items running on a node now are left to
+        finish (docs/cluster.md, "Preheat jobs": a fill may be shared with
+        clients, and its bytes are wanted anyway); they never run again.
+        """
+        now = datetime.now(UTC)
+        with self._write() as conn:
+            # FOR UPDATE: a node's last item ending now turns the job "done" or
+            # waits for this; never both "done" and "cancelled".
+            state = conn.execute(
+                select(preheat_jobs.c.state).where(preheat_jobs.c.id == job_id).with_for_update()
+            ).scalar_one_or_none()
+            if state is None:
+                return None
+            marked = 0
+            if state != CANCELLED:
+                left = conn.execute(
+                    select(func.count())
+                    .select_from(preheat_items)
+                    .where(preheat_items.c.job_id == job_id, preheat_items.c.state.not_in(FINISHED))
+                ).scalar_one()
+                if state == JOB_DONE or not left:
+                    raise PreheatJobFinished(job_id)
+                conn.execute(
+                    update(preheat_jobs).where(preheat_jobs.c.id == job_id).values(state=CANCELLED)
+                )
+                marked = conn.execute(
+                    update(preheat_items)
+                    .where(preheat_items.c.job_id == job_id, preheat_items.c.state == PENDING)
+                    .values(state=CANCELLED, reason="cancelled", updated_at=now)
+                ).rowcount
+        job = self.get_preheat_job(job_id)
+        return (job, int(marked)) if job is not None else None
 
     def _item_update(self, **values: Any) -> Any:
         return (
@@ -297,67 +295,3 @@ class PreheatJobs(NodeRegistry):
     @staticmethod
     def _keys(items: list[tuple[int, str]]) -> list[dict[str, Any]]:
         return [{"key_job": job_id, "key_image": image_id} for job_id, image_id in items]
-
-    # --- reading a job -------------------------------------------------------------------------
-
-    def get_preheat_job(self, job_id: int) -> PreheatJob | None:
-        """The job with every item, or None; unfinished items of dead nodes read as failed."""
-        cutoff = self._alive_cutoff().timestamp()
-        with self._read() as conn:
-            job = conn.execute(
-                select(
-                    preheat_jobs.c.created_at,
-                    preheat_jobs.c.created_by,
-                    preheat_jobs.c.images,
-                    preheat_jobs.c.target,
-                ).where(preheat_jobs.c.id == job_id)
-            ).first()
-            if job is None:
-                return None
-            rows = conn.execute(
-                select(
-                    nodes.c.url,
-                    nodes.c.site,
-                    nodes.c.heartbeat,
-                    preheat_items.c.image_id,
-                    preheat_items.c.state,
-                    preheat_items.c.reason,
-                    preheat_items.c.bytes,
-                    preheat_items.c.updated_at,
-                )
-                .select_from(preheat_items.join(nodes, nodes.c.id == preheat_items.c.node_id))
-                .where(preheat_items.c.job_id == job_id)
-                .order_by(nodes.c.url, preheat_items.c.image_id)
-            ).all()
-        items = []
-        for url, site, beat, image_id, state, reason, size, updated in rows:
-            alive = to_epoch(beat) > cutoff
-            if state not in FINISHED and not alive:
-                ago = time.time() - to_epoch(beat)
-                state = FAILED
-                reason = (
-                    "node not live (stopped)"
-                    if to_epoch(beat) == 0
-                    else f"node not live (last heartbeat {ago:.0f}s ago)"
-                )
-            items.append(
-                PreheatItem(
-                    node_url=url,
-                    site=site,
-                    alive=alive,
-                    image_id=image_id,
-                    state=state,
-                    reason=reason,
-                    bytes=int(size) if size is not None else None,
-                    updated_at=to_epoch(updated),
-                )
-            )
-        created_at, created_by, images, target = job
-        return PreheatJob(
-            job_id=job_id,
-            created_at=to_epoch(created_at),
-            created_by=created_by,
-            images=json.loads(images),
-            target=json.loads(target),
-            items=items,
-        )
