@@ -91,12 +91,14 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) ->
 
     def healthy() -> bool:
         assert process.poll() is None, "imagecache exited:\n" + log_path.read_text()
+        connection = http.client.HTTPConnection(host, int(port), timeout=5)
         try:
-            connection = http.client.HTTPConnection(host, int(port), timeout=5)
             connection.request("GET", "/healthcheck")
             return connection.getresponse().status == 200
         except OSError:
             return False
+        finally:
+            connection.close()  # left to the garbage collector, a ResourceWarning
 
     eventually_sync(
         healthy, "imagecache is healthy", within=60, interval=0.1, detail=log_path.read_text
