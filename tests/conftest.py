@@ -24,6 +24,7 @@ pytest_plugins: list[str] = ["driver_kinds"]
 # Real peers, each in tests/peers/.
 pytest_plugins += ["peers.cutter", "peers.glance", "peers.keystone", "peers.moto", "peers.origin"]
 pytest_plugins += ["central_db"]  # fresh PostgreSQL/SQLite databases for the central driver
+pytest_plugins += ["cluster_helpers"]  # real cluster nodes (serve processes) by name
 pytest_plugins += ["preheat_helpers"]  # a service and a second node for the preheat routes
 pytest_plugins += ["peers.mounts"]  # tiny tmpfs filesystems for disk-full and read-only faults
 pytest_plugins += [

@@ -13,7 +13,6 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from imagecache.server.run import _listen
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from imagecache.upstreams.directory import DirectoryUpstream
+from polling import eventually
 
 
 def image_bytes(size: int, seed: int = 1) -> bytes:
@@ -142,11 +142,12 @@ async def filled(client: TestClient[Any, Any], image_id: str, within: float = 20
 
 
 async def poll(condition: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
-    """Wait until ``condition()`` holds; fail naming ``what`` after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.05)
+    """Wait until ``condition()`` holds; fail naming ``what`` after ``within`` seconds.
+
+    Kept for the tests written against it: ``polling.eventually`` with its old
+    defaults (20 s, checked every 50 ms).
+    """
+    await eventually(condition, what, within=within, interval=0.05)
 
 
 _SERVING = re.compile(r"serving on (http://[0-9.]+:\d+)")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
 from imagecache.cli import main
+from polling import eventually
 
 pytestmark = pytest.mark.glance
 
@@ -35,13 +35,12 @@ async def test_glance_verbs_against_a_real_glance(glance_peer: Any) -> None:
         f"Image {image_id} is already cached.",
     )
     # Glance's worker caches it at once; poll its listing with a deadline.
-    deadline = time.monotonic() + 30
-    while True:
-        listed = json.loads((await cli(url, "--json", "list-cached")).output)
-        if any(entry["image_id"] == image_id for entry in listed):
-            break
-        assert time.monotonic() < deadline, "Glance never cached the image"
-        await asyncio.sleep(0.2)
+
+    async def listed() -> bool:
+        entries = json.loads((await cli(url, "--json", "list-cached")).output)
+        return any(entry["image_id"] == image_id for entry in entries)
+
+    await eventually(listed, "Glance lists the image as cached", within=30, interval=0.2)
     table = (await cli(url, "list-cached")).output
     assert image_id in table
     assert "195.3 KiB" in table

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imagecache.cli import main
+from polling import eventually
 from server_helpers import ServeProcess, image_bytes, put_image, start_serve
 
 TOKEN = "remote-admin-token"
@@ -69,13 +70,17 @@ async def test_every_verb_against_a_running_service(
         assert result.exit_code == 0, result.output
     prefetch = await cli(url, "prefetch")
     assert prefetch.exit_code in (0, 1), prefetch.output
-    for _ in range(100):  # the PUTs may still be filling: prefetch again until settled
-        state = {e["image_id"] for e in await as_json(url, "list-cached")}
-        if state == set(GOOD):
+
+    async def settled() -> bool:
+        # The PUTs may still be filling: prefetch again until every verdict is in.
+        if {e["image_id"] for e in await as_json(url, "list-cached")} == set(GOOD):
             queued = await as_json(url, "list-queued")
             if queued and queued[0]["error"]:
-                break
+                return True
         await cli(url, "prefetch")
+        return False
+
+    await eventually(settled, "the good images are cached and the corrupt one failed", within=60)
     assert {e["image_id"] for e in await as_json(url, "list-cached")} == set(GOOD)
     [left] = await as_json(url, "list-queued")
     assert left["image_id"] == "corrupt"

@@ -14,7 +14,6 @@ import os
 import shutil
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from central_db import postgres_url, require_postgres
 from imagecache.server.app import AccessLogger, create_app
 from imagecache.settings import Settings
+from polling import eventually
 from server_helpers import directory_app, image_bytes, put_image
 
 GLANCE_CLI = Path(sys.executable).parent / "glance"
@@ -284,10 +284,12 @@ async def test_a_relayed_response_keeps_the_origins_request_id(
             ):
                 assert response.status == 200
                 assert response.headers.getall("x-openstack-request-id") == [origin_id]
-            deadline = time.monotonic() + 5
-            while not any(origin_id in message for message in caplog.messages):
-                assert time.monotonic() < deadline, caplog.messages
-                await asyncio.sleep(0.02)
+            await eventually(
+                lambda: any(origin_id in message for message in caplog.messages),
+                "the origin's request id is logged",
+                within=5,
+                detail=lambda: caplog.messages,
+            )
     finally:
         await proxy.close()
 

@@ -2,7 +2,7 @@
 
 Each node is ``imagecache serve`` in its own process with its own cache
 directory, on a free loopback port that is also its ``worker_self_reference_url``;
-all share a fresh PostgreSQL database (see ``central_db``). The origin is the
+all share a fresh PostgreSQL database (``cluster_helpers``, ``central_db``). The origin is the
 ``http_origin`` peer, which counts body reads and can hold a body at a gate.
 """
 
@@ -13,95 +13,37 @@ import contextlib
 import json
 import re
 import signal
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster_helpers import (
+    DATA,
+    DEADLINE,
+    HALF,
+    SIZE,
+    TOKEN,
+    StartNode,
+    download,
+    holders,
+    settle,
+)
 from imagecache.cli import main
-from server_helpers import ServeProcess, image_bytes, poll, start_serve
-
-SIZE = 4 * 1024 * 1024 + 321
-DATA = image_bytes(SIZE, seed=11)
-HALF = SIZE // 2
-TOKEN = "cluster-secret-for-tests"
-DEADLINE = 20.0
-
+from peers import free_port
+from server_helpers import ServeProcess, poll
 
 # A node is one serve process over its own cache directory.
 Node = ServeProcess
 
 
-def free_port() -> int:
-    # The node must know its own URL before it starts (it is its identity),
-    # so the port is picked here rather than by the server (port 0).
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-async def cluster(
-    fresh_postgres_url: str, http_origin: Any, tmp_path: Path
-) -> AsyncIterator[Callable[[str], Awaitable[Node]]]:
-    """Start nodes by name over the shared database and the origin; stop them afterwards."""
-    nodes: list[Node] = []
-
-    async def start(name: str) -> Node:
-        port = free_port()
-        cache_dir = tmp_path / name
-        cache_dir.mkdir()
-        cluster_env = {
-            "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
-            "IMAGECACHE_DATABASE_URL": fresh_postgres_url,
-            "IMAGECACHE_WORKER_SELF_REFERENCE_URL": f"http://127.0.0.1:{port}",
-            "IMAGECACHE_CLUSTER_TOKEN": TOKEN,
-            "IMAGECACHE_NODE_HEARTBEAT_INTERVAL": "0.2",
-            "IMAGECACHE_NODE_DEAD_AFTER": "5",
-        }
-        node = await start_serve(
-            cache_dir, "http:" + http_origin.template, port=port, env=cluster_env
-        )
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        await node.stop(grace=40)
-
-
-async def download(session: aiohttp.ClientSession, node: Node, image_id: str) -> bytes:
-    async with session.get(f"{node.url}/v2/images/{image_id}/file") as response:
-        assert response.status == 200, await response.text()
-        body = await response.read()
-    await settle(session, node)
-    return body
-
-
-async def settle(session: aiohttp.ClientSession, node: Node) -> None:
-    """Let the node commit what it has verified (its cache API waits for that first)."""
-    async with session.get(f"{node.url}/v2/cache") as response:
-        assert response.status == 200, await response.text()
-
-
-async def holders(session: aiohttp.ClientSession, node: Node, image_id: str) -> list[str]:
-    async with session.get(f"{node.url}/v2/cache/nodes/{image_id}") as response:
-        assert response.status == 200, await response.text()
-        found: list[str] = await response.json()
-        return found
-
-
 async def test_siblings_fill_from_each_other_and_deletion_reaches_every_node(
-    cluster: Callable[[str], Awaitable[Node]], http_origin: Any
+    cluster_node: StartNode, http_origin: Any
 ) -> None:
     http_origin.add("img", DATA)
-    one, two, three = [await cluster(name) for name in ("one", "two", "three")]
+    one, two, three = [await cluster_node(name) for name in ("one", "two", "three")]
     everyone = (one, two, three)
     async with aiohttp.ClientSession() as session:
         for node in everyone:
@@ -155,12 +97,12 @@ async def test_siblings_fill_from_each_other_and_deletion_reaches_every_node(
 
 
 async def test_three_cold_nodes_at_once_read_the_origin_once(
-    cluster: Callable[[str], Awaitable[Node]], http_origin: Any
+    cluster_node: StartNode, http_origin: Any
 ) -> None:
     """No node has the image yet: one claims the origin read, the others follow its fill."""
     http_origin.add("img", DATA)
     gate = http_origin.gate("img", after=HALF)
-    everyone = [await cluster(name) for name in ("one", "two", "three")]
+    everyone = [await cluster_node(name) for name in ("one", "two", "three")]
     async with aiohttp.ClientSession() as session:
         downloads = [asyncio.create_task(download(session, node, "img")) for node in everyone]
         await http_origin.wait_for_reads("img", 1, within=DEADLINE)
@@ -180,11 +122,11 @@ async def test_three_cold_nodes_at_once_read_the_origin_once(
 
 
 async def test_a_sibling_killed_mid_transfer_falls_back_to_the_origin(
-    cluster: Callable[[str], Awaitable[Node]], http_origin: Any
+    cluster_node: StartNode, http_origin: Any
 ) -> None:
     http_origin.add("img", DATA)
     gate = http_origin.gate("img", after=HALF)
-    one, two = await cluster("one"), await cluster("two")
+    one, two = await cluster_node("one"), await cluster_node("two")
     async with aiohttp.ClientSession() as session:
         # Node 1 starts reading the origin and stops at the gate, half way.
         first = asyncio.create_task(download(session, one, "img"))
@@ -237,11 +179,11 @@ async def metric(session: aiohttp.ClientSession, node: Node, name: str, **labels
 
 
 async def test_queueing_on_named_nodes_fills_those_nodes_only(
-    cluster: Callable[[str], Awaitable[Node]], http_origin: Any
+    cluster_node: StartNode, http_origin: Any
 ) -> None:
     """``queue-image --nodes``: two of three nodes asked, plus one URL where nothing listens."""
     http_origin.add("img", DATA)
-    one, two, three = [await cluster(name) for name in ("one", "two", "three")]
+    one, two, three = [await cluster_node(name) for name in ("one", "two", "three")]
     nowhere = f"http://127.0.0.1:{free_port()}"  # closed at once: nothing listens there
     argv = ["--json", "queue-image", "img", "--nodes", f"{one.url},{nowhere},{two.url}"]
     result = await asyncio.to_thread(CliRunner().invoke, main, [*argv, "--concurrency", "2"])
@@ -290,14 +232,14 @@ async def test_queueing_on_named_nodes_fills_those_nodes_only(
 
 
 async def test_queueing_on_all_nodes_asks_every_live_node(
-    cluster: Callable[[str], Awaitable[Node]],
+    cluster_node: StartNode,
     http_origin: Any,
     fresh_postgres_url: str,
     tmp_path: Path,
 ) -> None:
     """``queue-image --nodes all``: the live nodes from the database, or through a node's API."""
     http_origin.add("img", DATA)
-    one, two, three = [await cluster(name) for name in ("one", "two", "three")]
+    one, two, three = [await cluster_node(name) for name in ("one", "two", "three")]
     assert await three.stop() == 0  # stopped gracefully: no longer live
     # Node one's own settings, as an operator on its host has them.
     config = tmp_path / "one.toml"

@@ -11,55 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import select
 
+from cluster_helpers import StartNode
 from imagecache.cli import main
 from imagecache.drivers.central import make_engine, preheat_items
-from server_helpers import ServeProcess, image_bytes, start_serve
-from test_cluster_multinode import TOKEN, free_port
+from server_helpers import image_bytes
 
 IMAGES = {
     "img-a": image_bytes(3 * 1024 * 1024 + 17, seed=21),
     "img-b": image_bytes(700_001, seed=22),
 }
-
-StartNode = Callable[..., Awaitable[ServeProcess]]
-
-
-@pytest.fixture
-async def node(
-    fresh_postgres_url: str, http_origin: Any, tmp_path: Path
-) -> AsyncIterator[StartNode]:
-    """Start a node by name; the same name again restarts it on its directory and port."""
-    ports: dict[str, int] = {}
-    running: list[ServeProcess] = []
-
-    async def start(name: str, **extra: str) -> ServeProcess:
-        port = ports.setdefault(name, free_port())
-        cache_dir = tmp_path / name
-        cache_dir.mkdir(exist_ok=True)
-        env = {
-            "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
-            "IMAGECACHE_DATABASE_URL": fresh_postgres_url,
-            "IMAGECACHE_WORKER_SELF_REFERENCE_URL": f"http://127.0.0.1:{port}",
-            "IMAGECACHE_CLUSTER_TOKEN": TOKEN,
-            "IMAGECACHE_NODE_HEARTBEAT_INTERVAL": "0.2",
-            "IMAGECACHE_NODE_DEAD_AFTER": "5",
-            **extra,
-        }
-        served = await start_serve(cache_dir, "http:" + http_origin.template, port=port, env=env)
-        running.append(served)
-        return served
-
-    yield start
-    for served in running:
-        await served.stop(grace=40)
 
 
 async def preheat(url: str, *args: str, follow_for: float = 60) -> Result:
@@ -68,11 +33,11 @@ async def preheat(url: str, *args: str, follow_for: float = 60) -> Result:
 
 
 async def test_a_preheat_with_a_node_down_fails_it_and_completes_when_it_returns(
-    node: StartNode, http_origin: Any
+    cluster_node: StartNode, http_origin: Any
 ) -> None:
     for image_id, data in IMAGES.items():
         http_origin.add(image_id, data)
-    one, two, three = [await node(name) for name in ("one", "two", "three")]
+    one, two, three = [await cluster_node(name) for name in ("one", "two", "three")]
     assert await three.stop() == 0  # gracefully: not live from now on
     nodes = f"{one.url},{two.url},{three.url}"
 
@@ -117,7 +82,7 @@ async def test_a_preheat_with_a_node_down_fails_it_and_completes_when_it_returns
     assert not (three.cache_dir / "img-a").exists()
 
     # Started again, the node runs the items it missed: the first job completes by itself...
-    three = await node("three")
+    three = await cluster_node("three")
     later = await preheat(one.url, "--json", "--job", str(job["id"]))
     assert later.exit_code == 0, later.output
     assert json.loads(later.stdout)["nodes"][three.url]["ok"] is True
@@ -135,10 +100,10 @@ async def test_a_preheat_with_a_node_down_fails_it_and_completes_when_it_returns
     assert http_origin.body_reads("img-a") + http_origin.body_reads("img-b") <= 4
 
 
-async def test_all_and_sites_and_cli_usage(node: StartNode, http_origin: Any) -> None:
+async def test_all_and_sites_and_cli_usage(cluster_node: StartNode, http_origin: Any) -> None:
     """``--nodes all`` is every live node; bad input is one line and exit 1 or 2."""
     http_origin.add("img-a", IMAGES["img-a"])
-    one, two = await node("one"), await node("two")
+    one, two = await cluster_node("one"), await cluster_node("two")
     result = await preheat(one.url, "img-a", "--nodes", "all")
     assert result.exit_code == 0, result.output
     assert f"{one.url}  img-a  cached" in result.stdout or f"{one.url}  img-a  skipped" in (
@@ -161,13 +126,13 @@ async def test_all_and_sites_and_cli_usage(node: StartNode, http_origin: Any) ->
 
 
 async def test_a_node_stopped_mid_item_hands_it_back_and_runs_it_when_it_returns(
-    node: StartNode, http_origin: Any, fresh_postgres_url: str
+    cluster_node: StartNode, http_origin: Any, fresh_postgres_url: str
 ) -> None:
     data = IMAGES["img-a"]
     http_origin.add("img-a", data)
     gate = http_origin.gate("img-a", after=len(data) // 2)  # the read stops half way
     # A short upstream_timeout: the stopping node's grace for its fill (shutdown_grace).
-    one = await node("one", IMAGECACHE_UPSTREAM_TIMEOUT="5")
+    one = await cluster_node("one", IMAGECACHE_UPSTREAM_TIMEOUT="5")
     started = await preheat(one.url, "--json", "img-a", "--nodes", one.url, follow_for=0)
     assert started.exit_code == 4, started.output  # not done at once: the read is held
     job_id = str(json.loads(started.stdout)["id"])
@@ -183,7 +148,7 @@ async def test_a_node_stopped_mid_item_hands_it_back_and_runs_it_when_it_returns
     assert states == ["pending"]  # handed back, not left "running" until a lease lapses
 
     gate.set()
-    one = await node("one")
+    one = await cluster_node("one")
     done = await preheat(one.url, "--job", job_id)
     assert done.exit_code == 0, done.output
     assert (one.cache_dir / "img-a").read_bytes() == data

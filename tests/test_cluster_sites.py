@@ -2,7 +2,7 @@
 
 ``choose_sibling`` is asked directly; then real ``imagecache serve`` processes
 over one fresh PostgreSQL and the counting ``http_origin`` peer, as in
-``test_cluster_multinode``: two sites of two nodes each, and a pair of sites
+``test_cluster_multinode`` (``cluster_helpers``): two sites of two nodes each, and a pair of sites
 whose nodes are allowed to fill from each other.
 """
 
@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from central_db import NodeFactory, put
+from cluster_helpers import DATA, DEADLINE, HALF, StartNode, download, holders
 from imagecache.errors import ConfigurationError
 from imagecache.settings import load_settings
 from imagecache.sites import Sibling, choose_sibling
-from server_helpers import ServeProcess, start_serve
-from test_cluster_multinode import DATA, DEADLINE, HALF, TOKEN, download, free_port, holders
+from server_helpers import ServeProcess
 
 # --- the choice itself ------------------------------------------------------------------
 
@@ -128,38 +126,6 @@ def test_each_site_claims_the_origin_read_of_an_image_once(make_node: NodeFactor
 
 # --- real nodes -------------------------------------------------------------------------
 
-StartNode = Callable[..., Awaitable[ServeProcess]]
-
-
-@pytest.fixture
-async def node(
-    fresh_postgres_url: str, http_origin: Any, tmp_path: Path
-) -> AsyncIterator[StartNode]:
-    """Start a node by name at a site, over the shared database and the origin."""
-    started: list[ServeProcess] = []
-
-    async def start(name: str, site: str, *, cross_site: bool = False) -> ServeProcess:
-        port = free_port()
-        cache_dir = tmp_path / name
-        cache_dir.mkdir()
-        env = {
-            "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
-            "IMAGECACHE_DATABASE_URL": fresh_postgres_url,
-            "IMAGECACHE_WORKER_SELF_REFERENCE_URL": f"http://127.0.0.1:{port}",
-            "IMAGECACHE_CLUSTER_TOKEN": TOKEN,
-            "IMAGECACHE_NODE_HEARTBEAT_INTERVAL": "0.2",
-            "IMAGECACHE_NODE_DEAD_AFTER": "5",
-            "IMAGECACHE_SITE": site,
-            "IMAGECACHE_SIBLING_CROSS_SITE": "true" if cross_site else "false",
-        }
-        served = await start_serve(cache_dir, "http:" + http_origin.template, port=port, env=env)
-        started.append(served)
-        return served
-
-    yield start
-    for served in started:
-        await served.stop(grace=40)
-
 
 def filled_from_sibling(node: ServeProcess, image_id: str) -> str | None:
     """The sibling URL the node's log says it filled ``image_id`` from, if any."""
@@ -168,11 +134,11 @@ def filled_from_sibling(node: ServeProcess, image_id: str) -> str | None:
 
 
 async def test_two_sites_fill_within_their_site_and_from_the_origin_otherwise(
-    node: StartNode, http_origin: Any
+    cluster_node: StartNode, http_origin: Any
 ) -> None:
     http_origin.add("img", DATA)
-    a1, a2 = await node("a1", "site-a"), await node("a2", "site-a")
-    b1, b2 = await node("b1", "site-b"), await node("b2", "site-b")
+    a1, a2 = await cluster_node("a1", "site-a"), await cluster_node("a2", "site-a")
+    b1, b2 = await cluster_node("b1", "site-b"), await cluster_node("b2", "site-b")
     async with aiohttp.ClientSession() as session:
         assert await download(session, b1, "img") == DATA
         assert http_origin.body_reads("img") == 1
@@ -210,11 +176,11 @@ async def test_two_sites_fill_within_their_site_and_from_the_origin_otherwise(
 
 
 async def test_cross_site_fills_from_another_site_before_the_origin(
-    node: StartNode, http_origin: Any
+    cluster_node: StartNode, http_origin: Any
 ) -> None:
     http_origin.add("img", DATA)
-    b1 = await node("b1", "site-b")
-    a1 = await node("a1", "site-a", cross_site=True)
+    b1 = await cluster_node("b1", "site-b")
+    a1 = await cluster_node("a1", "site-a", cross_site=True)
     async with aiohttp.ClientSession() as session:
         assert await download(session, b1, "img") == DATA
         assert await download(session, a1, "img") == DATA
@@ -224,13 +190,13 @@ async def test_cross_site_fills_from_another_site_before_the_origin(
 
 
 async def test_a_fill_in_progress_at_another_site_neither_stalls_nor_feeds_this_site(
-    node: StartNode, http_origin: Any
+    cluster_node: StartNode, http_origin: Any
 ) -> None:
     """Claims are per site: A reads the origin while B does, and A's second node follows A."""
     http_origin.add("img", DATA)
     gate = http_origin.gate("img", after=HALF)  # every origin read stops half way
-    b1 = await node("b1", "site-b")
-    a1, a2 = await node("a1", "site-a"), await node("a2", "site-a")
+    b1 = await cluster_node("b1", "site-b")
+    a1, a2 = await cluster_node("a1", "site-a"), await cluster_node("a2", "site-a")
     async with aiohttp.ClientSession() as session:
         at_b = asyncio.create_task(download(session, b1, "img"))
         tasks = [at_b]

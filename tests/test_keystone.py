@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from clocks import ManualClock
 from imagecache.errors import ConfigurationError, IdentityRejected, IdentityUnavailable
 from imagecache.keystone import (
     KeystoneAuth,
@@ -17,16 +18,6 @@ from imagecache.keystone import (
 )
 from peers import free_port
 from peers.keystone import KeystonePeer
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _password_auth(ks: KeystonePeer, **changes: str) -> KeystoneAuth:
@@ -66,7 +57,7 @@ def test_an_application_credential_works(keystone_peer: KeystonePeer) -> None:
 def test_wrong_credentials_name_the_setting_log_once_and_back_off(
     keystone_peer: KeystonePeer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock()
+    clock = ManualClock()
     identity = ServiceIdentity(
         _password_auth(keystone_peer, password="not-the-password"), clock=clock
     )
@@ -125,7 +116,7 @@ def test_incomplete_credentials_are_refused_naming_the_key(
 
 
 def test_tokens_are_validated_and_remembered_for_the_ttl(keystone_peer: KeystonePeer) -> None:
-    clock = Clock()
+    clock = ManualClock()
     validator = TokenValidator(ServiceIdentity(_password_auth(keystone_peer)), ttl=30, clock=clock)
     alice = validator.validate(keystone_peer.token("alice"))
     assert alice is not None
@@ -144,7 +135,7 @@ def test_tokens_are_validated_and_remembered_for_the_ttl(keystone_peer: Keystone
 
 
 def test_a_revoked_token_is_refused_once_its_entry_ends(keystone_peer: KeystonePeer) -> None:
-    clock = Clock()
+    clock = ManualClock()
     validator = TokenValidator(ServiceIdentity(_password_auth(keystone_peer)), ttl=30, clock=clock)
     token = keystone_peer.token("operator")
     assert is_admin(validator.validate(token), ["admin"])
@@ -198,7 +189,7 @@ def test_keystone_away_refuses_and_comes_back_without_a_restart(
 ) -> None:
     ks = keystone_short
     try:
-        clock = Clock()
+        clock = ManualClock()
         validator = TokenValidator(
             ServiceIdentity(_password_auth(ks), timeout=3, backoff=(0.0, 0.0)),
             ttl=30,

@@ -22,9 +22,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from clocks import ManualClock
 from imagecache.metadata import NEGATIVE_TTL, MetadataCache, sweep_answers
 from imagecache.records import ImageInfo
 from imagecache.server.app import create_app
+from imagecache.server.state import STATE
 from imagecache.settings import Settings
 from imagecache.upstreams import create_upstream
 from imagecache.upstreams.base import ANONYMOUS, Caller
@@ -170,6 +172,14 @@ def http_app(
     return make
 
 
+def _manual_clock(client: TestClient[Any, Any]) -> ManualClock:
+    """The app's metadata cache on a clock the test moves: the TTL's arithmetic is tested."""
+    clock = ManualClock()
+    metadata = client.app[STATE].metadata
+    metadata.clock = metadata.wall_clock = clock
+    return clock
+
+
 async def _forget_copy(client: TestClient[Any, Any], image_id: str) -> None:
     # The management API (loopback is admin without a token): the next herd is cold again.
     async with client.delete(f"/v2/cache/{image_id}") as response:
@@ -196,12 +206,15 @@ async def test_after_the_ttl_the_origin_is_asked_again(
     ttl = 1.0
     http_origin.add("cold", DATA, sidecars=("sha256",))
     client = await aiohttp_client(http_app(metadata_cache_ttl=ttl))
+    clock = _manual_clock(client)
     await cold_herd(client.get, ["/v2/images/cold/file"] * 8, http_origin, "cold")
-    answered_by = time.monotonic()  # the answer is at most this old
     assert metadata_reads(http_origin, "cold") == (1, len(SIDECARS))
     await _forget_copy(client, "cold")
-    # Waiting for the TTL itself to run out is what is tested (no event says so).
-    await asyncio.sleep(max(0.0, answered_by + ttl - time.monotonic()) + 0.05)
+    clock.now += ttl - 0.5  # within the TTL: remembered, in memory and on disk
+    await cold_herd(client.get, ["/v2/images/cold/file"] * 8, http_origin, "cold")
+    assert metadata_reads(http_origin, "cold") == (1, len(SIDECARS))
+    await _forget_copy(client, "cold")
+    clock.now += 0.5  # the TTL is out
     await cold_herd(client.get, ["/v2/images/cold/file"] * 8, http_origin, "cold")
     assert metadata_reads(http_origin, "cold") == (2, 2 * len(SIDECARS))
 
@@ -212,15 +225,17 @@ async def test_a_refusal_is_remembered_briefly_and_never_outlives_the_upload(
     ttl = 0.5  # refusals get at most NEGATIVE_TTL of it
     assert ttl <= NEGATIVE_TTL
     client = await aiohttp_client(http_app(metadata_cache_ttl=ttl))
+    clock = _manual_clock(client)
     statuses = await asyncio.gather(*(client.get("/v2/images/later/file") for _ in range(HERD)))
     assert [response.status for response in statuses] == [404] * HERD
     for response in statuses:
         response.release()
-    refused_by = time.monotonic()
     heads, _ = metadata_reads(http_origin, "later")
     assert heads == 1, "a herd for a missing image asked the origin once"
     http_origin.add("later", DATA)  # uploaded right after the refusal
-    await asyncio.sleep(max(0.0, refused_by + ttl - time.monotonic()) + 0.05)
+    async with client.get("/v2/images/later/file") as response:
+        assert response.status == 404, "the refusal is remembered for its TTL"
+    clock.now += ttl
     async with client.get("/v2/images/later/file") as response:
         assert response.status == 200
         assert await response.read() == DATA

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from peers import free_port, run_script
 from peers.glance import SCRIPT as GLANCE_SCRIPT
 from peers.keystone import SCRIPT as KEYSTONE_SCRIPT
 from peers.keystone import KeystonePeer
+from polling import eventually_sync
 
 OPENSTACK = Path("/opt/peers/keystone-venv/bin/openstack")
 GLANCE_CLI = Path("/opt/peers/glance-venv/bin/glance")
@@ -88,20 +88,21 @@ def _cli(tool: Path, args: list[str], env: Mapping[str, str]) -> subprocess.Comp
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
     host, port = url.removeprefix("http://").split(":")
-    deadline = time.monotonic() + 60
-    while True:
+
+    def healthy() -> bool:
         assert process.poll() is None, "imagecache exited:\n" + log_path.read_text()
+        connection = http.client.HTTPConnection(host, int(port), timeout=5)
         try:
-            connection = http.client.HTTPConnection(host, int(port), timeout=5)
             connection.request("GET", "/healthcheck")
-            if connection.getresponse().status == 200:
-                return
+            return connection.getresponse().status == 200
         except OSError:
-            pass
-        assert time.monotonic() < deadline, (
-            "imagecache never became healthy:\n" + log_path.read_text()
-        )
-        time.sleep(0.1)
+            return False
+        finally:
+            connection.close()  # left to the garbage collector, a ResourceWarning
+
+    eventually_sync(
+        healthy, "imagecache is healthy", within=60, interval=0.1, detail=log_path.read_text
+    )
 
 
 def _password_env(ks: KeystonePeer) -> dict[str, str]:
@@ -181,10 +182,13 @@ def _queue_on_disk(cache_dir: Path, image_id: str) -> None:
 
 
 def _wait_cached(cache_dir: Path, image_id: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while not (cache_dir / image_id).is_file():
-        assert time.monotonic() < deadline, "never fetched:\n" + log_path.read_text()[-3000:]
-        time.sleep(0.2)
+    eventually_sync(
+        (cache_dir / image_id).is_file,
+        f"{image_id} is fetched",
+        within=60,
+        interval=0.2,
+        detail=lambda: log_path.read_text()[-3000:],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -310,11 +314,13 @@ def test_a_revoked_operator_token_stops_working_within_the_validation_ttl(cloud:
     token = cloud.ks.token("operator")
     assert cloud.get("/v2/cache", token)[0] == 200
     cloud.ks.revoke(token)
-    deadline = time.monotonic() + 30
-    while cloud.get("/v2/cache", token)[0] == 200:
-        # token_cache_ttl is 2 s for this service
-        assert time.monotonic() < deadline, "a revoked token still manages the cache"
-        time.sleep(0.2)
+    # token_cache_ttl is 2 s for this service
+    eventually_sync(
+        lambda: cloud.get("/v2/cache", token)[0] != 200,
+        "a revoked token no longer manages the cache",
+        within=30,
+        interval=0.2,
+    )
     assert cloud.get("/v2/cache", token)[0] == 403
 
 
@@ -396,10 +402,13 @@ def test_a_cache_without_an_account_says_why_it_cannot_prefetch_a_private_image(
     process = _serve(cloud.ks, cloud.glance_port, free_port(), cache_dir, log_path, {})
     try:
         _queue_on_disk(cache_dir, cloud.private)
-        deadline = time.monotonic() + 60
-        while "needs a role that may download this image" not in log_path.read_text():
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
+        eventually_sync(
+            lambda: "needs a role that may download this image" in log_path.read_text(),
+            "the re-drive logs the missing role",
+            within=60,
+            interval=0.2,
+            detail=lambda: log_path.read_text()[-3000:],
+        )
         assert not (cache_dir / cloud.private).exists()
     finally:
         _stop(process)
@@ -426,8 +435,10 @@ def test_keystone_away_refuses_management_with_503_and_recovers_without_a_restar
             assert len(body) < 4096
     finally:
         cloud.ks.start()
-    deadline = time.monotonic() + 30
-    while cloud.get("/v2/cache", fresh)[0] != 200:
-        assert time.monotonic() < deadline, "management did not recover after Keystone came back"
-        time.sleep(0.2)
+    eventually_sync(
+        lambda: cloud.get("/v2/cache", fresh)[0] == 200,
+        "management recovers after Keystone came back",
+        within=30,
+        interval=0.2,
+    )
     assert "Traceback" not in cloud.log_path.read_text()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from imagecache.fill.flight import FlightKind
 from imagecache.prefetch import Prefetcher, queued_details
 from imagecache.records import PrefetchOutcome
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
+from polling import eventually
 
 
 class ScriptedUpstream(Upstream):
@@ -206,13 +206,6 @@ async def test_with_the_directory_upstream(
         assert "not found" in (errors["absent"] or "")
 
 
-async def _until(condition: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_standalone_prefetch_shares_a_fill_running_on_the_same_directory(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -236,7 +229,7 @@ async def test_a_standalone_prefetch_shares_a_fill_running_on_the_same_directory
             flight = prefetcher.fills.current("img-0")
             return flight is not None and flight.kind is FlightKind.REMOTE
 
-        await _until(following)
+        await eventually(following, "the prefetch follows the running fill")
         await asyncio.to_thread(writer.write, data[1000:])
         await asyncio.to_thread(writer.finish)
         report = await asyncio.wait_for(run, 10)

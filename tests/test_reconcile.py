@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 from driver_kinds import settings_for
 from imagecache import CachedImage, ImageCache
 from imagecache.reconcile import reconcile
+from polling import eventually
 from server_helpers import image_bytes, listdir, start_serve
 
 
@@ -94,7 +94,11 @@ async def test_sigkill_mid_fill_then_restart(http_origin: Any, tmp_path: Path) -
 
             downloads = [asyncio.create_task(download(name)) for name in images]
             for name in images:  # every fill is half-way, holding its gate
-                await _until(lambda n=name: _size(cache_dir / "incomplete" / n) >= half)
+                await eventually(
+                    lambda n=name: _size(cache_dir / "incomplete" / n) >= half,
+                    f"half of {name} is on disk",
+                    within=20,
+                )
             server.process.kill()  # SIGKILL: no shutdown code runs
             results = await asyncio.gather(*downloads, return_exceptions=True)
     finally:
@@ -116,7 +120,7 @@ async def test_sigkill_mid_fill_then_restart(http_origin: Any, tmp_path: Path) -
                 async with session.get(stats_url) as response:
                     return bool((await response.json())["maintenance_runs"].get("reconcile"))
 
-            await _until_async(reconciled)
+            await eventually(reconciled, "a reconciliation has run", within=20)
             # The dead fills went to invalid/; metadata and files agree.
             assert listdir(cache_dir / "incomplete") == []
             assert sorted(listdir(cache_dir / "invalid")) == sorted(images)
@@ -145,17 +149,3 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-async def _until(condition: Callable[[], bool], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.02)
-
-
-async def _until_async(condition: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.02)

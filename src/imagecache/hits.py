@@ -77,6 +77,39 @@ def open_hit(cache: ImageCache, image_id: ImageId) -> Hit | None:
     return Hit(handle, st.st_size, record)
 
 
+async def open_hit_off_loop(
+    run: Callable[..., asyncio.Future[Hit | None]], cache: ImageCache, image_id: str
+) -> Hit | None:
+    """``open_hit`` in ``run``'s thread; a request cancelled meanwhile still closes the file.
+
+    Without the shield, a cancelled request dropped the ``Hit`` its thread
+    had just opened: the descriptor was left to the garbage collector (a
+    ``ResourceWarning``, seen when a test's server shut down mid-request).
+    """
+    opening = run(open_hit, cache, image_id)
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_unclaimed)
+        raise
+
+
+def _close_unclaimed(opening: asyncio.Future[Hit | None]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        hit = opening.result()
+        if hit is not None:
+            hit.handle.close()  # on the loop: a read-only descriptor, closed at once
+
+
+async def close_hit(hit: Hit, run: Callable[..., asyncio.Future[None]]) -> None:
+    """Close the hit's file in ``run``'s thread, also when the request is cancelled meanwhile.
+
+    Shielded: cancelling the await must not cancel the close itself (a
+    close still queued in the executor is dropped, file and all, by a cancel).
+    """
+    await asyncio.shield(run(hit.handle.close))
+
+
 async def await_commit(hit: Hit) -> None:
     """Wait (at most ``COMMIT_WAIT``) until no writer holds the lock of ``hit``'s file.
 

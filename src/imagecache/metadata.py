@@ -202,6 +202,9 @@ class MetadataCache:
     the origin's answers depend on who asks (Glance). ``wait_limit``: the
     longest a process waits for another process's lookup before asking the
     origin itself. ``executor`` runs the file work (None: asyncio's default).
+    ``clock`` ages the answers in memory, ``wall_clock`` the ones shared on
+    disk (other processes read those): injectable, so a test moves time
+    instead of sleeping a TTL out. They may be replaced after construction.
     """
 
     def __init__(
@@ -214,6 +217,8 @@ class MetadataCache:
         wait_limit: float,
         max_entries: int = 10_000,
         executor: concurrent.futures.Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.upstream = upstream
         self.ttl = ttl
@@ -222,6 +227,8 @@ class MetadataCache:
         self.wait_limit = wait_limit
         self.max_entries = max_entries
         self.executor = executor
+        self.clock = clock
+        self.wall_clock = wall_clock
         # Answers for everyone, by image; and (caller-dependent origins only)
         # answers for one caller, by (caller key, image). Values: (expiry on
         # the monotonic clock, answer).
@@ -322,7 +329,7 @@ class MetadataCache:
     # --- memory ----------------------------------------------------------------------------------
 
     def _remembered(self, image_id: ImageId, asker: str) -> Answer | None:
-        now = time.monotonic()
+        now = self.clock()
         shared = self._shared.get(image_id)
         if shared is not None and shared[0] > now:
             return shared[1]
@@ -335,7 +342,7 @@ class MetadataCache:
     def _remember(self, answer: Answer, asker: str, lifetime: float) -> None:
         if lifetime <= 0:
             return
-        expiry = time.monotonic() + lifetime
+        expiry = self.clock() + lifetime
         if answer.shareable(self.caller_dependent):
             _bounded_put(self._shared, answer.image_id, (expiry, answer), self.max_entries)
         else:
@@ -374,7 +381,7 @@ class MetadataCache:
                 found = await self._run(_read, fd, image_id)
                 if found is not None:
                     written, answer = found
-                    age = time.time() - written
+                    age = self.wall_clock() - written
                     left = answer.lifetime(self.ttl) - age
                     # A clock stepped back makes an answer look written in the
                     # future: not trusted, asked again. Only shareable answers
@@ -387,7 +394,7 @@ class MetadataCache:
             result = await self._ask(image_id, caller)
             if isinstance(result, Answer) and result.shareable(self.caller_dependent):
                 try:
-                    await self._run(_write, fd, result.to_json(time.time()))
+                    await self._run(_write, fd, result.to_json(self.wall_clock()))
                     self._note_file(image_id, fd)
                 except OSError as exc:
                     log.warning("cannot share the metadata of %s: %s", image_id, exc)
@@ -405,6 +412,7 @@ class MetadataCache:
         A non-blocking ``flock`` polled on the loop: it never touches the disk,
         and unlike a blocking one in a thread it can be given up on.
         """
+        # A real wait on another process's lock: the real clock, not ``self.clock``.
         deadline = time.monotonic() + self.wait_limit
         pause = _POLL_FIRST
         while True:

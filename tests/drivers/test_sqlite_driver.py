@@ -6,7 +6,6 @@ import hashlib
 import os
 import random
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from imagecache import BadDriverConfiguration, Settings, create_driver
 from imagecache.drivers import sqlite as sqlite_module
 from imagecache.drivers.sqlite import HIT_BATCH, SCHEMA_VERSION, SqliteDriver
 from imagecache.reconcile import reconcile_records
+from polling import eventually_sync
 
 
 @pytest.fixture
@@ -45,10 +45,9 @@ def hits_seen_by_another_connection(driver: SqliteDriver, image_id: str = "img")
 def test_a_hit_reaches_other_processes_without_further_activity(driver: SqliteDriver) -> None:
     cache_one(driver)
     driver.record_hit("img")
-    deadline = time.monotonic() + 10
-    while hits_seen_by_another_connection(driver) != 1:
-        assert time.monotonic() < deadline, "the batched hit was never written"
-        time.sleep(0.02)  # polling a condition with a deadline, not standing in for sync
+    eventually_sync(
+        lambda: hits_seen_by_another_connection(driver) == 1, "the batched hit is written"
+    )
 
 
 def test_a_full_batch_is_written_at_once(

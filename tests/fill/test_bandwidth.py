@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from clocks import ManualClock
 from imagecache.errors import ConfigurationError
 from imagecache.fill.bandwidth import BURST_SECONDS, BackgroundBandwidth, TokenBucket
 from imagecache.settings import Settings
@@ -18,16 +19,8 @@ from imagecache.settings import Settings
 MiB = 1024 * 1024
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_bucket_starts_full_and_overdrafts_are_waited_off() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     bucket = TokenBucket(2 * MiB, clock)
     assert BURST_SECONDS == 0.5
     assert bucket.tokens == 1 * MiB  # half a second of the rate
@@ -48,7 +41,7 @@ def test_the_bucket_starts_full_and_overdrafts_are_waited_off() -> None:
 def test_the_rate_holds_over_many_chunks() -> None:
     # 8 MiB in 1 MiB chunks at 2 MiB/s, each chunk read as soon as delay() allows:
     # the last one starts 3 s in ((8 - 1 chunk - 1 burst) / 2), never earlier.
-    clock = FakeClock()
+    clock = ManualClock()
     bucket = TokenBucket(2 * MiB, clock)
     start = clock.now
     for _ in range(8):
@@ -58,7 +51,7 @@ def test_the_rate_holds_over_many_chunks() -> None:
 
 
 def test_a_pause_holds_every_chunk_and_a_resume_keeps_what_was_earned() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     bucket = TokenBucket(4 * MiB, clock)
     bucket.spend(3 * MiB)  # 2 MiB burst, 1 MiB in debt
     bucket.set_rate(0)
@@ -71,7 +64,7 @@ def test_a_pause_holds_every_chunk_and_a_resume_keeps_what_was_earned() -> None:
 
 
 def test_a_lower_rate_cuts_the_balance_to_its_burst() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     bucket = TokenBucket(8 * MiB, clock)
     assert bucket.tokens == 4 * MiB
     bucket.set_rate(1 * MiB)
@@ -79,7 +72,7 @@ def test_a_lower_rate_cuts_the_balance_to_its_burst() -> None:
 
 
 def test_no_limit_never_waits_and_a_limit_after_it_starts_full() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     bucket = TokenBucket(math.inf, clock)
     bucket.spend(10**12)
     assert bucket.delay() == 0
@@ -88,7 +81,7 @@ def test_no_limit_never_waits_and_a_limit_after_it_starts_full() -> None:
 
 
 def test_the_governor_switches_rates_and_reports_each_change() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     rates: list[float] = []
     governor = BackgroundBandwidth(4 * MiB, 1 * MiB, clock, on_rate=rates.append)
     assert governor.rate == 4 * MiB
@@ -100,7 +93,7 @@ def test_the_governor_switches_rates_and_reports_each_change() -> None:
 
 
 def test_a_busy_rate_never_exceeds_the_idle_one() -> None:
-    governor = BackgroundBandwidth(1 * MiB, 8 * MiB, FakeClock())
+    governor = BackgroundBandwidth(1 * MiB, 8 * MiB, ManualClock())
     governor.set_busy(True)
     assert governor.rate == 1 * MiB
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,13 @@ from imagecache.fill.writer import Verifier
 from imagecache.records import ImageInfo
 from imagecache.upstreams.base import ANONYMOUS
 from imagecache.upstreams.directory import DirectoryUpstream
+from polling import eventually
 
 DATA = bytes(range(256)) * 64  # 16 KiB
 
 
 def run(func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
     return asyncio.get_running_loop().run_in_executor(None, func, *args)
-
-
-async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -98,9 +91,11 @@ async def test_a_follow_sends_what_lands_holds_the_last_byte_until_verified(
 ) -> None:
     follower = Collected(flight, follow(flight, run))
     land(flight, 4096)
-    await until(lambda: follower.sent() == DATA[:4096])
+    await eventually(lambda: follower.sent() == DATA[:4096], "the follower has sent 4096 bytes")
     land(flight, len(DATA))
-    await until(lambda: follower.sent() == DATA[:-1])
+    await eventually(
+        lambda: follower.sent() == DATA[:-1], "the follower has sent all but the last byte"
+    )
     assert not follower.task.done(), "the byte that completes the body waits for the verdict"
     flight.verified()
     await asyncio.wait_for(follower.task, 10)
@@ -133,7 +128,7 @@ async def test_a_fill_that_fails_ends_the_follow_with_a_value_saying_how(
     flight.settle(kind, "")
     follower = Collected(flight, follow(flight, run))
     land(flight, 5000)
-    await until(lambda: len(follower.sent()) == 5000)
+    await eventually(lambda: len(follower.sent()) == 5000, "the follower has sent 5000 bytes")
     flight.fail(error)
     await asyncio.wait_for(follower.task, 10)
     assert follower.ended == Ended(end, 5000, 5000, error)
@@ -159,7 +154,9 @@ async def test_a_follow_of_unknown_size_yields_bytes(flight: Flight) -> None:
     flight.info = ImageInfo("img")
     follower = Collected(flight, follow(flight, run))
     land(flight, len(DATA))
-    await until(lambda: follower.sent() == DATA)  # chunked: nothing held back but the end
+    await eventually(
+        lambda: follower.sent() == DATA, "the follower has sent the whole image"
+    )  # chunked: nothing held back but the end
     flight.finish(len(DATA))
     await asyncio.wait_for(follower.task, 10)
     assert all(isinstance(item, bytes) for item in follower.items[:-1])

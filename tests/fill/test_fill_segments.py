@@ -25,6 +25,7 @@ from imagecache.fill.writer import FillWriter
 from imagecache.server.cache_api import WORKER
 from imagecache.server.state import STATE
 from imagecache.settings import MiB, load_settings
+from polling import eventually
 from server_helpers import ServeProcess, image_bytes, listdir, poll, settled, start_serve
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
@@ -32,14 +33,6 @@ ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 SIZE = 8 * MiB - 5
 DATA = image_bytes(SIZE, seed=15)
 SEGMENTED = {"fill_segments": 4, "fill_segment_size": MiB}
-
-
-async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
-    """Poll ``condition`` until it holds (a deadline, not a sleep standing in for sync)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def _open_under(directory: Path) -> list[str]:
@@ -174,7 +167,9 @@ async def test_the_fill_file_grows_only_as_a_contiguous_prefix(
 
     async with client.get("/v2/images/img/file") as response:
         # Counted once written: segment 0 to the fill's file, the others to the scratch file.
-        await until(lambda: read_from_origin() == 4 * held)
+        await eventually(
+            lambda: read_from_origin() == 4 * held, "each segment has read its held bytes"
+        )
         assert os.stat(cache_dir / "incomplete" / "img").st_size == held
         flight = client.app[STATE].fills.current("img")
         assert flight is not None
@@ -259,7 +254,7 @@ async def test_shutdown_rolls_back_a_segmented_fill_and_releases_its_files(
         await http_origin.wait_for_reads("img", 4)
         flight = client.app[STATE].fills.current("img")
         assert flight is not None
-        await until(lambda: flight.available >= 256 * 1024)
+        await eventually(lambda: flight.available >= 256 * 1024, "256 KiB are available")
         await asyncio.wait_for(client.app[STATE].fills.shutdown(0.01), timeout=10)
         assert flight.state.value == "failed"
         assert listdir(cache_dir / "incomplete") == []

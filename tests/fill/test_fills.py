@@ -12,7 +12,6 @@ import itertools
 import os
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -29,19 +28,12 @@ from imagecache.fill.flight import FlightKind
 from imagecache.fill.hooks import FillHooks
 from imagecache.records import Chunk
 from imagecache.server.state import STATE
+from polling import eventually
 from server_helpers import HeldHooks, image_bytes, listdir, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 SIZE = 2 * 1024 * 1024 + 5
 DATA = image_bytes(SIZE, seed=3)
-
-
-async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
-    """Poll ``condition`` until it holds (a deadline, not a sleep standing in for sync)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_concurrent_requests_in_one_process_read_the_origin_once(
@@ -104,7 +96,7 @@ async def test_a_client_that_leaves_does_not_stop_the_fill_by_default(
     await response.content.readany()
     response.close()  # the client disconnects mid-body
     gate.set()
-    await until(lambda: (cache_dir / "img").exists())
+    await eventually(lambda: (cache_dir / "img").exists(), "the image is committed")
     assert (cache_dir / "img").read_bytes() == DATA
     assert http_origin.body_reads("img") == 1
 
@@ -122,9 +114,9 @@ async def test_abandoned_fill_abort_rolls_back_when_nobody_listens(
     # rest before the server has noticed the client left. Wait for that first.
     flight = client.app[STATE].fills.current("img")
     assert flight is not None
-    await until(lambda: flight.readers == 0)
+    await eventually(lambda: flight.readers == 0, "the flight has no readers")
     gate.set()
-    await until(lambda: listdir(cache_dir / "invalid") == ["img"])
+    await eventually(lambda: listdir(cache_dir / "invalid") == ["img"], "the file is in invalid/")
     assert not (cache_dir / "img").exists()
     assert listdir(cache_dir / "incomplete") == []
 
@@ -251,7 +243,9 @@ async def test_a_follower_takes_over_when_the_writer_process_dies(
         assert (await holder.stdout.readline()).strip() == b"locked"
         task = asyncio.create_task(client.get("/v2/images/img/file"))
         # The request follows the other process's fill: no upstream read yet.
-        await until(lambda: _kind(client, "img") is FlightKind.REMOTE)
+        await eventually(
+            lambda: _kind(client, "img") is FlightKind.REMOTE, "the flight follows a remote fill"
+        )
         assert http_origin.body_reads("img") == 0
         holder.kill()
         response = await asyncio.wait_for(task, timeout=20)
@@ -377,7 +371,7 @@ async def test_a_range_during_a_fill_is_served_from_the_growing_file(
     first = await response_started(whole)
     flight = client.app[STATE].fills.current("img")
     assert flight is not None
-    await until(lambda: flight.available >= half)
+    await eventually(lambda: flight.available >= half, "half the image is available")
 
     async def ranged(first: int, last: int) -> tuple[int, str, bytes]:
         headers = {"Range": f"bytes={first}-{last}"}
@@ -388,9 +382,9 @@ async def test_a_range_during_a_fill_is_served_from_the_growing_file(
     assert await ranged(100, 199) == (206, f"bytes 100-199/{SIZE}", DATA[100:200])
     # Straddling what has landed: waits for the fill, then gets the right bytes.
     # (The first range's handler may still be finishing: count from one reader.)
-    await until(lambda: flight.readers == 1)
+    await eventually(lambda: flight.readers == 1, "the flight has one reader")
     straddling = asyncio.create_task(ranged(half - 10, half + 9))
-    await until(lambda: flight.readers >= 2)
+    await eventually(lambda: flight.readers >= 2, "the flight has two readers")
     assert not straddling.done()
     gate.set()
     assert await straddling == (
@@ -451,7 +445,7 @@ async def test_a_range_during_a_fill_in_another_process_is_served_from_its_file(
         tail = asyncio.create_task(ranged("bytes=-10"))
         flight = client.app[STATE].fills.current("img")
         assert flight is not None
-        await until(lambda: flight.readers == 1)
+        await eventually(lambda: flight.readers == 1, "the flight has one reader")
         assert not tail.done()
         writer.stdin.write(b"commit\n")
         await writer.stdin.drain()
@@ -519,7 +513,7 @@ async def test_a_range_that_finds_no_fill_does_not_keep_a_download_from_filling(
     hooks = HeldHooks(hold="looking_for_remote")
     client = await make_client(fill_hooks=hooks)
     ranged = asyncio.create_task(client.get("/v2/images/img/file", headers={"Range": "bytes=0-9"}))
-    await until(hooks.entered.is_set)
+    await eventually(hooks.entered.is_set, "the range is held looking for a remote fill")
     whole = asyncio.create_task(client.get("/v2/images/img/file"))
     await asyncio.wait_for(hooks.noted["joining"].wait(), 10)
     flight = client.app[STATE].fills.current("img")
@@ -545,7 +539,7 @@ async def test_a_range_waiting_on_a_fill_that_finds_the_image_committed_is_a_hit
     hooks = HeldHooks(hold="deciding")
     client = await make_client(fill_hooks=hooks, range_starts_fill=False)
     whole = asyncio.create_task(client.get("/v2/images/img/file"))
-    await until(hooks.entered.is_set)
+    await eventually(hooks.entered.is_set, "the fill is held deciding")
     part = asyncio.create_task(client.get("/v2/images/img/file", headers={"Range": "bytes=5-9"}))
     # Both requests wait on the one flight still deciding...
     await asyncio.wait_for(hooks.noted["watching"].wait(), 10)
@@ -568,7 +562,7 @@ async def test_a_download_between_the_rename_and_the_record_waits_for_the_record
     waiting = _note_entry(monkeypatch, hits, "await_commit")
     async with client.get("/v2/images/img/file") as first:
         assert await first.read() == DATA
-    await until(recording.is_set)  # renamed, record held
+    await eventually(recording.is_set, "the record is being written")  # renamed, record held
     assert (cache_dir / "img").exists()
     second = asyncio.create_task(client.get("/v2/images/img/file"))
     await asyncio.wait_for(waiting.wait(), 10)
@@ -685,7 +679,7 @@ async def test_shutdown_wakes_a_fill_waiting_on_a_stalled_origin(
         await response_started(response)
         flight = client.app[STATE].fills.current("img")
         assert flight is not None
-        await until(lambda: flight.available >= SIZE // 2)
+        await eventually(lambda: flight.available >= SIZE // 2, "half the image is available")
         # The fill thread is now blocked reading the socket; the grace period ends at once.
         await asyncio.wait_for(client.app[STATE].fills.shutdown(0.01), timeout=10)
         assert flight.state.value == "failed"

@@ -22,9 +22,9 @@ from aiohttp.test_utils import TestClient
 from imagecache.fill import frontier
 from imagecache.fill.flight import Flight
 from imagecache.server.state import STATE
+from polling import eventually
 from range_helpers import AHEAD, COLLAPSED, ONE_IMAGE, STORED, pieces
 from server_helpers import HeldHooks, ServeProcess, filled, image_bytes, listdir, start_serve
-from test_fills import until
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 MiB = 1024 * 1024
@@ -48,8 +48,9 @@ async def test_a_cold_burst_of_16_ranges_reads_the_origin_once_and_caches_the_im
     client = await make_client()
     spans = pieces(SIZE, 16)
     burst = [asyncio.create_task(ranged(client, a, b)) for a, b in spans]
-    await until(
-        lambda: (f := client.app[STATE].fills.current("img")) is not None and f.readers == 16
+    await eventually(
+        lambda: (f := client.app[STATE].fills.current("img")) is not None and f.readers == 16,
+        "the fill has all 16 range readers",
     )
     gate.set()
     answers = await asyncio.wait_for(asyncio.gather(*burst), 60)
@@ -108,7 +109,7 @@ async def test_a_range_far_past_a_slow_fill_goes_to_the_origin_one_just_ahead_wa
     assert await ranged(client, 0, 100) == (206, STORED, data[:100])
     flight = client.app[STATE].fills.current("img")
     assert flight is not None
-    await until(lambda: flight.available >= 2 * MiB)
+    await eventually(lambda: flight.available >= 2 * MiB, "2 MiB are available")
     far = size - MiB
     assert await ranged(client, far, far + 100) == (206, AHEAD, data[far : far + 100])
     assert http_origin.body_reads("img") == 2  # the fill, and the far range on its own
@@ -145,7 +146,7 @@ async def test_a_range_whose_fill_finds_the_image_committed_is_a_hit(
     hooks = HeldHooks(hold="deciding")
     client = await make_client(fill_hooks=hooks)
     part = asyncio.create_task(ranged(client, 5, 10))
-    await until(hooks.entered.is_set)
+    await eventually(hooks.entered.is_set, "the fill is held deciding")
     (cache_dir / "img").write_bytes(DATA)  # a writer elsewhere: the file is what counts
     hooks.release.set()
     assert await asyncio.wait_for(part, 20) == (206, "imagecache; hit", DATA[5:10])
@@ -207,5 +208,5 @@ async def test_aria2c_x16_on_a_cold_image_reads_the_origin_once(
     print(f"origin bytes / image, aria2c -x16 cold: {ratio:.3f}")
     assert ratio <= ONE_IMAGE
 
-    await until(lambda: (cache_dir / "img").exists(), within=30)
+    await eventually(lambda: (cache_dir / "img").exists(), "the image is committed", within=30)
     assert (cache_dir / "img").read_bytes() == data

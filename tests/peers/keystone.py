@@ -98,14 +98,14 @@ class KeystonePeer:
         _run("stop", self.env, timeout=60)
 
     def running(self) -> bool:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
             connection.request("GET", "/v3")
-            ok = connection.getresponse().status == 200
-            connection.close()
+            return connection.getresponse().status == 200
         except OSError:
             return False
-        return ok
+        finally:
+            connection.close()  # also after an error: else a ResourceWarning
 
     def start(self) -> None:
         started = _run("start", self.env, timeout=300)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from yarl import URL
 from imagecache.logsafe import EscapingFilter, escape
 from imagecache.server.app import AccessLogger
 from imagecache.settings import Settings
+from polling import eventually
 from server_helpers import (
     ServeProcess,
     directory_app,
@@ -95,10 +95,7 @@ async def test_a_path_with_encoded_newlines_writes_exactly_one_line_per_request(
             async def three_lines() -> bool:
                 return len(_access_lines(service.log())) >= 3
 
-            deadline = time.monotonic() + 10
-            while not await three_lines():
-                assert time.monotonic() < deadline, service.log()
-                await asyncio.sleep(0.05)
+            await eventually(three_lines, "three access lines are logged", detail=service.log)
     finally:
         await service.stop()
     log = service.log()
@@ -143,18 +140,20 @@ async def logged_client(
 
 
 async def _wait_for_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[dict[str, str]]:
-    deadline = time.monotonic() + 10
-    while True:
-        found = [
+    def found() -> list[dict[str, str]]:
+        return [
             match.groupdict()
             for record in caplog.records
             if record.name == "imagecache.access"
             and (match := ACCESS.fullmatch(record.getMessage()))
         ]
-        if len(found) >= count:
-            return found
-        assert time.monotonic() < deadline, caplog.messages
-        await asyncio.sleep(0.02)
+
+    await eventually(
+        lambda: len(found()) >= count,
+        f"{count} access lines are logged",
+        detail=lambda: caplog.messages,
+    )
+    return found()
 
 
 async def test_a_download_cut_short_logs_the_bytes_sent_and_not_completed(
@@ -232,10 +231,14 @@ async def test_json_log_lines_parse_and_carry_the_text_lines_fields(tmp_path: Pa
             async def logged(service: ServeProcess) -> bool:
                 return len(_access_lines(service.log())) >= len(paths)
 
-            deadline = time.monotonic() + 10
-            while not (await logged(text) and await logged(json_service)):
-                assert time.monotonic() < deadline, (text.log(), json_service.log())
-                await asyncio.sleep(0.05)
+            async def both_logged() -> bool:
+                return await logged(text) and await logged(json_service)
+
+            await eventually(
+                both_logged,
+                "both services log every request",
+                detail=lambda: (text.log(), json_service.log()),
+            )
     finally:
         await asyncio.gather(text.stop(), json_service.stop())
     documents = [json.loads(line) for line in json_service.log().splitlines()]

@@ -7,10 +7,8 @@ server with the production access logger.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from imagecache.server.app import AccessLogger, create_app
 from imagecache.server.cache_status import Outcome, cache_status
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
+from polling import eventually
 from server_helpers import ServeProcess, image_bytes, listdir, settled, start_serve
 
 SIZE = 2 * 1024 * 1024 + 5
@@ -62,14 +61,18 @@ def _access_lines_captured(caplog: pytest.LogCaptureFixture) -> None:
 
 async def logged_cache(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
     """The ``cache=`` field of the access line of ``request_id``, unquoted (``-``: none)."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    def field() -> str | None:
         for record in caplog.records:
             match = _CACHE_FIELD.search(record.getMessage())
             if record.name == "imagecache.access" and match and match.group(1) == request_id:
                 return match.group(2).strip('"')
-        assert time.monotonic() < deadline, f"no access line for {request_id}"
-        await asyncio.sleep(0.02)
+        return None
+
+    await eventually(lambda: field() is not None, f"the access line of {request_id} is logged")
+    found = field()
+    assert found is not None
+    return found
 
 
 async def status_of(caplog: pytest.LogCaptureFixture, response: aiohttp.ClientResponse) -> str:

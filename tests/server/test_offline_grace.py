@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from clocks import ManualClock
 from imagecache.errors import (
     AccessUnconfirmed,
     UpstreamError,
@@ -54,16 +55,8 @@ class _Origin:
             raise UpstreamForbidden(image_id)
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _cache(grace: float, ttl: float = 0.0) -> tuple[AccessCache, _Origin, _Clock]:
-    origin, clock = _Origin(), _Clock()
+def _cache(grace: float, ttl: float = 0.0) -> tuple[AccessCache, _Origin, ManualClock]:
+    origin, clock = _Origin(), ManualClock()
     cache = AccessCache(origin, ttl, offline_grace=grace, clock=clock)  # type: ignore[arg-type]
     return cache, origin, clock
 

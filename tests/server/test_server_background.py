@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import aiohttp
 from imagecache.server import run
 from imagecache.server.run import _listen
 from imagecache.settings import Settings
+from polling import eventually
 
 _MAINTENANCE_THREAD = "imagecache-maintenance"
 
@@ -53,10 +53,7 @@ async def test_serving_starts_before_reconciliation_and_the_scheduled_jobs(
             ):
                 answered.append(response.status)
             # ... and the reconciliation's thread comes after.
-            deadline = time.monotonic() + 20
-            while not _maintenance_threads():
-                assert time.monotonic() < deadline, "the maintenance never started"
-                await asyncio.sleep(0.01)
+            await eventually(_maintenance_threads, "the maintenance has started", within=20)
         except BaseException as exc:
             failures.append(exc)
         finally:

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from imagecache.errors import CacheStoreError
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
+from polling import eventually
 from server_helpers import (
     HeldHooks,
     directory_app,
@@ -293,10 +294,7 @@ async def test_the_client_has_its_bytes_before_the_commit_and_a_request_meanwhil
         assert (status, body) == (200, DATA)
         # The commit's thread may start after the client has read its last
         # byte (seen under load): wait for it to reach the held point.
-        deadline = time.monotonic() + 10
-        while not hooks.entered.is_set():
-            assert time.monotonic() < deadline, "the commit never reached its held point"
-            await asyncio.sleep(0.01)
+        await eventually(hooks.entered.is_set, "the commit reaches its held point")
         assert not (cache_dir / "img-1").exists()
         hooks.noted["joined"].clear()  # the first download's join; wait for the next
         again = asyncio.create_task(get(client, "/v2/images/img-1/file"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import aiohttp
 import pytest
 from prometheus_client.utils import floatToGoString
 
+from polling import eventually
 from server_helpers import ServeProcess, image_bytes, listdir, poll, start_serve
 
 SIZE = 4 * 1024 * 1024 + 123
@@ -170,9 +170,11 @@ async def test_serve_with_two_workers_shares_one_port_and_stops_on_sigterm(
         # A sibling's numbers are at most a publish interval old, hence the poll.
         upstream_bytes = sum(300_000 + n for n in range(4))
         wanted = f"imagecache_bytes_from_upstream_total {floatToGoString(upstream_bytes)}"
-        deadline = time.monotonic() + 15
-        while wanted not in await scrape():
-            assert time.monotonic() < deadline, "the merged metrics never showed every fill"
+
+        async def merged() -> bool:
+            return wanted in await scrape()
+
+        await eventually(merged, "the merged metrics show every fill", within=15)
         for _ in range(6):
             text = await scrape()
             assert wanted in text, text

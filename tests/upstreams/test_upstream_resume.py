@@ -39,6 +39,7 @@ from imagecache.upstreams.base import BlockingSource, Releasable
 from imagecache.upstreams.resume import BACKOFF_CAP, ResumePolicy, Validator
 from imagecache.upstreams.resume_events import NO_RESUME_EVENTS, ResumeEvents, ResumeOutcome
 from peers.cutter import Cutter
+from polling import eventually
 from server_helpers import image_bytes, listdir, settled
 
 SIZE = 1024 * 1024 + 13
@@ -417,10 +418,7 @@ async def test_interrupt_wakes_a_source_waiting_out_its_backoff(
     thread = threading.Thread(target=read)
     thread.start()
     # Both cuts happened once the origin finished the second GET (2 requests, cuts sent).
-    deadline = time.monotonic() + 10
-    while origin.body_bytes < 200_000:
-        assert time.monotonic() < deadline, "the origin never cut"
-        await asyncio.sleep(0.01)
+    await eventually(lambda: origin.body_bytes >= 200_000, "the origin has cut both GETs")
     started = time.monotonic()
     source.interrupt()
     await asyncio.to_thread(thread.join, 10)

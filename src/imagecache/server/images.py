@@ -62,7 +62,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             checked = True
 
     for _ in range(ATTEMPTS):
-        hit = await state.fills.run(hits.open_hit, state.cache, image_id)
+        hit = await hits.open_hit_off_loop(state.fills.run, state.cache, image_id)
         if hit is not None and hit.committing:
             # A commit (of this process or another) has renamed the file and
             # not yet recorded it; its writer holds the lock until it has. A
@@ -70,13 +70,13 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             try:
                 await hits.await_commit(hit)
             finally:
-                await state.fills.run(hit.handle.close)
+                await hits.close_hit(hit, state.fills.run)
             continue
         if hit is not None:
             try:
                 await check_access(hit=True)
             except BaseException:
-                await state.fills.run(hit.handle.close)
+                await hits.close_hit(hit, state.fills.run)
                 raise
             return await _serve_hit(request, state, image_id, hit, access)
         if peer is PeerRequest.SIBLING:
@@ -156,7 +156,7 @@ async def _serve_hit(
             state.metrics.hits.inc()
         return response
     finally:
-        await state.fills.run(hit.handle.close)
+        await hits.close_hit(hit, state.fills.run)
 
 
 async def _serve_miss(
@@ -223,7 +223,7 @@ async def _serve_sibling(
             if isinstance(response, web.StreamResponse):
                 return response
     # The fill may have committed (and its flight ended) since the caller looked.
-    hit = await state.fills.run(hits.open_hit, state.cache, image_id)
+    hit = await hits.open_hit_off_loop(state.fills.run, state.cache, image_id)
     if hit is not None:
         return await _serve_hit(request, state, image_id, hit)
     raise ResourceNotFound(f"image {image_id} is not cached on this node")
