@@ -781,6 +781,8 @@ def _measure(
             if lookups
             else None,
             "probe_cpu_cores": round(probed["cpu_seconds"] / wall, 4),
+            # Its client CPU (SQLAlchemy, psycopg; EXPLAIN samples included), per lookup.
+            "probe_cpu_per_lookup": ms(probed["cpu_seconds"] / len(lookups)) if lookups else None,
         },
         "bench_cpu_cores": round(bench_cpu / wall, 3),
         # Threads come and go a little (the executor's); counted while they lived.
