@@ -52,16 +52,20 @@ extension is loaded; the CPU of the backends serving this database (utime +
 stime from /proc, as a fraction of one core) and of the server's shared
 processes; the bench's own CPU (2 cores is the machine: a bench near 2 is
 bench-bound, not database-bound); the p50/p99 of a holder lookup
-(``get_cached_siblings``) from a separate probing thread with an engine of its
-own, as one real node would see it.
+(``get_cached_siblings``) from a separate probe *process* (bench/lookup_probe.py:
+a real node with its own engine and interpreter), as one real node would see
+it, with its CPU and the time it waited for one (``--simulator-nice`` lowers
+the priority of the simulator's threads beneath it; a probe thread in the
+simulator's process measured the GIL and the run queue, not the database).
 
     nice .venv/bin/python bench/cluster_scale.py --nodes 100,500,1000 --seconds 30 \
-        --json docs/results/cluster_scale.json
+        --simulator-nice 10 --json docs/results/cluster_scale.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import heapq
 import itertools
@@ -70,6 +74,8 @@ import logging
 import os
 import random
 import resource
+import select
+import subprocess
 import sys
 import tempfile
 import threading
@@ -90,7 +96,8 @@ from sqlalchemy.dialects import postgresql
 from imagecache import migrations
 from imagecache.drivers import driver_config
 from imagecache.drivers.base import Driver
-from imagecache.drivers.central import CentralDriver, cached_images, make_engine, nodes
+from imagecache.drivers.central import CentralDriver, cached_images, make_engine
+from imagecache.drivers.central.mirror import Mirror
 from imagecache.drivers.central.nodes import node_instance_id, normalise_self_url
 from imagecache.settings import Settings, load_settings
 from imagecache.upstreams.sibling import CLAIM_POLL_INTERVAL, CLAIM_WAIT_LIMIT
@@ -98,6 +105,7 @@ from imagecache.upstreams.sibling import CLAIM_POLL_INTERVAL, CLAIM_WAIT_LIMIT
 SETTINGS_DEFAULTS = load_settings(None)
 HEARTBEAT_INTERVAL = SETTINGS_DEFAULTS.node_heartbeat_interval
 PRUNE_INTERVAL = SETTINGS_DEFAULTS.prune_interval
+PROBE = Path(__file__).resolve().with_name("lookup_probe.py")
 IMAGE_SIZE = 1 << 30  # rows only; the files written are a few bytes
 
 
@@ -132,15 +140,18 @@ class SimNode(CentralDriver):
         self._beat_lock = threading.Lock()
         self._left = False
         self._registered = False
-        # The write-behind state the database calls consult (outbox.py); no
-        # local mirror: the bench writes the hit batches itself (flush_hits).
+        # The write-behind state the database calls consult (outbox.py), and
+        # the local mirror a real node commits and deletes through (without it
+        # every commit and deletion failed: AttributeError). The bench writes
+        # the hit batches itself (flush_hits), as the outbox's drain would.
         self._init_write_behind()
         self.instance_id = node_instance_id(self.layout.base)
         self.engine = self._given_engine
+        self.mirror = Mirror.over(self.settings)
         self.node_id = self._register()
 
     def close(self) -> None:
-        pass  # the engine is shared: disposed by the run
+        self.mirror.close()  # the engine is shared: disposed by the run
 
 
 @dataclass
@@ -152,14 +163,28 @@ class NodeState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def lower_priority(by: int) -> None:
+    """Lower the calling thread's priority (Linux: a thread's nice is its own), not the process's.
+
+    The simulator's threads yield the CPU to the probe process this way, and
+    the importing process (a test calling ``main``) keeps its own niceness.
+    """
+    if by > 0:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + by)
+
+
 class Scheduler:
     """Timed events run on a pool of worker threads; records how late each one started."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, nice: int = 0) -> None:
         self._heap: list[tuple[float, int, Callable[[], None], str]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="node")
+        self._nice = nice
+        self._pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="node", initializer=lower_priority, initargs=(nice,)
+        )
         self._stop = False
         self.lag: list[float] = []
         self.latency: dict[str, list[float]] = defaultdict(list)
@@ -184,6 +209,7 @@ class Scheduler:
             self.done[kind] += 1
 
     def loop(self) -> None:
+        lower_priority(self._nice)
         while True:
             with self._cond:
                 while not self._stop and (not self._heap or self._heap[0][0] > time.monotonic()):
@@ -244,7 +270,7 @@ class Cluster:
             driver.configure()
             self.nodes.append(NodeState(driver))
         self._seed_holdings()
-        self.sched = Scheduler(args.connections)
+        self.sched = Scheduler(args.connections, args.simulator_nice)
         self.claim_waits: Counter[str] = Counter()
 
     def _seed_holdings(self) -> None:
@@ -552,39 +578,59 @@ def statements_calls(conninfo: str) -> int | None:
 # --- one run ---------------------------------------------------------------------------------
 
 
-def probe(
-    node: SimNode,
-    images: list[str],
-    stop: threading.Event,
-    out: list[float],
-    server: list[float],
-    interval: float,
-    measuring: threading.Event,
-) -> None:
-    """Holder lookups from a node of its own (its own engine), as a miss would make them.
+class Probe:
+    """bench/lookup_probe.py as a child process: a real node of its own, looking up holders.
 
-    Every tenth lookup is also run under EXPLAIN ANALYZE: its execution time
-    inside the server, which a busy machine's scheduling does not inflate the
-    way it inflates the time seen by the caller.
+    Its own process, so the simulated nodes' Python neither holds its GIL
+    nor shares its scheduling (``--simulator-nice`` lowers the simulator's
+    priority beneath it).
     """
-    rng = random.Random(7)
-    dialect = node.engine.dialect
-    for round_ in itertools.count():
-        if stop.is_set():
-            return
-        image_id = rng.choice(images)
-        start = time.perf_counter()
-        node.get_cached_siblings(image_id)
-        if measuring.is_set():
-            out.append(time.perf_counter() - start)
-            if round_ % 10 == 0:
-                query = node._holders(image_id).order_by(nodes.c.url)
-                sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
-                with node.engine.connect() as conn:
-                    plan = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}").scalar()
-                if plan is not None:
-                    server.append(float(plan[0]["Execution Time"]) / 1000)
-        stop.wait(interval)
+
+    def __init__(self, url: str, directory: Path, images: list[str], interval: float) -> None:
+        argv = [sys.executable, str(PROBE), "--url", url, "--dir", str(directory)]
+        argv += ["--interval", str(interval)]
+        pipe = subprocess.PIPE
+        self.process = subprocess.Popen(argv, stdin=pipe, stdout=pipe, text=True)
+        self._say(json.dumps(images))
+        line = self._line(within=60.0)
+        if line != "ready":
+            self.close()
+            raise RuntimeError(f"the lookup probe did not start ({line!r})")
+
+    def _say(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def _line(self, within: float) -> str:
+        assert self.process.stdout is not None
+        readable, _, _ = select.select([self.process.stdout], [], [], within)
+        return self.process.stdout.readline().strip() if readable else ""
+
+    def measure(self) -> None:
+        self._say("measure")
+
+    def stop(self) -> dict[str, Any]:
+        """Close the window; the probe's report (lookups, server times, its CPU and waits)."""
+        self._say("stop")
+        line = self._line(within=30.0)
+        self.close()
+        if not line:
+            raise RuntimeError("the lookup probe sent no report")
+        report: dict[str, Any] = json.loads(line)
+        return report
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # our own child, by its Popen
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 def run_one(args: argparse.Namespace, n: int) -> dict[str, Any]:
@@ -604,26 +650,14 @@ def run_one(args: argparse.Namespace, n: int) -> dict[str, Any]:
             t0 = time.monotonic()
             cluster = Cluster(args, url, n, root)
             result["setup_seconds"] = round(time.monotonic() - t0, 1)
-            probe_settings = SETTINGS_DEFAULTS.model_copy(
-                update={
-                    "image_cache_driver": "central",
-                    "database_url": url,
-                    "image_cache_dir": root / "probe",
-                    "worker_self_reference_url": "http://10.255.0.1:9393",
-                }
-            )
-            (root / "probe").mkdir()
-            probe_engine = make_engine(url)  # a real node's engine
-            prober = SimNode(probe_settings, probe_engine)
-            prober.configure()
             # Closed now, so the setup's statistics reach pg_stat_database before
             # the window opens (an idle backend reports them up to 10 s late).
             cluster.engine.dispose()
-            probe_engine.dispose()
             try:
-                result.update(_measure(args, n, name, conninfo, admin, cluster, prober))
+                result.update(_measure(args, n, name, conninfo, admin, cluster, url, root))
             finally:
-                probe_engine.dispose()
+                for node in cluster.nodes:
+                    node.driver.close()  # its mirror's sqlite files, before the directory goes
                 cluster.engine.dispose()
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -638,26 +672,11 @@ def _measure(
     conninfo: str,
     admin: psycopg.Connection[Any],
     cluster: Cluster,
-    prober: SimNode,
+    url: str,
+    root: Path,
 ) -> dict[str, Any]:
-    stop, measuring = threading.Event(), threading.Event()
-    lookups: list[float] = []
-    server_lookups: list[float] = []
-    prober_thread = threading.Thread(
-        target=probe,
-        args=(
-            prober,
-            cluster.images,
-            stop,
-            lookups,
-            server_lookups,
-            args.probe_interval,
-            measuring,
-        ),
-        daemon=True,
-    )
+    prober = Probe(url, root / "probe", cluster.images, args.probe_interval)
     scheduler_thread = cluster.start()
-    prober_thread.start()
     # Warm-up: one heartbeat interval, so every node has beaten once and pools are open.
     time.sleep(args.heartbeat_interval)
     cpu = ServerCpu(admin, name)
@@ -671,7 +690,7 @@ def _measure(
     cpu.start()
     start = time.monotonic()
     cluster.sched.measuring = True
-    measuring.set()
+    prober.measure()
     peak_connections = 0
     while time.monotonic() - start < args.seconds:
         time.sleep(1.0)
@@ -679,7 +698,7 @@ def _measure(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)
         ).fetchone()
         peak_connections = max(peak_connections, int(row[0]) if row else 0)
-    measuring.clear()
+    probed = prober.stop()
     cluster.sched.measuring = False
     wall = time.monotonic() - start
     ours, background, backend_wait = cpu.stop()
@@ -691,8 +710,6 @@ def _measure(
     statements = cluster.statements - statements_before
     statement_rows = cluster.statement_rows - rows_before
     transactions = cluster.transactions - transactions_before
-    stop.set()
-    prober_thread.join()
     cluster.sched.stop()
     scheduler_thread.join(timeout=5)
 
@@ -711,6 +728,7 @@ def _measure(
             (name,),
         ).fetchone()[0]
     )
+    lookups, server_lookups = probed["lookups"], probed["server"]
     report: dict[str, Any] = {
         "wall_seconds": round(wall, 2),
         # The probe's lookups are in the database's counters too (one rollback each).
@@ -759,6 +777,13 @@ def _measure(
             "server_execution_p50": ms(percentile(server_lookups, 0.5)),
             "server_execution_p99": ms(percentile(server_lookups, 0.99)),
             "server_samples": len(server_lookups),
+            # Where a slow lookup's time went: the probe waiting for a CPU, per lookup.
+            "probe_runqueue_wait_per_lookup": ms(probed["runqueue_wait_seconds"] / len(lookups))
+            if lookups
+            else None,
+            "probe_cpu_cores": round(probed["cpu_seconds"] / wall, 4),
+            # Its client CPU (SQLAlchemy, psycopg; EXPLAIN samples included), per lookup.
+            "probe_cpu_per_lookup": ms(probed["cpu_seconds"] / len(lookups)) if lookups else None,
         },
         "bench_cpu_cores": round(bench_cpu / wall, 3),
         # Threads come and go a little (the executor's); counted while they lived.
@@ -848,6 +873,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=200, help="images in the catalogue")
     p.add_argument("--held", type=int, default=10, help="images each node holds at the start")
     p.add_argument("--probe-interval", type=float, default=0.05, help="seconds between lookups")
+    p.add_argument(
+        "--simulator-nice",
+        type=int,
+        default=0,
+        help="lower the priority of the simulator's threads by this much (per thread; the "
+        "probe keeps its own, as a real node on its own host would)",
+    )
     p.add_argument(
         "--list-nodes",
         action="store_true",

@@ -30,6 +30,7 @@ pytest_plugins += ["peers.mounts"]  # tiny tmpfs filesystems for disk-full and r
 pytest_plugins += [
     "peers.wan"
 ]  # network namespaces, shaped veth links (tests/peers/relay.py: delay)
+pytest_plugins += ["peers.pgns"]  # a PostgreSQL of its own in a rig namespace (after peers.wan)
 
 
 @pytest.fixture

@@ -20,28 +20,32 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from sqlalchemy import event, select
 
-from central_db import PG_HOST, PG_PORT, central_settings
+from central_autonomy import (
+    DATA,
+    central_rows,
+    count_statements,
+    download,
+    make_origin,
+    node_driver,
+    node_settings,
+    partition_story,
+    put,
+    true,
+)
+from central_db import PG_HOST, PG_PORT
 from imagecache import BadDriverConfiguration, create_driver
-from imagecache.drivers.central import CentralDriver, cached_images
+from imagecache.drivers.central import CentralDriver
 from imagecache.server.cluster import CLUSTER_TASKS
-from imagecache.server.state import STATE
-from imagecache.settings import Settings
 from peers.relay import RelayProcess
-from server_helpers import directory_app, image_bytes, poll, put_image, settled
+from server_helpers import directory_app, poll, settled
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
-DATA = {name: image_bytes(200_000 + i, seed=20 + i) for i, name in enumerate("abcd")}
-TOKEN = "cluster-token-of-the-autonomy-tests"
 
 
 @pytest.fixture
 def origin(tmp_path: Path) -> Path:
-    root = tmp_path / "origin"
-    for name, data in DATA.items():
-        put_image(root, name, data)
-    return root
+    return make_origin(tmp_path)
 
 
 @pytest.fixture
@@ -61,67 +65,6 @@ def cut(relay: RelayProcess) -> None:
     relay.reset()  # ...and the open ones (the pool's) are broken
 
 
-def node_settings(tmp_path: Path, url: str, name: str, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "cluster_token": TOKEN,
-        "database_timeout": 1.0,
-        "node_heartbeat_interval": 0.2,
-        "free_space_watermark": 0,
-    }
-    values.update(overrides)
-    return central_settings(tmp_path / name, url, f"http://127.0.0.1:9/{name}", **values)
-
-
-def count_statements(driver: CentralDriver) -> list[str]:
-    seen: list[str] = []
-
-    def note(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
-        seen.append(statement)
-
-    event.listen(driver.engine, "before_cursor_execute", note)
-    return seen
-
-
-def central_rows(url: str, node_id: int) -> dict[str, tuple[int, int]]:
-    """``{image_id: (size, hits)}`` of one node's rows, read by a connection of our own."""
-    from imagecache.drivers.central import make_engine
-
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(cached_images.c.image_id, cached_images.c.size, cached_images.c.hits).where(
-                    cached_images.c.node_id == node_id
-                )
-            ).all()
-    finally:
-        engine.dispose()
-    return {image_id: (int(size), int(hits)) for image_id, size, hits in rows}
-
-
-def on_disk(cache_dir: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in cache_dir.iterdir() if p.name in DATA}
-
-
-async def download(client: TestClient[Any, Any], image_id: str) -> None:
-    async with client.get(f"/v2/images/{image_id}/file") as response:
-        assert response.status == 200, await response.text()
-        assert await response.read() == DATA[image_id]
-
-
-async def gauge(client: TestClient[Any, Any], name: str) -> float:
-    async with client.get("/metrics") as response:
-        text = await response.text()
-    [value] = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
-    return float(value)
-
-
-def node_driver(client: TestClient[Any, Any]) -> CentralDriver:
-    driver = client.app[STATE].cache.central
-    assert driver is not None
-    return driver
-
-
 # --- the hit path ----------------------------------------------------------------------------
 
 
@@ -131,7 +74,7 @@ async def test_a_hit_sends_no_database_statement(
     settings = node_settings(tmp_path, fresh_postgres_url, "one", node_heartbeat_interval=3600)
     client = await aiohttp_client(directory_app(settings, origin))
     tasks = client.app[CLUSTER_TASKS]
-    await poll(lambda: _true(tasks.beats >= 1), "the first heartbeat has run")
+    await poll(lambda: true(tasks.beats >= 1), "the first heartbeat has run")
     await download(client, "a")  # the miss: claims, commit, all in the database
     await settled(client)
     driver = node_driver(client)
@@ -149,10 +92,6 @@ async def test_a_hit_sends_no_database_statement(
     assert central_rows(fresh_postgres_url, driver.node_id)["a"] == (len(DATA["a"]), 50)
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 # --- the database cut ------------------------------------------------------------------------
 
 
@@ -165,76 +104,22 @@ async def test_a_node_cut_from_its_database_serves_fills_and_rejoins(
 ) -> None:
     settings = node_settings(tmp_path, through(relay, fresh_postgres_url), "one")
     client = await aiohttp_client(directory_app(settings, origin))
-    driver = node_driver(client)
     other = create_driver(node_settings(tmp_path, fresh_postgres_url, "two"))
     assert isinstance(other, CentralDriver)
     try:
-        for name in ("a", "c"):
-            await download(client, name)
-        await settled(client)
-        assert other.get_cached_nodes("c") == [driver.self_url]
-
-        cut(relay)
-        await download(client, "a")  # a hit: 200, every byte
-        await download(client, "b")  # a miss: from the origin, and kept
-        await settled(client)
-        assert driver.get_cached_image("b") is not None
-        await poll(lambda: _true(driver.offline), "the node knows its database is away")
-        async with client.get("/healthcheck/ready") as response:
-            assert response.status == 503
-            checks = (await response.json())["checks"]
-        assert not checks["database"]["ok"]
-        assert "does not answer" in checks["database"]["detail"]
-        assert "queued locally (outbox)" in checks["database"]["detail"]
-        assert driver.mirror.depth() >= 1  # b, and a's hit
-
-        async def metrics_say_away() -> bool:
-            return (
-                await gauge(client, "imagecache_cluster_database_up") == 0
-                and await gauge(client, "imagecache_cluster_outbox_images") >= 1
-            )
-
-        await poll(metrics_say_away, "the metrics show the database away and the queue")
-        other.delete_everywhere("c")  # through the other node (it holds none), during the cut
-        await download(client, "a")  # still served
-
-        relay.restore()
-        await poll(
-            lambda: _true(not driver.offline and driver.mirror.depth() == 0),
-            "the node is back and its outbox drained",
+        await partition_story(
+            client,
+            other,
+            cut=lambda: cut(relay),
+            restore=lambda: _restored(relay),
+            database_url=fresh_postgres_url,
         )
-        await poll(lambda: _true(not driver.is_cached("c")), "the deletion made meanwhile applied")
-        async with client.get("/healthcheck/ready") as response:
-            assert response.status == 200, await response.text()
-
-        async def metrics_say_back() -> bool:
-            return (
-                await gauge(client, "imagecache_cluster_database_up") == 1
-                and await gauge(client, "imagecache_cluster_outbox_images") == 0
-            )
-
-        await poll(metrics_say_back, "the metrics show the database back and the queue empty")
-
-        disk = on_disk(tmp_path / "one")
-        assert disk == {"a": len(DATA["a"]), "b": len(DATA["b"])}
-        rows = central_rows(fresh_postgres_url, driver.node_id)
-        assert {i: size for i, (size, _) in rows.items()} == disk  # the map is the disk
-        hits = driver.get_hit_count("a")
-        assert hits == 2  # the two hits (the first download was the miss)
-
-        async def hits_arrived() -> bool:
-            return central_rows(fresh_postgres_url, driver.node_id)["a"][1] == hits
-
-        await poll(hits_arrived, "the hits of the cut reach the database, each counted once")
-        assert other.get_cached_nodes("b") == [driver.self_url]  # filled during the cut
-        assert other.get_cached_nodes("c") == []
     finally:
         other.close()
 
 
-def put(driver: CentralDriver, image_id: str) -> None:
-    with driver.open_for_write(image_id) as target:
-        target.write(DATA[image_id])
+def _restored(relay: RelayProcess) -> None:
+    relay.restore()
 
 
 def test_the_outbox_outlives_a_restart(

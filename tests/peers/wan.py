@@ -33,6 +33,7 @@ API::
         sock = origin.listen()                 # a listening socket inside the namespace:
         await asyncio.start_server(handler, sock=sock)   # the test's own loop serves it
         origin.shape(50, up_mbit=5)            # change the rates at run time (None: unshaped)
+        origin.cut(); origin.mend()            # a partition: both ends drop every packet, silently
         with RelayProcess((origin.address, 8000), delay=0.02) as relay:   # peers.relay
             relay.url                          # "http://127.0.0.1:PORT": point the edge here
 """
@@ -195,6 +196,7 @@ class Host:
     peer: str  # the namespace-side veth end
     address: str  # the namespace side's address
     gateway: str  # the root side's address
+    rates: tuple[float | None, float | None] = (None, None)  # (down, up) as last shaped
 
     def command(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
@@ -237,8 +239,26 @@ class Host:
         Works at run time: ``tc qdisc replace`` keeps the link and its connections.
         """
         up = mbit if up_mbit is None else up_mbit
+        self.rates = (mbit, up)
         _tc_rate(self.peer, mbit, self.name)  # leaves the namespace: towards the edge
         _tc_rate(self.link, up, None)  # leaves the root namespace: towards the origin
+
+    def cut(self) -> None:
+        """Partition the link: each end's egress becomes a ``blackhole`` qdisc.
+
+        Every packet is dropped in both directions and the sender is told it
+        left (no error, no ICMP, no RST): TCP retransmits into the void, as
+        over a dead WAN link. The links stay up, so addresses and routes stay.
+        """
+        _run("ip", "netns", "exec", self.name, "tc", "qdisc", "replace", "dev", self.peer,
+             "root", "blackhole")  # fmt: skip
+        _run("tc", "qdisc", "replace", "dev", self.link, "root", "blackhole")
+
+    def mend(self) -> None:
+        """Undo ``cut``: the shaping of before (or none); open connections go on."""
+        down, up = self.rates
+        _tc_rate(self.peer, down, self.name)  # None: the qdisc deleted, the default back
+        _tc_rate(self.link, up, None)
 
     def qdiscs(self) -> str:
         """``tc qdisc show`` of both ends, for checks and failure messages."""

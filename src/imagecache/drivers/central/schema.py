@@ -176,7 +176,11 @@ def make_engine(database_url: str, timeout: float = 10.0) -> Engine:
     and how long sent data may stay unacknowledged (``tcp_user_timeout``):
     with the database's host cut off, a statement fails within it instead of
     waiting for the kernel's retransmissions (about 15 minutes), and the node
-    goes on from its local records (``outbox.py``).
+    goes on from its local records (``outbox.py``). A statement sent and
+    acknowledged before the cut leaves nothing unacknowledged while it waits
+    for its answer, so the user timeout never starts; TCP keepalives after
+    ``timeout`` of silence give it a probe to time out on (without them the
+    wait lasted until the link came back: tests/wan/test_wan_database.py).
     """
     try:
         url = make_url(database_url)
@@ -194,6 +198,10 @@ def make_engine(database_url: str, timeout: float = 10.0) -> Engine:
                 connect_args={
                     "connect_timeout": max(1, round(timeout)),
                     "tcp_user_timeout": max(1, round(timeout * 1000)),
+                    "keepalives": 1,
+                    "keepalives_idle": max(1, round(timeout)),
+                    "keepalives_interval": 1,
+                    "keepalives_count": 3,
                 },
             )
         elif url.get_backend_name() == "sqlite":
