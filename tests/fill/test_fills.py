@@ -755,3 +755,38 @@ async def test_what_the_origin_sends_after_a_full_disk_is_still_verified(
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     assert not (cache_dir / "img").exists()
+
+
+async def test_a_download_joining_a_fill_under_way_follows_it_without_asking_the_origin(
+    make_client: Any, http_origin: Any
+) -> None:
+    """A follower of a fill running in its process goes straight to the fill's bytes.
+
+    With ``metadata_cache_ttl`` 0 every miss asks the origin what the image is;
+    one that joins a fill already running here needs no answer but the fill's
+    (its bytes are verified against it), nor a look for a hit that cannot be
+    there yet. It gets its first bytes while the origin holds the body after
+    the first third, and the origin is asked about the image once.
+    """
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=SIZE // 3)
+    client = await make_client(metadata_cache_ttl=0)
+
+    def infos() -> int:
+        return sum(1 for method, path, _ in http_origin.requests if method == "HEAD")
+
+    async with client.get("/v2/images/img/file") as leader:
+        first = await leader.content.readany()
+        assert first
+        assert infos() == 1
+        async with client.get("/v2/images/img/file") as follower:
+            assert follower.status == 200
+            assert follower.headers["Cache-Status"].endswith("fwd=miss; collapsed")
+            early = await follower.content.readany()
+            assert early, "bytes before the origin goes on"
+            assert early == DATA[: len(early)]
+            assert infos() == 1, "the follower asked the origin about the image again"
+            gate.set()
+            assert early + await follower.read() == DATA
+        assert first + await leader.read() == DATA
+    assert http_origin.body_reads("img") == 1

@@ -61,6 +61,22 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             access = await state.access.check(image_id, caller, hit=hit)
             checked = True
 
+    flight = _under_way(state, image_id) if peer is PeerRequest.CLIENT else None
+    if flight is not None and flight.info is not None:
+        # A follower of a fill running in this process: no hit to look for (the
+        # image is committed only after its fill is verified) and no info to ask
+        # for (the fill's is what its bytes are verified against). Each of those
+        # was a trip through the disk executor, and in a herd every trip waits
+        # for a turn of a loop busy sending the other followers' spans: the
+        # follower's first byte came tens of milliseconds later for nothing
+        # (docs/benchmarks-log.md, "The herd's first byte"). Who may read is
+        # still the origin's answer.
+        await check_access()
+        response = await _serve_miss(request, state, image_id, flight.info, caller)
+        if isinstance(response, web.StreamResponse):
+            return response
+        if response is Served.BYPASS:
+            return await stream_through(request, state, flight.info, caller, None, "cache_failed")
     for _ in range(ATTEMPTS):
         hit = await hits.open_hit_off_loop(state.fills.run, state.cache, image_id)
         if hit is not None and hit.committing:
@@ -98,6 +114,25 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     # here too (a HEAD streamed through would otherwise answer without it).
     await check_access()
     return await stream_through(request, state, info, caller, None, "fill_retries")
+
+
+def _under_way(state: ServiceState, image_id: ImageId) -> Flight | None:
+    """This process's fill of ``image_id`` if a download may join it as it is, else None.
+
+    Decided with a file to follow, not over, not yet verified (a verified
+    fill is about to commit, and its joiner waits for the hit instead).
+    """
+    flight = state.fills.current(image_id)
+    if (
+        flight is None
+        or not flight.decided.is_set()
+        or flight.kind not in (FlightKind.LOCAL, FlightKind.REMOTE)
+        or flight.done
+        or flight.is_verified
+        or flight.fd is None
+    ):
+        return None
+    return flight
 
 
 async def _info(state: ServiceState, image_id: ImageId, caller: Caller) -> ImageInfo | None:
