@@ -78,17 +78,7 @@ def count(code: str, out: Path, env: dict[str, str]) -> int:
 
 def first_hit(variant: startup.Variant, port: int, out: Path, env: dict[str, str]) -> int:
     """Instructions of ``imagecache serve`` until its first hit is answered."""
-    argv = [
-        *_valgrind(out),
-        *startup.command(),
-        "serve",
-        "--config",
-        str(variant.config),
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    argv = [*_valgrind(out), *startup.serve_argv(variant, port, 1)]
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         start = time.perf_counter()
