@@ -80,7 +80,7 @@ from imagecache.fill.pump import (
     count_read,
     next_chunk,
 )
-from imagecache.fill.scratch import ALIGN, Scratch, Segment
+from imagecache.fill.scratch import ALIGN, Scratch, Segment, libc_fallocate
 from imagecache.fill.writer import FillWriter
 from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
@@ -149,6 +149,7 @@ async def copy_segments(
     first_end = spans[0][1]
     assert first_end is not None
     segments = [Segment(start, end) for start, end in spans[1:] if end is not None]
+    await run(libc_fallocate)  # found once per process: ldconfig in a thread, not on the loop
     try:
         fd = await run(writer.scratch_file)
     except OSError as exc:
