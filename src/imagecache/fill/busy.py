@@ -36,8 +36,8 @@ from imagecache.fill.locks import locked_by_writer
 from imagecache.fill.pump import Throttle
 
 if TYPE_CHECKING:
+    from imagecache.fill.config import FillConfig
     from imagecache.fill.flight import Flight
-    from imagecache.settings import Settings
 
 SUBDIR = "on-demand"
 # How long one look at the other processes' marks is believed.
@@ -146,7 +146,7 @@ class Precedence:
 
     def __init__(
         self,
-        settings: Settings,
+        config: FillConfig,
         directory: Path,
         events: FillEvents,
         executor: concurrent.futures.Executor | None,
@@ -155,7 +155,7 @@ class Precedence:
         self.executor = executor
         self._loop: asyncio.AbstractEventLoop | None = None
         self.marks = BusyMarks(directory)
-        self.bandwidth = BackgroundBandwidth.of(settings, on_rate=self._rate)
+        self.bandwidth = BackgroundBandwidth.of(config, on_rate=self._rate)
 
     def update(self, busy: bool) -> None:
         """This process is ``busy`` (on the loop): tell the governor, then the other processes."""
