@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from imagecache.fill.bandwidth import BackgroundBandwidth
 from imagecache.fill.events import FillEvents
-from imagecache.fill.locks import locked_by_writer
+from imagecache.fill.locks import held_or_removed
 from imagecache.fill.pump import Throttle
 
 if TYPE_CHECKING:
@@ -121,19 +121,8 @@ class BusyMarks:
 
     @staticmethod
     def _live(path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            if locked_by_writer(fd):
-                return True
-            # Unlocked yet visible: its process died busy. Its name is never reused.
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return False
-        finally:
-            os.close(fd)
+        # Unlocked yet visible: its process died busy (removed). Its name is never reused.
+        return held_or_removed(path, gone=OSError)
 
 
 class Precedence:
