@@ -59,7 +59,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from imagecache.settings import Settings
+    from imagecache.fill.config import FillConfig
 
 # The bucket holds at most this many seconds of its rate: enough that one
 # chunk is not held for a fraction of a second at every rate, small enough
@@ -181,13 +181,13 @@ class BackgroundBandwidth:
 
     @classmethod
     def of(
-        cls, settings: Settings, on_rate: Callable[[float], None] | None = None
+        cls, config: FillConfig, on_rate: Callable[[float], None] | None = None
     ) -> BackgroundBandwidth:
         """This process's share of the service's ``background_bandwidth*`` settings."""
-        workers = settings.workers
+        workers = config.workers
         return cls(
-            per_process(settings.background_bandwidth, workers, zero_means=math.inf),
-            per_process(settings.background_bandwidth_while_busy, workers, zero_means=0.0),
+            per_process(config.background_bandwidth, workers, zero_means=math.inf),
+            per_process(config.background_bandwidth_while_busy, workers, zero_means=0.0),
             on_rate=on_rate,
         )
 

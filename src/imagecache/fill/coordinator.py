@@ -36,6 +36,7 @@ from imagecache.errors import (
 )
 from imagecache.fill import remote, segments
 from imagecache.fill.busy import SUBDIR, Precedence
+from imagecache.fill.config import FillConfig
 from imagecache.fill.events import FillEvents, FillOutcome
 from imagecache.fill.flight import CACHED, COMMIT_WAIT, NO_FILL, Flight, FlightKind
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
@@ -43,7 +44,6 @@ from imagecache.fill.pump import pump
 from imagecache.fill.writer import FillWriter
 from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
-from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ class FillCoordinator:
 
     def __init__(
         self,
-        settings: Settings,
+        config: FillConfig,
         cache: ImageCache,
         upstream: Upstream,
         events: FillEvents,
         executor: concurrent.futures.Executor | None,
         hooks: FillHooks = NO_HOOKS,
     ) -> None:
-        self.settings = settings
+        self.config = config
         # Where tests hold or watch a fill (fill/hooks.py); no-ops in production.
         self.hooks = hooks
         self.cache = cache
@@ -79,7 +79,7 @@ class FillCoordinator:
         # an image replaced at the origin is asked for again, not failed for a TTL.
         self.metadata: MetadataCache | None = None
         lock_dir = cache.layout.lock_dir
-        self.precedence = Precedence(settings, lock_dir / SUBDIR, events, executor)
+        self.precedence = Precedence(config, lock_dir / SUBDIR, events, executor)
         self.bandwidth = self.precedence.bandwidth
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
@@ -185,7 +185,7 @@ class FillCoordinator:
                 await self._fill(flight, writer, caller, detached)
             elif flight.kind is FlightKind.REMOTE:
                 # A fill that makes no progress for this long is given up on.
-                stall_limit = max(60.0, 2 * self.settings.upstream_timeout)
+                stall_limit = max(60.0, 2 * self.config.upstream_timeout)
                 active = self.cache.layout.active_path(flight.image_id)
                 await remote.watch(flight, active, stall_limit)
         except BaseException as exc:
@@ -309,7 +309,7 @@ class FillCoordinator:
         self.events.fill_started()
         outcome: FillOutcome = "failed"
         try:
-            plan = segments.plan_for(writer, self.settings)  # fill/segments.py
+            plan = segments.plan_for(writer, self.config)  # fill/segments.py
             one = plan.single  # a segmented fill reads its ranges with ``stream``
             source = await self.upstream.open_source(flight.image_id, caller) if one else None
             check = functools.partial(self._check_going, flight, writer, detached)
@@ -363,7 +363,7 @@ class FillCoordinator:
 
     def _abandoned(self, flight: Flight, detached: bool) -> bool:
         return (
-            self.settings.abandoned_fill == "abort"
+            self.config.abandoned_fill == "abort"
             and not detached
             and flight.had_reader
             and flight.readers == 0

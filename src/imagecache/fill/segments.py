@@ -70,6 +70,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from imagecache.errors import CacheStoreError, UpstreamError
+from imagecache.fill.config import FillConfig
 from imagecache.fill.events import FillEvents
 from imagecache.fill.flight import Flight
 from imagecache.fill.pump import (
@@ -82,7 +83,6 @@ from imagecache.fill.pump import (
 )
 from imagecache.fill.scratch import ALIGN, Scratch, Segment, libc_fallocate
 from imagecache.fill.writer import FillWriter
-from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Plan:
         return len(self.spans) == 1
 
 
-def plan_for(writer: FillWriter, settings: Settings) -> Plan:
+def plan_for(writer: FillWriter, config: FillConfig) -> Plan:
     """``plan`` for a fill: segmented only if the origin promised a hash of the image.
 
     Each segment's resumes are checked against that segment's first answer
@@ -115,17 +115,17 @@ def plan_for(writer: FillWriter, settings: Settings) -> Plan:
     the fill reads one stream, as before.
     """
     size = writer.expected_size if writer.expected_hash is not None else None
-    return plan(size, settings)
+    return plan(size, config)
 
 
-def plan(size: int | None, settings: Settings) -> Plan:
+def plan(size: int | None, config: FillConfig) -> Plan:
     """The segments to read an image of ``size`` in; one span: not segmented."""
-    step = max(ALIGN, settings.fill_segment_size // ALIGN * ALIGN)
-    if settings.fill_segments <= 1 or size is None or size < 2 * settings.fill_segment_size:
+    step = max(ALIGN, config.fill_segment_size // ALIGN * ALIGN)
+    if config.fill_segments <= 1 or size is None or size < 2 * config.fill_segment_size:
         return Plan([(0, None)], 1)
     # Starts on ALIGN boundaries: page-aligned kernel copies and mappings.
     spans: list[Span] = list(itertools.pairwise([*range(0, size, step), size]))
-    return Plan(spans, settings.fill_segments)
+    return Plan(spans, config.fill_segments)
 
 
 async def copy_segments(

@@ -12,7 +12,7 @@ frontier waits for it (``fill.frontier``), putting bytes on the socket
 
 from __future__ import annotations
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from imagecache import hits
 from imagecache.errors import NotPermitted, ResourceNotFound, UpstreamNotActive
@@ -33,7 +33,7 @@ from imagecache.server.conditional import (
 from imagecache.server.ranges import ByteRange
 from imagecache.server.send import send_file_span
 from imagecache.server.state import STATE, ServiceState
-from imagecache.server.streaming import Served, follow_flight, stream_through
+from imagecache.server.streaming import Served, data_response, follow_flight, stream_through
 from imagecache.upstreams.base import Caller
 
 # A request whose fill ended uncommitted before it sent a byte starts over this many times.
@@ -169,10 +169,7 @@ async def _serve_hit(
             return not_modified(etag, status)  # §2.1: a 304 made by the cache is a hit
         wanted = wanted_range(request, hit.size, etag)
         offset, count = (wanted.start, wanted.length) if wanted else (0, hit.size)
-        response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
-        if wanted:
-            response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
-        response.content_length = count
+        response = data_response(headers, wanted, hit.size)
         whole = request.method == "GET" and wanted is None
         if whole:
             # Counted before any byte goes out, so a client holding its last
