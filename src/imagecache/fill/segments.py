@@ -84,6 +84,7 @@ from imagecache.fill.scratch import ALIGN, Scratch, Segment
 from imagecache.fill.writer import FillWriter
 from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
+from imagecache.upstreams.resume import releasable
 
 log = logging.getLogger(__name__)
 
@@ -258,16 +259,18 @@ async def _fetch(
     length = segment.end - segment.start
     stream = upstream.stream(image_id, caller, segment.start, segment.end)
     try:
-        while (got := await next_chunk(stream, throttle, run, events)) is not None:
-            chunk, background = got
-            check()
-            if segment.written + len(chunk) > length:
-                raise UpstreamError(
-                    f"the origin sent more than segment {segment.start} of {image_id!r}"
-                )
-            await _settled(run(_pwrite_all, scratch.fd, chunk, segment.start + segment.written))
-            count_read(len(chunk), background, throttle, events)
-            scratch.wrote(segment, len(chunk))
+        with releasable() as handle:  # a pause closes the connection (fill/pump.py)
+            while (got := await next_chunk(stream, throttle, run, events, handle)) is not None:
+                chunk, background = got
+                check()
+                if segment.written + len(chunk) > length:
+                    raise UpstreamError(
+                        f"the origin sent more than segment {segment.start} of {image_id!r}"
+                    )
+                offset = segment.start + segment.written
+                await _settled(run(_pwrite_all, scratch.fd, chunk, offset))
+                count_read(len(chunk), background, throttle, events)
+                scratch.wrote(segment, len(chunk))
         if segment.written != length:
             raise UpstreamError(
                 f"segment {segment.start} of {image_id!r} ended after {segment.written}"
