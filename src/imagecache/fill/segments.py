@@ -68,10 +68,11 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from imagecache.errors import CacheStoreError, UpstreamError
 from imagecache.fill.events import FillEvents
-from imagecache.fill.flight import Flight
+from imagecache.fill.flight import REMOTE_POLL_INTERVAL, Flight
 from imagecache.fill.pump import (
     Run,
     Throttle,
@@ -81,6 +82,7 @@ from imagecache.fill.pump import (
     next_chunk,
 )
 from imagecache.fill.scratch import ALIGN, Scratch, Segment
+from imagecache.fill.wanted import Wants, wanted_path
 from imagecache.fill.writer import FillWriter
 from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
@@ -139,8 +141,12 @@ async def copy_segments(
     events: FillEvents,
     check: Callable[[], None],
     throttle: Throttle | None = None,
+    lock_dir: Path | None = None,
 ) -> None:
-    """Fill ``writer`` from ``upstream`` as ``plan`` says; one span is a plain stream."""
+    """Fill ``writer`` from ``upstream`` as ``plan`` says; one span is a plain stream.
+
+    ``lock_dir``: the cache's, where siblings' ranges ask for segments (fill/wanted.py).
+    """
     spans = plan.spans
     if plan.single:
         start, end = spans[0]
@@ -183,6 +189,11 @@ async def copy_segments(
 
     helpers: list[asyncio.Task[None]] = []
     flight.scratch = scratch  # ranges ahead of the frontier read from it (fill/scratch.py)
+    wants = None if lock_dir is None else await _listen(flight, lock_dir, run)
+    if wants is not None:
+        helpers.append(
+            asyncio.create_task(_heed(wants, scratch), name=f"fill {flight.image_id} wants")
+        )
     try:
         for _ in range(min(plan.connections, len(plan.spans)) - 1):
             start_helper()
@@ -214,6 +225,37 @@ async def copy_segments(
         # Every helper's disk call has returned before the scratch file closes.
         await asyncio.gather(*helpers, return_exceptions=True)
         scratch.close()  # once no range sends from it
+        if wants is not None:
+            await run(wants.close)  # before the fill lock goes: no other owner yet
+
+
+async def _listen(flight: Flight, lock_dir: Path, run: Run) -> Wants | None:
+    """The file siblings' ranges append wanted offsets to; None if it cannot be made."""
+    fd = flight.fd
+    if fd is None:
+        return None
+    path = wanted_path(lock_dir, flight.image_id)
+    try:
+        made = await run(Wants, path, os.fstat(fd).st_ino)
+    except OSError as exc:  # sibling ranges then wait for the frontier, as before
+        log.warning("no wanted-segments file for %s: %s", flight.image_id, exc)
+        return None
+    assert isinstance(made, Wants)
+    return made
+
+
+async def _heed(wants: Wants, scratch: Scratch) -> None:
+    """Ask ``scratch`` for every segment a sibling's range wants, until the fill stops."""
+    while not scratch.closed:
+        if wants.grown():  # an fstat; the read below is of a few bytes in the page cache
+            for offset in wants.take():
+                log.info(
+                    "fill of %s: a range in another process asks for byte %d",
+                    scratch.flight.image_id,
+                    offset,
+                )
+                scratch.want(offset)
+        await asyncio.sleep(REMOTE_POLL_INTERVAL)
 
 
 def _take(writer: FillWriter, scratch: Scratch, ready: int, hole: tuple[int, int] | None) -> None:
