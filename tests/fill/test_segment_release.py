@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -24,6 +23,7 @@ from imagecache.server.state import STATE
 from peers.origin import Origin
 from server_helpers import image_bytes, poll
 from test_background_bandwidth import ADMIN, TOKEN, HoldDecision, get, sample
+from test_background_release import Paused, _true, assert_serves, change_and_resume
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 MiB = 1024 * 1024
@@ -32,17 +32,6 @@ USER = image_bytes(256 * 1024, seed=52)
 RELEASED = "imagecache_background_connections_released_total"
 SEGMENTED = {"fill_segments": 4, "fill_segment_size": MiB}
 CONNECTIONS = 4
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-@dataclass
-class Paused:
-    client: TestClient[Any, Any]
-    hooks: HoldDecision
-    user: asyncio.Task[bytes]
 
 
 async def pause_mid_segments(make_client: MakeClient, http_origin: Origin) -> Paused:
@@ -71,7 +60,7 @@ async def pause_mid_segments(make_client: MakeClient, http_origin: Origin) -> Pa
     )
     assert http_origin.bytes_sent("background") < CONNECTIONS * MiB, "the segments were sent whole"
     assert sample(client, RELEASED) == CONNECTIONS
-    return Paused(client, hooks, user)
+    return Paused(client, state, hooks, user, http_origin.bytes_sent("background"))
 
 
 async def test_a_paused_segmented_fill_closes_its_connections_and_resumes_byte_exact(
@@ -117,16 +106,11 @@ async def test_an_image_changed_during_the_pause_fails_the_segmented_fill_rather
 ) -> None:
     paused = await pause_mid_segments(make_client, http_origin)
     client = paused.client
-    # Same size, other bytes (another Content-MD5) before the segments reopen.
-    changed = image_bytes(len(BACKGROUND), seed=53)
-    http_origin.add("background", changed, sidecars=("sha256",))
-    paused.hooks.release.set()
-    assert await paused.user == USER
-    await client.app[WORKER].join()
+    changed = await change_and_resume(http_origin, client, paused.hooks, paused.user, seed=53)
+    assert paused.user.result() == USER
     registry = client.app[STATE].metrics.registry
     refused = registry.get_sample_value("imagecache_upstream_resumes_total", {"outcome": "refused"})
     assert refused is not None
     assert refused >= 1
     assert sample(client, "imagecache_verification_failures_total") == 0, "refused, not spliced"
-    served = await get(client, "background")
-    assert hashlib.sha256(served).digest() == hashlib.sha256(changed).digest()
+    await assert_serves(client, changed)

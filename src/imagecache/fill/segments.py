@@ -36,7 +36,9 @@ That is why the helpers do not write into the fill's own file at their
 offsets: readers in sibling processes follow a fill by its file's size
 (fill/remote.py), and a file written ahead would show them holes as image
 bytes. A range that starts ahead of the writer is served from the scratch
-file as its segment arrives, that segment fetched next (fill/scratch.py). The
+file as its segment arrives, that segment fetched next (fill/scratch.py); one
+in a sibling process asks for its segment through a small file the fill
+watches, and reads the fill's file (fill/wanted.py). The
 cost is a second write of the later segments (in the page cache, and a kernel
 copy) and, for the fill's duration, the scratch file on the same disk: about
 ``WINDOW`` x N segments (those between the writer and its connections, plus
@@ -52,7 +54,9 @@ same size and hash verification runs before the commit, and a segment that
 fails (after its own resumes), is short, or is long fails the whole fill, so
 nothing is committed and its clients get the error a one-stream fill gives.
 A background fill's helpers ask the same bandwidth bucket before every chunk
-(fill/bandwidth.py), so the cap holds for all N connections together.
+(fill/bandwidth.py), so the cap holds for all N connections together, and a
+pause longer than ``RELEASE_AFTER`` closes every segment's connection; each
+reopens where it stopped, checked as a resume (fill/pump.py, upstreams/resume.py).
 
 The directory upstream is never segmented (``plan`` is asked only for fills
 read with ``stream``; a local file has no per-connection limit). Off by
@@ -156,8 +160,10 @@ async def copy_segments(
     first_end = spans[0][1]
     assert first_end is not None
     segments = [Segment(start, end) for start, end in spans[1:] if end is not None]
+    path = None if lock_dir is None else wanted_path(lock_dir, flight.image_id)
     try:
-        fd = await run(writer.scratch_file)
+        # One trip to the disk executor for both files: segment 0 waits on it.
+        opened = await run(_open_files, writer, path, flight.fd)
     except OSError as exc:
         # A disk that cannot take the scratch file may still take the fill.
         log.warning(
@@ -166,7 +172,8 @@ async def copy_segments(
         single = Plan([(0, None)], 1)
         await copy_segments(flight, writer, upstream, caller, single, run, events, check, throttle)
         return
-    assert isinstance(fd, int)
+    assert isinstance(opened, tuple)
+    fd, wants = opened
     scratch = Scratch(fd, flight, segments, WINDOW * plan.connections)
 
     def going() -> None:
@@ -189,7 +196,6 @@ async def copy_segments(
 
     helpers: list[asyncio.Task[None]] = []
     flight.scratch = scratch  # ranges ahead of the frontier read from it (fill/scratch.py)
-    wants = None if lock_dir is None else await _listen(flight, lock_dir, run)
     if wants is not None:
         helpers.append(
             asyncio.create_task(_heed(wants, scratch), name=f"fill {flight.image_id} wants")
@@ -229,19 +235,18 @@ async def copy_segments(
             await run(wants.close)  # before the fill lock goes: no other owner yet
 
 
-async def _listen(flight: Flight, lock_dir: Path, run: Run) -> Wants | None:
-    """The file siblings' ranges append wanted offsets to; None if it cannot be made."""
-    fd = flight.fd
-    if fd is None:
-        return None
-    path = wanted_path(lock_dir, flight.image_id)
+def _open_files(
+    writer: FillWriter, path: Path | None, fill_fd: int | None
+) -> tuple[int, Wants | None]:
+    """In a thread: the scratch file, and the file siblings' ranges ask in (None if not made)."""
+    fd = writer.scratch_file()
+    if path is None or fill_fd is None:
+        return fd, None
     try:
-        made = await run(Wants, path, os.fstat(fd).st_ino)
+        return fd, Wants(path, os.fstat(fill_fd).st_ino)
     except OSError as exc:  # sibling ranges then wait for the frontier, as before
-        log.warning("no wanted-segments file for %s: %s", flight.image_id, exc)
-        return None
-    assert isinstance(made, Wants)
-    return made
+        log.warning("no wanted-segments file for %s: %s", writer.image_id, exc)
+        return fd, None
 
 
 async def _heed(wants: Wants, scratch: Scratch) -> None:
