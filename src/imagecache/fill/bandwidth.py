@@ -27,9 +27,10 @@ flight and does not make a process busy.
 A pause stops the background fill's reads at once, but an open connection
 that is not read still takes the link until the TCP buffers along the path
 are full (several MiB: the kernel grows a fast reader's window). So a fill
-paused for longer than ``RELEASE_AFTER`` closes its origin connection, if
-its source can resume (fill/pump.py, upstreams/resume_source.py), and asks
-for the rest with a Range request once it may read again. A cap is left
+paused for longer than ``RELEASE_AFTER`` closes its origin connection (a
+segmented fill, each of its N), if its source can resume (fill/pump.py,
+upstreams/resume_source.py, upstreams/resume.py ``Release``), and asks for
+the rest with a Range request once it may read again. A cap is left
 alone: its reads keep the buffers full, so the link carries no more than
 the cap on average.
 

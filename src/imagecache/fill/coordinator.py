@@ -9,9 +9,8 @@ fill/remote.py), or nobody (``NONE``: cached meanwhile, too large, no room, or
 the cache's disk failed, and the readers stream the image uncached). Tests
 hold or watch a fill at the named points of ``hooks`` (fill/hooks.py), not by
 patching it. A prefetch is a detached flight (``fill_detached``). Detached
-fills, and fills whose clients left, are background fills: they read the
-origin within ``bandwidth`` (fill/bandwidth.py), which the coordinator keeps
-busy while any flight of this process is on demand.
+fills, and fills whose clients left, are background fills: within ``bandwidth``
+(fill/bandwidth.py), kept busy while any flight of this process is on demand.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from imagecache.errors import (
     VerificationError,
     is_origin_failure,
 )
-from imagecache.fill import remote, segments
+from imagecache.fill import remote, segments, wanted
 from imagecache.fill.busy import SUBDIR, Precedence
 from imagecache.fill.config import FillConfig
 from imagecache.fill.events import FillEvents, FillOutcome
@@ -78,8 +77,8 @@ class FillCoordinator:
         # A fill that fails verification makes it forget the image's answer, so
         # an image replaced at the origin is asked for again, not failed for a TTL.
         self.metadata: MetadataCache | None = None
-        lock_dir = cache.layout.lock_dir
-        self.precedence = Precedence(config, lock_dir / SUBDIR, events, executor)
+        self.lock_dir = cache.layout.lock_dir  # also fill/wanted.py's
+        self.precedence = Precedence(config, self.lock_dir / SUBDIR, events, executor)
         self.bandwidth = self.precedence.bandwidth
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
@@ -299,6 +298,7 @@ class FillCoordinator:
         fd = remote.open_fill(self.cache.layout.incomplete_path(flight.image_id))
         if fd is not None:
             flight.fd = fd
+            flight.ask_ahead = wanted.asker(self.lock_dir, flight.image_id, fd, self.run)
             flight.settle(FlightKind.REMOTE, "")
         self.hooks.looked_for_remote(flight.image_id, fd is not None)
         return fd is not None
@@ -316,7 +316,7 @@ class FillCoordinator:
             throttle = self.precedence.throttle(flight)
             if source is None:
                 args = (self.upstream, caller, plan, self.run, self.events, check, throttle)
-                await segments.copy_segments(flight, writer, *args)
+                await segments.copy_segments(flight, writer, *args, self.lock_dir)
             else:
                 await pump(flight, writer, source, self.events, check, throttle)
             await self.run(writer.verify)

@@ -16,9 +16,10 @@ is that file's bookkeeping, on the event loop:
   itself, not copied ahead into the fill's file (which must grow only as a
   contiguous prefix: sibling processes follow it by its size, fill/remote.py).
   Waiting, the range asks for the segment it waits on, so the next free
-  connection fetches it. A span of the scratch file being sent is *pinned*:
-  its bytes are not punched out, and the file is not closed, until the send
-  is done.
+  connection fetches it; a range in a sibling process asks through
+  fill/wanted.py (``want`` too) and reads only the fill's file. A span of
+  the scratch file being sent is *pinned*: its bytes are not punched out,
+  and the file is not closed, until the send is done.
 - **Holes punched behind the writer** (``punchable``, ``punch``): what has
   been copied into the fill's file is freed in the scratch file with
   ``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``, so the file holds
