@@ -120,6 +120,7 @@ async def partition_story(
     """
     driver = node_driver(client)
     cache_dir = driver.config.image_cache_dir
+    assert cache_dir is not None
     try:
         for name in ("a", "c"):
             await download(client, name)

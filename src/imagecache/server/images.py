@@ -105,7 +105,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         if isinstance(response, web.StreamResponse):
             return response
         if response is Served.BYPASS:
-            return await stream_through(request, state, info, caller, None, "cache_failed")
+            return await _bypass(request, state, info, caller, "cache_failed")
     # Fills kept ending uncommitted under us: give this client the upstream's bytes.
     info = await _info(state, image_id, caller)
     if info is None:
@@ -113,7 +113,18 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     # The info may be another caller's (metadata.py): the access check decides,
     # here too (a HEAD streamed through would otherwise answer without it).
     await check_access()
-    return await stream_through(request, state, info, caller, None, "fill_retries")
+    return await _bypass(request, state, info, caller, "fill_retries")
+
+
+async def _bypass(
+    request: web.Request, state: ServiceState, info: ImageInfo, caller: Caller, reason: str
+) -> web.StreamResponse:
+    """The upstream's bytes, uncached, of the range asked for if there is one (If-Range
+    and all, as a miss decides): a Range answered with the whole image would be a 200
+    that a client asking for a slice may not expect."""
+    etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
+    wanted = wanted_range(request, info.size, etag)
+    return await stream_through(request, state, info, caller, wanted, reason)
 
 
 def _under_way(state: ServiceState, image_id: ImageId) -> Flight | None:
