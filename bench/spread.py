@@ -98,7 +98,8 @@ def main() -> None:
             f.write(os.urandom(2**20))
     log = root / "service.log"
     env = dict(os.environ, PYTHONPATH=str(args.src.resolve()), IMAGECACHE_LOG_FORMAT="json")
-    argv = [sys.executable, "-c", "from imagecache.cli import main; main()", "serve", "--upstream", f"directory:{origin}"]
+    argv = [sys.executable, "-c", "from imagecache.cli import main; main()", "serve"]
+    argv += ["--upstream", f"directory:{origin}"]
     argv += ["--cache-dir", str(root / "cache"), "--port", str(args.port)]
     argv += ["--workers", str(args.workers)]
     service = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))

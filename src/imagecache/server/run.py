@@ -33,6 +33,7 @@ from imagecache.errors import ConfigurationError
 from imagecache.server import background, connections, logs
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
 from imagecache.server.notify import Notifier
+from imagecache.server.spread import Turn
 from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,17 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _worker(
-    settings: Settings, sock: socket.socket, metrics_dir: Path, ready: Callable[[], None]
+    settings: Settings,
+    sock: socket.socket,
+    metrics_dir: Path,
+    ready: Callable[[], None],
+    turn: Turn,
 ) -> None:
     # The parent's handlers forward signals; a worker handles its own in its loop.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards
     try:
-        asyncio.run(_serve_socket(settings, sock, metrics_dir, ready=ready))
+        asyncio.run(_serve_socket(settings, sock, metrics_dir, ready=ready, turn=turn))
     except Exception:
         log.exception("worker %d failed", os.getpid())
         sys.exit(1)
@@ -109,8 +114,12 @@ async def _serve_socket(
     *,
     ready: Callable[[], object] | None = None,
     notifier: Notifier | None = None,
+    turn: Turn | None = None,
 ) -> None:
     """Serve ``sock`` until SIGTERM; ``ready()`` once it accepts, with the cache open.
+
+    ``turn``: this worker's share of a pre-forked service's connections
+    (server/spread.py); None for a single worker, which takes them all.
 
     ``notifier`` is given when this process is the service's main one (a single
     worker): it pings systemd's watchdog from the loop, so a loop that hangs
@@ -125,6 +134,7 @@ async def _serve_socket(
         access_log_class=AccessLogger,
         access_log=logging.getLogger("imagecache.access"),
         shutdown_timeout=shutdown_grace(settings),
+        turn=turn,
     )
     # Only now: a start that fails (database missing, node URL taken) must not
     # have said "serving" first.
