@@ -11,8 +11,8 @@ cached image from ``imagecache serve --workers N`` (directory origin, JSON
 log), starts a burst of concurrent ``curl`` downloads of it, and counts by
 the access log's ``pid`` which worker served each; it prints the
 distribution of splits over the bursts (sorted, largest share first), and
-the burst's wall time (only indicative on a loaded machine: the split is
-structural, the time is not).
+the burst's wall time and the workers' CPU-seconds per GiB (only indicative
+on a loaded machine: the split is structural, the time is not).
 
 ``--src`` runs another tree's ``src`` (PYTHONPATH), e.g. main's, to compare.
 Not a test.
@@ -25,6 +25,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,14 +50,11 @@ def wait_hit(url: str, timeout: float = 60.0) -> None:
     sys.exit(f"{url} never became a hit")
 
 
-def burst(url: str, clients: int, size: int) -> float:
+def burst(url: str, clients: int, size: int, source: str = "127.0.0.1") -> float:
+    """``clients`` downloads at once from loopback address ``source``; the wall time."""
     started = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", url], stdout=subprocess.PIPE
-        )
-        for _ in range(clients)
-    ]
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", "--interface", source]
+    procs = [subprocess.Popen([*argv, url], stdout=subprocess.PIPE) for _ in range(clients)]
     for proc in procs:
         out, _ = proc.communicate(timeout=600)
         if proc.returncode != 0 or int(out or 0) != size:
@@ -64,18 +62,27 @@ def burst(url: str, clients: int, size: int) -> float:
     return time.monotonic() - started
 
 
-def served_by(log: Path, seen: int, path: str) -> tuple[list[int], int]:
-    """The pids of the complete GETs of ``path`` logged after line ``seen``; the new count."""
-    lines = log.read_text().splitlines()
+def cpu_seconds(parent: int) -> float:
+    """utime + stime of the service's workers (the parent only supervises)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    total = 0
+    for pid in children:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def served_by(log: Path, source: str) -> list[int]:
+    """The pids of the workers that logged a GET from ``source``, one per request."""
     pids = []
-    for line in lines[seen:]:
+    for line in log.read_text().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("method") == "GET" and record.get("path") == path:
+        if record.get("method") == "GET" and record.get("remote") == source:
             pids.append(int(record["pid"]))
-    return pids, len(lines)
+    return pids
 
 
 def main() -> None:
@@ -103,39 +110,48 @@ def main() -> None:
     argv += ["--cache-dir", str(root / "cache"), "--port", str(args.port)]
     argv += ["--workers", str(args.workers)]
     service = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    # A SIGTERM (timeout(1)) must stop the service too, or it keeps the port.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
     path = "/v2/images/img/file"
     url = f"http://127.0.0.1:{args.port}{path}"
     try:
         _up(url, service, log)
         burst(url, 1, size)  # the fill, unmeasured
         wait_hit(url)
-        _, seen = served_by(log, 0, path)
         print(
             f"spread: {args.workers} workers, {args.size_mib} MiB, {args.bursts} bursts, "
             f"src {args.src}, load {os.getloadavg()[0]:.2f}"
         )
+        bursts = 0
         for clients in (int(c) for c in args.clients.split(",")):
             splits: collections.Counter[tuple[int, ...]] = collections.Counter()
             walls = []
+            cpu_before = cpu_seconds(service.pid)
             for _ in range(args.bursts):
-                walls.append(burst(url, clients, size))
+                # Each burst from a loopback address of its own: its access lines are known.
+                bursts += 1
+                source = f"127.0.{bursts // 250}.{bursts % 250 + 2}"
+                walls.append(burst(url, clients, size, source))
                 # A worker writes its access line after the last byte; curl may be done first.
                 deadline = time.monotonic() + 10
-                while len(pids := served_by(log, seen, path)[0]) < clients:
+                while len(pids := served_by(log, source)) < clients:
                     if time.monotonic() > deadline:
                         sys.exit(f"{len(pids)} access lines for a burst of {clients}")
                     time.sleep(0.02)
-                seen = served_by(log, seen, path)[1]
                 shares = sorted(collections.Counter(pids).values(), reverse=True)
                 shares += [0] * (args.workers - len(shares))
                 splits[tuple(shares)] += 1
+            per_gib = (cpu_seconds(service.pid) - cpu_before) / (
+                args.bursts * clients * size / 2**30
+            )
             walls.sort()
             shown = ", ".join(
                 f"{'-'.join(map(str, split))} x{count}" for split, count in splits.most_common()
             )
             print(
                 f"  {clients:3} clients: {shown}; burst wall median {walls[len(walls) // 2]:.2f} s,"
-                f" {clients * size / 2**20 / walls[len(walls) // 2]:,.0f} MiB/s"
+                f" {clients * size / 2**20 / walls[len(walls) // 2]:,.0f} MiB/s,"
+                f" {per_gib:.3f} CPU-s/GiB"
             )
         print(f"  load after: {os.getloadavg()[0]:.2f}")
     finally:
