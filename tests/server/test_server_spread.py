@@ -52,9 +52,10 @@ async def _two_workers(tmp_path: Path, servers: list[ServeProcess], handoff: flo
     return sorted(int(pid) for pid in set(_WORKER.findall(server.log())))
 
 
-async def _probe(host: str, port: int) -> asyncio.StreamWriter:
+async def _probe(server: ServeProcess) -> asyncio.StreamWriter:
     """One connection, one answered request on it; kept open (keep-alive)."""
-    reader, writer = await asyncio.open_connection(host, port)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(f"GET {PROBE} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
@@ -66,24 +67,29 @@ def _served(server: ServeProcess) -> collections.Counter[int]:
     return collections.Counter(int(pid) for pid in _PROBED.findall(server.log()))
 
 
+async def _logged(server: ServeProcess, probes: int) -> collections.Counter[int]:
+    """Once ``probes`` probes are in the access log (written after each answer): by pid."""
+    await eventually(
+        lambda: sum(_served(server).values()) == probes,
+        "every probe is in the access log",
+        detail=server.log,
+    )
+    return _served(server)
+
+
 async def test_a_burst_of_connections_is_split_evenly_between_two_workers(
     tmp_path: Path, servers: list[ServeProcess]
 ) -> None:
     pids = await _two_workers(tmp_path, servers, handoff=2.0)
     server = servers[0]
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
     held: list[asyncio.StreamWriter] = []
     try:
         for burst in range(1, 4):
             # All at once: the kernel queues them together, and either worker's
             # loop may wake first to find all four waiting.
-            held += await asyncio.gather(*(_probe(host, int(port)) for _ in range(4)))
-            await eventually(
-                lambda n=burst: sum(_served(server).values()) == 4 * n,
-                "every probe is in the access log",
-                detail=server.log,
-            )
-            assert _served(server) == {pids[0]: 2 * burst, pids[1]: 2 * burst}, burst
+            held += await asyncio.gather(*(_probe(server) for _ in range(4)))
+            served = await _logged(server, 4 * burst)
+            assert served == {pids[0]: 2 * burst, pids[1]: 2 * burst}, burst
     finally:
         for writer in held:
             writer.close()
@@ -95,18 +101,12 @@ async def test_a_worker_that_is_stuck_leaves_the_connections_to_the_other(
     """A worker never yields to a peer that takes nothing: all are served, by the live one."""
     pids = await _two_workers(tmp_path, servers, handoff=0.05)
     server = servers[0]
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
     os.kill(pids[1], signal.SIGSTOP)
     held: list[asyncio.StreamWriter] = []
     try:
         for _ in range(4):
-            held.append(await asyncio.wait_for(_probe(host, int(port)), 10))
-        await eventually(
-            lambda: sum(_served(server).values()) == 4,
-            "every probe is in the access log",
-            detail=server.log,
-        )
-        assert _served(server) == {pids[0]: 4}
+            held.append(await asyncio.wait_for(_probe(server), 10))
+        assert await _logged(server, 4) == {pids[0]: 4}
     finally:
         os.kill(pids[1], signal.SIGCONT)
         for writer in held:

@@ -7,6 +7,8 @@ all accept on that same socket. Each worker builds its own ``ImageCache``
 any event loop or thread exists in the parent keeps the children clean.
 Preferred to ``SO_REUSEPORT`` with a bind per worker because the port is
 known before any worker starts, including when the settings ask for port 0.
+The workers take turns at accepting, so that a burst of connections spreads
+evenly over them (server/spread.py).
 
 The parent replaces a worker that dies and gives up (exit 1) when they die
 too often (server/supervisor.py). SIGTERM or SIGINT to the parent is passed
