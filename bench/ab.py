@@ -154,6 +154,11 @@ def cold_round(
     return Round(sample, service.cpu_seconds() - cpu, (peak - start_rss) / 1024, reads)
 
 
+def _ttfb(got: Round) -> float:
+    """The round's median time to first byte over its clients (curl's), in seconds."""
+    return statistics.median(got.sample.ttfb) if got.sample.ttfb else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, required=True, help="the 'before' tree's src dir")
@@ -233,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 reads = f" | origin reads base {base.origin_reads} new {new.origin_reads}"
             print(
                 f"round {r + 1}: base {base.sample.mib_s:7.1f} MiB/s {base.cpu:5.2f} cpu-s"
-                f" +{base.rss_growth_mib:5.1f} MiB | new {new.sample.mib_s:7.1f} MiB/s"
-                f" {new.cpu:5.2f} cpu-s +{new.rss_growth_mib:5.1f} MiB{reads}",
+                f" +{base.rss_growth_mib:5.1f} MiB TTFB {_ttfb(base) * 1000:.1f} ms"
+                f" | new {new.sample.mib_s:7.1f} MiB/s {new.cpu:5.2f} cpu-s"
+                f" +{new.rss_growth_mib:5.1f} MiB TTFB {_ttfb(new) * 1000:.1f} ms{reads}",
                 flush=True,
             )
     finally:
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.workdir, ignore_errors=True)
 
     def med(name: str, what: str) -> float:
+        if what == "ttfb":
+            return statistics.median(_ttfb(r) for r in rounds[name])
         values = [r.sample.mib_s if what == "rate" else getattr(r, what) for r in rounds[name]]
         return statistics.median(values)
 
@@ -262,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.mode}, {args.upstream}, {args.size_mib} MiB, {args.clients} client(s),"
         f" {args.rounds} rounds, median:"
         f" base {med('base', 'rate'):.0f} MiB/s, {med('base', 'cpu'):.2f} cpu-s,"
-        f" +{med('base', 'rss_growth_mib'):.0f} MiB;"
+        f" +{med('base', 'rss_growth_mib'):.0f} MiB, TTFB {med('base', 'ttfb') * 1000:.1f} ms;"
         f" new {med('new', 'rate'):.0f} MiB/s, {med('new', 'cpu'):.2f} cpu-s,"
-        f" +{med('new', 'rss_growth_mib'):.0f} MiB;"
+        f" +{med('new', 'rss_growth_mib'):.0f} MiB, TTFB {med('new', 'ttfb') * 1000:.1f} ms;"
         f" new/base {statistics.median(ratios):.2f}"
         f" (per round {min(ratios):.2f}-{max(ratios):.2f}),"
         f" cpu new/base {statistics.median(cpu_ratios) if cpu_ratios else float('nan'):.2f}"

@@ -74,7 +74,7 @@ import logging
 import os
 import random
 import resource
-import select
+import selectors
 import subprocess
 import sys
 import tempfile
@@ -147,7 +147,7 @@ class SimNode(CentralDriver):
         self._init_write_behind()
         self.instance_id = node_instance_id(self.layout.base)
         self.engine = self._given_engine
-        self.mirror = Mirror.over(self.settings)
+        self.mirror = Mirror.over(self.config)
         self.node_id = self._register()
 
     def close(self) -> None:
@@ -604,7 +604,11 @@ class Probe:
 
     def _line(self, within: float) -> str:
         assert self.process.stdout is not None
-        readable, _, _ = select.select([self.process.stdout], [], [], within)
+        # Not select.select: with hundreds of nodes (their mirrors, their cache
+        # directories) the pipe's descriptor is past FD_SETSIZE (1024).
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            readable = selector.select(within)
         return self.process.stdout.readline().strip() if readable else ""
 
     def measure(self) -> None:

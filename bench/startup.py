@@ -237,6 +237,12 @@ def command() -> list[str]:
     return [sys.executable, "-c", "from imagecache.cli import main; main()"]
 
 
+def serve_argv(variant: Variant, port: int, workers: int) -> list[str]:
+    """``imagecache serve`` over ``variant``'s config on ``port``."""
+    config = str(variant.config)
+    return [*command(), "serve", "--config", config, "--port", str(port), "--workers", str(workers)]
+
+
 def run_once(
     variant: Variant, workers: int, port: int, root: Path, timeout: float, image_id: str
 ) -> Run:
@@ -253,16 +259,7 @@ def run_once(
         "PYTHONPYCACHEPREFIX": str(root / "pycache"),
     }
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    argv = [
-        *command(),
-        "serve",
-        "--config",
-        str(variant.config),
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ]
+    argv = serve_argv(variant, port, workers)
     log_path = root / "serve.log"
     ready: list[float] = []
     with open(log_path, "wb") as log:

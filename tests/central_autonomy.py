@@ -119,7 +119,8 @@ async def partition_story(
     until the node is dead for the cluster). Ends with the link restored.
     """
     driver = node_driver(client)
-    cache_dir = driver.settings.image_cache_dir
+    cache_dir = driver.config.image_cache_dir
+    assert cache_dir is not None
     try:
         for name in ("a", "c"):
             await download(client, name)

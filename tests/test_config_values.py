@@ -1,13 +1,13 @@
-"""Drivers and upstreams take their configuration as values, never the settings model.
+"""Drivers, upstreams and fills take their configuration as values, never the settings model.
 
 Static, like tests/test_architecture.py: no module is imported. Outside the
-two package modules that hold the convenience factories (``create_driver``,
-``create_upstream``, each with the one function that copies values out of
-``Settings``), no module of ``imagecache.drivers`` or ``imagecache.upstreams``
-imports ``imagecache.settings`` (not even for a type), names ``Settings``, or
+three package modules that copy values out of ``Settings`` (``driver_config``
+beside ``create_driver``, ``upstream_config`` beside ``create_upstream``,
+``fill_config``), no module of ``imagecache.drivers``, ``imagecache.upstreams``
+or ``imagecache.fill`` imports ``imagecache.settings`` (not even for a type), names ``Settings``, or
 reads a ``.settings`` attribute (Glance's drivers read a global ``CONF``
-anywhere; here ``create_app`` and the CLI build ``DriverConfig`` and
-``UpstreamConfig`` once and hand them down). And nothing reads the settings
+anywhere; here ``create_app`` and the CLI build ``DriverConfig``,
+``UpstreamConfig`` and ``FillConfig`` once and hand them down). And nothing reads the settings
 back through the cache facade (``cache.settings``): ``ImageCache`` keeps
 only the values it uses.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from test_architecture import imports, modules
 
-FAMILIES = ("imagecache.drivers", "imagecache.upstreams")
-# The factories' modules: each builds its family's config from Settings, in one function.
+FAMILIES = ("imagecache.drivers", "imagecache.upstreams", "imagecache.fill")
+# The packages' own modules: each builds its family's config from Settings, in one function.
 WIRING = set(FAMILIES)
 
 
@@ -46,14 +46,14 @@ def settings_uses(name: str, path: Path) -> set[str]:
     return found
 
 
-def test_drivers_and_upstreams_never_see_the_settings() -> None:
+def test_drivers_upstreams_and_fills_never_see_the_settings() -> None:
     found = {
         (name, use)
         for name, path in modules()
         if any(name.startswith(family + ".") for family in FAMILIES) and name not in WIRING
         for use in settings_uses(name, path)
     }
-    assert found == set(), "pass a DriverConfig / UpstreamConfig value, not the settings"
+    assert found == set(), "pass a DriverConfig, UpstreamConfig or FillConfig, not the settings"
 
 
 def test_the_settings_check_sees_the_forms_it_forbids(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ _CHILD = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from driver_kinds import settings_for
     from imagecache import ImageCache, ImageInfo
+    from imagecache.drivers.hooks import CommitHooks
 
     kind, cache_dir, tmp_path, mode = sys.argv[2:6]
     data = bytes(range(256)) * 4096
@@ -46,7 +47,11 @@ _CHILD = textwrap.dedent(
     elif mode == "after-rename":
         # The rename and directory fsync have happened; the metadata write is
         # the next step, and the process dies instead.
-        driver._meta_commit = die
+        class Die(CommitHooks):
+            def renamed(self, image_id):
+                die()
+
+        driver.commit_hooks = Die()
         cache.cache_image_iter("img", [data], ImageInfo("img", size=len(data)))
     raise SystemExit("the child should have been killed")
     """

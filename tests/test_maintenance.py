@@ -10,7 +10,7 @@ from pathlib import Path
 
 from imagecache import ImageCache, Settings
 from imagecache.maintenance import Maintenance, Schedule, evict_idle
-from imagecache.prefetch import Prefetcher
+from imagecache.prefetch import Prefetcher, prefetch_config
 from test_prefetch import ScriptedUpstream
 
 
@@ -29,7 +29,9 @@ async def test_jobs_run_on_their_intervals(make_settings: Callable[..., Settings
         cache.driver.layout.invalid_path("junk").write_bytes(b"j")
         cache.queue_image("queued")
         maintenance = Maintenance(
-            cache, Schedule.of(settings), Prefetcher.standalone(settings, cache, upstream)
+            cache,
+            Schedule.of(settings),
+            Prefetcher.standalone(prefetch_config(settings), cache, upstream),
         )
         await maintenance.start()
         try:

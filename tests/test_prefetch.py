@@ -16,7 +16,7 @@ from imagecache import ImageCache, ImageInfo, Settings
 from imagecache.cli import main
 from imagecache.errors import UpstreamError, UpstreamNotFound
 from imagecache.fill.flight import FlightKind
-from imagecache.prefetch import Prefetcher, queued_details
+from imagecache.prefetch import Prefetcher, prefetch_config, queued_details
 from imagecache.records import PrefetchOutcome
 from imagecache.upstreams.base import ANONYMOUS, Caller, Upstream
 from polling import eventually
@@ -83,7 +83,9 @@ async def test_retries_a_flaky_image_and_quarantines_a_corrupt_one(
     with ImageCache(settings) as cache:
         for image_id in upstream.images:
             assert cache.queue_image(image_id)
-        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.01).run()
+        report = await Prefetcher.standalone(
+            prefetch_config(settings), cache, upstream, backoff=0.01
+        ).run()
 
         assert report.outcomes["img-1"] is PrefetchOutcome.CACHED
         assert upstream.streams["img-1"] == 3  # two failures, then success
@@ -118,7 +120,9 @@ async def test_gives_up_after_the_retries_and_keeps_the_marker(
     settings = make_settings(prefetch_retries=2)
     with ImageCache(settings) as cache:
         cache.queue_image("img-0")
-        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.001).run()
+        report = await Prefetcher.standalone(
+            prefetch_config(settings), cache, upstream, backoff=0.001
+        ).run()
         assert report.outcomes["img-0"] is PrefetchOutcome.FAILED
         assert upstream.streams["img-0"] == 3
         [left] = queued_details(cache)
@@ -127,7 +131,9 @@ async def test_gives_up_after_the_retries_and_keeps_the_marker(
 
         # The next run succeeds once the origin recovers, and forgets the error.
         upstream.fail_first.clear()
-        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.001).run()
+        report = await Prefetcher.standalone(
+            prefetch_config(settings), cache, upstream, backoff=0.001
+        ).run()
         assert report.outcomes["img-0"] is PrefetchOutcome.CACHED
         assert queued_details(cache) == []
         assert not list((cache.driver.layout.queue_dir).iterdir())
@@ -138,7 +144,9 @@ async def test_permanent_refusals_are_not_retried(make_settings: Callable[..., S
     settings = make_settings(prefetch_retries=5)
     with ImageCache(settings) as cache:
         cache.queue_image("missing")
-        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.001).run()
+        report = await Prefetcher.standalone(
+            prefetch_config(settings), cache, upstream, backoff=0.001
+        ).run()
         assert report.outcomes["missing"] is PrefetchOutcome.FAILED
         [left] = queued_details(cache)
         assert left.attempts == 1
@@ -154,7 +162,9 @@ async def test_never_redownloads_a_cached_image(make_settings: Callable[..., Set
         # Someone else caches it before the prefetcher gets to it.
         assert cache.cache_image_iter("img-0", [data])
         (cache.driver.layout.queue_dir / "img-0").touch()
-        report = await Prefetcher.standalone(settings, cache, upstream).run(["img-0"])
+        report = await Prefetcher.standalone(prefetch_config(settings), cache, upstream).run(
+            ["img-0"]
+        )
         assert report.outcomes["img-0"] is PrefetchOutcome.ALREADY_CACHED
         assert upstream.streams["img-0"] == 0
         assert cache.get_queued_images() == []
@@ -166,7 +176,7 @@ async def test_concurrency_is_bounded(make_settings: Callable[..., Settings]) ->
     with ImageCache(settings) as cache:
         for image_id in upstream.images:
             cache.queue_image(image_id)
-        report = await Prefetcher.standalone(settings, cache, upstream).run()
+        report = await Prefetcher.standalone(prefetch_config(settings), cache, upstream).run()
         assert report.ok
         assert len(cache.get_cached_images()) == 8
         assert 1 <= upstream.max_active <= 2
@@ -190,7 +200,9 @@ async def test_with_the_directory_upstream(
     with ImageCache(settings) as cache:
         for image_id in ("good", "bad", "absent"):
             cache.queue_image(image_id)
-        report = await Prefetcher.standalone(settings, cache, upstream, backoff=0.001).run()
+        report = await Prefetcher.standalone(
+            prefetch_config(settings), cache, upstream, backoff=0.001
+        ).run()
         await upstream.close()
         assert report.outcomes == {
             "good": PrefetchOutcome.CACHED,
@@ -222,7 +234,7 @@ async def test_a_standalone_prefetch_shares_a_fill_running_on_the_same_directory
         writer = other.writer("img-0", await upstream.info("img-0"))
         assert writer.open()
         await asyncio.to_thread(writer.write, data[:1000])
-        prefetcher = Prefetcher.standalone(settings, cache, upstream)
+        prefetcher = Prefetcher.standalone(prefetch_config(settings), cache, upstream)
         run = asyncio.create_task(prefetcher.run())
 
         def following() -> bool:

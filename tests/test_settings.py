@@ -135,6 +135,18 @@ def test_missing_file_and_bad_toml_are_configuration_errors(tmp_path: Path) -> N
         load_settings(broken)
 
 
+def test_a_file_is_read_without_a_model_class_of_its_own(tmp_path: Path) -> None:
+    # A subclass of Settings per file made pydantic build the whole validator
+    # again at every start (issue 18, start-up); the file's values still win
+    # over the defaults, and a later load without the file sees none of them.
+    config = write_toml(tmp_path, "workers = 3\n")
+    settings = load_settings(config)
+    assert type(settings) is Settings
+    assert settings.workers == 3
+    assert load_settings(None).workers == 1
+    assert settings.replace(bind_port=1).workers == 3
+
+
 @pytest.mark.parametrize("key", ["admin_token", "cluster_token"])
 def test_secrets_are_never_echoed(key: str, tmp_path: Path) -> None:
     secret = "s3cr3t-value-never-shown"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagecache.cache import ImageCache
-from imagecache.fill.locks import locked_by_writer
+from imagecache.fill.locks import held_or_removed
 from imagecache.layout import file_size
 
 log = logging.getLogger(__name__)
@@ -145,20 +145,13 @@ class Ledger:
         with self._lock:
             if ticket in self._held:
                 return True
-        path = self.directory / ticket
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False  # released meanwhile
-        try:
-            if locked_by_writer(fd):
-                return True
-            log.info("dropping reservation %s: the process that made it is gone", ticket)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return False
-        finally:
-            os.close(fd)
+        # A ticket that is not there was released meanwhile.
+        return held_or_removed(
+            self.directory / ticket,
+            on_stale=lambda: log.info(
+                "dropping reservation %s: the process that made it is gone", ticket
+            ),
+        )
 
 
 class Capacity:

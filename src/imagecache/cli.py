@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from imagecache.client import RemoteManager
     from imagecache.manage import CacheManager
     from imagecache.records import Progress
+    from imagecache.upstreams.base import Upstream
 
 _ENV_URL = "IMAGECACHE_URL"
 _ENV_TOKEN = "IMAGECACHE_TOKEN"  # noqa: S105 - the name of a variable, not a secret
@@ -57,6 +58,7 @@ class _Options:
             return RemoteManager(self.url, self.token)
         from imagecache.cache import ImageCache
         from imagecache.manage import LocalManager
+        from imagecache.prefetch import prefetch_config
         from imagecache.settings import load_settings
 
         settings = load_settings(
@@ -69,7 +71,17 @@ class _Options:
             )
         if not create:
             _require_cache(settings.image_cache_dir, settings.image_cache_sqlite_db)
-        return LocalManager(ImageCache(settings), settings)
+        origin: Callable[[], Upstream] | None = None
+        if (spec := settings.upstream) is not None:
+
+            def open_origin() -> Upstream:
+                # Opened by the prefetch verb alone, so the other verbs never import the upstreams.
+                from imagecache.upstreams import create_upstream
+
+                return create_upstream(spec, settings)
+
+            origin = open_origin
+        return LocalManager(ImageCache(settings), prefetch_config(settings), origin)
 
 
 def _require_cache(path: Path, db_name: str) -> None:

@@ -9,6 +9,7 @@ The layout is Glance's, so an existing Glance cache directory can be adopted:
     <dir>/cache.db               sqlite driver metadata (never counted as an image)
     <dir>/.locks/                our lock files; hidden names are never image ids
     <dir>/.locks/reserved/       room held under the size limit by fills in flight
+    <dir>/.locks/wanted/<id>     segments siblings' ranges ask a fill for (fill/wanted.py)
 
 Glance keeps its lock files in the cache directory when ``lock_path`` is unset,
 and then counts them as cached images; ours live under a dot-directory, and no

@@ -25,6 +25,7 @@ from imagecache.errors import (
     NotInClusterMode,
 )
 from imagecache.prefetch import (
+    PrefetchConfig,
     Prefetcher,
     forget_stale_errors,
     queued_details,
@@ -45,7 +46,7 @@ from imagecache.records import (
 from imagecache.scrub import Scrubber
 
 if TYPE_CHECKING:
-    from imagecache.settings import Settings
+    from imagecache.upstreams.base import Upstream
 
 
 class CacheManager(Protocol):
@@ -75,11 +76,17 @@ class CacheManager(Protocol):
 class LocalManager:
     """The verbs on a cache directory this process can open."""
 
-    def __init__(self, cache: ImageCache, settings: Settings) -> None:
+    def __init__(
+        self,
+        cache: ImageCache,
+        prefetch: PrefetchConfig,
+        origin: Callable[[], Upstream] | None,
+    ) -> None:
         self.cache = cache
-        # For the prefetch verb alone: it builds an upstream and a fill
-        # coordinator of its own, and the coordinator still takes the settings.
-        self.settings = settings
+        # For the prefetch verb alone: its own coordinator's values, and how to
+        # open the upstream (None: none is configured), both built by the CLI.
+        self.prefetch_config = prefetch
+        self.origin = origin
 
     def close(self) -> None:
         self.cache.close()
@@ -130,21 +137,20 @@ class LocalManager:
         return self.cache.clean()
 
     def prefetch(self, start: Callable[[int], Progress]) -> PrefetchReport:
-        spec = self.settings.upstream
-        if spec is None:
+        origin = self.origin
+        if origin is None:
             raise ConfigurationError(
                 "prefetch needs an upstream: set upstream in the config file or pass --upstream"
             )
-        from imagecache.upstreams import create_upstream
-
         queued = self.cache.get_queued_images()
         advance = start(len(queued))
 
         async def run() -> PrefetchReport:
-            upstream = create_upstream(spec, self.settings)
+            upstream = origin()
             try:
                 capacity = Capacity(self.cache)
-                prefetcher = Prefetcher.standalone(self.settings, self.cache, upstream, capacity)
+                config = self.prefetch_config
+                prefetcher = Prefetcher.standalone(config, self.cache, upstream, capacity)
                 return await prefetcher.run(queued, lambda i, _o: advance(i, 1))
             finally:
                 await upstream.close()

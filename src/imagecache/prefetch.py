@@ -32,6 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,6 +45,8 @@ from imagecache.errors import (
     UpstreamNotActive,
     UpstreamNotFound,
 )
+from imagecache.fill import fill_config
+from imagecache.fill.config import FillConfig
 from imagecache.fill.coordinator import FillCoordinator
 from imagecache.fill.events import NO_EVENTS
 from imagecache.fill.flight import CACHED, FlightKind
@@ -58,6 +61,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefetchConfig:
+    """What a standalone prefetcher reads (``Prefetcher.standalone``); settings' names."""
+
+    fill: FillConfig  # for its own coordinator
+    metadata_cache_ttl: float
+    prefetch_concurrency: int
+    prefetch_retries: int
+
+
+def prefetch_config(settings: Settings) -> PrefetchConfig:
+    """The values of ``settings`` a standalone prefetch reads (built by the CLI)."""
+    return PrefetchConfig(
+        fill=fill_config(settings),
+        metadata_cache_ttl=settings.metadata_cache_ttl,
+        prefetch_concurrency=settings.prefetch_concurrency,
+        prefetch_retries=settings.prefetch_retries,
+    )
+
 
 # Refusals that another try will not change.
 _PERMANENT = (UpstreamNotFound, UpstreamForbidden, UpstreamNotActive)
@@ -169,7 +193,7 @@ class Prefetcher:
     @classmethod
     def standalone(
         cls,
-        settings: Settings,
+        config: PrefetchConfig,
         cache: ImageCache,
         upstream: Upstream,
         capacity: Capacity | None = None,
@@ -178,9 +202,12 @@ class Prefetcher:
     ) -> Prefetcher:
         """A prefetcher with its own coordinator and origin answers (the CLI's, not a service's)."""
         metadata = metadata_for(
-            cache.layout.lock_dir, upstream, settings.metadata_cache_ttl, settings.upstream_timeout
+            cache.layout.lock_dir,
+            upstream,
+            config.metadata_cache_ttl,
+            config.fill.upstream_timeout,
         )
-        fills = FillCoordinator(settings, cache, upstream, NO_EVENTS, None)
+        fills = FillCoordinator(config.fill, cache, upstream, NO_EVENTS, None)
         fills.capacity = capacity
         fills.metadata = metadata
         return cls(
@@ -188,8 +215,8 @@ class Prefetcher:
             upstream,
             fills=fills,
             metadata=metadata,
-            concurrency=settings.prefetch_concurrency,
-            retries=settings.prefetch_retries,
+            concurrency=config.prefetch_concurrency,
+            retries=config.prefetch_retries,
             backoff=backoff,
         )
 

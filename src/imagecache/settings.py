@@ -19,6 +19,7 @@ for descriptions only the generator reads.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hmac
 import os
@@ -66,6 +67,10 @@ LogLevel = Annotated[
     BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
 ]
 AbandonPolicy = Literal["finish", "abort"]
+# The TOML file load_settings is reading, for settings_customise_sources.
+_TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "imagecache_settings_toml_file", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -506,8 +511,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_file = settings_cls.model_config.get("toml_file")
-        if toml_file:
+        toml_file = _TOML_FILE.get()
+        if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
@@ -564,22 +569,24 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     Any invalid value raises ``ConfigurationError`` naming the key.
     """
     given = {key: value for key, value in overrides.items() if value is not None}
-    cls: type[Settings] = Settings
+    path = None
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigurationError(f"config file {os.fspath(path)!r} does not exist")
-
-        class _FromFile(Settings):
-            model_config = SettingsConfigDict(toml_file=path)
-
-        cls = _FromFile
+    # The file reaches settings_customise_sources through a context variable, not
+    # a subclass of Settings naming it: pydantic builds a class's validator anew
+    # for every subclass, and that cost each start as much as the import of this
+    # module (docs/benchmarks-log.md, start-up).
+    reset = _TOML_FILE.set(path)
     try:
-        return cls(**given)
+        return Settings(**given)
     except ValidationError as exc:
         raise ConfigurationError(_describe(exc)) from exc
     except ValueError as exc:  # a TOML syntax error surfaces as ValueError
         raise ConfigurationError(f"config file {config_file}: {exc}") from exc
+    finally:
+        _TOML_FILE.reset(reset)
 
 
 _SECRET_WORDS = ("token", "secret", "password")

@@ -13,6 +13,7 @@ the node's own engine: every statement the driver sends passes there.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,43 @@ def test_clearing_many_images_reaches_the_database_in_batches(
         assert driver.mirror.depth() == 0
     finally:
         driver.close()
+
+
+async def test_a_database_lost_part_way_through_a_beat_is_a_warning_not_a_traceback(
+    aiohttp_client: ClientFactory,
+    fresh_postgres_url: str,
+    relay: RelayProcess,
+    tmp_path: Path,
+    origin: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The beat's sync answers, then the link goes before the work after it (preheat claims).
+
+    Seen in the WAN soak's database cuts: that work's CacheStoreError left the
+    beat as "cluster heartbeat failed" with a traceback, as if it were a bug.
+    """
+    settings = node_settings(tmp_path, through(relay, fresh_postgres_url), "one")
+    client = await aiohttp_client(directory_app(settings, origin))
+    tasks = client.app[CLUSTER_TASKS]
+    cuts: list[int] = []
+
+    async def cut_once_after_the_sync() -> None:
+        if not cuts:
+            cuts.append(tasks.beats)
+            await asyncio.to_thread(cut, relay)
+
+    tasks.after_beat.insert(0, cut_once_after_the_sync)  # before the preheat runner's claim
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "imagecache.server.cluster"]
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="imagecache.server.cluster"):
+            await poll(lambda: true(bool(said())), "the cut beat is reported", within=15)
+        [record] = said()[:1]
+        assert record.exc_info is None, f"a traceback for a lost database: {record.message}"
+        assert "cut short" in record.getMessage()
+    finally:
+        _restored(relay)
+    driver = node_driver(client)
+    await poll(lambda: true(not driver.offline), "the node rejoins at a later beat")

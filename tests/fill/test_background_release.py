@@ -75,6 +75,32 @@ async def pause_mid_body(make_client: MakeClient, http_origin: Origin) -> Paused
     return Paused(client, state, hooks, user, cut_at)
 
 
+async def change_and_resume(
+    http_origin: Origin,
+    client: TestClient[Any, Any],
+    hooks: HoldDecision,
+    user: asyncio.Task[bytes],
+    seed: int,
+) -> bytes:
+    """Replace the paused image (same size, other bytes and Content-MD5), end the pause.
+
+    Returns the new bytes once the client's download and the queue are done.
+    """
+    size = len((http_origin.root / "background").read_bytes())
+    changed = image_bytes(size, seed=seed)
+    http_origin.add("background", changed, sidecars=("sha256",))
+    hooks.release.set()
+    await user
+    await client.app[WORKER].join()
+    return changed
+
+
+async def assert_serves(client: TestClient[Any, Any], data: bytes) -> None:
+    """What is served (cached by a later fill, or filled now) is ``data`` whole."""
+    served = await get(client, "background")
+    assert hashlib.sha256(served).digest() == hashlib.sha256(data).digest()
+
+
 async def test_a_paused_background_fill_closes_its_connection_and_resumes_byte_exact(
     make_client: MakeClient, http_origin: Origin
 ) -> None:
@@ -111,17 +137,11 @@ async def test_an_image_changed_during_the_pause_fails_the_fill_rather_than_spli
 ) -> None:
     paused = await pause_mid_body(make_client, http_origin)
     client = paused.client
-    # Same size, other bytes (and so another Content-MD5) before the fill resumes.
-    changed = image_bytes(len(BACKGROUND), seed=43)
-    http_origin.add("background", changed, sidecars=("sha256",))
-    paused.hooks.release.set()
-    assert await paused.user == USER
-    await client.app[WORKER].join()
+    changed = await change_and_resume(http_origin, client, paused.hooks, paused.user, seed=43)
+    assert paused.user.result() == USER
     # The resume asked for the rest and was refused: the fill failed.
     registry = client.app[STATE].metrics.registry
     outcome = {"outcome": "refused"}
     assert registry.get_sample_value("imagecache_upstream_resumes_total", outcome) == 1
     assert "Range" in http_origin.requests_for("background")[1]
-    # What is served (cached by a later fill, or filled now) is the new image whole.
-    served = await get(client, "background")
-    assert hashlib.sha256(served).digest() == hashlib.sha256(changed).digest()
+    await assert_serves(client, changed)

@@ -13,6 +13,7 @@ import pytest
 
 from clocks import ManualClock
 from imagecache.errors import ConfigurationError
+from imagecache.fill import fill_config
 from imagecache.fill.bandwidth import BURST_SECONDS, BackgroundBandwidth, TokenBucket
 from imagecache.settings import Settings
 
@@ -110,7 +111,7 @@ def test_a_busy_rate_never_exceeds_the_idle_one() -> None:
 def test_the_settings_give_each_worker_its_share(
     make_settings: Callable[..., Settings], values: dict[str, object], idle: float, busy: float
 ) -> None:
-    governor = BackgroundBandwidth.of(make_settings(**values))
+    governor = BackgroundBandwidth.of(fill_config(make_settings(**values)))
     assert governor.idle == idle
     assert governor.busy_rate == busy
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from imagecache.cache import ImageCache
+from imagecache.fill import fill_config
 from imagecache.fill.coordinator import FillCoordinator
 from imagecache.fill.events import NO_EVENTS, FillEvents, FillOutcome
 from imagecache.fill.flight import FlightKind
@@ -81,7 +82,11 @@ async def coordinator_for(
     made: list[FillCoordinator] = []
 
     def make(events: FillEvents) -> FillCoordinator:
-        made.append(FillCoordinator(settings, cache, DirectoryUpstream(origin), events, executor))
+        made.append(
+            FillCoordinator(
+                fill_config(settings), cache, DirectoryUpstream(origin), events, executor
+            )
+        )
         return made[-1]
 
     yield make

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from imagecache.fill import fill_config
 from imagecache.fill.hooks import FillHooks
 from imagecache.fill.segments import plan
 from imagecache.fill.writer import FillWriter
@@ -52,13 +53,13 @@ def _gets(origin: Any) -> list[str | None]:
 
 
 def test_plan_cuts_large_images_only() -> None:
-    settings = load_settings(None, **SEGMENTED)
-    assert plan(SIZE, settings).spans == [(i * MiB, min((i + 1) * MiB, SIZE)) for i in range(8)]
-    assert plan(SIZE, settings).connections == 4
+    config = fill_config(load_settings(None, **SEGMENTED))
+    assert plan(SIZE, config).spans == [(i * MiB, min((i + 1) * MiB, SIZE)) for i in range(8)]
+    assert plan(SIZE, config).connections == 4
     # Under twice a segment, or of no known size: one stream.
-    assert plan(2 * MiB - 1, settings).spans == [(0, None)]
-    assert plan(None, settings).single
-    assert plan(SIZE, load_settings(None)).single, "off by default"
+    assert plan(2 * MiB - 1, config).spans == [(0, None)]
+    assert plan(None, config).single
+    assert plan(SIZE, fill_config(load_settings(None))).single, "off by default"
 
 
 async def test_a_segmented_fill_reads_each_range_once_four_at_a_time_and_commits_verified(

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from imagecache import hits
 from imagecache.drivers.files import Fill
-from imagecache.drivers.sqlite import SqliteDriver
+from imagecache.drivers.hooks import CommitHooks
 from imagecache.fill.flight import FlightKind
 from imagecache.fill.hooks import FillHooks
 from imagecache.records import Chunk
@@ -462,29 +462,17 @@ async def test_a_range_during_a_fill_in_another_process_is_served_from_its_file(
     assert http_origin.body_reads("img") == 0
 
 
-def _hold_first_call(
-    monkeypatch: pytest.MonkeyPatch, owner: type, name: str
-) -> tuple[threading.Event, threading.Event]:
-    """Make the first call of the blocking method ``owner.name`` wait until released.
+class _HeldRecord(CommitHooks):
+    """Holds the driver's first commit between its rename and its record, until released."""
 
-    Only for points outside the coordinator, which has named hooks for its own
-    (``HeldHooks``): the driver's record and hits.py's wait for a commit.
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self._calls = itertools.count()  # next() is atomic: one first call across threads
 
-    Returns (entered, release): ``entered`` is set once that call has begun;
-    it goes on, into the original, once the test sets ``release``.
-    """
-    entered, release = threading.Event(), threading.Event()
-    original = getattr(owner, name)
-    calls = itertools.count()
-
-    def held(self: Any, *args: Any) -> Any:
-        if next(calls) == 0:
-            entered.set()
-            assert release.wait(10)
-        return original(self, *args)
-
-    monkeypatch.setattr(owner, name, held)
-    return entered, release
+    def renamed(self, image_id: str) -> None:
+        if next(self._calls) == 0:
+            self.entered.set()
+            assert self.release.wait(10), "the test never released the record"
 
 
 def _note_entry(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> asyncio.Event:
@@ -558,7 +546,9 @@ async def test_a_download_between_the_rename_and_the_record_waits_for_the_record
     """A hit served from a file whose record is not written yet would lack Content-MD5."""
     http_origin.add("img", DATA)
     client = await make_client()
-    recording, release = _hold_first_call(monkeypatch, SqliteDriver, "_meta_commit")
+    held = _HeldRecord()
+    client.app[STATE].cache.driver.commit_hooks = held
+    recording, release = held.entered, held.release
     waiting = _note_entry(monkeypatch, hits, "await_commit")
     async with client.get("/v2/images/img/file") as first:
         assert await first.read() == DATA
@@ -755,3 +745,38 @@ async def test_what_the_origin_sends_after_a_full_disk_is_still_verified(
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     assert not (cache_dir / "img").exists()
+
+
+async def test_a_download_joining_a_fill_under_way_follows_it_without_asking_the_origin(
+    make_client: Any, http_origin: Any
+) -> None:
+    """A follower of a fill running in its process goes straight to the fill's bytes.
+
+    With ``metadata_cache_ttl`` 0 every miss asks the origin what the image is;
+    one that joins a fill already running here needs no answer but the fill's
+    (its bytes are verified against it), nor a look for a hit that cannot be
+    there yet. It gets its first bytes while the origin holds the body after
+    the first third, and the origin is asked about the image once.
+    """
+    http_origin.add("img", DATA)
+    gate = http_origin.gate("img", after=SIZE // 3)
+    client = await make_client(metadata_cache_ttl=0)
+
+    def infos() -> int:
+        return sum(1 for method, path, _ in http_origin.requests if method == "HEAD")
+
+    async with client.get("/v2/images/img/file") as leader:
+        first = await leader.content.readany()
+        assert first
+        assert infos() == 1
+        async with client.get("/v2/images/img/file") as follower:
+            assert follower.status == 200
+            assert follower.headers["Cache-Status"].endswith("fwd=miss; collapsed")
+            early = await follower.content.readany()
+            assert early, "bytes before the origin goes on"
+            assert early == DATA[: len(early)]
+            assert infos() == 1, "the follower asked the origin about the image again"
+            gate.set()
+            assert early + await follower.read() == DATA
+        assert first + await leader.read() == DATA
+    assert http_origin.body_reads("img") == 1

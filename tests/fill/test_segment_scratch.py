@@ -23,9 +23,10 @@ from imagecache.fill.flight import Flight
 from imagecache.fill.scratch import Scratch, Segment, punch_hole
 from imagecache.server.state import STATE
 from imagecache.settings import MiB
+from polling import eventually
 from range_helpers import COLLAPSED, STORED
 from server_helpers import image_bytes, settled
-from test_fill_segments import _gets, until
+from test_fill_segments import _gets
 
 # Eight segments of 1 MiB (the last 5 bytes short).
 SIZE = 8 * MiB - 5
@@ -80,7 +81,7 @@ async def test_a_range_ahead_of_a_segmented_fill_is_served_from_it_its_segment_f
         scratch = getattr(flight, "scratch", None)
         return bool(scratch is not None and scratch.waiting) or http_origin.body_reads("img") > 2
 
-    await until(settled_range)
+    await eventually(settled_range, "the range request has settled")
     gate.set()
     assert await asyncio.wait_for(part, 30) == (206, COLLAPSED, DATA[start:end])
     assert await asyncio.wait_for(whole, 30) == (200, STORED, DATA)
@@ -111,12 +112,17 @@ async def test_a_range_to_the_end_of_a_segmented_fill_gets_its_last_byte_once_ve
             got.append(await response.read())
 
     part = asyncio.create_task(read_to_the_end())
-    await until(lambda: flight.scratch is not None and flight.scratch.waiting > 0)
+    await eventually(
+        lambda: flight.scratch is not None and flight.scratch.waiting > 0,
+        "the range waits on the scratch file",
+    )
     # Segment 1 may finish (its connection then takes the last segment, asked
     # for); segment 0 stays held, so the fill cannot be verified.
     first_only = http_origin.gate("img", after=256 * 1024, below=MiB)
     gate.set()
-    await until(lambda: len(b"".join(got)) == SIZE - 1 - start)
+    await eventually(
+        lambda: len(b"".join(got)) == SIZE - 1 - start, "all but the last byte arrived"
+    )
     assert b"".join(got) == DATA[start:-1]
     assert flight.available < MiB
     assert not flight.is_verified
@@ -147,7 +153,9 @@ async def test_the_scratch_file_stays_a_few_segments_on_disk_however_large_the_i
         flight = client.app[STATE].fills.current("img")
         assert flight is not None
         body = asyncio.create_task(response.read())
-        await until(lambda: bool(_scratch_fds(incomplete, "img")))
+        await eventually(
+            lambda: bool(_scratch_fds(incomplete, "img")), "the fill opened its scratch file"
+        )
         (fd,) = _scratch_fds(incomplete, "img")
         # Sampled on the loop that runs the fill, until its file is closed.
         while not body.done() and not flight.is_verified:

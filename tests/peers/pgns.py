@@ -67,8 +67,11 @@ def unavailable_reason() -> str | None:
 class FarPostgres:
     """A PostgreSQL cluster in ``host``'s namespace, behind a delay relay; ``stop`` ends both."""
 
-    def __init__(self, host: Host, *, delay: float = DELAY) -> None:
+    def __init__(
+        self, host: Host, *, delay: float = DELAY, settings: dict[str, str] | None = None
+    ) -> None:
         self.host = host
+        self.settings = settings or {}  # more of the server's settings (``-c``), over ours
         self.directory = Path(tempfile.mkdtemp(prefix="imagecache-pgns-"))
         self.data = self.directory / "data"
         self.log_path = self.directory / "server.log"
@@ -114,6 +117,7 @@ class FarPostgres:
             "shared_buffers": "16MB",
             "max_connections": "60",
             "logging_collector": "off",
+            **self.settings,
         }
         argv = [str(BIN / "postgres"), "-D", str(self.data), "-k", str(self.directory)]
         argv += ["-h", f"127.0.0.1,{self.host.address}", "-p", str(PORT)]
@@ -159,6 +163,11 @@ class FarPostgres:
         """The database across the link: veth, then the relay (40 ms), then the server."""
         assert self.relay is not None
         return f"postgresql+psycopg://{USER}@{self.host.address}:{self.relay.port}/{dbname}"
+
+    def direct_url(self, dbname: str) -> str:
+        """The database across the link without the relay: the server sees the client's own
+        connections (its ``tcp_keepalives_*`` then reach the client, not the relay)."""
+        return f"postgresql+psycopg://{USER}@{self.host.address}:{PORT}/{dbname}"
 
     def local_url(self, dbname: str) -> str:
         """The database by its unix socket: no link, no relay (the database's own side)."""

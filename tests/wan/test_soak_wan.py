@@ -27,8 +27,13 @@ What must hold under that:
   tests/test_soak.py uses (tests/soak_helpers.py).
 
 The ``[central]`` variant runs the same waves with the central driver, its
-PostgreSQL reached through a second relay that each cut cuts too (issue 16
-item 2, not built yet: expected to fail, not strictly).
+PostgreSQL across the rig too (``peers/pgns.py``: its own namespace, reached
+without the relay, see ``FAR_SETTINGS``), and cuts that link for real in every
+wave as well (``Host.cut``, for ``DB_CUT`` s at an offset that moves from wave
+to wave; tests/soak_central.py), so the database goes away under load,
+packets lost. After the last wave it checks issue 16's end: the node ready
+again without a restart, its outbox empty, the central rows its disk (with
+the mirror's hits).
 
 The waves' phases are load durations (how long the link stays up or cut),
 not synchronisation: what a check waits for is polled with a deadline.
@@ -53,12 +58,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from central_db import PG_HOST, PG_PORT, create_database, drop_database
-from peers import free_port
 from peers.nginx import start_nginx
+from peers.pgns import unavailable_reason as far_unavailable
 from peers.relay import RelayProcess
 from peers.wan import WanRig
 from server_helpers import ServeProcess, image_bytes, listdir, poll, put_image, start_serve
+from soak_central import DB_CUT, Database, DatabaseCuts, check_rejoined, far_database
 from soak_helpers import (
     RSS_SLACK_MIB,
     Descriptors,
@@ -145,42 +150,18 @@ def site(wan_rig: WanRig, tmp_path: Path) -> Iterator[Site]:
         nginx.stop()
 
 
-@dataclass
-class Database:
-    """The driver's settings, and the relay in front of its database if it has one."""
-
-    env: dict[str, str]
-    relay: RelayProcess | None = None
-    port: int = 0  # the service's (0: any free one)
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        # With PostgreSQL cut in the same waves: hits are answered from the
-        # node's local mirror and changes are written behind (issue 16 item 2).
-        "central",
-    ]
-)
+@pytest.fixture(params=["sqlite", "central"])
 def database(request: pytest.FixtureRequest) -> Iterator[Database]:
-    """sqlite in the cache directory, or the central driver on PostgreSQL through a relay
-    that the waves cut with the origin's link (skips loudly without PostgreSQL)."""
+    """sqlite in the cache directory, or the central driver on a PostgreSQL across the rig,
+    whose link the waves cut (skips loudly without the rig or PostgreSQL's binaries)."""
     if request.param == "sqlite":
         yield Database({"IMAGECACHE_IMAGE_CACHE_DRIVER": "sqlite"})
         return
-    name = create_database()
-    try:
-        with RelayProcess((PG_HOST, PG_PORT), delay=DELAY) as relay:
-            port = free_port()
-            env = {
-                "IMAGECACHE_IMAGE_CACHE_DRIVER": "central",
-                "IMAGECACHE_DATABASE_URL": f"postgresql+psycopg://127.0.0.1:{relay.port}/{name}",
-                # A central node is its URL: one service, two workers, one port.
-                "IMAGECACHE_WORKER_SELF_REFERENCE_URL": f"http://127.0.0.1:{port}",
-            }
-            yield Database(env, relay, port)
-    finally:
-        drop_database(name)
+    reason = far_unavailable()
+    if reason is not None:
+        pytest.skip(f"NAMESPACED POSTGRESQL UNAVAILABLE: {reason}")
+    with far_database(request.getfixturevalue("wan_rig")) as database:
+        yield database
 
 
 @dataclass
@@ -333,7 +314,10 @@ async def test_soak_with_the_link_cut_in_waves_serves_only_right_bytes(
             await asyncio.gather(*burst)
         threads = [len(os.listdir(f"/proc/{pid}/task")) for pid in service_pids(servers)]
         clients = Clients(server.url, session)
-        relays = [site.relay] + ([database.relay] if database.relay is not None else [])
+        pids = service_pids(servers)
+        relays = [site.relay]
+        far = database.far
+        db_cuts = None if far is None else DatabaseCuts(far, session, server.url)
         cuts: Counter[str] = Counter()
         warm: tuple[Descriptors, int] | None = None
         samples: list[Descriptors] = []
@@ -344,11 +328,14 @@ async def test_soak_with_the_link_cut_in_waves_serves_only_right_bytes(
                 asyncio.create_task(clients.loop(random.Random(wave * 100 + n), stop))
                 for n in range(CLIENTS)
             ]
+            db_cut = None if db_cuts is None else asyncio.create_task(db_cuts.wave(wave))
             await asyncio.sleep(CALM)  # load on a working link
             kind = CUTS[wave % len(CUTS)]
             await _cut(relays, kind)
             cuts[kind] += 1
             await asyncio.sleep(CALM)  # load on the restored link
+            if db_cut is not None:
+                await db_cut  # the database's link mended too, before the load stops
             stop.set()
             await asyncio.gather(*tasks)
             await poll(no_fill_in_flight, f"wave {wave}'s fills have ended", within=60)
@@ -366,6 +353,15 @@ async def test_soak_with_the_link_cut_in_waves_serves_only_right_bytes(
         for name in sorted(IMAGES):
             assert await _fetch(session, server.url, name) == IMAGES[name], name
         await poll(no_fill_in_flight, "the last fills have ended", within=60)
+        central: dict[str, tuple[int, int]] = {}
+        if far is not None:
+            disk = {
+                n: (cache_dir / n).stat().st_size
+                for n in listdir(cache_dir)
+                if n in IMAGES and (cache_dir / n).is_file()
+            }
+            central = await check_rejoined(session, server.url, far, database.name, cache_dir, disk)
+        assert service_pids(servers) == pids, "the service restarted a process"
 
     assert warm is not None
     requests = sum(clients.outcomes.values()) + len(clients.problems)
@@ -383,6 +379,11 @@ async def test_soak_with_the_link_cut_in_waves_serves_only_right_bytes(
         f" other by wave {[s.other for s in samples]}, RSS MiB by wave {rss_mib};"
         f" threads per process after the burst {threads}"
     )
+    if db_cuts is not None:
+        print(
+            f"database link cut {len(db_cuts.felt_after)} times for {DB_CUT} s, felt after"
+            f" {db_cuts.felt_after} s; central rows at the end {central}"
+        )
     assert not clients.problems, (
         f"{len(clients.problems)} problems, first ones: {clients.problems[:10]}"
     )

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from imagecache.drivers.base import Driver
+from imagecache.drivers.hooks import NO_COMMIT_HOOKS, CommitHooks
 from imagecache.errors import CacheStoreError, ImageBeingCached, ImageNotCached
 from imagecache.fill.locks import locked_by_writer, take_if_unlocked
 from imagecache.layout import ImageId, fsync_dir, rename_if_exists, unlink_if_exists
@@ -219,6 +220,9 @@ def writer_alive(path: Path) -> bool:
 
 class FileBackedDriver(Driver):
     """Filesystem semantics shared by every driver; metadata is left to subclasses."""
+
+    # Where tests hold or stop a commit (drivers/hooks.py); no-ops in production.
+    commit_hooks: CommitHooks = NO_COMMIT_HOOKS
 
     # --- metadata hooks ---------------------------------------------------------------------
 
@@ -420,6 +424,7 @@ class FileBackedDriver(Driver):
             ) from None
         try:
             fsync_dir(self.layout.base)
+            self.commit_hooks.renamed(fill.image_id)
             self._meta_commit(fill, size, time.time())
         except BaseException as exc:
             # Never a committed-looking file the metadata does not know: it

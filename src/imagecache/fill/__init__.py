@@ -19,8 +19,36 @@ cache.py over the same writer.
 - ``busy``: which processes have clients waiting (a locked mark each); the governor's glue.
 - ``frontier``: a range past what a fill has written: wait for the fill, or not (its rate).
 - ``hooks``: named points where tests hold or watch a fill (no-ops otherwise).
+- ``config``: ``FillConfig``, the values the family reads; ``fill_config`` below
+  copies them out of ``Settings`` (the package's one reader of the settings).
 
 This package must not import ``imagecache.server`` nor aiohttp's server: the
 layers above it pass in what it needs. The package imports nothing at its
 top, so ``drivers`` may use ``fill.locks`` without a cycle.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imagecache.fill.config import FillConfig
+    from imagecache.settings import Settings
+
+
+def fill_config(settings: Settings) -> FillConfig:
+    """The values of ``settings`` that fills read."""
+    from imagecache.fill.config import FillConfig  # here: the package imports nothing at its top
+
+    return FillConfig(
+        upstream_timeout=settings.upstream_timeout,
+        abandoned_fill=settings.abandoned_fill,
+        fill_segments=settings.fill_segments,
+        fill_segment_size=settings.fill_segment_size,
+        workers=settings.workers,
+        background_bandwidth=settings.background_bandwidth,
+        background_bandwidth_while_busy=settings.background_bandwidth_while_busy,
+    )
+
+
+__all__ = ["fill_config"]

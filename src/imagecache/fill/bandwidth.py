@@ -27,9 +27,10 @@ flight and does not make a process busy.
 A pause stops the background fill's reads at once, but an open connection
 that is not read still takes the link until the TCP buffers along the path
 are full (several MiB: the kernel grows a fast reader's window). So a fill
-paused for longer than ``RELEASE_AFTER`` closes its origin connection, if
-its source can resume (fill/pump.py, upstreams/resume_source.py), and asks
-for the rest with a Range request once it may read again. A cap is left
+paused for longer than ``RELEASE_AFTER`` closes its origin connection (a
+segmented fill, each of its N), if its source can resume (fill/pump.py,
+upstreams/resume_source.py, upstreams/resume.py ``Release``), and asks for
+the rest with a Range request once it may read again. A cap is left
 alone: its reads keep the buffers full, so the link carries no more than
 the cap on average.
 
@@ -59,7 +60,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from imagecache.settings import Settings
+    from imagecache.fill.config import FillConfig
 
 # The bucket holds at most this many seconds of its rate: enough that one
 # chunk is not held for a fraction of a second at every rate, small enough
@@ -181,13 +182,13 @@ class BackgroundBandwidth:
 
     @classmethod
     def of(
-        cls, settings: Settings, on_rate: Callable[[float], None] | None = None
+        cls, config: FillConfig, on_rate: Callable[[float], None] | None = None
     ) -> BackgroundBandwidth:
         """This process's share of the service's ``background_bandwidth*`` settings."""
-        workers = settings.workers
+        workers = config.workers
         return cls(
-            per_process(settings.background_bandwidth, workers, zero_means=math.inf),
-            per_process(settings.background_bandwidth_while_busy, workers, zero_means=0.0),
+            per_process(config.background_bandwidth, workers, zero_means=math.inf),
+            per_process(config.background_bandwidth_while_busy, workers, zero_means=0.0),
             on_rate=on_rate,
         )
 

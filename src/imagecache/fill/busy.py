@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 
 from imagecache.fill.bandwidth import BackgroundBandwidth
 from imagecache.fill.events import FillEvents
-from imagecache.fill.locks import locked_by_writer
+from imagecache.fill.locks import held_or_removed
 from imagecache.fill.pump import Throttle
 
 if TYPE_CHECKING:
+    from imagecache.fill.config import FillConfig
     from imagecache.fill.flight import Flight
-    from imagecache.settings import Settings
 
 SUBDIR = "on-demand"
 # How long one look at the other processes' marks is believed.
@@ -121,19 +121,8 @@ class BusyMarks:
 
     @staticmethod
     def _live(path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            if locked_by_writer(fd):
-                return True
-            # Unlocked yet visible: its process died busy. Its name is never reused.
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return False
-        finally:
-            os.close(fd)
+        # Unlocked yet visible: its process died busy (removed). Its name is never reused.
+        return held_or_removed(path, gone=OSError)
 
 
 class Precedence:
@@ -146,7 +135,7 @@ class Precedence:
 
     def __init__(
         self,
-        settings: Settings,
+        config: FillConfig,
         directory: Path,
         events: FillEvents,
         executor: concurrent.futures.Executor | None,
@@ -155,7 +144,7 @@ class Precedence:
         self.executor = executor
         self._loop: asyncio.AbstractEventLoop | None = None
         self.marks = BusyMarks(directory)
-        self.bandwidth = BackgroundBandwidth.of(settings, on_rate=self._rate)
+        self.bandwidth = BackgroundBandwidth.of(config, on_rate=self._rate)
 
     def update(self, busy: bool) -> None:
         """This process is ``busy`` (on the loop): tell the governor, then the other processes."""

@@ -9,9 +9,8 @@ fill/remote.py), or nobody (``NONE``: cached meanwhile, too large, no room, or
 the cache's disk failed, and the readers stream the image uncached). Tests
 hold or watch a fill at the named points of ``hooks`` (fill/hooks.py), not by
 patching it. A prefetch is a detached flight (``fill_detached``). Detached
-fills, and fills whose clients left, are background fills: they read the
-origin within ``bandwidth`` (fill/bandwidth.py), which the coordinator keeps
-busy while any flight of this process is on demand.
+fills, and fills whose clients left, are background fills: within ``bandwidth``
+(fill/bandwidth.py), kept busy while any flight of this process is on demand.
 """
 
 from __future__ import annotations
@@ -34,8 +33,9 @@ from imagecache.errors import (
     VerificationError,
     is_origin_failure,
 )
-from imagecache.fill import remote, segments
+from imagecache.fill import remote, segments, wanted
 from imagecache.fill.busy import SUBDIR, Precedence
+from imagecache.fill.config import FillConfig
 from imagecache.fill.events import FillEvents, FillOutcome
 from imagecache.fill.flight import CACHED, COMMIT_WAIT, NO_FILL, Flight, FlightKind
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
@@ -43,7 +43,6 @@ from imagecache.fill.pump import pump
 from imagecache.fill.writer import FillWriter
 from imagecache.metadata import MetadataCache
 from imagecache.records import ImageInfo
-from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
 
 log = logging.getLogger(__name__)
@@ -56,14 +55,14 @@ class FillCoordinator:
 
     def __init__(
         self,
-        settings: Settings,
+        config: FillConfig,
         cache: ImageCache,
         upstream: Upstream,
         events: FillEvents,
         executor: concurrent.futures.Executor | None,
         hooks: FillHooks = NO_HOOKS,
     ) -> None:
-        self.settings = settings
+        self.config = config
         # Where tests hold or watch a fill (fill/hooks.py); no-ops in production.
         self.hooks = hooks
         self.cache = cache
@@ -78,8 +77,8 @@ class FillCoordinator:
         # A fill that fails verification makes it forget the image's answer, so
         # an image replaced at the origin is asked for again, not failed for a TTL.
         self.metadata: MetadataCache | None = None
-        lock_dir = cache.layout.lock_dir
-        self.precedence = Precedence(settings, lock_dir / SUBDIR, events, executor)
+        self.lock_dir = cache.layout.lock_dir  # also fill/wanted.py's
+        self.precedence = Precedence(config, self.lock_dir / SUBDIR, events, executor)
         self.bandwidth = self.precedence.bandwidth
 
     def run(self, func: Callable[..., T], *args: object) -> asyncio.Future[T]:
@@ -185,7 +184,7 @@ class FillCoordinator:
                 await self._fill(flight, writer, caller, detached)
             elif flight.kind is FlightKind.REMOTE:
                 # A fill that makes no progress for this long is given up on.
-                stall_limit = max(60.0, 2 * self.settings.upstream_timeout)
+                stall_limit = max(60.0, 2 * self.config.upstream_timeout)
                 active = self.cache.layout.active_path(flight.image_id)
                 await remote.watch(flight, active, stall_limit)
         except BaseException as exc:
@@ -299,6 +298,7 @@ class FillCoordinator:
         fd = remote.open_fill(self.cache.layout.incomplete_path(flight.image_id))
         if fd is not None:
             flight.fd = fd
+            flight.ask_ahead = wanted.asker(self.lock_dir, flight.image_id, fd, self.run)
             flight.settle(FlightKind.REMOTE, "")
         self.hooks.looked_for_remote(flight.image_id, fd is not None)
         return fd is not None
@@ -309,14 +309,14 @@ class FillCoordinator:
         self.events.fill_started()
         outcome: FillOutcome = "failed"
         try:
-            plan = segments.plan_for(writer, self.settings)  # fill/segments.py
+            plan = segments.plan_for(writer, self.config)  # fill/segments.py
             one = plan.single  # a segmented fill reads its ranges with ``stream``
             source = await self.upstream.open_source(flight.image_id, caller) if one else None
             check = functools.partial(self._check_going, flight, writer, detached)
             throttle = self.precedence.throttle(flight)
             if source is None:
                 args = (self.upstream, caller, plan, self.run, self.events, check, throttle)
-                await segments.copy_segments(flight, writer, *args)
+                await segments.copy_segments(flight, writer, *args, self.lock_dir)
             else:
                 await pump(flight, writer, source, self.events, check, throttle)
             await self.run(writer.verify)
@@ -363,7 +363,7 @@ class FillCoordinator:
 
     def _abandoned(self, flight: Flight, detached: bool) -> bool:
         return (
-            self.settings.abandoned_fill == "abort"
+            self.config.abandoned_fill == "abort"
             and not detached
             and flight.had_reader
             and flight.readers == 0

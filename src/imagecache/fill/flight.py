@@ -29,7 +29,7 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from imagecache.capacity import Reservation
@@ -100,6 +100,9 @@ class Flight:
         # A segmented fill's scratch file while it fetches (fill/scratch.py): ranges
         # ahead of ``available`` are read from there.
         self.scratch: Scratch | None = None
+        # Another process's fill: asks its owner to fetch byte N's segment next,
+        # True if a segmented fill listens (fill/wanted.py); None: no way to ask.
+        self.ask_ahead: Callable[[int], Awaitable[bool]] | None = None
 
     @property
     def on_demand(self) -> bool:

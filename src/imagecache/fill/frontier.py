@@ -18,7 +18,10 @@ every ``RECHECK`` seconds, so a stall also ends the wait.
 A segmented fill (fill/segments.py) does better than either: a range that
 starts in one of its later segments joins it at once (``joins``), and is
 served from the fill's scratch file as that segment arrives, the segment
-fetched by the next free connection (fill/scratch.py). This knows no HTTP:
+fetched by the next free connection (fill/scratch.py). A range in a sibling
+process asks that process for its segment (fill/wanted.py) and, once asked,
+waits for the fill's frontier without judging its rate: the segment is being
+fetched next and the frontier passes it at copy speed. This knows no HTTP:
 the route (server/images.py) decides what a refusal means (the origin).
 """
 
@@ -71,10 +74,14 @@ async def reaches(
 
     True when the byte is there, when the fill has ended (the follow that
     comes next tells how), or when a segmented fill fetches it next
-    (``joins``); False when waiting would take past ``limit`` seconds from now
+    (``joins``), or in another process has been asked to; False when waiting
+    would take past ``limit`` seconds from now
     by the fill's rate, or has.
     """
     arrived = clock()
+    ask = flight.ask_ahead
+    if ask is not None and flight.available <= offset and not flight.done and await ask(offset):
+        return True  # another process's segmented fill fetches it next
     while flight.available <= offset and not flight.done:
         if joins(flight, offset):
             return True

@@ -12,7 +12,9 @@ both in slices of at most ``RECHECK`` so that a client joining the fill, a
 change of rate or a stop is seen within one slice. A blocking source that
 can resume (``Releasable``) is released once paused for ``RELEASE_AFTER``:
 its origin connection closes, and the next read reopens it at the first
-byte not read. An async stream keeps its connection while paused.
+byte not read. So is an async stream read inside ``releasable()`` (a
+segmented fill's segments, ``copy_stream``): its resumable stream closes its
+connection and reopens it the same way (upstreams/resume.py, ``Release``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from imagecache.fill.events import FillEvents
 from imagecache.fill.flight import Flight
 from imagecache.fill.writer import FillWriter
 from imagecache.upstreams.base import BlockingSource, Releasable
+from imagecache.upstreams.resume import Release, releasable
 
 # ``run(func, *args)``: a blocking call in the disk executor.
 Run = Callable[..., Awaitable[object]]
@@ -63,28 +66,40 @@ async def copy_stream(
 ) -> None:
     """Fill from the upstream's async stream: each chunk goes to the disk executor."""
     try:
-        while (got := await next_chunk(stream, throttle, run, events)) is not None:
-            chunk, background = got
-            check()
-            await run(writer.write, chunk)
-            count_read(len(chunk), background, throttle, events)
-            check()
-            flight.advance(writer.received)
+        with releasable() as handle:
+            while (got := await next_chunk(stream, throttle, run, events, handle)) is not None:
+                chunk, background = got
+                check()
+                await run(writer.write, chunk)
+                count_read(len(chunk), background, throttle, events)
+                check()
+                flight.advance(writer.received)
     finally:
         await aclose(stream)
 
 
 async def next_chunk(
-    stream: AsyncIterator[bytes], throttle: Throttle | None, run: Run, events: FillEvents
+    stream: AsyncIterator[bytes],
+    throttle: Throttle | None,
+    run: Run,
+    events: FillEvents,
+    handle: Release | None = None,
 ) -> tuple[bytes, bool] | None:
     """The stream's next non-empty chunk once ``throttle`` lets it come; None at its end.
 
     With it, whether the chunk is background bytes (decided before the read,
     as the wait was): the caller counts them with ``count_read`` once written.
+    ``handle``: the stream's ``Release`` (``releasable``), used once paused
+    for ``RELEASE_AFTER``.
     """
+
+    async def release() -> bool:
+        assert handle is not None
+        return await release_stream(stream, handle)
+
     while True:
         if throttle is not None:
-            await wait_async(throttle, run, events)
+            await wait_async(throttle, run, events, release if handle is not None else None)
         background = throttle is not None and throttle.applies()
         try:
             chunk = await anext(stream)
@@ -217,16 +232,45 @@ async def pump(
     report()
 
 
-async def wait_async(throttle: Throttle, run: Run, events: FillEvents) -> None:
+async def wait_async(
+    throttle: Throttle,
+    run: Run,
+    events: FillEvents,
+    release: Callable[[], Awaitable[bool]] | None = None,
+) -> None:
+    """Wait while the throttle holds this fill; ``release`` its connection once paused long."""
     if throttle.applies():
         await run(throttle.refresh)
+    paused = 0.0  # seconds of this wait with the rate at 0, as in ``pump``
     while (delay := throttle.pending()) > 0:
         started = time.monotonic()
         try:
             await asyncio.sleep(min(delay, RECHECK))
         finally:
-            events.background_throttled(time.monotonic() - started)
+            waited = time.monotonic() - started
+            events.background_throttled(waited)
+        paused = paused + waited if math.isinf(delay) else 0.0
+        if paused >= RELEASE_AFTER and release is not None and await release():
+            events.background_released()
         await run(throttle.refresh)
+
+
+async def release_stream(stream: AsyncIterator[bytes], handle: Release) -> bool:
+    """Close ``stream``'s origin connection now; its next read reopens it (resume.py).
+
+    False if there is none to close: not resumable, not yet opened, already
+    released, or every byte is in. The stream answers the read below with an
+    empty chunk, having read nothing more from the origin.
+    """
+    if not handle.open:
+        return False
+    handle.wanted = True
+    try:
+        chunk = await anext(stream)
+    except StopAsyncIteration:
+        return False
+    assert not chunk, "a released stream reads nothing more"
+    return True
 
 
 async def aclose(stream: AsyncIterator[bytes]) -> None:

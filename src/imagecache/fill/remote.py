@@ -19,6 +19,10 @@ from imagecache.errors import WriterGone
 from imagecache.fill.flight import REMOTE_POLL_INTERVAL, Flight
 from imagecache.fill.locks import locked_by_writer
 
+# How often a fill with no byte yet is looked at, and for how long (``next_poll``).
+FIRST_BYTE_POLL = 0.002
+FIRST_BYTE_SPAN = 0.5
+
 
 def open_fill(incomplete: Path) -> int | None:
     """A read descriptor of ``incomplete`` if a writer holds its lock now, else None."""
@@ -42,6 +46,7 @@ async def watch(flight: Flight, active: Path, stall_limit: float) -> None:
     assert fd is not None
     inode = os.fstat(fd).st_ino
     last_progress = time.monotonic()
+    watched = last_progress
     while True:
         # fstat and a non-blocking flock on an open fd never wait on the disk.
         size = os.fstat(fd).st_size
@@ -58,7 +63,23 @@ async def watch(flight: Flight, active: Path, stall_limit: float) -> None:
         if time.monotonic() - last_progress > stall_limit:
             flight.fail(WriterGone(f"the fill of {flight.image_id!r} stalled"))
             return
-        await asyncio.sleep(REMOTE_POLL_INTERVAL)
+        await asyncio.sleep(next_poll(flight.available, time.monotonic() - watched))
+
+
+def next_poll(available: int, watching: float) -> float:
+    """Seconds until the next look at another process's fill, ``watching`` s after the first.
+
+    ``FIRST_BYTE_POLL`` while the file has no byte yet, for the first
+    ``FIRST_BYTE_SPAN`` seconds: a herd's clients in this process have
+    nothing to send until then, and a flat ``REMOTE_POLL_INTERVAL`` added up
+    to 20 ms to their first byte (docs/benchmarks-log.md, "The herd's first
+    byte"). Once bytes flow, each look wakes the followers to send what landed
+    since the last, so the full interval (fewer, larger sends); and so does an
+    origin slow to its first byte, past the span (no fast polls for seconds).
+    """
+    if available == 0 and watching < FIRST_BYTE_SPAN:
+        return FIRST_BYTE_POLL
+    return REMOTE_POLL_INTERVAL
 
 
 def _inode_of(path: Path) -> int | None:

@@ -16,9 +16,10 @@ is that file's bookkeeping, on the event loop:
   itself, not copied ahead into the fill's file (which must grow only as a
   contiguous prefix: sibling processes follow it by its size, fill/remote.py).
   Waiting, the range asks for the segment it waits on, so the next free
-  connection fetches it. A span of the scratch file being sent is *pinned*:
-  its bytes are not punched out, and the file is not closed, until the send
-  is done.
+  connection fetches it; a range in a sibling process asks through
+  fill/wanted.py (``want`` too) and reads only the fill's file. A span of
+  the scratch file being sent is *pinned*: its bytes are not punched out,
+  and the file is not closed, until the send is done.
 - **Holes punched behind the writer** (``punchable``, ``punch``): what has
   been copied into the fill's file is freed in the scratch file with
   ``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``, so the file holds
@@ -37,9 +38,8 @@ import asyncio
 import bisect
 import collections
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import functools
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -70,7 +70,17 @@ class Segment:
     error: BaseException | None = None
 
 
-def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+@functools.cache
+def libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``fallocate``, found on the first segmented fill rather than at import.
+
+    ``find_library`` runs ``ldconfig -p`` in a subprocess: done at import, every
+    start of the service paid for a fork, an exec and a parse (with ctypes'
+    own import) that only a segmented fill uses (docs/benchmarks-log.md, start-up).
+    """
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -83,18 +93,18 @@ def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
     return func
 
 
-_FALLOCATE = _libc_fallocate()
-
-
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Free ``[offset, offset + length)`` of ``fd``'s file, its size kept; raises ``OSError``.
 
     Python's ``os`` has no punch (``posix_fallocate`` only allocates), hence
     libc's ``fallocate`` through ctypes. Without it: ``ENOSYS``.
     """
-    if _FALLOCATE is None:
+    fallocate = libc_fallocate()
+    if fallocate is None:
         raise OSError(errno.ENOSYS, "no fallocate in this C library")
-    if _FALLOCATE(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        import ctypes  # loaded by libc_fallocate already
+
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
@@ -116,7 +126,7 @@ class Scratch:
         self._moved = asyncio.Event()  # the frontier moved, or a range asked: takers look again
         # Scratch bytes below this are freed, or were never written (the first segment's).
         self._punched = segments[0].start if segments else 0
-        self._punching = _FALLOCATE is not None
+        self._punching = libc_fallocate() is not None
         self._pins: collections.Counter[int] = collections.Counter()
         self.waiting = 0  # ranges waiting on a segment: they are woken by its bytes
         self.closed = False

@@ -36,7 +36,9 @@ That is why the helpers do not write into the fill's own file at their
 offsets: readers in sibling processes follow a fill by its file's size
 (fill/remote.py), and a file written ahead would show them holes as image
 bytes. A range that starts ahead of the writer is served from the scratch
-file as its segment arrives, that segment fetched next (fill/scratch.py). The
+file as its segment arrives, that segment fetched next (fill/scratch.py); one
+in a sibling process asks for its segment through a small file the fill
+watches, and reads the fill's file (fill/wanted.py). The
 cost is a second write of the later segments (in the page cache, and a kernel
 copy) and, for the fill's duration, the scratch file on the same disk: about
 ``WINDOW`` x N segments (those between the writer and its connections, plus
@@ -52,7 +54,9 @@ same size and hash verification runs before the commit, and a segment that
 fails (after its own resumes), is short, or is long fails the whole fill, so
 nothing is committed and its clients get the error a one-stream fill gives.
 A background fill's helpers ask the same bandwidth bucket before every chunk
-(fill/bandwidth.py), so the cap holds for all N connections together.
+(fill/bandwidth.py), so the cap holds for all N connections together, and a
+pause longer than ``RELEASE_AFTER`` closes every segment's connection; each
+reopens where it stopped, checked as a resume (fill/pump.py, upstreams/resume.py).
 
 The directory upstream is never segmented (``plan`` is asked only for fills
 read with ``stream``; a local file has no per-connection limit). Off by
@@ -68,10 +72,12 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from imagecache.errors import CacheStoreError, UpstreamError
+from imagecache.fill.config import FillConfig
 from imagecache.fill.events import FillEvents
-from imagecache.fill.flight import Flight
+from imagecache.fill.flight import REMOTE_POLL_INTERVAL, Flight
 from imagecache.fill.pump import (
     Run,
     Throttle,
@@ -80,10 +86,11 @@ from imagecache.fill.pump import (
     count_read,
     next_chunk,
 )
-from imagecache.fill.scratch import ALIGN, Scratch, Segment
+from imagecache.fill.scratch import ALIGN, Scratch, Segment, libc_fallocate
+from imagecache.fill.wanted import Wants, wanted_path
 from imagecache.fill.writer import FillWriter
-from imagecache.settings import Settings
 from imagecache.upstreams.base import Caller, Upstream
+from imagecache.upstreams.resume import releasable
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +112,7 @@ class Plan:
         return len(self.spans) == 1
 
 
-def plan_for(writer: FillWriter, settings: Settings) -> Plan:
+def plan_for(writer: FillWriter, config: FillConfig) -> Plan:
     """``plan`` for a fill: segmented only if the origin promised a hash of the image.
 
     Each segment's resumes are checked against that segment's first answer
@@ -115,17 +122,17 @@ def plan_for(writer: FillWriter, settings: Settings) -> Plan:
     the fill reads one stream, as before.
     """
     size = writer.expected_size if writer.expected_hash is not None else None
-    return plan(size, settings)
+    return plan(size, config)
 
 
-def plan(size: int | None, settings: Settings) -> Plan:
+def plan(size: int | None, config: FillConfig) -> Plan:
     """The segments to read an image of ``size`` in; one span: not segmented."""
-    step = max(ALIGN, settings.fill_segment_size // ALIGN * ALIGN)
-    if settings.fill_segments <= 1 or size is None or size < 2 * settings.fill_segment_size:
+    step = max(ALIGN, config.fill_segment_size // ALIGN * ALIGN)
+    if config.fill_segments <= 1 or size is None or size < 2 * config.fill_segment_size:
         return Plan([(0, None)], 1)
     # Starts on ALIGN boundaries: page-aligned kernel copies and mappings.
     spans: list[Span] = list(itertools.pairwise([*range(0, size, step), size]))
-    return Plan(spans, settings.fill_segments)
+    return Plan(spans, config.fill_segments)
 
 
 async def copy_segments(
@@ -138,8 +145,12 @@ async def copy_segments(
     events: FillEvents,
     check: Callable[[], None],
     throttle: Throttle | None = None,
+    lock_dir: Path | None = None,
 ) -> None:
-    """Fill ``writer`` from ``upstream`` as ``plan`` says; one span is a plain stream."""
+    """Fill ``writer`` from ``upstream`` as ``plan`` says; one span is a plain stream.
+
+    ``lock_dir``: the cache's, where siblings' ranges ask for segments (fill/wanted.py).
+    """
     spans = plan.spans
     if plan.single:
         start, end = spans[0]
@@ -149,8 +160,11 @@ async def copy_segments(
     first_end = spans[0][1]
     assert first_end is not None
     segments = [Segment(start, end) for start, end in spans[1:] if end is not None]
+    await run(libc_fallocate)  # found once per process: ldconfig in a thread, not on the loop
+    path = None if lock_dir is None else wanted_path(lock_dir, flight.image_id)
     try:
-        fd = await run(writer.scratch_file)
+        # One trip to the disk executor for both files: segment 0 waits on it.
+        opened = await run(_open_files, writer, path, flight.fd)
     except OSError as exc:
         # A disk that cannot take the scratch file may still take the fill.
         log.warning(
@@ -159,7 +173,8 @@ async def copy_segments(
         single = Plan([(0, None)], 1)
         await copy_segments(flight, writer, upstream, caller, single, run, events, check, throttle)
         return
-    assert isinstance(fd, int)
+    assert isinstance(opened, tuple)
+    fd, wants = opened
     scratch = Scratch(fd, flight, segments, WINDOW * plan.connections)
 
     def going() -> None:
@@ -182,6 +197,10 @@ async def copy_segments(
 
     helpers: list[asyncio.Task[None]] = []
     flight.scratch = scratch  # ranges ahead of the frontier read from it (fill/scratch.py)
+    if wants is not None:
+        helpers.append(
+            asyncio.create_task(_heed(wants, scratch), name=f"fill {flight.image_id} wants")
+        )
     try:
         for _ in range(min(plan.connections, len(plan.spans)) - 1):
             start_helper()
@@ -213,6 +232,36 @@ async def copy_segments(
         # Every helper's disk call has returned before the scratch file closes.
         await asyncio.gather(*helpers, return_exceptions=True)
         scratch.close()  # once no range sends from it
+        if wants is not None:
+            await run(wants.close)  # before the fill lock goes: no other owner yet
+
+
+def _open_files(
+    writer: FillWriter, path: Path | None, fill_fd: int | None
+) -> tuple[int, Wants | None]:
+    """In a thread: the scratch file, and the file siblings' ranges ask in (None if not made)."""
+    fd = writer.scratch_file()
+    if path is None or fill_fd is None:
+        return fd, None
+    try:
+        return fd, Wants(path, os.fstat(fill_fd).st_ino)
+    except OSError as exc:  # sibling ranges then wait for the frontier, as before
+        log.warning("no wanted-segments file for %s: %s", writer.image_id, exc)
+        return fd, None
+
+
+async def _heed(wants: Wants, scratch: Scratch) -> None:
+    """Ask ``scratch`` for every segment a sibling's range wants, until the fill stops."""
+    while not scratch.closed:
+        if wants.grown():  # an fstat; the read below is of a few bytes in the page cache
+            for offset in wants.take():
+                log.info(
+                    "fill of %s: a range in another process asks for byte %d",
+                    scratch.flight.image_id,
+                    offset,
+                )
+                scratch.want(offset)
+        await asyncio.sleep(REMOTE_POLL_INTERVAL)
 
 
 def _take(writer: FillWriter, scratch: Scratch, ready: int, hole: tuple[int, int] | None) -> None:
@@ -258,16 +307,18 @@ async def _fetch(
     length = segment.end - segment.start
     stream = upstream.stream(image_id, caller, segment.start, segment.end)
     try:
-        while (got := await next_chunk(stream, throttle, run, events)) is not None:
-            chunk, background = got
-            check()
-            if segment.written + len(chunk) > length:
-                raise UpstreamError(
-                    f"the origin sent more than segment {segment.start} of {image_id!r}"
-                )
-            await _settled(run(_pwrite_all, scratch.fd, chunk, segment.start + segment.written))
-            count_read(len(chunk), background, throttle, events)
-            scratch.wrote(segment, len(chunk))
+        with releasable() as handle:  # a pause closes the connection (fill/pump.py)
+            while (got := await next_chunk(stream, throttle, run, events, handle)) is not None:
+                chunk, background = got
+                check()
+                if segment.written + len(chunk) > length:
+                    raise UpstreamError(
+                        f"the origin sent more than segment {segment.start} of {image_id!r}"
+                    )
+                offset = segment.start + segment.written
+                await _settled(run(_pwrite_all, scratch.fd, chunk, offset))
+                count_read(len(chunk), background, throttle, events)
+                scratch.wrote(segment, len(chunk))
         if segment.written != length:
             raise UpstreamError(
                 f"segment {segment.start} of {image_id!r} ended after {segment.written}"

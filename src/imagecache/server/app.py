@@ -37,6 +37,7 @@ from imagecache.errors import (
     VerificationError,
     is_origin_failure,
 )
+from imagecache.fill import fill_config
 from imagecache.fill.coordinator import FillCoordinator
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.keystone import TokenValidator
@@ -273,7 +274,9 @@ def create_app(
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
-    fills = FillCoordinator(settings, cache, fill_source, metrics_, executor, fill_hooks)
+    fills = FillCoordinator(
+        fill_config(settings), cache, fill_source, metrics_, executor, fill_hooks
+    )
     metadata = metadata_for(
         cache.layout.lock_dir,
         upstream,

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from imagecache.cache import ImageCache
 from imagecache.cluster import CLUSTER_TOKEN_HEADER
+from imagecache.errors import CacheStoreError
 from imagecache.server import background
 from imagecache.server.metrics import Metrics
 from imagecache.settings import Settings, secret_matches
@@ -111,8 +112,12 @@ class ClusterTasks:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
+            except CacheStoreError as exc:
+                # The database went away part-way through the beat (after sync, in
+                # the work that follows it): expected of a partition, not a bug, so
+                # no traceback. The next beat tries again.
+                log.warning("cluster heartbeat cut short: %s", exc)
             except Exception:
-                # The database may be briefly away; the next beat tries again.
                 log.exception("cluster heartbeat failed")
             await asyncio.sleep(self.interval)
 

@@ -12,7 +12,7 @@ frontier waits for it (``fill.frontier``), putting bytes on the socket
 
 from __future__ import annotations
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from imagecache import hits
 from imagecache.errors import NotPermitted, ResourceNotFound, UpstreamNotActive
@@ -33,7 +33,7 @@ from imagecache.server.conditional import (
 from imagecache.server.ranges import ByteRange
 from imagecache.server.send import send_file_span
 from imagecache.server.state import STATE, ServiceState
-from imagecache.server.streaming import Served, follow_flight, stream_through
+from imagecache.server.streaming import Served, data_response, follow_flight, stream_through
 from imagecache.upstreams.base import Caller
 
 # A request whose fill ended uncommitted before it sent a byte starts over this many times.
@@ -61,6 +61,22 @@ async def image_file(request: web.Request) -> web.StreamResponse:
             access = await state.access.check(image_id, caller, hit=hit)
             checked = True
 
+    flight = _under_way(state, image_id) if peer is PeerRequest.CLIENT else None
+    if flight is not None and flight.info is not None:
+        # A follower of a fill running in this process: no hit to look for (the
+        # image is committed only after its fill is verified) and no info to ask
+        # for (the fill's is what its bytes are verified against). Each of those
+        # was a trip through the disk executor, and in a herd every trip waits
+        # for a turn of a loop busy sending the other followers' spans: the
+        # follower's first byte came tens of milliseconds later for nothing
+        # (docs/benchmarks-log.md, "The herd's first byte"). Who may read is
+        # still the origin's answer.
+        await check_access()
+        response = await _serve_miss(request, state, image_id, flight.info, caller)
+        if isinstance(response, web.StreamResponse):
+            return response
+        if response is Served.BYPASS:
+            return await stream_through(request, state, flight.info, caller, None, "cache_failed")
     for _ in range(ATTEMPTS):
         hit = await hits.open_hit_off_loop(state.fills.run, state.cache, image_id)
         if hit is not None and hit.committing:
@@ -89,7 +105,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         if isinstance(response, web.StreamResponse):
             return response
         if response is Served.BYPASS:
-            return await stream_through(request, state, info, caller, None, "cache_failed")
+            return await _bypass(request, state, info, caller, "cache_failed")
     # Fills kept ending uncommitted under us: give this client the upstream's bytes.
     info = await _info(state, image_id, caller)
     if info is None:
@@ -97,7 +113,37 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     # The info may be another caller's (metadata.py): the access check decides,
     # here too (a HEAD streamed through would otherwise answer without it).
     await check_access()
-    return await stream_through(request, state, info, caller, None, "fill_retries")
+    return await _bypass(request, state, info, caller, "fill_retries")
+
+
+async def _bypass(
+    request: web.Request, state: ServiceState, info: ImageInfo, caller: Caller, reason: str
+) -> web.StreamResponse:
+    """The upstream's bytes, uncached, of the range asked for if there is one (If-Range
+    and all, as a miss decides): a Range answered with the whole image would be a 200
+    that a client asking for a slice may not expect."""
+    etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
+    wanted = wanted_range(request, info.size, etag)
+    return await stream_through(request, state, info, caller, wanted, reason)
+
+
+def _under_way(state: ServiceState, image_id: ImageId) -> Flight | None:
+    """This process's fill of ``image_id`` if a download may join it as it is, else None.
+
+    Decided with a file to follow, not over, not yet verified (a verified
+    fill is about to commit, and its joiner waits for the hit instead).
+    """
+    flight = state.fills.current(image_id)
+    if (
+        flight is None
+        or not flight.decided.is_set()
+        or flight.kind not in (FlightKind.LOCAL, FlightKind.REMOTE)
+        or flight.done
+        or flight.is_verified
+        or flight.fd is None
+    ):
+        return None
+    return flight
 
 
 async def _info(state: ServiceState, image_id: ImageId, caller: Caller) -> ImageInfo | None:
@@ -134,10 +180,7 @@ async def _serve_hit(
             return not_modified(etag, status)  # §2.1: a 304 made by the cache is a hit
         wanted = wanted_range(request, hit.size, etag)
         offset, count = (wanted.start, wanted.length) if wanted else (0, hit.size)
-        response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
-        if wanted:
-            response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
-        response.content_length = count
+        response = data_response(headers, wanted, hit.size)
         whole = request.method == "GET" and wanted is None
         if whole:
             # Counted before any byte goes out, so a client holding its last

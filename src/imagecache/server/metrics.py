@@ -31,7 +31,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 
 from imagecache.fill.events import FillOutcome
 from imagecache.upstreams.resume_events import RESUME_OUTCOMES, ResumeOutcome
@@ -290,6 +289,9 @@ def _alive(pid: int) -> bool:
 
 def merge_expositions(texts: Iterable[bytes]) -> bytes:
     """Merge several processes' exposition texts into one (rules in the module docstring)."""
+    # Only a pre-forked service's scrapes parse texts: not an import of every start.
+    from prometheus_client.parser import text_string_to_metric_families
+
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:

@@ -79,7 +79,9 @@ class PreheatRunner:
     async def tick(self) -> None:
         """Renew the claims of the items running here, and claim more while there is room."""
         async with self._lock:
-            if self._stopped:
+            # With the database away (the beat's sync found it so), claiming would
+            # only wait out another connect timeout: the items wait for its return.
+            if self._stopped or self.driver.offline:
                 return
             if self._running:
                 await asyncio.to_thread(self.driver.touch_preheat_items, list(self._running))

@@ -33,7 +33,6 @@ from imagecache.errors import ConfigurationError
 from imagecache.server import background, connections, logs
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
 from imagecache.server.notify import Notifier
-from imagecache.server.supervisor import Supervisor
 from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,10 @@ def serve(settings: Settings) -> None:
     # Private to this service, so that two services sharing a cache directory
     # never mix their numbers (see server/metrics.py).
     metrics_dir = Path(tempfile.mkdtemp(prefix="imagecache-metrics-"))
+    # Here, not at the top: multiprocessing, which only the pre-forked parent
+    # uses, is a few ms of every single-worker start too.
+    from imagecache.server.supervisor import Supervisor
+
     try:
         # The parent keeps the socket (it never accepts on it) to hand it to
         # the replacements of workers that die (server/supervisor.py).

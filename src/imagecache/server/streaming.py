@@ -33,6 +33,22 @@ class Served(enum.Enum):
     BYPASS = "bypass"
 
 
+def data_response(
+    headers: dict[str, str], wanted: ByteRange | None, size: int | None
+) -> web.StreamResponse:
+    """The head of an image's bytes: 206 with its Content-Range for ``wanted``, else 200.
+
+    Content-Length is the range's length, or ``size`` (None: not known yet, chunked).
+    """
+    response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
+    if wanted is not None:
+        response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
+        response.content_length = wanted.length
+    elif size is not None:
+        response.content_length = size
+    return response
+
+
 async def follow_flight(
     request: web.Request,
     state: ServiceState,
@@ -61,12 +77,7 @@ async def follow_flight(
         return Served.RETRY
     info, run = flight.info, state.fills.run
     headers = data_headers(info.checksum if info else None, etag, status)
-    response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
-    if wanted is not None:
-        response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
-        response.content_length = wanted.length
-    elif flight.size is not None:
-        response.content_length = flight.size
+    response = data_response(headers, wanted, flight.size)
     start, stop = (wanted.start, wanted.end) if wanted else (0, None)
     async with flight.reading():
         pieces = follow(flight, run, start, stop)
@@ -124,12 +135,7 @@ async def stream_through(
     state.metrics.bypasses.labels(reason).inc()
     etag = etag_for(info.checksum, info.hash_algo, info.hash_value)
     headers = data_headers(info.checksum, etag, cache_status(outcome, reason))
-    response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
-    if wanted is not None:
-        response.headers[hdrs.CONTENT_RANGE] = wanted.content_range()
-        response.content_length = wanted.length
-    elif info.size is not None:
-        response.content_length = info.size
+    response = data_response(headers, wanted, info.size)
     if request.method == "HEAD":
         return response
     start, end = (wanted.start, wanted.end) if wanted else (0, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -24,7 +24,7 @@ from imagecache.upstreams.http_source import (
     HttpSource,
     check_status,
     open_get,
-    without_identity,
+    redirected,
 )
 from imagecache.upstreams.resume import (
     Reply,
@@ -147,9 +147,7 @@ class HttpClient:
             location = response.headers.get("Location")
             if response.status in REDIRECTS and location:
                 response.release()
-                url = urljoin(url, location)
-                if urlsplit(url)[:2] != origin:
-                    sent = without_identity(sent)
+                url, sent = redirected(url, location, origin, sent)
                 continue
             try:
                 yield response

@@ -46,6 +46,20 @@ def without_identity(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _IDENTITY}
 
 
+def redirected(
+    url: str, location: str, origin: tuple[str, str], sent: dict[str, str]
+) -> tuple[str, dict[str, str]]:
+    """The next hop of a redirect to ``location``, and the headers to send there.
+
+    The caller's identity goes to the configured ``origin`` (scheme, host)
+    alone: a hop to another one is sent ``without_identity``.
+    """
+    url = urljoin(url, location)
+    if urlsplit(url)[:2] != origin:
+        sent = without_identity(sent)
+    return url, sent
+
+
 def check_status(status: int, image_id: str, what: str) -> None:
     """Translate an origin's error status into our exception tree."""
     if status < 400:
@@ -151,9 +165,7 @@ def open_get(
         location = response.getheader("Location")
         if response.status in REDIRECTS and location:
             connection.close()
-            url = urljoin(url, location)
-            if urlsplit(url)[:2] != origin:
-                sent = without_identity(sent)
+            url, sent = redirected(url, location, origin, sent)
             continue
         try:
             if check:

@@ -41,10 +41,12 @@ up an attempt and is retried, any other answer is a refusal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from imagecache.errors import ResumeRefused, UpstreamError, UpstreamUnreachable, is_origin_failure
@@ -237,6 +239,42 @@ class Reply:
 AsyncOpener = Callable[[int, "Validator | None"], AbstractAsyncContextManager[Reply]]
 
 
+class Release:
+    """A handle on one resumable stream's origin connection, for a paused background fill.
+
+    ``resumable_stream`` finds it in ``RELEASE`` when its first chunk is asked
+    for (``releasable`` sets it around a fill's reads: fill/pump.py). While
+    ``open``, the stream is suspended mid-body on a live connection; the
+    consumer then sets ``wanted`` and reads once more (``pump.release_stream``):
+    the stream closes its connection and yields an empty chunk, and the read
+    after that reopens it at the first byte not yet received, with the same
+    Range, validator and checks as a resume after a break, none of its
+    attempts used (only a failure of the reopen uses one). The blocking twin
+    is ``ResumingSource.release`` (resume_source.py).
+    """
+
+    def __init__(self) -> None:
+        self.open = False
+        self.wanted = False
+
+
+# A context variable, not an argument of ``Upstream.stream``: the stream is
+# built by layers (the upstream, its HTTP client, this module) that need not
+# know of it, and an async generator runs in the context of whoever reads it.
+RELEASE: ContextVar[Release | None] = ContextVar("imagecache_release", default=None)
+
+
+@contextlib.contextmanager
+def releasable() -> Iterator[Release]:
+    """A ``Release`` for the resumable stream first read inside the block."""
+    handle = Release()
+    token = RELEASE.set(handle)
+    try:
+        yield handle
+    finally:
+        RELEASE.reset(token)
+
+
 async def resumable_stream(
     image_id: str,
     policy: ResumePolicy,
@@ -244,12 +282,15 @@ async def resumable_stream(
     start: int,
     end: int | None,
 ) -> AsyncGenerator[bytes, None]:
-    """The body ``[start, end)`` as one stream, resumed across broken connections."""
+    """The body ``[start, end)`` as one stream, resumed across broken or released connections."""
     offset = start
     validator: Validator | None = None
     attempt = 0
     events = policy.events
+    release = RELEASE.get()
+    reopening = False  # the next answer follows a release, not a break
     while True:
+        released = False
         try:
             async with open_part(offset, validator) as reply:
                 if validator is None:
@@ -261,12 +302,23 @@ async def resumable_stream(
                         return
                 else:
                     validator.check(reply.status, reply.headers, offset)
-                    events.resume_outcome("resumed")
+                    if not reopening:
+                        events.resume_outcome("resumed")
+                reopening = False
                 async for chunk in reply.body:
                     offset += len(chunk)
+                    if release is not None:
+                        release.open = not validator.done(offset)
                     yield chunk
-            return
+                    if release is not None and release.wanted:
+                        released = True
+                        break  # leaving the block closes the connection
+            if not released:
+                return
         except UpstreamError as exc:
+            reopening = False
+            if release is not None:
+                release.open = False
             if validator is None:
                 raise
             if isinstance(exc, ResumeRefused):  # only a resume's answer is refused
@@ -280,3 +332,9 @@ async def resumable_stream(
             attempt += 1
             log_resume(image_id, offset, attempt, policy, exc)
             await asyncio.sleep(policy.delay(attempt))
+            continue
+        assert release is not None  # released: the connection is closed
+        release.open = release.wanted = False
+        reopening = True
+        # Hands control back to the consumer's release; its next read reopens.
+        yield b""
