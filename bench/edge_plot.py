@@ -28,6 +28,7 @@ COLOURS = {
     "imagecache-glance": "#ff9896",
     "nginx": "#7f7f7f",
     "varnish": "#1f77b4",
+    "glance-cache": "#2ca02c",
 }
 
 

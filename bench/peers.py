@@ -26,7 +26,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +70,11 @@ def settle_fill(cache_dir: Path, image_id: str) -> None:
     wait_until(f"the fill of {image_id} to commit", lambda: not incomplete.exists())
 
 
-def http_status(url: str, method: str = "GET", timeout: float = 5.0) -> int:
+def http_status(
+    url: str, method: str = "GET", timeout: float = 5.0, headers: Mapping[str, str] | None = None
+) -> int:
     """The status of one request (0 when nothing answers)."""
-    req = urllib.request.Request(url, method=method)
+    req = urllib.request.Request(url, method=method, headers=dict(headers or {}))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return int(resp.status)
@@ -82,9 +84,15 @@ def http_status(url: str, method: str = "GET", timeout: float = 5.0) -> int:
         return 0
 
 
-def http_json(url: str, method: str = "GET", body: object = None, timeout: float = 30.0) -> object:
+def http_json(
+    url: str,
+    method: str = "GET",
+    body: object = None,
+    timeout: float = 30.0,
+    headers: Mapping[str, str] | None = None,
+) -> object:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
     if data is not None:
         req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -389,6 +397,8 @@ class GlancePeer:
     # namespace) is how this process reaches it.
     netns: str | None = None
     reach_url: str | None = None
+    auth: str = "noauth"  # GLANCE_PEER_AUTH: noauth | headers | keystone
+    home: Path | None = None  # HOME of the server: its ~/.glance/glance.conf.d overrides
 
     @property
     def url(self) -> str:
@@ -405,7 +415,12 @@ class GlancePeer:
             GLANCE_PEER_PORT=str(self.port),
             GLANCE_PEER_CACHE="1" if self.cache else "0",
             GLANCE_PEER_WORKERS=str(self.workers),
+            GLANCE_PEER_AUTH=self.auth,
         )
+        if self.home is not None:
+            # oslo.config reads ~/.glance/glance.conf.d/*.conf after the
+            # script's glance-api.conf: settings the script has no variable for.
+            env["HOME"] = str(self.home)
         argv = ["bash", str(GLANCE_PEER), *args]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]

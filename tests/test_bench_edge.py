@@ -7,7 +7,9 @@ would clash with tests/peers.
 
 from __future__ import annotations
 
+import configparser
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -177,3 +179,73 @@ def test_a_reset_rounds_moments_come_from_the_relay_samples() -> None:
     assert moments["mbit_before_cut"] == pytest.approx(20 * mib * 8 / 1e6 / 0.9, abs=0.1)
     assert moments["mbit_after_resume"] == pytest.approx(20 * mib * 8 / 1e6, abs=0.1)
     assert timeline.summary(samples[:3])["cut_s"] is None  # no reset, no cut
+
+
+# ------------------------------------------------ the edge Glance subject ---
+
+eg = _load(PATH.with_name("edge_glance.py"))
+GLANCE_PYTHON = Path("/opt/peers/glance-venv/bin/python")
+
+
+def test_the_edge_glance_conf_opens_the_http_store_to_the_origin_only() -> None:
+    parser = configparser.ConfigParser()
+    parser.read_string(eg.edge_conf("http://127.0.0.1:41234"))
+    assert parser["DEFAULT"]["enabled_backends"] == "fs:file, web:http"
+    # Hashing at registration would read the whole image across the link.
+    assert parser["DEFAULT"]["do_secure_hash"] == "false"
+    assert parser["import_filtering_opts"]["allowed_hosts"] == "[127.0.0.1]"
+    assert parser["import_filtering_opts"]["allowed_ports"] == "[41234]"
+    for bad in ("https://127.0.0.1:1", "http://127.0.0.1", "127.0.0.1:80"):
+        with pytest.raises(ValueError):
+            eg.edge_conf(bad)
+
+
+@pytest.mark.skipif(not GLANCE_PYTHON.exists(), reason="the Glance peer is not installed")
+def test_glance_reads_the_edge_conf_as_meant(tmp_path: Path) -> None:
+    # Glance's own option types (bounded lists want brackets): a value it
+    # cannot parse would fail only when the first location is added.
+    conf = tmp_path / "edge.conf"
+    conf.write_text(eg.edge_conf("http://127.0.0.1:41234"))
+    probe = (
+        "import sys\n"
+        "from oslo_config import cfg\n"
+        "import glance.common.config, glance.async_.flows._internal_plugins\n"
+        "cfg.CONF(args=[], project='glance', default_config_files=[sys.argv[1]],"
+        " default_config_dirs=[])\n"
+        "c = cfg.CONF\n"
+        "print(c.enabled_backends, c.do_secure_hash,"
+        " c.import_filtering_opts.allowed_hosts, c.import_filtering_opts.allowed_ports)\n"
+    )
+    done = subprocess.run(
+        [str(GLANCE_PYTHON), "-W", "ignore", "-c", probe, str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == (
+        "{'fs': 'file', 'web': 'http'} False ['127.0.0.1'] [41234]"
+    )
+
+
+def test_a_location_carries_the_origins_sha512() -> None:
+    digest = "AB" * 64
+    body = eg.location_body("http://127.0.0.1:1/x", digest + "\n")
+    assert body == {
+        "url": "http://127.0.0.1:1/x",
+        "validation_data": {"os_hash_algo": "sha512", "os_hash_value": "ab" * 64},
+    }
+    for bad in ("ab" * 32, "zz" * 64, ""):
+        with pytest.raises(ValueError):
+            eg.location_body("http://127.0.0.1:1/x", bad)
+
+
+def test_the_clients_send_a_members_identity_and_the_operator_is_admin() -> None:
+    args = eg.curl_headers(eg.MEMBER)
+    assert args[0::2] == ["-H"] * len(eg.MEMBER)
+    assert "X-Identity-Status: Confirmed" in args
+    assert f"X-Project-Id: {eg.PROJECT}" in args
+    assert "admin" not in eg.MEMBER["X-Roles"].split(",")
+    assert "admin" in eg.ADMIN["X-Roles"].split(",")
+    assert eg.ADMIN["X-Project-Id"] == eg.MEMBER["X-Project-Id"]
