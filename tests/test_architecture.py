@@ -382,3 +382,53 @@ def test_an_image_id_is_made_only_by_the_gate() -> None:
     }
     assert found == set(), "ask CacheLayout.validate (the gate) for an ImageId"
     assert image_ids_made(PACKAGE / "layout.py") == ["ImageId(image_id)"]
+
+
+# Components a constructor takes (issue 13: "wired by mutation after
+# construction"): the fill coordinator's size limit and origin answers, the
+# queue worker's prefetcher. Handed over by whoever builds them, never set on
+# another object afterwards, so an object is complete once built.
+WIRED_AT_CONSTRUCTION = {"capacity", "metadata", "prefetcher"}
+
+
+def wired_after_construction(path: Path) -> list[str]:
+    """``line: target`` for each assignment of a wired component to another object."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+            targets = [node.target]
+        for target in targets:
+            if (
+                isinstance(target, ast.Attribute)
+                and target.attr in WIRED_AT_CONSTRUCTION
+                and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+            ):
+                found.append(f"{node.lineno}: {ast.unparse(target)}")
+    return found
+
+
+def test_components_are_handed_to_constructors_not_set_afterwards() -> None:
+    found = [f"{name}:{hit}" for name, path in modules() for hit in wired_after_construction(path)]
+    assert found == []
+
+
+def test_the_wiring_check_sees_the_forms_it_forbids(tmp_path: Path) -> None:
+    source = tmp_path / "wired.py"
+    source.write_text(
+        "class A:\n"
+        "    def __init__(self, m: object) -> None:\n"
+        "        self.metadata = m\n"
+        "def wire(state, fills, worker, c, p) -> None:\n"
+        "    state.fills.capacity = c\n"
+        "    fills.metadata = c\n"
+        "    worker.prefetcher: object = p\n",
+        encoding="utf-8",
+    )
+    assert wired_after_construction(source) == [
+        "5: state.fills.capacity",
+        "6: fills.metadata",
+        "7: worker.prefetcher",
+    ]

@@ -207,9 +207,9 @@ class Prefetcher:
             config.metadata_cache_ttl,
             config.fill.upstream_timeout,
         )
-        fills = FillCoordinator(config.fill, cache, upstream, NO_EVENTS, None)
-        fills.capacity = capacity
-        fills.metadata = metadata
+        fills = FillCoordinator(
+            config.fill, cache, upstream, NO_EVENTS, None, capacity=capacity, metadata=metadata
+        )
         return cls(
             cache,
             upstream,

@@ -61,22 +61,22 @@ class FillCoordinator:
         events: FillEvents,
         executor: concurrent.futures.Executor | None,
         hooks: FillHooks = NO_HOOKS,
+        *,
+        capacity: Capacity | None = None,
+        metadata: MetadataCache | None = None,
     ) -> None:
         self.config = config
-        # Where tests hold or watch a fill (fill/hooks.py); no-ops in production.
-        self.hooks = hooks
+        self.hooks = hooks  # where tests hold or watch a fill (fill/hooks.py); no-ops in production
         self.cache = cache
         self.upstream = upstream
         self.events = events
         self.executor = executor
         self._flights: dict[str, Flight] = {}
         self._closing = False
-        # Set by the operations layer (server/operations.py): the hard size limit.
-        self.capacity: Capacity | None = None
-        # Set by the service (server/app.py): where the fills' infos come from.
-        # A fill that fails verification makes it forget the image's answer, so
-        # an image replaced at the origin is asked for again, not failed for a TTL.
-        self.metadata: MetadataCache | None = None
+        self.capacity = capacity  # the hard size limit; None: none
+        # A fill failing verification forgets the image's answer (metadata), so a
+        # replaced image is asked again, not failed for a TTL.
+        self.metadata = metadata
         self.lock_dir = cache.layout.lock_dir  # also fill/wanted.py's
         self.precedence = Precedence(config, self.lock_dir / SUBDIR, events, executor)
         self.bandwidth = self.precedence.bandwidth

@@ -15,6 +15,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
 from imagecache.cache import ImageCache
+from imagecache.capacity import Capacity
 from imagecache.errors import (
     AccessUnconfirmed,
     AuthorisationUnavailable,
@@ -42,6 +43,7 @@ from imagecache.fill.coordinator import FillCoordinator
 from imagecache.fill.hooks import NO_HOOKS, FillHooks
 from imagecache.keystone import TokenValidator
 from imagecache.metadata import metadata_for
+from imagecache.prefetch import Prefetcher
 from imagecache.server import (
     background,
     cache_api,
@@ -274,17 +276,28 @@ def create_app(
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=16, thread_name_prefix="imagecache-disk"
     )
+    ttl, timeout = settings.metadata_cache_ttl, settings.upstream_timeout
+    metadata = metadata_for(cache.layout.lock_dir, upstream, ttl, timeout, executor)
+    capacity = Capacity(cache)
     fills = FillCoordinator(
-        fill_config(settings), cache, fill_source, metrics_, executor, fill_hooks
-    )
-    metadata = metadata_for(
-        cache.layout.lock_dir,
-        upstream,
-        settings.metadata_cache_ttl,
-        settings.upstream_timeout,
+        fill_config(settings),
+        cache,
+        fill_source,
+        metrics_,
         executor,
+        fill_hooks,
+        capacity=capacity,
+        metadata=metadata,
     )
-    fills.metadata = metadata
+    prefetcher = Prefetcher(  # the queue worker's, maintenance's and preheat's
+        cache,
+        upstream,
+        fills=fills,
+        executor=executor,
+        metadata=metadata,
+        concurrency=settings.prefetch_concurrency,
+        retries=settings.prefetch_retries,
+    )
     app[STATE] = ServiceState(
         settings=settings,
         cache=cache,
@@ -297,7 +310,7 @@ def create_app(
         identity=identity,
         tokens=tokens,
     )
-    app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency, metadata)
+    app[cache_api.WORKER] = QueueWorker(fills, settings.prefetch_concurrency, metadata, prefetcher)
 
     app.router.add_get("/healthcheck", healthcheck)
     app.router.add_get("/healthcheck/ready", readiness.ready)
@@ -305,7 +318,7 @@ def create_app(
     app.router.add_route("GET", "/v2/images/{image_id:[^/]+}/file", images.image_file)
     app.router.add_route("HEAD", "/v2/images/{image_id:[^/]+}/file", images.image_file)
     # Size limit, prefetch retries, maintenance and their routes (before /v2/cache/{id}).
-    operations.install(app)
+    operations.install(app, capacity, prefetcher)
     preheat.install(app)  # its routes too, and it runs this node's items through the prefetcher
     cache_api.add_routes(app)
     app.router.add_get("/", proxy.versions)

@@ -1,11 +1,12 @@
 """The operations layer of the service: size limit, prefetch retries, maintenance, extra routes.
 
-``install(app)`` is called once by ``create_app``, after the shared state and
-the queue worker exist and before the ``/v2/cache/{image_id}`` routes (so the
-static paths here win). It wires:
+``install(app, capacity, prefetcher)`` is called once by ``create_app``, which
+builds the hard size limit (``capacity.Capacity``, given to the fill
+coordinator) and the prefetcher (retries, recorded errors; given to the queue
+worker), after the shared state and the queue worker exist and before the
+``/v2/cache/{image_id}`` routes (so the static paths here win). It adds:
 
-- the hard size limit (``capacity.Capacity``) into the fill coordinator;
-- the prefetcher (retries, recorded errors) around the queue worker's fetch;
+- the size limit's and the prefetcher's app keys and metrics;
 - scheduled maintenance (``maintenance.Maintenance``), started with the app and
   stopped on shutdown, before fills are drained;
 - admin routes beyond Glance's API::
@@ -35,29 +36,16 @@ from imagecache.prefetch import Prefetcher
 from imagecache.scrub import Scrubber
 from imagecache.server import background
 from imagecache.server.auth import admin_only
-from imagecache.server.cache_api import WORKER
 from imagecache.server.state import STATE, ServiceState
 
 CAPACITY = web.AppKey("capacity", Capacity)
 MAINTENANCE_KEY = web.AppKey("imagecache.maintenance", Maintenance)
 
 
-def install(app: web.Application) -> None:
+def install(app: web.Application, capacity: Capacity, prefetcher: Prefetcher) -> None:
+    """Maintenance and its routes, over the size limit and prefetcher ``create_app`` built."""
     state = app[STATE]
-    capacity = Capacity(state.cache)
     app[CAPACITY] = capacity
-    state.fills.capacity = capacity
-    worker = app[WORKER]
-    prefetcher = Prefetcher(
-        state.cache,
-        state.upstream,
-        fills=state.fills,
-        executor=state.executor,
-        metadata=state.metadata,
-        concurrency=state.settings.prefetch_concurrency,
-        retries=state.settings.prefetch_retries,
-    )
-    worker.prefetcher = prefetcher
     maintenance = Maintenance(state.cache, Schedule.of(state.settings), prefetcher)
     _attach(app, maintenance)
     state.metrics.registry.register(_OperationsCollector(state, capacity, maintenance))

@@ -26,7 +26,11 @@ class QueueWorker:
     """A bounded pool of fetch tasks fed by ``submit``."""
 
     def __init__(
-        self, fills: FillCoordinator, concurrency: int, metadata: MetadataCache | None = None
+        self,
+        fills: FillCoordinator,
+        concurrency: int,
+        metadata: MetadataCache | None = None,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self.fills = fills
         # Shared with the downloads: a queued image that clients are missing
@@ -35,9 +39,9 @@ class QueueWorker:
         self.concurrency = concurrency
         self._queue: asyncio.Queue[tuple[str, Caller]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        # Set by server/operations.py: wraps ``fetch`` with retries and records
-        # each image's last error beside its queue marker.
-        self.prefetcher: Prefetcher | None = None
+        # The service's (server/app.py): wraps ``fetch`` with retries and records
+        # each image's last error beside its queue marker. None: plain ``fetch``.
+        self.prefetcher = prefetcher
 
     def start(self) -> None:
         self._tasks = [
