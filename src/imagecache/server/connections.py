@@ -40,7 +40,6 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from imagecache.server.spread import Acceptor, Turn
 from imagecache.server.state import STATE
 from imagecache.settings import Settings
 
@@ -140,7 +139,6 @@ class _GuardedHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._site.open_connections -= 1
-        self._site.release()
         self._disarm_header_timer()
         super().connection_lost(exc)
 
@@ -204,7 +202,6 @@ class _Refusal(asyncio.Protocol):
         return False  # the client is done: close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._site.release()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -212,20 +209,10 @@ class _Refusal(asyncio.Protocol):
 
 
 class GuardedSite(web.BaseSite):
-    """A site on an already listening socket whose connections follow the settings above.
-
-    With a ``turn`` (a worker of several) it accepts one connection at a time
-    itself, leaving one to a less loaded worker while that one takes it
-    (server/spread.py); without, asyncio accepts.
-    """
+    """A site on an already listening socket whose connections follow the settings above."""
 
     def __init__(
-        self,
-        runner: web.AppRunner,
-        sock: socket.socket,
-        settings: Settings,
-        turn: Turn | None = None,
-        **handler: Any,
+        self, runner: web.AppRunner, sock: socket.socket, settings: Settings, **handler: Any
     ) -> None:
         super().__init__(runner)
         self.app = runner.app
@@ -238,8 +225,6 @@ class GuardedSite(web.BaseSite):
         self._handler_kwargs = handler
         self._refusals = RateLimitedLog(log)
         self._previous_handler: _Handler = None
-        self._turn = turn
-        self._acceptor: Acceptor | None = None
 
     @property
     def name(self) -> str:
@@ -253,25 +238,11 @@ class GuardedSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         self._previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(_quiet_exhaustion(self._previous_handler))
-        if self._turn is None:
-            self._server = await loop.create_server(self._protocol, sock=self.sock, backlog=1024)
-            return
-        # The server object only closes the socket at stop; the accepts are ours.
-        self._server = await loop.create_server(
-            self._protocol, sock=self.sock, backlog=1024, start_serving=False
-        )
-        self._acceptor = Acceptor(self.sock, self._turn, self._protocol)
+        self._server = await loop.create_server(self._protocol, sock=self.sock, backlog=1024)
 
     async def stop(self) -> None:
-        if self._acceptor is not None:
-            self._acceptor.stop()
         await super().stop()
         asyncio.get_running_loop().set_exception_handler(self._previous_handler)
-
-    def release(self) -> None:
-        """A connection accepted here closed."""
-        if self._acceptor is not None:
-            self._acceptor.release()
 
     def _protocol(self) -> asyncio.Protocol:
         if self.open_connections >= self.max_connections:
@@ -334,15 +305,9 @@ def _quiet_exhaustion(previous: _Handler) -> _Handler:
 
 
 async def start_site(
-    app: web.Application,
-    settings: Settings,
-    sock: socket.socket,
-    turn: Turn | None = None,
-    **handler: Any,
+    app: web.Application, settings: Settings, sock: socket.socket, **handler: Any
 ) -> tuple[web.AppRunner, GuardedSite]:
     """Set up ``app`` and serve it on ``sock``; ``handler`` goes to aiohttp's RequestHandler.
-
-    ``turn``: the worker's share of a pre-forked service's connections (server/spread.py).
 
     ``handler`` may carry ``shutdown_timeout`` (for the runner) and the access
     log arguments. Stop with ``runner.cleanup()``.
@@ -351,6 +316,6 @@ async def start_site(
     handler["keepalive_timeout"] = settings.keepalive_timeout
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, **handler)
     await runner.setup()
-    site = GuardedSite(runner, sock, settings, turn, **handler)
+    site = GuardedSite(runner, sock, settings, **handler)
     await site.start()
     return runner, site

@@ -7,8 +7,6 @@ all accept on that same socket. Each worker builds its own ``ImageCache``
 any event loop or thread exists in the parent keeps the children clean.
 Preferred to ``SO_REUSEPORT`` with a bind per worker because the port is
 known before any worker starts, including when the settings ask for port 0.
-The workers take turns at accepting, so that a burst of connections spreads
-evenly over them (server/spread.py).
 
 The parent replaces a worker that dies and gives up (exit 1) when they die
 too often (server/supervisor.py). SIGTERM or SIGINT to the parent is passed
@@ -35,7 +33,6 @@ from imagecache.errors import ConfigurationError
 from imagecache.server import background, connections, logs
 from imagecache.server.app import AccessLogger, create_app, shutdown_grace
 from imagecache.server.notify import Notifier
-from imagecache.server.spread import Turn
 from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,17 +90,13 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _worker(
-    settings: Settings,
-    sock: socket.socket,
-    metrics_dir: Path,
-    ready: Callable[[], None],
-    turn: Turn,
+    settings: Settings, sock: socket.socket, metrics_dir: Path, ready: Callable[[], None]
 ) -> None:
     # The parent's handlers forward signals; a worker handles its own in its loop.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards
     try:
-        asyncio.run(_serve_socket(settings, sock, metrics_dir, ready=ready, turn=turn))
+        asyncio.run(_serve_socket(settings, sock, metrics_dir, ready=ready))
     except Exception:
         log.exception("worker %d failed", os.getpid())
         sys.exit(1)
@@ -116,12 +109,8 @@ async def _serve_socket(
     *,
     ready: Callable[[], object] | None = None,
     notifier: Notifier | None = None,
-    turn: Turn | None = None,
 ) -> None:
     """Serve ``sock`` until SIGTERM; ``ready()`` once it accepts, with the cache open.
-
-    ``turn``: this worker's share of a pre-forked service's connections
-    (server/spread.py); None for a single worker, which takes them all.
 
     ``notifier`` is given when this process is the service's main one (a single
     worker): it pings systemd's watchdog from the loop, so a loop that hangs
@@ -136,7 +125,6 @@ async def _serve_socket(
         access_log_class=AccessLogger,
         access_log=logging.getLogger("imagecache.access"),
         shutdown_timeout=shutdown_grace(settings),
-        turn=turn,
     )
     # Only now: a start that fails (database missing, node URL taken) must not
     # have said "serving" first.

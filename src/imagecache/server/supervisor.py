@@ -38,7 +38,6 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from imagecache.errors import ServiceFailed
 from imagecache.server.app import shutdown_grace
 from imagecache.server.notify import Notifier
-from imagecache.server.spread import Loads, Turn
 from imagecache.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,8 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 10.0
 
-# A worker: serves the socket, calls its fourth argument once it accepts, and
-# takes turns at accepting with the other workers through the last.
-Target = Callable[[Settings, socket.socket, Path, Callable[[], None], Turn], None]
+# A worker: serves the socket, and calls its last argument once it accepts.
+Target = Callable[[Settings, socket.socket, Path, Callable[[], None]], None]
 
 
 def _describe(exitcode: int | None) -> str:
@@ -85,8 +83,6 @@ class Supervisor:
         self._ready_read, self._ready_write = os.pipe()
         os.set_blocking(self._ready_read, False)
         self.context = multiprocessing.get_context("fork")
-        # Made before any fork: every worker maps the same page (server/spread.py).
-        self.loads = Loads(settings.workers)
         self.workers: dict[int, BaseProcess] = {}  # slot -> its current process
         self.deaths: collections.deque[float] = collections.deque()
         self.stopping = False
@@ -110,13 +106,11 @@ class Supervisor:
                 os.close(fd)
 
     def _spawn(self, slot: int) -> None:
-        worker = self.context.Process(
-            target=self._child, args=(slot,), name=f"imagecache-worker-{slot}"
-        )
+        worker = self.context.Process(target=self._child, name=f"imagecache-worker-{slot}")
         worker.start()
         self.workers[slot] = worker
 
-    def _child(self, slot: int) -> None:
+    def _child(self) -> None:
         # A replacement is forked with the parent's handlers in place; the
         # worker sets its own, but until then a SIGTERM must not run _stop here.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -129,7 +123,7 @@ class Supervisor:
             with contextlib.suppress(OSError):  # a parent gone: nothing to tell
                 os.write(ready_write, b"r")
 
-        self.target(self.settings, self.sock, self.metrics_dir, ready, self.loads.turn(slot))
+        self.target(self.settings, self.sock, self.metrics_dir, ready)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -160,7 +154,6 @@ class Supervisor:
                     continue
                 worker.join()
                 del self.workers[slot]
-                self.loads.mark_dead(slot)  # its peers stop leaving connections to it
                 if self.stopping:
                     self._log_exit(worker)
                     continue
