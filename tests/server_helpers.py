@@ -120,6 +120,30 @@ def listdir(path: Path) -> list[str]:
     return sorted(os.listdir(path)) if path.exists() else []
 
 
+async def streaming_herd(
+    client: TestClient[Any, Any], path: str, count: int
+) -> list[asyncio.Task[bytes]]:
+    """``count`` downloads of ``path``, returned once every one has its first bytes.
+
+    Each task ends with its whole body; the caller opens the origin's gate.
+    """
+    started = 0
+    everyone_streams = asyncio.Event()
+
+    async def download() -> bytes:
+        nonlocal started
+        async with client.get(path) as response:
+            first = await response.content.readany()
+            started += 1
+            if started == count:
+                everyone_streams.set()
+            return first + await response.read()
+
+    tasks = [asyncio.create_task(download()) for _ in range(count)]
+    await asyncio.wait_for(everyone_streams.wait(), timeout=10)
+    return tasks
+
+
 async def settled(client: TestClient[Any, Any]) -> None:
     """Wait for the app's verified fills to commit.
 

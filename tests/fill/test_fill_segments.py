@@ -27,7 +27,15 @@ from imagecache.server.cache_api import WORKER
 from imagecache.server.state import STATE
 from imagecache.settings import MiB, load_settings
 from polling import eventually
-from server_helpers import ServeProcess, image_bytes, listdir, poll, settled, start_serve
+from server_helpers import (
+    ServeProcess,
+    image_bytes,
+    listdir,
+    poll,
+    settled,
+    start_serve,
+    streaming_herd,
+)
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 # Eight segments of 1 MiB (the last 5 bytes short), over four connections.
@@ -106,20 +114,7 @@ async def test_followers_of_a_segmented_fill_get_the_exact_bytes(
     # the later segments are still being fetched while the followers join.
     gate = http_origin.gate("img", after=256 * 1024)
     client = await make_client(**SEGMENTED)
-    started = 0
-    everyone_streams = asyncio.Event()
-
-    async def download() -> bytes:
-        nonlocal started
-        async with client.get("/v2/images/img/file") as response:
-            first = await response.content.readany()
-            started += 1
-            if started == 6:
-                everyone_streams.set()
-            return first + await response.read()
-
-    tasks = [asyncio.create_task(download()) for _ in range(6)]
-    await asyncio.wait_for(everyone_streams.wait(), timeout=10)
+    tasks = await streaming_herd(client, "/v2/images/img/file", 6)
     await http_origin.wait_for_reads("img", 4)
     gate.set()
     assert await asyncio.gather(*tasks) == [DATA] * 6

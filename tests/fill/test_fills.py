@@ -29,7 +29,7 @@ from imagecache.fill.hooks import FillHooks
 from imagecache.records import Chunk
 from imagecache.server.state import STATE
 from polling import eventually
-from server_helpers import HeldHooks, image_bytes, listdir, settled
+from server_helpers import HeldHooks, image_bytes, listdir, settled, streaming_herd
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 SIZE = 2 * 1024 * 1024 + 5
@@ -42,20 +42,7 @@ async def test_concurrent_requests_in_one_process_read_the_origin_once(
     http_origin.add("img", DATA)
     gate = http_origin.gate("img", after=SIZE // 3)
     client = await make_client()
-    started = 0
-    everyone_streams = asyncio.Event()
-
-    async def download() -> bytes:
-        nonlocal started
-        async with client.get("/v2/images/img/file") as response:
-            first = await response.content.readany()
-            started += 1
-            if started == 8:
-                everyone_streams.set()
-            return first + await response.read()
-
-    tasks = [asyncio.create_task(download()) for _ in range(8)]
-    await asyncio.wait_for(everyone_streams.wait(), timeout=10)
+    tasks = await streaming_herd(client, "/v2/images/img/file", 8)
     assert not (cache_dir / "img").exists(), "every client streams before the fill ends"
     gate.set()
     assert await asyncio.gather(*tasks) == [DATA] * 8
